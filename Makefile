@@ -1,0 +1,38 @@
+# ovseg: the README's commands. Both work from a fresh clone on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.ovseg-installed
+PYTEST_ARGS ?=
+
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export DO_NOT_TRACK ?= 1
+
+.PHONY: install test test-fast demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the project's install inputs change.
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PIP) install --upgrade-strategy only-if-needed -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/ovseg demo
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf ovseg-store demo-out .pytest_cache
