@@ -193,6 +193,10 @@ class Store:
         chunk, or one chunk per leading index for the names in ``chunk_first_axis`` (per-window
         arrays), so concurrent writers of different items never touch the same chunk.
         """
+        for name, arr in arrays.items():
+            _check_name("array", name)
+            if np.ndim(arr) == 0:
+                raise ValueError(f"array {name!r} of {stage_key.stage}/{item} is 0-dimensional; record scalars in attrs instead")
         self.register_stage(stage_key)
         rel = self._rel(stage_key.stage, stage_key.key, item)
         path = self._p(rel)
@@ -203,10 +207,7 @@ class Store:
         per_window = set(chunk_first_axis)
         grp = zarr.open_group(self._zstore, path=rel, mode="w", zarr_format=3)
         for name, arr in arrays.items():
-            _check_name("array", name)
             a = np.ascontiguousarray(arr)
-            if a.ndim == 0:
-                raise ValueError(f"array {name!r} of {rel} is 0-dimensional; record scalars in attrs instead")
             if name in per_window:
                 chunks: tuple[int, ...] = (1, *a.shape[1:])
             else:
