@@ -1,0 +1,205 @@
+"""Benchmark dataset specs: classes, background, label conversion, per-method presets.
+
+Presets are the published evaluation settings (methods.md section 1 table). CamVid is in
+neither paper: its presets are this project's choice (the papers' generic no-background
+setting: S = 336, CorrCLIP crop 336/112, SC-CLIP crop 224/112, logit scale 40, no thresholds).
+
+Class files live in ``ovseg_core/data/classes`` (package data), one class per line, synonyms
+on the same line separated by ``", "`` (each synonym is its own text query; a class scores
+the max over its synonyms). Where the two papers' files are known to differ they are shipped
+separately:
+
+- VOC21/VOC20 CorrCLIP: line 0 (VOC21 only) = the 26 stuff words as synonyms of background;
+  "person" renamed "people"; "tvmonitor" kept.
+- VOC21/VOC20 SC-CLIP (SCLIP's files): same background words; "person" has 7 synonyms and
+  "tvmonitor" 5 (methods.md). Both VOC variants use "ship" and "table" for boat and dining
+  table, as in the SCLIP lineage of these files.
+- Cityscapes: CorrCLIP's file is "trafficlight", "trafficsign", "people"; the SC-CLIP variant
+  keeps "person".
+- Elsewhere one file serves both: PC59 / PC60 (PC59 names, PC60 adds the literal word
+  "background"), COCO-Object ("background" + the 80 COCO thing names), COCO-Stuff (the 171
+  mmsegmentation names), ADE20K (the 150 mmsegmentation names = first name of each row of
+  ``objectInfo150.csv``), CamVid (11 classes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from types import MappingProxyType
+
+__all__ = [
+    "DATASETS",
+    "LABEL_CONVERSIONS",
+    "METHOD_VARIANTS",
+    "DatasetSpec",
+    "MethodPreset",
+    "class_lines",
+    "get_dataset",
+    "parse_class_lines",
+]
+
+LABEL_CONVERSIONS = ("none", "reduce_zero_label", "coco_object", "camvid")
+METHOD_VARIANTS = ("corrclip", "scclip")
+
+
+@dataclass(frozen=True)
+class MethodPreset:
+    """Evaluation settings of one method on one dataset."""
+
+    short_side: int  # S of the keep-ratio resize (paper: 336; Cityscapes 448 CorrCLIP / 560 SC-CLIP; ADE20K 448 CorrCLIP)
+    crop: int  # sliding-window crop side (paper: CorrCLIP 336, 224 on Cityscapes; SC-CLIP 224)
+    stride: int  # sliding-window stride, 0 < stride <= crop (paper: 112)
+    logit_scale: float  # softmax temperature multiplier on cosine logits (paper: CorrCLIP 40; SC-CLIP 40, VOC21 50, COCO-Object 55)
+    prob_thd: float | None  # winning prob below this -> background; only on datasets with background (paper table)
+    area_thd: float | None  # SC-CLIP VOC21 only (0.1): foreground classes under this share of foreground area are dropped
+
+    def __post_init__(self) -> None:
+        if self.short_side <= 0:
+            raise ValueError(f"short_side must be > 0, got {self.short_side}")
+        if self.crop <= 0:
+            raise ValueError(f"crop must be > 0, got {self.crop}")
+        if not 0 < self.stride <= self.crop:
+            raise ValueError(f"stride must be in 1..crop ({self.crop}), got {self.stride}")
+        if not self.logit_scale > 0:
+            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if self.prob_thd is not None and not 0.0 <= self.prob_thd <= 1.0:
+            raise ValueError(f"prob_thd must be None or in [0, 1], got {self.prob_thd}")
+        if self.area_thd is not None and not 0.0 <= self.area_thd <= 1.0:
+            raise ValueError(f"area_thd must be None or in [0, 1], got {self.area_thd}")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One benchmark: class count, background, label conversion, presets and class files."""
+
+    name: str  # benchmark name as in the papers' tables (e.g. "VOC21")
+    num_classes: int  # classes scored after label conversion (VOC21 21, PC60 60, COCO-Object 81, ...)
+    has_background: bool  # class 0 is background (VOC21, PC60, COCO-Object); prob_thd only applies then
+    reduce_zero_label: bool  # GT 0 -> ignore, others -1 (VOC20, PC59, ADE20K)
+    presets: Mapping[str, MethodPreset]  # "corrclip" / "scclip" -> settings; baselines use "scclip"
+    class_files: Mapping[str, str]  # "corrclip" / "scclip" -> file name in ovseg_core/data/classes
+    label_conversion: str  # one of LABEL_CONVERSIONS, applied to raw GT before scoring
+    ignore_index: int = 255  # GT value never scored (mmseg convention)
+
+    def __post_init__(self) -> None:
+        if self.num_classes <= 0:
+            raise ValueError(f"num_classes must be > 0, got {self.num_classes}")
+        if self.label_conversion not in LABEL_CONVERSIONS:
+            raise ValueError(f"label_conversion must be one of {LABEL_CONVERSIONS}, got {self.label_conversion!r}")
+        if self.reduce_zero_label != (self.label_conversion == "reduce_zero_label"):
+            raise ValueError(
+                f"reduce_zero_label={self.reduce_zero_label} contradicts label_conversion={self.label_conversion!r}"
+            )
+        if not self.num_classes <= self.ignore_index <= 65535:
+            raise ValueError(f"ignore_index must be in {self.num_classes}..65535 (outside the classes), got {self.ignore_index}")
+        for attr in ("presets", "class_files"):
+            mapping = getattr(self, attr)
+            if set(mapping) != set(METHOD_VARIANTS):
+                raise ValueError(f"{attr} keys must be {METHOD_VARIANTS}, got {tuple(mapping)}")
+            object.__setattr__(self, attr, MappingProxyType(dict(mapping)))
+        for variant, preset in self.presets.items():
+            if preset.prob_thd is not None and not self.has_background:
+                raise ValueError(f"presets[{variant!r}].prob_thd is set but {self.name} has no background class")
+
+
+def _preset(s: int, crop: int, scale: float, prob: float | None = None, area: float | None = None) -> MethodPreset:
+    return MethodPreset(short_side=s, crop=crop, stride=112, logit_scale=scale, prob_thd=prob, area_thd=area)
+
+
+def _spec(
+    name: str,
+    num_classes: int,
+    corrclip: MethodPreset,
+    scclip: MethodPreset,
+    files: tuple[str, str],
+    conversion: str = "none",
+    background: bool = False,
+) -> DatasetSpec:
+    return DatasetSpec(
+        name=name,
+        num_classes=num_classes,
+        has_background=background,
+        reduce_zero_label=conversion == "reduce_zero_label",
+        presets={"corrclip": corrclip, "scclip": scclip},
+        class_files={"corrclip": files[0], "scclip": files[1]},
+        label_conversion=conversion,
+    )
+
+
+DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
+    {
+        s.name: s
+        for s in (
+            _spec("VOC21", 21, _preset(336, 336, 40, 0.2), _preset(336, 224, 50, 0.15, 0.1),
+                  ("voc21_corrclip.txt", "voc21_scclip.txt"), background=True),
+            _spec("VOC20", 20, _preset(336, 336, 40), _preset(336, 224, 40),
+                  ("voc20_corrclip.txt", "voc20_scclip.txt"), "reduce_zero_label"),
+            _spec("PC60", 60, _preset(336, 336, 40, 0.15), _preset(336, 224, 40, 0.15),
+                  ("pc60.txt", "pc60.txt"), background=True),
+            _spec("PC59", 59, _preset(336, 336, 40), _preset(336, 224, 40),
+                  ("pc59.txt", "pc59.txt"), "reduce_zero_label"),
+            _spec("COCO-Object", 81, _preset(336, 336, 40, 0.25), _preset(336, 224, 55, 0.35),
+                  ("coco_object.txt", "coco_object.txt"), "coco_object", background=True),
+            _spec("COCO-Stuff", 171, _preset(336, 336, 40), _preset(336, 224, 40),
+                  ("coco_stuff.txt", "coco_stuff.txt")),
+            _spec("ADE20K", 150, _preset(448, 336, 40), _preset(336, 224, 40),
+                  ("ade20k.txt", "ade20k.txt"), "reduce_zero_label"),
+            _spec("Cityscapes", 19, _preset(448, 224, 40), _preset(560, 224, 40),
+                  ("cityscapes_corrclip.txt", "cityscapes_scclip.txt")),
+            _spec("CamVid", 11, _preset(336, 336, 40), _preset(336, 224, 40),
+                  ("camvid.txt", "camvid.txt"), "camvid"),
+        )
+    }
+)  # fmt: skip
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """The spec of a benchmark by name (case-insensitive).
+
+    Raises:
+        ValueError: unknown name; the message lists the valid names.
+    """
+    by_lower = {k.lower(): v for k, v in DATASETS.items()}
+    try:
+        return by_lower[str(name).lower()]
+    except KeyError as e:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}") from e
+
+
+def class_lines(name: str, variant: str) -> list[str]:
+    """Lines of a dataset's class file: one class per line, synonyms separated by ``", "``.
+
+    Args:
+        name: dataset name (see :data:`DATASETS`).
+        variant: ``"corrclip"`` or ``"scclip"`` (baselines use ``"scclip"``).
+    """
+    spec = get_dataset(name)
+    if variant not in METHOD_VARIANTS:
+        raise ValueError(f"variant must be one of {METHOD_VARIANTS}, got {variant!r}")
+    text = resources.files("ovseg_core").joinpath("data", "classes", spec.class_files[variant]).read_text("utf-8")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) != spec.num_classes:
+        raise AssertionError(f"{spec.class_files[variant]} has {len(lines)} lines, expected {spec.num_classes}")
+    return lines
+
+
+def parse_class_lines(lines: list[str]) -> tuple[list[str], list[int]]:
+    """Split class lines into text queries and their class index.
+
+    Synonyms are comma-separated; surrounding spaces are stripped (the reference files use
+    ``", "``). Empty synonyms are rejected.
+
+    Returns:
+        ``(queries, query_to_class)``: one entry per synonym, in file order.
+    """
+    queries: list[str] = []
+    query_to_class: list[int] = []
+    for idx, line in enumerate(lines):
+        names = [s.strip() for s in line.split(",")]
+        if not line.strip() or any(not s for s in names):
+            raise ValueError(f"class line {idx} {line!r} has an empty name; use 'name, synonym, ...'")
+        queries += names
+        query_to_class += [idx] * len(names)
+    return queries, query_to_class
