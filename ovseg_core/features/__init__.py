@@ -1,0 +1,5 @@
+"""Feature extraction: CLIP block outputs, DINO q+k features, region maps, text embeddings.
+
+Import from the submodules (``ovseg_core.features.clip``, ``.dino``, ``.regions``, ``.text``);
+this package module re-exports nothing so that importing one does not load the others' libraries.
+"""
