@@ -1,0 +1,142 @@
+"""Scoring protocol of MMSegmentation's ``IoUMetric`` (methods.md section 1).
+
+Per image, a ``(K, K)`` confusion matrix (rows ground truth, columns prediction) over pixels
+whose converted ground truth is not ``ignore_index``; matrices are **summed over the whole
+dataset** before :func:`scores_from_confusion`, so IoU is intersection / union of dataset
+totals, and mIoU is the nan-mean over classes (nan where a class is absent from both ground
+truth and prediction).
+
+Label conversions (:func:`convert_labels`), applied to raw ground truth as read from disk:
+
+- ``"none"``: unchanged (VOC21 0..20, PC60 0..59, COCO-Stuff ``_labelTrainIds`` 0..170,
+  Cityscapes ``_labelTrainIds`` 0..18; 255 ignore).
+- ``"reduce_zero_label"`` (VOC20, PC59, ADE20K): 0 -> ignore, ignore stays, others -1.
+- ``"coco_object"``: input = the mmsegmentation COCO-Stuff164k ``*_labelTrainIds.png`` (things
+  0..79 in COCO category order, stuff 80..170, 255 unlabelled). Thing ``t`` -> ``t + 1``
+  (1..80); stuff and unlabelled -> 0 (background; nothing is ignored), the rule methods.md
+  states for COCO-Object. The reference codes read a pre-converted ``*_instanceTrainIds.png``
+  made by their conversion script; that file is not assumed here (not verified byte-equal).
+- ``"camvid"``: 11 (unlabelled) -> ignore; 0..10 unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["COCO_NUM_THINGS", "convert_labels", "confusion_matrix", "scores_from_confusion"]
+
+COCO_NUM_THINGS = 80  # thing classes come first in COCO-Stuff train ids (0..79)
+_CAMVID_UNLABELLED = 11
+
+
+def _check_int_map(name: str, a: np.ndarray) -> None:
+    if not isinstance(a, np.ndarray) or a.ndim != 2 or not np.issubdtype(a.dtype, np.integer):
+        shape = getattr(a, "shape", None)
+        raise ValueError(f"{name} must be an (H, W) integer numpy array, got {type(a).__name__} {shape}")
+
+
+def convert_labels(gt: np.ndarray, conversion: str, ignore_index: int = 255) -> np.ndarray:
+    """Raw ground truth -> scored labels (see the module docstring).
+
+    Args:
+        gt: ``(H, W)`` integer label map as read from disk.
+        conversion: ``"none" | "reduce_zero_label" | "coco_object" | "camvid"``.
+        ignore_index: label never scored.
+
+    Returns:
+        ``(H, W) int64`` labels; ``gt`` is not modified.
+    """
+    _check_int_map("gt", gt)
+    out = gt.astype(np.int64, copy=True)
+    if conversion == "none":
+        return out
+    if conversion == "reduce_zero_label":
+        ignored = (out == 0) | (out == ignore_index)
+        out -= 1
+        out[ignored] = ignore_index
+        return out
+    if conversion == "coco_object":
+        thing = (out >= 0) & (out < COCO_NUM_THINGS)
+        return np.where(thing, out + 1, 0)
+    if conversion == "camvid":
+        out[out == _CAMVID_UNLABELLED] = ignore_index
+        return out
+    raise ValueError(
+        f"conversion must be one of 'none', 'reduce_zero_label', 'coco_object', 'camvid', got {conversion!r}"
+    )
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """Pixel confusion matrix of one image (or any set of pixels).
+
+    Args:
+        pred: ``(H, W)`` integer predicted labels in ``0..K-1``.
+        gt: ``(H, W)`` integer converted ground truth in ``0..K-1`` or ``ignore_index``.
+        num_classes: ``K``.
+        ignore_index: ground-truth value excluded from scoring.
+
+    Returns:
+        ``(K, K) int64``: entry ``[g, p]`` counts labelled pixels of class ``g`` predicted ``p``.
+        Matrices of disjoint pixel sets add up.
+    """
+    _check_int_map("pred", pred)
+    _check_int_map("gt", gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred {pred.shape} and gt {gt.shape} differ; predictions must be at ground-truth size")
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be > 0, got {num_classes}")
+    valid = gt != ignore_index
+    g = gt[valid].astype(np.int64)
+    p = pred[valid].astype(np.int64)
+    if g.size and (g.min() < 0 or g.max() >= num_classes):
+        bad = np.unique(g[(g < 0) | (g >= num_classes)])[:10].tolist()
+        raise ValueError(
+            f"gt labels {bad} are outside 0..{num_classes - 1} and not ignore_index={ignore_index}; "
+            "apply the dataset's label conversion (convert_labels) first"
+        )
+    if p.size and (p.min() < 0 or p.max() >= num_classes):
+        bad = np.unique(p[(p < 0) | (p >= num_classes)])[:10].tolist()
+        raise ValueError(f"pred labels {bad} are outside 0..{num_classes - 1}")
+    counts = np.bincount(g * num_classes + p, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def scores_from_confusion(conf: np.ndarray) -> dict[str, np.ndarray | float]:
+    """IoU / accuracy from a (dataset-summed) confusion matrix, as mmseg ``IoUMetric``.
+
+    Args:
+        conf: ``(K, K)`` non-negative integer confusion matrix (rows gt, cols pred).
+
+    Returns:
+        dict with ``"iou"`` ``(K,) float64`` (intersection / union, nan where union == 0),
+        ``"acc"`` ``(K,) float64`` per-class accuracy (nan where the class has no gt pixel),
+        ``"miou"`` and ``"macc"`` (nan-means; nan when every entry is nan), and ``"aacc"``
+        (correct / labelled pixels; nan when nothing is labelled).
+    """
+    if not isinstance(conf, np.ndarray) or conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
+        raise ValueError(f"conf must be a square (K, K) numpy array, got {getattr(conf, 'shape', None)}")
+    if not np.issubdtype(conf.dtype, np.integer) or (conf < 0).any():
+        raise ValueError("conf must hold non-negative integer counts")
+    conf = conf.astype(np.int64)
+    intersect = np.diag(conf).astype(np.float64)
+    area_gt = conf.sum(axis=1).astype(np.float64)
+    area_pred = conf.sum(axis=0).astype(np.float64)
+    union = area_gt + area_pred - intersect
+    iou = np.full(conf.shape[0], np.nan)
+    np.divide(intersect, union, out=iou, where=union > 0)
+    acc = np.full(conf.shape[0], np.nan)
+    np.divide(intersect, area_gt, out=acc, where=area_gt > 0)
+    total = area_gt.sum()
+    return {
+        "iou": iou,
+        "acc": acc,
+        "miou": _nanmean(iou),
+        "macc": _nanmean(acc),
+        "aacc": float(intersect.sum() / total) if total > 0 else float("nan"),
+    }
+
+
+def _nanmean(x: np.ndarray) -> float:
+    """Mean over non-nan entries; nan (without a warning) when there are none."""
+    finite = ~np.isnan(x)
+    return float(x[finite].mean()) if finite.any() else float("nan")
