@@ -1,0 +1,233 @@
+"""Text side: vocabularies (classes with synonyms) and prompt-ensembled text embeddings.
+
+Both reference codes (methods.md §1): every synonym of every class is its own query; a query's
+embedding is the 80 OpenAI ImageNet templates filled with the name, each encoded and
+L2-normalised, averaged, and L2-normalised again. A class's score is later the max over its
+queries (``Vocabulary.query_to_class``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "IMAGENET_TEMPLATES",
+    "Vocabulary",
+    "parse_class_lines",
+    "parse_vocabulary_string",
+    "text_embeddings",
+]
+
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+"""The 80 OpenAI ImageNet prompt templates, in the CLIP / reference-code order; ``{}`` is the name."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Classes, each a tuple of one or more synonyms; each synonym is one text query."""
+
+    classes: tuple[tuple[str, ...], ...]  # classes[c] = synonyms of class c; the first names the class
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.classes, tuple) or len(self.classes) == 0:
+            raise ValueError("Vocabulary.classes must be a non-empty tuple of synonym tuples")
+        for c, synonyms in enumerate(self.classes):
+            if not isinstance(synonyms, tuple) or len(synonyms) == 0:
+                raise ValueError(f"Vocabulary.classes[{c}] must be a non-empty tuple of names, got {synonyms!r}")
+            for name in synonyms:
+                if not isinstance(name, str) or not name.strip() or name != name.strip():
+                    raise ValueError(
+                        f"Vocabulary.classes[{c}] has a bad name {name!r}: names are non-empty, without outer spaces"
+                    )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes C."""
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """``(C,)`` display name of each class (its first synonym)."""
+        return tuple(synonyms[0] for synonyms in self.classes)
+
+    @property
+    def queries(self) -> tuple[str, ...]:
+        """``(Q,)`` all synonyms, class by class, in order."""
+        return tuple(name for synonyms in self.classes for name in synonyms)
+
+    @property
+    def query_to_class(self) -> np.ndarray:
+        """``(Q,) int64``: the class index of each query."""
+        counts = [len(synonyms) for synonyms in self.classes]
+        return np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+
+
+def _split_synonyms(text: str, where: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(","))
+    if any(not name for name in names):
+        raise ValueError(f"{where}: empty class name in {text!r}; separate synonyms with single commas")
+    return names
+
+
+def parse_class_lines(lines: Sequence[str]) -> Vocabulary:
+    """One class per line, synonyms separated by commas (``"person, people"``).
+
+    Trailing blank lines are ignored; a blank line before the last class is an error (it would
+    shift every later class index).
+    """
+    if isinstance(lines, str):
+        raise ValueError("lines must be a sequence of lines, not one string; use text.splitlines()")
+    kept = [line.rstrip("\r\n") for line in lines]
+    while kept and not kept[-1].strip():
+        kept.pop()
+    if not kept:
+        raise ValueError("no classes: the class lines are empty")
+    classes = []
+    for number, line in enumerate(kept, start=1):
+        if not line.strip():
+            raise ValueError(f"line {number} is blank; every line before the last class must name a class")
+        classes.append(_split_synonyms(line, f"line {number}"))
+    return Vocabulary(classes=tuple(classes))
+
+
+def parse_vocabulary_string(text: str) -> Vocabulary:
+    """Command-line form: ``';'`` separates classes, ``','`` synonyms (``"cat; dog, puppy; grass"``)."""
+    parts = text.split(";")
+    if parts and not parts[-1].strip():
+        parts.pop()
+    if not parts:
+        raise ValueError(f"no classes in vocabulary string {text!r}; e.g. 'cat; dog, puppy; grass'")
+    classes = []
+    for number, part in enumerate(parts, start=1):
+        if not part.strip():
+            raise ValueError(f"class {number} of {text!r} is empty; separate classes with single ';'")
+        classes.append(_split_synonyms(part, f"class {number}"))
+    return Vocabulary(classes=tuple(classes))
+
+
+@torch.no_grad()
+def text_embeddings(
+    clip_model: nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    vocab: Vocabulary,
+    templates: Sequence[str] = IMAGENET_TEMPLATES,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Prompt-ensembled, L2-normalised text embedding of every query of ``vocab``.
+
+    Per query: fill each template, encode, L2-normalise each, average over templates,
+    L2-normalise again. Prompts of all queries are encoded together in batches of
+    ``batch_size``.
+
+    Args:
+        clip_model: an open_clip ``CLIP`` (anything with ``encode_text(tokens) -> (N, E)``).
+        tokenizer: open_clip tokenizer: list of ``N`` strings -> ``(N, context_length)`` token ids.
+        vocab: the classes and synonyms; queries are ``vocab.queries``.
+        templates: prompt templates, each with exactly one ``{}``.
+        batch_size: prompts per ``encode_text`` call (> 0).
+    Returns:
+        ``(Q, E) float32`` unit-norm rows on the model's device, row ``q`` for ``vocab.queries[q]``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(templates, str) or len(templates) == 0:
+        raise ValueError("templates must be a non-empty sequence of strings with one '{}' each")
+    for template in templates:
+        if template.count("{}") != 1:
+            raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
+    device = next(clip_model.parameters()).device
+    queries = vocab.queries
+    prompts = [template.format(name) for name in queries for template in templates]
+    encoded = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[start : start + batch_size]).to(device)
+        encoded.append(F.normalize(clip_model.encode_text(tokens).float(), dim=-1))
+    per_prompt = torch.cat(encoded).reshape(len(queries), len(templates), -1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1)
