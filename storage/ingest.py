@@ -1,0 +1,311 @@
+"""Dataset ingestion: list the image / ground-truth pairs of an on-disk benchmark layout.
+
+Layouts are the MMSegmentation on-disk layouts the full benchmarks use (``root`` may point at
+the folder named below or at a parent that contains it):
+
+=================  ==============================================================================
+``voc``            ``VOCdevkit/VOC2012``: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png``,
+                   ids from ``ImageSets/Segmentation/<split>.txt``
+``pascal_context`` ``VOCdevkit/VOC2010``: ``JPEGImages/<id>.jpg``, ``SegmentationClassContext/<id>.png``,
+                   ids from ``ImageSets/SegmentationContext/<split>.txt``
+``coco_stuff``     ``coco_stuff164k``: ``images/<split>2017/*.jpg``,
+``coco_object``    ``annotations/<split>2017/<stem>_labelTrainIds.png`` (COCO-Object conversion happens
+                   in ``ovseg_core.metrics.convert_labels``)
+``ade20k``         ``ADEChallengeData2016``: ``images/validation/*.jpg``, ``annotations/validation/<stem>.png``
+``cityscapes``     ``leftImg8bit/<split>/<city>/<x>_leftImg8bit.png``,
+                   ``gtFine/<split>/<city>/<x>_gtFine_labelTrainIds.png``
+``camvid``         ``<split>/*.png``, ``<split>annot/<stem>.png``
+``folder``         any images (jpg, jpeg, png, bmp, tif, tiff, webp) under ``root``, recursively;
+                   optional ``gt_dir`` matched by relative path without extension
+=================  ==============================================================================
+
+Every image is decoded once (``storage.images.load_rgb``) and its ground truth read as indices;
+an unreadable image, a missing or unreadable ground truth, or a size mismatch gives a row with
+``status="error"`` and a message, and ingestion continues. Image ids are stable and key-safe:
+``f"{safe_stem}-{sha256(content_sha256 + rel_path)[:12]}"`` with ``rel_path`` relative to the
+layout's base folder, so the same files give the same ids wherever the dataset lives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ovseg_core.datasets import DATASETS
+from storage.images import ImageError, content_hash, load_label, load_rgb
+
+__all__ = ["DEFAULT_DATASET", "IMAGE_EXTENSIONS", "LAYOUTS", "ManifestRow", "image_id_for", "ingest"]
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("folder", "voc", "pascal_context", "coco_object", "coco_stuff", "ade20k", "cityscapes", "camvid")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_DATASET = {
+    "folder": "custom",
+    "voc": "VOC21",
+    "pascal_context": "PC60",
+    "coco_object": "COCO-Object",
+    "coco_stuff": "COCO-Stuff",
+    "ade20k": "ADE20K",
+    "cityscapes": "Cityscapes",
+    "camvid": "CamVid",
+}
+_COMPATIBLE = {
+    "voc": ("VOC21", "VOC20"),
+    "pascal_context": ("PC60", "PC59"),
+    "coco_object": ("COCO-Object",),
+    "coco_stuff": ("COCO-Stuff",),
+    "ade20k": ("ADE20K",),
+    "cityscapes": ("Cityscapes",),
+    "camvid": ("CamVid",),
+}
+_GT_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One image of an ingested dataset (schema: ``storage.tables.MANIFEST_SCHEMA``)."""
+
+    dataset: str  # DatasetSpec name this image feeds (or a custom name for "folder")
+    image_id: str  # stable key-safe id: f"{safe_stem}-{12 hex}"
+    rel_path: str  # POSIX path relative to the layout's base folder
+    abs_path: str  # absolute path of the image
+    gt_path: str  # absolute path of the ground truth, "" if none
+    width: int  # decoded image width (0 on error)
+    height: int  # decoded image height (0 on error)
+    content_sha256: str  # sha256 of the image bytes ("" if unreadable)
+    status: str  # "ok" | "error"
+    error: str  # "" if ok, else what is wrong and the fix
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    image: Path
+    rel_path: str
+    gt: Path | None  # expected ground truth (may not exist)
+
+
+def _safe_stem(rel_path: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(rel_path).stem).strip("_")
+    return stem[:64] or "img"
+
+
+def image_id_for(content_sha256: str, rel_path: str) -> str:
+    """Stable, key-safe image id from the content hash and the relative path."""
+    digest = hashlib.sha256((content_sha256 + rel_path).encode("utf-8")).hexdigest()[:12]
+    return f"{_safe_stem(rel_path)}-{digest}"
+
+
+def _find_base(root: Path, subdirs: tuple[str, ...], marker: str, layout: str) -> Path:
+    """First of ``root / sub`` that contains the directory ``marker``."""
+    tried = []
+    for sub in subdirs:
+        base = root / sub if sub else root
+        if (base / marker).is_dir():
+            return base
+        tried.append(str(base / marker))
+    raise FileNotFoundError(f"layout {layout!r}: expected the directory {' or '.join(tried)}; check root={root}")
+
+
+def _require_dir(path: Path, layout: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"layout {layout!r}: expected the directory {path}")
+    return path
+
+
+def _split_ids(list_file: Path, layout: str) -> list[str]:
+    if not list_file.is_file():
+        raise FileNotFoundError(f"layout {layout!r}: expected the split list {list_file}")
+    return [ln.strip() for ln in list_file.read_text().splitlines() if ln.strip()]
+
+
+def _rel(path: Path, base: Path) -> str:
+    return path.relative_to(base).as_posix()
+
+
+def _voc_like(root: Path, split: str, layout: str, year: str, gt_folder: str, sets: str) -> list[_Candidate]:
+    base = _find_base(root, ("", f"VOC{year}", f"VOCdevkit/VOC{year}"), "JPEGImages", layout)
+    ids = _split_ids(base / "ImageSets" / sets / f"{split}.txt", layout)
+    return [
+        _Candidate(img, _rel(img, base), base / gt_folder / f"{i}.png")
+        for i in ids
+        for img in [base / "JPEGImages" / f"{i}.jpg"]
+    ]
+
+
+def _voc(root: Path, split: str) -> list[_Candidate]:
+    return _voc_like(root, split, "voc", "2012", "SegmentationClass", "Segmentation")
+
+
+def _pascal_context(root: Path, split: str) -> list[_Candidate]:
+    return _voc_like(root, split, "pascal_context", "2010", "SegmentationClassContext", "SegmentationContext")
+
+
+def _coco(root: Path, split: str, layout: str) -> list[_Candidate]:
+    base = _find_base(root, ("", "coco_stuff164k"), "images", layout)
+    s = split if split.endswith("2017") else f"{split}2017"
+    img_dir = _require_dir(base / "images" / s, layout)
+    ann_dir = _require_dir(base / "annotations" / s, layout)
+    return [_Candidate(p, _rel(p, base), ann_dir / f"{p.stem}_labelTrainIds.png") for p in img_dir.glob("*.jpg")]
+
+
+def _ade20k(root: Path, split: str) -> list[_Candidate]:
+    base = _find_base(root, ("", "ADEChallengeData2016"), "images", "ade20k")
+    s = {"val": "validation", "train": "training"}.get(split, split)
+    img_dir = _require_dir(base / "images" / s, "ade20k")
+    ann_dir = _require_dir(base / "annotations" / s, "ade20k")
+    return [_Candidate(p, _rel(p, base), ann_dir / f"{p.stem}.png") for p in img_dir.glob("*.jpg")]
+
+
+def _cityscapes(root: Path, split: str) -> list[_Candidate]:
+    base = _find_base(root, ("", "cityscapes"), "leftImg8bit", "cityscapes")
+    img_dir = _require_dir(base / "leftImg8bit" / split, "cityscapes")
+    gt_dir = _require_dir(base / "gtFine" / split, "cityscapes")
+    suffix = "_leftImg8bit"
+    out = []
+    for p in img_dir.glob(f"*/*{suffix}.png"):
+        prefix = p.stem[: -len(suffix)]
+        out.append(_Candidate(p, _rel(p, base), gt_dir / p.parent.name / f"{prefix}_gtFine_labelTrainIds.png"))
+    return out
+
+
+def _camvid(root: Path, split: str) -> list[_Candidate]:
+    base = _find_base(root, ("", "CamVid", "camvid"), split, "camvid")
+    ann_dir = _require_dir(base / f"{split}annot", "camvid")
+    return [_Candidate(p, _rel(p, base), ann_dir / p.name) for p in (base / split).glob("*.png")]
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _folder(root: Path, gt_dir: Path | None) -> list[_Candidate]:
+    _require_dir(root, "folder")
+    gt_root = gt_dir.resolve() if gt_dir is not None else None
+    if gt_root is not None:
+        _require_dir(gt_root, "folder")
+    out = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not _is_image(p):
+            continue
+        if gt_root is not None and p.resolve().is_relative_to(gt_root):
+            continue
+        gt = None
+        if gt_root is not None:
+            stem_rel = rel.with_suffix("")
+            matches = [gt_root / stem_rel.with_suffix(ext) for ext in _GT_EXTENSIONS]
+            gt = next((m for m in matches if m.is_file()), matches[0])
+        out.append(_Candidate(p, rel.as_posix(), gt))
+    return out
+
+
+def _row(dataset: str, c: _Candidate) -> ManifestRow:
+    """Decode one candidate into a manifest row; failures become an error row."""
+    sha, width, height, error = "", 0, 0, ""
+    gt_path = str(c.gt.resolve()) if c.gt is not None else ""
+    try:
+        if not c.image.is_file():
+            raise ImageError(f"{c.image}: image listed by the layout is missing; check the split list and folder")
+        sha = content_hash(c.image)
+        img = load_rgb(c.image)
+        height, width = img.shape[:2]
+        if c.gt is not None:
+            if not c.gt.is_file():
+                raise ImageError(f"{c.gt}: ground truth missing for {c.rel_path}; add it or remove the image")
+            gt = load_label(c.gt)
+            if gt.shape != (height, width):
+                raise ImageError(
+                    f"{c.gt}: ground truth is {gt.shape[1]}x{gt.shape[0]} but the image is {width}x{height}; "
+                    "they must have the same size"
+                )
+    except (ImageError, OSError) as e:
+        error = str(e)
+        width = height = 0
+    return ManifestRow(
+        dataset=dataset,
+        image_id=image_id_for(sha, c.rel_path),
+        rel_path=c.rel_path,
+        abs_path=str(c.image.resolve()),
+        gt_path=gt_path,
+        width=int(width),
+        height=int(height),
+        content_sha256=sha,
+        status="error" if error else "ok",
+        error=error,
+    )
+
+
+def _resolve_dataset(layout: str, dataset: str | None) -> str:
+    if dataset is None:
+        return DEFAULT_DATASET[layout]
+    if layout == "folder":
+        if not dataset or "/" in dataset or dataset.startswith("."):
+            raise ValueError(f"dataset name {dataset!r} must be non-empty, without '/', not starting with '.'")
+        return dataset
+    by_lower = {k.lower(): k for k in DATASETS}
+    name = by_lower.get(dataset.lower(), dataset)
+    if name not in _COMPATIBLE[layout]:
+        raise ValueError(f"layout {layout!r} feeds datasets {_COMPATIBLE[layout]}, got dataset={dataset!r}")
+    return name
+
+
+def ingest(
+    root: str | PathLike[str],
+    layout: str,
+    dataset: str | None = None,
+    split: str = "val",
+    gt_dir: str | PathLike[str] | None = None,
+    progress: bool = False,
+) -> list[ManifestRow]:
+    """List and check every image of a dataset on disk.
+
+    Args:
+        root: dataset folder (the layout's base folder or a parent of it).
+        layout: one of :data:`LAYOUTS`.
+        dataset: DatasetSpec name the images feed (default per layout, see
+            :data:`DEFAULT_DATASET`; VOC may feed VOC20, Pascal Context PC59); any key-safe
+            name for ``"folder"``.
+        split: split name (``"val"``; ADE20K maps it to ``validation``, COCO to ``val2017``).
+        gt_dir: ``"folder"`` layout only: folder of ground-truth maps matched by relative path
+            without extension.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        Rows sorted by ``rel_path``; bad images are rows with ``status="error"``.
+
+    Raises:
+        ValueError: unknown layout, incompatible dataset, ``gt_dir`` with a non-folder layout.
+        FileNotFoundError: an expected directory or split list is missing (the message names it).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+    if gt_dir is not None and layout != "folder":
+        raise ValueError(f"gt_dir only applies to layout 'folder'; layout {layout!r} has fixed ground-truth paths")
+    if not split or "/" in split or split.startswith("."):
+        raise ValueError(f"split must be a plain folder/list name such as 'val', got {split!r}")
+    name = _resolve_dataset(layout, dataset)
+    base = Path(root).expanduser()
+    listers: dict[str, Callable[[], list[_Candidate]]] = {
+        "folder": lambda: _folder(base, Path(gt_dir).expanduser() if gt_dir is not None else None),
+        "voc": lambda: _voc(base, split),
+        "pascal_context": lambda: _pascal_context(base, split),
+        "coco_object": lambda: _coco(base, split, "coco_object"),
+        "coco_stuff": lambda: _coco(base, split, "coco_stuff"),
+        "ade20k": lambda: _ade20k(base, split),
+        "cityscapes": lambda: _cityscapes(base, split),
+        "camvid": lambda: _camvid(base, split),
+    }
+    candidates = sorted(listers[layout](), key=lambda c: c.rel_path)
+    rows = [_row(name, c) for c in tqdm(candidates, desc=f"ingest {name}", unit="img", disable=not progress)]
+    n_bad = sum(r.status != "ok" for r in rows)
+    if n_bad:
+        log.warning("ingest %s (%s): %d of %d images have errors", name, layout, n_bad, len(rows))
+    return rows
