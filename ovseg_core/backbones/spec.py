@@ -1,0 +1,207 @@
+"""Backbone names: the registry of architectures and the parsed form of a name.
+
+A name is ``family:arch[@weights]``:
+
+- ``family`` is ``clip``, ``dino`` or ``sam``;
+- ``arch`` is one of the registered architectures (:data:`CLIP_ARCHS`, :data:`DINO_ARCHS`,
+  :data:`SAM_ARCHS`, plus the tiny test configurations :data:`TINY_ARCHS`);
+- ``weights`` is an open_clip pretrained tag (CLIP), ``official`` (DINO/SAM, the authors'
+  release), ``random`` / ``random:SEED`` (the real architecture with seeded random weights), or a
+  local checkpoint path. Without ``@`` the architecture's default weights are used (tiny
+  configurations are always random unless a local checkpoint is given).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import open_clip
+
+__all__ = [
+    "CLIP_ARCHS",
+    "DINO_ARCHS",
+    "FAMILIES",
+    "OFFICIAL",
+    "RANDOM",
+    "SAM_ARCHS",
+    "TINY_ARCHS",
+    "BackboneSpec",
+    "list_backbones",
+    "parse_backbone",
+]
+
+FAMILIES: tuple[str, ...] = ("clip", "dino", "sam")
+RANDOM = "random"
+OFFICIAL = "official"
+
+# open_clip architecture -> default pretrained tag (the weight each method's paper uses).
+CLIP_ARCHS: dict[str, str] = {
+    "ViT-B-16": "openai",
+    "ViT-B-16-quickgelu": "metaclip_fullcc",
+    "ViT-L-14": "openai",
+    "ViT-L-14-quickgelu": "metaclip_fullcc",
+    "ViT-H-14": "laion2b_s32b_b79k",
+}
+
+# our DINO name -> (timm architecture, official file stem in facebookresearch/dino).
+DINO_ARCHS: dict[str, tuple[str, str]] = {
+    "vitb8": ("vit_base_patch8_224.dino", "dino_vitbase8_pretrain"),
+    "vits8": ("vit_small_patch8_224.dino", "dino_deitsmall8_pretrain"),
+    "vits16": ("vit_small_patch16_224.dino", "dino_deitsmall16_pretrain"),
+    "vitb16": ("vit_base_patch16_224.dino", "dino_vitbase16_pretrain"),
+}
+
+# segment_anything registry key -> official checkpoint file name.
+SAM_ARCHS: dict[str, str] = {
+    "vit_b": "sam_vit_b_01ec64.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_h": "sam_vit_h_4b8939.pth",
+}
+
+# Tiny test configurations per family: same classes and code paths, random weights.
+TINY_ARCHS: dict[str, tuple[str, ...]] = {
+    "clip": ("tiny",),
+    "dino": ("tiny8", "tiny16"),
+    "sam": ("tiny",),
+}
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def _archs(family: str) -> tuple[str, ...]:
+    full = {"clip": tuple(CLIP_ARCHS), "dino": tuple(DINO_ARCHS), "sam": tuple(SAM_ARCHS)}[family]
+    return full + TINY_ARCHS[family]
+
+
+def _is_tiny(family: str, arch: str) -> bool:
+    return arch in TINY_ARCHS.get(family, ())
+
+
+def _clip_tags(arch: str) -> tuple[str, ...]:
+    return tuple(open_clip.list_pretrained_tags_by_model(arch))
+
+
+def _looks_like_path(weights: str) -> bool:
+    return "/" in weights or "\\" in weights or weights.lower().endswith(_CHECKPOINT_SUFFIXES)
+
+
+def list_backbones() -> list[str]:
+    """The registered backbone names with their default weights, tiny configurations last.
+
+    Every name also accepts ``@random``, ``@random:SEED`` or ``@/path/to/checkpoint``; CLIP
+    names accept any open_clip pretrained tag of their architecture.
+    """
+    names = [f"clip:{arch}@{tag}" for arch, tag in CLIP_ARCHS.items()]
+    names += [f"dino:{arch}" for arch in DINO_ARCHS]
+    names += [f"sam:{arch}" for arch in SAM_ARCHS]
+    names += [f"{family}:{arch}" for family, archs in TINY_ARCHS.items() for arch in archs]
+    return names
+
+
+def _unknown_name(name: str, why: str) -> ValueError:
+    return ValueError(
+        f"unknown backbone {name!r} ({why}); valid names: {', '.join(list_backbones())}; "
+        "each optionally with @random, @random:SEED or @/path/to/checkpoint"
+    )
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A parsed backbone name (see :func:`parse_backbone`)."""
+
+    # Model family: "clip" (open_clip CLIP), "dino" (timm ViT with DINO weights), "sam" (segment_anything).
+    family: str
+    # Architecture within the family, e.g. "ViT-B-16-quickgelu", "vitb8", "vit_b", or a tiny config "tiny".
+    arch: str
+    # Weights: an open_clip pretrained tag (CLIP), "official" (DINO/SAM release), "random", or a local path.
+    weights: str
+    # Seed of the random initialisation; only meaningful when weights == "random" (default 0).
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.arch not in _archs(self.family):
+            raise ValueError(f"arch for family {self.family!r} must be one of {_archs(self.family)}, got {self.arch!r}")
+        if not isinstance(self.weights, str) or not self.weights:
+            raise ValueError(f"weights must be a non-empty string, got {self.weights!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.weights == RANDOM or self.is_local_file:
+            return
+        if _is_tiny(self.family, self.arch):
+            raise ValueError(
+                f"weights of the tiny configuration {self.family}:{self.arch} must be 'random' or a local "
+                f"checkpoint path, got {self.weights!r}"
+            )
+        allowed = _clip_tags(self.arch) if self.family == "clip" else (OFFICIAL,)
+        if self.weights not in allowed:
+            raise ValueError(
+                f"weights for {self.family}:{self.arch} must be one of {sorted(allowed) + [RANDOM]} "
+                f"or a local checkpoint path, got {self.weights!r}"
+            )
+
+    @property
+    def is_random(self) -> bool:
+        """True when the weights are a seeded random initialisation."""
+        return self.weights == RANDOM
+
+    @property
+    def is_tiny(self) -> bool:
+        """True for the tiny test configurations (``clip:tiny``, ``dino:tiny8``, ...)."""
+        return _is_tiny(self.family, self.arch)
+
+    @property
+    def is_local_file(self) -> bool:
+        """True when ``weights`` names a local checkpoint file rather than a tag."""
+        if self.weights in (RANDOM, OFFICIAL):
+            return False
+        if self.family == "clip" and not self.is_tiny and self.weights in _clip_tags(self.arch):
+            return False
+        return _looks_like_path(self.weights)
+
+    @property
+    def name(self) -> str:
+        """Canonical name; ``parse_backbone(spec.name) == spec``."""
+        base = f"{self.family}:{self.arch}"
+        if self.is_random:
+            return f"{base}@{RANDOM}:{self.seed}"
+        if self.weights == OFFICIAL:
+            return base
+        return f"{base}@{self.weights}"
+
+
+def parse_backbone(name: str) -> BackboneSpec:
+    """Parse ``family:arch[@weights]`` into a :class:`BackboneSpec`.
+
+    Examples: ``clip:ViT-B-16@openai``, ``clip:ViT-B-16`` (default tag), ``dino:vitb8``,
+    ``sam:vit_b@random:3``, ``clip:tiny``, ``dino:vits16@/weights/dino_deitsmall16_pretrain.pth``.
+
+    Raises:
+        ValueError: unknown family or architecture (the message lists the valid names), unknown
+            pretrained tag, malformed seed, or pretrained tags on a tiny configuration.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"backbone name must be a string, got {type(name).__name__}")
+    head, has_weights, weights = name.partition("@")
+    family, _, arch = head.partition(":")
+    if family not in FAMILIES:
+        raise _unknown_name(name, f"family {family!r} is not one of {FAMILIES}")
+    if arch not in _archs(family):
+        raise _unknown_name(name, f"architecture {arch!r} is not registered for {family}")
+    if not has_weights:
+        weights = RANDOM if _is_tiny(family, arch) else CLIP_ARCHS.get(arch, OFFICIAL)
+    if not weights:
+        raise ValueError(f"backbone {name!r} has an empty weights part after '@'")
+    seed = 0
+    if weights == RANDOM or weights.startswith(f"{RANDOM}:"):
+        seed_text = weights[len(RANDOM) + 1 :] if weights != RANDOM else "0"
+        if not seed_text.isdigit():
+            raise ValueError(f"seed in backbone {name!r} must be an integer >= 0 (e.g. @random:3), got {seed_text!r}")
+        weights, seed = RANDOM, int(seed_text)
+    elif family == "clip" and not _is_tiny(family, arch) and not _looks_like_path(weights):
+        weights = weights.lower().replace("-", "_")  # open_clip's tag normalisation
+    elif _looks_like_path(weights):
+        weights = os.fspath(weights)
+    return BackboneSpec(family=family, arch=arch, weights=weights, seed=seed)
