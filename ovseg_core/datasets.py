@@ -48,12 +48,16 @@ METHOD_VARIANTS = ("corrclip", "scclip")
 class MethodPreset:
     """Evaluation settings of one method on one dataset."""
 
-    short_side: int  # S of the keep-ratio resize (paper: 336; Cityscapes 448 CorrCLIP / 560 SC-CLIP; ADE20K 448 CorrCLIP)
+    # S of the keep-ratio resize (paper: 336; Cityscapes 448 CorrCLIP / 560 SC-CLIP; ADE20K 448 CorrCLIP)
+    short_side: int
     crop: int  # sliding-window crop side (paper: CorrCLIP 336, 224 on Cityscapes; SC-CLIP 224)
     stride: int  # sliding-window stride, 0 < stride <= crop (paper: 112)
-    logit_scale: float  # softmax temperature multiplier on cosine logits (paper: CorrCLIP 40; SC-CLIP 40, VOC21 50, COCO-Object 55)
-    prob_thd: float | None  # winning prob below this -> background; only on datasets with background (paper table)
-    area_thd: float | None  # SC-CLIP VOC21 only (0.1): foreground classes under this share of foreground area are dropped
+    # softmax multiplier on cosine logits (paper: CorrCLIP 40; SC-CLIP 40, VOC21 50, COCO-Object 55)
+    logit_scale: float
+    # winning probability below this -> background; only datasets with background (paper table)
+    prob_thd: float | None
+    # SC-CLIP VOC21 only (0.1): foreground classes not above this share of the foreground area are dropped
+    area_thd: float | None
 
     def __post_init__(self) -> None:
         if self.short_side <= 0:
@@ -93,7 +97,9 @@ class DatasetSpec:
                 f"reduce_zero_label={self.reduce_zero_label} contradicts label_conversion={self.label_conversion!r}"
             )
         if not self.num_classes <= self.ignore_index <= 65535:
-            raise ValueError(f"ignore_index must be in {self.num_classes}..65535 (outside the classes), got {self.ignore_index}")
+            raise ValueError(
+                f"ignore_index must be in {self.num_classes}..65535 (outside the classes), got {self.ignore_index}"
+            )
         for attr in ("presets", "class_files"):
             mapping = getattr(self, attr)
             if set(mapping) != set(METHOD_VARIANTS):

@@ -121,7 +121,8 @@ def test_coco_layout(sample_dir: Path, tmp_path: Path, layout: str, dataset: str
     for k, i in enumerate(["val_crop_0000", "val_crop_0001"]):
         stem = f"0000000{k:05d}"
         shutil.copy(voc / "JPEGImages" / f"{i}.jpg", base / "images" / "val2017" / f"{stem}.jpg")
-        shutil.copy(voc / "SegmentationClass" / f"{i}.png", base / "annotations" / "val2017" / f"{stem}_labelTrainIds.png")
+        gt = base / "annotations" / "val2017" / f"{stem}_labelTrainIds.png"
+        shutil.copy(voc / "SegmentationClass" / f"{i}.png", gt)
     rows = ingest(tmp_path, layout)
     _check_pairs(rows, 2, dataset)
     assert rows[0].gt_path.endswith("annotations/val2017/000000000000_labelTrainIds.png")
