@@ -37,7 +37,6 @@ __all__ = [
     "MethodPreset",
     "class_lines",
     "get_dataset",
-    "parse_class_lines",
 ]
 
 LABEL_CONVERSIONS = ("none", "reduce_zero_label", "coco_object", "camvid")
@@ -177,6 +176,8 @@ def get_dataset(name: str) -> DatasetSpec:
 def class_lines(name: str, variant: str) -> list[str]:
     """Lines of a dataset's class file: one class per line, synonyms separated by ``", "``.
 
+    Parse them into queries with ``ovseg_core.features.text.parse_class_lines``.
+
     Args:
         name: dataset name (see :data:`DATASETS`).
         variant: ``"corrclip"`` or ``"scclip"`` (baselines use ``"scclip"``).
@@ -190,22 +191,3 @@ def class_lines(name: str, variant: str) -> list[str]:
         raise AssertionError(f"{spec.class_files[variant]} has {len(lines)} lines, expected {spec.num_classes}")
     return lines
 
-
-def parse_class_lines(lines: list[str]) -> tuple[list[str], list[int]]:
-    """Split class lines into text queries and their class index.
-
-    Synonyms are comma-separated; surrounding spaces are stripped (the reference files use
-    ``", "``). Empty synonyms are rejected.
-
-    Returns:
-        ``(queries, query_to_class)``: one entry per synonym, in file order.
-    """
-    queries: list[str] = []
-    query_to_class: list[int] = []
-    for idx, line in enumerate(lines):
-        names = [s.strip() for s in line.split(",")]
-        if not line.strip() or any(not s for s in names):
-            raise ValueError(f"class line {idx} {line!r} has an empty name; use 'name, synonym, ...'")
-        queries += names
-        query_to_class += [idx] * len(names)
-    return queries, query_to_class

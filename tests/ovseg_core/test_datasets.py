@@ -14,8 +14,8 @@ from ovseg_core.datasets import (
     MethodPreset,
     class_lines,
     get_dataset,
-    parse_class_lines,
 )
+from ovseg_core.features.text import parse_class_lines
 
 STUFF_WORDS = (
     "sky; wall; tree; wood; grass; road; sea; river; mountain; sands; desk; bed; building; cloud; lamp; "
@@ -37,9 +37,10 @@ def test_all_datasets_present() -> None:
 def test_class_counts(name: str, variant: str) -> None:
     lines = class_lines(name, variant)
     assert len(lines) == COUNTS[name] == get_dataset(name).num_classes
-    queries, q2c = parse_class_lines(lines)
-    assert sorted(set(q2c)) == list(range(COUNTS[name]))
-    assert all(q == q.strip() and q for q in queries)
+    vocab = parse_class_lines(lines)
+    assert vocab.num_classes == COUNTS[name]
+    assert sorted(set(vocab.query_to_class.tolist())) == list(range(COUNTS[name]))
+    assert all(q == q.strip() and q for q in vocab.queries)
     # no duplicated class line within a file
     assert len(set(lines)) == len(lines)
 
@@ -57,8 +58,9 @@ def test_voc_special_lines() -> None:
     # VOC20 = VOC21 without the background line, per variant
     assert class_lines("VOC20", "corrclip") == cc21[1:]
     assert class_lines("VOC20", "scclip") == sc21[1:]
-    queries, q2c = parse_class_lines(sc21)
-    assert len(queries) == 26 + 18 + 7 + 5 and q2c.count(15) == 7 and q2c.count(0) == 26
+    vocab = parse_class_lines(sc21)
+    q2c = vocab.query_to_class.tolist()
+    assert len(vocab.queries) == 26 + 18 + 7 + 5 and q2c.count(15) == 7 and q2c.count(0) == 26
 
 
 def test_other_special_lines() -> None:
@@ -148,5 +150,3 @@ def test_bad_inputs() -> None:
         DatasetSpec("x", 3, False, True, {"corrclip": p, "scclip": p}, {"corrclip": "a", "scclip": "a"}, "none")
     with pytest.raises(ValueError, match="ignore_index"):
         DatasetSpec("x", 3, False, False, {"corrclip": p, "scclip": p}, {"corrclip": "a", "scclip": "a"}, "none", 2)
-    with pytest.raises(ValueError, match="empty name"):
-        parse_class_lines(["cat, , dog"])
