@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -308,4 +308,20 @@ def ingest(
     n_bad = sum(r.status != "ok" for r in rows)
     if n_bad:
         log.warning("ingest %s (%s): %d of %d images have errors", name, layout, n_bad, len(rows))
+    return rows
+
+
+def ingest_files(paths: Sequence[str | PathLike[str]], dataset: str = "files") -> list[ManifestRow]:
+    """Manifest rows for individual image files (no ground truth), e.g. ``ovseg segment IMAGE``.
+
+    The relative path of each row is the file name, so the image id depends on the file's
+    bytes and name, not on the folder it sits in.
+    """
+    name = _resolve_dataset("folder", dataset)
+    rows = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} not found")
+        rows.append(_row(name, _Candidate(path, path.name, None)))
     return rows

@@ -208,3 +208,14 @@ def test_bad_arguments(sample_dir: Path, tmp_path: Path) -> None:
 def test_progress_bar(sample_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ingest(sample_dir / "camvid-sample", "camvid", progress=True)
     assert "ingest CamVid" in capsys.readouterr().err
+
+
+def test_ingest_files_single_image(sample_dir):
+    from storage.ingest import ingest_files
+
+    img = sample_dir / "voc2012-sample" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "val_crop_0000.jpg"
+    (row,) = ingest_files([img], dataset="segment")
+    assert row.status == "ok" and row.gt_path == "" and row.rel_path == "val_crop_0000.jpg"
+    assert row.width == 513 and row.height == 513
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ingest_files([img.with_name("nope.jpg")])
