@@ -1,0 +1,86 @@
+"""flows.overlay: VOC palette, colourising, blending and legend handles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flows.overlay import class_color, colorize, legend_patches, overlay, palette
+
+
+def test_palette_matches_voc_colours():
+    pal = palette()
+    assert pal.shape == (256, 3) and pal.dtype == np.uint8
+    # the published VOC colours: background, aeroplane, bicycle, bird, boat, person (15), tvmonitor (20)
+    assert pal[0].tolist() == [0, 0, 0]
+    assert pal[1].tolist() == [128, 0, 0]
+    assert pal[2].tolist() == [0, 128, 0]
+    assert pal[3].tolist() == [128, 128, 0]
+    assert pal[4].tolist() == [0, 0, 128]
+    assert pal[15].tolist() == [192, 128, 128]
+    assert pal[20].tolist() == [0, 64, 128]
+    assert pal[255].tolist() == [224, 224, 192]  # VOC's own border colour; colorize paints it black
+
+
+def test_palette_is_distinct_and_extends_past_256():
+    pal = palette(1000)
+    assert len({tuple(c) for c in pal.tolist()}) == 1000
+    np.testing.assert_array_equal(pal[:256], palette(256))
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5, True])
+def test_palette_rejects_bad_length(n):
+    with pytest.raises(ValueError, match="n must be"):
+        palette(n)
+
+
+def test_colorize_lookup_and_ignore_black():
+    labels = np.array([[0, 1, 255], [15, 300, 2]], dtype=np.uint16)
+    rgb = colorize(labels)
+    assert rgb.shape == (2, 3, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 1].tolist() == [128, 0, 0]
+    assert rgb[0, 2].tolist() == [0, 0, 0]
+    assert rgb[1, 0].tolist() == [192, 128, 128]
+    assert rgb[1, 1].tolist() == palette(301)[300].tolist()
+    assert colorize(labels, ignore_index=None)[0, 2].tolist() == [224, 224, 192]
+    assert class_color(255) == (0, 0, 0) and class_color(1) == (128, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [np.zeros((2, 2), np.float32), np.zeros((2, 2, 1), np.int64), np.array([[0, -1]]), [[0, 1]]],
+)
+def test_colorize_rejects_bad_labels(labels):
+    with pytest.raises(ValueError, match="labels must be"):
+        colorize(labels)
+
+
+def test_overlay_blends_with_known_values():
+    img = np.full((2, 2, 3), 100, np.uint8)
+    labels = np.array([[1, 0], [255, 2]], np.int32)
+    out = overlay(img, labels, alpha=0.5)
+    assert out.dtype == np.uint8 and out.shape == (2, 2, 3)
+    assert out[0, 0].tolist() == [114, 50, 50]  # 0.5 * 100 + 0.5 * (128, 0, 0)
+    assert out[1, 0].tolist() == [50, 50, 50]  # ignore: blended with black
+    np.testing.assert_array_equal(overlay(img, labels, alpha=0.0), img)
+    np.testing.assert_array_equal(overlay(img, labels, alpha=1.0), colorize(labels))
+
+
+def test_overlay_rejects_bad_inputs():
+    img = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="does not match image shape"):
+        overlay(img, np.zeros((4, 5), np.int64))
+    with pytest.raises(ValueError, match="alpha must be"):
+        overlay(img, np.zeros((4, 4), np.int64), alpha=1.5)
+    with pytest.raises(ValueError, match="image_rgb must be"):
+        overlay(img.astype(np.float32), np.zeros((4, 4), np.int64))
+
+
+def test_legend_patches_present_classes_only():
+    names = ["background", "aeroplane", "bicycle"]
+    handles = legend_patches(names, [2, 0, 2, 255, 7])
+    assert [h.get_label() for h in handles] == ["0 background", "2 bicycle", "7 7"]
+    np.testing.assert_allclose(handles[1].get_facecolor()[:3], np.array([0, 128, 0]) / 255.0)
+    assert legend_patches(names, []) == []
+    with pytest.raises(ValueError, match="must be >= 0"):
+        legend_patches(names, [-1])
