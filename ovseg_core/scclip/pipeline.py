@@ -94,7 +94,9 @@ def resolve_block_inputs(
     for name in names:
         t = blocks[name]
         if t.ndim != 3 or tuple(t.shape[:2]) != expected:
-            raise ValueError(f"cached block {name!r} has shape {tuple(t.shape)}, expected (B, 1 + N, D) = {expected + ('D',)}")
+            raise ValueError(
+                f"cached block {name!r} has shape {tuple(t.shape)}, expected (B, 1 + N, D) = {expected + ('D',)}"
+            )
         out[name] = t
     return out, grid
 
@@ -153,7 +155,9 @@ def scclip_window_features(
     if c.multi_level_fusion:
         a, b = c.fusion_blocks  # type: ignore[misc]
         level_sum = named[f"sum:{a}-{b}"].float()
-        x = multi_level_fusion(x, level_sum, last_block, enhance_sim, post_weights, c.attn_scale, c.res_cls)  # type: ignore[arg-type]
+        x = multi_level_fusion(
+            x, level_sum, last_block, enhance_sim, post_weights, c.attn_scale, c.res_cls  # type: ignore[arg-type]
+        )
 
     # output: ln_post(x) @ proj on the CLIP token grid
     feats = clip_ops.project(visual, x)

@@ -72,7 +72,8 @@ def enhanced_attention(k: torch.Tensor, mid_sim: torch.Tensor | None, attn_scale
     if mid_sim is None:
         return attn
     if mid_sim.shape != (k.shape[0], k.shape[2], k.shape[2]):
-        raise ValueError(f"mid_sim must be (B, N, N) = {(k.shape[0], k.shape[2], k.shape[2])}, got {tuple(mid_sim.shape)}")
+        expected = (k.shape[0], k.shape[2], k.shape[2])
+        raise ValueError(f"mid_sim must be (B, N, N) = {expected}, got {tuple(mid_sim.shape)}")
     m = attn_scale * (mid_sim - mid_sim.mean(dim=(-2, -1), keepdim=True))
     m = m.masked_fill(m < 0, float("-inf"))  # the diagonal (cos = 1 >= mean) keeps every row finite
     return 0.5 * (torch.softmax(m, dim=-1)[:, None].to(attn.dtype) + attn)
