@@ -6,6 +6,10 @@ S = F F^T on the DINO grid (crop / patch, 42 x 42 for a 336 crop with ViT-B/8).
 
 The q/k are read with a forward hook on the last block's ``attn.qkv`` projection that exists only
 for the duration of one call (removed in ``finally``), so repeated calls never accumulate hooks.
+
+Known deviation: at crop sizes other than the model's ``img_size`` the positional embedding is
+resampled by timm (``dynamic_img_size=True``: bicubic to the target size), whereas the original
+DINO code interpolates with ``scale_factor=(g + 0.1) / G``; the two differ slightly numerically.
 """
 
 from __future__ import annotations
