@@ -1,0 +1,204 @@
+"""flows.report: the HTML report over a real temporary store with real VOC sample images."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows.report import RANDOM_BANNER, RANDOM_TAG, write_report
+from ovseg_core.datasets import class_lines
+from ovseg_core.features.text import parse_class_lines
+from storage.images import load_label
+from storage.keys import StageKey, canonical_json
+from storage.store import Store
+from storage.tables import write_table
+
+VOC = Path(__file__).resolve().parents[2] / "examples" / "data" / "voc2012-sample" / "VOCdevkit" / "VOC2012"
+STEMS = ["val_crop_0008", "val_crop_0000", "val_crop_0001"]  # ids sorted: ...0000, ...0001, ...0008
+DS = "voc-sample"
+NUM_CLASSES = 21
+CORR_CFG = {"scope_reconstruction": True, "value_reconstruction": True, "spatial_branch": True, "tau": 0.25}
+
+
+def _manifest_rows(voc: Path) -> list[dict]:
+    rows = []
+    for stem in STEMS:
+        img = voc / "JPEGImages" / f"{stem}.jpg"
+        w, h = Image.open(img).size
+        rows.append({"dataset": DS, "image_id": f"{stem}-abc", "rel_path": f"JPEGImages/{stem}.jpg", "abs_path": str(img),
+                     "gt_path": str(voc / "SegmentationClass" / f"{stem}.png"), "width": w, "height": h,
+                     "content_sha256": "0" * 64, "status": "ok", "error": ""})
+    return rows
+
+
+def _metric_rows(experiment, run_id, method, key: StageKey, miou, random_weights, names):
+    common = {"experiment": experiment, "run_id": run_id, "dataset": DS, "method": method, "images": len(STEMS),
+              "prediction_stage": key.stage, "prediction_key": key.key, "random_weights": random_weights,
+              "params_json": canonical_json(key.payload())}
+    rows = [{**common, "class_index": c, "class_name": names[c], "iou": (None if c == 20 else miou + 0.01 * (c % 3)),
+             "acc": 0.5, "miou": None, "aacc": None} for c in range(NUM_CLASSES)]
+    rows.append({**common, "class_index": -1, "class_name": "__summary__", "iou": None, "acc": None,
+                 "miou": miou, "aacc": miou + 0.1})
+    return rows
+
+
+def _run_row(experiment, run_id, spec="VOC21"):
+    t = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    cfg = {"name": experiment, "datasets": [{"name": DS, "spec": spec}]}
+    return {"run_id": run_id, "experiment": experiment, "dataset": DS, "stage": "scoring", "key": "k", "params_json": "{}",
+            "upstream_json": "{}", "code_version": "1", "weights_json": "null", "random_weights": False, "images_total": 3,
+            "images_done": 3, "images_cached": 0, "images_skipped": 0, "images_failed": 0, "seconds": 1.0, "started": t,
+            "ended": t, "config_json": json.dumps(cfg), "software_json": "{}"}
+
+
+@pytest.fixture()
+def voc_store(tmp_path):
+    """A store with a VOC manifest, three methods' predictions (one via map_correction) and metrics.
+
+    Experiment ``ablate`` (random weights): ``full`` (reference, reconstruction), ``no-spatial``
+    (spatial_branch off) and ``corr-mc`` (map_correction, whose key holds no config). An older
+    run of ``full`` with another score must be ignored. Experiment ``real``: one method.
+    """
+    store = Store(tmp_path / "store")
+    voc = tmp_path / "voc"
+    shutil.copytree(VOC, voc)
+    rows = _manifest_rows(voc)
+    write_table(store, "manifests", DS, rows)
+    names = parse_class_lines(class_lines("VOC21", "corrclip")).class_names
+    rand = {"clip": {"name": "clip:tiny", "random": True}}
+    k_full = StageKey("reconstruction", {"method": "corrclip", "config": CORR_CFG, "prob_thd": 0.2}, weights=rand)
+    k_nosp = StageKey("reconstruction", {"method": "corrclip", "config": {**CORR_CFG, "spatial_branch": False},
+                                         "prob_thd": 0.2}, weights=rand)
+    k_mc = StageKey("map_correction", {"m0_quirk": True}, {"reconstruction": k_nosp.key})
+    k_real = StageKey("reconstruction", {"method": "scclip", "config": {"anomaly_repair": True}})
+    for r in rows:
+        gt = load_label(r["gt_path"]).astype(np.int64)
+        pred = np.where(gt == 255, 0, gt).astype(np.uint16)
+        prob = np.ones(pred.shape, np.float32)
+        for k in (k_full, k_nosp, k_mc, k_real):
+            store.write_item(k, r["image_id"], {"labels": pred, "prob": prob})
+    metrics = (_metric_rows("ablate", "20250101T000000Z-aaaaaa", "full", k_full, 0.9, True, names)
+               + _metric_rows("ablate", "20250102T000000Z-bbbbbb", "full", k_full, 0.4712, True, names)
+               + _metric_rows("ablate", "20250102T000000Z-bbbbbb", "no-spatial", k_nosp, 0.4212, True, names)
+               + _metric_rows("ablate", "20250102T000000Z-bbbbbb", "corr-mc", k_mc, 0.5, True, names))
+    write_table(store, "metrics", f"ablate--{DS}", metrics)
+    write_table(store, "metrics", f"real--{DS}", _metric_rows("real", "20250103T000000Z-cccccc", "scclip-paper", k_real,
+                                                               0.6345, False, names))
+    write_table(store, "runs", "20250102T000000Z-bbbbbb", [_run_row("ablate", "20250102T000000Z-bbbbbb")])
+    write_table(store, "runs", "20250103T000000Z-cccccc", [_run_row("real", "20250103T000000Z-cccccc")])
+    return store, voc, rows
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(f"<h2>{title}")
+    end = text.find("<h2>", start + 4)
+    return text[start:end if end >= 0 else len(text)]
+
+
+def test_report_contents(voc_store, tmp_path):
+    store, _, rows = voc_store
+    index = write_report(store.location, tmp_path / "out", samples=2)
+    assert index == tmp_path / "out" / "index.html"
+    text = index.read_text(encoding="utf-8")
+    scores = _section(text, "1. Scores")
+    # newest run only: 47.12 (not the older 90.00), aAcc = mIoU + 10 points
+    assert "47.12" in scores and "57.12" in scores and "90.00" not in scores
+    assert "42.12" in scores and "63.45" in scores and "73.45" in scores
+    # random weights flagged in every section, and on the random rows only
+    for title in ("1. Scores", "2. Per-class IoU", "3. Ablations", "4. Samples"):
+        assert RANDOM_BANNER in _section(text, title), title
+    real_row = next(r for r in scores.split("<tr") if "scclip-paper" in r)
+    assert RANDOM_TAG not in real_row
+    assert RANDOM_TAG in next(r for r in scores.split("<tr") if "no-spatial" in r)
+    # ablation: the spatial_branch switch differs from the reference, with the mIoU delta
+    abl = _section(text, "3. Ablations")
+    nosp = next(r for r in abl.split("<tr") if "no-spatial" in r)
+    assert "spatial_branch" in nosp and "-5.00" in nosp
+    mc = next(r for r in abl.split("<tr") if "corr-mc" in r)  # config found through map_correction's upstream
+    assert "spatial_branch" in mc and "+2.88" in mc
+    assert "real —" not in abl  # single-method experiments are not ablations
+    # samples: first 2 sorted ids, embedded images decode as PNGs
+    samp = _section(text, "4. Samples")
+    assert "is not complete" not in samp and "unavailable" not in samp
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(embedded) == 1 + 2 * 2  # one IoU chart + 2 samples x 2 experiments
+    for b64 in embedded:
+        Image.open(io.BytesIO(base64.b64decode(b64))).verify()
+    pngs = sorted((tmp_path / "out" / "figures").glob("*.png"))
+    assert len(pngs) == len(embedded)
+    for p in pngs:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    names = " ".join(p.name for p in pngs)
+    assert "val_crop_0000" in names and "val_crop_0001" in names and "val_crop_0008" not in names
+
+
+def test_report_experiment_filter_without_random_runs(voc_store, tmp_path):
+    store, _, _ = voc_store
+    text = write_report(store.location, tmp_path / "out", experiments=["real", "nope"], samples=1).read_text()
+    assert "63.45" in text and "47.12" not in text
+    assert RANDOM_BANNER not in text and RANDOM_TAG not in text
+    assert "experiment &#x27;nope&#x27; has no metrics" in text
+
+
+def test_report_degrades_on_moved_image_and_missing_prediction(voc_store, tmp_path):
+    store, voc, rows = voc_store
+    (voc / "JPEGImages" / "val_crop_0000.jpg").unlink()
+    first = sorted(r["image_id"] for r in rows)[0]
+    k_real = StageKey("reconstruction", {"method": "scclip", "config": {"anomaly_repair": True}})
+    store.delete_item("reconstruction", k_real.key, first)
+    k_full = StageKey("reconstruction", {"method": "corrclip", "config": CORR_CFG, "prob_thd": 0.2},
+                      weights={"clip": {"name": "clip:tiny", "random": True}})
+    store.write_item(k_full, first, {"labels": np.zeros((7, 9), np.uint16)})
+    text = write_report(store.location, tmp_path / "out", samples=1).read_text()
+    samp = _section(text, "4. Samples")
+    assert "input image unavailable" in samp and "no such file" in samp
+    assert "prediction of scclip-paper unavailable" in samp
+    assert "prediction of full is 9x7" not in samp  # the input is gone: nothing to compare the size with
+    (voc / "JPEGImages" / "val_crop_0000.jpg").write_bytes((VOC / "JPEGImages" / "val_crop_0000.jpg").read_bytes())
+    samp = _section(write_report(store.location, tmp_path / "out", samples=1).read_text(), "4. Samples")
+    assert "prediction of full is 9x7 but the image is" in samp
+    assert samp.count("data:image/png;base64,") == 2  # the figures are still drawn
+
+
+def test_report_on_empty_store_and_unknown_spec(tmp_path, voc_store):
+    index = write_report(str(tmp_path / "empty"), tmp_path / "out-empty")
+    assert "no metrics in this store yet" in index.read_text()
+    store, _, _ = voc_store
+    write_table(store, "runs", "20250104T000000Z-dddddd", [_run_row("real", "20250104T000000Z-dddddd", spec="NOPE")])
+    text = write_report(store.location, tmp_path / "out", experiments=["real"], samples=1).read_text()
+    assert "ground truth shown without label conversion" in text
+
+
+@pytest.mark.parametrize("samples", [-1, 1.5, True])
+def test_report_rejects_bad_samples(tmp_path, samples):
+    with pytest.raises(ValueError, match="samples must be"):
+        write_report(str(tmp_path / "s"), tmp_path / "o", samples=samples)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_report_renders_in_headless_chromium(voc_store, tmp_path):
+    store, _, _ = voc_store
+    index = write_report(store.location, tmp_path / "out", samples=2)
+    shot = tmp_path / "shot.png"
+    profile = tmp_path / "profile"
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--window-size=1400,2400", f"--screenshot={shot}", index.resolve().as_uri()]
+    subprocess.run(cmd, check=True, timeout=120, capture_output=True)
+    with Image.open(shot) as im:
+        a = np.asarray(im.convert("RGB"))
+    assert a.shape[:2] == (2400, 1400)
+    red = (a[..., 0] > 180) & (a[..., 1] < 70) & (a[..., 2] < 70)
+    assert red.sum() > 1000  # the random-weights banner is drawn
