@@ -54,7 +54,7 @@ network is closed. Identities use a cheap partial hash of the file (size plus fi
 MiB), not a full sha256: hashing multi-GB files on every load is too slow.
 """
 
-from .factory import Backbone, load_backbone, official_weight_file
+from .factory import Backbone, load_backbone, num_blocks, official_weight_file, patch_size, weights_identity
 from .spec import BackboneSpec, list_backbones, parse_backbone
 from .weights import WEIGHTS_ENV
 
@@ -64,6 +64,9 @@ __all__ = [
     "BackboneSpec",
     "list_backbones",
     "load_backbone",
+    "num_blocks",
     "official_weight_file",
     "parse_backbone",
+    "patch_size",
+    "weights_identity",
 ]

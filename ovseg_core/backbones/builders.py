@@ -121,10 +121,10 @@ def clip_uses_quick_gelu(spec: BackboneSpec) -> bool:
     return bool(open_clip.get_pretrained_cfg(spec.arch, spec.weights).get("quick_gelu", False))
 
 
-def _build_clip(spec: BackboneSpec, quick_gelu: bool) -> CLIP:
+def _build_clip(spec: BackboneSpec, quick_gelu: bool, device: torch.device) -> CLIP:
     if spec.is_tiny:
         return _tiny_clip()
-    model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=quick_gelu)
+    model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=quick_gelu, device=device)
     if not isinstance(model, CLIP):
         raise TypeError(f"open_clip built {type(model).__name__} for {spec.arch}, expected CLIP")
     return model
@@ -144,18 +144,20 @@ def _build_sam(spec: BackboneSpec) -> Sam:
     return sam_model_registry[spec.arch](checkpoint=None)
 
 
-def build_model(spec: BackboneSpec, *, quick_gelu: bool | None = None) -> nn.Module:
+def build_model(spec: BackboneSpec, *, quick_gelu: bool | None = None, meta: bool = False) -> nn.Module:
     """Build the architecture of ``spec`` with random weights drawn from ``spec.seed``.
 
     Args:
         quick_gelu: CLIP only; None decides with :func:`clip_uses_quick_gelu`.
+        meta: build on the meta device (no storage, no initialisation), to read the structure.
     Returns:
-        a float32 CPU module in eval mode; the global RNG state is not changed.
+        a float32 CPU (or meta) module in eval mode; the global RNG state is not changed.
     """
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device("meta" if meta else "cpu")
+    with torch.random.fork_rng(devices=[]), device:
         torch.manual_seed(spec.seed)
         if spec.family == "clip":
-            model = _build_clip(spec, clip_uses_quick_gelu(spec) if quick_gelu is None else quick_gelu)
+            model = _build_clip(spec, clip_uses_quick_gelu(spec) if quick_gelu is None else quick_gelu, device)
         elif spec.family == "dino":
             model = _build_dino(spec)
         else:

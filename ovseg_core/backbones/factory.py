@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from .weights import (
     resolve_weight_file,
 )
 
-__all__ = ["Backbone", "load_backbone", "official_weight_file"]
+__all__ = ["Backbone", "load_backbone", "num_blocks", "official_weight_file", "patch_size", "weights_identity"]
 
 _DTYPES: dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -39,8 +40,8 @@ class Backbone:
     model: nn.Module
     # clip: open_clip tokenizer, list[str] -> (N, 77) int64; None for dino and sam.
     tokenizer: Callable[..., torch.Tensor] | None
-    # JSON-able identity hashed into stage keys and written into run records; keys "name",
-    # "family", "arch", "weights", "random", "seed", "file", "sha256", "sha256_scope", "dtype".
+    # JSON-able identity of the weights, hashed into stage keys and written into run records
+    # (see weights_identity); device and dtype are not part of it.
     identity: dict[str, Any]
     # Side of a square patch in pixels (16 for ViT-B/16 and SAM, 8 for DINO ViT-B/8).
     patch_size: int
@@ -73,7 +74,7 @@ def _check_device_dtype(device: str | torch.device, dtype: torch.dtype) -> torch
     return dev
 
 
-def _identity(spec: BackboneSpec, path: Path | None, dtype: torch.dtype) -> dict[str, Any]:
+def _identity(spec: BackboneSpec, path: Path | None) -> dict[str, Any]:
     name = f"{spec.family}:{spec.arch}@{path.name}" if spec.is_local_file and path is not None else spec.name
     return {
         "name": name,
@@ -85,8 +86,24 @@ def _identity(spec: BackboneSpec, path: Path | None, dtype: torch.dtype) -> dict
         "file": path.name if path is not None else None,
         "sha256": file_fingerprint(path) if path is not None else None,
         "sha256_scope": FINGERPRINT_SCOPE if path is not None else None,
-        "dtype": _DTYPES[dtype],
     }
+
+
+def weights_identity(
+    name: str, *, weights: str | os.PathLike | None = None, weights_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """The identity :func:`load_backbone` would record, without building the model.
+
+    JSON-able: ``name`` (canonical; a local file appears by base name), ``family``, ``arch``,
+    ``weights`` (tag, ``official``, ``random`` or ``file``), ``random``, ``seed`` (random only),
+    ``file`` (base name), ``sha256`` (cheap partial hash, see ``sha256_scope``). Location
+    independent: the same file in another directory gives the same identity.
+
+    Raises:
+        ValueError / FileNotFoundError: as :func:`load_backbone` (no download is attempted).
+    """
+    spec = parse_backbone(name)
+    return _identity(spec, resolve_weight_file(spec, weights=weights, weights_dir=weights_dir))
 
 
 def _geometry(spec: BackboneSpec, model: nn.Module) -> tuple[int, int]:
@@ -97,6 +114,24 @@ def _geometry(spec: BackboneSpec, model: nn.Module) -> tuple[int, int]:
         return int(model.patch_embed.patch_size[0]), len(model.blocks)
     encoder = model.image_encoder
     return int(encoder.patch_embed.proj.kernel_size[0]), len(encoder.blocks)
+
+
+@lru_cache(maxsize=None)
+def _arch_geometry(family: str, arch: str) -> tuple[int, int]:
+    spec = BackboneSpec(family=family, arch=arch, weights="random")
+    return _geometry(spec, build_model(spec, meta=True))
+
+
+def patch_size(name: str) -> int:
+    """Patch size in pixels of a backbone's vision tower, without loading weights."""
+    spec = parse_backbone(name)
+    return _arch_geometry(spec.family, spec.arch)[0]
+
+
+def num_blocks(name: str) -> int:
+    """Number of transformer blocks of a backbone's vision tower, without loading weights."""
+    spec = parse_backbone(name)
+    return _arch_geometry(spec.family, spec.arch)[1]
 
 
 def load_backbone(
@@ -142,7 +177,7 @@ def load_backbone(
         spec=spec,
         model=model,
         tokenizer=build_tokenizer(spec),
-        identity=_identity(spec, path, dtype),
+        identity=_identity(spec, path),
         patch_size=patch,
         num_blocks=blocks,
     )

@@ -231,7 +231,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 warnings.simplefilter("ignore", FutureWarning)
                 obj = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # mmap keeps multi-GB zip-format checkpoints out of memory until copied into the model.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - every reader failure means an unusable file
         raise _corrupt(path, e) from e
     for container in ("state_dict", "teacher", "model"):

@@ -19,8 +19,11 @@ from ovseg_core.backbones import (
     BackboneSpec,
     list_backbones,
     load_backbone,
+    num_blocks,
     official_weight_file,
     parse_backbone,
+    patch_size,
+    weights_identity,
 )
 
 REQUIRED = [
@@ -209,7 +212,6 @@ def test_tiny_builds_are_frozen_eval_models_with_identity(name):
         "file": None,
         "sha256": None,
         "sha256_scope": None,
-        "dtype": "float32",
     }
     assert json.loads(json.dumps(bb.identity)) == bb.identity
 
@@ -228,6 +230,53 @@ def test_tiny_classes_and_geometry(name, cls, patch, blocks):
     assert type(bb.model) is cls
     assert (bb.patch_size, bb.num_blocks) == (patch, blocks)
     assert (bb.tokenizer is not None) == (bb.spec.family == "clip")
+
+
+@pytest.mark.parametrize(
+    "name, patch, blocks",
+    [
+        ("clip:ViT-B-16@openai", 16, 12),
+        ("clip:ViT-B-16-quickgelu@metaclip_fullcc", 16, 12),
+        ("clip:ViT-L-14@openai", 14, 24),
+        ("clip:ViT-L-14-quickgelu@metaclip_fullcc", 14, 24),
+        ("clip:ViT-H-14@laion2b_s32b_b79k", 14, 32),
+        ("dino:vitb8", 8, 12),
+        ("dino:vits8", 8, 12),
+        ("dino:vits16", 16, 12),
+        ("dino:vitb16", 16, 12),
+        ("sam:vit_b", 16, 12),
+        ("sam:vit_l", 16, 24),
+        ("sam:vit_h", 16, 32),
+        ("clip:tiny", 16, 12),
+        ("dino:tiny8", 8, 2),
+        ("dino:tiny16", 16, 2),
+        ("sam:tiny@random:4", 16, 2),
+    ],
+)
+def test_geometry_without_weights(name, patch, blocks):
+    assert (patch_size(name), num_blocks(name)) == (patch, blocks)
+
+
+def test_geometry_matches_the_built_model():
+    for name in TINY:
+        bb = load_backbone(name)
+        assert (bb.patch_size, bb.num_blocks) == (patch_size(name), num_blocks(name))
+
+
+@pytest.mark.parametrize("name", TINY + ["sam:vit_b@random:2"])
+def test_weights_identity_without_building(name):
+    spec = parse_backbone(name)
+    assert weights_identity(name) == {
+        "name": spec.name,
+        "family": spec.family,
+        "arch": spec.arch,
+        "weights": "random",
+        "random": True,
+        "seed": spec.seed,
+        "file": None,
+        "sha256": None,
+        "sha256_scope": None,
+    }
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -289,7 +338,7 @@ def test_tiny_sam_runs_the_automatic_mask_generator():
 def test_bfloat16_on_cpu():
     bb = load_backbone("dino:tiny16", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in bb.model.parameters())
-    assert bb.identity["dtype"] == "bfloat16"
+    assert bb.identity == load_backbone("dino:tiny16").identity
 
 
 def test_float16_on_cpu_is_rejected():

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ovseg_core.backbones import WEIGHTS_ENV, load_backbone, parse_backbone
+from ovseg_core.backbones import WEIGHTS_ENV, load_backbone, parse_backbone, weights_identity
 from ovseg_core.backbones import weights as weights_mod
 from ovseg_core.backbones.weights import file_fingerprint, resolve_weight_file
 
@@ -160,7 +160,7 @@ def test_identity_is_stable_and_location_independent(tmp_path):
     (b / "w.pth").write_bytes((a / "w.pth").read_bytes())
     ida = load_backbone(f"dino:tiny16@{a / 'w.pth'}").identity
     idb = load_backbone(f"dino:tiny16@{b / 'w.pth'}").identity
-    assert ida == idb
+    assert ida == idb == weights_identity(f"dino:tiny16@{a / 'w.pth'}")
     torch.save(random_state(load_backbone("dino:tiny16").model, seed=5), b / "w.pth")
     assert load_backbone(f"dino:tiny16@{b / 'w.pth'}").identity["sha256"] != ida["sha256"]
 
@@ -207,9 +207,12 @@ def test_explicit_weights_file_for_a_tag(tmp_path):
 
 
 def test_missing_official_file_names_file_directory_and_url(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=rf"'sam_vit_b_01ec64.pth' not found in weights directory '{tmp_path}'.*"
-                       r"https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"):
+    message = (rf"'sam_vit_b_01ec64.pth' not found in weights directory '{tmp_path}'.*"
+               r"https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth")
+    with pytest.raises(FileNotFoundError, match=message):
         load_backbone("sam:vit_b", weights_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match=message):
+        weights_identity("sam:vit_b", weights_dir=tmp_path)
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match=rf"'ViT-B-16.pt' not found because no weights directory is set.*{WEIGHTS_ENV}"):
         load_backbone("clip:ViT-B-16@openai")
@@ -323,6 +326,7 @@ def test_real_clip_vit_b16_openai_torchscript(tmp_path):
     save_openai_torchscript(sd, tmp_path / "ViT-B-16.pt")
     bb = load_backbone("clip:ViT-B-16@openai", weights_dir=tmp_path)
     assert_loaded(bb.model, sd)
+    assert bb.identity == weights_identity("clip:ViT-B-16@openai", weights_dir=tmp_path)
     assert bb.identity["file"] == "ViT-B-16.pt" and bb.identity["name"] == "clip:ViT-B-16@openai"
     assert (bb.patch_size, bb.num_blocks) == (16, 12)
     assert type(bb.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
