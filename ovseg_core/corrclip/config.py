@@ -80,7 +80,8 @@ class CorrCLIPConfig:
             raise ValueError(f"tau must be a finite number > 0, got {self.tau!r}")
         if not (math.isfinite(self.dbscan_eps) and self.dbscan_eps > 0):
             raise ValueError(f"dbscan_eps must be a finite number > 0, got {self.dbscan_eps!r}")
-        if isinstance(self.dbscan_min_samples, bool) or not isinstance(self.dbscan_min_samples, int) or self.dbscan_min_samples < 1:
+        samples = self.dbscan_min_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"dbscan_min_samples must be an int >= 1, got {self.dbscan_min_samples!r}")
         for name in ("alpha", "beta"):
             value = getattr(self, name)

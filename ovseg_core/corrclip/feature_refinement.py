@@ -99,7 +99,9 @@ def feature_refinement(
     # Semantic branch: each DINO patch takes the MCT of its nearest CLIP-grid patch
     if semantic is not None:
         if semantic.shape[:3] != (b, gh, gw) or semantic.shape[-1] != penult.shape[-1]:
-            raise ValueError(f"semantic must be (B, gh, gw, D) = ({b}, {gh}, {gw}, {penult.shape[-1]}), got {tuple(semantic.shape)}")
+            raise ValueError(
+                f"semantic must be (B, gh, gw, D) = ({b}, {gh}, {gw}, {penult.shape[-1]}), got {tuple(semantic.shape)}"
+            )
         sem = F.interpolate(semantic.permute(0, 3, 1, 2), size=dino_grid, mode="nearest")
         sem = sem.flatten(2).transpose(1, 2)  # (B, Nd, D)
         has_mct = (sem != 0).any(dim=-1, keepdim=True).to(sem.dtype)

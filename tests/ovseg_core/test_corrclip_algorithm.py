@@ -2,7 +2,7 @@
 
 Synthetic setting at the level of the step functions (no trained network): a ground-truth
 label map on a 24x24 grid; CLIP-like value features = class direction + strong noise; DINO-like
-q+k features = (other) class direction + mild noise; SAM-like regions = an over-segmentation
+q+k features = (other) class direction + noise; SAM-like regions = an over-segmentation
 of the ground truth with some unsegmented blocks. The plain per-patch baseline classifies the
 noisy values directly; CorrCLIP classifies ``A @ V``.
 """
@@ -47,7 +47,9 @@ def _scene(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     return gt, regions[None], text, values.reshape(1, -1, 32), qk[None]
 
 
-def _predict(cfg: CorrCLIPConfig, regions, text, values, qk) -> torch.Tensor:
+def _predict(
+    cfg: CorrCLIPConfig, regions: torch.Tensor, text: torch.Tensor, values: torch.Tensor, qk: torch.Tensor
+) -> torch.Tensor:
     merged = cluster_masks(qk, regions, cfg)
     s = similarity(qk)
     attn = value_reconstruction(s, scope_reconstruction(s, merged.reshape(1, -1), cfg), cfg)

@@ -68,10 +68,11 @@ def test_e_uses_the_or_form_for_m0_not_the_outer_product() -> None:
 def test_e_quirk_no_unsegmented_patch_makes_the_smallest_region_m0() -> None:
     regions = torch.tensor([[[4, 4, 6, 6]]])
     qk = F.normalize(torch.tensor([1.0, 0.0, 0.0]).expand(1, 1, 4, 3), dim=-1)
-    quirk = scope_reconstruction(S4, cluster_masks(qk, regions, CorrCLIPConfig(mask_clustering=False)).reshape(1, 4), CorrCLIPConfig())[0]
-    fixed = scope_reconstruction(
-        S4, cluster_masks(qk, regions, CorrCLIPConfig(mask_clustering=False, m0_quirk=False)).reshape(1, 4), CorrCLIPConfig()
-    )[0]
+    merged_quirk = cluster_masks(qk, regions, CorrCLIPConfig(mask_clustering=False)).reshape(1, 4)
+    merged_fixed = cluster_masks(qk, regions, CorrCLIPConfig(mask_clustering=False, m0_quirk=False)).reshape(1, 4)
+    assert merged_quirk.tolist() == [[0, 0, 1, 1]] and merged_fixed.tolist() == [[1, 1, 2, 2]]
+    quirk = scope_reconstruction(S4, merged_quirk, CorrCLIPConfig())[0]
+    fixed = scope_reconstruction(S4, merged_fixed, CorrCLIPConfig())[0]
     # fixed: two regions, block diagonal
     assert torch.equal(fixed, torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool))
     # quirk: region 4 is "unsegmented": its rows/columns follow S > mean instead of region membership
