@@ -212,7 +212,7 @@ def _iou_figure(dataset: str, entries: Sequence[MethodScores]):
 
     names = max((e.class_names for e in entries), key=len)
     n, m = len(names), len(entries)
-    width = min(max(8.0, 2.0 + n * (0.12 + 0.06 * m)), 40.0)
+    width = min(max(10.0, 2.0 + n * (0.12 + 0.06 * m)), 40.0)
     fig = Figure(figsize=(width, 4.2))
     ax = fig.add_subplot()
     bar_w = 0.8 / max(m, 1)
@@ -229,7 +229,7 @@ def _iou_figure(dataset: str, entries: Sequence[MethodScores]):
     ax.grid(axis="y", alpha=0.3)
     rnd = any(e.random_weights for e in entries)
     ax.set_title(f"{dataset}: per-class IoU" + (f"  {RANDOM_TAG}" if rnd else ""), color="#c62828" if rnd else "black")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
     return fig
 
 
