@@ -91,6 +91,7 @@ METRICS_SCHEMA = pa.schema(
         pa.field("miou", pa.float64(), nullable=True),
         pa.field("aacc", pa.float64(), nullable=True),
         pa.field("images", pa.int64(), nullable=False),
+        pa.field("prediction_stage", pa.string(), nullable=False),  # "reconstruction" or "map_correction"
         pa.field("prediction_key", pa.string(), nullable=False),
         pa.field("random_weights", pa.bool_(), nullable=False),
         pa.field("params_json", pa.string(), nullable=False),
