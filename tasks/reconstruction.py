@@ -60,6 +60,7 @@ def _window_features(ctx: StageContext, item: Mapping[str, Any], visual: torch.n
 
         qk = torch.from_numpy(ctx.read_upstream("dino_features", iid, ["qk"])["qk"])
         regions = region_windows(ctx.read_upstream("sam_masks", iid, ["ids"])["ids"], plan)
+        merged = torch.from_numpy(ctx.read_upstream("mask_clustering", iid, ["merged"])["merged"]).long()
         semantic = None
         if "mask_class_tokens" in ctx.upstream:
             semantic = torch.from_numpy(ctx.read_upstream("mask_class_tokens", iid, ["semantic"])["semantic"])
@@ -74,7 +75,8 @@ def _window_features(ctx: StageContext, item: Mapping[str, Any], visual: torch.n
                 transform = combined_token_transform(cfg[1], b, num_blocks=clip_ops.num_blocks(visual))
             return corrclip_window_features(
                 visual, crops[sl], qk[sl].float().to(ctx.device), regions[sl].to(ctx.device), corr_cfg, blocks=b,
-                semantic=semantic[sl].float().to(ctx.device) if semantic is not None else None, token_transform=transform)
+                semantic=semantic[sl].float().to(ctx.device) if semantic is not None else None, token_transform=transform,
+                merged=merged[sl].to(ctx.device))
         return fn
     if method == "scclip":
         from ovseg_core.scclip.pipeline import scclip_window_features

@@ -52,6 +52,7 @@ def corrclip_window_features(
     blocks: Mapping[str, torch.Tensor] | None = None,
     semantic: torch.Tensor | None = None,
     token_transform: TokenTransform | None = None,
+    merged: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CorrCLIP dense features of a batch of windows (the reference forward).
 
@@ -74,6 +75,8 @@ def corrclip_window_features(
             the merged regions of this window); only with ``cfg.semantic_branch``.
         token_transform: optional map of the ``(B, 1 + N, D)`` penultimate tokens (and the
             ``(gh, gw)`` grid) applied before the main branch only; identity when None.
+        merged: optional precomputed ``(B, hd, wd) int64`` output of :func:`cluster_masks` for
+            these windows (the ``mask_clustering`` stage); used instead of clustering again.
     Returns:
         ``(B, hd, wd, E)`` features in the joint embedding space, not normalised.
     """
@@ -95,7 +98,10 @@ def corrclip_window_features(
     names = required_blocks(cfg, num_l)
 
     # Mask clustering (on the DINO grid)
-    merged = cluster_masks(qk, resize_regions(regions, dino_grid), cfg)
+    if merged is None:
+        merged = cluster_masks(qk, resize_regions(regions, dino_grid), cfg)
+    elif merged.shape != (b, *dino_grid):
+        raise ValueError(f"merged must be (B, hd, wd) = {(b, *dino_grid)}, got {tuple(merged.shape)}")
     # Scope reconstruction
     s = similarity(qk)
     e = scope_reconstruction(s, merged.reshape(b, -1), cfg)

@@ -95,6 +95,19 @@ def test_given_semantic_equals_computed_path(visual, window) -> None:
     assert torch.allclose(computed, given, atol=1e-5)
 
 
+def test_given_merged_equals_computed_path(visual, window) -> None:
+    crops, qk, regions = window
+    with torch.no_grad():
+        merged = cluster_masks(qk, resize_regions(regions, (8, 8)), CFG)
+        computed = corrclip_window_features(visual, crops, qk, regions, CFG)
+        given = corrclip_window_features(visual, crops, qk, regions, CFG, merged=merged)
+        other = corrclip_window_features(visual, crops, qk, regions, CFG, merged=torch.zeros_like(merged))
+    assert torch.allclose(computed, given, atol=1e-6)
+    assert not torch.allclose(computed, other, atol=1e-3)  # the given map is really used
+    with pytest.raises(ValueError, match="merged must be"):
+        corrclip_window_features(visual, crops, qk, regions, CFG, merged=merged[:, :4])
+
+
 def test_batch_equals_single_windows(visual, window) -> None:
     crops, qk, regions = window
     with torch.no_grad():
