@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,14 @@ STAGE_FIELDS = ("wall_seconds", "compute_seconds", "items_per_second", "bytes_pe
                 "achieved_gflops", "bare_gflops", "fraction_of_matmul")
 TOTAL_FIELDS = ("wall_seconds", "bare_seconds", "overhead_ratio", "cpu_seconds", "bare_cpu_seconds", "cpu_overhead_ratio",
                 "achieved_gflops", "bare_gflops", "fraction_of_matmul")
+
+
+def _in_stage_order(names: Iterable[str]) -> list[str]:
+    """Distinct stage names in pipeline order."""
+    from flows.graph import STAGE_ORDER
+
+    found = set(names)
+    return [s for s in STAGE_ORDER if s in found]
 
 
 def _rates(row: dict[str, Any], flops: float | None, matmul: float) -> None:
@@ -77,8 +85,7 @@ def summarise(repeats: Sequence[Mapping[str, Any]], *, machine: Mapping[str, Any
 
     first = median([r["first_run_seconds"] for r in repeats])
     inc_ratio = median([r["incremental"]["ratio"] for r in repeats])
-    inc_recomputed = sorted({s for r in repeats for s in r["incremental"]["recomputed"]},
-                            key=lambda s: [x["stage"] for x in stages].index(s))
+    inc_recomputed = _in_stage_order(s for r in repeats for s in r["incremental"]["recomputed"])
     results = {
         "command": command,
         "args": dict(args),
@@ -113,8 +120,7 @@ def summarise(repeats: Sequence[Mapping[str, Any]], *, machine: Mapping[str, Any
             "warm_seconds": median([r["cache_hit"]["warm_seconds"] for r in repeats]),
             "cold_seconds": median([r["cache_hit"]["cold_seconds"] for r in repeats]),
             "ratio": median([r["cache_hit"]["ratio"] for r in repeats]),
-            "recomputed": sorted({s for r in repeats for s in r["cache_hit"]["recomputed"]},
-                                 key=lambda s: [x["stage"] for x in stages].index(s)),
+            "recomputed": _in_stage_order(s for r in repeats for s in r["cache_hit"]["recomputed"]),
         },
         "overhead": {
             "target": overhead_target,
