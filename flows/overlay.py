@@ -9,6 +9,7 @@ classes still get stable colours. The ignore index (255 by default) is always bl
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.patches import Patch
 
-__all__ = ["IGNORE_COLOR", "class_color", "colorize", "legend_patches", "overlay", "palette"]
+__all__ = ["IGNORE_COLOR", "class_color", "colorize", "legend_patches", "overlay", "palette", "render_overlay_figure"]
 
 IGNORE_COLOR = (0, 0, 0)  # RGB of the ignore index (never scored): black
 _VOC_PALETTE_SIZE = 256  # the classic VOC palette length; longer palettes continue the same bit pattern
@@ -137,3 +138,41 @@ def legend_patches(class_names: Sequence[str], present: Iterable[int], ignore_in
         out.append(Patch(facecolor=np.asarray(class_color(i, ignore_index)) / 255.0, edgecolor="black", linewidth=0.5,
                          label=f"{i} {name}"))
     return out
+
+
+def render_overlay_figure(image_rgb: np.ndarray, labels: np.ndarray, class_names: Sequence[str], out: str | Path,
+                          title: str = "", random_weights: bool = False, alpha: float = 0.5) -> Path:
+    """Write a PNG: the image beside its label overlay, with a legend of the classes present.
+
+    Args:
+        image_rgb: ``(H, W, 3) uint8``.
+        labels: ``(H, W)`` integer class indices of the same size.
+        class_names: name of each class index.
+        out: PNG path.
+        title: figure title; ``[random weights]`` is appended when ``random_weights``.
+        random_weights: mark the figure as made with random-weight backbones.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    labels = np.asarray(labels)
+    if labels.shape != image_rgb.shape[:2]:
+        raise ValueError(f"labels {labels.shape} and image {image_rgb.shape[:2]} must have the same size")
+    h, w = labels.shape
+    fig = Figure(figsize=(2 * 5 * w / max(h, w) + 2.5, 5 * h / max(h, w) + 0.8), dpi=100)
+    axes = fig.subplots(1, 2)
+    axes[0].imshow(image_rgb)
+    axes[0].set_title("input")
+    axes[1].imshow(overlay(image_rgb, labels, alpha))
+    axes[1].set_title("prediction")
+    for ax in axes:
+        ax.axis("off")
+    fig.legend(handles=legend_patches(class_names, np.unique(labels)), loc="center right", fontsize=8, frameon=False)
+    full = (title + " [random weights]") if random_weights else title
+    fig.suptitle(full, color="red" if random_weights else "black")
+    fig.subplots_adjust(right=0.8)
+    path = Path(out)
+    fig.savefig(path)
+    return path

@@ -109,6 +109,8 @@ def ingest_dataset(store: Store, plan: DatasetPlan, progress: bool = True) -> li
 def _node_items(node: StageNode, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     if node.stage in PER_VOCABULARY:
         return [{"image_id": "vocab"}]
+    if node.stage == "scoring":  # images without ground truth are predicted, not scored
+        return [dict(r) for r in rows if r.get("gt_path")]
     return [dict(r) for r in rows]
 
 
