@@ -122,6 +122,8 @@ class Experiment(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     feature_dtype: Literal["float16", "float32"] = Field(default="float16", description="dtype of stored features")
     window_batch: int = Field(default=4, ge=1, description="windows per backbone forward (memory bound)")
+    text_templates: Literal["imagenet80", "single"] = Field(
+        default="imagenet80", description="prompt templates: the papers' 80 ImageNet templates, or one (cheap CPU smoke runs only)")
 
     @field_validator("methods")
     @classmethod

@@ -238,7 +238,7 @@ def build_plan(exp: Experiment) -> list[DatasetPlan]:
             lines = list(ds.classes) if ds.classes else class_lines(spec.name, variant)
             text = plan.add(StageNode(StageKey(
                 "text_embeddings",
-                {"backbone": clip_name, "classes": lines, "templates": "imagenet80", "dtype": exp.dtype},
+                {"backbone": clip_name, "classes": lines, "templates": exp.text_templates, "dtype": exp.dtype},
                 {}, CODE_VERSIONS["text_embeddings"], {"clip": clip_id}), **common, extra=extra))
             clip = plan.add(StageNode(StageKey(
                 "clip_layers",

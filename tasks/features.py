@@ -19,7 +19,7 @@ from ovseg_core.features.clip import clip_block_outputs, normalize_clip
 from ovseg_core.features.dino import normalize_imagenet
 from ovseg_core.features.dino import dino_qk_features
 from ovseg_core.features.regions import SamRegionConfig, SuperpixelConfig, region_map
-from ovseg_core.features.text import IMAGENET_TEMPLATES, parse_class_lines, text_embeddings
+from ovseg_core.features.text import TEMPLATE_SETS, parse_class_lines, text_embeddings
 from tasks.common import array_name, chunks, image_windows, store_dtype, torch_dtype
 from tasks.runtime import ItemResult, StageContext, run_items
 from storage.images import load_rgb
@@ -76,10 +76,11 @@ def compute_text_embeddings(ctx: StageContext, item: Mapping[str, Any]):
     """Prompt-ensembled query embeddings of a vocabulary (synonyms are separate queries)."""
     bb = ctx.backbone(ctx.params["backbone"])
     vocab = parse_class_lines(ctx.params["classes"])
-    if ctx.params.get("templates", "imagenet80") != "imagenet80":
-        raise ValueError(f"unknown template set {ctx.params['templates']!r}; use 'imagenet80'")
+    name = ctx.params.get("templates", "imagenet80")
+    if name not in TEMPLATE_SETS:
+        raise ValueError(f"unknown template set {name!r}; valid: {sorted(TEMPLATE_SETS)}")
     with torch.inference_mode():
-        emb = text_embeddings(bb.model, bb.tokenizer, vocab, IMAGENET_TEMPLATES)
+        emb = text_embeddings(bb.model, bb.tokenizer, vocab, TEMPLATE_SETS[name])
     return (
         {"embeddings": emb.float().cpu().numpy(), "query_to_class": vocab.query_to_class.astype(np.int64)},
         {"queries": list(vocab.queries), "class_names": list(vocab.class_names)},

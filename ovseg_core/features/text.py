@@ -18,7 +18,9 @@ from torch import nn
 
 __all__ = [
     "IMAGENET_TEMPLATES",
+    "TEMPLATE_SETS",
     "Vocabulary",
+    "encode_text_truncated",
     "parse_class_lines",
     "parse_vocabulary_string",
     "text_embeddings",
@@ -108,6 +110,13 @@ IMAGENET_TEMPLATES: tuple[str, ...] = (
 )
 """The 80 OpenAI ImageNet prompt templates, in the CLIP / reference-code order; ``{}`` is the name."""
 
+
+# Named prompt-template sets. "imagenet80" is what both papers use; "single" (one template) is
+# a cheap option for CPU-only smoke runs and the random-weight demo, never for paper numbers.
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "imagenet80": tuple(IMAGENET_TEMPLATES),
+    "single": ("a photo of a {}.",),
+}
 
 @dataclass(frozen=True)
 class Vocabulary:
@@ -225,9 +234,46 @@ def text_embeddings(
     device = next(clip_model.parameters()).device
     queries = vocab.queries
     prompts = [template.format(name) for name in queries for template in templates]
-    encoded = []
+    tokens = tokenizer(prompts)
+    # Batch prompts of similar length together so that truncation (encode_text_truncated) pays off.
+    order = torch.argsort(tokens.argmax(dim=-1), stable=True)
+    parts = []
     for start in range(0, len(prompts), batch_size):
-        tokens = tokenizer(prompts[start : start + batch_size]).to(device)
-        encoded.append(F.normalize(clip_model.encode_text(tokens).float(), dim=-1))
-    per_prompt = torch.cat(encoded).reshape(len(queries), len(templates), -1)
+        idx = order[start : start + batch_size]
+        parts.append(F.normalize(encode_text_truncated(clip_model, tokens[idx].to(device)).float(), dim=-1))
+    encoded = torch.cat(parts)
+    per_prompt = torch.empty_like(encoded)
+    per_prompt[order.to(encoded.device)] = encoded
+    per_prompt = per_prompt.reshape(len(queries), len(templates), -1)
     return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
+def encode_text_truncated(clip_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``clip_model.encode_text(tokens)`` computed on the prompt prefix that matters.
+
+    CLIP's text tower is causal and pools at the end-of-text token (the largest id), so the
+    positions after the last EOT of the batch cannot change the result: the tower is run on
+    ``tokens[:, :L]`` with the first ``L`` positional embeddings and the ``L x L`` corner of
+    its causal mask (prompts are ~15 of 77 tokens, about 5x less work). Towers of another
+    kind (no causal ``attn_mask`` or another pooling) fall back to ``encode_text``.
+
+    Args:
+        tokens: ``(N, context_length) int64`` token ids.
+    Returns:
+        ``(N, E)`` unnormalised text features.
+    """
+    parts = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
+    if getattr(clip_model, "text_pool_type", None) != "argmax" or not all(hasattr(clip_model, p) for p in parts) \
+            or clip_model.attn_mask is None:
+        return clip_model.encode_text(tokens)
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    cast = clip_model.transformer.get_cast_dtype()
+    x = clip_model.token_embedding(tokens[:, :length]).to(cast)
+    x = x + clip_model.positional_embedding[:length].to(cast)
+    x = clip_model.transformer(x, attn_mask=clip_model.attn_mask[:length, :length])
+    x = clip_model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens[:, :length].argmax(dim=-1)]
+    proj = clip_model.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj

@@ -124,3 +124,16 @@ def test_embeddings_bad_arguments(clip_model: CLIP, tokenizer) -> None:
         text_embeddings(clip_model, tokenizer, vocab, templates=("a photo.",))
     with pytest.raises(ValueError, match="non-empty sequence"):
         text_embeddings(clip_model, tokenizer, vocab, templates=())
+
+
+def test_truncated_encoding_equals_encode_text(clip_model: CLIP, tokenizer) -> None:
+    from ovseg_core.features.text import encode_text_truncated
+
+    tokens = tokenizer(["a photo of a cat.", "a bad photo of a very long named television monitor on a table."])
+    with torch.no_grad():
+        full = clip_model.encode_text(tokens)
+        short = encode_text_truncated(clip_model, tokens)
+        single = encode_text_truncated(clip_model, tokens[:1])  # a shorter batch is cut shorter
+    assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]
+    torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single, full[:1], atol=1e-5, rtol=1e-5)
