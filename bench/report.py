@@ -37,7 +37,8 @@ def _rates(row: dict[str, Any], flops: float | None, matmul: float) -> None:
 
 def summarise(repeats: Sequence[Mapping[str, Any]], *, machine: Mapping[str, Any], models: Mapping[str, str],
               datasets: Sequence[Mapping[str, Any]], args: Mapping[str, Any], command: str,
-              prefect_startup_seconds: float, model_load_seconds: Mapping[str, float], process_peak_rss_bytes: int,
+              prefect_startup_seconds: float, model_load_seconds: Mapping[str, float],
+              text_embeddings_seconds: Mapping[str, float], process_peak_rss_bytes: int,
               children_peak_rss_bytes: int, total_seconds: float, overhead_target: float, incremental_target: float,
               incremental_stages: Sequence[str]) -> dict[str, Any]:
     """Medians over repeats of every per-stage figure and ratio (ratios computed within each repeat)."""
@@ -97,6 +98,8 @@ def summarise(repeats: Sequence[Mapping[str, Any]], *, machine: Mapping[str, Any
         "repeats": len(repeats),
         "prefect_startup_seconds": prefect_startup_seconds,
         "model_load_seconds": dict(model_load_seconds),
+        "text_embeddings_seconds": dict(text_embeddings_seconds),
+        "text_embeddings_in_cold_runs": not text_embeddings_seconds,
         "process_peak_rss_bytes": process_peak_rss_bytes,
         "prefect_server_peak_rss_bytes": children_peak_rss_bytes,
         "benchmark_wall_seconds": total_seconds,
@@ -170,6 +173,9 @@ def markdown(r: Mapping[str, Any]) -> str:
         f"| Prefect ephemeral server start-up (once per process, excluded) | {r['prefect_startup_seconds']:.1f} s | |",
         "| model loads (once per process, excluded) | "
         + ", ".join(f"{k} {v:.1f} s" for k, v in r["model_load_seconds"].items()) + " | |",
+        "| text embeddings (" + ("computed in every cold run" if r["text_embeddings_in_cold_runs"] else
+                                 "once per process, seeded into every fresh store, excluded") + ") | "
+        + (", ".join(f"{k} {v:.1f} s" for k, v in r["text_embeddings_seconds"].items()) or "in the stage table") + " | |",
         f"| peak RSS, whole process | {_fmt(r['process_peak_rss_bytes'], '.0f', 2**20)} MiB "
         f"(+ Prefect server {_fmt(r['prefect_server_peak_rss_bytes'], '.0f', 2**20)} MiB) | |",
         f"| benchmark wall time | {r['benchmark_wall_seconds']:.0f} s | |",

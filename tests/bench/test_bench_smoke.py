@@ -92,6 +92,7 @@ def test_summary_ratios_are_per_repeat_medians(bench):
                        "torch_threads": 2, "load_average_1min_at_start": 0.0},
         models={"clip": "clip:tiny@random:0"}, datasets=[{"name": "a", "spec": "VOC21"}, {"name": "b", "spec": "CamVid"}],
         args={}, command="python bench/run.py", prefect_startup_seconds=1.0, model_load_seconds={"clip": 0.5},
+        text_embeddings_seconds={"a": 2.0},
         process_peak_rss_bytes=2**30, children_peak_rss_bytes=2**20, total_seconds=10.0, overhead_target=1.10,
         incremental_target=0.05, incremental_stages=run.INCREMENTAL_STAGES)
     sam = res["model_stages"][0]
@@ -122,6 +123,7 @@ def test_tiny_benchmark_writes_every_field(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
+    assert set(res["text_embeddings_seconds"]) == {d["name"] for d in res["datasets"]}
     for key in ("command", "machine", "models", "datasets", "repeats", "prefect_startup_seconds", "model_load_seconds",
                 "process_peak_rss_bytes", "first_run_seconds", "stages", "model_stages", "incremental", "cache_hit",
                 "overhead", "per_repeat"):
