@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "accumulate_window_logits",
+    "finish_merge",
+    "window_counts",
     "Window",
     "WindowPlan",
     "crop_window_labels",
@@ -252,6 +255,53 @@ def crop_window_labels(ids: torch.Tensor, plan: WindowPlan, pad_value: int = -1)
     return out
 
 
+def window_counts(plan: WindowPlan, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(h, w) float32``: how many windows cover each pixel of the resized image."""
+    count = torch.zeros(plan.resized_hw, device=device)
+    for win in plan.windows:
+        count[win.y1 : win.y2, win.x1 : win.x2] += 1
+    assert bool((count > 0).all()), "window plan leaves pixels uncovered"
+    return count
+
+
+def accumulate_window_logits(canvas: torch.Tensor, logits: torch.Tensor, plan: WindowPlan, start: int = 0) -> None:
+    """Add windows ``start .. start + len(logits) - 1`` of the plan into a ``(Q, h, w)`` canvas, in place.
+
+    Lets callers merge windows chunk by chunk, so only one chunk of window logits is alive at
+    a time (memory bounded on large images): ``canvas = zeros(Q, *plan.resized_hw)``, then this
+    per chunk, then :func:`finish_merge`.
+
+    Args:
+        canvas: ``(Q, h, w)`` float sum canvas at the resized size.
+        logits: ``(n, Q, Hp, Wp)`` float logits of consecutive windows at the padded size.
+        plan: the window plan.
+        start: index in ``plan.windows`` of ``logits[0]``.
+    """
+    n = logits.shape[0]
+    if logits.ndim != 4 or tuple(logits.shape[-2:]) != plan.padded_hw or not 0 <= start <= len(plan.windows) - n:
+        raise ValueError(
+            f"logits must be (n, Q, {plan.padded_hw[0]}, {plan.padded_hw[1]}) for windows {start}..{start + n - 1} "
+            f"of {len(plan.windows)}, got {tuple(logits.shape)}"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    if canvas.shape != (logits.shape[1], *plan.resized_hw):
+        raise ValueError(f"canvas must be (Q, h, w) = {(logits.shape[1], *plan.resized_hw)}, got {tuple(canvas.shape)}")
+    hp, wp = plan.padded_hw
+    for i in range(n):
+        win = plan.windows[start + i]
+        top, bottom, left, right = win.pad
+        canvas[:, win.y1 : win.y2, win.x1 : win.x2] += logits[i, :, top : hp - bottom, left : wp - right]
+
+
+def finish_merge(canvas: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+    """Average a summed canvas by the window count and resize it to the original size (bilinear)."""
+    canvas = canvas / window_counts(plan, canvas.device)
+    if plan.resized_hw != plan.orig_hw:
+        canvas = F.interpolate(canvas.unsqueeze(0), size=plan.orig_hw, mode="bilinear", align_corners=False)[0]
+    return canvas
+
+
 def merge_window_logits(logits: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
     """Sum per-window logits into the resized canvas, average by window count, resize back.
 
@@ -270,18 +320,6 @@ def merge_window_logits(logits: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
             f"logits must be (n_win={n_win}, Q, {plan.padded_hw[0]}, {plan.padded_hw[1]}), "
             f"got {tuple(logits.shape)}"
         )
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    h, w = plan.resized_hw
-    hp, wp = plan.padded_hw
-    canvas = logits.new_zeros((logits.shape[1], h, w))
-    count = logits.new_zeros((h, w))
-    for i, win in enumerate(plan.windows):
-        top, bottom, left, right = win.pad
-        canvas[:, win.y1 : win.y2, win.x1 : win.x2] += logits[i, :, top : hp - bottom, left : wp - right]
-        count[win.y1 : win.y2, win.x1 : win.x2] += 1
-    assert bool((count > 0).all()), "window plan leaves pixels uncovered"
-    canvas /= count
-    if plan.resized_hw != plan.orig_hw:
-        canvas = F.interpolate(canvas.unsqueeze(0), size=plan.orig_hw, mode="bilinear", align_corners=False)[0]
-    return canvas
+    canvas = logits.new_zeros((logits.shape[1], *plan.resized_hw))
+    accumulate_window_logits(canvas, logits, plan)
+    return finish_merge(canvas, plan)

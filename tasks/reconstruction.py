@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from ovseg_core import clip_ops
 from ovseg_core.features.clip import normalize_clip
 from ovseg_core.postprocess import predict, window_logits
-from ovseg_core.windows import merge_window_logits
+from ovseg_core.windows import accumulate_window_logits, finish_merge
 from tasks.common import array_name, chunks, image_windows, region_windows
 from tasks.runtime import ItemResult, StageContext, run_items
 
@@ -97,12 +97,12 @@ def compute_reconstruction(ctx: StageContext, item: Mapping[str, Any]):
     crops, plan = image_windows(item, ctx.params["window"], normalize_clip)
     crops = crops.to(ctx.device)
     features = _window_features(ctx, item, visual, crops, plan)
-    logits = []
+    canvas = torch.zeros((emb.shape[0], *plan.resized_hw))  # windows are merged chunk by chunk: bounded memory
     with torch.inference_mode():
         for sl in chunks(crops.shape[0], int(ctx.extra.get("window_batch", 4))):
             feats = features(sl).float()
-            logits.append(window_logits(feats, emb, plan.padded_hw).cpu())
-        merged = merge_window_logits(torch.cat(logits), plan)
+            accumulate_window_logits(canvas, window_logits(feats, emb, plan.padded_hw).cpu(), plan, sl.start)
+        merged = finish_merge(canvas, plan)
         labels, prob = predict(merged, q2c, float(ctx.params["logit_scale"]), ctx.params["prob_thd"], ctx.params["area_thd"])
     dtype = np.uint16 if int(q2c.max()) < 65535 else np.int32
     return {"labels": labels.numpy().astype(dtype), "prob": prob.numpy().astype(np.float16)}, {

@@ -174,3 +174,17 @@ def test_merge_bad_shape() -> None:
         merge_window_logits(torch.zeros(3, 1, 224, 224), plan)
     with pytest.raises(ValueError, match="floating"):
         merge_window_logits(torch.zeros(2, 1, 224, 224, dtype=torch.int64), plan)
+
+
+def test_chunked_accumulation_equals_one_shot_merge():
+    from ovseg_core.windows import accumulate_window_logits, finish_merge
+
+    plan = plan_windows((300, 500), 336, 224, 112, pad_multiple=56)
+    torch.manual_seed(0)
+    logits = torch.randn(len(plan.windows), 3, *plan.padded_hw)
+    canvas = torch.zeros(3, *plan.resized_hw)
+    for start in range(0, len(plan.windows), 2):
+        accumulate_window_logits(canvas, logits[start : start + 2], plan, start)
+    torch.testing.assert_close(finish_merge(canvas, plan), merge_window_logits(logits, plan))
+    with pytest.raises(ValueError, match="windows"):
+        accumulate_window_logits(canvas, logits[:2], plan, len(plan.windows) - 1)
