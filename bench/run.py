@@ -61,8 +61,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-camvid", action="store_true", help="embedded VOC sample only")
     p.add_argument("--cold-text", action="store_true",
                    help="compute the text embeddings in every cold run (default: once per process, seeded into each "
-                        "fresh store and reported separately: 80 templates x every class through a random ViT-B text "
-                        "tower cost minutes per vocabulary on 2 cores)")
+                        "fresh store and reported separately, like the model loads: 80 templates x every class through the "
+                        "CLIP text tower is a one-time cost per vocabulary that would dominate small cold runs)")
     p.add_argument("--window-batch", type=int, default=4, help="windows per backbone forward (experiment window_batch)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder for results.json / results.md")
     p.add_argument("--workdir", default=None, help="parent of the temporary stores (default: the system temp dir)")
