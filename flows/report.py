@@ -314,15 +314,18 @@ def _fmt(v: Any) -> str:
 
 
 def _ablation_section(store, scores: Sequence[MethodScores]) -> str:
-    groups: dict[tuple[str, str], list[MethodScores]] = {}
+    # An ablation compares parameter sets of one method (corrclip rows with corrclip rows, ...).
+    groups: dict[tuple[str, str, str], list[tuple[MethodScores, dict[str, Any]]]] = {}
     for s in scores:
-        groups.setdefault((s.experiment, s.dataset), []).append(s)
+        cfg = _method_config(store, s)
+        groups.setdefault((s.experiment, s.dataset, str(cfg["method"])), []).append((s, cfg))
     parts, rnd = [], False
-    for (exp, ds), members in groups.items():
-        if len(members) < 2:
+    for (exp, ds, method), pairs in groups.items():
+        if len(pairs) < 2:
             continue
+        members = [m for m, _ in pairs]
+        cfgs = [c for _, c in pairs]
         rnd |= any(m.random_weights for m in members)
-        cfgs = [_method_config(store, m) for m in members]
         ref, ref_cfg = members[0], cfgs[0]
         rows = []
         for m, cfg in zip(members, cfgs):
@@ -345,12 +348,15 @@ def _ablation_section(store, scores: Sequence[MethodScores]) -> str:
             rows.append(f'<tr class="{"rnd" if m.random_weights else ""}"><td class="l">{_row_label(m)}</td>'
                         f"<td>{_pct(m.miou)}</td><td>{delta}</td><td class='l'>{'<br>'.join(diff) or '—'}</td>"
                         f"<td class='l'>{'<br>'.join(odiff) or '—'}</td></tr>")
-        parts.append(f"<h3>{html.escape(exp)} — {html.escape(ds)}{_tag(any(m.random_weights for m in members))}</h3>"
+        parts.append(f"<h3>{html.escape(exp)} — {html.escape(ds)} — {html.escape(method)}"
+                     f"{_tag(any(m.random_weights for m in members))}</h3>"
                      '<table><tr><th class="l">method</th><th>mIoU</th><th>Δ mIoU (pp)</th>'
                      '<th class="l">component switches vs. reference</th><th class="l">other parameters vs. reference</th></tr>'
                      f"{''.join(rows)}</table>")
-    body = "".join(parts) or _note("no experiment has two or more methods on the same dataset: nothing to compare")
-    return f"<h2>3. Ablations</h2>{_banner(rnd)}<p class='meta'>Reference = the first method of each experiment.</p>{body}"
+    body = "".join(parts) or _note("no experiment has two or more parameter sets of one method on the same dataset: "
+                                   "nothing to compare (see configs/voc21-corrclip-ablation.yaml)")
+    return (f"<h2>3. Ablations</h2>{_banner(rnd)}<p class='meta'>Parameter sets of the same method, compared with the "
+            f"first one listed in the experiment (the reference).</p>{body}")
 
 
 # ----------------------------------------------------------------------------- samples

@@ -25,7 +25,7 @@ def plan_for(window: Mapping[str, Any], orig_hw: tuple[int, int]) -> WindowPlan:
 def load_image(item: Mapping[str, Any]) -> torch.Tensor:
     """The item's image as ``(3, H, W) float32`` in 0..255 (decoding normalised by ``storage.images``)."""
     rgb = load_rgb(item["abs_path"])
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+    return torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)
 
 
 def image_windows(item: Mapping[str, Any], window: Mapping[str, Any], normalize) -> tuple[torch.Tensor, WindowPlan]:
