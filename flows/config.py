@@ -125,22 +125,13 @@ class Experiment(_Strict):
     text_templates: Literal["imagenet80", "single"] = Field(
         default="imagenet80", description="prompt templates: the papers' 80 ImageNet templates, or one (cheap CPU smoke runs only)")
 
-    @field_validator("methods")
+    @field_validator("methods", "datasets")
     @classmethod
-    def _unique_methods(cls, v: list[MethodEntry]) -> list[MethodEntry]:
-        names = [m.name for m in v]
+    def _unique_names(cls, v: list, info) -> list:
+        names = [entry.name for entry in v]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"method names must be unique; repeated: {dup}")
-        return v
-
-    @field_validator("datasets")
-    @classmethod
-    def _unique_datasets(cls, v: list[DatasetEntry]) -> list[DatasetEntry]:
-        names = [d.name for d in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"dataset names must be unique; repeated: {dup}")
+            raise ValueError(f"{info.field_name[:-1]} names must be unique; repeated: {dup}")
         return v
 
 

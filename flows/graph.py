@@ -29,6 +29,7 @@ from typing import Any
 from flows.config import DatasetEntry, Experiment, MethodEntry
 from ovseg_core.datasets import DatasetSpec, class_lines, get_dataset
 from storage.keys import StageKey
+from tasks.runtime import StageSpec
 
 # Explicit per-stage code versions: bump when a stage's output for the same inputs changes.
 CODE_VERSIONS: Mapping[str, str] = {
@@ -49,23 +50,8 @@ SCCLIP_VITL_PROB_THD: Mapping[str, float] = {"VOC21": 0.2, "COCO-Object": 0.25}
 CORRCLIP_PAD_MULTIPLE = 56  # lcm(8, 14): DINO /8 and CLIP /14 and /16 grids all fit (methods.md 2.1)
 
 
-@dataclass(frozen=True)
-class StageNode:
-    """One stage output set to produce for one dataset."""
-
-    stage_key: StageKey
-    upstream: Mapping[str, StageKey] = field(default_factory=dict)
-    device: str = "cpu"
-    dtype: str = "float32"
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def stage(self) -> str:
-        return self.stage_key.stage
-
-    @property
-    def key(self) -> str:
-        return self.stage_key.key
+# A node of the stage graph: one stage output set to produce for one dataset.
+StageNode = StageSpec
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,7 @@ def _run_dataset(store: Store, exp: Experiment, plan: DatasetPlan, manifest: Seq
         todo = [it for it in ready if it["image_id"] not in done]
         rep.cached = len(ready) - len(todo)
         if todo:
-            ctx = StageContext(store.location, node.stage_key, dict(node.upstream), node.device, node.dtype, dict(node.extra))
+            ctx = StageContext.bind(node, store.location)
             task = _task_for(node.stage)
             futures = [task.submit(ctx, batch) for batch in _batches(todo, exp.runner.batch_size)]
             bar = tqdm(total=len(todo), desc=f"{plan.dataset.name}:{node.stage}", unit="img", disable=not progress,

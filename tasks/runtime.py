@@ -30,19 +30,17 @@ ComputeFn = Callable[["StageContext", Mapping[str, Any]], tuple[Mapping[str, np.
 
 
 @dataclass(frozen=True)
-class StageContext:
-    """Everything a stage task needs besides its items; picklable for Dask workers.
+class StageSpec:
+    """One stage output set: its key and what it reads, without a store (the flow's graph node).
 
     Attributes:
-        store_location: the store's path or URL (each worker opens it itself).
         stage_key: the stage's key (params, upstream keys, code version, weights identity).
         upstream: ``{stage name: StageKey}`` of the stages it reads.
         device: torch device string for model stages.
         dtype: torch dtype name for model stages (``float32``, ``bfloat16``, ``float16``).
-        extra: stage-specific resolved inputs that are not hashed separately (e.g. dataset spec name).
+        extra: resolved run settings that do not change outputs (window batch, weights folder).
     """
 
-    store_location: str
     stage_key: StageKey
     upstream: Mapping[str, StageKey] = field(default_factory=dict)
     device: str = "cpu"
@@ -60,6 +58,22 @@ class StageContext:
     @property
     def params(self) -> Mapping[str, Any]:
         return self.stage_key.params
+
+
+@dataclass(frozen=True)
+class StageContext(StageSpec):
+    """A ``StageSpec`` bound to a store: everything a stage task needs besides its items; picklable for Dask.
+
+    Attributes:
+        store_location: the store's path or URL (each worker opens it itself).
+    """
+
+    store_location: str = ""
+
+    @classmethod
+    def bind(cls, spec: StageSpec, store_location: str) -> "StageContext":
+        """The context of a graph node on a store."""
+        return cls(spec.stage_key, dict(spec.upstream), spec.device, spec.dtype, dict(spec.extra), store_location)
 
     def store(self) -> Store:
         return open_store(self.store_location)
