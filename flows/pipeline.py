@@ -89,14 +89,21 @@ def ingest_dataset(store: Store, plan: DatasetPlan, progress: bool = True) -> li
     """Build and store the manifest of one dataset; returns its rows (dicts)."""
     from pathlib import Path
 
-    from storage.ingest import ingest, ingest_files
+    from storage.ingest import ManifestRow, ingest, ingest_files
+    from storage.tables import read_table
 
     ds = plan.dataset
     if ds.layout == "folder" and Path(ds.root).is_file():
         rows = ingest_files([ds.root], dataset=ds.name)
     else:
         dataset = ds.name if ds.layout == "folder" else ds.spec
-        rows = ingest(ds.root, ds.layout, dataset=dataset, split=ds.split, gt_dir=ds.gt_dir, progress=progress)
+        previous = []
+        if ds.name in store.table_names("manifests"):  # unchanged files are not decoded and hashed again
+            fields = ManifestRow.__dataclass_fields__
+            previous = [ManifestRow(**{k: v for k, v in r.items() if k in fields} | {"dataset": dataset})
+                        for r in read_table(store, "manifests", [ds.name]).to_pylist()]
+        rows = ingest(ds.root, ds.layout, dataset=dataset, split=ds.split, gt_dir=ds.gt_dir, progress=progress,
+                      previous=previous)
     dicts = [dict(r.__dict__) if hasattr(r, "__dict__") else dict(r._asdict()) for r in rows]
     for d in dicts:
         d["dataset"] = ds.name

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -83,6 +83,7 @@ class ManifestRow:
     content_sha256: str  # sha256 of the image bytes ("" if unreadable)
     status: str  # "ok" | "error"
     error: str  # "" if ok, else what is wrong and the fix
+    file_stat: str = ""  # size and mtime of the image and ground truth files: an unchanged row is reused on re-ingest
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,29 @@ def _folder(root: Path, gt_dir: Path | None) -> list[_Candidate]:
     return out
 
 
-def _row(dataset: str, c: _Candidate) -> ManifestRow:
-    """Decode one candidate into a manifest row; failures become an error row."""
+def _file_stat(c: _Candidate) -> str:
+    """``size:mtime_ns`` of the image and of its ground truth ("" when a file is missing)."""
+    parts = []
+    for p in (c.image, c.gt):
+        try:
+            st = p.stat() if p is not None else None
+        except OSError:
+            return ""
+        parts.append(f"{st.st_size}:{st.st_mtime_ns}" if st is not None else "-")
+    return "|".join(parts)
+
+
+def _row(dataset: str, c: _Candidate, previous: Mapping[str, ManifestRow] | None = None) -> ManifestRow:
+    """Decode one candidate into a manifest row; failures become an error row.
+
+    A row of ``previous`` (keyed by absolute image path) is reused without reading the files
+    when it is ``ok`` and the image and ground-truth sizes and mtimes are unchanged.
+    """
+    stat = _file_stat(c)
+    old = previous.get(str(c.image.resolve())) if previous else None
+    if old is not None and old.status == "ok" and stat and old.file_stat == stat and old.rel_path == c.rel_path \
+            and old.gt_path == (str(c.gt.resolve()) if c.gt is not None else "") and old.dataset == dataset:
+        return old
     sha, width, height, error = "", 0, 0, ""
     gt_path = str(c.gt.resolve()) if c.gt is not None else ""
     try:
@@ -240,6 +262,7 @@ def _row(dataset: str, c: _Candidate) -> ManifestRow:
         content_sha256=sha,
         status="error" if error else "ok",
         error=error,
+        file_stat=stat,
     )
 
 
@@ -264,6 +287,7 @@ def ingest(
     split: str = "val",
     gt_dir: str | PathLike[str] | None = None,
     progress: bool = False,
+    previous: Sequence[ManifestRow] = (),
 ) -> list[ManifestRow]:
     """List and check every image of a dataset on disk.
 
@@ -277,6 +301,8 @@ def ingest(
         gt_dir: ``"folder"`` layout only: folder of ground-truth maps matched by relative path
             without extension.
         progress: show a tqdm progress bar.
+        previous: rows of an earlier ingest (e.g. the stored manifest); an image whose files
+            are unchanged (size and mtime) keeps its row without being read and hashed again.
 
     Returns:
         Rows sorted by ``rel_path``; bad images are rows with ``status="error"``.
@@ -304,7 +330,8 @@ def ingest(
         "camvid": lambda: _camvid(base, split),
     }
     candidates = sorted(listers[layout](), key=lambda c: c.rel_path)
-    rows = [_row(name, c) for c in tqdm(candidates, desc=f"ingest {name}", unit="img", disable=not progress)]
+    known = {r.abs_path: r for r in previous}
+    rows = [_row(name, c, known) for c in tqdm(candidates, desc=f"ingest {name}", unit="img", disable=not progress)]
     n_bad = sum(r.status != "ok" for r in rows)
     if n_bad:
         log.warning("ingest %s (%s): %d of %d images have errors", name, layout, n_bad, len(rows))

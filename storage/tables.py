@@ -35,8 +35,9 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("content_sha256", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string(), nullable=False),
+        pa.field("file_stat", pa.string(), nullable=False),
     ],
-    metadata={"table": "manifest", "version": "1"},
+    metadata={"table": "manifest", "version": "2"},
 )
 
 RUN_SCHEMA = pa.schema(

@@ -219,3 +219,24 @@ def test_ingest_files_single_image(sample_dir):
     assert row.width == 513 and row.height == 513
     with pytest.raises(FileNotFoundError, match="not found"):
         ingest_files([img.with_name("nope.jpg")])
+
+
+def test_reingest_reuses_unchanged_rows_without_reading(tmp_path, sample_dir, monkeypatch):
+    import os
+
+    import storage.ingest as ingest_mod
+
+    root = tmp_path / "camvid"
+    shutil.copytree(sample_dir / "camvid-sample", root)
+    first = ingest(root, "camvid")
+    assert all(r.file_stat for r in first)
+
+    def no_reading(path):
+        raise AssertionError(f"{path} was decoded again")
+
+    monkeypatch.setattr(ingest_mod, "load_rgb", no_reading)
+    assert ingest(root, "camvid", previous=first) == first
+    changed = root / "val" / first[0].rel_path.split("/")[-1]
+    os.utime(changed, ns=(1, 1))  # a changed file is read again
+    with pytest.raises(AssertionError, match="decoded again"):
+        ingest(root, "camvid", previous=first)

@@ -137,7 +137,7 @@ def test_memory_url_store():
 def test_tables_roundtrip_with_schema(tmp_path: Path):
     s = Store(tmp_path / "st")
     row = dict(dataset="voc", image_id="x-1", rel_path="a.jpg", abs_path="/a.jpg", gt_path="", width=3, height=2,
-               content_sha256="ab", status="ok", error="")
+               content_sha256="ab", status="ok", error="", file_stat="3:1")
     write_table(s, "manifests", "voc", [row])
     t = read_table(s, "manifests")
     assert t.schema.equals(MANIFEST_SCHEMA, check_metadata=False)
