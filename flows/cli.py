@@ -156,8 +156,8 @@ def cmd_run(args: argparse.Namespace, only: Sequence[str] | None = None) -> int:
     summary = run_experiment(exp, force=args.force, dry_run=args.dry_run, progress=not args.quiet, only_stages=only)
     if summary.plan_only:
         print(f"plan for experiment {exp.name} (store {summary.store}):")
-        rows = [(s.dataset, s.stage, s.key, s.done, s.cached) for s in summary.stages]
-        _print_table(rows, ["dataset", "stage", "key", "to compute", "cached"])
+        rows = [(s.dataset, s.stage, s.key, s.done, s.cached, s.methods) for s in summary.stages]
+        _print_table(rows, ["dataset", "stage", "key", "to compute", "cached", "used by"])
         return 0
     _print_summary(summary)
     if summary.metrics:

@@ -43,6 +43,7 @@ class StageReport:
     skipped: int = 0
     failed: int = 0
     seconds: float = 0.0
+    methods: str = ""  # the methods whose results depend on this stage output (comma-separated)
     started: float = 0.0
     ended: float = 0.0
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (image_id, error_type, error)
@@ -163,14 +164,31 @@ def plan_status(store: Store, plans: Sequence[DatasetPlan], manifests: Mapping[s
     rows = []
     for plan in plans:
         forced = descendants(plan, force)
+        users = method_users(plan)
         ok = [r for r in manifests[plan.dataset.name] if r.get("status", "ok") == "ok"]
         for node in plan.ordered():
             items = [i["image_id"] for i in _node_items(node, ok)]
             done = store.complete_items(node.stage, node.key)
             cached = 0 if (node.stage, node.key) in forced else sum(1 for i in items if i in done)
             rows.append({"dataset": plan.dataset.name, "stage": node.stage, "key": node.key,
-                         "compute": len(items) - cached, "cached": cached})
+                         "compute": len(items) - cached, "cached": cached,
+                         "methods": ",".join(sorted(users.get((node.stage, node.key), ())))})
     return rows
+
+
+def method_users(plan: DatasetPlan) -> dict[tuple[str, str], set[str]]:
+    """For every node, the names of the methods whose results depend on it."""
+    users: dict[tuple[str, str], set[str]] = {}
+    for mp in plan.methods:
+        stack = [mp.scoring]
+        while stack:
+            n = stack.pop()
+            ident = (n.stage, n.key)
+            if mp.method.name in users.setdefault(ident, set()):
+                continue
+            users[ident].add(mp.method.name)
+            stack.extend(plan.nodes[(u.stage, u.key)] for u in n.upstream.values() if (u.stage, u.key) in plan.nodes)
+    return users
 
 
 def run_experiment(exp: Experiment, force: Iterable[str] = (), dry_run: bool = False, progress: bool = True,
@@ -193,7 +211,7 @@ def run_experiment(exp: Experiment, force: Iterable[str] = (), dry_run: bool = F
         summary.plan_only = True
         for row in plan_status(store, plans, manifests, force):
             summary.stages.append(StageReport(row["dataset"], row["stage"], row["key"], total=row["compute"] + row["cached"],
-                                              done=row["compute"], cached=row["cached"]))
+                                              done=row["compute"], cached=row["cached"], methods=row["methods"]))
         return summary
 
     @flow(name=f"ovseg-{exp.name}", task_runner=make_task_runner(exp), log_prints=False)

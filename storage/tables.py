@@ -138,6 +138,20 @@ def write_table(store: Store, table: str, name: str, rows: Sequence[Mapping[str,
     return path
 
 
+def _conform(tbl: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Cast a stored table to the current schema; columns added since it was written get defaults
+    (null, or "" / 0 / False for non-nullable fields), so older stores stay readable."""
+    for f in schema:
+        if f.name not in tbl.column_names:
+            if f.nullable:
+                col = pa.nulls(tbl.num_rows, f.type)
+            else:
+                default = "" if pa.types.is_string(f.type) else False if pa.types.is_boolean(f.type) else 0
+                col = pa.array([default] * tbl.num_rows, f.type)
+            tbl = tbl.append_column(f, col)
+    return tbl.select(schema.names).cast(schema)
+
+
 def read_table(store: Store, table: str, names: Iterable[str] | None = None) -> pa.Table:
     """Read one, several or all Parquet files of a table into one ``pa.Table`` with the table's schema."""
     schema = _schema(table)
@@ -148,7 +162,7 @@ def read_table(store: Store, table: str, names: Iterable[str] | None = None) -> 
         if not store.fs.exists(path):
             raise FileNotFoundError(f"table {table}/{n} not found in {store.location}")
         with store.fs.open(path, "rb") as f:
-            parts.append(pq.read_table(f).cast(schema))
+            parts.append(_conform(pq.read_table(f), schema))
     if not parts:
         return schema.empty_table()
     return pa.concat_tables(parts)

@@ -66,7 +66,7 @@ def test_run_stage_cache_ls_gc_and_runs(tmp_path, capsys):
     # dry run shows what is left
     assert main(["run", str(exp_file), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "to compute" in out
+    assert "to compute" in out and "used by" in out and "scclip" in out
     assert main(["run", str(exp_file), "-q"]) == 0
     out = capsys.readouterr().out
     assert "mIoU" in out and "random-weight" in out

@@ -152,3 +152,17 @@ def test_bad_names_rejected(tmp_path: Path):
     s = Store(tmp_path / "st")
     with pytest.raises(ValueError, match="invalid item name"):
         s.write_item(_key(), "../evil", {"x": np.arange(1)})
+
+
+def test_tables_written_with_an_older_schema_stay_readable(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    s = Store(tmp_path / "st")
+    old = MANIFEST_SCHEMA.remove(MANIFEST_SCHEMA.get_field_index("file_stat"))
+    row = dict(dataset="voc", image_id="x-1", rel_path="a.jpg", abs_path="/a.jpg", gt_path="", width=3, height=2,
+               content_sha256="ab", status="ok", error="")
+    path = Path(s.table_path("manifests", "voc"))
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row], schema=old), path)
+    assert read_table(s, "manifests").to_pylist() == [{**row, "file_stat": ""}]
