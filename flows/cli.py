@@ -124,8 +124,12 @@ def cmd_cache_gc(args: argparse.Namespace) -> int:
         for plan in build_plan(load_experiment(exp_path)):
             keep.update((n.stage, n.key) for n in plan.nodes.values())
     if not args.only_experiments:
-        runs = read_table(store, "runs")
-        keep.update(zip(runs.column("stage").to_pylist(), runs.column("key").to_pylist()))
+        runs = read_table(store, "runs").to_pylist()
+        newest: dict[str, str] = {}
+        for r in runs:  # run ids start with their UTC start time
+            newest[r["experiment"]] = max(newest.get(r["experiment"], ""), r["run_id"])
+        keep.update((r["stage"], r["key"]) for r in runs
+                    if args.all_runs or r["run_id"] == newest[r["experiment"]])
     removed = store.gc(keep, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for r in removed:
@@ -300,9 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = csub.add_parser("ls", help="stage outputs: stage, key, parameters, images complete/incomplete, bytes")
     store_arg(sp)
     sp.set_defaults(func=cmd_cache_ls)
-    sp = csub.add_parser("gc", help="delete outputs of keys no longer referenced, and incomplete leftovers")
+    sp = csub.add_parser("gc", help="delete outputs of keys no longer referenced (by the given experiment files and the "
+                                    "newest run of each recorded experiment), and incomplete leftovers")
     sp.add_argument("experiments", nargs="*", help="experiment files whose keys are kept")
-    sp.add_argument("--only-experiments", action="store_true", help="keep only the keys of the given experiments (not every recorded run's)")
+    sp.add_argument("--only-experiments", action="store_true",
+                    help="keep only the keys of the given experiment files (not those of recorded runs)")
+    sp.add_argument("--all-runs", action="store_true",
+                    help="keep the keys of every recorded run (default: of the newest run of each experiment)")
     sp.add_argument("--dry-run", action="store_true")
     store_arg(sp)
     sp.set_defaults(func=cmd_cache_gc)

@@ -115,3 +115,25 @@ def test_segment_an_image_outside_any_dataset(tmp_path, capsys):
                "--dino", "dino:tiny8@random:0", "--regions", "slic", "--store", str(tmp_path / "store"), "--out", str(out)])
     assert rc == 0
     assert np.asarray(Image.open(out.with_name("overlay_labels.png"))).max() < 2
+
+
+def test_gc_keeps_the_newest_run_of_each_experiment(tmp_path, capsys):
+    store = tmp_path / "store"
+    files = []
+    for i, stride in enumerate((112, 56)):
+        exp = tiny_experiment(store, methods=[{"name": "clip", "method": "clip", "window": {"stride": stride}}])
+        files.append(tmp_path / f"exp{i}.yaml")
+        files[-1].write_text(yaml.safe_dump(exp.model_dump(mode="json")))
+        assert main(["run", str(files[-1]), "-q"]) == 0
+    st = Store(store)
+    clip_keys = {i.key for i in st.list_stages() if i.stage == "clip_layers"}
+    assert len(clip_keys) == 2
+    assert main(["cache", "gc", "--all-runs", "--store", str(store)]) == 0
+    assert {i.key for i in st.list_stages() if i.stage == "clip_layers"} == clip_keys
+    assert main(["cache", "gc", "--store", str(store)]) == 0  # the first parameter set is no longer referenced
+    left = {i.key for i in st.list_stages() if i.stage == "clip_layers"}
+    assert len(left) == 1 and left < clip_keys
+    capsys.readouterr()
+    assert main(["run", str(files[1]), "--dry-run"]) == 0
+    plan = [ln.split() for ln in capsys.readouterr().out.splitlines()[2:] if ln.strip()]
+    assert plan and all(cols[3] == "0" for cols in plan)  # the newest experiment lost nothing
