@@ -115,6 +115,12 @@ def test_segment_an_image_outside_any_dataset(tmp_path, capsys):
                "--dino", "dino:tiny8@random:0", "--regions", "slic", "--store", str(tmp_path / "store"), "--out", str(out)])
     assert rc == 0
     assert np.asarray(Image.open(out.with_name("overlay_labels.png"))).max() < 2
+    by_stage: dict[str, int] = {}
+    for info in Store(tmp_path / "store").list_stages():
+        by_stage[info.stage] = by_stage.get(info.stage, 0) + 1
+    # the image features are shared by both vocabularies; only text and what depends on it is new
+    assert by_stage["sam_masks"] == by_stage["dino_features"] == by_stage["clip_layers"] == 1
+    assert by_stage["mask_class_tokens"] == 1 and by_stage["text_embeddings"] == by_stage["reconstruction"] == 2
 
 
 def test_gc_keeps_the_newest_run_of_each_experiment(tmp_path, capsys):
