@@ -37,7 +37,7 @@ def _manifest_rows(voc: Path) -> list[dict]:
         w, h = Image.open(img).size
         rows.append({"dataset": DS, "image_id": f"{stem}-abc", "rel_path": f"JPEGImages/{stem}.jpg", "abs_path": str(img),
                      "gt_path": str(voc / "SegmentationClass" / f"{stem}.png"), "width": w, "height": h,
-                     "content_sha256": "0" * 64, "status": "ok", "error": ""})
+                     "content_sha256": "0" * 64, "status": "ok", "error": "", "file_stat": ""})
     return rows
 
 
