@@ -24,6 +24,14 @@ PREFECT_DEFAULTS = {
 }
 
 
+class _QuietLibraryNoise(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded" warning: ovseg builds every CLIP without
+    pretrained weights and then loads the checkpoint itself (or deliberately keeps random weights)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
 def configure_prefect() -> None:
     """Offline-friendly Prefect settings unless the user set them (called by the CLI, not on import)."""
     for k, v in PREFECT_DEFAULTS.items():
@@ -354,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraryNoise())
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

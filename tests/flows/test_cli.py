@@ -143,3 +143,13 @@ def test_gc_keeps_the_newest_run_of_each_experiment(tmp_path, capsys):
     assert main(["run", str(files[1]), "--dry-run"]) == 0
     plan = [ln.split() for ln in capsys.readouterr().out.splitlines()[2:] if ln.strip()]
     assert plan and all(cols[3] == "0" for cols in plan)  # the newest experiment lost nothing
+
+
+def test_missing_official_weights_name_the_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OVSEG_WEIGHTS", raising=False)
+    img = SAMPLE / "camvid-sample" / "val" / "0016E5_07959.png"
+    rc = main(["segment", str(img), "--classes", "sky; road", "--store", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "b16_fullcc2.5b.pt" in err and "OVSEG_WEIGHTS" in err
+    assert "No pretrained weights loaded" not in err
