@@ -94,6 +94,7 @@ class Store:
         self.location = resolve_location(location)
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = fsspec.core.url_to_fs(self.location, **self.storage_options)
+        self._registered: set[tuple[str, str]] = set()
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
@@ -125,10 +126,14 @@ class Store:
     # ----------------------------------------------------------------- stages
     def register_stage(self, stage_key: StageKey) -> None:
         """Create the stage group and record its key payload (idempotent)."""
-        rel = self._rel(stage_key.stage, stage_key.key)
+        ident = (stage_key.stage, stage_key.key)
+        if ident in self._registered:
+            return
+        rel = self._rel(*ident)
         grp = zarr.open_group(self._zstore, path=rel, mode="a", zarr_format=3)
         if "stage_key" not in grp.attrs:
-            grp.attrs.update({"stage_key": stage_key.payload(), "created": time.time()})
+            grp.update_attributes({"stage_key": stage_key.payload(), "created": time.time()})
+        self._registered.add(ident)
 
     def stage_attrs(self, stage: str, key: str) -> dict[str, Any]:
         """The attrs of a stage group (its key payload); empty if unknown."""
@@ -205,7 +210,8 @@ class Store:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
         per_window = set(chunk_first_axis)
-        grp = zarr.open_group(self._zstore, path=rel, mode="w", zarr_format=3)
+        meta = {"stage": stage_key.stage, "key": stage_key.key, "item": item, **to_jsonable(dict(attrs or {}))}
+        grp = zarr.open_group(self._zstore, path=rel, mode="w", zarr_format=3, attributes=meta)
         for name, arr in arrays.items():
             a = np.ascontiguousarray(arr)
             if name in per_window:
@@ -214,8 +220,6 @@ class Store:
                 chunks = a.shape
             chunks = tuple(max(int(c), 1) for c in chunks)
             grp.create_array(name, data=a, chunks=chunks)
-        meta = {"stage": stage_key.stage, "key": stage_key.key, "item": item, **to_jsonable(dict(attrs or {}))}
-        grp.attrs.update(meta)
         self._write_marker(
             self._marker(stage_key.stage, stage_key.key, item), {"completed": time.time(), "arrays": sorted(arrays)}
         )
@@ -309,6 +313,7 @@ class Store:
                 removed.append(rel)
                 if not dry_run:
                     self.fs.rm(self._p(rel), recursive=True)
+                    self._registered.discard((info.stage, info.key))
             elif incomplete and info.incomplete:
                 _, partial = self.items(info.stage, info.key)
                 for item in sorted(partial):

@@ -123,6 +123,7 @@ def get_backbone(name: str, device: str = "cpu", dtype: str = "float32", weights
         return _load_backbone_cached(name, device, dtype, weights_dir)
 
 
+@lru_cache(maxsize=1)
 def software_versions() -> dict[str, str]:
     """Versions of the libraries that shape the outputs, recorded with every item and run."""
     import importlib.metadata as md
