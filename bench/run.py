@@ -23,7 +23,6 @@ Outputs: ``<out>/results.json`` and ``<out>/results.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil

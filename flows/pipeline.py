@@ -10,7 +10,6 @@ says what produced every output.
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,9 +25,6 @@ from storage.keys import canonical_json
 from storage.store import Store
 from storage.tables import write_table
 from tasks.runtime import ItemResult, StageContext, software_versions
-
-log = logging.getLogger("ovseg.flows")
-
 
 @dataclass
 class StageReport:
@@ -237,7 +233,6 @@ def _run_dataset(store: Store, exp: Experiment, plan: DatasetPlan, manifest: Seq
         summary.stages.append(rep)
     forced = descendants(plan, force)
     only = set(only_stages) if only_stages is not None else None
-    failed_upstream: dict[tuple[str, str], set[str]] = {}
     for node in plan.ordered():
         if only is not None and node.stage not in only:
             continue
@@ -287,7 +282,6 @@ def _run_dataset(store: Store, exp: Experiment, plan: DatasetPlan, manifest: Seq
                 bar.update(len(results))
             bar.close()
         rep.ended = time.time()
-        failed_upstream[(node.stage, node.key)] = {f[0] for f in rep.failures}
         summary.stages.append(rep)
     if only is None or "scoring" in only:
         summary.metrics.extend(aggregate_scores(store, exp, plan, ok_rows, summary.run_id))

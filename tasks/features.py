@@ -16,13 +16,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ovseg_core.features.clip import clip_block_outputs, normalize_clip
-from ovseg_core.features.dino import normalize_imagenet
-from ovseg_core.features.dino import dino_qk_features
+from ovseg_core.features.dino import dino_qk_features, normalize_imagenet
 from ovseg_core.features.regions import SamRegionConfig, SuperpixelConfig, region_map
 from ovseg_core.features.text import TEMPLATE_SETS, parse_class_lines, text_embeddings
 from tasks.common import array_name, chunks, image_windows, store_dtype, torch_dtype
-from tasks.runtime import ItemResult, StageContext, run_items
 from storage.images import load_rgb
+from tasks.runtime import ItemResult, StageContext, run_items
 
 
 def region_config(params: Mapping[str, Any]) -> SamRegionConfig | SuperpixelConfig:
