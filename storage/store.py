@@ -1,55 +1,70 @@
-"""The stage store: one Zarr v3 store per workspace, the source of truth for what is done.
+"""The stage store: the source of truth for what is done, on a local folder or an fsspec URL.
 
-Layout (all paths relative to the store root)::
+Layout (paths relative to the store root)::
 
-    zarr.json                                         root group
-    stages/<stage>/<key>/zarr.json                    stage group; attrs = StageKey payload (params, upstream keys,
-                                                      code version, weights identity)
-    stages/<stage>/<key>/<item>/zarr.json             one group per item (image id or vocabulary id); attrs = timings,
-                                                      software versions, anything the stage records
-    stages/<stage>/<key>/<item>/<array>/...           the item's arrays (one chunk per item or per window: writers of
-                                                      different items never share a chunk or shard)
-    stages/<stage>/<key>/.complete/<item>.json        the item's completion marker, written LAST (atomically); one
-                                                      listing of this folder answers "what is done" for a stage
-    locks/<stage>/<key>/<item>.lock                   lease of the process computing the item (local stores)
-    tables/<table>/<name>.parquet                     manifests, run records, metrics (see ``storage.tables``)
+    ovseg-store.json                              store format marker
+    stages/<stage>/<key>/stage.json               the StageKey payload (params, upstream keys, code version,
+                                                  weights identity) and whether random weights are involved
+    stages/<stage>/<key>/packs/<pack>.zip         the outputs of one batch of items: a Zarr v3 hierarchy in a ZIP
+    stages/<stage>/<key>/records/<pack>.json      the pack's completion record (per item: arrays, members,
+                                                  sizes, CRC-32), written LAST
+    stages/<stage>/<key>/drops/<id>.json          un-marked items (damaged, forced, repaired)
+    stages/<stage>/<key>/index/<id>.parquet       compacted item -> pack index
+    leases/<stage>/<key>/<lease>.json             who computes which items now (heartbeat, TTL)
+    journal/<run_id>.json                         run journals (status, heartbeat, whole plan, progress)
+    tables/<table>/<name>.parquet                 manifests, run records, failures, metrics
 
-An item without its marker is missing: it is never read as data, and the next writer
-deletes whatever a crashed writer left there before writing again.
+Guarantees (each tested, see README "Overnight runs"): an item is complete only when its record
+is in place; every read checks the recorded sizes and checksums and never returns damaged bytes
+as data (a damaged item is un-marked, so the next run recomputes it); writers never share a
+file; stage registration is a create-if-absent of one file, safe under any concurrency.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import socket
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
-import zarr
-from fsspec.implementations.local import LocalFileSystem
 
+from storage.fsio import Backend
+from storage.journal import RunEntry, RunJournal, read_journals
 from storage.keys import StageKey, to_jsonable
+from storage.leases import DEFAULT_TTL, LeaseManager
+from storage.packs import ItemEntry, PackDamagedError, PackWriter, decode_arrays, verify_members
+from storage.records import PACKS, RECORDS, Record, StageState, new_id, write_drops
+
+log = logging.getLogger("ovseg.storage")
 
 DEFAULT_STORE = "ovseg-store"
-MARKERS = ".complete"
 STAGES = "stages"
 TABLES = "tables"
-LOCKS = "locks"
-LOCK_TTL_SECONDS = 6 * 3600.0
+MARKER = "ovseg-store.json"
+STORE_FORMAT = 2
 
 
 class StoreError(RuntimeError):
     """A store operation failed; the message names the store location and the item."""
 
 
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """A read-only command was pointed at a store that does not exist."""
+
+
 class MissingOutputError(KeyError):
     """A requested stage output is not complete in the store."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class DamagedOutputError(MissingOutputError):
+    """A stored output does not match its completion record; it was un-marked and will be recomputed."""
 
 
 def resolve_location(location: str | os.PathLike | None = None) -> str:
@@ -64,344 +79,298 @@ def resolve_location(location: str | os.PathLike | None = None) -> str:
     return str(Path(loc).expanduser().resolve())
 
 
-def _check_name(kind: str, name: str) -> str:
-    if not name or "/" in name or name.startswith(".") or name == "zarr.json":
+def check_name(kind: str, name: str) -> str:
+    if not name or "/" in name or name.startswith(".") or name in ("zarr.json", "stage.json"):
         raise ValueError(f"invalid {kind} name {name!r}: must be non-empty, without '/', not starting with '.'")
     return name
 
 
-@dataclass(frozen=True)
-class StageInfo:
-    """One stage output set as listed by ``Store.list_stages``."""
-
-    stage: str
-    key: str
-    attrs: dict[str, Any]
-    complete: int
-    incomplete: int
-    nbytes: int
-
-
 class Store:
-    """A Zarr v3 stage store on a local path or an fsspec URL (``s3://...``, ``memory://...``).
+    """A stage store.
 
     Args:
         location: local directory or fsspec URL; default ``$OVSEG_STORE`` or ``./ovseg-store``.
-        storage_options: passed to fsspec for remote stores.
+        storage_options: fsspec options for remote stores.
+        create: create the store if it does not exist (False: raise ``StoreNotFoundError``).
+        lease_ttl: seconds without heartbeat after which another process's lease is dead.
     """
 
-    def __init__(self, location: str | os.PathLike | None = None, storage_options: Mapping[str, Any] | None = None):
+    def __init__(self, location: str | os.PathLike | None = None, storage_options: Mapping[str, Any] | None = None,
+                 create: bool = True, lease_ttl: float = DEFAULT_TTL):
         self.location = resolve_location(location)
-        self.storage_options = dict(storage_options or {})
-        self.fs, self.root = fsspec.core.url_to_fs(self.location, **self.storage_options)
+        self.backend = Backend(self.location, dict(storage_options or {}))
+        self.fs, self.root, self.is_local = self.backend.fs, self.backend.root, self.backend.is_local
+        self._states: dict[tuple[str, str], StageState] = {}
         self._registered: set[tuple[str, str]] = set()
-        self.is_local = isinstance(self.fs, LocalFileSystem)
-        if self.is_local:
-            Path(self.root).mkdir(parents=True, exist_ok=True)
-            self._zstore = zarr.storage.LocalStore(self.root)
-        else:
-            self._zstore = zarr.storage.FsspecStore.from_url(self.location, storage_options=self.storage_options or None)
+        self._open(create)
+        self.leases = LeaseManager(self.backend, lease_ttl)
+
+    def _open(self, create: bool) -> None:
+        marker = self.backend.path(MARKER)
         try:
-            self._root_group = zarr.open_group(self._zstore, mode="a", zarr_format=3)
-        except Exception as e:  # zarr raises several types for a non-store directory
-            raise StoreError(
-                f"cannot open {self.location} as a Zarr v3 store ({e}); point --store / OVSEG_STORE at an empty "
-                "directory or an existing ovseg store"
-            ) from e
+            info = json.loads(self.backend.get(marker))
+        except FileNotFoundError:
+            info = None
+        except (ValueError, OSError) as e:
+            log.warning("%s is unreadable (%s); rewriting it", marker, e)
+            self.backend.put_atomic(marker, json.dumps({"format": STORE_FORMAT, "created": time.time()}).encode())
+            return
+        if info is not None:
+            if int(info.get("format", 0)) != STORE_FORMAT:
+                raise StoreError(f"{self.location} is an ovseg store of format {info.get('format')}, this ovseg reads "
+                                 f"format {STORE_FORMAT}; use another --store")
+            return
+        if self.backend.exists(self.backend.path("zarr.json")) and self.backend.exists(self.backend.path(STAGES)):
+            raise StoreError(f"{self.location} was written by an earlier ovseg (one Zarr group per image, store "
+                             f"format 1); point --store / OVSEG_STORE at a new folder (its outputs are recomputed)")
+        if not create:
+            raise StoreNotFoundError(f"no ovseg store at {self.location}; check --store / OVSEG_STORE "
+                                     "(`ovseg run` creates one)")
+        self.backend.mkdirs(self.backend.root)
+        if not self.backend.is_local and self.backend.listdir(self.backend.root):
+            pass  # an object-store prefix with other files is allowed; the marker claims it
+        self.backend.put_if_absent(marker, json.dumps({"format": STORE_FORMAT, "created": time.time()}).encode())
 
     def __repr__(self) -> str:
         return f"Store({self.location!r})"
 
     # ----------------------------------------------------------------- paths
-    def _p(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
-
-    @staticmethod
-    def _rel(stage: str, key: str, item: str | None = None) -> str:
-        parts = [STAGES, _check_name("stage", stage), _check_name("key", key)]
-        if item is not None:
-            parts.append(_check_name("item", item))
-        return "/".join(parts)
+    def stage_dir(self, stage: str, key: str) -> str:
+        return self.backend.path(STAGES, check_name("stage", stage), check_name("key", key))
 
     # ----------------------------------------------------------------- stages
-    def register_stage(self, stage_key: StageKey) -> None:
-        """Create the stage group and record its key payload (idempotent)."""
+    def register_stage(self, stage_key: StageKey, random_weights: bool | None = None) -> None:
+        """Record the stage's key payload once (create-if-absent: safe when many processes race)."""
         ident = (stage_key.stage, stage_key.key)
         if ident in self._registered:
             return
-        rel = self._rel(*ident)
-        grp = zarr.open_group(self._zstore, path=rel, mode="a", zarr_format=3)
-        if "stage_key" not in grp.attrs:
-            grp.update_attributes({"stage_key": stage_key.payload(), "created": time.time()})
+        path = f"{self.stage_dir(*ident)}/stage.json"
+        payload = {"stage_key": stage_key.payload(), "created": time.time(),
+                   "random_weights": bool(stage_key.is_random_weights if random_weights is None else random_weights)}
+        data = json.dumps(payload, sort_keys=True).encode()
+        if not self.backend.put_if_absent(path, data) and "damaged" in self.stage_attrs(*ident):
+            self.backend.put_atomic(path, data)  # rebuilt from the plan
+            log.warning("rewrote the damaged %s", path)
         self._registered.add(ident)
 
     def stage_attrs(self, stage: str, key: str) -> dict[str, Any]:
-        """The attrs of a stage group (its key payload); empty if unknown."""
+        """The stage's ``stage.json``; ``{}`` if absent, ``{"damaged": message}`` if unreadable."""
+        path = f"{self.stage_dir(stage, key)}/stage.json"
         try:
-            grp = zarr.open_group(self._zstore, path=self._rel(stage, key), mode="r", zarr_format=3)
-        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+            d = json.loads(self.backend.get(path))
+            if not isinstance(d, dict) or "stage_key" not in d:
+                raise ValueError("no stage_key")
+            return d
+        except FileNotFoundError:
             return {}
-        return dict(grp.attrs)
+        except Exception as e:  # noqa: BLE001
+            return {"damaged": f"{path} is unreadable ({type(e).__name__}: {e}); rerun an experiment that uses "
+                               "this stage to rewrite it"}
 
-    # ----------------------------------------------------------------- completeness
-    def is_complete(self, stage: str, key: str, item: str) -> bool:
-        """True when the item's completion marker exists."""
-        return self.fs.exists(self._marker(stage, key, item))
+    def stage_sets(self) -> list[tuple[str, str]]:
+        """Every ``(stage, key)`` folder in the store."""
+        base = self.backend.path(STAGES)
+        return [(s, k) for s in self.backend.subfolders(base) for k in self.backend.subfolders(f"{base}/{s}")]
 
-    def _marker(self, stage: str, key: str, item: str) -> str:
-        return self._p(self._rel(stage, key), MARKERS, f"{_check_name('item', item)}.json")
+    def list_stages(self, with_bytes: bool = True):
+        """Every stage output set with counts and bytes (``storage.maintenance.list_stages``)."""
+        from storage.maintenance import list_stages
+
+        return list_stages(self, with_bytes)
+
+    # ----------------------------------------------------------------- completion
+    def state(self, stage: str, key: str, refresh: bool = True) -> StageState:
+        """The completion state of ``(stage, key)``, cached per process; ``refresh`` reads what is new."""
+        ident = (stage, key)
+        st = self._states.get(ident)
+        if st is None:
+            st = self._states[ident] = StageState(self.backend, self.stage_dir(stage, key))
+            return st.refresh()
+        return st.refresh() if refresh or not st.loaded else st
 
     def complete_items(self, stage: str, key: str) -> set[str]:
-        """All items of ``(stage, key)`` that carry a completion marker (one listing, not one call per item)."""
-        base = self._p(self._rel(stage, key), MARKERS)
-        if self.is_local:
-            try:
-                names = os.listdir(base)
-            except FileNotFoundError:
-                return set()
-        else:
-            if not self.fs.exists(base):
-                return set()
-            names = [p.rstrip("/").split("/")[-1] for p in self.fs.ls(base, detail=False)]
-        return {n[: -len(".json")] for n in names if n.endswith(".json")}
+        return self.state(stage, key).complete()
+
+    def is_complete(self, stage: str, key: str, item: str) -> bool:
+        st = self.state(stage, key, refresh=False)
+        return st.pack_of(item) is not None or self.state(stage, key).pack_of(item) is not None
 
     def missing(self, stage: str, key: str, items: Iterable[str]) -> list[str]:
-        """The subset of ``items`` (order kept) without a complete output."""
         done = self.complete_items(stage, key)
         return [i for i in items if i not in done]
 
-    def items(self, stage: str, key: str) -> tuple[set[str], set[str]]:
-        """``(complete, incomplete)`` item ids present under ``(stage, key)``."""
-        base = self._p(self._rel(stage, key))
-        if not self.fs.exists(base):
-            return set(), set()
-        present = {
-            name
-            for name in (p.rstrip("/").split("/")[-1] for p in self.fs.ls(base, detail=False))
-            if not name.startswith(".") and name != "zarr.json"
-        }
-        done = self.complete_items(stage, key)
-        return done, present - done
-
-    # ----------------------------------------------------------------- write / read
-    def write_item(
-        self,
-        stage_key: StageKey,
-        item: str,
-        arrays: Mapping[str, np.ndarray],
-        attrs: Mapping[str, Any] | None = None,
-        chunk_first_axis: Iterable[str] = (),
-    ) -> None:
-        """Write one item's arrays and attrs, then its completion marker.
-
-        Leftovers of an earlier crashed write are removed first. Each array is stored as one
-        chunk, or one chunk per leading index for the names in ``chunk_first_axis`` (per-window
-        arrays), so concurrent writers of different items never touch the same chunk.
-        """
-        for name, arr in arrays.items():
-            _check_name("array", name)
-            if np.ndim(arr) == 0:
-                raise ValueError(f"array {name!r} of {stage_key.stage}/{item} is 0-dimensional; record scalars in attrs instead")
+    # ----------------------------------------------------------------- writing
+    def open_pack(self, stage_key: StageKey, meta: Mapping[str, Any] | None = None) -> "PackSession":
+        """Start a pack for a batch of items of ``stage_key`` (registers the stage)."""
         self.register_stage(stage_key)
-        rel = self._rel(stage_key.stage, stage_key.key, item)
-        path = self._p(rel)
-        if self.fs.exists(self._marker(stage_key.stage, stage_key.key, item)):
-            self.fs.rm(self._marker(stage_key.stage, stage_key.key, item))
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
-        per_window = set(chunk_first_axis)
-        meta = {"stage": stage_key.stage, "key": stage_key.key, "item": item, **to_jsonable(dict(attrs or {}))}
-        grp = zarr.open_group(self._zstore, path=rel, mode="w", zarr_format=3, attributes=meta)
-        for name, arr in arrays.items():
-            a = np.ascontiguousarray(arr)
-            if name in per_window:
-                chunks: tuple[int, ...] = (1, *a.shape[1:])
-            else:
-                chunks = a.shape
-            chunks = tuple(max(int(c), 1) for c in chunks)
-            grp.create_array(name, data=a, chunks=chunks)
-        self._write_marker(
-            self._marker(stage_key.stage, stage_key.key, item), {"completed": time.time(), "arrays": sorted(arrays)}
-        )
+        return PackSession(self, stage_key, dict(meta or {}))
 
-    def _write_marker(self, target: str, content: Mapping[str, Any]) -> None:
-        data = json.dumps(content).encode()
-        if self.is_local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        else:  # object-store PUTs are atomic
-            self.fs.pipe(target, data)
+    def write_item(self, stage_key: StageKey, item: str, arrays: Mapping[str, np.ndarray],
+                   attrs: Mapping[str, Any] | None = None) -> None:
+        """Write one item as its own pack (batches use ``open_pack``)."""
+        with self.open_pack(stage_key) as pack:
+            pack.add(item, arrays, attrs or {})
+
+    # ----------------------------------------------------------------- reading
+    def _entry(self, stage: str, key: str, item: str) -> tuple[StageState, str, Record, ItemEntry]:
+        st = self.state(stage, key, refresh=False)
+        pack = st.pack_of(item) or self.state(stage, key).pack_of(item)
+        where = f"{stage}/{key}/{item}"
+        if pack is None:
+            raise MissingOutputError(f"{where} is not complete in {self.location}; run the stage first "
+                                     f"(ovseg run / ovseg stage {stage})")
+        try:
+            rec = st.record(pack)
+            return st, pack, rec, rec.items[item]
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise self._damaged(stage, key, item, pack, f"completion record {RECORDS}/{pack}.json is missing or "
+                                                        f"unreadable ({type(e).__name__}: {e})") from e
 
     def read_item(self, stage: str, key: str, item: str, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Read a complete item's arrays (all, or ``names``). Raises ``MissingOutputError`` if not complete."""
-        if not self.is_complete(stage, key, item):
-            raise MissingOutputError(
-                f"{stage}/{key}/{item} is not complete in {self.location}; run the stage first (ovseg run / ovseg stage {stage})"
-            )
-        grp = zarr.open_group(self._zstore, path=self._rel(stage, key, item), mode="r", zarr_format=3)
-        wanted = list(names) if names is not None else [n for n, _ in grp.arrays()]
-        out = {}
-        for n in wanted:
-            if n not in grp:
-                raise MissingOutputError(f"{stage}/{key}/{item} has no array {n!r} (has {sorted(k for k, _ in grp.arrays())})")
-            out[n] = grp[n][...]
-        return out
+        """Read a complete item's arrays (all, or ``names``), checked against its record.
+
+        Raises:
+            MissingOutputError: the item is not complete (or lacks an array).
+            DamagedOutputError: the stored bytes do not match the record; the item is un-marked.
+        """
+        st, pack, rec, entry = self._entry(stage, key, item)
+        where = f"{stage}/{key}/{item}"
+        wanted = list(entry.arrays) if names is None else list(names)
+        missing = [n for n in wanted if n not in entry.arrays]
+        if missing:
+            raise MissingOutputError(f"{where} has no array {missing[0]!r} (has {sorted(entry.arrays)})")
+        members = [m for m in entry.members if m.name in {entry.arrays[n].chunk for n in wanted}]
+        if not members:
+            return decode_arrays(b"", 0, entry, wanted, where)
+        lo, hi = min(m.offset for m in members), max(m.offset + m.size for m in members)
+        path = f"{self.stage_dir(stage, key)}/{PACKS}/{pack}.zip"
+        try:
+            data = self.backend.get_range(path, lo, hi)
+            return decode_arrays(data, lo, entry, wanted, f"{path} ({item})")
+        except FileNotFoundError as e:
+            raise self._damaged(stage, key, item, pack, f"pack {path} is missing") from e
+        except (PackDamagedError, ValueError, RuntimeError) as e:
+            raise self._damaged(stage, key, item, pack, str(e)) from e
+
+    def verify_item(self, stage: str, key: str, item: str, checksums: bool = True) -> None:
+        """Check every member of an item (presence, size, CRC-32); raises ``DamagedOutputError``."""
+        _, pack, rec, entry = self._entry(stage, key, item)
+        path = f"{self.stage_dir(stage, key)}/{PACKS}/{pack}.zip"
+        lo, hi = entry.span
+        size = self.backend.size(path)
+        if size is None:
+            raise self._damaged(stage, key, item, pack, f"pack {path} is missing", drop=False)
+        if size < rec.pack_size or hi > size:
+            raise self._damaged(stage, key, item, pack, f"pack {path} is truncated ({size} of {rec.pack_size} bytes)",
+                                drop=False)
+        if checksums:
+            try:
+                verify_members(self.backend.get_range(path, lo, hi), lo, entry.members, f"{path} ({item})")
+            except PackDamagedError as e:
+                raise self._damaged(stage, key, item, pack, str(e), drop=False) from e
+
+    def _damaged(self, stage: str, key: str, item: str, pack: str, why: str, drop: bool = True) -> "DamagedOutputError":
+        """Un-mark a damaged item (unless ``drop`` is False) and return the error to raise."""
+        if drop:
+            try:
+                self.drop_items(stage, key, [item], reason=f"damaged: {why}", pairs=[(item, pack)])
+            except OSError as e:
+                log.warning("cannot un-mark damaged %s/%s/%s: %s", stage, key, item, e)
+        return DamagedOutputError(f"{stage}/{key}/{item} is damaged: {why}; "
+                                  + ("it was un-marked and the next run recomputes it" if drop else
+                                     "`ovseg cache verify --repair` un-marks it so the next run recomputes it"))
 
     def item_attrs(self, stage: str, key: str, item: str) -> dict[str, Any]:
-        """The attrs of a complete item."""
-        if not self.is_complete(stage, key, item):
-            raise MissingOutputError(f"{stage}/{key}/{item} is not complete in {self.location}")
-        grp = zarr.open_group(self._zstore, path=self._rel(stage, key, item), mode="r", zarr_format=3)
-        return dict(grp.attrs)
+        """The attrs of a complete item (with its pack's record metadata under ``record``)."""
+        _, _, rec, entry = self._entry(stage, key, item)
+        return {**dict(entry.attrs), "record": dict(rec.meta)}
 
-    def delete_item(self, stage: str, key: str, item: str) -> None:
-        """Remove one item (marker first, so a partial delete never leaves complete-looking data)."""
-        path = self._p(self._rel(stage, key, item))
-        marker = self._marker(stage, key, item)
-        if self.fs.exists(marker):
-            self.fs.rm(marker)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+    def drop_items(self, stage: str, key: str, items: Iterable[str], reason: str,
+                   pairs: list[tuple[str, str]] | None = None) -> int:
+        """Un-mark items (their current copies); the next run recomputes them. Returns how many."""
+        st = self.state(stage, key)
+        if pairs is None:
+            pairs = [(i, p) for i in items if (p := st.pack_of(i)) is not None]
+        if not pairs:
+            return 0
+        name = write_drops(self.backend, self.stage_dir(stage, key), pairs, reason)
+        st.add_drops(pairs, name)
+        return len(pairs)
 
-    # ----------------------------------------------------------------- listing and gc
-    def list_stages(self, with_bytes: bool = True) -> list[StageInfo]:
-        """Every ``(stage, key)`` in the store with its attrs, item counts and bytes on disk."""
-        out = []
-        base = self._p(STAGES)
-        if not self.fs.exists(base):
-            return out
-        for stage_path in sorted(self.fs.ls(base, detail=False)):
-            if not self.fs.isdir(stage_path):
-                continue
-            stage = stage_path.rstrip("/").split("/")[-1]
-            for key_path in sorted(self.fs.ls(stage_path, detail=False)):
-                if not self.fs.isdir(key_path):
-                    continue
-                key = key_path.rstrip("/").split("/")[-1]
-                done, partial = self.items(stage, key)
-                nbytes = self._du(key_path) if with_bytes else 0
-                out.append(StageInfo(stage, key, self.stage_attrs(stage, key), len(done), len(partial), nbytes))
-        return out
+    # ----------------------------------------------------------------- journal
+    def journal(self, run_id: str, content: Mapping[str, Any]) -> RunJournal:
+        return RunJournal(self.backend, run_id, content, self.leases.ttl)
 
-    def _du(self, path: str) -> int:
-        if self.is_local:
-            total = 0
-            for dirpath, _, files in os.walk(path):
-                for f in files:
-                    try:
-                        total += os.path.getsize(os.path.join(dirpath, f))
-                    except OSError:
-                        pass
-            return total
-        return int(self.fs.du(path))
-
-    def gc(self, keep: Iterable[tuple[str, str]], dry_run: bool = False, incomplete: bool = True) -> list[str]:
-        """Delete stage outputs whose ``(stage, key)`` is not in ``keep``, and incomplete leftovers.
-
-        Returns the removed relative paths (what would be removed with ``dry_run``).
-        """
-        keep_set = set(keep)
-        removed = []
-        for info in self.list_stages(with_bytes=False):
-            if (info.stage, info.key) not in keep_set:
-                rel = self._rel(info.stage, info.key)
-                removed.append(rel)
-                if not dry_run:
-                    self.fs.rm(self._p(rel), recursive=True)
-                    self._registered.discard((info.stage, info.key))
-            elif incomplete and info.incomplete:
-                _, partial = self.items(info.stage, info.key)
-                for item in sorted(partial):
-                    if self._lock_alive(info.stage, info.key, item):
-                        continue  # someone is writing it right now
-                    rel = self._rel(info.stage, info.key, item)
-                    removed.append(rel)
-                    if not dry_run:
-                        self.fs.rm(self._p(rel), recursive=True)
-        return removed
-
-    # ----------------------------------------------------------------- leases
-    def _lock_path(self, stage: str, key: str, item: str) -> str:
-        return self._p(LOCKS, _check_name("stage", stage), _check_name("key", key), f"{_check_name('item', item)}.lock")
-
-    def try_claim(self, stage: str, key: str, item: str, ttl: float = LOCK_TTL_SECONDS) -> bool:
-        """Claim the right to compute an item; False if another live process holds it.
-
-        Local stores use an exclusive-create lock file holding host, pid and time; a lock whose
-        process is gone (same host) or older than ``ttl`` is stale and taken over. Remote stores
-        have no atomic create here: claims always succeed there (duplicate work is then possible
-        but never corrupts, since items are written whole and marked last).
-        """
-        if not self.is_local:
-            return True
-        path = self._lock_path(stage, key, item)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._lock_alive(stage, key, item, ttl):
-                    return False
-                try:
-                    os.remove(path)
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "wb") as f:
-                f.write(record)
-            return True
-        return False
-
-    def release(self, stage: str, key: str, item: str) -> None:
-        """Release a claim taken with ``try_claim`` (no-op if absent)."""
-        if not self.is_local:
-            return
-        try:
-            os.remove(self._lock_path(stage, key, item))
-        except FileNotFoundError:
-            pass
-
-    def _lock_alive(self, stage: str, key: str, item: str, ttl: float = LOCK_TTL_SECONDS) -> bool:
-        if not self.is_local:
-            return False
-        path = self._lock_path(stage, key, item)
-        try:
-            with open(path, "rb") as f:
-                rec = json.loads(f.read() or b"{}")
-        except (FileNotFoundError, json.JSONDecodeError):
-            return False
-        if time.time() - float(rec.get("time", 0)) > ttl:
-            return False
-        if rec.get("host") == socket.gethostname():
-            pid = int(rec.get("pid", -1))
-            if pid == os.getpid():
-                return True
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-        return True
+    def runs(self) -> tuple[list[RunEntry], list[tuple[str, str]]]:
+        return read_journals(self.backend)
 
     # ----------------------------------------------------------------- tables
     def table_path(self, table: str, name: str) -> str:
         """Path (or URL path) of ``tables/<table>/<name>.parquet``."""
-        return self._p(TABLES, _check_name("table", table), f"{_check_name('table name', name)}.parquet")
+        return self.backend.path(TABLES, check_name("table", table), f"{check_name('table name', name)}.parquet")
 
     def table_names(self, table: str) -> list[str]:
         """Names of the Parquet files of one table, sorted."""
-        base = self._p(TABLES, _check_name("table", table))
-        if not self.fs.exists(base):
+        return sorted(n[: -len(".parquet")] for n in self.backend.listdir(self.backend.path(TABLES, check_name("table", table)))
+                      if n.endswith(".parquet") and not n.startswith("."))
+
+
+class PackSession:
+    """One pack being written by one process: ``add`` items, then ``commit`` (or use ``with``).
+
+    The pack is written to a temporary file and moved into place whole; its record is created
+    after it. Until then nothing of it is visible as complete; a crash leaves a temporary file
+    that ``cache gc`` removes.
+    """
+
+    def __init__(self, store: Store, stage_key: StageKey, meta: dict[str, Any]):
+        self.store = store
+        self.stage_key = stage_key
+        self.meta = to_jsonable(meta)
+        self.pack_id = new_id()
+        base = store.stage_dir(stage_key.stage, stage_key.key)
+        self.path = f"{base}/{PACKS}/{self.pack_id}.zip"
+        self.record_path = f"{base}/{RECORDS}/{self.pack_id}.json"
+        self._tmp = store.backend.tmp_path_for(self.path)
+        self._file = open(self._tmp, "w+b")
+        self._writer = PackWriter(self._file, {"stage": stage_key.stage, "key": stage_key.key, "pack": self.pack_id})
+        self.entries: dict[str, ItemEntry] = {}
+
+    def add(self, item: str, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> None:
+        check_name("item", item)
+        for name in arrays:
+            check_name("array", name)
+        self.entries[item] = self._writer.add(item, arrays, to_jsonable(dict(attrs)))
+
+    def commit(self) -> list[str]:
+        """Move the pack into place, then write its record; returns the committed items."""
+        if not self.entries:
+            self.abort()
             return []
-        return sorted(
-            p.rstrip("/").split("/")[-1][: -len(".parquet")]
-            for p in self.fs.ls(base, detail=False)
-            if p.endswith(".parquet")
-        )
+        self._writer.close()
+        self._file.close()
+        size = os.path.getsize(self._tmp)
+        self.store.backend.put_file(self._tmp, self.path)
+        rec = Record(self.pack_id, size, time.time(), dict(self.entries), self.meta)
+        self.store.backend.put_if_absent(self.record_path, rec.to_bytes())
+        self.store.state(self.stage_key.stage, self.stage_key.key, refresh=False).add_record(rec)
+        return list(self.entries)
+
+    def abort(self) -> None:
+        self._writer.abandon()
+        try:
+            self._file.close()
+        finally:
+            try:
+                os.remove(self._tmp)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "PackSession":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()

@@ -62,8 +62,10 @@ RUN_SCHEMA = pa.schema(
         pa.field("ended", pa.timestamp("ms", tz="UTC"), nullable=False),
         pa.field("config_json", pa.string(), nullable=False),
         pa.field("software_json", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # the run's outcome: complete | incomplete | failed | interrupted
+        pa.field("methods", pa.string(), nullable=False),  # the methods whose results depend on the stage output
     ],
-    metadata={"table": "run", "version": "1"},
+    metadata={"table": "run", "version": "2"},
 )
 
 FAILURE_SCHEMA = pa.schema(
@@ -75,8 +77,9 @@ FAILURE_SCHEMA = pa.schema(
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("error_type", pa.string(), nullable=False),
         pa.field("error", pa.string(), nullable=False),
+        pa.field("methods", pa.string(), nullable=False),  # the methods whose results depend on the stage output
     ],
-    metadata={"table": "failure", "version": "1"},
+    metadata={"table": "failure", "version": "2"},
 )
 
 METRICS_SCHEMA = pa.schema(
@@ -91,13 +94,15 @@ METRICS_SCHEMA = pa.schema(
         pa.field("acc", pa.float64(), nullable=True),
         pa.field("miou", pa.float64(), nullable=True),
         pa.field("aacc", pa.float64(), nullable=True),
-        pa.field("images", pa.int64(), nullable=False),
+        pa.field("images", pa.int64(), nullable=False),  # images scored
+        pa.field("images_total", pa.int64(), nullable=False),  # images of the dataset with ground truth (0: not recorded)
+        pa.field("complete", pa.bool_(), nullable=False),  # every image of the dataset scored
         pa.field("prediction_stage", pa.string(), nullable=False),  # "reconstruction" or "map_correction"
         pa.field("prediction_key", pa.string(), nullable=False),
         pa.field("random_weights", pa.bool_(), nullable=False),
         pa.field("params_json", pa.string(), nullable=False),
     ],
-    metadata={"table": "metrics", "version": "1"},
+    metadata={"table": "metrics", "version": "2"},
 )
 
 SCHEMAS: Mapping[str, pa.Schema] = {

@@ -1,15 +1,17 @@
-"""Stage store: markers, keys, bulk completeness, gc, concurrency, tables."""
+"""Stage store: packs readable by zarr, completion records, verified reads, damage, registration, tables."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from storage.keys import StageKey, canonical_json
-from storage.store import MissingOutputError, Store
+from storage.store import DamagedOutputError, MissingOutputError, Store, StoreError, StoreNotFoundError
 from storage.tables import MANIFEST_SCHEMA, read_table, write_table
 
 
@@ -17,78 +19,156 @@ def _key(stage="dino_features", **params) -> StageKey:
     return StageKey(stage, params or {"crop": 336}, {}, "1", {"name": "dino:tiny8", "random": True, "seed": 0})
 
 
-def test_write_read_roundtrip(tmp_path: Path):
+ARRAYS = {
+    "qk": np.random.default_rng(0).standard_normal((3, 4, 4, 8)).astype(np.float16),
+    "ids": np.arange(12, dtype=np.int32).reshape(3, 4),
+    "n": np.arange(3, dtype=np.int64),
+    "empty": np.zeros((0, 5), np.float32),
+    "flags": np.array([True, False, True]),
+    "big_endian": np.arange(4, dtype=">u2"),
+}
+
+
+def _files(root: Path, key: StageKey, folder: str) -> list[Path]:
+    return sorted((root / "stages" / key.stage / key.key / folder).glob("*"))
+
+
+def test_pack_roundtrip_and_zarr_reads_the_same_bytes(tmp_path: Path):
     s = Store(tmp_path / "st")
     k = _key()
-    qk = np.random.default_rng(0).standard_normal((3, 4, 4, 8)).astype(np.float16)
-    s.write_item(k, "img-a", {"qk": qk, "n": np.arange(3)}, {"note": "x"}, chunk_first_axis=["qk"])
-    out = s.read_item("dino_features", k.key, "img-a")
-    np.testing.assert_array_equal(out["qk"], qk)
-    np.testing.assert_array_equal(out["n"], np.arange(3))
+    with s.open_pack(k, {"software": {"x": "1"}}) as pack:
+        for i in range(3):
+            pack.add(f"img-{i}", {name: a + i if a.dtype.kind in "iuf" else a for name, a in ARRAYS.items()},
+                     {"seconds": 0.5, "i": i})
+    assert s.complete_items(k.stage, k.key) == {"img-0", "img-1", "img-2"}
+    out = s.read_item(k.stage, k.key, "img-2")
+    for name, a in ARRAYS.items():
+        expected = a + 2 if a.dtype.kind in "iuf" else a
+        np.testing.assert_array_equal(out[name], expected)
+        assert out[name].dtype == expected.dtype.newbyteorder("=") and out[name].flags.writeable
+    assert set(s.read_item(k.stage, k.key, "img-0", ["ids"])) == {"ids"}
+    assert s.item_attrs(k.stage, k.key, "img-1")["i"] == 1
+    assert s.item_attrs(k.stage, k.key, "img-1")["record"]["software"] == {"x": "1"}
+    # an independent decoder: zarr itself opens the pack as a Zarr v3 hierarchy
+    (pack_file,) = _files(tmp_path / "st", k, "packs")
+    g = zarr.open_group(zarr.storage.ZipStore(pack_file, mode="r"), mode="r")
+    assert g.attrs["stage"] == "dino_features" and dict(g["img-1"].attrs)["i"] == 1
+    for name, a in ARRAYS.items():
+        np.testing.assert_array_equal(g[f"img-1/{name}"][...], a + 1 if a.dtype.kind in "iuf" else a)
+    # one pack and one record for the whole batch: 2 files for 3 items
+    assert len(_files(tmp_path / "st", k, "packs")) == len(_files(tmp_path / "st", k, "records")) == 1
+    # a fresh Store object (another process) sees the same state
+    assert Store(tmp_path / "st").complete_items(k.stage, k.key) == {"img-0", "img-1", "img-2"}
+
+
+def test_bad_names_and_arrays_are_rejected(tmp_path: Path):
+    s = Store(tmp_path / "st")
+    with pytest.raises(ValueError, match="invalid item name"):
+        s.write_item(_key(), "../evil", {"x": np.arange(1)})
     with pytest.raises(ValueError, match="0-dimensional"):
-        s.write_item(k, "img-b", {"n": np.int64(3)})
-    assert s.item_attrs("dino_features", k.key, "img-a")["note"] == "x"
-    assert s.stage_attrs("dino_features", k.key)["stage_key"]["params"] == {"crop": 336}
+        s.write_item(_key(), "a", {"n": np.int64(3)})
+    with pytest.raises(ValueError, match="dtype object"):
+        s.write_item(_key(), "a", {"n": np.array([object()])})
+    assert s.complete_items("dino_features", _key().key) == set()
 
 
-def test_output_without_marker_is_missing_and_rewritten(tmp_path: Path):
+def test_an_item_is_complete_only_with_its_record(tmp_path: Path):
     s = Store(tmp_path / "st")
     k = _key()
-    s.write_item(k, "img-a", {"x": np.arange(4)})
-    # simulate a crash after the arrays but before the marker: drop the marker, corrupt the data
-    marker = tmp_path / "st" / "stages" / "dino_features" / k.key / ".complete" / "img-a.json"
-    marker.unlink()
-    assert s.missing("dino_features", k.key, ["img-a"]) == ["img-a"]
+    s.write_item(k, "a", {"x": np.arange(4)})
+    (rec,) = _files(tmp_path / "st", k, "records")
+    rec.unlink()  # the writer died after moving the pack into place, before its record
+    fresh = Store(tmp_path / "st")
+    assert fresh.missing(k.stage, k.key, ["a"]) == ["a"]
     with pytest.raises(MissingOutputError, match="not complete"):
-        s.read_item("dino_features", k.key, "img-a")
-    done, partial = s.items("dino_features", k.key)
-    assert done == set() and partial == {"img-a"}
-    s.write_item(k, "img-a", {"y": np.ones(2)})
-    assert set(s.read_item("dino_features", k.key, "img-a")) == {"y"}  # leftovers removed, not mixed in
+        fresh.read_item(k.stage, k.key, "a")
+    assert s.complete_items(k.stage, k.key) == set()  # a long-lived store object notices the removal too
+    s.write_item(k, "a", {"y": np.ones(2)})
+    assert set(Store(tmp_path / "st").read_item(k.stage, k.key, "a")) == {"y"}
 
 
-def test_bulk_completeness(tmp_path: Path):
+def _damage_cases():
+    def delete(path: Path, member) -> None:
+        path.unlink()
+
+    def truncate(path: Path, member) -> None:
+        data = path.read_bytes()
+        path.write_bytes(data[: member[1] + member[2] // 2])
+
+    def flip(path: Path, member) -> None:
+        data = bytearray(path.read_bytes())
+        data[member[1] + 3] ^= 0x5A
+        path.write_bytes(bytes(data))
+
+    return [("deleted", delete, "missing"), ("truncated", truncate, "truncated"), ("altered", flip, "CRC-32")]
+
+
+@pytest.mark.parametrize("name,damage,message", _damage_cases())
+def test_damaged_data_is_never_returned_and_the_item_is_unmarked(tmp_path: Path, name, damage, message):
     s = Store(tmp_path / "st")
     k = _key()
-    for i in range(5):
-        s.write_item(k, f"img-{i}", {"x": np.full(3, i)})
-    assert s.complete_items("dino_features", k.key) == {f"img-{i}" for i in range(5)}
-    assert s.missing("dino_features", k.key, ["img-1", "img-9", "img-3"]) == ["img-9"]
-    assert s.complete_items("dino_features", "0" * 20) == set()
+    with s.open_pack(k) as pack:
+        pack.add("a", {"qk": ARRAYS["qk"]}, {})
+        pack.add("b", {"qk": ARRAYS["qk"] + 1}, {})
+    (pack_file,) = _files(tmp_path / "st", k, "packs")
+    (rec_file,) = _files(tmp_path / "st", k, "records")
+    rec = json.loads(rec_file.read_text())
+    chunk = next(m for m in rec["items"]["b"]["members"] if m[0] == "b/qk/c/0/0/0/0")
+    damage(pack_file, chunk)
+    reader = Store(tmp_path / "st")
+    with pytest.raises(DamagedOutputError, match=message):
+        reader.read_item(k.stage, k.key, "b")
+    assert "b" not in reader.complete_items(k.stage, k.key)
+    assert "b" not in Store(tmp_path / "st").complete_items(k.stage, k.key)  # recorded for every later run
+    if name != "deleted":  # an intact item of a damaged pack stays readable unless its bytes are gone
+        np.testing.assert_array_equal(reader.read_item(k.stage, k.key, "a")["qk"], ARRAYS["qk"])
+    reader.write_item(k, "b", {"qk": ARRAYS["qk"] + 1})
+    np.testing.assert_array_equal(Store(tmp_path / "st").read_item(k.stage, k.key, "b")["qk"], ARRAYS["qk"] + 1)
 
 
-def test_key_changes_with_params_code_weights_and_upstream():
-    base = StageKey("clip_layers", {"crop": 224}, {"ingest": "u1"}, "1", {"name": "clip:tiny", "random": True})
-    variants = [
-        StageKey("clip_layers", {"crop": 336}, {"ingest": "u1"}, "1", {"name": "clip:tiny", "random": True}),
-        StageKey("clip_layers", {"crop": 224}, {"ingest": "u2"}, "1", {"name": "clip:tiny", "random": True}),
-        StageKey("clip_layers", {"crop": 224}, {"ingest": "u1"}, "2", {"name": "clip:tiny", "random": True}),
-        StageKey("clip_layers", {"crop": 224}, {"ingest": "u1"}, "1", {"name": "clip:tiny", "random": True, "seed": 1}),
-    ]
-    assert len({base.key, *(v.key for v in variants)}) == 5
-    same = StageKey("clip_layers", {"crop": 224}, {"ingest": "u1"}, "1", {"random": True, "name": "clip:tiny"})
-    assert same.key == base.key  # canonical JSON: key order does not matter
-    assert base.is_random_weights
-
-
-def test_canonical_json_rejects_nan():
-    with pytest.raises(ValueError, match="not finite"):
-        canonical_json({"tau": float("nan")})
-
-
-def test_gc_removes_unreferenced_keys_and_leftovers(tmp_path: Path):
+def test_unreadable_record_and_stage_metadata_do_not_stop_anything(tmp_path: Path, caplog):
     s = Store(tmp_path / "st")
     k1, k2 = _key(crop=1), _key(crop=2)
-    s.write_item(k1, "a", {"x": np.arange(2)})
-    s.write_item(k1, "b", {"x": np.arange(2)})
-    s.write_item(k2, "a", {"x": np.arange(2)})
-    (tmp_path / "st" / "stages" / "dino_features" / k1.key / ".complete" / "b.json").unlink()
-    plan = s.gc(keep=[("dino_features", k1.key)], dry_run=True)
-    assert any(k2.key in p for p in plan) and any(p.endswith("/b") for p in plan)
-    assert s.complete_items("dino_features", k2.key) == {"a"}  # dry run removed nothing
-    s.gc(keep=[("dino_features", k1.key)])
-    assert [(i.stage, i.key) for i in s.list_stages()] == [("dino_features", k1.key)]
-    assert s.items("dino_features", k1.key) == ({"a"}, set())
+    s.write_item(k1, "a", {"x": np.arange(3)})
+    s.write_item(k2, "a", {"x": np.arange(3)})
+    (rec,) = _files(tmp_path / "st", k1, "records")
+    rec.write_bytes(rec.read_bytes()[:25])  # truncated JSON
+    stage_json = tmp_path / "st" / "stages" / k2.stage / k2.key / "stage.json"
+    stage_json.write_text('{"stage_key": {"par')
+    fresh = Store(tmp_path / "st")
+    assert fresh.complete_items(k1.stage, k1.key) == set()  # that record's items are incomplete
+    assert any(str(rec) in r.getMessage() for r in caplog.records)
+    infos = {i.key: i for i in fresh.list_stages()}
+    assert str(rec) in infos[k1.key].damaged_files[0]
+    assert "stage.json is unreadable" in infos[k2.key].attrs["damaged"] and "rerun" in infos[k2.key].attrs["damaged"]
+    assert fresh.read_item(k2.stage, k2.key, "a")["x"].tolist() == [0, 1, 2]  # the data itself is fine
+    fresh.register_stage(k2)  # a run that knows the key rewrites it
+    assert json.loads(stage_json.read_text())["stage_key"] == k2.payload()
+
+
+def _register_many(root: str, worker: int, n: int) -> None:
+    s = Store(root)
+    for i in range(n):
+        s.register_stage(StageKey(f"stage{i}", {"p": i}, {}, "1"))
+        s.write_item(StageKey(f"stage{i}", {"p": i}, {}, "1"), f"w{worker}", {"x": np.full(2, worker)})
+
+
+def test_four_processes_register_the_same_twenty_stages(tmp_path: Path):
+    root = str(tmp_path / "st")
+    Store(root)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_register_many, args=(root, w, 20)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+        assert p.exitcode == 0
+    s = Store(root)
+    assert len(s.stage_sets()) == 20
+    for i in range(20):
+        k = StageKey(f"stage{i}", {"p": i}, {}, "1")
+        assert s.stage_attrs(k.stage, k.key)["stage_key"] == k.payload()
+        assert s.complete_items(k.stage, k.key) == {f"w{w}" for w in range(4)}
 
 
 def _writer(root: str, start: int, n: int) -> None:
@@ -115,23 +195,45 @@ def test_two_processes_writing_one_store_lose_nothing(tmp_path: Path):
         assert (s.read_item("dino_features", k.key, f"img-{i:03d}")["x"] == i).all()
 
 
-def test_claims_exclude_a_second_claimant_and_expire_for_dead_processes(tmp_path: Path):
-    s = Store(tmp_path / "st")
-    assert s.try_claim("st", "k", "a")
-    assert not s.try_claim("st", "k", "a")
-    s.release("st", "k", "a")
-    assert s.try_claim("st", "k", "a")
-    lock = tmp_path / "st" / "locks" / "st" / "k" / "a.lock"
-    lock.write_text('{"host": "%s", "pid": 999999999, "time": 1e12}' % __import__("socket").gethostname())
-    assert s.try_claim("st", "k", "a")  # holder is gone: stale lock taken over
+def test_read_only_open_of_a_missing_store_creates_nothing(tmp_path: Path):
+    with pytest.raises(StoreNotFoundError, match="no ovseg store"):
+        Store(tmp_path / "typo", create=False)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_store_of_the_earlier_format_is_named(tmp_path: Path):
+    old = tmp_path / "old"
+    (old / "stages" / "x").mkdir(parents=True)
+    (old / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    with pytest.raises(StoreError, match="earlier ovseg"):
+        Store(old)
 
 
 def test_memory_url_store():
     s = Store("memory://ovseg-test-store")
     k = _key()
     s.write_item(k, "a", {"x": np.arange(3)})
-    assert s.complete_items("dino_features", k.key) == {"a"}
+    assert Store("memory://ovseg-test-store").complete_items("dino_features", k.key) == {"a"}
     np.testing.assert_array_equal(s.read_item("dino_features", k.key, "a")["x"], np.arange(3))
+
+
+def test_key_changes_with_params_code_weights_and_upstream():
+    base = StageKey("clip_layers", {"crop": 224}, {"ingest": "u1"}, "1", {"name": "clip:tiny", "random": True})
+    variants = [
+        StageKey("clip_layers", {"crop": 336}, {"ingest": "u1"}, "1", {"name": "clip:tiny", "random": True}),
+        StageKey("clip_layers", {"crop": 224}, {"ingest": "u2"}, "1", {"name": "clip:tiny", "random": True}),
+        StageKey("clip_layers", {"crop": 224}, {"ingest": "u1"}, "2", {"name": "clip:tiny", "random": True}),
+        StageKey("clip_layers", {"crop": 224}, {"ingest": "u1"}, "1", {"name": "clip:tiny", "random": True, "seed": 1}),
+    ]
+    assert len({base.key, *(v.key for v in variants)}) == 5
+    same = StageKey("clip_layers", {"crop": 224}, {"ingest": "u1"}, "1", {"random": True, "name": "clip:tiny"})
+    assert same.key == base.key  # canonical JSON: key order does not matter
+    assert base.is_random_weights
+
+
+def test_canonical_json_rejects_nan():
+    with pytest.raises(ValueError, match="not finite"):
+        canonical_json({"tau": float("nan")})
 
 
 def test_tables_roundtrip_with_schema(tmp_path: Path):
@@ -146,12 +248,6 @@ def test_tables_roundtrip_with_schema(tmp_path: Path):
         write_table(s, "manifests", "bad", [{"dataset": "voc"}])
     with pytest.raises(ValueError, match="unknown table"):
         write_table(s, "nope", "x", [row])
-
-
-def test_bad_names_rejected(tmp_path: Path):
-    s = Store(tmp_path / "st")
-    with pytest.raises(ValueError, match="invalid item name"):
-        s.write_item(_key(), "../evil", {"x": np.arange(1)})
 
 
 def test_tables_written_with_an_older_schema_stay_readable(tmp_path: Path):

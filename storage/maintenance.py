@@ -1,0 +1,211 @@
+"""Listing, verification and garbage collection of a store (``ovseg cache ls / verify / gc``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.fsio import is_temporary, stale_temporaries
+from storage.journal import JOURNAL
+from storage.keys import StageKey
+from storage.leases import LEASES
+from storage.records import DROPS, INDEX, PACKS, RECORDS
+from storage.store import TABLES, DamagedOutputError, MissingOutputError, Store
+
+log = logging.getLogger("ovseg.storage")
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage output set as listed by ``list_stages``."""
+
+    stage: str
+    key: str
+    attrs: dict[str, Any]
+    complete: int
+    dropped: int
+    nbytes: int
+    damaged_files: tuple[str, ...] = ()
+
+    @property
+    def random_weights(self) -> bool:
+        if "random_weights" in self.attrs:
+            return bool(self.attrs["random_weights"])
+        w = self.attrs.get("stage_key", {}).get("weights")
+        return StageKey("x", weights=w if isinstance(w, dict) else None).is_random_weights
+
+
+def list_stages(store: Store, with_bytes: bool = True) -> list[StageInfo]:
+    """Every ``(stage, key)`` in the store with its attrs, item counts, bytes and unreadable files."""
+    out = []
+    for stage, key in store.stage_sets():
+        st = store.state(stage, key)
+        attrs = store.stage_attrs(stage, key)
+        damaged = tuple(sorted(st.damaged)) + ((attrs["damaged"],) if "damaged" in attrs else ())
+        nbytes = sum(s for _, s in store.backend.walk_files(store.stage_dir(stage, key))) if with_bytes else 0
+        out.append(StageInfo(stage, key, attrs, len(st.complete()), len(st.dropped_items()), nbytes, damaged))
+    return out
+
+
+# ----------------------------------------------------------------------------- verify
+@dataclass
+class SetReport:
+    """Verification of one stage output set."""
+
+    stage: str
+    key: str
+    checked: int = 0
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # (item, why)
+    damaged_files: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    repaired: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged and not self.damaged_files
+
+
+def verify(store: Store, sets: Iterable[tuple[str, str]] | None = None, checksums: bool = True,
+           repair: bool = False) -> list[SetReport]:
+    """Check every complete item of the given (default: all) stage output sets.
+
+    Presence and sizes of the packs always, CRC-32 of every member with ``checksums``; also
+    unreadable completion records, index, drop files and ``stage.json``. With ``repair``,
+    damaged items are un-marked (the next run recomputes exactly those) and unreadable records
+    are removed with their packs.
+    """
+    reports = []
+    for stage, key in (sorted(sets) if sets is not None else store.stage_sets()):
+        rep = SetReport(stage, key)
+        st = store.state(stage, key)
+        attrs = store.stage_attrs(stage, key)
+        if "damaged" in attrs:
+            rep.damaged_files.append((f"{store.stage_dir(stage, key)}/stage.json", attrs["damaged"]))
+        rep.damaged_files.extend((d.path, d.error) for d in st.damaged.values())
+        for item, pack in st.valid_pairs():
+            rep.checked += 1
+            try:
+                store.verify_item(stage, key, item, checksums=checksums)
+            except (DamagedOutputError, MissingOutputError) as e:
+                rep.damaged.append((item, str(e)))
+        if repair:
+            bad = [i for i, _ in rep.damaged]
+            rep.repaired = store.drop_items(stage, key, bad, reason="cache verify --repair")
+            for path, _ in rep.damaged_files:
+                if f"/{RECORDS}/" in path:
+                    pack = path.rsplit("/", 1)[-1][: -len(".json")]
+                    store.backend.delete(path)
+                    store.backend.delete(f"{store.stage_dir(stage, key)}/{PACKS}/{pack}.zip")
+                    rep.repaired += 1
+                elif f"/{INDEX}/" in path or f"/{DROPS}/" in path:
+                    store.backend.delete(path)  # its content is rebuilt from the records by the next compaction
+                    rep.repaired += 1
+        reports.append(rep)
+    return reports
+
+
+# ----------------------------------------------------------------------------- gc
+@dataclass
+class GcReport:
+    """What ``gc`` removed (or would remove with ``dry_run``)."""
+
+    sets: list[tuple[str, str, int, int]] = field(default_factory=list)  # (stage, key, items, bytes)
+    packs: int = 0
+    items: int = 0
+    temporaries: int = 0
+    leases: int = 0
+    nbytes: int = 0
+    paths: list[str] = field(default_factory=list)
+
+
+def gc(store: Store, keep: Iterable[tuple[str, str]], dry_run: bool = False, stale_after: float | None = None
+       ) -> GcReport:
+    """Delete stage output sets not in ``keep``; in kept sets, packs no item uses any more and
+    packs whose writer died before recording them; temporary files and leases of dead writers.
+
+    ``stale_after`` (default: the lease TTL) is how old a temporary file or an unrecorded pack
+    must be before it counts as abandoned.
+    """
+    keep_set = set(keep)
+    age = store.leases.ttl if stale_after is None else stale_after
+    rep = GcReport()
+
+    def remove(path: str, size: int) -> None:
+        rep.paths.append(path)
+        rep.nbytes += size
+        if not dry_run:
+            store.backend.delete(path)
+
+    for stage, key in store.stage_sets():
+        base = store.stage_dir(stage, key)
+        if (stage, key) not in keep_set:
+            files = list(store.backend.walk_files(base))
+            n = len(store.state(stage, key).complete())
+            rep.sets.append((stage, key, n, sum(s for _, s in files)))
+            rep.items += n
+            rep.nbytes += sum(s for _, s in files)
+            rep.paths.append(base)
+            if not dry_run:
+                store.backend.delete_tree(base)
+                store.backend.delete_tree(store.backend.path(LEASES, stage, key))
+            continue
+        _gc_set(store, stage, key, age, rep, remove, dry_run)
+    for folder in _temp_folders(store):
+        for e in stale_temporaries(store.backend, folder, age):
+            rep.temporaries += 1
+            remove(f"{folder}/{e.name}", e.size)
+    now = time.time()
+    for stage in store.backend.subfolders(store.backend.path(LEASES)):
+        for key in store.backend.subfolders(store.backend.path(LEASES, stage)):
+            for info in store.leases.leases(stage, key):
+                if not info.alive(now):
+                    rep.leases += 1
+                    remove(store.backend.path(LEASES, stage, key, f"{info.lease_id}.json"), 0)
+    return rep
+
+
+def _gc_set(store: Store, stage: str, key: str, age: float, rep: GcReport, remove, dry_run: bool) -> None:
+    base = store.stage_dir(stage, key)
+    st = store.state(stage, key)
+    in_use = st.packs_in_use()
+    known = st.known_packs()
+    records = {n[: -len(".json")] for n in store.backend.listdir(f"{base}/{RECORDS}") if n.endswith(".json")}
+    now = time.time()
+    for e in store.backend.list_entries(f"{base}/{PACKS}"):
+        if is_temporary(e.name) or not e.name.endswith(".zip"):
+            continue
+        pack = e.name[: -len(".zip")]
+        if pack in in_use:
+            continue
+        if pack in known:  # every item of it was recomputed elsewhere or un-marked
+            try:
+                rec = st.record(pack)
+            except (FileNotFoundError, ValueError):
+                rec = None
+            if rec is not None and not dry_run:
+                pairs = [(i, pack) for i in rec.items]
+                store.drop_items(stage, key, [], reason="cache gc: pack removed", pairs=pairs)
+            rep.packs += 1
+            remove(f"{base}/{PACKS}/{e.name}", e.size)
+            if pack in records:
+                remove(f"{base}/{RECORDS}/{pack}.json", 0)
+        elif pack not in records and now - e.mtime > age:  # its writer died before writing the record
+            rep.packs += 1
+            remove(f"{base}/{PACKS}/{e.name}", e.size)
+    if not dry_run and st.uncovered_records() + len(store.backend.listdir(f"{base}/{DROPS}")) > 0:
+        st.compact()
+
+
+def _temp_folders(store: Store) -> list[str]:
+    b = store.backend
+    out = [b.path(), b.path(JOURNAL)]
+    for table in b.subfolders(b.path(TABLES)):
+        out.append(b.path(TABLES, table))
+    for stage, key in store.stage_sets():
+        base = store.stage_dir(stage, key)
+        out += [base, f"{base}/{PACKS}", f"{base}/{RECORDS}", f"{base}/{DROPS}", f"{base}/{INDEX}"]
+    for stage in b.subfolders(b.path(LEASES)):
+        out += [b.path(LEASES, stage, key) for key in b.subfolders(b.path(LEASES, stage))]
+    return out

@@ -1,0 +1,97 @@
+"""Leases kept alive by heartbeat: exclusion, take-over of dead leases wherever their owner ran, claim races."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from storage.fsio import Backend
+from storage.leases import LeaseError, LeaseManager
+from storage.store import Store
+
+
+def _fake_lease(root: Path, stage: str, key: str, lease_id: str, items: list[str], heartbeat: float, ttl: float = 120,
+                host: str = "other-container") -> Path:
+    path = root / "leases" / stage / key / f"{lease_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"owner": {"host": host, "pid": 1, "run_id": "r-dead"}, "items": items,
+                                "created": heartbeat, "heartbeat": heartbeat, "ttl": ttl}))
+    return path
+
+
+def test_a_claim_excludes_another_process_until_released(tmp_path: Path):
+    a, b = Store(tmp_path / "st"), Store(tmp_path / "st")  # two processes: two lease managers
+    ca = a.leases.claim("s", "k", ["x", "y"], run_id="A")
+    assert ca.mine == ["x", "y"] and not ca.busy
+    cb = b.leases.claim("s", "k", ["y", "z"], run_id="B")
+    assert cb.mine == ["z"] and set(cb.busy) == {"y"} and "run A" in cb.busy["y"].describe()
+    a.leases.release(ca)
+    b.leases.release(cb)
+    assert b.leases.claim("s", "k", ["x", "y"]).mine == ["x", "y"]
+
+
+def test_a_stale_lease_from_another_host_is_taken_over(tmp_path: Path):
+    s = Store(tmp_path / "st")
+    old = _fake_lease(tmp_path / "st", "s", "k", "0000000000000001-dead", ["x"], time.time() - 121)
+    fresh = _fake_lease(tmp_path / "st", "s", "k", "0000000000000002-live", ["y"], time.time())
+    claim = s.leases.claim("s", "k", ["x", "y"])
+    assert claim.mine == ["x"] and set(claim.busy) == {"y"}
+    assert not old.exists() and fresh.exists()  # the dead lease was removed, the live one kept
+
+
+def test_an_unreadable_lease_is_dead(tmp_path: Path):
+    s = Store(tmp_path / "st")
+    path = _fake_lease(tmp_path / "st", "s", "k", "0000000000000001-x", ["x"], time.time())
+    path.write_text("{garbage")
+    assert s.leases.claim("s", "k", ["x"]).mine == ["x"]
+
+
+def test_heartbeat_keeps_a_lease_alive_past_its_ttl(tmp_path: Path):
+    owner = LeaseManager(Backend(str(tmp_path / "st")), ttl=0.6)
+    other = LeaseManager(Backend(str(tmp_path / "st")), ttl=0.6)
+    claim = owner.claim("s", "k", ["x"])
+    time.sleep(1.5)  # > 2 TTLs: only the heartbeat (every TTL/4) keeps it alive
+    assert set(other.busy_items("s", "k")) == {"x"}
+    owner.close()  # the owner stops beating (as if killed): the lease dies within one TTL
+    time.sleep(1.0)
+    assert other.claim("s", "k", ["x"]).mine == ["x"]
+    owner.release(claim)
+
+
+def test_racing_claims_leave_no_item_unclaimed(tmp_path: Path):
+    """Four claimants at once: every item is claimed by someone (the earliest lease holding it keeps it).
+
+    Two racing claimants may both keep an item only when neither lists the other's lease
+    before deciding (the documented, harmless duplicate: both write whole packs)."""
+    managers = [LeaseManager(Backend(str(tmp_path / "st"))) for _ in range(4)]
+    items = [f"i{n}" for n in range(30)]
+    for _ in range(10):
+        results = [None] * len(managers)
+        barrier = threading.Barrier(len(managers))
+
+        def claim(i: int) -> None:
+            barrier.wait()
+            results[i] = managers[i].claim("s", "k", items)
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(managers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        owned = {i for r in results for i in r.mine}
+        assert owned == set(items)
+        for r in results:  # an item a claimant gave up is reported as busy, with its holder
+            assert set(r.mine) | set(r.busy) == set(items)
+        for m, r in zip(managers, results):
+            m.release(r)
+
+
+def test_a_lease_that_cannot_be_written_is_a_lease_error(tmp_path: Path):
+    s = Store(tmp_path / "st")
+    (tmp_path / "st" / "leases").write_text("a file where a folder must be")
+    with pytest.raises(LeaseError, match="cannot write lease"):
+        s.leases.claim("s", "k", ["x"])
