@@ -89,60 +89,103 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_ls(args: argparse.Namespace) -> int:
+    from storage.keys import canonical_json
+    from storage.maintenance import list_stages
     from storage.store import Store
+    from tasks.stages import STAGE_ORDER
 
-    store = Store(args.store)
-    infos = store.list_stages(with_bytes=True)
+    store = Store(args.store, create=False)
+    infos = sorted(list_stages(store, with_bytes=True),
+                   key=lambda i: (STAGE_ORDER.index(i.stage) if i.stage in STAGE_ORDER else 99, i.key))
     if not infos:
         print(f"store {store.location} is empty")
         return 0
     rows = []
     for i in infos:
-        payload = i.attrs.get("stage_key", {})
-        params = payload.get("params", {})
-        text = ", ".join(f"{k}={_short(v)}" for k, v in sorted(params.items()))
-        rnd = " [random weights]" if _is_random(payload.get("weights")) else ""
-        rows.append((i.stage, i.key, i.complete, i.incomplete, _human(i.nbytes), (text[:100] + rnd)))
-    _print_table(rows, ["stage", "key", "complete", "incomplete", "bytes", "parameters"])
+        params = i.attrs.get("stage_key", {}).get("params", {})
+        rows.append((i.stage, i.key, i.complete, i.dropped, _human(i.nbytes), "yes" if i.random_weights else "no",
+                     canonical_json(params) if "damaged" not in i.attrs else "(stage.json damaged)"))
+    _print_table(rows, ["stage", "key", "complete", "un-marked", "bytes", "random weights", "parameters"])
+    for i in infos:
+        for path in i.damaged_files:
+            print(f"  damaged: {path} (ovseg cache verify --repair)")
     print(f"store: {store.location}")
     return 0
 
 
-def _short(v: object) -> str:
-    s = str(v)
-    return s if len(s) <= 40 else s[:37] + "..."
+def _plan_keys(exp_paths: Sequence[str]) -> set[tuple[str, str]]:
+    from flows.config import load_experiment
+    from flows.graph import build_plan
 
-
-def _is_random(w: object) -> bool:
-    from storage.keys import StageKey
-
-    return StageKey("x", weights=w if isinstance(w, dict) else None).is_random_weights
+    keys: set[tuple[str, str]] = set()
+    for exp_path in exp_paths:
+        for plan in build_plan(load_experiment(exp_path)):
+            keys.update(plan.nodes)
+    return keys
 
 
 def cmd_cache_gc(args: argparse.Namespace) -> int:
-    from flows.config import load_experiment
-    from flows.graph import build_plan
+    from storage.journal import KeepSet, newest_per_experiment
+    from storage.maintenance import gc
     from storage.store import Store
-    from storage.tables import read_table
 
-    store = Store(args.store)
-    keep: set[tuple[str, str]] = set()
-    for exp_path in args.experiments:
-        for plan in build_plan(load_experiment(exp_path)):
-            keep.update((n.stage, n.key) for n in plan.nodes.values())
+    store = Store(args.store, create=False)
+    runs, damaged = store.runs()
+    for path, err in damaged:
+        print(f"warning: unreadable run journal {path} ({err}); its plan is not protected", file=sys.stderr)
+    keep = KeepSet()
+    keep.live_runs = [r for r in runs if r.live]
+    if keep.live_runs and not args.force:
+        names = ", ".join(f"{r.run_id} ({r.experiment})" for r in keep.live_runs)
+        print(f"error: run(s) {names} are running on this store; wait for them or pass --force "
+              "(their outputs are kept either way)", file=sys.stderr)
+        return 2
+    for r in keep.live_runs:
+        keep.add(r.plan_keys(), f"live run {r.run_id}")
+    keep.add(_plan_keys(args.experiments), "experiment files")
     if not args.only_experiments:
-        runs = read_table(store, "runs").to_pylist()
-        newest: dict[str, str] = {}
-        for r in runs:  # run ids start with their UTC start time
-            newest[r["experiment"]] = max(newest.get(r["experiment"], ""), r["run_id"])
-        keep.update((r["stage"], r["key"]) for r in runs
-                    if args.all_runs or r["run_id"] == newest[r["experiment"]])
-    removed = store.gc(keep, dry_run=args.dry_run)
+        chosen = runs if args.all_runs else list(newest_per_experiment(runs).values())
+        for r in chosen:
+            keep.add(r.plan_keys(), f"run {r.run_id} ({r.experiment})")
+    rep = gc(store, keep.keys, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    for r in removed:
-        print(f"{verb} {r}")
-    print(f"{verb} {len(removed)} output sets; kept {len(keep)} referenced (stage, key) pairs")
+    for stage, key, items, nbytes in rep.sets:
+        print(f"{verb} {stage}/{key}: {items} items, {_human(nbytes)}")
+    print(f"{verb} {len(rep.sets)} output sets ({rep.items} items), {rep.packs} superseded or unrecorded packs, "
+          f"{rep.temporaries} temporary files of dead writers, {rep.leases} dead leases: {_human(rep.nbytes)}; "
+          f"kept {len(keep.keys)} referenced output sets")
     return 0
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from storage.maintenance import verify
+    from storage.store import Store
+
+    store = Store(args.store, create=False)
+    sets = store.stage_sets()
+    if args.experiment:
+        wanted = _plan_keys([args.experiment])
+        sets = [s for s in sets if s in wanted]
+    if args.stage:
+        from tasks.stages import get_stage
+
+        get_stage(args.stage)
+        sets = [s for s in sets if s[0] == args.stage]
+    reports = verify(store, sets, checksums=not args.sizes_only, repair=args.repair)
+    rows = [(r.stage, r.key, r.checked, len(r.damaged), len(r.damaged_files), r.repaired if args.repair else "-")
+            for r in reports]
+    _print_table(rows, ["stage", "key", "items checked", "damaged items", "damaged files", "repaired"])
+    bad = [r for r in reports if not r.ok]
+    for r in bad:
+        for item, why in r.damaged:
+            print(f"  {r.stage}/{r.key}/{item}: {why}")
+        for path, why in r.damaged_files:
+            print(f"  {path}: {why}")
+    if bad and args.repair:
+        print("damaged items were un-marked: the next `ovseg run` recomputes exactly those")
+    elif bad:
+        print("run `ovseg cache verify --repair` to un-mark them (the next run recomputes exactly those)")
+    return 1 if bad else 0
 
 
 def _load_exp(args: argparse.Namespace):
@@ -155,16 +198,17 @@ def _load_exp(args: argparse.Namespace):
 
 
 def _print_summary(summary) -> None:
-    rows = [(s.dataset, s.stage, s.key, s.total, s.done, s.cached, s.skipped, s.failed, f"{s.seconds:.1f}")
+    rows = [(s.dataset, s.stage, s.key, s.total, s.done, s.cached, s.skipped + s.busy, s.failed, f"{s.seconds:.1f}")
             for s in summary.stages]
-    _print_table(rows, ["dataset", "stage", "key", "images", "computed", "cached", "skipped", "failed", "seconds"])
+    _print_table(rows, ["dataset", "stage", "key", "images", "computed", "cached", "not done", "failed", "seconds"])
 
 
 def cmd_run(args: argparse.Namespace, only: Sequence[str] | None = None) -> int:
     from flows.pipeline import run_experiment
 
     exp = _load_exp(args)
-    summary = run_experiment(exp, force=args.force, dry_run=args.dry_run, progress=not args.quiet, only_stages=only)
+    summary = run_experiment(exp, force=args.force, dry_run=args.dry_run, progress=not args.quiet, only_stages=only,
+                             wait=not args.no_wait, experiment_file=str(args.experiment))
     if summary.plan_only:
         print(f"plan for experiment {exp.name} (store {summary.store}):")
         rows = [(s.dataset, s.stage, s.key, s.done, s.cached, s.methods) for s in summary.stages]
@@ -174,57 +218,63 @@ def cmd_run(args: argparse.Namespace, only: Sequence[str] | None = None) -> int:
     if summary.metrics:
         print()
         rows = [(m["dataset"], m["method"], f"{100 * m['miou']:.2f}" if m["miou"] is not None else "nan",
-                 f"{100 * m['aacc']:.2f}" if m["aacc"] is not None else "nan", m["images"])
+                 f"{100 * m['aacc']:.2f}" if m["aacc"] is not None else "nan",
+                 f"{m['images']}/{m['images_total']}" + ("" if m["complete"] else " (partial)"))
                 for m in summary.metrics if m["class_index"] == -1]
-        _print_table(rows, ["dataset", "method", "mIoU", "aAcc", "images"])
+        _print_table(rows, ["dataset", "method", "mIoU", "aAcc", "images scored"])
+    for note in summary.notes:
+        print(f"note: {note}")
     if summary.random_weights:
         print("\nNOTE: random-weight backbones were used: scores are at chance level and are NOT method results.")
-    failures = [(s.stage, f[0], f[1], f[2]) for s in summary.stages for f in s.failures if f[1] != "SkippedUpstream"]
-    print(f"\nrun {summary.run_id}: {summary.computed} outputs computed, {summary.failed} failed")
+    failures = [(s.stage, f[0], f[1], f[2]) for s in summary.stages for f in s.failures]
+    print(f"\nrun {summary.run_id}: {summary.status}: {summary.computed} outputs computed, {summary.failed} failed, "
+          f"{summary.incomplete} left for a later run")
     for stage, iid, etype, err in failures[:20]:
         print(f"  {stage} {iid}: {etype}: {err}")
     if len(failures) > 20:
         print(f"  ... {len(failures) - 20} more (see `ovseg runs --failures {summary.run_id}`)")
-    return 1 if summary.failed else 0
+    return summary.exit_code
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from flows.graph import STAGE_ORDER
+    from tasks.stages import get_stage
 
-    if args.name not in STAGE_ORDER:
-        print(f"error: unknown stage {args.name!r}; stages are: {', '.join(STAGE_ORDER)}", file=sys.stderr)
-        return 2
+    get_stage(args.name)
     return cmd_run(args, only=[args.name])
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    import time as _time
+
     from storage.store import Store
     from storage.tables import read_table
 
-    store = Store(args.store)
+    store = Store(args.store, create=False)
     if args.failures:
         t = read_table(store, "failures", [args.failures]).to_pylist()
-        _print_table([(r["dataset"], r["stage"], r["image_id"], r["error_type"], r["error"][:80]) for r in t],
-                     ["dataset", "stage", "image", "error type", "error"])
+        for r in t:
+            print(f"{r['dataset']}  {r['stage']}  {r['key']}  [{r['methods'] or '-'}]  {r['image_id']}\n"
+                  f"    {r['error_type']}: {r['error']}")
+        if not t:
+            print(f"run {args.failures}: no failures")
         return 0
-    t = read_table(store, "runs").to_pylist()
-    if not t:
+    runs, damaged = store.runs()
+    for path, err in damaged:
+        print(f"warning: unreadable run journal {path} ({err})", file=sys.stderr)
+    if not runs:
         print(f"no runs recorded in {store.location}")
         return 0
-    by_run: dict[str, dict] = {}
-    for r in t:
-        a = by_run.setdefault(r["run_id"], {"experiment": r["experiment"], "start": r["started"], "end": r["ended"],
-                                            "done": 0, "cached": 0, "failed": 0, "random": False, "seconds": 0.0})
-        a["start"] = min(a["start"], r["started"])
-        a["end"] = max(a["end"], r["ended"])
-        a["done"] += r["images_done"]
-        a["cached"] += r["images_cached"]
-        a["failed"] += r["images_failed"]
-        a["random"] |= r["random_weights"]
-        a["seconds"] += r["seconds"]
-    rows = [(rid, a["experiment"], a["start"].strftime("%Y-%m-%d %H:%M:%S"), f"{(a['end'] - a['start']).total_seconds():.0f}s",
-             a["done"], a["cached"], a["failed"], "yes" if a["random"] else "no") for rid, a in sorted(by_run.items())]
-    _print_table(rows, ["run", "experiment", "started (UTC)", "wall", "computed", "cached", "failed", "random weights"])
+    rows = []
+    for r in runs:
+        d = r.data
+        end = d.get("ended") or (d.get("heartbeat") if r.status == "dead" else _time.time())
+        counts = d.get("counts") or {}
+        started = _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(r.started))
+        rows.append((r.run_id, r.experiment, r.status, started, f"{float(end) - r.started:.0f}s",
+                     counts.get("computed", "-"), counts.get("failed", "-"), counts.get("incomplete", "-"),
+                     "yes" if d.get("random_weights") else "no"))
+    _print_table(rows, ["run", "experiment", "status", "started (UTC)", "wall", "computed", "failed", "left",
+                        "random weights"])
     return 0
 
 
@@ -267,6 +317,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from ovseg_core.methods import METHODS
     p = argparse.ArgumentParser(prog="ovseg", description="Training-free open-vocabulary semantic segmentation pipeline "
                                 "(CorrCLIP, SC-CLIP) over a Zarr stage store.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -280,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     store_arg(sp)
     sp.add_argument("--dry-run", action="store_true", help="print the plan (stage, key, images to compute / cached) and exit")
     sp.add_argument("--force", action="append", default=[], metavar="STAGE", help="recompute STAGE and its dependants (repeatable)")
+    sp.add_argument("--no-wait", action="store_true", help="do not wait for items another live run is computing "
+                    "(they are reported and the run exits 3)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_run)
 
@@ -289,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_arg(sp)
     sp.add_argument("--dry-run", action="store_true")
     sp.add_argument("--force", action="append", default=[], metavar="STAGE")
+    sp.add_argument("--no-wait", action="store_true")
     sp.add_argument("-q", "--quiet", action="store_true")
     sp.set_defaults(func=cmd_stage)
 
@@ -319,8 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all-runs", action="store_true",
                     help="keep the keys of every recorded run (default: of the newest run of each experiment)")
     sp.add_argument("--dry-run", action="store_true")
+    sp.add_argument("--force", action="store_true", help="run even while a run is live (its outputs are kept)")
     store_arg(sp)
     sp.set_defaults(func=cmd_cache_gc)
+    sp = csub.add_parser("verify", help="check every complete item (presence, sizes, checksums); exit 1 on damage")
+    sp.add_argument("experiment", nargs="?", default=None, help="only the stage outputs of this experiment file")
+    sp.add_argument("--stage", default=None, help="only this stage")
+    sp.add_argument("--repair", action="store_true", help="un-mark damaged items so the next run recomputes exactly those")
+    sp.add_argument("--sizes-only", action="store_true", help="check presence and sizes, not checksums (fast)")
+    store_arg(sp)
+    sp.set_defaults(func=cmd_cache_verify)
 
     sp = sub.add_parser("runs", help="list run records")
     sp.add_argument("--failures", metavar="RUN_ID", default=None, help="list the failed images of one run")
@@ -337,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("segment", help="segment one image with a custom vocabulary")
     sp.add_argument("image")
     sp.add_argument("--classes", required=True, help='classes separated by ";", synonyms by ",": "cat; dog, puppy; grass"')
-    sp.add_argument("--method", default="corrclip", choices=["corrclip", "scclip", "clip", "maskclip", "clearclip", "corrclip+scclip"])
+    sp.add_argument("--method", default="corrclip", choices=list(METHODS))
     sp.add_argument("--out", default="overlay.png", help="overlay PNG (the label map is written next to it)")
     sp.add_argument("--clip", default=None, help="CLIP backbone name (default: the method's paper backbone)")
     sp.add_argument("--dino", default=None)

@@ -106,6 +106,8 @@ class RunnerEntry(_Strict):
     workers: int = Field(default=1, ge=1, description="parallel tasks (threads for local; Dask workers for a temporary cluster)")
     address: str | None = Field(default=None, description="tcp://scheduler:8786 of an existing Dask cluster (kind: dask)")
     batch_size: int = Field(default=8, ge=1, description="images per Prefect task (one task per batch, never per image)")
+    lease_ttl: float = Field(default=120.0, gt=0, le=3600, description="seconds without a heartbeat after which a "
+                             "dead run's claim on its items expires (reruns never wait longer)")
 
 
 class Experiment(_Strict):

@@ -1,22 +1,11 @@
-"""The stage graph of an experiment: which stages, with which parameters and keys.
+"""The stage graph of an experiment: which stage outputs, with which typed parameters and keys.
 
 For every dataset and method the graph resolves the dataset preset (resize, window, logit
-scale, thresholds), the method config and the backbones into stage keys, chained through
-their upstream keys. Identical keys across methods are one node: a sweep over CorrCLIP's TAU
-shares its SAM masks, DINO features, CLIP dumps, clustering and mask class tokens.
-
-Stages (upstream in brackets):
-- ``text_embeddings`` (-): per vocabulary (item ``vocab``).
-- ``sam_masks`` (-): region ids at original resolution (SAM or superpixels).
-- ``dino_features`` (-): last-block q+k per window.
-- ``clip_layers`` (-): CLIP block aggregates per window (union of what the methods sharing a
-  window plan need).
-- ``mask_clustering`` (dino_features, sam_masks): merged region ids per window on the DINO grid.
-- ``mask_class_tokens`` (mask_clustering): CorrCLIP semantic-branch tokens per window.
-- ``reconstruction`` (text_embeddings, clip_layers, [dino_features, sam_masks, mask_clustering,
-  mask_class_tokens]): label map + winning probability at original resolution.
-- ``map_correction`` (reconstruction, sam_masks): CorrCLIP's region-mode correction.
-- ``scoring`` (the final prediction stage): per-image confusion matrix.
+scale, thresholds), the method (``ovseg_core.methods.METHODS``) and the backbones into
+``StageNode`` objects whose parameters are exactly what each stage reads
+(``tasks.params``). Identical keys are one node: a sweep over CorrCLIP's TAU shares its SAM
+masks, DINO features, CLIP dumps, clustering and mask class tokens, and an ablation of map
+correction shares its reconstruction. Stages and what they read: ``tasks.stages.STAGES``.
 """
 
 from __future__ import annotations
@@ -28,37 +17,25 @@ from typing import Any
 
 from flows.config import DatasetEntry, Experiment, MethodEntry
 from ovseg_core.datasets import DatasetSpec, class_lines, get_dataset
-from storage.keys import StageKey
-from tasks.runtime import StageSpec
+from ovseg_core.methods import Method, get_method
+from tasks import params as P
+from tasks.runtime import StageNode
+from tasks.stages import STAGE_ORDER, STAGES
 
-# Explicit per-stage code versions: bump when a stage's output for the same inputs changes.
-CODE_VERSIONS: Mapping[str, str] = {
-    "text_embeddings": "1",
-    "sam_masks": "1",
-    "dino_features": "1",
-    "clip_layers": "1",
-    "mask_clustering": "1",
-    "mask_class_tokens": "1",
-    "reconstruction": "1",
-    "map_correction": "1",
-    "scoring": "1",
-}
-STAGE_ORDER = tuple(CODE_VERSIONS)
-PER_VOCABULARY = frozenset({"text_embeddings"})
 # SC-CLIP with ViT-L/14 uses other background thresholds (methods.md section 3).
 SCCLIP_VITL_PROB_THD: Mapping[str, float] = {"VOC21": 0.2, "COCO-Object": 0.25}
-CORRCLIP_PAD_MULTIPLE = 56  # lcm(8, 14): DINO /8 and CLIP /14 and /16 grids all fit (methods.md 2.1)
-
-
-# A node of the stage graph: one stage output set to produce for one dataset.
-StageNode = StageSpec
+# CorrCLIP pads windows to a multiple of lcm(8, 14) = 56: the DINO /8 and CLIP /14 grids fit
+# exactly; a CLIP /16 grid of a 56-multiple that is not a 16-multiple is rounded down as in the
+# reference (methods.md 2.1).
+CORRCLIP_PAD_MULTIPLE = 56
 
 
 @dataclass(frozen=True)
 class MethodPlan:
     """The nodes that produce one method's predictions and scores on one dataset."""
 
-    method: MethodEntry
+    entry: MethodEntry
+    method: Method
     prediction: StageNode
     scoring: StageNode
     num_classes: int
@@ -75,12 +52,18 @@ class DatasetPlan:
     methods: list[MethodPlan] = field(default_factory=list)
 
     def add(self, node: StageNode) -> StageNode:
-        self.nodes.setdefault((node.stage, node.key), node)
-        return self.nodes[(node.stage, node.key)]
+        """Add a node; an identical key returns the node already there."""
+        return self.nodes.setdefault(node.ident, node)
 
     def ordered(self) -> list[StageNode]:
         """Nodes sorted by stage order (a topological order of the graph)."""
         return sorted(self.nodes.values(), key=lambda n: (STAGE_ORDER.index(n.stage), n.key))
+
+
+def node(stage: str, params: Any, upstream: Mapping[str, StageNode] | None = None,
+         weights: Mapping[str, Any] | None = None) -> StageNode:
+    """A graph node; its code version comes from the stage table."""
+    return StageNode(stage, params, STAGES[stage].code_version, dict(upstream or {}), weights)
 
 
 def dataset_spec(ds: DatasetEntry) -> DatasetSpec:
@@ -94,11 +77,6 @@ def dataset_spec(ds: DatasetEntry) -> DatasetSpec:
                        reduce_zero_label=False, presets=presets, class_files=dict(base.class_files), label_conversion="none")
 
 
-def method_family(method: str) -> str:
-    """Preset and class-file family of a method: CorrCLIP presets for corrclip*, SC-CLIP's for the rest."""
-    return "corrclip" if method.startswith("corrclip") else "scclip"
-
-
 def weights_identity(name: str, weights_dir: str | None) -> dict[str, Any]:
     """Identity of a backbone's weights for stage keys, without building the model."""
     from ovseg_core.backbones import weights_identity as _wid
@@ -106,203 +84,158 @@ def weights_identity(name: str, weights_dir: str | None) -> dict[str, Any]:
     return _wid(name, weights_dir=weights_dir)
 
 
-def method_config(entry: MethodEntry, num_blocks: int):
-    """The frozen method config of an entry (validated; errors name the field)."""
-    params = dict(entry.params)
-    if entry.method == "corrclip":
-        from ovseg_core.corrclip.config import CorrCLIPConfig
+def _geometry(name: str) -> tuple[int, int]:
+    from ovseg_core.backbones import num_blocks, patch_size
 
-        if entry.map_correction is not None:
-            params["map_correction"] = entry.map_correction
-        return _build(CorrCLIPConfig, params, entry)
-    if entry.method == "scclip":
-        from ovseg_core.scclip.config import SCCLIPConfig
-
-        return _build(SCCLIPConfig, params, entry).resolved(num_blocks)
-    if entry.method == "corrclip+scclip":
-        from ovseg_core.combined import CombinedConfig
-        from ovseg_core.corrclip.config import CorrCLIPConfig
-
-        corr = {k: v for k, v in params.items() if k != "scclip"}
-        if entry.map_correction is not None:
-            corr["map_correction"] = entry.map_correction
-        return (_build(CorrCLIPConfig, corr, entry), _build(CombinedConfig, dict(params.get("scclip", {})), entry))
-    if params:
-        raise ValueError(f"method {entry.name!r} ({entry.method}) takes no params, got {sorted(params)}")
-    return None
+    return num_blocks(name), patch_size(name)
 
 
-def _build(cls, params: Mapping[str, Any], entry: MethodEntry):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - names)
-    if unknown:
-        raise ValueError(
-            f"methods[{entry.name}].params: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(names)}"
-        )
+def class_names(lines: list[str], spec: DatasetSpec, custom: bool) -> tuple[str, ...]:
+    """Class names of a vocabulary; a benchmark's background class is named "background"."""
+    from ovseg_core.features.text import parse_class_lines
+
+    names = list(parse_class_lines(lines).class_names)
+    if spec.has_background and not custom and names:
+        names[0] = "background"
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    entry: MethodEntry
+    method: Method
+    clip: str
+    window: P.WindowParams
+    config: Any
+    blocks: tuple[str, ...]
+
+
+def _resolve(exp: Experiment, spec: DatasetSpec, m: MethodEntry) -> _Resolved:
+    method = get_method(m.method)
+    clip_name = m.clip or exp.models.clip
+    nb, patch = _geometry(clip_name)
+    preset = spec.presets[method.family]
+    window = P.WindowParams(m.window.short_side or preset.short_side, m.window.crop or preset.crop,
+                            m.window.stride or preset.stride,
+                            CORRCLIP_PAD_MULTIPLE if method.family == "corrclip" else patch)
+    params = dict(m.params)
+    if m.map_correction is not None:
+        if not method.uses_regions:
+            raise ValueError(f"methods[{m.name}].map_correction: method {m.method!r} has no map correction")
+        params["map_correction"] = m.map_correction
     try:
-        return cls(**params)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"methods[{entry.name}].params: {e}") from e
-
-
-def required_blocks(entry: MethodEntry, cfg, num_blocks: int) -> tuple[str, ...]:
-    """CLIP aggregates a method reads from ``clip_layers``."""
-    if entry.method == "corrclip":
-        from ovseg_core.corrclip.config import required_blocks as rb
-
-        return tuple(rb(cfg, num_blocks))
-    if entry.method == "corrclip+scclip":
-        from ovseg_core.combined import combined_required_blocks
-        from ovseg_core.corrclip.config import required_blocks as rb
-
-        return tuple(sorted(set(rb(cfg[0], num_blocks)) | set(combined_required_blocks(cfg[1], num_blocks))))
-    if entry.method == "scclip":
-        from ovseg_core.scclip.pipeline import required_blocks as rb
-
-        return tuple(rb(cfg, num_blocks))
-    from ovseg_core.baselines import baseline_required_blocks
-
-    return tuple(baseline_required_blocks(entry.method, num_blocks))
-
-
-def clip_num_blocks(name: str) -> int:
-    """Number of transformer blocks of a CLIP backbone, without loading weights."""
-    from ovseg_core.backbones import num_blocks
-
-    return num_blocks(name)
-
-
-def clip_patch_size(name: str) -> int:
-    """Patch size of a CLIP backbone, without loading weights."""
-    from ovseg_core.backbones import patch_size
-
-    return patch_size(name)
-
-
-def config_dict(cfg) -> Any:
-    if cfg is None:
-        return None
-    if isinstance(cfg, tuple):
-        return [dataclasses.asdict(c) for c in cfg]
-    return dataclasses.asdict(cfg)
+        cfg = method.build(params, nb)
+    except ValueError as e:
+        raise ValueError(f"methods[{m.name}].{e}") from e
+    return _Resolved(m, method, clip_name, window, cfg, method.required_blocks(cfg, nb))
 
 
 def build_plan(exp: Experiment) -> list[DatasetPlan]:
     """Resolve the experiment into stage nodes per dataset (no model is loaded)."""
-    plans = []
     wd = exp.models.weights_dir
-    fdt = exp.feature_dtype
-    common = {"device": exp.device, "dtype": exp.dtype}
-    extra = {"window_batch": exp.window_batch, "weights_dir": wd}
+    fdt, dt = exp.feature_dtype, exp.dtype
+    plans = []
     for ds in exp.datasets:
         spec = dataset_spec(ds)
         plan = DatasetPlan(ds, spec)
-        # resolve each method first: window, config, blocks
-        resolved = []
-        for m in exp.methods:
-            clip_name = m.clip or exp.models.clip
-            nb = clip_num_blocks(clip_name)
-            family = method_family(m.method)
-            preset = spec.presets[family]
-            pad = CORRCLIP_PAD_MULTIPLE if family == "corrclip" else clip_patch_size(clip_name)
-            window = {
-                "short_side": m.window.short_side or preset.short_side,
-                "crop": m.window.crop or preset.crop,
-                "stride": m.window.stride or preset.stride,
-                "pad_multiple": pad,
-            }
-            cfg = method_config(m, nb)
-            resolved.append((m, clip_name, nb, family, preset, window, cfg, required_blocks(m, cfg, nb)))
-        # union of blocks per (clip, window) so methods sharing a window share one dump
-        union: dict[tuple, set[str]] = {}
-        for m, clip_name, nb, family, preset, window, cfg, blocks in resolved:
-            union.setdefault((clip_name, tuple(sorted(window.items()))), set()).update(blocks)
-
-        for m, clip_name, nb, family, preset, window, cfg, blocks in resolved:
-            clip_id = weights_identity(clip_name, wd)
-            variant = m.classes or family
-            lines = list(ds.classes) if ds.classes else class_lines(spec.name, variant)
-            text = plan.add(StageNode(StageKey(
-                "text_embeddings",
-                {"backbone": clip_name, "classes": lines, "templates": exp.text_templates, "dtype": exp.dtype},
-                {}, CODE_VERSIONS["text_embeddings"], {"clip": clip_id}), **common, extra=extra))
-            clip = plan.add(StageNode(StageKey(
-                "clip_layers",
-                {"backbone": clip_name, "window": window, "feature_dtype": fdt, "dtype": exp.dtype,
-                 "blocks": sorted(union[(clip_name, tuple(sorted(window.items())))])},
-                {}, CODE_VERSIONS["clip_layers"], {"clip": clip_id}), **common, extra=extra))
-            upstream = {"text_embeddings": text.stage_key, "clip_layers": clip.stage_key}
+        resolved = [_resolve(exp, spec, m) for m in exp.methods]
+        union: dict[tuple[str, P.WindowParams], set[str]] = {}  # methods sharing a window share one CLIP dump
+        for r in resolved:
+            union.setdefault((r.clip, r.window), set()).update(r.blocks)
+        for r in resolved:
+            m, method, window, cfg = r.entry, r.method, r.window, r.config
+            clip_id = {"clip": weights_identity(r.clip, wd)}
+            lines = list(ds.classes) if ds.classes else class_lines(spec.name, m.classes or method.family)
+            text = plan.add(node("text_embeddings", P.TextParams(r.clip, tuple(lines), exp.text_templates, dt),
+                                 weights=clip_id))
+            clip = plan.add(node("clip_layers", P.ClipParams(r.clip, window, tuple(sorted(union[(r.clip, window)])),
+                                                             fdt, dt), weights=clip_id))
+            upstream: dict[str, StageNode] = {"text_embeddings": text, "clip_layers": clip}
             sam = None
-            if family == "corrclip":
-                sam = plan.add(_sam_node(exp, wd, common, extra))
-                dino_name = exp.models.dino
-                dino = plan.add(StageNode(StageKey(
-                    "dino_features",
-                    {"backbone": dino_name, "window": window, "feature_dtype": fdt, "dtype": exp.dtype},
-                    {}, CODE_VERSIONS["dino_features"], {"dino": weights_identity(dino_name, wd)}), **common, extra=extra))
-                corr_cfg = cfg[0] if isinstance(cfg, tuple) else cfg
-                clustering = {k: getattr(corr_cfg, k) for k in ("mask_clustering", "dbscan_eps", "dbscan_min_samples", "m0_quirk")}
-                mc = plan.add(StageNode(StageKey(
-                    "mask_clustering", {"window": window, "clustering": clustering},
-                    {"dino_features": dino.stage_key.key, "sam_masks": sam.stage_key.key},
-                    CODE_VERSIONS["mask_clustering"]),
-                    upstream={"dino_features": dino.stage_key, "sam_masks": sam.stage_key}, **common, extra=extra))
-                upstream.update({"dino_features": dino.stage_key, "sam_masks": sam.stage_key, "mask_clustering": mc.stage_key})
-                if corr_cfg.semantic_branch:
-                    mct = plan.add(StageNode(StageKey(
-                        "mask_class_tokens", {"backbone": clip_name, "window": window, "feature_dtype": fdt, "dtype": exp.dtype},
-                        {"mask_clustering": mc.stage_key.key}, CODE_VERSIONS["mask_class_tokens"], {"clip": clip_id}),
-                        upstream={"mask_clustering": mc.stage_key, "sam_masks": sam.stage_key}, **common, extra=extra))
-                    upstream["mask_class_tokens"] = mct.stage_key
-            logit_scale = m.logit_scale or preset.logit_scale
+            if method.uses_regions:
+                sam = plan.add(_sam_node(exp, wd))
+                dino = plan.add(node("dino_features", P.DinoParams(exp.models.dino, window, fdt, dt),
+                                     weights={"dino": weights_identity(exp.models.dino, wd)}))
+                mc = plan.add(node("mask_clustering", P.ClusteringParams(window, method.clustering_config(cfg)),
+                                   {"dino_features": dino, "sam_masks": sam}))
+                upstream.update({"dino_features": dino, "sam_masks": sam, "mask_clustering": mc})
+                if method.semantic_branch(cfg):
+                    upstream["mask_class_tokens"] = plan.add(node(
+                        "mask_class_tokens", P.SemanticParams(r.clip, window, fdt, dt), {"mask_clustering": mc},
+                        clip_id))
+            preset = spec.presets[method.family]
             preset_thd = preset.prob_thd
-            if family == "scclip" and nb == 24 and spec.name in SCCLIP_VITL_PROB_THD:
+            if method.family == "scclip" and _geometry(r.clip)[0] == 24 and spec.name in SCCLIP_VITL_PROB_THD:
                 preset_thd = SCCLIP_VITL_PROB_THD[spec.name]
             prob_thd = (m.prob_thd if m.prob_thd is not None else preset_thd) if spec.has_background else None
             area_thd = (m.area_thd if m.area_thd is not None else preset.area_thd) if spec.has_background else None
-            rec = plan.add(StageNode(StageKey(
-                "reconstruction",
-                {"method": m.method, "config": config_dict(cfg), "backbone": clip_name, "window": window, "dtype": exp.dtype,
-                 "logit_scale": logit_scale, "prob_thd": prob_thd, "area_thd": area_thd},
-                {k: v.key for k, v in upstream.items()}, CODE_VERSIONS["reconstruction"], {"clip": clip_id}),
-                upstream=upstream, **common, extra=extra))
+            rec = plan.add(node("reconstruction", P.ReconstructionParams(
+                method.name, method.reconstruction_config(cfg), r.clip, window, dt, float(m.logit_scale or preset.logit_scale),
+                prob_thd, area_thd), upstream, clip_id))
             pred = rec
-            corr_cfg = cfg[0] if isinstance(cfg, tuple) else cfg
-            if family == "corrclip" and corr_cfg.map_correction:
-                pred = plan.add(StageNode(StageKey(
-                    "map_correction", {"m0_quirk": corr_cfg.m0_quirk},
-                    {"reconstruction": rec.key, "sam_masks": sam.key}, CODE_VERSIONS["map_correction"]),
-                    upstream={"reconstruction": rec.stage_key, "sam_masks": sam.stage_key}, **common, extra=extra))
-            score = plan.add(StageNode(StageKey(
-                "scoring",
-                {"spec": spec.name, "num_classes": spec.num_classes, "conversion": spec.label_conversion,
-                 "ignore_index": spec.ignore_index},
-                {"prediction": pred.key}, CODE_VERSIONS["scoring"]),
-                upstream={"prediction": pred.stage_key}, **common, extra=extra))
-            from ovseg_core.features.text import parse_class_lines
-
-            names = parse_class_lines(lines).class_names
-            plan.methods.append(MethodPlan(m, pred, score, spec.num_classes, tuple(names)))
+            if method.map_correction(cfg):
+                pred = plan.add(node("map_correction", P.MapCorrectionParams(method.corrclip_config(cfg).m0_quirk),
+                                     {"reconstruction": rec, "sam_masks": sam}))
+            score = plan.add(node("scoring", P.ScoringParams(spec.name, spec.num_classes, spec.label_conversion,
+                                                             spec.ignore_index), {"prediction": pred}))
+            plan.methods.append(MethodPlan(m, method, pred, score, spec.num_classes,
+                                           class_names(lines, spec, bool(ds.classes))))
         plans.append(plan)
     return plans
 
 
-def _sam_node(exp: Experiment, wd: str | None, common: Mapping[str, Any], extra: Mapping[str, Any]) -> StageNode:
+def _sam_node(exp: Experiment, wd: str | None) -> StageNode:
     from ovseg_core.features.regions import SamRegionConfig, SuperpixelConfig
 
     src = exp.regions.source
-    if src == "sam":
-        try:
-            cfg = SamRegionConfig(**exp.regions.params)
-        except TypeError as e:
-            raise ValueError(f"regions.params: {e}") from e
-        params = {"source": "sam", "backbone": exp.models.sam, "config": dataclasses.asdict(cfg), "dtype": exp.dtype}
-        weights = {"sam": weights_identity(exp.models.sam, wd)}
-    else:
-        try:
-            cfg = SuperpixelConfig(method=src, **exp.regions.params)
-        except TypeError as e:
-            raise ValueError(f"regions.params: {e}") from e
-        params = {"source": src, "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "method"}}
-        weights = None
-    return StageNode(StageKey("sam_masks", params, {}, CODE_VERSIONS["sam_masks"], weights), **common, extra=extra)
+    try:
+        if src == "sam":
+            cfg: Any = SamRegionConfig(**exp.regions.params)
+            return node("sam_masks", P.RegionParams("sam", exp.models.sam, cfg, exp.dtype),
+                        weights={"sam": weights_identity(exp.models.sam, wd)})
+        cfg = SuperpixelConfig(method=src, **exp.regions.params)
+    except TypeError as e:
+        raise ValueError(f"regions.params: {e}") from e
+    return node("sam_masks", P.RegionParams(src, None, cfg, None))
+
+
+def descendants(plan: DatasetPlan, stages: set[str]) -> set[tuple[str, str]]:
+    """Nodes of the named stages and every node downstream of them."""
+    chosen = {n.ident for n in plan.nodes.values() if n.stage in stages}
+    for n in plan.ordered():  # topological order: upstream nodes are decided first
+        if any(u.ident in chosen for u in n.upstream.values()):
+            chosen.add(n.ident)
+    return chosen
+
+
+def method_users(plan: DatasetPlan) -> dict[tuple[str, str], set[str]]:
+    """For every node, the names of the methods whose results depend on it."""
+    users: dict[tuple[str, str], set[str]] = {}
+    for mp in plan.methods:
+        stack = [mp.scoring]
+        while stack:
+            n = stack.pop()
+            if mp.entry.name in users.setdefault(n.ident, set()):
+                continue
+            users[n.ident].add(mp.entry.name)
+            stack.extend(n.upstream.values())
+    return users
+
+
+def check_device(device: str) -> None:
+    """Fail before anything runs when the device does not exist here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device: {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} but CUDA is not available on this machine; use device: cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device: {device!r} but MPS is not available on this machine; use device: cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device: {device!r} is not supported; use cpu, cuda or cuda:N")

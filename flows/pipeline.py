@@ -1,30 +1,41 @@
-"""The overnight flow: ingest, work out what is missing per stage and image, compute only that.
+"""The overnight flow: validate, ingest, compute what is missing per stage and image, say how it went.
 
-``run_experiment`` is what ``ovseg run`` calls. The flow walks the stage graph in dependency
-order; for each stage it asks the store which images are complete, batches the rest (one
-Prefect task per batch, never per image), and runs the batches on the configured task runner
-(local threads, or Dask). Failed images are recorded and skipped downstream; the run record
-says what produced every output.
+``run_experiment`` is what ``ovseg run`` calls:
+
+1. the plan is built and validated (configs, window geometry, device, backbones and weight
+   files) before the store is created or touched: a bad experiment leaves nothing behind and
+   ``--force`` deletes nothing;
+2. a run journal is written (status ``running``, heartbeat, the whole plan);
+3. the datasets are ingested; for each stage output set in dependency order the store's
+   completion state is read once, the missing items are batched (one Prefect task per batch)
+   and run by the streaming executor; items another live run is computing are waited for
+   (``wait=False`` reports them instead); failed items are recorded and skipped downstream;
+4. scores are aggregated with their coverage; the journal and the run record say how it ended:
+   ``complete`` (exit 0), ``failed`` (some item failed: exit 1) or ``incomplete`` (items left
+   for a later run: busy, missing inputs, damaged outputs: exit 3).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
-
 from flows.config import Experiment
-from flows.graph import PER_VOCABULARY, DatasetPlan, StageNode, build_plan
-from storage.keys import canonical_json
+from flows.graph import DatasetPlan, build_plan, check_device, descendants, method_users
 from storage.store import Store
-from storage.tables import write_table
-from tasks.runtime import ItemResult, StageContext, software_versions
+from tasks.runtime import BatchResult, ItemResult, RunSettings, StageContext, StageNode, open_store
+from tasks.stages import STAGE_ORDER, STAGES, get_stage
+
+log = logging.getLogger("ovseg.flows")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+
 
 @dataclass
 class StageReport:
@@ -36,7 +47,8 @@ class StageReport:
     total: int = 0
     done: int = 0
     cached: int = 0
-    skipped: int = 0
+    skipped: int = 0  # inputs missing (failed upstream in this run, or not computed yet)
+    busy: int = 0  # held by another live run and not waited for
     failed: int = 0
     seconds: float = 0.0
     methods: str = ""  # the methods whose results depend on this stage output (comma-separated)
@@ -54,8 +66,11 @@ class RunSummary:
     store: str
     stages: list[StageReport] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     plan_only: bool = False
     random_weights: bool = False
+    started: float = 0.0
+    ended: float = 0.0
 
     @property
     def failed(self) -> int:
@@ -65,307 +80,262 @@ class RunSummary:
     def computed(self) -> int:
         return sum(s.done for s in self.stages)
 
+    @property
+    def incomplete(self) -> int:
+        """Items left for a later run (busy elsewhere, inputs missing) plus damaged outputs found."""
+        return sum(s.busy + s.skipped for s in self.stages) + sum(1 for n in self.notes if "is damaged" in n)
 
-def _task_for(stage: str):
-    from tasks import corrclip, features, reconstruction, scoring
+    @property
+    def status(self) -> str:
+        if self.failed:
+            return "failed"
+        return "incomplete" if self.incomplete else "complete"
 
-    return {
-        "text_embeddings": features.text_embeddings_task,
-        "sam_masks": features.sam_masks_task,
-        "dino_features": features.dino_features_task,
-        "clip_layers": features.clip_layers_task,
-        "mask_clustering": corrclip.mask_clustering_task,
-        "mask_class_tokens": corrclip.mask_class_tokens_task,
-        "reconstruction": reconstruction.reconstruction_task,
-        "map_correction": corrclip.map_correction_task,
-        "scoring": scoring.scoring_task,
-    }[stage]
-
-
-def ingest_dataset(store: Store, plan: DatasetPlan, progress: bool = True) -> list[dict[str, Any]]:
-    """Build and store the manifest of one dataset; returns its rows (dicts)."""
-    from pathlib import Path
-
-    from storage.ingest import ManifestRow, ingest, ingest_files
-    from storage.tables import read_table
-
-    ds = plan.dataset
-    if ds.layout == "folder" and Path(ds.root).is_file():
-        rows = ingest_files([ds.root], dataset=ds.name)
-    else:
-        dataset = ds.name if ds.layout == "folder" else ds.spec
-        previous = []
-        if ds.name in store.table_names("manifests"):  # unchanged files are not decoded and hashed again
-            fields = ManifestRow.__dataclass_fields__
-            previous = [ManifestRow(**{k: v for k, v in r.items() if k in fields} | {"dataset": dataset})
-                        for r in read_table(store, "manifests", [ds.name]).to_pylist()]
-        rows = ingest(ds.root, ds.layout, dataset=dataset, split=ds.split, gt_dir=ds.gt_dir, progress=progress,
-                      previous=previous)
-    dicts = [dict(r.__dict__) if hasattr(r, "__dict__") else dict(r._asdict()) for r in rows]
-    for d in dicts:
-        d["dataset"] = ds.name
-    if ds.limit is not None:
-        dicts = dicts[: ds.limit]
-    write_table(store, "manifests", ds.name, dicts)
-    return dicts
+    @property
+    def exit_code(self) -> int:
+        return {"complete": EXIT_OK, "failed": EXIT_FAILED, "incomplete": EXIT_INCOMPLETE}[self.status]
 
 
-def _node_items(node: StageNode, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    if node.stage in PER_VOCABULARY:
-        return [{"image_id": "vocab"}]
-    if node.stage == "scoring":  # images without ground truth are predicted, not scored
-        return [dict(r) for r in rows if r.get("gt_path")]
-    return [dict(r) for r in rows]
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def _batches(items: Sequence[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
-def descendants(plan: DatasetPlan, stages: Iterable[str]) -> set[tuple[str, str]]:
-    """Nodes of the named stages and every node downstream of them."""
-    chosen = {(n.stage, n.key) for n in plan.nodes.values() if n.stage in set(stages)}
-    changed = True
-    while changed:
-        changed = False
-        for n in plan.nodes.values():
-            ident = (n.stage, n.key)
-            if ident in chosen:
-                continue
-            if any((u.stage, u.key) in chosen for u in n.upstream.values()):
-                chosen.add(ident)
-                changed = True
-    return chosen
-
-
-def make_task_runner(exp: Experiment):
-    """The Prefect task runner for the experiment's runner settings."""
-    if exp.runner.kind == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError as e:
-            raise RuntimeError("runner kind 'dask' needs prefect-dask: pip install 'ovseg[dask]'") from e
-        if exp.runner.address:
-            return DaskTaskRunner(address=exp.runner.address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": exp.runner.workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None})
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    return ThreadPoolTaskRunner(max_workers=exp.runner.workers)
-
-
-def plan_status(store: Store, plans: Sequence[DatasetPlan], manifests: Mapping[str, Sequence[Mapping[str, Any]]],
-                force: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Per node: how many items are cached and how many would be computed (the ``--dry-run`` table)."""
-    rows = []
-    for plan in plans:
-        forced = descendants(plan, force)
-        users = method_users(plan)
-        ok = [r for r in manifests[plan.dataset.name] if r.get("status", "ok") == "ok"]
-        for node in plan.ordered():
-            items = [i["image_id"] for i in _node_items(node, ok)]
-            done = store.complete_items(node.stage, node.key)
-            cached = 0 if (node.stage, node.key) in forced else sum(1 for i in items if i in done)
-            rows.append({"dataset": plan.dataset.name, "stage": node.stage, "key": node.key,
-                         "compute": len(items) - cached, "cached": cached,
-                         "methods": ",".join(sorted(users.get((node.stage, node.key), ())))})
-    return rows
-
-
-def method_users(plan: DatasetPlan) -> dict[tuple[str, str], set[str]]:
-    """For every node, the names of the methods whose results depend on it."""
-    users: dict[tuple[str, str], set[str]] = {}
-    for mp in plan.methods:
-        stack = [mp.scoring]
-        while stack:
-            n = stack.pop()
-            ident = (n.stage, n.key)
-            if mp.method.name in users.setdefault(ident, set()):
-                continue
-            users[ident].add(mp.method.name)
-            stack.extend(plan.nodes[(u.stage, u.key)] for u in n.upstream.values() if (u.stage, u.key) in plan.nodes)
-    return users
+def validate(exp: Experiment, force: Iterable[str] = (), only_stages: Iterable[str] | None = None
+             ) -> list[DatasetPlan]:
+    """Build and check the whole plan before anything is written (raises ``ValueError`` naming the problem)."""
+    for name in [*force, *(only_stages or ())]:
+        get_stage(name)
+    check_device(exp.device)
+    return build_plan(exp)
 
 
 def run_experiment(exp: Experiment, force: Iterable[str] = (), dry_run: bool = False, progress: bool = True,
-                   only_stages: Iterable[str] | None = None) -> RunSummary:
+                   only_stages: Iterable[str] | None = None, wait: bool = True,
+                   experiment_file: str | None = None) -> RunSummary:
     """Run (or plan, with ``dry_run``) an experiment. ``force`` recomputes the named stages and their dependants.
 
-    ``only_stages`` restricts the run to the named stages (``ovseg stage NAME``); their upstream
-    outputs must then already be complete (missing inputs are reported as skipped images).
+    ``only_stages`` restricts the run to the named stages (``ovseg stage NAME``); their inputs
+    must then already be complete (items without them are reported, and the run is incomplete).
     """
-    from prefect import flow
+    from flows.ingest import ingest_dataset, plan_status
+    from flows.records import write_run_record
 
     force = list(force)
-    store = Store(exp.store)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    plans = build_plan(exp)
-    manifests = {p.dataset.name: ingest_dataset(store, p, progress=progress) for p in plans}
-    summary = RunSummary(run_id, exp.name, store.location)
-    summary.random_weights = any(n.stage_key.is_random_weights for p in plans for n in p.nodes.values())
+    only = list(only_stages) if only_stages is not None else None
+    plans = validate(exp, force, only)
+    run_id = new_run_id()
+    summary = RunSummary(run_id, exp.name, "", started=time.time())
+    summary.random_weights = any(n.random_weights for p in plans for n in p.nodes.values())
     if dry_run:
-        summary.plan_only = True
-        for row in plan_status(store, plans, manifests, force):
-            summary.stages.append(StageReport(row["dataset"], row["stage"], row["key"], total=row["compute"] + row["cached"],
-                                              done=row["compute"], cached=row["cached"], methods=row["methods"]))
-        return summary
-
-    @flow(name=f"ovseg-{exp.name}", task_runner=make_task_runner(exp), log_prints=False)
-    def experiment_flow() -> None:
-        for plan in plans:
-            _run_dataset(store, exp, plan, manifests[plan.dataset.name], force, summary, progress, only_stages)
-
-    t0 = time.time()
-    experiment_flow()
-    _write_run_record(store, exp, plans, summary, t0)
+        return plan_status(exp, plans, force, summary)
+    store = open_store(Store(exp.store, lease_ttl=exp.runner.lease_ttl).location, exp.runner.lease_ttl)
+    summary.store = store.location
+    plan_rows = [{"dataset": p.dataset.name, "stage": n.stage, "key": n.key,
+                  "methods": sorted(method_users(p).get(n.ident, ()))} for p in plans for n in p.ordered()]
+    journal = store.journal(run_id, {"experiment": exp.name, "experiment_file": experiment_file or "",
+                                     "store": store.location, "plan": plan_rows, "force": force, "only_stages": only,
+                                     "random_weights": summary.random_weights}).start()
+    settings = RunSettings(store.location, exp.device, exp.window_batch, exp.models.weights_dir, run_id,
+                           exp.runner.lease_ttl)
+    status = "failed"
+    try:
+        manifests = {p.dataset.name: ingest_dataset(store, p, progress=progress) for p in plans}
+        _flow(exp, run_id)(store, plans, manifests, settings, force, only, summary, progress, wait, journal)
+        status = summary.status
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        summary.ended = time.time()
+        journal.finish(status, {"complete": 0, "incomplete": 3, "failed": 1, "interrupted": 130}[status],
+                       counts={"computed": summary.computed, "failed": summary.failed, "incomplete": summary.incomplete})
+        if status != "interrupted":
+            write_run_record(store, exp, plans, summary, status)
     return summary
 
 
-def _run_dataset(store: Store, exp: Experiment, plan: DatasetPlan, manifest: Sequence[Mapping[str, Any]],
-                 force: Sequence[str], summary: RunSummary, progress: bool, only_stages: Iterable[str] | None) -> None:
-    from tqdm.auto import tqdm
+def _flow(exp: Experiment, run_id: str):
+    from prefect import flow
 
-    ok_rows = [r for r in manifest if r.get("status", "ok") == "ok"]
+    from flows.runners import make_task_runner
+
+    @flow(name="ovseg", flow_run_name=f"{exp.name} {run_id}", task_runner=make_task_runner(exp), log_prints=False,
+          validate_parameters=False)
+    def experiment_flow(store, plans, manifests, settings, force, only, summary, progress, wait, journal) -> None:
+        for plan in plans:
+            _run_dataset(exp, store, plan, manifests[plan.dataset.name], settings, force, only, summary, progress,
+                         wait, journal)
+
+    return experiment_flow
+
+
+def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Sequence[Mapping[str, Any]],
+                 settings: RunSettings, force: Sequence[str], only: Sequence[str] | None, summary: RunSummary,
+                 progress: bool, wait: bool, journal) -> None:
+    from flows.scores import aggregate_scores
+
+    ok_rows = [dict(r) for r in manifest if r.get("status", "ok") == "ok"]
     bad_rows = [r for r in manifest if r.get("status", "ok") != "ok"]
     if bad_rows:
         rep = StageReport(plan.dataset.name, "ingest", "-", total=len(manifest), failed=len(bad_rows))
         rep.failures = [(r["image_id"], "ImageError", r["error"]) for r in bad_rows]
         summary.stages.append(rep)
-    forced = descendants(plan, force)
-    only = set(only_stages) if only_stages is not None else None
-    for node in plan.ordered():
-        if only is not None and node.stage not in only:
-            continue
-        rep = StageReport(plan.dataset.name, node.stage, node.key, started=time.time())
-        items = _node_items(node, ok_rows)
-        rep.total = len(items)
-        if (node.stage, node.key) in forced:
-            for it in items:
-                store.delete_item(node.stage, node.key, it["image_id"])
-        # images whose per-image inputs are missing are skipped (their failure was recorded upstream)
-        ready = items
-        for up in node.upstream.values():
-            if up.stage in PER_VOCABULARY:
-                if not store.is_complete(up.stage, up.key, "vocab"):
-                    ready = []
-                continue
-            done_up = store.complete_items(up.stage, up.key)
-            ready = [it for it in ready if it["image_id"] in done_up]
-        ready_ids = {it["image_id"] for it in ready}
-        for it in items:
-            if it["image_id"] not in ready_ids:
-                rep.skipped += 1
-                rep.failures.append((it["image_id"], "SkippedUpstream", "an upstream output is missing (failed earlier)"))
-        done = store.complete_items(node.stage, node.key)
-        todo = [it for it in ready if it["image_id"] not in done]
-        rep.cached = len(ready) - len(todo)
-        if todo:
-            ctx = StageContext.bind(node, store.location)
-            task = _task_for(node.stage)
-            futures = [task.submit(ctx, batch) for batch in _batches(todo, exp.runner.batch_size)]
-            bar = tqdm(total=len(todo), desc=f"{plan.dataset.name}:{node.stage}", unit="img", disable=not progress,
-                       leave=True)
-            for fut in futures:
-                results: list[ItemResult] = fut.result()
-                for r in results:
-                    if r.status == "done":
-                        rep.done += 1
-                    elif r.status == "cached":
-                        rep.cached += 1
-                    elif r.status == "busy":
-                        rep.skipped += 1
-                        rep.failures.append((r.item, "Busy", r.error))
-                    else:
-                        rep.failed += 1
-                        rep.failures.append((r.item, r.error_type, r.error))
-                    rep.seconds += r.seconds
-                bar.update(len(results))
-            bar.close()
+    forced = descendants(plan, set(force))
+    users = method_users(plan)
+    failed_here: dict[tuple[str, str], set[str]] = {}  # items that failed in this run, per node
+    nodes = [n for n in plan.ordered() if only is None or n.stage in only]
+    for k, node in enumerate(nodes, 1):
+        label = f"{plan.dataset.name}:{node.stage}[{','.join(sorted(users.get(node.ident, ())))}]"
+        rep = StageReport(plan.dataset.name, node.stage, node.key, started=time.time(),
+                          methods=",".join(sorted(users.get(node.ident, ()))))
+        ctx = StageContext(node, settings, plan.dataset.name)
+        _run_node(exp, store, ctx, _items(node, ok_rows), node.ident in forced, rep, failed_here, progress, wait,
+                  f"{label} ({k}/{len(nodes)})")
         rep.ended = time.time()
         summary.stages.append(rep)
+        journal.stage(f"{plan.dataset.name}/{node.stage}/{node.key}", done=rep.done, cached=rep.cached,
+                      failed=rep.failed, skipped=rep.skipped, busy=rep.busy, total=rep.total, ended=rep.ended)
     if only is None or "scoring" in only:
-        summary.metrics.extend(aggregate_scores(store, exp, plan, ok_rows, summary.run_id))
+        rows, notes = aggregate_scores(store, exp.name, plan, manifest, summary.run_id)
+        summary.metrics.extend(rows)
+        summary.notes.extend(notes)
 
 
-def aggregate_scores(store: Store, exp: Experiment, plan: DatasetPlan, rows: Sequence[Mapping[str, Any]],
-                     run_id: str) -> list[dict[str, Any]]:
-    """Sum per-image confusion matrices over the dataset and turn them into metric rows."""
-    from ovseg_core.metrics import scores_from_confusion
-
-    out = []
-    for mp in plan.methods:
-        node = mp.scoring
-        done = store.complete_items(node.stage, node.key)
-        ids = [r["image_id"] for r in rows if r["image_id"] in done]
-        if not ids:
-            continue
-        conf = np.zeros((mp.num_classes, mp.num_classes), dtype=np.int64)
-        for iid in ids:
-            conf += store.read_item(node.stage, node.key, iid, ["confusion"])["confusion"]
-        sc = scores_from_confusion(conf)
-        common = {
-            "experiment": exp.name, "run_id": run_id, "dataset": plan.dataset.name, "method": mp.method.name,
-            "images": len(ids), "prediction_stage": mp.prediction.stage, "prediction_key": mp.prediction.key,
-            "random_weights": bool(node.stage_key.is_random_weights or mp.prediction.stage_key.is_random_weights
-                                   or _any_random_upstream(plan, mp.prediction)),
-            "params_json": canonical_json(mp.prediction.stage_key.payload()),
-        }
-        for c in range(mp.num_classes):
-            out.append({**common, "class_index": c, "class_name": mp.class_names[c] if c < len(mp.class_names) else str(c),
-                        "iou": _f(sc["iou"][c]), "acc": _f(sc["acc"][c]), "miou": None, "aacc": None})
-        out.append({**common, "class_index": -1, "class_name": "__summary__", "iou": None, "acc": None,
-                    "miou": _f(sc["miou"]), "aacc": _f(sc["aacc"])})
-    if out:
-        write_table(store, "metrics", f"{exp.name}--{plan.dataset.name}", out)
-    return out
+def _items(node: StageNode, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    stage = STAGES[node.stage]
+    if stage.per == "vocabulary":
+        return [{"image_id": "vocab"}]
+    if stage.scored_only:  # images without ground truth are predicted, not scored
+        return [r for r in rows if r.get("gt_path")]
+    return list(rows)
 
 
-def _any_random_upstream(plan: DatasetPlan, node: StageNode) -> bool:
-    seen = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n.stage_key.is_random_weights:
-            return True
-        for up in n.upstream.values():
-            if (up.stage, up.key) not in seen:
-                seen.add((up.stage, up.key))
-                if up.is_random_weights:
-                    return True
-                nxt = plan.nodes.get((up.stage, up.key))
-                if nxt is not None:
-                    stack.append(nxt)
-    return False
+def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict[str, Any]], forced: bool,
+              rep: StageReport, failed_here: dict[tuple[str, str], set[str]], progress: bool, wait: bool,
+              label: str) -> None:
+    from tqdm.auto import tqdm
+
+    node = ctx.node
+    rep.total = len(items)
+    state = store.state(node.stage, node.key)
+    if forced:
+        store.drop_items(node.stage, node.key, [it["image_id"] for it in items], reason="--force")
+    ready = items
+    for role, up in node.upstream.items():
+        up_done = store.state(up.stage, up.key).complete()
+        up_failed = failed_here.get(up.ident, set())
+        keep = []
+        for it in ready:
+            iid = it["image_id"] if STAGES[up.stage].per == "image" else "vocab"
+            if iid in up_done:
+                keep.append(it)
+                continue
+            rep.skipped += 1
+            why = (f"its {up.stage} output failed in this run" if iid in up_failed
+                   else f"its {up.stage} output is missing (run `ovseg run`, or the {up.stage} stage first)")
+            rep.failures.append((it["image_id"], "SkippedUpstream", why))
+            failed_here.setdefault(node.ident, set()).add(it["image_id"])
+        ready = keep
+    done = state.complete()
+    todo = [it for it in ready if it["image_id"] not in done]
+    rep.cached = len(ready) - len(todo)
+    if not todo:
+        return
+    bar = tqdm(total=len(todo), desc=label, unit="img", disable=not progress, leave=True, dynamic_ncols=True)
+    pending = todo
+    poll = min(2.0, exp.runner.lease_ttl / 10)
+    try:
+        while pending:
+            busy = _submit_all(exp, ctx, pending, rep, failed_here, bar)
+            pending = []
+            if not busy:
+                break
+            if not wait:
+                rep.busy += len(busy)
+                rep.failures += [(iid, "Busy", why) for iid, why in busy.items()]
+                break
+            by_id = {it["image_id"]: it for it in todo}
+            pending = [by_id[i] for i in _wait_for(store, ctx, busy, rep, bar, poll)]
+    finally:
+        bar.close()
 
 
-def _f(x: Any) -> float | None:
-    x = float(x)
-    return None if np.isnan(x) else x
+def _submit_all(exp: Experiment, ctx: StageContext, todo: list[dict[str, Any]], rep: StageReport,
+                failed_here: dict[tuple[str, str], set[str]], bar) -> dict[str, str]:
+    """Run ``todo`` in batches, at most ``2 x workers`` in flight; returns the busy items (id -> holder)."""
+    from tasks.stages import stage_batch
+
+    size = exp.runner.batch_size
+    batches = deque(todo[i : i + size] for i in range(0, len(todo), size))
+    n = len(batches)
+    in_flight: deque = deque()
+    busy: dict[str, str] = {}
+    fatal = ""
+    i = 0
+    while batches or in_flight:
+        while batches and not fatal and len(in_flight) < 2 * exp.runner.workers:
+            i += 1
+            batch = batches.popleft()
+            task = stage_batch.with_options(task_run_name=f"{ctx.stage}[{ctx.dataset}] batch {i}/{n}")
+            in_flight.append((batch, task.submit(ctx, batch)))
+        if not in_flight:
+            break
+        batch, fut = in_flight.popleft()
+        result: BatchResult = fut.result()
+        fatal = fatal or result.fatal
+        for r in result.items:
+            _count(r, rep, failed_here.setdefault(ctx.node.ident, set()), busy)
+        bar.update(len(result.items))
+        if fatal and batches:  # the stage cannot run here: fail the rest once, without attempting them
+            for b in batches:
+                for it in b:
+                    _count(ItemResult(it["image_id"], "failed", 0.0, "BackboneLoadError", f"not attempted: {fatal}"),
+                           rep, failed_here[ctx.node.ident], busy)
+                bar.update(len(b))
+            batches.clear()
+    return busy
 
 
-def _ts(t: float) -> datetime:
-    return datetime.fromtimestamp(t, tz=timezone.utc)
+def _count(r: ItemResult, rep: StageReport, failed: set[str], busy: dict[str, str]) -> None:
+    if r.status == "done":
+        rep.done += 1
+    elif r.status == "cached":
+        rep.cached += 1
+    elif r.status == "busy":
+        busy[r.item] = r.error
+    elif r.error_type == "SkippedUpstream":
+        rep.skipped += 1
+        rep.failures.append((r.item, r.error_type, r.error))
+        failed.add(r.item)
+    else:
+        rep.failed += 1
+        rep.failures.append((r.item, r.error_type, r.error))
+        failed.add(r.item)
+    rep.seconds += r.seconds
 
 
-def _write_run_record(store: Store, exp: Experiment, plans: Sequence[DatasetPlan], summary: RunSummary, t0: float) -> None:
-    software = json.dumps(software_versions(), sort_keys=True)
-    config = exp.model_dump_json()
-    index = {(p.dataset.name, n.stage, n.key): n for p in plans for n in p.nodes.values()}
-    rows, fails = [], []
-    for s in summary.stages:
-        node = index.get((s.dataset, s.stage, s.key))
-        payload = node.stage_key.payload() if node else {"params": {}, "upstream": {}, "code_version": "", "weights": None}
-        rows.append({
-            "run_id": summary.run_id, "experiment": exp.name, "dataset": s.dataset, "stage": s.stage, "key": s.key,
-            "params_json": canonical_json(payload["params"]), "upstream_json": canonical_json(payload["upstream"]),
-            "code_version": payload["code_version"], "weights_json": canonical_json(payload["weights"]),
-            "random_weights": bool(node.stage_key.is_random_weights) if node else False,
-            "images_total": s.total, "images_done": s.done, "images_cached": s.cached, "images_skipped": s.skipped,
-            "images_failed": s.failed, "seconds": s.seconds, "started": _ts(s.started or t0), "ended": _ts(s.ended or time.time()),
-            "config_json": config, "software_json": software,
-        })
-        for iid, etype, err in s.failures:
-            fails.append({"run_id": summary.run_id, "dataset": s.dataset, "stage": s.stage, "key": s.key,
-                          "image_id": iid, "error_type": etype, "error": err})
-    write_table(store, "runs", summary.run_id, rows)
-    write_table(store, "failures", summary.run_id, fails)
+def _wait_for(store: Store, ctx: StageContext, busy: dict[str, str], rep: StageReport, bar, poll: float
+              ) -> list[str]:
+    """Wait until each busy item is complete (cached) or its holder is gone; returns the ids to compute here.
+
+    Items still held by a live run when another one is returned are returned too: resubmitting
+    them costs one claim (they come back busy) and keeps one loop.
+    """
+    log.info("%s: waiting for %d item(s) another run is computing", ctx.stage, len(busy))
+    waiting = set(busy)
+    while waiting:
+        time.sleep(poll)
+        state = store.state(ctx.stage, ctx.key)
+        held = store.leases.busy_items(ctx.stage, ctx.key)
+        for iid in sorted(waiting):
+            if state.pack_of(iid) is not None:
+                rep.cached += 1
+                bar.update(1)
+                waiting.discard(iid)
+        if any(iid not in held for iid in waiting):
+            return sorted(waiting)
+    return []
+
+
+__all__ = ["EXIT_FAILED", "EXIT_INCOMPLETE", "EXIT_OK", "EXIT_USAGE", "STAGE_ORDER", "RunSummary", "StageReport",
+           "run_experiment", "validate"]

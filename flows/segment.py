@@ -26,10 +26,11 @@ def segment_image(image: str, classes: str, method: str = "corrclip", out: str =
     from PIL import Image
 
     from flows.config import parse_experiment
-    from flows.graph import build_plan, method_family
+    from flows.graph import build_plan
     from flows.overlay import render_overlay_figure
     from flows.pipeline import run_experiment
     from ovseg_core.features.text import parse_vocabulary_string
+    from ovseg_core.methods import get_method
     from storage.images import load_rgb
     from storage.store import Store
     from storage.tables import read_table
@@ -39,7 +40,7 @@ def segment_image(image: str, classes: str, method: str = "corrclip", out: str =
         raise FileNotFoundError(f"image {path} not found")
     vocab = parse_vocabulary_string(classes)
     lines = [", ".join(syn) for syn in vocab.classes]
-    defaults = DEFAULT_MODELS[method_family(method)]
+    defaults = DEFAULT_MODELS[get_method(method).family]
     exp = parse_experiment({
         "name": "segment",
         "store": store,

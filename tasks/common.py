@@ -1,45 +1,48 @@
-"""Input helpers shared by the stage tasks: images, window plans, region crops, cached features."""
+"""Helpers shared by the stages' loaders and computations: images, windows, batching across images."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ovseg_core.windows import WindowPlan, crop_window_labels, crop_windows, plan_windows, resize_image
+from ovseg_core.windows import WindowPlan, crop_window_labels, crop_windows, resize_image
 from storage.images import load_rgb
-from tasks.runtime import StageContext
+from tasks.params import WindowParams
 
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+Tensors = Mapping[str, torch.Tensor]
 
 
-def plan_for(window: Mapping[str, Any], orig_hw: tuple[int, int]) -> WindowPlan:
-    """The window plan of an image from a stage's ``window`` parameters."""
-    return plan_windows(
-        orig_hw, int(window["short_side"]), int(window["crop"]), int(window["stride"]), int(window.get("pad_multiple", 1))
-    )
+def row_plan(window: WindowParams, row: Mapping[str, Any]) -> WindowPlan:
+    """The window plan of a manifest row (from its recorded size: no decoding)."""
+    return window.plan((int(row["height"]), int(row["width"])))
 
 
-def load_image(item: Mapping[str, Any]) -> torch.Tensor:
-    """The item's image as ``(3, H, W) float32`` in 0..255 (decoding normalised by ``storage.images``)."""
-    rgb = load_rgb(item["abs_path"])
+def image_tensor(row: Mapping[str, Any]) -> torch.Tensor:
+    """The row's image as ``(3, H, W) float32`` in 0..255 (decoded once, normalised by ``storage.images``)."""
+    rgb = load_rgb(row["abs_path"])
     return torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)
 
 
-def image_windows(item: Mapping[str, Any], window: Mapping[str, Any], normalize) -> tuple[torch.Tensor, WindowPlan]:
-    """Resize, normalise (``normalize`` maps ``(B,3,H,W)`` 0..255 to network input) and crop+pad every window.
+def image_windows(img: torch.Tensor, window: WindowParams, normalize: Callable[[torch.Tensor], torch.Tensor]
+                  ) -> tuple[torch.Tensor, WindowPlan]:
+    """Resize, normalise and crop+pad every window of a ``(3, H, W)`` 0..255 image.
 
     Returns ``(n_win, 3, Hp, Wp) float32`` and the plan. Normalisation happens before
     cropping and padding, so padded pixels are exactly 0 in the network's input space, as in
     the reference codes.
     """
-    img = load_image(item)
-    plan = plan_for(window, (img.shape[1], img.shape[2]))
+    plan = window.plan((img.shape[1], img.shape[2]))
     resized = resize_image(img, plan.resized_hw)
-    normed = normalize(resized[None])[0]
-    return crop_windows(normed, plan, pad_value=0.0), plan
+    return crop_windows(normalize(resized[None])[0], plan, pad_value=0.0), plan
+
+
+def shape_only_crops(plan: WindowPlan) -> torch.Tensor:
+    """A ``(n_win, 3, Hp, Wp)`` tensor of zeros without memory, for calls that read only the crops' shape."""
+    return torch.zeros(()).expand(len(plan.windows), 3, *plan.padded_hw)
 
 
 def region_windows(ids: np.ndarray, plan: WindowPlan) -> torch.Tensor:
@@ -53,20 +56,57 @@ def region_windows(ids: np.ndarray, plan: WindowPlan) -> torch.Tensor:
     return crop_window_labels(torch.as_tensor(np.asarray(resized), dtype=torch.int64), plan, pad_value=-1)
 
 
-def chunks(n: int, size: int) -> Iterator[slice]:
-    """Slices ``[0, n)`` in steps of ``size``."""
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+def run_windows(inputs: Sequence[Tensors], fn: Callable[[dict[str, torch.Tensor]], Any], window_batch: int,
+                sink: Callable[[int, int, Any], None], device: str = "cpu") -> None:
+    """Run ``fn`` over the windows of several images, ``window_batch`` windows per call.
+
+    ``inputs[i]`` maps names to per-window tensors of image ``i`` (same leading size). Windows
+    of consecutive images are concatenated into one call when their shapes agree; ``fn``
+    receives ``{name: (b, ...)}`` on ``device`` and returns a tensor (or dict of tensors) with
+    leading size ``b``; ``sink(i, start, part)`` receives, per image, the outputs of its
+    windows ``start .. start + len(part)`` in order.
+    """
+    units = [(i, w) for i, inp in enumerate(inputs) for w in range(_count(inp))]
+    pos = 0
+    non_blocking = device.startswith("cuda")
+    while pos < len(units):
+        first_i = units[pos][0]
+        sig = _signature(inputs[first_i])
+        end = pos
+        while end < len(units) and end - pos < window_batch and _signature(inputs[units[end][0]]) == sig:
+            end += 1
+        runs: list[tuple[int, int, int]] = []  # (image, first window, count)
+        for i, w in units[pos:end]:
+            if runs and runs[-1][0] == i:
+                runs[-1] = (i, runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((i, w, 1))
+        batch = {name: torch.cat([inputs[i][name][w : w + n] for i, w, n in runs]).to(device, non_blocking=non_blocking)
+                 for name in inputs[first_i]}
+        out = fn(batch)
+        offset = 0
+        for i, w, n in runs:
+            part = ({k: v[offset : offset + n] for k, v in out.items()} if isinstance(out, Mapping)
+                    else out[offset : offset + n])
+            sink(i, w, part)
+            offset += n
+        pos = end
 
 
-def store_dtype(ctx: StageContext) -> np.dtype:
-    """Numpy dtype for stored features (``feature_dtype`` parameter, float16 by default)."""
-    return np.dtype(FEATURE_DTYPES[str(ctx.params.get("feature_dtype", "float16"))])
+def _count(inp: Tensors) -> int:
+    sizes = {int(t.shape[0]) for t in inp.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"per-window inputs disagree on the window count: { {k: tuple(v.shape) for k, v in inp.items()} }")
+    return sizes.pop()
 
 
-def torch_dtype(ctx: StageContext) -> torch.dtype:
-    """Compute dtype of the models of a stage."""
-    return getattr(torch, ctx.dtype)
+def _signature(inp: Tensors) -> tuple:
+    return tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(inp.items()))
+
+
+def to_store(x: torch.Tensor, feature_dtype: str) -> np.ndarray:
+    """A feature tensor as the stored numpy dtype (``float16`` by default)."""
+    return x.float().cpu().numpy().astype(FEATURE_DTYPES[feature_dtype])
 
 
 def array_name(aggregate: str) -> str:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from ovseg_core import clip_ops
 from ovseg_core.corrclip.config import CorrCLIPConfig
@@ -16,64 +14,77 @@ from ovseg_core.corrclip.map_correction import map_correction
 from ovseg_core.corrclip.mask_class_tokens import mask_class_tokens
 from ovseg_core.corrclip.mask_clustering import cluster_masks, resize_regions
 from ovseg_core.features.clip import normalize_clip
-from tasks.common import chunks, image_windows, plan_for, region_windows, store_dtype, torch_dtype
-from tasks.runtime import ItemResult, StageContext, run_items
+from tasks.common import image_tensor, image_windows, region_windows, row_plan, run_windows, to_store
+from tasks.runtime import StageContext
+
+Output = tuple[dict[str, np.ndarray], dict[str, Any]]
 
 
-def _clustering_config(params: Mapping[str, Any]) -> CorrCLIPConfig:
-    return CorrCLIPConfig(**params["clustering"])
+def no_models(ctx: StageContext) -> None:
+    return None
 
 
-def compute_mask_clustering(ctx: StageContext, item: Mapping[str, Any]):
+# ----------------------------------------------------------------------------- mask_clustering
+def clustering_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
+    iid = row["image_id"]
+    plan = row_plan(ctx.params.window, row)
+    return {"qk": torch.from_numpy(ctx.read_upstream("dino_features", iid, ["qk"])["qk"]).float(),
+            "regions": region_windows(ctx.read_upstream("sam_masks", iid, ["ids"])["ids"], plan), "plan": plan}
+
+
+def clustering_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
     """Merged region ids of every window on the DINO grid, ``(n_win, hd, wd) int32``."""
-    cfg = _clustering_config(ctx.params)
-    qk = torch.from_numpy(ctx.read_upstream("dino_features", item["image_id"], ["qk"])["qk"]).float()
-    ids = ctx.read_upstream("sam_masks", item["image_id"], ["ids"])["ids"]
-    plan = plan_for(ctx.params["window"], (int(item["height"]), int(item["width"])))
-    regions = region_windows(ids, plan)
-    merged = cluster_masks(qk, resize_regions(regions, (qk.shape[1], qk.shape[2])), cfg)
-    return {"merged": merged.numpy().astype(np.int32)}, {"windows": len(plan.windows)}
-
-
-def compute_mask_class_tokens(ctx: StageContext, item: Mapping[str, Any]):
-    """Semantic-branch tokens ``(n_win, gh, gw, D)``: each patch's region MCT output of the last block."""
-    bb = ctx.backbone(ctx.params["backbone"])
-    visual = bb.model.visual
-    merged = torch.from_numpy(ctx.read_upstream("mask_clustering", item["image_id"], ["merged"])["merged"]).long()
-    crops, plan = image_windows(item, ctx.params["window"], normalize_clip)
-    grid = clip_ops.token_grid(visual, crops.shape[-2], crops.shape[-1])
-    region_grid = resize_regions(merged, grid)
-    cfg = CorrCLIPConfig()
     out = []
+    for inp in inputs:
+        qk = inp["qk"]
+        merged = cluster_masks(qk, resize_regions(inp["regions"], (qk.shape[1], qk.shape[2])), ctx.params.config)
+        out.append(({"merged": merged.numpy().astype(np.int32)}, {"windows": len(inp["plan"].windows)}))
+    return out
+
+
+# ----------------------------------------------------------------------------- mask_class_tokens
+def semantic_models(ctx: StageContext):
+    return ctx.backbone(ctx.params.backbone, ctx.params.dtype).model.visual
+
+
+def semantic_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
+    crops, plan = image_windows(image_tensor(row), ctx.params.window, normalize_clip)
+    merged = torch.from_numpy(ctx.read_upstream("mask_clustering", row["image_id"], ["merged"])["merged"]).long()
+    return {"win": {"crops": crops, "merged": merged}, "plan": plan}
+
+
+def semantic_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
+    """Semantic-branch tokens ``(n_win, gh, gw, D)``: each patch's region MCT output of the last block."""
+    dtype = getattr(torch, ctx.params.dtype)
+    cfg = CorrCLIPConfig()
+    parts: list[list[torch.Tensor]] = [[] for _ in inputs]
+
+    def forward(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        crops = b["crops"].to(dtype)
+        grid = clip_ops.token_grid(visual, crops.shape[-2], crops.shape[-1])
+        tokens_in, _ = clip_ops.embed_tokens(visual, crops)
+        return mask_class_tokens(visual, tokens_in, resize_regions(b["merged"], grid), cfg).float().cpu()
+
     with torch.inference_mode():
-        for sl in chunks(crops.shape[0], int(ctx.extra.get("window_batch", 4))):
-            tokens_in, _ = clip_ops.embed_tokens(visual, crops[sl].to(ctx.device, torch_dtype(ctx)))
-            out.append(mask_class_tokens(visual, tokens_in, region_grid[sl].to(ctx.device), cfg).float().cpu())
-    return {"semantic": torch.cat(out).numpy().astype(store_dtype(ctx))}, {"windows": len(plan.windows)}
+        run_windows([i["win"] for i in inputs], forward, ctx.settings.window_batch,
+                    lambda i, start, x: parts[i].append(x), ctx.device)
+    return [({"semantic": to_store(torch.cat(p), ctx.params.feature_dtype)}, {"windows": len(inp["plan"].windows)})
+            for p, inp in zip(parts, inputs)]
 
 
-def compute_map_correction(ctx: StageContext, item: Mapping[str, Any]):
+# ----------------------------------------------------------------------------- map_correction
+def correction_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
+    iid = row["image_id"]
+    return {"pred": ctx.read_upstream("reconstruction", iid, ["labels", "prob"]),
+            "ids": ctx.read_upstream("sam_masks", iid, ["ids"])["ids"]}
+
+
+def correction_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
     """Every original region takes the mode of the predicted labels inside it (ties -> smallest label)."""
-    pred = ctx.read_upstream("reconstruction", item["image_id"], ["labels", "prob"])
-    ids = ctx.read_upstream("sam_masks", item["image_id"], ["ids"])["ids"]
-    labels = map_correction(torch.from_numpy(pred["labels"].astype(np.int64)), torch.from_numpy(ids.astype(np.int64)),
-                            m0_quirk=bool(ctx.params.get("m0_quirk", True)))
-    return {"labels": labels.numpy().astype(pred["labels"].dtype), "prob": pred["prob"]}, {}
-
-
-@task(name="mask_clustering", cache_policy=NO_CACHE)
-def mask_clustering_task(ctx: StageContext, items: list[dict[str, Any]]) -> list[ItemResult]:
-    """DBSCAN merging of regions for a batch of images."""
-    return run_items(ctx, items, compute_mask_clustering, chunk_first_axis=("merged",))
-
-
-@task(name="mask_class_tokens", cache_policy=NO_CACHE)
-def mask_class_tokens_task(ctx: StageContext, items: list[dict[str, Any]]) -> list[ItemResult]:
-    """Semantic-branch CLIP forward with region attention for a batch of images."""
-    return run_items(ctx, items, compute_mask_class_tokens, chunk_first_axis=("semantic",))
-
-
-@task(name="map_correction", cache_policy=NO_CACHE)
-def map_correction_task(ctx: StageContext, items: list[dict[str, Any]]) -> list[ItemResult]:
-    """Map correction for a batch of images."""
-    return run_items(ctx, items, compute_map_correction)
+    out = []
+    for inp in inputs:
+        labels = inp["pred"]["labels"]
+        corrected = map_correction(torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(inp["ids"].astype(np.int64)),
+                                   m0_quirk=ctx.params.m0_quirk)
+        out.append(({"labels": corrected.numpy().astype(labels.dtype), "prob": inp["pred"]["prob"]}, {}))
+    return out

@@ -1,10 +1,9 @@
-"""What every stage task shares: the per-batch item loop and the per-worker model cache.
+"""What every stage shares: graph nodes, the run context, results, the per-worker model cache.
 
-A stage task receives a batch of items (images, or one vocabulary), and for each item that is
-not complete in the store: claims it (so two runs on one store do not compute the same
-output), computes it by calling ``ovseg_core``, writes it whole and marks it complete, and
-records failures without stopping the batch. The store, not Prefect's result cache, says what
-is done.
+A ``StageNode`` is one stage output set of the experiment's graph: its stage name, typed
+parameters, the nodes it reads (by role) and its weights identity; its key is computed from
+those, so graph edges are declared once. A ``StageContext`` binds a node to the run settings
+(store, device, window batch, ...) and is what a worker receives (picklable, for Dask).
 """
 
 from __future__ import annotations
@@ -12,11 +11,9 @@ from __future__ import annotations
 import logging
 import platform
 import threading
-import time
-import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -26,66 +23,103 @@ from storage.store import Store
 
 log = logging.getLogger("ovseg.tasks")
 
-ComputeFn = Callable[["StageContext", Mapping[str, Any]], tuple[Mapping[str, np.ndarray], Mapping[str, Any]]]
 
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One stage output set: its key and what it reads, without a store (the flow's graph node).
+@dataclass(frozen=True, eq=False)
+class StageNode:
+    """One stage output set of an experiment's graph.
 
     Attributes:
-        stage_key: the stage's key (params, upstream keys, code version, weights identity).
-        upstream: ``{stage name: StageKey}`` of the stages it reads.
-        device: torch device string for model stages.
-        dtype: torch dtype name for model stages (``float32``, ``bfloat16``, ``float16``).
-        extra: resolved run settings that do not change outputs (window batch, weights folder).
+        stage: stage name (a key of ``tasks.stages.STAGES``).
+        params: the stage's typed parameters (``tasks.params``).
+        code_version: the stage's code version (from the stage table).
+        upstream: ``{role: node}`` of the outputs it reads.
+        weights: identities of the model weights it uses, or None.
     """
 
-    stage_key: StageKey
-    upstream: Mapping[str, StageKey] = field(default_factory=dict)
-    device: str = "cpu"
-    dtype: str = "float32"
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    stage: str
+    params: Any
+    code_version: str
+    upstream: Mapping[str, "StageNode"] = field(default_factory=dict)
+    weights: Mapping[str, Any] | None = None
 
-    @property
-    def stage(self) -> str:
-        return self.stage_key.stage
+    @cached_property
+    def stage_key(self) -> StageKey:
+        return StageKey(self.stage, self.params, {role: n.key for role, n in self.upstream.items()},
+                        self.code_version, self.weights)
 
     @property
     def key(self) -> str:
         return self.stage_key.key
 
     @property
-    def params(self) -> Mapping[str, Any]:
-        return self.stage_key.params
+    def ident(self) -> tuple[str, str]:
+        return self.stage, self.key
+
+    @cached_property
+    def random_weights(self) -> bool:
+        """True when this output or anything it was computed from used random weights."""
+        return self.stage_key.is_random_weights or any(n.random_weights for n in self.upstream.values())
 
 
 @dataclass(frozen=True)
-class StageContext(StageSpec):
-    """A ``StageSpec`` bound to a store: everything a stage task needs besides its items; picklable for Dask.
+class RunSettings:
+    """Settings of a run that do not change outputs (not hashed into keys)."""
 
-    Attributes:
-        store_location: the store's path or URL (each worker opens it itself).
-    """
+    store_location: str
+    device: str = "cpu"
+    window_batch: int = 4  # windows per network forward (across images)
+    weights_dir: str | None = None
+    run_id: str = ""
+    lease_ttl: float = 120.0
+    prefetch: int = 4  # items decoded ahead of the computation
+    write_queue: int = 4  # computed items waiting to be written
 
-    store_location: str = ""
 
-    @classmethod
-    def bind(cls, spec: StageSpec, store_location: str) -> "StageContext":
-        """The context of a graph node on a store."""
-        return cls(spec.stage_key, dict(spec.upstream), spec.device, spec.dtype, dict(spec.extra), store_location)
+@dataclass(frozen=True)
+class StageContext:
+    """A node bound to the run settings: everything a stage batch needs besides its items."""
+
+    node: StageNode
+    settings: RunSettings
+    dataset: str = ""
+
+    @property
+    def stage(self) -> str:
+        return self.node.stage
+
+    @property
+    def key(self) -> str:
+        return self.node.key
+
+    @property
+    def params(self) -> Any:
+        return self.node.params
+
+    @property
+    def device(self) -> str:
+        return self.settings.device
 
     def store(self) -> Store:
-        return open_store(self.store_location)
+        return open_store(self.settings.store_location, self.settings.lease_ttl)
 
-    def backbone(self, name: str):
-        """A backbone by name, loaded once per worker (weights from ``extra['weights_dir']`` or $OVSEG_WEIGHTS)."""
-        return get_backbone(name, self.device, self.dtype, self.extra.get("weights_dir"))
+    def backbone(self, name: str, dtype: str = "float32"):
+        """A backbone by name, loaded once per worker process."""
+        return get_backbone(name, self.device, dtype, self.settings.weights_dir)
 
-    def read_upstream(self, name: str, item: str, arrays: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Read an upstream stage's complete output for one item."""
-        up = self.upstream[name]
+    def read_upstream(self, role: str, item: str, arrays: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Read an upstream output of one item (checked against its completion record)."""
+        up = self.node.upstream[role]
         return self.store().read_item(up.stage, up.key, item, arrays)
+
+    def read_shared(self, role: str, item: str) -> dict[str, np.ndarray]:
+        """An upstream per-vocabulary output, read once per worker."""
+        up = self.node.upstream[role]
+        return _read_shared(self.settings.store_location, self.settings.lease_ttl, up.stage, up.key, item)
+
+
+@lru_cache(maxsize=16)
+def _read_shared(location: str, ttl: float, stage: str, key: str, item: str) -> dict[str, np.ndarray]:
+    return open_store(location, ttl).read_item(stage, key, item)
 
 
 @dataclass
@@ -99,89 +133,58 @@ class ItemResult:
     error: str = ""
 
 
+@dataclass
+class BatchResult:
+    """Outcome of one batch: per-item results, and a stage-wide failure (e.g. a backbone that cannot load)."""
+
+    items: list[ItemResult]
+    fatal: str = ""
+
+
 @lru_cache(maxsize=8)
-def open_store(location: str) -> Store:
-    """One ``Store`` object per location and process."""
-    return Store(location)
+def open_store(location: str, lease_ttl: float = 120.0) -> Store:
+    """One ``Store`` object per location and process (its completion state and leases are shared)."""
+    return Store(location, lease_ttl=lease_ttl)
+
+
+class BackboneLoadError(RuntimeError):
+    """A backbone failed to load; every item of its stage fails with this error, once."""
 
 
 _model_lock = threading.Lock()
+_models: dict[tuple, Any] = {}
 
 
-@lru_cache(maxsize=8)
-def _load_backbone_cached(name: str, device: str, dtype: str, weights_dir: str | None):
+def get_backbone(name: str, device: str = "cpu", dtype: str = "float32", weights_dir: str | None = None):
+    """Load a backbone once per worker process (thread-safe). A failure is remembered and re-raised."""
     import torch
 
     from ovseg_core.backbones import load_backbone
 
-    return load_backbone(name, device=device, dtype=getattr(torch, dtype), weights_dir=weights_dir)
-
-
-def get_backbone(name: str, device: str = "cpu", dtype: str = "float32", weights_dir: str | None = None):
-    """Load a backbone once per worker process (thread-safe); later calls return the same object."""
+    ident = (name, device, dtype, weights_dir)
     with _model_lock:
-        return _load_backbone_cached(name, device, dtype, weights_dir)
+        got = _models.get(ident)
+        if got is None:
+            try:
+                got = load_backbone(name, device=device, dtype=getattr(torch, dtype), weights_dir=weights_dir)
+            except Exception as e:  # noqa: BLE001 - remembered: the stage fails once, not per image
+                got = BackboneLoadError(f"backbone {name} failed to load: {type(e).__name__}: {e}")
+            _models[ident] = got
+    if isinstance(got, BackboneLoadError):
+        raise got
+    return got
 
 
 @lru_cache(maxsize=1)
 def software_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the outputs, recorded with every item and run."""
+    """Versions of the libraries that shape the outputs, recorded with every pack and run."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("ovseg", "torch", "torchvision", "open_clip_torch", "timm", "segment-anything", "numpy", "zarr",
-                "scikit-learn", "scikit-image", "prefect"):
+    for pkg in ("ovseg", "torch", "torchvision", "open_clip_torch", "timm", "segment-anything", "sam2", "numpy",
+                "zarr", "numcodecs", "scikit-learn", "scikit-image", "prefect"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = "absent"
     return out
-
-
-def run_items(ctx: StageContext, items: Sequence[Mapping[str, Any]], compute: ComputeFn,
-              chunk_first_axis: Sequence[str] = ()) -> list[ItemResult]:
-    """Compute and store every item of a batch that is not complete yet.
-
-    Args:
-        ctx: the stage context.
-        items: manifest rows (dicts with at least ``image_id``) or ``{"image_id": vocabulary id}``.
-        compute: ``(ctx, item) -> (arrays, attrs)``; exceptions are recorded per item.
-        chunk_first_axis: array names stored with one chunk per leading index (per window).
-    Returns:
-        one ``ItemResult`` per item.
-    """
-    store = ctx.store()
-    done = store.complete_items(ctx.stage, ctx.key)
-    versions = software_versions()
-    results: list[ItemResult] = []
-    for item in items:
-        iid = str(item["image_id"])
-        if iid in done:
-            results.append(ItemResult(iid, "cached"))
-            continue
-        if not store.try_claim(ctx.stage, ctx.key, iid):
-            results.append(ItemResult(iid, "busy", error="another process is computing it"))
-            continue
-        t0 = time.perf_counter()
-        try:
-            if store.is_complete(ctx.stage, ctx.key, iid):  # finished by another process meanwhile
-                results.append(ItemResult(iid, "cached"))
-                continue
-            arrays, attrs = compute(ctx, item)
-            seconds = time.perf_counter() - t0
-            store.write_item(
-                ctx.stage_key,
-                iid,
-                arrays,
-                {**dict(attrs), "seconds": seconds, "software": versions, "random_weights": ctx.stage_key.is_random_weights},
-                chunk_first_axis=chunk_first_axis,
-            )
-            results.append(ItemResult(iid, "done", seconds))
-        except Exception as e:  # one bad image must not stop the run
-            seconds = time.perf_counter() - t0
-            log.warning("%s failed on %s: %s: %s", ctx.stage, iid, type(e).__name__, e)
-            log.debug("%s", traceback.format_exc())
-            results.append(ItemResult(iid, "failed", seconds, type(e).__name__, str(e)))
-        finally:
-            store.release(ctx.stage, ctx.key, iid)
-    return results

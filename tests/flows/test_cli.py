@@ -72,7 +72,10 @@ def test_run_stage_cache_ls_gc_and_runs(tmp_path, capsys):
     assert "mIoU" in out and "random-weight" in out
     assert main(["cache", "ls", "--store", str(store)]) == 0
     out = capsys.readouterr().out
-    assert "clip_layers" in out and "reconstruction" in out and "[random weights]" in out
+    assert "clip_layers" in out and "reconstruction" in out
+    header, *rows = [ln for ln in out.splitlines() if ln.startswith(("stage", "clip_layers", "reconstruction"))]
+    col = header.index("random weights")
+    assert rows and all(r[col:col + 3] == "yes" for r in rows)
     assert main(["runs", "--store", str(store)]) == 0
     assert "tiny" in capsys.readouterr().out
     # an unreferenced stage key is collected, referenced ones stay

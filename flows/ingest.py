@@ -1,0 +1,75 @@
+"""Ingestion inside a run, and the ``--dry-run`` plan table."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flows.graph import DatasetPlan, descendants, method_users
+from storage.store import Store, StoreNotFoundError
+from storage.tables import write_table
+
+log = logging.getLogger("ovseg.flows")
+
+
+def ingest_dataset(store: Store | None, plan: DatasetPlan, progress: bool = True, write: bool = True
+                   ) -> list[dict[str, Any]]:
+    """Build (and with ``write``, store) the manifest of one dataset; returns its rows (dicts).
+
+    The stored manifest of an earlier run lets unchanged files (same size and mtime) skip
+    decoding and hashing; an unreadable stored manifest is only a warning (it is rebuilt).
+    """
+    from storage.ingest import ManifestRow, ingest, ingest_files
+    from storage.tables import read_table
+
+    ds = plan.dataset
+    if ds.layout == "folder" and Path(ds.root).is_file():
+        rows = ingest_files([ds.root], dataset=ds.name)
+    else:
+        dataset = ds.name if ds.layout == "folder" else ds.spec
+        previous = []
+        if store is not None and ds.name in store.table_names("manifests"):
+            fields = ManifestRow.__dataclass_fields__
+            try:
+                previous = [ManifestRow(**{k: v for k, v in r.items() if k in fields} | {"dataset": dataset})
+                            for r in read_table(store, "manifests", [ds.name]).to_pylist()]
+            except Exception as e:  # noqa: BLE001 - a damaged manifest is rebuilt by this ingest
+                log.warning("%s; it is rebuilt by re-ingesting %s", e, ds.root)
+        rows = ingest(ds.root, ds.layout, dataset=dataset, split=ds.split, gt_dir=ds.gt_dir, progress=progress,
+                      previous=previous)
+    dicts = [dict(r.__dict__) for r in rows]
+    for d in dicts:
+        d["dataset"] = ds.name
+    if ds.limit is not None:
+        dicts = dicts[: ds.limit]
+    if write and store is not None:
+        write_table(store, "manifests", ds.name, dicts)
+    return dicts
+
+
+def plan_status(exp, plans: list[DatasetPlan], force: Iterable[str], summary):
+    """The ``--dry-run`` table: per node, images cached and to compute. Writes nothing."""
+    from flows.pipeline import StageReport, _items
+
+    try:
+        store: Store | None = Store(exp.store, create=False)
+        summary.store = store.location
+    except StoreNotFoundError:
+        store = None
+        summary.store = exp.store or "(new store)"
+    summary.plan_only = True
+    for plan in plans:
+        forced = descendants(plan, set(force))
+        users = method_users(plan)
+        manifest = ingest_dataset(store, plan, progress=False, write=False)
+        ok = [r for r in manifest if r.get("status", "ok") == "ok"]
+        for node in plan.ordered():
+            items = [i["image_id"] for i in _items(node, ok)]
+            done = store.complete_items(node.stage, node.key) if store is not None else set()
+            cached = 0 if node.ident in forced else sum(1 for i in items if i in done)
+            summary.stages.append(StageReport(plan.dataset.name, node.stage, node.key, total=len(items),
+                                              done=len(items) - cached, cached=cached,
+                                              methods=",".join(sorted(users.get(node.ident, ())))))
+    return summary

@@ -1,0 +1,96 @@
+"""Dataset scores from the stored per-image confusion matrices, with their coverage.
+
+Each metrics row says how many images it covers (``images``) out of the images of the dataset
+that have ground truth (``images_total``) and whether that is all of them (``complete``). A
+partial result never silently replaces a complete one: when the stored table holds complete
+rows of the same prediction output, those are kept and the partial rows are only reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from flows.graph import DatasetPlan
+from storage.keys import canonical_json
+from storage.store import DamagedOutputError, MissingOutputError, Store
+from storage.tables import read_table, write_table
+
+log = logging.getLogger("ovseg.flows")
+
+
+def _f(x: Any) -> float | None:
+    x = float(x)
+    return None if np.isnan(x) else x
+
+
+def aggregate_scores(store: Store, experiment: str, plan: DatasetPlan, manifest: Sequence[Mapping[str, Any]],
+                     run_id: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Sum per-image confusion matrices over the dataset into metric rows; write them.
+
+    Returns the rows of this run and notes (damaged matrices, partial results not stored).
+    """
+    from ovseg_core.metrics import scores_from_confusion
+
+    notes: list[str] = []
+    with_gt = [r for r in manifest if r.get("gt_path")]
+    scoreable = [r["image_id"] for r in with_gt if r.get("status", "ok") == "ok"]
+    out = []
+    for mp in plan.methods:
+        node = mp.scoring
+        done = store.complete_items(node.stage, node.key)
+        conf = np.zeros((mp.num_classes, mp.num_classes), dtype=np.int64)
+        ids = []
+        for iid in scoreable:
+            if iid not in done:
+                continue
+            try:
+                conf += store.read_item(node.stage, node.key, iid, ["confusion"])["confusion"]
+                ids.append(iid)
+            except (DamagedOutputError, MissingOutputError) as e:
+                notes.append(str(e))
+        if not ids:
+            continue
+        sc = scores_from_confusion(conf)
+        common = {
+            "experiment": experiment, "run_id": run_id, "dataset": plan.dataset.name, "method": mp.entry.name,
+            "images": len(ids), "images_total": len(with_gt), "complete": len(ids) == len(with_gt),
+            "prediction_stage": mp.prediction.stage, "prediction_key": mp.prediction.key,
+            "random_weights": bool(mp.scoring.random_weights),
+            "params_json": canonical_json(mp.prediction.stage_key.payload()),
+        }
+        for c in range(mp.num_classes):
+            out.append({**common, "class_index": c, "class_name": mp.class_names[c] if c < len(mp.class_names) else str(c),
+                        "iou": _f(sc["iou"][c]), "acc": _f(sc["acc"][c]), "miou": None, "aacc": None})
+        out.append({**common, "class_index": -1, "class_name": "__summary__", "iou": None, "acc": None,
+                    "miou": _f(sc["miou"]), "aacc": _f(sc["aacc"])})
+    if out:
+        notes += _store_rows(store, f"{experiment}--{plan.dataset.name}", out)
+    return out, notes
+
+
+def _store_rows(store: Store, name: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Write the metrics table, keeping stored complete rows that partial new rows would replace."""
+    notes = []
+    previous: list[dict[str, Any]] = []
+    if name in store.table_names("metrics"):
+        try:
+            previous = read_table(store, "metrics", [name]).to_pylist()
+        except Exception as e:  # noqa: BLE001 - an unreadable table is rebuilt from the stored matrices
+            notes.append(f"{e}; rewriting it from this run's scores")
+    keep_methods = set()
+    for method in {r["method"] for r in rows}:
+        new = next(r for r in rows if r["method"] == method and r["class_index"] == -1)
+        old = next((r for r in previous if r["method"] == method and r["class_index"] == -1), None)
+        if (not new["complete"] and old is not None and old.get("complete")
+                and old["prediction_key"] == new["prediction_key"]):
+            keep_methods.add(method)
+            notes.append(f"{name} [{method}]: scores over {new['images']}/{new['images_total']} images were not stored "
+                         f"over the complete scores of run {old['run_id']} ({old['images']} images)")
+    merged = [r for r in previous if r["method"] in keep_methods or r["method"] not in {x["method"] for x in rows}]
+    merged += [r for r in rows if r["method"] not in keep_methods]
+    write_table(store, "metrics", name, merged)
+    return notes

@@ -1,0 +1,210 @@
+"""The streaming batch executor: load -> compute -> write, overlapped, for one batch of items.
+
+For a batch of items of one stage output set (one Prefect task):
+
+1. items complete meanwhile (another run) are ``cached``; the rest are claimed with ONE lease
+   (items another live process holds are ``busy``: the flow waits for them or reports them);
+2. a loader thread decodes each image once and reads the upstream outputs, ``prefetch`` items
+   ahead (pinned memory on CUDA);
+3. the calling thread runs the stage's pure compute, on groups of items whose windows fill
+   ``window_batch`` (one network forward spans several images) for stages that batch windows;
+   a group that fails is retried item by item, so one bad image fails alone;
+4. a writer thread appends each computed item to the batch's pack through a bounded queue;
+   the pack and then its completion record are written when the batch ends. A writer error
+   fails the items it concerns, never the run.
+
+A backbone that cannot be loaded fails the whole batch with ``BatchResult.fatal`` set, so the
+flow stops submitting that stage instead of failing once per image.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from storage.leases import LeaseError
+from storage.store import MissingOutputError
+from tasks.runtime import BackboneLoadError, BatchResult, ItemResult, StageContext, software_versions
+
+log = logging.getLogger("ovseg.tasks")
+
+_END = object()
+
+
+class UpstreamMissingError(RuntimeError):
+    """An input of the item is not (or no longer) complete; the item is retried by a later run."""
+
+
+def run_batch(ctx: StageContext, rows: Sequence[Mapping[str, Any]]) -> BatchResult:
+    """Compute and store every item of ``rows`` that is not complete yet (see the module docstring)."""
+    from tasks.stages import STAGES
+
+    stage = STAGES[ctx.stage]
+    store = ctx.store()
+    state = store.state(ctx.stage, ctx.key)
+    results: dict[str, ItemResult] = {}
+    todo = []
+    for row in rows:
+        iid = str(row["image_id"])
+        if state.pack_of(iid) is not None:
+            results[iid] = ItemResult(iid, "cached")
+        else:
+            todo.append(row)
+    if todo:
+        _run_claimed(ctx, stage, todo, results)
+    fatal = next((r.error for r in results.values() if r.error_type == BackboneLoadError.__name__), "")
+    return BatchResult([results[str(r["image_id"])] for r in rows], fatal)
+
+
+def _run_claimed(ctx: StageContext, stage, rows: list[Mapping[str, Any]], results: dict[str, ItemResult]) -> None:
+    store = ctx.store()
+    try:
+        claim = store.leases.claim(ctx.stage, ctx.key, [str(r["image_id"]) for r in rows], ctx.settings.run_id)
+    except (LeaseError, OSError) as e:
+        for r in rows:
+            results[str(r["image_id"])] = ItemResult(str(r["image_id"]), "failed", 0.0, "LeaseError", str(e))
+        return
+    try:
+        for iid, info in claim.busy.items():
+            results[iid] = ItemResult(iid, "busy", error=f"being computed by {info.describe()}")
+        mine = set(claim.mine)
+        mine_rows = [r for r in rows if str(r["image_id"]) in mine]
+        if not mine_rows:
+            return
+        try:
+            models = stage.models(ctx)
+        except Exception as e:  # noqa: BLE001 - a backbone or model that cannot be built fails the stage once
+            err = e if isinstance(e, BackboneLoadError) else BackboneLoadError(f"{type(e).__name__}: {e}")
+            for r in mine_rows:
+                results[str(r["image_id"])] = ItemResult(str(r["image_id"]), "failed", 0.0, BackboneLoadError.__name__,
+                                                         str(err))
+            return
+        _pipeline(ctx, stage, models, mine_rows, results)
+    finally:
+        store.leases.release(claim)
+
+
+def _fail(results: dict[str, ItemResult], iid: str, e: BaseException, seconds: float = 0.0) -> None:
+    kind = "SkippedUpstream" if isinstance(e, (UpstreamMissingError, MissingOutputError)) else type(e).__name__
+    results[iid] = ItemResult(iid, "failed", seconds, kind, str(e))
+    log.warning("%s failed on %s: %s: %s", kind, iid, type(e).__name__, e)
+    log.debug("%s", "".join(traceback.format_exception(e)))
+
+
+def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any]],
+              results: dict[str, ItemResult]) -> None:
+    settings = ctx.settings
+    loaded: queue.Queue = queue.Queue(maxsize=max(1, settings.prefetch))
+    to_write: queue.Queue = queue.Queue(maxsize=max(1, settings.write_queue))
+    pin = settings.device.startswith("cuda")
+
+    def load_all() -> None:
+        for row in rows:
+            iid = str(row["image_id"])
+            t0 = time.perf_counter()
+            try:
+                inp = stage.load(ctx, row)
+                if pin:
+                    inp = _pin(inp)
+                loaded.put((row, inp, None, time.perf_counter() - t0))
+            except Exception as e:  # noqa: BLE001 - one unreadable input fails one item
+                loaded.put((row, None, e, time.perf_counter() - t0))
+                log.debug("load of %s failed", iid)
+        loaded.put(_END)
+
+    def write_all() -> None:
+        session = None
+        added: list[str] = []
+        try:
+            session = ctx.store().open_pack(ctx.node.stage_key, {
+                "software": software_versions(), "random_weights": ctx.node.random_weights,
+                "run_id": settings.run_id, "dataset": ctx.dataset})
+        except Exception as e:  # noqa: BLE001
+            open_error: BaseException | None = e
+        else:
+            open_error = None
+        while (got := to_write.get()) is not _END:
+            iid, arrays, attrs, seconds = got
+            if open_error is not None:
+                _fail(results, iid, open_error, seconds)
+                continue
+            try:
+                session.add(iid, arrays, {**attrs, "seconds": seconds, "random_weights": ctx.node.random_weights})
+                added.append(iid)
+                results[iid] = ItemResult(iid, "done", seconds)
+            except Exception as e:  # noqa: BLE001 - a writer error fails that item, never the run
+                _fail(results, iid, e, seconds)
+        if session is None:
+            return
+        try:
+            session.commit()
+        except Exception as e:  # noqa: BLE001 - the pack could not be stored: its items are not done
+            session.abort()
+            for iid in added:
+                _fail(results, iid, e, results[iid].seconds)
+
+    loader = threading.Thread(target=load_all, name=f"ovseg-load-{ctx.stage}", daemon=True)
+    writer = threading.Thread(target=write_all, name=f"ovseg-write-{ctx.stage}", daemon=True)
+    loader.start()
+    writer.start()
+    try:
+        _compute_all(ctx, stage, models, loaded, to_write, results)
+    finally:
+        to_write.put(_END)
+        writer.join()
+        loader.join()
+
+
+def _compute_all(ctx: StageContext, stage, models: Any, loaded: queue.Queue, to_write: queue.Queue,
+                 results: dict[str, ItemResult]) -> None:
+    budget = max(1, ctx.settings.window_batch)
+    pending: list[tuple[Mapping[str, Any], Any]] = []
+    windows = 0
+    done = False
+    while not done:
+        got = loaded.get()
+        if got is _END:
+            done = True
+        else:
+            row, inp, err, _ = got
+            if err is not None:
+                _fail(results, str(row["image_id"]), err)
+            else:
+                pending.append((row, inp))
+                windows += stage.windows(inp) if stage.windows else budget
+        if pending and (done or windows >= budget):
+            _compute_group(ctx, stage, models, pending, to_write, results)
+            pending, windows = [], 0
+
+
+def _compute_group(ctx: StageContext, stage, models: Any, group: list[tuple[Mapping[str, Any], Any]],
+                   to_write: queue.Queue, results: dict[str, ItemResult]) -> None:
+    t0 = time.perf_counter()
+    try:
+        outputs = stage.compute(ctx, models, [inp for _, inp in group])
+    except Exception as e:  # noqa: BLE001
+        if len(group) > 1:  # isolate the bad item
+            for one in group:
+                _compute_group(ctx, stage, models, [one], to_write, results)
+            return
+        _fail(results, str(group[0][0]["image_id"]), e, time.perf_counter() - t0)
+        return
+    seconds = (time.perf_counter() - t0) / len(group)
+    for (row, _), (arrays, attrs) in zip(group, outputs):
+        to_write.put((str(row["image_id"]), arrays, attrs, seconds))
+
+
+def _pin(x: Any) -> Any:
+    """Pinned copies of the tensors of a loaded input (a dict), for non-blocking copies to the GPU."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.pin_memory()
+    if isinstance(x, dict):
+        return {k: _pin(v) for k, v in x.items()}
+    return x

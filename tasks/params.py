@@ -1,0 +1,131 @@
+"""Typed stage parameters: each stage key hashes exactly the parameters its stage reads.
+
+The experiment file becomes typed once, in ``flows.graph``; from there every stage receives
+one of these frozen dataclasses (through ``StageContext.params``) and hashes it into its key
+(``storage.keys.to_jsonable`` turns it into canonical JSON). Settings that do not change
+outputs (device, window batch, weights folder) are run settings, not parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ovseg_core.corrclip.config import CorrCLIPConfig
+from ovseg_core.windows import WindowPlan, plan_windows
+
+FEATURE_DTYPES = ("float16", "float32")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class WindowParams:
+    """Resize and sliding window of a dataset preset (methods.md section 1)."""
+
+    short_side: int  # the resized image's short side S
+    crop: int  # window side c
+    stride: int  # window stride s
+    pad_multiple: int  # windows are zero-padded (centred) to a multiple of this (56 for CorrCLIP, the patch size otherwise)
+
+    def __post_init__(self) -> None:
+        for name in ("short_side", "crop", "stride", "pad_multiple"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"window.{name} must be an int >= 1, got {v!r}")
+        if self.stride > self.crop:
+            raise ValueError(f"window.stride ({self.stride}) must not exceed window.crop ({self.crop}): pixels between "
+                             "windows would never be predicted; lower the stride")
+
+    def plan(self, orig_hw: tuple[int, int]) -> WindowPlan:
+        """The window plan of an image of original size ``(H, W)``."""
+        return plan_windows(orig_hw, self.short_side, self.crop, self.stride, self.pad_multiple)
+
+
+@dataclass(frozen=True)
+class TextParams:
+    """``text_embeddings``: prompt-ensembled queries of one vocabulary."""
+
+    backbone: str  # CLIP backbone name
+    classes: tuple[str, ...]  # class lines (synonyms separated by ", ")
+    templates: str  # template set name (``imagenet80`` | ``single``)
+    dtype: str  # compute dtype
+
+
+@dataclass(frozen=True)
+class RegionParams:
+    """``sam_masks``: the region source and its full configuration."""
+
+    source: str  # "sam" | "slic" | "felzenszwalb"
+    backbone: str | None  # SAM backbone name (None for weight-free sources)
+    config: Any  # SamRegionConfig | SuperpixelConfig
+    dtype: str | None  # compute dtype of the SAM network (None for weight-free sources)
+
+
+@dataclass(frozen=True)
+class DinoParams:
+    """``dino_features``: last-block q+k of every window."""
+
+    backbone: str
+    window: WindowParams
+    feature_dtype: str  # dtype of the stored features
+    dtype: str  # compute dtype
+
+
+@dataclass(frozen=True)
+class ClipParams:
+    """``clip_layers``: the CLIP block aggregates the methods sharing this window need."""
+
+    backbone: str
+    window: WindowParams
+    blocks: tuple[str, ...]  # aggregate names (``block:11``, ``mean:6-10``, ...), sorted
+    feature_dtype: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ClusteringParams:
+    """``mask_clustering``: DBSCAN merging of regions per window."""
+
+    window: WindowParams
+    config: CorrCLIPConfig  # only the clustering fields are set (``Method.clustering_config``)
+
+
+@dataclass(frozen=True)
+class SemanticParams:
+    """``mask_class_tokens``: CorrCLIP's semantic-branch tokens."""
+
+    backbone: str
+    window: WindowParams
+    feature_dtype: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ReconstructionParams:
+    """``reconstruction``: a method's window features merged into a label map."""
+
+    method: str  # METHODS name
+    config: Any  # the method config with only the fields this stage reads (``Method.reconstruction_config``)
+    backbone: str
+    window: WindowParams
+    dtype: str
+    logit_scale: float
+    prob_thd: float | None  # None: no background threshold (datasets without background)
+    area_thd: float | None
+
+
+@dataclass(frozen=True)
+class MapCorrectionParams:
+    """``map_correction``: each region takes the mode of the predicted labels inside it."""
+
+    m0_quirk: bool  # the smallest id of the image is never corrected (reference)
+
+
+@dataclass(frozen=True)
+class ScoringParams:
+    """``scoring``: per-image confusion matrix against the ground truth."""
+
+    spec: str  # dataset spec name
+    num_classes: int
+    conversion: str  # ground-truth label conversion (``ovseg_core.metrics.convert_labels``)
+    ignore_index: int
