@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from os import PathLike
 from pathlib import Path
 from types import MappingProxyType
@@ -146,15 +146,13 @@ def _open(path: str | PathLike[str], max_pixels: int | None) -> Image.Image:
         width, height = im.size
         if max_pixels is not None and width * height > max_pixels:
             raise ImageTooLargeError(p, width, height, max_pixels)
-        if im.format in _ANIMATION_FORMATS and getattr(im, "is_animated", False):
-            raise ImageError(
-                f"{p}: animated {im.format} (more than one frame); ovseg segments still images: save the frame "
-                "you want as PNG (e.g. ffmpeg -i in.gif -frames:v 1 out.png) or remove the file"
-            )
-        if pillow_limit is not None and width * height > pillow_limit:
-            with _pillow_limit_lifted():
-                im.load()
-        else:
+        over_pillow = pillow_limit is not None and width * height > pillow_limit  # allowed by max_pixels
+        with _pillow_limit_lifted() if over_pillow else nullcontext():  # frame checks read the global too
+            if im.format in _ANIMATION_FORMATS and getattr(im, "is_animated", False):
+                raise ImageError(
+                    f"{p}: animated {im.format} (more than one frame); ovseg segments still images: save the "
+                    "frame you want as PNG (e.g. ffmpeg -i in.gif -frames:v 1 out.png) or remove the file"
+                )
             im.load()
     except ImageError:
         if im is not None:

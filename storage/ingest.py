@@ -172,10 +172,10 @@ def _inside(path: Path, roots: Sequence[Path]) -> bool:
     return real is not None and any(real.is_relative_to(r) for r in roots)
 
 
-Listing = tuple[Path, list[_Candidate]]  # (layout base folder, candidates)
+_Listing = tuple[Path, list[_Candidate]]  # (layout base folder, candidates)
 
 
-def _voc_like(root: Path, split: str, layout: str, year: str, gt_folder: str, sets: str) -> Listing:
+def _voc_like(root: Path, split: str, layout: str, year: str, gt_folder: str, sets: str) -> _Listing:
     base = _find_base(root, ("", f"VOC{year}", f"VOCdevkit/VOC{year}"), "JPEGImages", layout)
     ids = _split_ids(base / "ImageSets" / sets / f"{split}.txt", layout)
     return base, [
@@ -185,15 +185,15 @@ def _voc_like(root: Path, split: str, layout: str, year: str, gt_folder: str, se
     ]
 
 
-def _voc(root: Path, split: str) -> Listing:
+def _voc(root: Path, split: str) -> _Listing:
     return _voc_like(root, split, "voc", "2012", "SegmentationClass", "Segmentation")
 
 
-def _pascal_context(root: Path, split: str) -> Listing:
+def _pascal_context(root: Path, split: str) -> _Listing:
     return _voc_like(root, split, "pascal_context", "2010", "SegmentationClassContext", "SegmentationContext")
 
 
-def _coco(root: Path, split: str, layout: str) -> Listing:
+def _coco(root: Path, split: str, layout: str) -> _Listing:
     base = _find_base(root, ("", "coco_stuff164k"), "images", layout)
     s = split if split.endswith("2017") else f"{split}2017"
     img_dir = _require_dir(base / "images" / s, layout)
@@ -201,7 +201,7 @@ def _coco(root: Path, split: str, layout: str) -> Listing:
     return base, [_Candidate(p, _rel(p, base), ann_dir / f"{p.stem}_labelTrainIds.png") for p in img_dir.glob("*.jpg")]
 
 
-def _ade20k(root: Path, split: str) -> Listing:
+def _ade20k(root: Path, split: str) -> _Listing:
     base = _find_base(root, ("", "ADEChallengeData2016"), "images", "ade20k")
     s = {"val": "validation", "train": "training"}.get(split, split)
     img_dir = _require_dir(base / "images" / s, "ade20k")
@@ -209,7 +209,7 @@ def _ade20k(root: Path, split: str) -> Listing:
     return base, [_Candidate(p, _rel(p, base), ann_dir / f"{p.stem}.png") for p in img_dir.glob("*.jpg")]
 
 
-def _cityscapes(root: Path, split: str) -> Listing:
+def _cityscapes(root: Path, split: str) -> _Listing:
     base = _find_base(root, ("", "cityscapes"), "leftImg8bit", "cityscapes")
     img_dir = _require_dir(base / "leftImg8bit" / split, "cityscapes")
     gt_dir = _require_dir(base / "gtFine" / split, "cityscapes")
@@ -221,7 +221,7 @@ def _cityscapes(root: Path, split: str) -> Listing:
     return base, out
 
 
-def _camvid(root: Path, split: str) -> Listing:
+def _camvid(root: Path, split: str) -> _Listing:
     base = _find_base(root, ("", "CamVid", "camvid"), split, "camvid")
     ann_dir = _require_dir(base / f"{split}annot", "camvid")
     return base, [_Candidate(p, _rel(p, base), ann_dir / p.name) for p in (base / split).glob("*.png")]
@@ -232,7 +232,7 @@ def _dir_id(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _folder(root: Path, gt_dir: Path | None, follow_symlinks: bool) -> Listing:
+def _folder(root: Path, gt_dir: Path | None, follow_symlinks: bool) -> _Listing:
     """Walk ``root`` (hidden names skipped); image-like files become candidates (see module doc)."""
     _require_dir(root, "folder")
     root_real = root.resolve()
@@ -438,7 +438,7 @@ def ingest(
     name = _resolve_dataset(layout, dataset)
     top = Path(root).expanduser()
     gt_top = Path(gt_dir).expanduser() if gt_dir is not None else None
-    listers: dict[str, Callable[[], Listing]] = {
+    listers: dict[str, Callable[[], _Listing]] = {
         "folder": lambda: _folder(top, gt_top, follow_symlinks),
         "voc": lambda: _voc(top, split),
         "pascal_context": lambda: _pascal_context(top, split),
@@ -460,6 +460,10 @@ def ingest(
     n_bad = sum(r.status != "ok" for r in rows)
     if n_bad:
         log.warning("ingest %s (%s): %d of %d images have errors", name, layout, n_bad, len(rows))
+    n_outside = sum(_FOLLOW_FIX in r.error for r in rows)
+    if n_outside:
+        log.warning("ingest %s: %d files or folders lie outside the dataset root %s and were refused; set "
+                    "follow_symlinks: true in the dataset entry if those links are intended", name, n_outside, top)
     return rows
 
 

@@ -350,7 +350,8 @@ def test_unusable_files_get_error_rows(tmp_path: Path) -> None:
         assert r.error.startswith(r.abs_path) or r.status == "ok"
 
 
-def test_links_leaving_the_root_are_refused_unless_followed(sample_dir: Path, tmp_path: Path) -> None:
+def test_links_leaving_the_root_are_refused_unless_followed(sample_dir: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     root, outside = tmp_path / "root", tmp_path / "outside"
     (root / "sub").mkdir(parents=True)
     outside.mkdir()
@@ -371,6 +372,7 @@ def test_links_leaving_the_root_are_refused_unless_followed(sample_dir: Path, tm
         assert r.status == "error" and r.content_sha256 == "" and "outside the dataset root" in r.error, r.error
         assert str(outside.resolve()) in r.error and "follow_symlinks: true" in r.error
     assert rows["broken.jpg"].status == "error" and "broken symbolic link" in rows["broken.jpg"].error
+    assert "2 files or folders lie outside the dataset root" in caplog.text and "follow_symlinks: true" in caplog.text
     followed = {r.rel_path: r for r in ingest(root, "folder", follow_symlinks=True)}
     assert set(followed) == {"alias.jpg", "inner.jpg", "sub/b.jpg", "link.jpg", "linkdir/x.jpg", "broken.jpg"}
     assert followed["link.jpg"].status == followed["linkdir/x.jpg"].status == "ok"
