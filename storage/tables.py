@@ -121,8 +121,8 @@ _REBUILD = {
                  "ingests first and rewrites the manifest); if a command still stops on it, delete {path}",
     "runs": "it is the record of one past run and no result depends on it: delete {path}",
     "failures": "it lists the failed images of one past run and no result depends on it: delete {path}",
-    "metrics": "rerun the experiment (ovseg run EXPERIMENT.yaml): metrics are recomputed from the stored per-image "
-               "confusion matrices, no stage is recomputed; or delete {path}",
+    "metrics": "rerun the experiment (ovseg run EXPERIMENT.yaml): its metrics are recomputed from the stored "
+               "per-image confusion matrices; or delete {path}",
 }
 _TABLE_OF_METADATA = {s.metadata[b"table"].decode(): t for t, s in SCHEMAS.items()}
 
@@ -205,7 +205,7 @@ def _parse(data: bytes, table: str, schema: pa.Schema) -> pa.Table:
     try:
         tbl = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
     except (pa.ArrowException, OSError, ValueError) as e:
-        detail = str(e).replace("Could not open Parquet input source '<Buffer>': ", "")
+        detail = str(e).replace("Could not open Parquet input source '<Buffer>': ", "").strip().rstrip(".")
         raise _Damage(f"not a readable Parquet file ({len(data)} bytes): {detail}") from e
     kind = (tbl.schema.metadata or {}).get(b"table", b"").decode(errors="replace")
     if _TABLE_OF_METADATA.get(kind) != table:
