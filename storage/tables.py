@@ -8,14 +8,21 @@ Tables live at ``tables/<table>/<name>.parquet`` in the store:
 - ``metrics/<experiment>``: one row per experiment x dataset x class plus a summary row
   (``METRICS_SCHEMA``).
 
-Writes are atomic: a temporary file renamed into place (local) or one object PUT (remote).
+Writes are atomic: a temporary file written, fsynced and renamed into place (local) or one object
+PUT (remote); pages carry CRC checksums that reads verify.
+
+A file that cannot be read as its table (garbage, truncated, zero bytes, a failed page checksum,
+another table's file, columns of the wrong type) raises :class:`TableDamagedError` naming the
+file, what is wrong and what rebuilds it; ``read_table(..., on_damaged=callback)`` skips such
+files instead, so a listing command can show the rest and warn.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -113,6 +120,30 @@ SCHEMAS: Mapping[str, pa.Schema] = {
 }
 
 
+# What rebuilds a damaged file of each table ({path} is the file).
+_REBUILD = {
+    "manifests": "rebuild it by ingesting the dataset again (ovseg ingest ..., or ovseg run EXPERIMENT.yaml, which "
+                 "ingests first and rewrites the manifest); if a command still stops on it, delete {path}",
+    "runs": "it is the record of one past run and no result depends on it: delete {path}",
+    "failures": "it lists the failed images of one past run and no result depends on it: delete {path}",
+    "metrics": "rerun the experiment (ovseg run EXPERIMENT.yaml): its metrics are recomputed from the stored "
+               "per-image confusion matrices; or delete {path}",
+}
+_TABLE_OF_METADATA = {s.metadata[b"table"].decode(): t for t, s in SCHEMAS.items()}
+
+
+class TableDamagedError(ValueError):
+    """A Parquet file of the store that cannot be read as its table.
+
+    Attributes: ``table`` (e.g. ``"manifests"``), ``name`` (file name without ``.parquet``),
+    ``path`` (full path or URL of the file), ``problem`` (what is wrong).
+    """
+
+    def __init__(self, table: str, name: str, path: str, problem: str):
+        self.table, self.name, self.path, self.problem = table, name, path, problem
+        super().__init__(f"damaged {table} table file {path}: {problem}; {_REBUILD[table].format(path=path)}")
+
+
 def _schema(table: str) -> pa.Schema:
     try:
         return SCHEMAS[table]
@@ -131,14 +162,21 @@ def write_table(store: Store, table: str, name: str, rows: Sequence[Mapping[str,
             raise ValueError(f"rows for table {table!r} lack fields {missing}")
         tbl = pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in rows], schema=schema)
     path = store.table_path(table, name)
+    buf = io.BytesIO()
+    pq.write_table(tbl, buf, write_page_checksum=True)
     if store.is_local:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        pq.write_table(tbl, tmp)
-        os.replace(tmp, path)
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # unique per writer (process and thread)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buf.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     else:
-        buf = io.BytesIO()
-        pq.write_table(tbl, buf)
         store.fs.pipe(path, buf.getvalue())
     return path
 
@@ -157,8 +195,55 @@ def _conform(tbl: pa.Table, schema: pa.Schema) -> pa.Table:
     return tbl.select(schema.names).cast(schema)
 
 
-def read_table(store: Store, table: str, names: Iterable[str] | None = None) -> pa.Table:
-    """Read one, several or all Parquet files of a table into one ``pa.Table`` with the table's schema."""
+class _Damage(Exception):
+    """Internal: what is wrong with one file's bytes (turned into a TableDamagedError with its path)."""
+
+
+def _display(store: Store, path: str) -> str:
+    return path if store.is_local else store.fs.unstrip_protocol(path)
+
+
+def _parse(data: bytes, table: str, schema: pa.Schema) -> pa.Table:
+    """Parse one file's bytes as ``table``; raises ``_Damage`` saying what is wrong."""
+    if not data:
+        raise _Damage("the file is empty (0 bytes)")
+    try:
+        tbl = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        detail = str(e).replace("Could not open Parquet input source '<Buffer>': ", "").strip().rstrip(".")
+        raise _Damage(f"not a readable Parquet file ({len(data)} bytes): {detail}") from e
+    kind = (tbl.schema.metadata or {}).get(b"table", b"").decode(errors="replace")
+    if _TABLE_OF_METADATA.get(kind) != table:
+        held = f"a {_TABLE_OF_METADATA[kind]} table" if kind in _TABLE_OF_METADATA else (
+            f"an unknown table {kind!r}" if kind else "a Parquet file without ovseg's table name (not written by ovseg)")
+        raise _Damage(f"it holds {held}, not {table}")
+    try:
+        return _conform(tbl, schema)
+    except (pa.ArrowException, ValueError) as e:
+        raise _Damage(f"its columns do not match the {table} schema ({e})") from e
+
+
+def read_table(
+    store: Store,
+    table: str,
+    names: Iterable[str] | None = None,
+    on_damaged: Callable[[TableDamagedError], None] | None = None,
+) -> pa.Table:
+    """Read one, several or all Parquet files of a table into one ``pa.Table`` with the table's schema.
+
+    Args:
+        store: the store.
+        table: one of :data:`SCHEMAS` (``manifests``, ``runs``, ``failures``, ``metrics``).
+        names: file names without ``.parquet``; ``None`` = every file of the table.
+        on_damaged: ``None`` (default) raises on the first damaged file; a callable is given
+            each :class:`TableDamagedError` and the file is skipped (e.g. ``damaged.append``,
+            then warn with each error's message).
+
+    Raises:
+        TableDamagedError: a file is damaged and ``on_damaged`` is None.
+        FileNotFoundError: a named file does not exist.
+        ValueError: unknown table.
+    """
     schema = _schema(table)
     wanted = list(names) if names is not None else store.table_names(table)
     parts = []
@@ -166,8 +251,14 @@ def read_table(store: Store, table: str, names: Iterable[str] | None = None) -> 
         path = store.table_path(table, n)
         if not store.fs.exists(path):
             raise FileNotFoundError(f"table {table}/{n} not found in {store.location}")
-        with store.fs.open(path, "rb") as f:
-            parts.append(_conform(pq.read_table(f), schema))
+        data = store.fs.cat_file(path)  # I/O errors propagate as such: they are not damage
+        try:
+            parts.append(_parse(data, table, schema))
+        except _Damage as e:
+            err = TableDamagedError(table, n, _display(store, path), str(e))
+            if on_damaged is None:
+                raise err from e.__cause__
+            on_damaged(err)
     if not parts:
         return schema.empty_table()
     return pa.concat_tables(parts)

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from storage.images import ImageError, content_hash, load_label, load_rgb
+from storage.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ImageTooLargeError,
+    check_max_pixels,
+    content_hash,
+    load_label,
+    load_rgb,
+)
 
 
 def _rgb(h: int = 6, w: int = 5) -> np.ndarray:
@@ -105,3 +116,47 @@ def test_sample_labels_are_indices(sample_dir: Path) -> None:
     assert lab.shape == img.shape[:2] == (513, 513)
     values = set(np.unique(lab).tolist())
     assert values <= set(range(21)) | {255} and len(values - {0, 255}) >= 1
+
+
+def test_pixel_limit_checked_from_the_header(tmp_path: Path) -> None:
+    Image.fromarray(_rgb(30, 40)).save(tmp_path / "x.png")
+    Image.fromarray(np.zeros((30, 40), np.uint8), mode="L").save(tmp_path / "gt.png")
+    assert load_rgb(tmp_path / "x.png", max_pixels=1200).shape == (30, 40, 3)
+    assert load_rgb(tmp_path / "x.png", max_pixels=None).shape == (30, 40, 3)
+    with pytest.raises(ImageTooLargeError, match=r"x.png: image is 40x30 = 1,200 pixels, over the limit max_pixels=1,199") as e:
+        load_rgb(tmp_path / "x.png", max_pixels=1199)
+    assert (e.value.width, e.value.height, e.value.max_pixels) == (40, 30, 1199) and isinstance(e.value, ImageError)
+    with pytest.raises(ImageTooLargeError, match="gt.png"):
+        load_label(tmp_path / "gt.png", max_pixels=100)
+    for bad in (0, -5, 1.5, True, "1000"):
+        with pytest.raises(ValueError, match="max_pixels must be a positive integer"):
+            check_max_pixels(bad)
+    assert DEFAULT_MAX_PIXELS == 8192 * 8192
+
+
+def test_pillow_limit_restored_under_concurrent_decodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads decoding images over and under Pillow's limit all succeed; the global is restored."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 64x64 = 4096 > 2 * 500: Pillow alone would raise
+    big, small = _rgb(64, 64), _rgb(8, 8)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    Image.fromarray(small).save(tmp_path / "small.png")
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "big.png")
+    jobs = [tmp_path / ("big.png" if i % 2 else "small.png") for i in range(1000)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: interleave save / restore
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            out = list(pool.map(lambda p: load_rgb(p, max_pixels=10_000), jobs))
+    finally:
+        sys.setswitchinterval(interval)
+    for p, a in zip(jobs, out):
+        np.testing.assert_array_equal(a, big if p.name == "big.png" else small)
+    assert Image.MAX_IMAGE_PIXELS == 500
+
+
+def test_importing_leaves_pillow_alone() -> None:
+    code = "import PIL.Image as I; import storage.images, storage.ingest; print(I.MAX_IMAGE_PIXELS)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == str(1024 * 1024 * 1024 // 4 // 3)  # Pillow's own default

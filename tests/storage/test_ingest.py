@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from ovseg_core.datasets import class_lines, get_dataset
 from ovseg_core.metrics import convert_labels
-from storage.images import load_label
+from storage.images import load_label, load_rgb
 from storage.ingest import LAYOUTS, ManifestRow, image_id_for, ingest
 
 
@@ -231,7 +233,7 @@ def test_reingest_reuses_unchanged_rows_without_reading(tmp_path, sample_dir, mo
     first = ingest(root, "camvid")
     assert all(r.file_stat for r in first)
 
-    def no_reading(path):
+    def no_reading(path, *args, **kwargs):
         raise AssertionError(f"{path} was decoded again")
 
     monkeypatch.setattr(ingest_mod, "load_rgb", no_reading)
@@ -240,3 +242,173 @@ def test_reingest_reuses_unchanged_rows_without_reading(tmp_path, sample_dir, mo
     os.utime(changed, ns=(1, 1))  # a changed file is read again
     with pytest.raises(AssertionError, match="decoded again"):
         ingest(root, "camvid", previous=first)
+
+
+def _blank_png(path: Path, width: int, height: int) -> None:
+    """A valid 1-bit grey PNG of zeros, compressed 1000 rows at a time (no full array in memory)."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    comp = zlib.compressobj(9)
+    rows = (b"\0" * (1 + (width + 7) // 8)) * 1000  # filter byte + packed bits per row
+    idat = b"".join(comp.compress(rows) for _ in range(height // 1000)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _voc_jpg(sample_dir: Path, i: int = 0) -> Path:
+    return sample_dir / "voc2012-sample" / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"val_crop_{i:04d}.jpg"
+
+
+def test_image_over_the_pixel_limit_is_one_error_row(sample_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "imgs"
+    d.mkdir()
+    shutil.copy(_voc_jpg(sample_dir), d / "good.jpg")
+    _blank_png(d / "huge.png", 30000, 30000)
+    assert (d / "huge.png").stat().st_size < 200_000  # the issue's ~109 KB decompression bomb
+    with pytest.raises(Image.DecompressionBombError):  # Pillow alone refuses it by raising
+        Image.open(d / "huge.png")
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    rows = {r.rel_path: r for r in ingest(d, "folder")}
+    assert Image.MAX_IMAGE_PIXELS == pillow_limit == 1024**3 // 4 // 3  # Pillow's own default, untouched
+    assert rows["good.jpg"].status == "ok" and (rows["good.jpg"].width, rows["good.jpg"].height) == (513, 513)
+    bad = rows["huge.png"]
+    assert bad.status == "error" and (bad.width, bad.height) == (0, 0)
+    for part in (str(d / "huge.png"), "30000x30000", "900,000,000 pixels", "max_pixels=67,108,864",
+                 "raise max_pixels in the dataset entry to at least 900000000", "downscale the image"):
+        assert part in bad.error, (part, bad.error)
+    # a limit below the good image's 513 x 513 = 263,169 pixels refuses it too
+    small = {r.rel_path: r for r in ingest(d, "folder", max_pixels=263_168)}
+    assert small["good.jpg"].status == "error" and "263,169 pixels" in small["good.jpg"].error
+    assert ingest(d, "folder", max_pixels=263_169)[0].status == "ok"
+    with pytest.raises(ValueError, match="max_pixels must be a positive integer"):
+        ingest(d, "folder", max_pixels=0)
+
+
+def test_raised_limit_decodes_images_over_pillows_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow raises above 2000 pixels
+    a = np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8)
+    (tmp_path / "d").mkdir()
+    Image.fromarray(a).save(tmp_path / "d" / "x.png")
+    (row,) = ingest(tmp_path / "d", "folder", max_pixels=6000)
+    assert row.status == "ok" and (row.width, row.height) == (100, 60)
+    (row,) = ingest(tmp_path / "d", "folder", max_pixels=5999)
+    assert row.status == "error" and "100x60 = 6,000 pixels" in row.error
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def _bmp_header_only(path: Path, width: int, height: int) -> None:
+    """A 24-bit BMP whose header claims width x height, followed by 16 bytes of pixels."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    path.write_bytes(b"BM" + struct.pack("<IHHI", 14 + 40 + 16, 0, 0, 54) + info + b"\0" * 16)
+
+
+def test_any_decoder_error_is_that_files_error_row(sample_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "imgs"
+    d.mkdir()
+    shutil.copy(_voc_jpg(sample_dir), d / "good.jpg")
+    _bmp_header_only(d / "vast.bmp", 1 << 30, 1 << 30)  # Pillow cannot even allocate it: MemoryError
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (1 << 21), zip=True)  # inflates past Pillow's text-chunk limit: ValueError
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(d / "text_bomb.png", pnginfo=info)
+    rows = {r.rel_path: r for r in ingest(d, "folder", max_pixels=None)}
+    assert rows["good.jpg"].status == "ok"
+    assert rows["vast.bmp"].status == "error" and "out of memory decoding a 1073741824x1073741824 image" in \
+        rows["vast.bmp"].error and str(d / "vast.bmp") in rows["vast.bmp"].error
+    assert rows["text_bomb.png"].status == "error" and "cannot decode (ValueError: Decompressed data too large" in \
+        rows["text_bomb.png"].error
+    assert Image.MAX_IMAGE_PIXELS == 1024**3 // 4 // 3
+
+
+def test_unusable_files_get_error_rows(tmp_path: Path) -> None:
+    d = tmp_path / "imgs"
+    d.mkdir()
+    frames = [Image.fromarray(np.full((8, 8), v, np.uint8), mode="L").convert("P") for v in (0, 255)]
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    rgb = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (10, 200)]
+    rgb[0].save(d / "anim.png", save_all=True, append_images=rgb[1:])  # APNG
+    still = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+    still.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    still.save(d / "still.gif")
+    rgb[0].save(d / "pages.tif", save_all=True, append_images=rgb[1:])  # multi-page TIFF: first page
+    (d / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>')
+    (d / "photo.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 64)
+    (d / "notes.txt").write_text("not an image")
+    rows = {r.rel_path: r for r in ingest(d, "folder")}
+    assert set(rows) == {"anim.gif", "anim.png", "still.gif", "pages.tif", "logo.svg", "photo.HEIC"}
+    assert rows["anim.gif"].status == "error" and "animated GIF" in rows["anim.gif"].error
+    assert "save the frame you want as PNG" in rows["anim.gif"].error
+    assert rows["anim.png"].status == "error" and "animated PNG" in rows["anim.png"].error
+    assert rows["still.gif"].status == "ok" and (rows["still.gif"].width, rows["still.gif"].height) == (2, 2)
+    np.testing.assert_array_equal(load_rgb(d / "still.gif")[0], [[255, 0, 0], [0, 0, 255]])
+    assert rows["pages.tif"].status == "ok"
+    assert load_rgb(d / "pages.tif")[0, 0].tolist() == [10, 10, 10]
+    assert rows["logo.svg"].status == "error" and "rasterise it to PNG" in rows["logo.svg"].error
+    assert rows["photo.HEIC"].status == "error" and "HEIC" in rows["photo.HEIC"].error
+    for r in rows.values():
+        assert r.error.startswith(r.abs_path) or r.status == "ok"
+
+
+def test_links_leaving_the_root_are_refused_unless_followed(sample_dir: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    shutil.copy(_voc_jpg(sample_dir, 0), root / "inner.jpg")
+    shutil.copy(_voc_jpg(sample_dir, 1), root / "sub" / "b.jpg")
+    shutil.copy(_voc_jpg(sample_dir, 8), outside / "x.jpg")
+    (root / "alias.jpg").symlink_to(root / "inner.jpg")  # link inside the root: fine
+    (root / "subalias").symlink_to(root / "sub")  # linked folder inside the root: files listed once, at sub/
+    (root / "link.jpg").symlink_to(outside / "x.jpg")
+    (root / "linkdir").symlink_to(outside)
+    (outside / "loop").symlink_to(outside)  # a cycle once followed
+    (root / "broken.jpg").symlink_to(root / "gone.jpg")
+    rows = {r.rel_path: r for r in ingest(root, "folder")}
+    assert set(rows) == {"alias.jpg", "inner.jpg", "sub/b.jpg", "link.jpg", "linkdir", "broken.jpg"}
+    assert all(rows[k].status == "ok" for k in ("alias.jpg", "inner.jpg", "sub/b.jpg"))
+    for k in ("link.jpg", "linkdir"):
+        r = rows[k]
+        assert r.status == "error" and r.content_sha256 == "" and "outside the dataset root" in r.error, r.error
+        assert str(outside.resolve()) in r.error and "follow_symlinks: true" in r.error
+    assert rows["broken.jpg"].status == "error" and "broken symbolic link" in rows["broken.jpg"].error
+    assert "2 files or folders lie outside the dataset root" in caplog.text and "follow_symlinks: true" in caplog.text
+    followed = {r.rel_path: r for r in ingest(root, "folder", follow_symlinks=True)}
+    assert set(followed) == {"alias.jpg", "inner.jpg", "sub/b.jpg", "link.jpg", "linkdir/x.jpg", "broken.jpg"}
+    assert followed["link.jpg"].status == followed["linkdir/x.jpg"].status == "ok"
+    assert followed["link.jpg"].abs_path == str((outside / "x.jpg").resolve())
+    for k in ("alias.jpg", "inner.jpg", "sub/b.jpg"):  # ids do not depend on the option
+        assert followed[k].image_id == rows[k].image_id
+
+
+def test_split_entries_leaving_the_root_are_refused_unless_followed(sample_dir: Path, tmp_path: Path) -> None:
+    voc = sample_dir / "voc2012-sample" / "VOCdevkit" / "VOC2012"
+    root = tmp_path / "root"
+    base = root / "VOCdevkit" / "VOC2012"
+    shutil.copytree(voc, base)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("evil", "abs"):
+        shutil.copy(voc / "JPEGImages" / "val_crop_0000.jpg", outside / f"{name}.jpg")
+        shutil.copy(voc / "SegmentationClass" / "val_crop_0000.png", outside / f"{name}.png")
+    split = base / "ImageSets" / "Segmentation" / "val.txt"
+    ids = split.read_text().split()
+    split.write_text("\n".join([*ids, "../../../../outside/evil", str(outside / "abs")]) + "\n")
+    reference = {r.rel_path: r.image_id for r in ingest(sample_dir / "voc2012-sample", "voc")}
+    rows = {r.rel_path: r for r in ingest(root, "voc")}
+    assert len(rows) == len(ids) + 2
+    dotdot, absolute = rows["JPEGImages/../../../../outside/evil.jpg"], rows[f"{outside}/abs.jpg"]
+    for r in (dotdot, absolute):
+        assert r.status == "error" and "outside the dataset root" in r.error and "follow_symlinks" in r.error
+    assert {k: r.image_id for k, r in rows.items() if r.status == "ok"} == reference  # ids unchanged
+    followed = {r.rel_path: r for r in ingest(root, "voc", follow_symlinks=True)}
+    assert all(r.status == "ok" for r in followed.values()), [r.error for r in followed.values()]
+    assert followed[f"{outside}/abs.jpg"].gt_path == str((outside / "abs.png").resolve())
+
+
+def test_reingest_checks_reused_rows_against_the_limit(sample_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    shutil.copy(_voc_jpg(sample_dir), tmp_path / "d" / "a.jpg")
+    first = ingest(tmp_path / "d", "folder")
+    again = ingest(tmp_path / "d", "folder", previous=first, max_pixels=1000)
+    assert first[0].status == "ok" and again[0].status == "error" and "max_pixels=1,000" in again[0].error
