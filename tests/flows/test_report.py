@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
@@ -148,7 +149,7 @@ def test_report_experiment_filter_without_random_runs(voc_store, tmp_path):
     text = write_report(store.location, tmp_path / "out", experiments=["real", "nope"], samples=1).read_text()
     assert "63.45" in text and "47.12" not in text
     assert RANDOM_BANNER not in text and RANDOM_TAG not in text
-    assert "experiment &#x27;nope&#x27; has no metrics" in text
+    assert "experiment 'nope' has no metrics" in html.unescape(text)
 
 
 def test_report_degrades_on_moved_image_and_missing_prediction(voc_store, tmp_path):
