@@ -1,9 +1,13 @@
 """Label-map colours shared by the report and ``ovseg segment``: one palette everywhere.
 
 The palette is the PASCAL VOC one (colour of class ``i`` from the bits of ``i`` interleaved
-over R, G, B; class 0 black, 1 dark red, 2 dark green, ...). It is defined for any
-non-negative index (distinct colours up to 2**24 classes), so datasets with more than 256
-classes still get stable colours. The ignore index (255 by default) is always black.
+over R, G, B; 1 dark red, 2 dark green, ...) with one change: class 0 is white, not VOC's
+black, because black is the colour of the ignore index (never scored) and class 0 is a real
+class (VOC's background, ADE20K's wall). No other class below 2**18 is white (their channel
+values are multiples of 4, and at most 224 below 512 classes). The palette is
+defined for any non-negative index (distinct colours up to 2**24 - 1 classes), so datasets
+with more than 256 classes still get stable colours. The ignore index (255 by default) is
+always black.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.patches import Patch
 
-__all__ = ["IGNORE_COLOR", "class_color", "colorize", "legend_patches", "overlay", "palette", "render_overlay_figure"]
+__all__ = ["CLASS0_COLOR", "IGNORE_COLOR", "class_color", "colorize", "legend_patches", "overlay", "palette", "render_overlay_figure"]
 
 IGNORE_COLOR = (0, 0, 0)  # RGB of the ignore index (never scored): black
+CLASS0_COLOR = (255, 255, 255)  # RGB of class 0 (VOC's black would read as "ignored"): white
 _VOC_PALETTE_SIZE = 256  # the classic VOC palette length; longer palettes continue the same bit pattern
 
 
@@ -30,8 +35,9 @@ def palette(n: int = _VOC_PALETTE_SIZE) -> np.ndarray:
         n: number of colours (>= 1).
 
     Returns:
-        ``(n, 3) uint8``: row ``i`` is the colour of class ``i`` (row 255 is VOC's own colour;
-        :func:`colorize` paints the ignore index black instead).
+        ``(n, 3) uint8``: row ``i`` is the colour of class ``i``: ``CLASS0_COLOR`` for row 0,
+        the VOC colour otherwise (row 255 is VOC's own colour; :func:`colorize` paints the
+        ignore index black instead).
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -42,6 +48,7 @@ def palette(n: int = _VOC_PALETTE_SIZE) -> np.ndarray:
         for ch in range(3):
             rgb[:, ch] |= ((c >> ch) & 1) << (7 - j)
         c >>= 3
+    rgb[0] = CLASS0_COLOR
     return rgb.astype(np.uint8)
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flows.overlay import class_color, colorize, legend_patches, overlay, palette
+from flows.overlay import IGNORE_COLOR, class_color, colorize, legend_patches, overlay, palette
 
 
 def test_palette_matches_voc_colours():
     pal = palette()
     assert pal.shape == (256, 3) and pal.dtype == np.uint8
-    # the published VOC colours: background, aeroplane, bicycle, bird, boat, person (15), tvmonitor (20)
-    assert pal[0].tolist() == [0, 0, 0]
+    # the published VOC colours: aeroplane, bicycle, bird, boat, person (15), tvmonitor (20)
     assert pal[1].tolist() == [128, 0, 0]
     assert pal[2].tolist() == [0, 128, 0]
     assert pal[3].tolist() == [128, 128, 0]
@@ -20,6 +19,18 @@ def test_palette_matches_voc_colours():
     assert pal[15].tolist() == [192, 128, 128]
     assert pal[20].tolist() == [0, 64, 128]
     assert pal[255].tolist() == [224, 224, 192]  # VOC's own border colour; colorize paints it black
+
+
+def test_class0_is_white_never_the_ignore_black():
+    # VOC paints class 0 black, the colour of ignored pixels; here class 0 is white and no other class is
+    pal = palette(1 << 12)
+    assert pal[0].tolist() == [255, 255, 255]
+    assert not (pal[1:] == 255).all(axis=1).any()
+    assert IGNORE_COLOR == (0, 0, 0) and class_color(0) == (255, 255, 255)
+    rgb = colorize(np.array([[0, 255]], np.uint8))
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[0, 1].tolist() == [0, 0, 0]
+    assert colorize(np.array([[0]]), ignore_index=None)[0, 0].tolist() == [255, 255, 255]
+    np.testing.assert_allclose(legend_patches(["wall"], [0])[0].get_facecolor()[:3], [1.0, 1.0, 1.0])
 
 
 def test_palette_is_distinct_and_extends_past_256():
@@ -62,6 +73,7 @@ def test_overlay_blends_with_known_values():
     assert out.dtype == np.uint8 and out.shape == (2, 2, 3)
     assert out[0, 0].tolist() == [114, 50, 50]  # 0.5 * 100 + 0.5 * (128, 0, 0)
     assert out[1, 0].tolist() == [50, 50, 50]  # ignore: blended with black
+    assert out[0, 1].tolist() == [178, 178, 178]  # class 0: 0.5 * 100 + 0.5 * 255 = 177.5, rounded to even
     np.testing.assert_array_equal(overlay(img, labels, alpha=0.0), img)
     np.testing.assert_array_equal(overlay(img, labels, alpha=1.0), colorize(labels))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
@@ -12,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -21,7 +23,7 @@ from ovseg_core.features.text import parse_class_lines
 from storage.images import load_label
 from storage.keys import StageKey, canonical_json
 from storage.store import Store
-from storage.tables import write_table
+from storage.tables import read_table, write_table
 
 VOC = Path(__file__).resolve().parents[2] / "examples" / "data" / "voc2012-sample" / "VOCdevkit" / "VOC2012"
 STEMS = ["val_crop_0008", "val_crop_0000", "val_crop_0001"]  # ids sorted: ...0000, ...0001, ...0008
@@ -148,7 +150,7 @@ def test_report_experiment_filter_without_random_runs(voc_store, tmp_path):
     text = write_report(store.location, tmp_path / "out", experiments=["real", "nope"], samples=1).read_text()
     assert "63.45" in text and "47.12" not in text
     assert RANDOM_BANNER not in text and RANDOM_TAG not in text
-    assert "experiment &#x27;nope&#x27; has no metrics" in text
+    assert "experiment 'nope' has no metrics" in html.unescape(text)
 
 
 def test_report_degrades_on_moved_image_and_missing_prediction(voc_store, tmp_path):
@@ -202,3 +204,156 @@ def test_report_renders_in_headless_chromium(voc_store, tmp_path):
     assert a.shape[:2] == (2400, 1400)
     red = (a[..., 0] > 180) & (a[..., 1] < 70) & (a[..., 2] < 70)
     assert red.sum() > 1000  # the random-weights banner is drawn
+
+
+# ----------------------------------------------------------------------------- a store built by the pipeline
+ADE = Path(__file__).resolve().parents[2] / "examples" / "data" / "ade20k-sample"
+HOSTILE_EXP = "x\" onmouseover=\"alert('exp')"  # Prefect flow names refuse < > & / %: quotes are what can get through
+HOSTILE_METHOD = "<script>alert(1)<\\script>"
+CONTENT_WIDTH_PX = 1300 - 2 * 16  # the page's text column: body max-width minus its padding (report.css)
+
+
+@pytest.fixture(scope="module")
+def pipeline_store(tmp_path_factory):
+    """ADE20K (150 classes) and VOC21 sample images through the real pipeline with tiny random SC-CLIP; then the
+    same outputs again (all cached) under a hostile experiment and method name."""
+    from flows.pipeline import run_experiment
+    from tests.flows.conftest import SAMPLE, tiny_experiment
+
+    store = tmp_path_factory.mktemp("pipeline") / "store"
+    datasets = [{"name": "ade", "spec": "ADE20K", "layout": "ade20k", "root": str(ADE), "limit": 1},
+                {"name": "voc", "spec": "VOC21", "layout": "voc", "root": str(SAMPLE / "voc2012-sample"), "limit": 1}]
+    summary = run_experiment(tiny_experiment(store, name="tiny-report", datasets=datasets, text_templates="single",
+                                             methods=[{"name": "scclip", "method": "scclip"}]), progress=False)
+    assert summary.failed == 0
+    hostile = run_experiment(tiny_experiment(store, name=HOSTILE_EXP, datasets=datasets, text_templates="single",
+                                             methods=[{"name": HOSTILE_METHOD, "method": "scclip"}]), progress=False)
+    assert hostile.failed == 0
+    return Store(store), summary.run_id
+
+
+def _report(store: Store, out: Path, **kw) -> str:
+    return write_report(store.location, out, **kw).read_text(encoding="utf-8")
+
+
+def _table(text: str, css_class: str, after: str) -> list[list[str]]:
+    """Cells (tags stripped, unescaped) of the first ``<table class=css_class>`` after the text ``after``."""
+    start = text.index(f'<table class="{css_class}">', text.index(after))
+    body = text[start:text.index("</table>", start)]
+    return [[html.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)]
+            for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body, re.S)]
+
+
+def _css_px(text: str, selector: str) -> int:
+    return int(re.search(re.escape(selector) + r"\{[^}]*font-size:(\d+)px", text).group(1))
+
+
+def test_150_classes_chart_fits_and_class_table_is_text(pipeline_store, tmp_path):
+    store, _ = pipeline_store
+    text = _report(store, tmp_path / "out", experiments=["tiny-report"], samples=1)
+    ade_names = parse_class_lines(class_lines("ADE20K", "scclip")).class_names
+    assert len(ade_names) == 150
+    rows = _table(text, "classes", "<h3>ade")
+    assert rows[0][:3] == ["colour", "#", "class"]
+    assert [(r[1], r[2]) for r in rows[1:]] == [(str(i), n) for i, n in enumerate(ade_names)]
+    assert _css_px(text, "table") >= 12 and _css_px(text, ".chips") >= 12  # HTML text at >= 12 px, not 7 px in a PNG
+    # the chart fits the text column (no sideways scrolling), with the red title at its top left
+    with Image.open(tmp_path / "out" / "figures" / "iou_ade.png") as im:
+        chart = np.asarray(im.convert("RGB")).astype(int)
+    assert chart.shape[1] <= CONTENT_WIDTH_PX and chart.shape[0] > chart.shape[1] / 2  # wrapped into rows
+    top_left = chart[:60, :400]
+    red = (top_left[..., 0] > 150) & (top_left[..., 1] < 90) & (top_left[..., 2] < 90)
+    assert red.sum() > 200  # "ade: per-class IoU  [random weights]" in red
+    # the sample's classes are listed as text: exactly the ground truth's classes (ADE: raw v -> v - 1, 0 ignored)
+    row = read_table(store, "manifests", ["ade"]).to_pylist()[0]
+    raw = np.unique(np.asarray(Image.open(row["gt_path"])))
+    expected = [f"{v - 1} {ade_names[v - 1]}" for v in raw if v != 0]
+    samp = _section(text, "4. Samples")
+    gt_block = samp[samp.index("In the ground truth"):samp.index("Only in predictions")]
+    assert [html.unescape(re.sub(r"<[^>]+>", "", li)).strip() for li in re.findall(r"<li[^>]*>(.*?)</li>", gt_block)] \
+        == expected
+    assert f"In the ground truth ({len(expected)} classes)" in gt_block
+
+
+def test_class0_is_coloured_and_named(pipeline_store, tmp_path):
+    store, _ = pipeline_store
+    text = _report(store, tmp_path / "out", experiments=["tiny-report"], samples=1)
+
+    def swatch(after: str, label: str) -> str:
+        start = text.index(after)
+        return re.search(r'background:(#[0-9a-f]{6})"></span></td><td>0</td><td class="l">' + label, text[start:]).group(1)
+
+    black = "#000000"
+    assert swatch("<h3>ade", "wall") != black and swatch("<h3>voc", "background") != black
+    # the caption says which colour is which
+    samp = _section(text, "4. Samples")
+    assert f'background:{black}"></span>black = ignored pixels' in samp
+    assert "white = class 0 (wall)" in samp and "white = class 0 (background)" in samp
+    # the metrics table names VOC21's class 0 "sky" (older stores) or "background": the page says "background" either way
+    stored = read_table(store, "metrics", ["tiny-report--voc"]).to_pylist()
+    assert next(r["class_name"] for r in stored if r["class_index"] == 0) in ("sky", "background")
+    copy = Store(shutil.copytree(store.location, tmp_path / "copy"))
+    write_table(copy, "metrics", "tiny-report--voc", [{**r, "class_name": "background"} if r["class_index"] == 0 else r
+                                                     for r in stored])
+    rows = _table(_report(copy, tmp_path / "out2", experiments=["tiny-report"], samples=0), "classes", "<h3>voc")
+    assert rows[1][1:3] == ["0", "background"] and rows[2][1:3] == ["1", "aeroplane"]
+
+
+def test_scores_table_has_run_id_and_date(pipeline_store, tmp_path):
+    store, run_id = pipeline_store
+    text = _report(store, tmp_path / "out", experiments=["tiny-report"], samples=0)
+    rows = _table(text, "scores", "<h2>1. Scores")
+    header, body = rows[0], rows[1:]
+    assert header == ["experiment", "dataset", "method", "mIoU", "aAcc", "images scored", "run id", "run date"]
+    assert [(r[0], r[1], r[2]) for r in body] == [("tiny-report", "ade", f"scclip {RANDOM_TAG}"),
+                                                   ("tiny-report", "voc", f"scclip {RANDOM_TAG}")]
+    started = datetime.strptime(run_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    for r in body:
+        assert r[6] == run_id
+        shown = datetime.strptime(r[7], "%Y-%m-%d %H:%M UTC").replace(tzinfo=timezone.utc)
+        assert abs((shown - started).total_seconds()) < 120
+        assert r[5] == "1"  # a store without images_total: the scored count alone, never flagged
+    assert 'class="rnd incomplete"' not in text and "rnd" in text
+
+
+def _extended_metrics_schema(monkeypatch):
+    """The metrics schema with ``images_total`` and ``complete``, as the store will write it (a no-op once it does)."""
+    from storage import tables
+
+    if "images_total" not in tables.METRICS_SCHEMA.names:
+        schema = tables.METRICS_SCHEMA.append(pa.field("images_total", pa.int64(), nullable=False)).append(
+            pa.field("complete", pa.bool_(), nullable=False))
+        monkeypatch.setitem(tables.SCHEMAS, "metrics", schema)
+
+
+def test_coverage_column_flags_incomplete_rows(pipeline_store, tmp_path, monkeypatch):
+    store, _ = pipeline_store
+    copy = Store(shutil.copytree(store.location, tmp_path / "copy"))
+    ade = read_table(copy, "metrics", ["tiny-report--ade"]).to_pylist()
+    voc = read_table(copy, "metrics", ["tiny-report--voc"]).to_pylist()
+    _extended_metrics_schema(monkeypatch)
+    write_table(copy, "metrics", "tiny-report--ade", [{**r, "images_total": 3, "complete": False} for r in ade])
+    write_table(copy, "metrics", "tiny-report--voc", [{**r, "images_total": 1, "complete": True} for r in voc])
+    text = _report(copy, tmp_path / "out", experiments=["tiny-report"], samples=0)
+    body = {r[1]: r for r in _table(text, "scores", "<h2>1. Scores")[1:]}
+    assert body["ade"][5] == "1 / 3 incomplete" and body["voc"][5] == "1 / 1"
+    assert text.count('class="rnd incomplete"') == 1
+    assert f"scclip {RANDOM_TAG}" == body["ade"][2]  # the random tag stays on flagged rows
+    # a metrics table written before the columns existed reads back as images_total 0, complete False: not flagged
+    write_table(copy, "metrics", "tiny-report--ade", [{**r, "images_total": 0, "complete": False} for r in ade])
+    body = {r[1]: r for r in _table(_report(copy, tmp_path / "out2", experiments=["tiny-report"], samples=0), "scores",
+                                    "<h2>1. Scores")[1:]}
+    assert body["ade"][5] == "1"
+
+
+def test_hostile_names_are_escaped(pipeline_store, tmp_path):
+    store, _ = pipeline_store
+    text = _report(store, tmp_path / "out", samples=1)
+    assert "<script" not in text and "<img src=x" not in text
+    assert text.count("<img ") == len(list((tmp_path / "out" / "figures").glob("*.png")))
+    assert "&lt;script&gt;alert(1)&lt;\\script&gt;" in text
+    assert 'onmouseover="' not in text and "x&#34; onmouseover=&#34;alert(&#39;exp&#39;)" in text
+    rows = _table(text, "scores", "<h2>1. Scores")
+    assert (HOSTILE_EXP, "ade", f"{HOSTILE_METHOD} {RANDOM_TAG}") in {(r[0], r[1], r[2]) for r in rows}
+    for title in ("1. Scores", "2. Per-class IoU", "3. Ablations", "4. Samples"):
+        assert RANDOM_BANNER in _section(text, title), title
