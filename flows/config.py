@@ -268,7 +268,9 @@ def _format_errors(err: ValidationError, source: str, origins: Sequence[tuple[tu
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
         text = f"  {'.'.join(loc) or '(top level)'}: {_error_text(e)}"
-        hits = [ov for parts, ov in origins if loc and (parts[: len(loc)] == loc or loc[: len(parts)] == parts)]
+        # the error lies inside an overridden value, or is an unknown key an override created
+        hits = [ov for parts, ov in origins if loc[: len(parts)] == parts
+                or (loc and parts[: len(loc)] == loc and e["type"] == "extra_forbidden")]
         if hits:
             text += f" [set by override {hits[-1]!r}]"
         lines.append(text)
@@ -323,12 +325,12 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     if parts[0] in _RESERVED:
         raise ExperimentError(f"override {text!r}: {parts[0]!r} cannot be overridden; edit the experiment file instead")
     if not raw.strip():
-        raise ExperimentError(f"override {text!r}: no value after '='; write {key}=null for None or {key}=\"''\" for an empty string")
+        raise ExperimentError(f"override {text!r}: no value after '='; write {key}=null for None or {key}='' for an empty string")
     try:
         value = _yaml(raw)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ExperimentError(f"override {text!r}: the value is not valid YAML ({problem}); quote it, e.g. {key}=\"'{raw}'\"") from None
+        raise ExperimentError(f"override {text!r}: the value is not valid YAML ({problem}); quote a string, e.g. {key}='{raw}'") from None
     return parts, value
 
 
@@ -456,5 +458,7 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> E
     data = _read_file(p, (), files)
     data = apply_overrides(data, overrides)
     origins = [(parse_override(o)[0], o) for o in overrides]
-    exp = _validate(data, str(p), Path.cwd(), origins)
-    return exp.model_copy(update={"provenance": Provenance(files=tuple(dict.fromkeys(map(str, files))), overrides=tuple(overrides))})
+    read = tuple(dict.fromkeys(map(str, files)))
+    source = str(p) + (f" (extends {', '.join(read[1:])})" if len(read) > 1 else "")
+    exp = _validate(data, source, Path.cwd(), origins)
+    return exp.model_copy(update={"provenance": Provenance(files=read, overrides=tuple(overrides))})

@@ -119,5 +119,5 @@ def test_extends_errors(tmp_path: Path) -> None:
 def test_a_partial_base_error_names_the_missing_key(tmp_path: Path) -> None:
     write(tmp_path / "base.yaml", {"models": {"clip": "clip:tiny"}})
     child = write(tmp_path / "child.yaml", {"extends": "base.yaml", "name": "x"})
-    with pytest.raises(ExperimentError, match=r"datasets: Field required"):
+    with pytest.raises(ExperimentError, match=r"invalid experiment .*child\.yaml \(extends .*base\.yaml\):\n  datasets: Field required"):
         load_experiment(child)

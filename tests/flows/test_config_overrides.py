@@ -119,3 +119,11 @@ def test_relative_paths_in_overrides_resolve_against_the_current_directory(tmp_p
     # paths written in the file still resolve against the file
     exp = load_experiment(path, overrides=["datasets.0.limit=1"])
     assert exp.datasets[0].root == str((tmp_path / "configs" / "data" / "voc").resolve())
+
+
+def test_errors_elsewhere_are_not_blamed_on_an_override(tmp_path: Path) -> None:
+    raw = dict(RAW, datasets=[{"name": "voc", "layout": "voc", "root": "data/voc"}])  # neither spec nor classes
+    path = write(tmp_path / "exp.yaml", raw)
+    with pytest.raises(ExperimentError, match=r"datasets\.0: give a dataset spec") as info:
+        load_experiment(path, overrides=["datasets.0.limit=5"])
+    assert "set by override" not in str(info.value)
