@@ -207,7 +207,7 @@ class Experiment(_Strict):
     window_batch: int = Field(default=4, ge=1, description="windows per backbone forward (memory bound)")
     text_templates: Literal["imagenet80", "single"] = Field(
         default="imagenet80", description="prompt templates: the papers' 80 ImageNet templates, or one (cheap CPU smoke runs only)")
-    provenance: Provenance = Field(default_factory=Provenance, description="files read and overrides applied (set by load_experiment; not part of any stage key)")
+    provenance: Provenance = Field(default_factory=Provenance, exclude=True, description="files read and overrides applied (set by load_experiment; left out of model_dump so a dump is a valid file; not part of any stage key)")
 
     @field_validator("methods", "datasets")
     @classmethod

@@ -121,3 +121,13 @@ def test_a_partial_base_error_names_the_missing_key(tmp_path: Path) -> None:
     child = write(tmp_path / "child.yaml", {"extends": "base.yaml", "name": "x"})
     with pytest.raises(ExperimentError, match=r"invalid experiment .*child\.yaml \(extends .*base\.yaml\):\n  datasets: Field required"):
         load_experiment(child)
+
+
+def test_a_dumped_experiment_is_a_valid_file(tmp_path: Path) -> None:
+    write(tmp_path / "base.yaml", BASE)
+    exp = load_experiment(write(tmp_path / "child.yaml", {"extends": "base.yaml"}), overrides=["device=cuda"])
+    dumped = exp.model_dump(mode="json")
+    assert "provenance" not in dumped
+    again = load_experiment(write(tmp_path / "dumped.yaml", dumped))
+    assert again.model_dump() == exp.model_dump()
+    assert again.provenance.files == (str((tmp_path / "dumped.yaml").resolve()),) and again.provenance.overrides == ()
