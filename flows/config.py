@@ -1,42 +1,98 @@
 """The experiment file (``ovseg run EXPERIMENT.yaml``), validated with pydantic.
 
-Unknown keys and bad values are errors that name the key. One file may list several
-datasets and several methods / parameter sets (a sweep); they share every upstream stage
-whose key matches.
+Unknown keys and bad values are errors that name the key (with a did-you-mean). One file may
+list several datasets and several methods / parameter sets (a sweep); they share every
+upstream stage whose key matches. A file may ``extends:`` other files (mappings deep-merged,
+the extending file wins, lists replaced whole), and ``KEY=VALUE`` overrides
+(``methods.0.params.tau=3``) are applied on top before validation. Relative paths resolve
+against the file that wrote them (overrides: the current directory); ``~`` is expanded.
+Reference: docs/experiment-files.md.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import re
+import types
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from ovseg_core.datasets import DATASETS, METHOD_VARIANTS
+from ovseg_core.names import did_you_mean
 
 METHODS = ("corrclip", "scclip", "clip", "maskclip", "clearclip", "corrclip+scclip")
 LAYOUTS = ("folder", "voc", "pascal_context", "coco_object", "coco_stuff", "ade20k", "cityscapes", "camvid")
+EXTENDS_KEY = "extends"  # top-level key: the file(s) this file builds on
+DELETE_KEY = "_delete_"  # in a mapping of an extending file: replace the inherited mapping instead of merging
+_RESERVED = (EXTENDS_KEY, "provenance")  # never set by overrides
 
 
 class ExperimentError(ValueError):
     """The experiment file is invalid; the message names the file, the key and the fix."""
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _class_lines(value: Any, dataset: str) -> Any:
+    """``classes`` as canonical class lines ("dog, puppy"); a string uses the CLI syntax."""
+    where = f"dataset {dataset!r}"
+    if isinstance(value, str):
+        from ovseg_core.features.text import parse_vocabulary_string
+
+        try:
+            vocab = parse_vocabulary_string(value)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return [", ".join(synonyms) for synonyms in vocab.classes]
+    if not isinstance(value, (list, tuple)):
+        return value  # pydantic reports the type
+    if not value:
+        raise ValueError(f"{where}: classes is empty; list at least one class or remove the key")
+    lines = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, str):
+            raise ValueError(f"{where}: classes[{i}] must be a string (synonyms comma-separated), got {entry!r}")
+        if ";" in entry:
+            raise ValueError(f"{where}: classes[{i}] {entry!r} contains ';': a list takes one class per entry "
+                             "(or write all classes as one string 'cat; dog, puppy')")
+        names = [part.strip() for part in entry.split(",")]
+        if not all(names):
+            raise ValueError(f"{where}: classes[{i}] {entry!r} has an empty class name or synonym; "
+                             "separate synonyms with single commas")
+        lines.append(", ".join(names))
+    return lines
 
 
 class DatasetEntry(_Strict):
     """One dataset to process."""
 
     name: str = Field(description="label used in tables and reports, e.g. voc21-val")
-    spec: str | None = Field(default=None, description="dataset spec (classes, presets, label conversion): VOC21, VOC20, PC60, PC59, COCO-Object, COCO-Stuff, ADE20K, Cityscapes, CamVid; None = custom vocabulary (classes)")
-    classes: list[str] | None = Field(default=None, description="custom vocabulary: one class per entry, synonyms comma-separated (overrides the spec's class file)")
+    spec: str | None = Field(default=None, description="dataset spec (classes, presets, label conversion): VOC21, VOC20, PC60, PC59, COCO-Object, COCO-Stuff, ADE20K, Cityscapes, CamVid (case-insensitive); None = custom vocabulary (classes)")
+    classes: list[str] | None = Field(default=None, description="custom vocabulary: a list (one class per entry, synonyms comma-separated) or one string 'cat; dog, puppy; grass'; stored as class lines 'dog, puppy' (overrides the spec's class file)")
     background: bool = Field(default=False, description="with a custom vocabulary: class 0 is background (enables prob_thd)")
     layout: Literal["folder", "voc", "pascal_context", "coco_object", "coco_stuff", "ade20k", "cityscapes", "camvid"]
     root: str = Field(description="dataset root on disk (relative paths are relative to the experiment file)")
     split: str = "val"
-    gt_dir: str | None = Field(default=None, description="ground-truth folder for the 'folder' layout")
+    gt_dir: str | None = Field(default=None, description="ground-truth folder for the 'folder' layout (relative to the experiment file)")
     limit: int | None = Field(default=None, ge=1, description="process only the first N images (sorted by path)")
 
     @field_validator("name")
@@ -45,6 +101,18 @@ class DatasetEntry(_Strict):
         if not v or "/" in v or v.startswith("."):
             raise ValueError("dataset name must be non-empty, without '/', not starting with '.'")
         return v
+
+    @field_validator("spec")
+    @classmethod
+    def _known_spec(cls, v: str | None) -> str | None:
+        if v is not None and v.lower() not in {k.lower() for k in DATASETS}:
+            raise ValueError(f"unknown dataset spec {v!r}{did_you_mean(v, DATASETS)}; valid specs: {', '.join(DATASETS)}")
+        return v
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes_ok(cls, v: Any, info: ValidationInfo) -> Any:
+        return None if v is None else _class_lines(v, str(info.data.get("name", "?")))
 
     @model_validator(mode="after")
     def _spec_or_classes(self) -> "DatasetEntry":
@@ -59,7 +127,7 @@ class ModelsEntry(_Strict):
     clip: str = "clip:ViT-B-16-quickgelu@metaclip_fullcc"
     dino: str = "dino:vitb8"
     sam: str = "sam:vit_b"
-    weights_dir: str | None = Field(default=None, description="folder with checkpoints under their official names (default $OVSEG_WEIGHTS)")
+    weights_dir: str | None = Field(default=None, description="folder with checkpoints under their official names, relative to the experiment file (default $OVSEG_WEIGHTS)")
 
 
 class RegionsEntry(_Strict):
@@ -98,6 +166,14 @@ class MethodEntry(_Strict):
             raise ValueError("method name must be non-empty and without '/'")
         return v
 
+    @field_validator("classes")
+    @classmethod
+    def _variant_ok(cls, v: str | None) -> str | None:
+        if v is not None and v not in METHOD_VARIANTS:
+            raise ValueError(f"unknown class-file variant {v!r}{did_you_mean(v, METHOD_VARIANTS)}; "
+                             f"choose one of {', '.join(METHOD_VARIANTS)}")
+        return v
+
 
 class RunnerEntry(_Strict):
     """Where tasks run."""
@@ -110,11 +186,18 @@ class RunnerEntry(_Strict):
                              "dead run's claim on its items expires (reruns never wait longer)")
 
 
+class Provenance(_Strict):
+    """Where a loaded experiment came from (set by ``load_experiment``, never written in files)."""
+
+    files: tuple[str, ...] = Field(default=(), description="absolute paths of the files read: the experiment file, then its bases in reading order")
+    overrides: tuple[str, ...] = Field(default=(), description="KEY=VALUE overrides applied on top, in order")
+
+
 class Experiment(_Strict):
     """A whole experiment: datasets x methods over one store."""
 
     name: str
-    store: str | None = Field(default=None, description="store path or fsspec URL (default $OVSEG_STORE or ./ovseg-store)")
+    store: str | None = Field(default=None, description="store path or fsspec URL, relative to the experiment file (default $OVSEG_STORE or ./ovseg-store)")
     datasets: list[DatasetEntry] = Field(min_length=1)
     models: ModelsEntry = Field(default_factory=ModelsEntry)
     regions: RegionsEntry = Field(default_factory=RegionsEntry)
@@ -126,6 +209,7 @@ class Experiment(_Strict):
     window_batch: int = Field(default=4, ge=1, description="windows per backbone forward (memory bound)")
     text_templates: Literal["imagenet80", "single"] = Field(
         default="imagenet80", description="prompt templates: the papers' 80 ImageNet templates, or one (cheap CPU smoke runs only)")
+    provenance: Provenance = Field(default_factory=Provenance, exclude=True, description="files read and overrides applied (set by load_experiment; left out of model_dump so a dump is a valid file; not part of any stage key)")
 
     @field_validator("methods", "datasets")
     @classmethod
@@ -137,48 +221,246 @@ class Experiment(_Strict):
         return v
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+# --- error messages -------------------------------------------------------------------------
+
+def _unwrap(t: Any) -> Any:
+    """``X | None`` -> ``X``; other types unchanged."""
+    if get_origin(t) in (Union, types.UnionType):
+        args = [a for a in get_args(t) if a is not type(None)]
+        return args[0] if len(args) == 1 else t
+    return t
+
+
+def _type_at(loc: Sequence[Any]) -> Any:
+    """The declared type at an error location of ``Experiment`` (None when it cannot be followed)."""
+    t: Any = Experiment
+    for part in loc:
+        t = _unwrap(t)
+        if isinstance(t, type) and issubclass(t, BaseModel) and part in t.model_fields:
+            t = t.model_fields[part].annotation
+        elif get_origin(t) in (list, tuple) and isinstance(part, int):
+            t = get_args(t)[0]
+        else:
+            return None
+    return _unwrap(t)
+
+
+def _error_text(e: Mapping[str, Any]) -> str:
+    loc = tuple(e["loc"])
+    if e["type"] == "extra_forbidden":
+        parent = _type_at(loc[:-1])
+        if isinstance(parent, type) and issubclass(parent, BaseModel):
+            keys = [k for k in parent.model_fields if k != "provenance"]
+            hint = did_you_mean(loc[-1], keys)
+            if not hint and parent is MethodEntry:
+                hint = f" (method parameters go under params: {'.'.join(map(str, loc[:-1]))}.params.{loc[-1]})"
+            return f"unknown key{hint}; valid keys here: {', '.join(keys)}"
+        return "unknown key (check the spelling; see docs/experiment-files.md)"
+    if e["type"] == "literal_error":
+        allowed = get_args(_type_at(loc)) or ()
+        return (f"{e['input']!r} is not allowed{did_you_mean(e['input'], allowed)}; "
+                f"choose one of {', '.join(map(str, allowed))}")
+    if e["type"] == "value_error" and "error" in e.get("ctx", {}):
+        return str(e["ctx"]["error"])
+    return e["msg"]
+
+
+def _format_errors(err: ValidationError, source: str, origins: Sequence[tuple[tuple[str, ...], str]] = ()) -> str:
     lines = [f"invalid experiment {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see configs/ for valid files)"
-        lines.append(f"  {loc}: {msg}")
+        loc = tuple(str(p) for p in e["loc"])
+        text = f"  {'.'.join(loc) or '(top level)'}: {_error_text(e)}"
+        # the error lies inside an overridden value, or is an unknown key an override created
+        hits = [ov for parts, ov in origins if loc[: len(parts)] == parts
+                or (loc and parts[: len(loc)] == loc and e["type"] == "extra_forbidden")]
+        if hits:
+            text += f" [set by override {hits[-1]!r}]"
+        lines.append(text)
     return "\n".join(lines)
 
 
-def parse_experiment(data: dict[str, Any], source: str = "<dict>", base_dir: str | os.PathLike | None = None) -> Experiment:
-    """Validate a mapping into an ``Experiment``; relative dataset roots resolve against ``base_dir``."""
+# --- paths, overrides, extends --------------------------------------------------------------
+
+def _fix_path(value: Any, base: Path | None, url_ok: bool = False) -> Any:
+    if not isinstance(value, str) or not value or (url_ok and "://" in value):
+        return value
+    if value.startswith("~"):
+        value = os.path.expanduser(value)
+    if base is not None and not os.path.isabs(value):
+        value = str((base / value).resolve())
+    return value
+
+
+def resolve_paths(data: Mapping[str, Any], base_dir: str | os.PathLike | None) -> dict[str, Any]:
+    """A copy of a raw experiment mapping with its paths made usable.
+
+    ``~`` is expanded in ``store``, ``models.weights_dir``, ``datasets[*].root`` and
+    ``datasets[*].gt_dir``; relative ones are then resolved against ``base_dir`` (left
+    relative when it is None). Store URLs (``scheme://...``) and absolute paths are kept as
+    written. Malformed parts are left for validation to report.
+    """
+    base = None if base_dir is None else Path(base_dir).expanduser()
+    out = dict(data)
+    if "store" in out:
+        out["store"] = _fix_path(out["store"], base, url_ok=True)
+    if isinstance(out.get("models"), Mapping) and "weights_dir" in out["models"]:
+        out["models"] = dict(out["models"], weights_dir=_fix_path(out["models"]["weights_dir"], base))
+    if isinstance(out.get("datasets"), list):
+        out["datasets"] = [
+            {k: (_fix_path(v, base) if k in ("root", "gt_dir") else v) for k, v in d.items()} if isinstance(d, Mapping) else d
+            for d in out["datasets"]
+        ]
+    return out
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """``"methods.0.params.tau=3"`` -> ``(("methods", "0", "params", "tau"), 3)``; the value is YAML."""
+    if not isinstance(text, str):
+        raise ExperimentError(f"override {text!r}: expected a 'KEY=VALUE' string, e.g. methods.0.params.tau=3")
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ExperimentError(f"override {text!r}: expected KEY=VALUE with a dotted KEY, e.g. methods.0.params.tau=3")
+    parts = tuple(key.split("."))
+    if not all(parts):
+        raise ExperimentError(f"override {text!r}: empty part in key {key!r}; separate key parts with single dots")
+    if parts[0] in _RESERVED:
+        raise ExperimentError(f"override {text!r}: {parts[0]!r} cannot be overridden; edit the experiment file instead")
+    if not raw.strip():
+        raise ExperimentError(f"override {text!r}: no value after '='; write {key}=null for None or {key}='' for an empty string")
+    try:
+        value = _yaml(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ExperimentError(f"override {text!r}: the value is not valid YAML ({problem}); quote a string, e.g. {key}='{raw}'") from None
+    return parts, value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A deep copy of a raw experiment mapping with ``KEY=VALUE`` overrides applied in order.
+
+    Key parts are mapping keys or (in lists) 0-based indices; missing mapping keys (and None
+    values on the way) become new mappings. Raises ``ExperimentError`` naming the override for
+    a malformed override, an index out of range, or a path through a scalar.
+    """
+    if isinstance(overrides, str):
+        raise ExperimentError(f"overrides must be a list of 'KEY=VALUE' strings, got one string {overrides!r}; wrap it in a list")
+    out = copy.deepcopy(dict(data))
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = out
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[:depth])
+            last = depth == len(parts) - 1
+            if isinstance(node, dict):
+                slot: Any = part
+            elif isinstance(node, list):
+                if not part.isdigit():
+                    raise ExperimentError(f"override {text!r}: {where} is a list; the part after it must be an index "
+                                          f"0..{len(node) - 1}, got {part!r}")
+                slot = int(part)
+                if slot >= len(node):
+                    have = f"has {len(node)} {'entry' if len(node) == 1 else 'entries'} (0..{len(node) - 1})" if node else "is empty"
+                    raise ExperimentError(f"override {text!r}: index {slot} is out of range: {where} {have}; add the "
+                                          f"entry in the experiment file or replace the whole list ({where}=[...])")
+            else:
+                raise ExperimentError(f"override {text!r}: {where} is a {type(node).__name__} ({node!r}), not a "
+                                      f"mapping or a list; set it directly ({where}=...)")
+            if last:
+                node[slot] = value
+            else:
+                if (node.get(slot) if isinstance(node, dict) else node[slot]) is None:
+                    node[slot] = {}
+                node = node[slot]
+    return out
+
+
+def _merge(base: Any, child: Any, file: Path, key: str = "") -> Any:
+    """``child`` over ``base``: mappings merged key by key (``_delete_: true`` replaces), all else replaced."""
+    if isinstance(child, list):
+        return [_merge(None, v, file, f"{key}.{i}") for i, v in enumerate(child)]
+    if not isinstance(child, dict):
+        return child
+    child = dict(child)
+    delete = child.pop(DELETE_KEY, False)
+    if not isinstance(delete, bool):
+        raise ExperimentError(f"invalid experiment {file}: {key.lstrip('.') or '(top level)'}.{DELETE_KEY} "
+                              f"must be true or false, got {delete!r}")
+    out = dict(base) if isinstance(base, dict) and not delete else {}
+    for k, v in child.items():
+        out[k] = _merge(out.get(k), v, file, f"{key}.{k}")
+    return out
+
+
+def _read_file(path: Path, stack: tuple[Path, ...], files: list[Path]) -> dict[str, Any]:
+    """One file with its bases merged in; its own relative paths resolved against its folder."""
+    if path in stack:
+        cycle = " -> ".join(str(p) for p in (*stack[stack.index(path):], path))
+        raise ExperimentError(f"extends cycle: {cycle}; remove one of the extends entries")
+    if not path.is_file():
+        by = f" (extended by {stack[-1]})" if stack else ""
+        raise ExperimentError(f"experiment file {path} not found{by}; see configs/ for examples")
+    try:
+        data = _yaml(path.read_text())
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"experiment file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ExperimentError(f"invalid experiment {path}: the top level must be a mapping, got {type(data).__name__}")
+    if "provenance" in data:
+        raise ExperimentError(f"invalid experiment {path}: provenance is recorded by ovseg; remove the key")
+    files.append(path)
+    bases = data.pop(EXTENDS_KEY, None)
+    if isinstance(bases, str):
+        bases = [bases]
+    if bases is not None and (not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases)):
+        raise ExperimentError(f"invalid experiment {path}: extends must be a file path or a list of them, got {bases!r}")
+    merged: Any = None
+    for b in bases or []:
+        base_path = Path(b).expanduser()
+        base_path = (path.parent / base_path if not base_path.is_absolute() else base_path).resolve()
+        merged = _merge(merged, _read_file(base_path, (*stack, path), files), base_path)
+    return _merge(merged, resolve_paths(data, path.parent), path)
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+def _validate(data: Any, source: str, base_dir: str | os.PathLike | None,
+              origins: Sequence[tuple[tuple[str, ...], str]] = ()) -> Experiment:
     if not isinstance(data, dict):
         raise ExperimentError(f"invalid experiment {source}: the top level must be a mapping, got {type(data).__name__}")
+    if EXTENDS_KEY in data:
+        raise ExperimentError(f"invalid experiment {source}: extends is resolved when reading files; use load_experiment")
     try:
-        exp = Experiment.model_validate(data)
+        return Experiment.model_validate(resolve_paths(data, base_dir))
     except ValidationError as e:
-        raise ExperimentError(_format_errors(e, source)) from e
-    if base_dir is not None:
-        base = Path(base_dir)
-        fixed = []
-        for d in exp.datasets:
-            upd = {}
-            if not Path(d.root).is_absolute():
-                upd["root"] = str((base / d.root).resolve())
-            if d.gt_dir and not Path(d.gt_dir).is_absolute():
-                upd["gt_dir"] = str((base / d.gt_dir).resolve())
-            fixed.append(d.model_copy(update=upd) if upd else d)
-        exp = exp.model_copy(update={"datasets": fixed})
-        if exp.store and "://" not in exp.store and not Path(exp.store).is_absolute():
-            exp = exp.model_copy(update={"store": str((base / exp.store).resolve())})
-    return exp
+        raise ExperimentError(_format_errors(e, source, origins)) from None
 
 
-def load_experiment(path: str | os.PathLike) -> Experiment:
-    """Read and validate an experiment YAML file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ExperimentError(f"experiment file {p} not found; see configs/ for examples")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ExperimentError(f"experiment file {p} is not valid YAML: {e}") from e
-    return parse_experiment(data, source=str(p), base_dir=p.parent)
+def parse_experiment(data: dict[str, Any], source: str = "<dict>", base_dir: str | os.PathLike | None = None) -> Experiment:
+    """Validate a mapping into an ``Experiment``; relative paths resolve against ``base_dir``, ``~`` is expanded."""
+    return _validate(data, source, base_dir)
+
+
+def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Experiment:
+    """Read an experiment YAML file (with its ``extends`` chain), apply overrides, validate.
+
+    Args:
+        path: the experiment file; ``~`` is expanded.
+        overrides: ``KEY=VALUE`` strings (``methods.0.params.tau=3``), applied in order after
+            ``extends`` merging; values are YAML; relative paths in them resolve against the
+            current directory.
+    Returns:
+        the validated experiment; ``provenance`` lists the files read and the overrides.
+    Raises:
+        ExperimentError: missing / invalid file, extends cycle, bad override, invalid value
+            (the message names the file, the key, the override that set it, and the fix).
+    """
+    p = Path(path).expanduser().resolve()
+    files: list[Path] = []
+    data = _read_file(p, (), files)
+    data = apply_overrides(data, overrides)
+    origins = [(parse_override(o)[0], o) for o in overrides]
+    read = tuple(dict.fromkeys(map(str, files)))
+    source = str(p) + (f" (extends {', '.join(read[1:])})" if len(read) > 1 else "")
+    exp = _validate(data, source, Path.cwd(), origins)
+    return exp.model_copy(update={"provenance": Provenance(files=read, overrides=tuple(overrides))})

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import open_clip
 
+from ..names import closest_name
+
 __all__ = [
     "CLIP_ARCHS",
     "DINO_ARCHS",
@@ -100,8 +102,11 @@ def list_backbones() -> list[str]:
 
 
 def _unknown_name(name: str, why: str) -> ValueError:
+    head, at, weights = name.partition("@")
+    best = closest_name(head, [n.partition("@")[0] for n in list_backbones()])
+    hint = f" (did you mean {best + at + weights!r}?)" if best else ""
     return ValueError(
-        f"unknown backbone {name!r} ({why}); valid names: {', '.join(list_backbones())}; "
+        f"unknown backbone {name!r}{hint} ({why}); valid names: {', '.join(list_backbones())}; "
         "each optionally with @random, @random:SEED or @/path/to/checkpoint"
     )
 
