@@ -64,7 +64,9 @@ def corrclip_window_features(
     Args:
         visual: open_clip ``VisionTransformer`` (eval mode; wrap in ``torch.no_grad()``).
         crops: ``(B, 3, H, W)`` CLIP-normalised windows, already padded by the caller so that H
-            and W are multiples of the CLIP patch size and of the DINO patch size.
+            and W are multiples of the DINO patch size (CorrCLIP: of 56). As in the reference, a
+            side that is not a multiple of the CLIP patch size gives the floor grid (the patch
+            convolution drops the remainder: 280 with ViT-B/16 -> 17 tokens, DINO /8 -> 35).
         qk: ``(B, hd, wd, C)`` L2-normalised last-block DINO q+k features of the same windows.
         regions: ``(B, H, W) int64`` region ids of the windows at crop resolution (``0`` =
             unsegmented, ``-1`` = padding).
@@ -89,9 +91,6 @@ def corrclip_window_features(
         raise ValueError(f"regions must be (B, H, W) = {(b, h, w)} (crop resolution), got {tuple(regions.shape)}")
     if semantic is not None and not cfg.semantic_branch:
         raise ValueError("semantic tokens given but cfg.semantic_branch is False")
-    ps = clip_ops.patch_size(visual)
-    if h % ps or w % ps:
-        raise ValueError(f"crop {h}x{w} is not a multiple of the CLIP patch size {ps}; pad it first")
     clip_grid = clip_ops.token_grid(visual, h, w)
     dino_grid = (qk.shape[1], qk.shape[2])
     num_l = clip_ops.num_blocks(visual)
