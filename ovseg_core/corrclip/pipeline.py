@@ -69,7 +69,8 @@ def corrclip_window_features(
             convolution drops the remainder: 280 with ViT-B/16 -> 17 tokens, DINO /8 -> 35).
         qk: ``(B, hd, wd, C)`` L2-normalised last-block DINO q+k features of the same windows.
         regions: ``(B, H, W) int64`` region ids of the windows at crop resolution (``0`` =
-            unsegmented, ``-1`` = padding).
+            unsegmented, ``-1`` = padding; ``cfg.padding`` decides whether padding is a region
+            of its own, as in the reference, or is dropped).
         cfg: CorrCLIP configuration.
         blocks: optional precomputed aggregates named by ``required_blocks(cfg, L)``, each
             ``(B, 1 + N, D)``; used instead of running CLIP (same result).
@@ -78,7 +79,8 @@ def corrclip_window_features(
         token_transform: optional map of the ``(B, 1 + N, D)`` penultimate tokens (and the
             ``(gh, gw)`` grid) applied before the main branch only; identity when None.
         merged: optional precomputed ``(B, hd, wd) int64`` output of :func:`cluster_masks` for
-            these windows (the ``mask_clustering`` stage); used instead of clustering again.
+            these windows (the ``mask_clustering`` stage, run with the same ``cfg.padding``);
+            used instead of clustering again.
     Returns:
         ``(B, hd, wd, E)`` features in the joint embedding space, not normalised.
     """
