@@ -56,7 +56,7 @@ def patch_size(visual: nn.Module) -> int:
 
 
 def token_grid(visual: nn.Module, height: int, width: int) -> tuple[int, int]:
-    """Token grid ``(gh, gw)`` of a crop of ``height x width`` pixels."""
+    """Token grid ``(gh, gw)`` of a crop of ``height x width`` pixels (floor: the conv stride drops a remainder)."""
     p = patch_size(visual)
     return height // p, width // p
 
@@ -94,8 +94,12 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> torch
 def embed_tokens(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Patch embedding + CLS + resized positional embedding + ``ln_pre``.
 
+    Sides that are not a multiple of the patch size are handled as the reference codes' patch
+    convolution handles them: the stride drops the remainder, ``(gh, gw) = (H, W) // patch``
+    (a 280-pixel CorrCLIP window with ViT-B/16: 17 tokens covering pixels 0..271).
+
     Args:
-        images: ``(B, 3, H, W)`` normalised crops; H and W multiples of the patch size.
+        images: ``(B, 3, H, W)`` normalised crops, H and W at least the patch size.
     Returns:
         tokens ``(B, 1 + gh*gw, D)`` (the input of block 1) and the grid ``(gh, gw)``.
     """
@@ -103,8 +107,8 @@ def embed_tokens(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
     p = patch_size(visual)
     h, w = images.shape[-2:]
-    if h % p or w % p:
-        raise ValueError(f"crop {h}x{w} is not a multiple of the patch size {p}; pad it first")
+    if h < p or w < p:
+        raise ValueError(f"crop {h}x{w} is smaller than the patch size {p}")
     x = visual.conv1(images.to(visual.conv1.weight.dtype))
     b, d, gh, gw = x.shape
     x = x.reshape(b, d, gh * gw).permute(0, 2, 1)

@@ -4,22 +4,24 @@ Presets are the published evaluation settings (methods.md section 1 table). CamV
 neither paper: its presets are this project's choice (the papers' generic no-background
 setting: S = 336, CorrCLIP crop 336/112, SC-CLIP crop 224/112, logit scale 40, no thresholds).
 
-Class files live in ``ovseg_core/data/classes`` (package data), one class per line, synonyms
-on the same line separated by ``", "`` (each synonym is its own text query; a class scores
-the max over its synonyms). Where the two papers' files are known to differ they are shipped
-separately:
+Class files live in ``ovseg_core/data/classes`` (package data) as ``<bench>_corrclip.txt`` and
+``<bench>_scclip.txt``: byte-for-byte copies of the authors' ``cls_*.txt`` files
+(zdk258/CorrCLIP 103bc18 ``CorrCLIPv1/configs``, SuleBai/SC-CLIP 0417ba9 ``configs``), one
+class per line. Each family's reference reads them with its own ``get_cls_idx``: the line is
+split on one separator into synonyms, each synonym its own text query, and a class scores the
+max over its queries. The separator differs (:data:`CLASS_SEPARATORS`): CorrCLIP splits on
+``"; "`` (its VOC21 / COCO-Object background line = 26 / 16 stuff words, each a query; the
+reference then takes the max over them), SC-CLIP on ``", "`` (its background line, the person
+and tvmonitor lines carry ``", "`` synonyms). Only newlines are removed; spaces are kept
+(PC60's ``"wood "`` line keeps its trailing space, as in both references).
 
-- VOC21/VOC20 CorrCLIP: line 0 (VOC21 only) = the 26 stuff words as synonyms of background;
-  "person" renamed "people"; "tvmonitor" kept.
-- VOC21/VOC20 SC-CLIP (SCLIP's files): same background words; "person" has 7 synonyms and
-  "tvmonitor" 5 (methods.md). Both VOC variants use "ship" and "table" for boat and dining
-  table, as in the SCLIP lineage of these files.
-- Cityscapes: CorrCLIP's file is "trafficlight", "trafficsign", "people"; the SC-CLIP variant
-  keeps "person".
-- Elsewhere one file serves both: PC59 / PC60 (PC59 names, PC60 adds the literal word
-  "background"), COCO-Object ("background" + the 80 COCO thing names), COCO-Stuff (the 171
-  mmsegmentation names), ADE20K (the 150 mmsegmentation names = first name of each row of
-  ``objectInfo150.csv``), CamVid (11 classes).
+Differences between the two families' files: CorrCLIP writes "people" for person (VOC, PC59/60,
+COCO-Object/Stuff, ADE20K, Cityscapes), a 16-word background for COCO-Object and no synonyms for
+VOC person / tvmonitor; SC-CLIP (SCLIP's files) has 7 person synonyms on VOC (8 with "body" on
+COCO-Object) and 5 for tvmonitor. Both write multi-word names without spaces in COCO-Stuff and
+ADE20K ("trafficlight", "chestofdrawers") and Cityscapes ("trafficlight", "trafficsign").
+CamVid (no paper file): ``camvid.txt`` for both families, the 11 SegNet class names in label
+order (0 sky .. 10 bicyclist).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from importlib import resources
 from types import MappingProxyType
 
 __all__ = [
+    "CLASS_SEPARATORS",
     "DATASETS",
     "LABEL_CONVERSIONS",
     "METHOD_VARIANTS",
@@ -41,6 +44,10 @@ __all__ = [
 
 LABEL_CONVERSIONS = ("none", "reduce_zero_label", "coco_object", "camvid")
 METHOD_VARIANTS = ("corrclip", "scclip")
+
+# Synonym separator of each family's class files, as its reference ``get_cls_idx`` splits a
+# line (CorrCLIP ``split('; ')``, SC-CLIP ``split(', ')``); pass it to ``parse_class_lines``.
+CLASS_SEPARATORS: Mapping[str, str] = MappingProxyType({"corrclip": "; ", "scclip": ", "})
 
 
 @dataclass(frozen=True)
@@ -142,15 +149,15 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
             _spec("VOC20", 20, _preset(336, 336, 40), _preset(336, 224, 40),
                   ("voc20_corrclip.txt", "voc20_scclip.txt"), "reduce_zero_label"),
             _spec("PC60", 60, _preset(336, 336, 40, 0.15), _preset(336, 224, 40, 0.15),
-                  ("pc60.txt", "pc60.txt"), background=True),
+                  ("pc60_corrclip.txt", "pc60_scclip.txt"), background=True),
             _spec("PC59", 59, _preset(336, 336, 40), _preset(336, 224, 40),
-                  ("pc59.txt", "pc59.txt"), "reduce_zero_label"),
+                  ("pc59_corrclip.txt", "pc59_scclip.txt"), "reduce_zero_label"),
             _spec("COCO-Object", 81, _preset(336, 336, 40, 0.25), _preset(336, 224, 55, 0.35),
-                  ("coco_object.txt", "coco_object.txt"), "coco_object", background=True),
+                  ("coco_object_corrclip.txt", "coco_object_scclip.txt"), "coco_object", background=True),
             _spec("COCO-Stuff", 171, _preset(336, 336, 40), _preset(336, 224, 40),
-                  ("coco_stuff.txt", "coco_stuff.txt")),
+                  ("coco_stuff_corrclip.txt", "coco_stuff_scclip.txt")),
             _spec("ADE20K", 150, _preset(448, 336, 40), _preset(336, 224, 40),
-                  ("ade20k.txt", "ade20k.txt"), "reduce_zero_label"),
+                  ("ade20k_corrclip.txt", "ade20k_scclip.txt"), "reduce_zero_label"),
             _spec("Cityscapes", 19, _preset(448, 224, 40), _preset(560, 224, 40),
                   ("cityscapes_corrclip.txt", "cityscapes_scclip.txt")),
             _spec("CamVid", 11, _preset(336, 336, 40), _preset(336, 224, 40),
@@ -174,20 +181,26 @@ def get_dataset(name: str) -> DatasetSpec:
 
 
 def class_lines(name: str, variant: str) -> list[str]:
-    """Lines of a dataset's class file: one class per line, synonyms separated by ``", "``.
+    """Lines of a dataset's class file, exactly as the reference reads them.
 
-    Parse them into queries with ``ovseg_core.features.text.parse_class_lines``.
+    ``readlines()`` with the newline removed: one class per line, nothing stripped (trailing
+    spaces are part of the prompt). Parse them into queries with
+    ``parse_class_lines(lines, separator=CLASS_SEPARATORS[variant])``.
 
     Args:
         name: dataset name (see :data:`DATASETS`).
         variant: ``"corrclip"`` or ``"scclip"`` (baselines use ``"scclip"``).
+    Returns:
+        ``num_classes`` strings.
     """
     spec = get_dataset(name)
     if variant not in METHOD_VARIANTS:
         raise ValueError(f"variant must be one of {METHOD_VARIANTS}, got {variant!r}")
-    text = resources.files("ovseg_core").joinpath("data", "classes", spec.class_files[variant]).read_text("utf-8")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if len(lines) != spec.num_classes:
-        raise AssertionError(f"{spec.class_files[variant]} has {len(lines)} lines, expected {spec.num_classes}")
+    file_name = spec.class_files[variant]
+    text = resources.files("ovseg_core").joinpath("data", "classes", file_name).read_text("utf-8")
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines.pop()  # readlines() yields no empty line after a final newline
+    if len(lines) != spec.num_classes or any(not line.strip() for line in lines):
+        raise AssertionError(f"{file_name} must have {spec.num_classes} non-blank lines, got {len(lines)}")
     return lines
-

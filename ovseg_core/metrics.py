@@ -1,10 +1,17 @@
 """Scoring protocol of MMSegmentation's ``IoUMetric`` (methods.md section 1).
 
-Per image, a ``(K, K)`` confusion matrix (rows ground truth, columns prediction) over pixels
+Per image, a ``(K + 1, K)`` confusion matrix (rows ground truth, columns prediction) over pixels
 whose converted ground truth is not ``ignore_index``; matrices are **summed over the whole
 dataset** before :func:`scores_from_confusion`, so IoU is intersection / union of dataset
 totals, and mIoU is the nan-mean over classes (nan where a class is absent from both ground
 truth and prediction).
+
+Ground truth outside ``0..K-1`` (and not ``ignore_index``) is scored as mmseg's
+``IoUMetric.intersect_and_union`` scores it (``torch.histc(..., bins=K, min=0, max=K-1)``
+drops out-of-range values): such a pixel is in no class's label area and in no intersection,
+but its *prediction* still counts in the predicted area, hence in that class's union. Row ``K``
+of the matrix holds these pixels by predicted class; ``strict=True`` raises instead.
+:func:`out_of_range_count` gives their number (to record and warn once per dataset).
 
 Label conversions (:func:`convert_labels`), applied to raw ground truth as read from disk:
 
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["COCO_NUM_THINGS", "convert_labels", "confusion_matrix", "scores_from_confusion"]
+__all__ = ["COCO_NUM_THINGS", "convert_labels", "confusion_matrix", "out_of_range_count", "scores_from_confusion"]
 
 COCO_NUM_THINGS = 80  # thing classes come first in COCO-Stuff train ids (0..79)
 _CAMVID_UNLABELLED = 11
@@ -66,17 +73,22 @@ def convert_labels(gt: np.ndarray, conversion: str, ignore_index: int = 255) -> 
     )
 
 
-def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
-    """Pixel confusion matrix of one image (or any set of pixels).
+def confusion_matrix(
+    pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255, strict: bool = False
+) -> np.ndarray:
+    """Pixel confusion matrix of one image (or any set of pixels), mmseg's scoring rule.
 
     Args:
         pred: ``(H, W)`` integer predicted labels in ``0..K-1``.
-        gt: ``(H, W)`` integer converted ground truth in ``0..K-1`` or ``ignore_index``.
+        gt: ``(H, W)`` integer converted ground truth; ``ignore_index`` pixels are not scored.
         num_classes: ``K``.
         ignore_index: ground-truth value excluded from scoring.
-
+        strict: raise ``ValueError`` naming the ground-truth values outside ``0..K-1`` instead of
+            scoring them as mmseg does (default False = mmseg).
     Returns:
-        ``(K, K) int64``: entry ``[g, p]`` counts labelled pixels of class ``g`` predicted ``p``.
+        ``(K + 1, K) int64``: entry ``[g, p]`` (``g < K``) counts labelled pixels of class ``g``
+        predicted ``p``; row ``K`` counts, per predicted class, the pixels whose ground truth is
+        outside ``0..K-1`` (mmseg: in the prediction area and union, in no label area).
         Matrices of disjoint pixel sets add up.
     """
     _check_int_map("pred", pred)
@@ -88,43 +100,64 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_
     valid = gt != ignore_index
     g = gt[valid].astype(np.int64)
     p = pred[valid].astype(np.int64)
-    if g.size and (g.min() < 0 or g.max() >= num_classes):
-        bad = np.unique(g[(g < 0) | (g >= num_classes)])[:10].tolist()
-        raise ValueError(
-            f"gt labels {bad} are outside 0..{num_classes - 1} and not ignore_index={ignore_index}; "
-            "apply the dataset's label conversion (convert_labels) first"
-        )
     if p.size and (p.min() < 0 or p.max() >= num_classes):
         bad = np.unique(p[(p < 0) | (p >= num_classes)])[:10].tolist()
         raise ValueError(f"pred labels {bad} are outside 0..{num_classes - 1}")
-    counts = np.bincount(g * num_classes + p, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes).astype(np.int64)
+    outside = (g < 0) | (g >= num_classes)
+    if strict and outside.any():
+        bad = np.unique(g[outside])[:10].tolist()
+        raise ValueError(
+            f"gt labels {bad} are outside 0..{num_classes - 1} and not ignore_index={ignore_index}; "
+            "apply the dataset's label conversion (convert_labels) first, or score with strict=False "
+            "(mmseg's rule: such pixels count only in the predicted area)"
+        )
+    g = np.where(outside, num_classes, g)
+    counts = np.bincount(g * num_classes + p, minlength=(num_classes + 1) * num_classes)
+    return counts.reshape(num_classes + 1, num_classes).astype(np.int64)
 
 
-def scores_from_confusion(conf: np.ndarray) -> dict[str, np.ndarray | float]:
-    """IoU / accuracy from a (dataset-summed) confusion matrix, as mmseg ``IoUMetric``.
-
-    Args:
-        conf: ``(K, K)`` non-negative integer confusion matrix (rows gt, cols pred).
-
-    Returns:
-        dict with ``"iou"`` ``(K,) float64`` (intersection / union, nan where union == 0),
-        ``"acc"`` ``(K,) float64`` per-class accuracy (nan where the class has no gt pixel),
-        ``"miou"`` and ``"macc"`` (nan-means; nan when every entry is nan), and ``"aacc"``
-        (correct / labelled pixels; nan when nothing is labelled).
-    """
-    if not isinstance(conf, np.ndarray) or conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
-        raise ValueError(f"conf must be a square (K, K) numpy array, got {getattr(conf, 'shape', None)}")
+def _split_confusion(conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(K, K)`` labelled part and ``(K,)`` out-of-range row of a ``(K, K)`` or ``(K + 1, K)`` matrix."""
+    if not isinstance(conf, np.ndarray) or conf.ndim != 2 or conf.shape[0] not in (conf.shape[1], conf.shape[1] + 1):
+        raise ValueError(f"conf must be a (K + 1, K) (or square (K, K)) numpy array, got {getattr(conf, 'shape', None)}")
     if not np.issubdtype(conf.dtype, np.integer) or (conf < 0).any():
         raise ValueError("conf must hold non-negative integer counts")
     conf = conf.astype(np.int64)
-    intersect = np.diag(conf).astype(np.float64)
-    area_gt = conf.sum(axis=1).astype(np.float64)
-    area_pred = conf.sum(axis=0).astype(np.float64)
+    k = conf.shape[1]
+    outside = conf[k] if conf.shape[0] == k + 1 else np.zeros(k, dtype=np.int64)
+    return conf[:k], outside
+
+
+def out_of_range_count(conf: np.ndarray) -> int:
+    """Pixels whose ground truth was outside ``0..K-1`` (row ``K``; 0 for a square matrix)."""
+    return int(_split_confusion(conf)[1].sum())
+
+
+def scores_from_confusion(conf: np.ndarray) -> dict[str, np.ndarray | float | int]:
+    """IoU / accuracy from a (dataset-summed) confusion matrix, as mmseg ``IoUMetric``.
+
+    With ``labelled = conf[:K]`` and ``conf[K]`` the out-of-range row:
+    ``intersect = diag(labelled)``, ``area_label = labelled.sum(1)``, ``area_pred = conf.sum(0)``
+    (out-of-range pixels included), ``union = area_label + area_pred - intersect``; ``iou =
+    intersect / union``, ``acc = intersect / area_label``, ``aacc = intersect.sum() /
+    area_label.sum()``. A square ``(K, K)`` matrix (no out-of-range row) is accepted too.
+
+    Args:
+        conf: ``(K + 1, K)`` (or ``(K, K)``) non-negative integer confusion matrix (rows gt, cols pred).
+    Returns:
+        dict with ``"iou"`` ``(K,) float64`` (nan where union == 0), ``"acc"`` ``(K,) float64``
+        (nan where the class has no gt pixel), ``"miou"`` and ``"macc"`` (nan-means; nan when
+        every entry is nan), ``"aacc"`` (nan when nothing is labelled) and ``"out_of_range"``
+        (int, pixels whose ground truth was outside ``0..K-1``).
+    """
+    labelled, outside = _split_confusion(conf)
+    intersect = np.diag(labelled).astype(np.float64)
+    area_gt = labelled.sum(axis=1).astype(np.float64)
+    area_pred = (labelled.sum(axis=0) + outside).astype(np.float64)
     union = area_gt + area_pred - intersect
-    iou = np.full(conf.shape[0], np.nan)
+    iou = np.full(labelled.shape[0], np.nan)
     np.divide(intersect, union, out=iou, where=union > 0)
-    acc = np.full(conf.shape[0], np.nan)
+    acc = np.full(labelled.shape[0], np.nan)
     np.divide(intersect, area_gt, out=acc, where=area_gt > 0)
     total = area_gt.sum()
     return {
@@ -133,6 +166,7 @@ def scores_from_confusion(conf: np.ndarray) -> dict[str, np.ndarray | float]:
         "miou": _nanmean(iou),
         "macc": _nanmean(acc),
         "aacc": float(intersect.sum() / total) if total > 0 else float("nan"),
+        "out_of_range": int(outside.sum()),
     }
 
 

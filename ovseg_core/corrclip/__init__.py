@@ -5,17 +5,31 @@ One module per method step: ``mask_clustering``, ``scope_reconstruction``,
 ``pipeline.corrclip_window_features`` is the per-window entry point.
 """
 
-from ovseg_core.corrclip.config import CorrCLIPConfig, num_spatial_blocks, required_blocks, spatial_block_range
+from ovseg_core.corrclip.config import (
+    PADDING_MODES,
+    CorrCLIPConfig,
+    num_spatial_blocks,
+    required_blocks,
+    spatial_block_range,
+)
 from ovseg_core.corrclip.feature_refinement import feature_refinement
 from ovseg_core.corrclip.map_correction import map_correction
 from ovseg_core.corrclip.mask_class_tokens import mask_class_tokens
-from ovseg_core.corrclip.mask_clustering import PADDING_ID, cluster_masks, resize_regions
+from ovseg_core.corrclip.mask_clustering import (
+    PADDING_ID,
+    REFERENCE_PADDING_ID,
+    cluster_masks,
+    padding_as_region,
+    resize_regions,
+)
 from ovseg_core.corrclip.pipeline import corrclip_window_features
 from ovseg_core.corrclip.scope_reconstruction import scope_reconstruction, similarity
 from ovseg_core.corrclip.value_reconstruction import value_reconstruction
 
 __all__ = [
     "PADDING_ID",
+    "PADDING_MODES",
+    "REFERENCE_PADDING_ID",
     "CorrCLIPConfig",
     "cluster_masks",
     "corrclip_window_features",
@@ -23,6 +37,7 @@ __all__ = [
     "map_correction",
     "mask_class_tokens",
     "num_spatial_blocks",
+    "padding_as_region",
     "required_blocks",
     "resize_regions",
     "scope_reconstruction",

@@ -10,11 +10,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["CorrCLIPConfig", "SIMILARITY_SOURCES", "num_spatial_blocks", "required_blocks", "spatial_block_range"]
+__all__ = [
+    "PADDING_MODES",
+    "CorrCLIPConfig",
+    "SIMILARITY_SOURCES",
+    "num_spatial_blocks",
+    "required_blocks",
+    "spatial_block_range",
+]
 
 # Sources of the patch-similarity matrix S. Only the paper's DINO q+k is implemented; the
 # paper's "uniform" row of Table 5 is ``value_reconstruction=False``.
 SIMILARITY_SOURCES: tuple[str, ...] = ("dino_qk",)
+
+# How padded pixels of a window (crop side not a multiple of 56) enter the method:
+# "reference" = as in CorrCLIPv1, padding is one more region (its own id, larger than every real
+# id: the reference pads the mask crop with 10000) in DBSCAN, in E and in the semantic branch,
+# and DINO sees the padded CLIP crop converted (features.dino.dino_input_from_clip);
+# "ignore" = padding is removed from clustering, E and the MCTs, and DINO sees the ImageNet-
+# normalised crop padded with 0 (ovseg's earlier behaviour).
+PADDING_MODES: tuple[str, ...] = ("reference", "ignore")
 
 # NUM_SPATIAL of the reference, keyed by the number of CLIP blocks L; other depths use L - 4.
 _NUM_SPATIAL_BY_DEPTH: dict[int, int] = {12: 5, 24: 12, 32: 28}
@@ -63,6 +78,12 @@ class CorrCLIPConfig:
     map_correction: bool = True
     # Source of the similarity S. Paper: "dino_qk" (last DINO block's q + k, L2-normalised).
     similarity: str = "dino_qk"
+    # Padded window pixels (region id -1 in the input maps): "reference" = padding is a region of
+    # its own (may merge with real regions by DBSCAN, has its block in E and its mask class token;
+    # the DINO input is dino_input_from_clip of the padded CLIP crop); "ignore" = padding is
+    # dropped from clustering, E and the MCTs, DINO input = ImageNet-normalised crop padded with 0.
+    # One of PADDING_MODES. Paper (reference code): "reference".
+    padding: str = "reference"
 
     def __post_init__(self) -> None:
         for name in (
@@ -93,6 +114,8 @@ class CorrCLIPConfig:
             raise ValueError(f"num_spatial must be None or an int >= 1, got {self.num_spatial!r}")
         if self.similarity not in SIMILARITY_SOURCES:
             raise ValueError(f"similarity must be one of {SIMILARITY_SOURCES}, got {self.similarity!r}")
+        if self.padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {PADDING_MODES}, got {self.padding!r}")
 
 
 def num_spatial_blocks(cfg: CorrCLIPConfig, num_blocks: int) -> int:

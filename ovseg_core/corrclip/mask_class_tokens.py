@@ -6,6 +6,10 @@ positional embedding and ``ln_pre``, is appended to the token sequence (order
 last block) an attention mask lets CLS and patches see only CLS and patches, so their outputs
 are those of a plain forward, and lets ``MCT_r`` see CLS and the patches of region r only (not
 itself, not other MCTs). Each patch then takes the last-block output of its region's MCT.
+
+Padding: with ``CorrCLIPConfig.padding == "reference"`` the merged maps have no ``-1``, padding is
+a region with its own MCT, and real DINO patches whose nearest CLIP cell is padding take it (as in
+the reference); ``-1`` cells (``"ignore"``) get no MCT.
 """
 
 from __future__ import annotations

@@ -3,9 +3,15 @@
 Region-id conventions used throughout ``ovseg_core.corrclip``:
 
 * input maps: ``int64`` ids, ``0`` = unsegmented, ``1..Z`` = regions, ``-1`` = padding
-  (pixels added to pad a window; padding never forms a region);
+  (pixels added to pad a window);
 * merged maps (output of :func:`cluster_masks`): ``0`` = m0 (the patches treated as
-  unsegmented), ``1..K`` = merged regions, ``-1`` = padding.
+  unsegmented), ``1..K`` = merged regions, ``-1`` = padding removed from the method.
+
+``CorrCLIPConfig.padding`` is decided here. ``"reference"`` (CorrCLIPv1: the mask crop is padded
+with id 10000): padding becomes one more region, with an id above every real id
+(:func:`padding_as_region`), so it enters DBSCAN (and may merge with a real region), gets its own
+block in E and its own mask class token; merged maps then hold no ``-1``. ``"ignore"``: padding
+stays ``-1`` and the later steps drop it.
 """
 
 from __future__ import annotations
@@ -17,10 +23,36 @@ from sklearn.cluster import DBSCAN
 
 from ovseg_core.corrclip.config import CorrCLIPConfig
 
-__all__ = ["PADDING_ID", "cluster_masks", "resize_regions"]
+__all__ = ["PADDING_ID", "REFERENCE_PADDING_ID", "cluster_masks", "padding_as_region", "resize_regions"]
 
-# Region id of padded pixels/patches: never a region, never m0.
+# Region id of padded pixels/patches in the input maps (the task layer pads region crops with it).
 PADDING_ID = -1
+
+# Id the CorrCLIP reference pads window mask crops with (F.pad(..., value=10000)): larger than
+# every real id, so padding sorts last and is never m0.
+REFERENCE_PADDING_ID = 10000
+
+
+def padding_as_region(regions: torch.Tensor) -> torch.Tensor:
+    """Padding (``-1``) turned into an ordinary region id, as the CorrCLIP reference pads mask crops.
+
+    The id is :data:`REFERENCE_PADDING_ID` (10000), or ``max id + 1`` when real ids reach it
+    (where the reference's padding would collide with a real region). Only its rank matters:
+    it is above every real id, so padding is never m0 and comes last in the DBSCAN order.
+
+    Args:
+        regions: ``(B, H, W)`` integer ids, ``-1`` = padding.
+    Returns:
+        ``(B, H, W) int64`` ids without ``-1``.
+    """
+    if regions.is_floating_point():
+        raise ValueError(f"regions must hold integer ids, got dtype {regions.dtype}")
+    regions = regions.long()
+    pad = regions == PADDING_ID
+    if not bool(pad.any()):
+        return regions
+    pad_id = max(REFERENCE_PADDING_ID, int(regions.max()) + 1)
+    return regions.masked_fill(pad, pad_id)
 
 
 def resize_regions(regions: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -72,6 +104,7 @@ def _dbscan_labels(qk: torch.Tensor, inverse: torch.Tensor, num_regions: int, cf
 def cluster_masks(qk: torch.Tensor, regions: torch.Tensor, cfg: CorrCLIPConfig) -> torch.Tensor:
     """Mask merging with the m0 rule, per window.
 
+    With ``cfg.padding == "reference"`` padding is first made a region (:func:`padding_as_region`).
     For each window: the non-padding ids present are sorted; m0 is the smallest of them when
     ``cfg.m0_quirk`` (reference: a real region when the window has no id-0 patch), otherwise id
     0 if present. When ``cfg.mask_clustering`` and there are at least two non-m0 regions (the
@@ -87,7 +120,7 @@ def cluster_masks(qk: torch.Tensor, regions: torch.Tensor, cfg: CorrCLIPConfig) 
     Returns:
         ``(B, hd, wd) int64`` merged ids: ``0`` = m0, ``1..K`` = merged regions (numbered in
         order of first cluster label, then the ascending original id of each unclustered
-        region), ``-1`` = padding. With ``cfg.mask_clustering=False`` the regions are only
+        region), ``-1`` = padding (only with ``cfg.padding == "ignore"``). With ``cfg.mask_clustering=False`` the regions are only
         renumbered (m0 -> 0, others -> 1..K in ascending id order).
     """
     if qk.ndim != 4:
@@ -98,6 +131,8 @@ def cluster_masks(qk: torch.Tensor, regions: torch.Tensor, cfg: CorrCLIPConfig) 
         raise ValueError(f"regions must hold integer ids, got dtype {regions.dtype}")
     if bool((regions < PADDING_ID).any()):
         raise ValueError(f"region ids must be >= {PADDING_ID} (-1 = padding), got min {int(regions.min())}")
+    if cfg.padding == "reference":
+        regions = padding_as_region(regions)
     b = regions.shape[0]
     flat_regions = regions.reshape(b, -1).long()
     flat_qk = qk.reshape(b, -1, qk.shape[-1]).float()

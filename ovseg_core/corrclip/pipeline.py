@@ -64,10 +64,13 @@ def corrclip_window_features(
     Args:
         visual: open_clip ``VisionTransformer`` (eval mode; wrap in ``torch.no_grad()``).
         crops: ``(B, 3, H, W)`` CLIP-normalised windows, already padded by the caller so that H
-            and W are multiples of the CLIP patch size and of the DINO patch size.
+            and W are multiples of the DINO patch size (CorrCLIP: of 56). As in the reference, a
+            side that is not a multiple of the CLIP patch size gives the floor grid (the patch
+            convolution drops the remainder: 280 with ViT-B/16 -> 17 tokens, DINO /8 -> 35).
         qk: ``(B, hd, wd, C)`` L2-normalised last-block DINO q+k features of the same windows.
         regions: ``(B, H, W) int64`` region ids of the windows at crop resolution (``0`` =
-            unsegmented, ``-1`` = padding).
+            unsegmented, ``-1`` = padding; ``cfg.padding`` decides whether padding is a region
+            of its own, as in the reference, or is dropped).
         cfg: CorrCLIP configuration.
         blocks: optional precomputed aggregates named by ``required_blocks(cfg, L)``, each
             ``(B, 1 + N, D)``; used instead of running CLIP (same result).
@@ -76,7 +79,8 @@ def corrclip_window_features(
         token_transform: optional map of the ``(B, 1 + N, D)`` penultimate tokens (and the
             ``(gh, gw)`` grid) applied before the main branch only; identity when None.
         merged: optional precomputed ``(B, hd, wd) int64`` output of :func:`cluster_masks` for
-            these windows (the ``mask_clustering`` stage); used instead of clustering again.
+            these windows (the ``mask_clustering`` stage, run with the same ``cfg.padding``);
+            used instead of clustering again.
     Returns:
         ``(B, hd, wd, E)`` features in the joint embedding space, not normalised.
     """
@@ -89,9 +93,6 @@ def corrclip_window_features(
         raise ValueError(f"regions must be (B, H, W) = {(b, h, w)} (crop resolution), got {tuple(regions.shape)}")
     if semantic is not None and not cfg.semantic_branch:
         raise ValueError("semantic tokens given but cfg.semantic_branch is False")
-    ps = clip_ops.patch_size(visual)
-    if h % ps or w % ps:
-        raise ValueError(f"crop {h}x{w} is not a multiple of the CLIP patch size {ps}; pad it first")
     clip_grid = clip_ops.token_grid(visual, h, w)
     dino_grid = (qk.shape[1], qk.shape[2])
     num_l = clip_ops.num_blocks(visual)

@@ -44,9 +44,10 @@ def scope_reconstruction(s: torch.Tensor, merged: torch.Tensor, cfg: CorrCLIPCon
     ``(N, Z)`` matrix times its transpose, without the ``Z`` dimension). Without scope
     reconstruction every patch interacts with every patch.
 
-    Padding (``-1``) patches are removed from every row and column, and each padding patch
-    interacts only with itself, so every row of E is non-empty (their outputs are cut off by
-    the caller).
+    Padding (``-1``, present only with ``cfg.padding == "ignore"``; under ``"reference"``
+    padding is an ordinary merged region with its own block) is removed from every row and
+    column, and each padding patch interacts only with itself, so every row of E is non-empty
+    (their outputs are cut off by the caller).
 
     Args:
         s: ``(B, N, N) float`` similarities from :func:`similarity`.

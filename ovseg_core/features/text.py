@@ -131,9 +131,10 @@ class Vocabulary:
             if not isinstance(synonyms, tuple) or len(synonyms) == 0:
                 raise ValueError(f"Vocabulary.classes[{c}] must be a non-empty tuple of names, got {synonyms!r}")
             for name in synonyms:
-                if not isinstance(name, str) or not name.strip() or name != name.strip():
+                # Outer spaces are allowed: the reference class files keep them (PC60 "wood ").
+                if not isinstance(name, str) or not name.strip() or "\n" in name or "\r" in name:
                     raise ValueError(
-                        f"Vocabulary.classes[{c}] has a bad name {name!r}: names are non-empty, without outer spaces"
+                        f"Vocabulary.classes[{c}] has a bad name {name!r}: names are non-blank, on one line"
                     )
 
     @property
@@ -143,12 +144,12 @@ class Vocabulary:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        """``(C,)`` display name of each class (its first synonym)."""
-        return tuple(synonyms[0] for synonyms in self.classes)
+        """``(C,)`` display name of each class (its first synonym, outer spaces removed)."""
+        return tuple(synonyms[0].strip() for synonyms in self.classes)
 
     @property
     def queries(self) -> tuple[str, ...]:
-        """``(Q,)`` all synonyms, class by class, in order."""
+        """``(Q,)`` all synonyms, class by class, in order, exactly as written."""
         return tuple(name for synonyms in self.classes for name in synonyms)
 
     @property
@@ -165,14 +166,27 @@ def _split_synonyms(text: str, where: str) -> tuple[str, ...]:
     return names
 
 
-def parse_class_lines(lines: Sequence[str]) -> Vocabulary:
-    """One class per line, synonyms separated by commas (``"person, people"``).
+def parse_class_lines(lines: Sequence[str], separator: str = ", ") -> Vocabulary:
+    """One class per line, synonyms separated by ``separator``: the reference ``get_cls_idx``.
 
-    Trailing blank lines are ignored; a blank line before the last class is an error (it would
-    shift every later class index).
+    Both reference codes split each line on one literal separator, each part a query, and
+    remove only the newline: ``", "`` for SC-CLIP's files, ``"; "`` for CorrCLIP's
+    (``ovseg_core.datasets.CLASS_SEPARATORS``). Nothing else is split or stripped, so with
+    ``", "`` a ``"; "``-separated line is one query and ``"a,b"`` is one query; spaces around
+    names are kept. Trailing blank lines are ignored; a blank line before the last class is an
+    error (it would shift every later class index).
+
+    Args:
+        lines: class lines (e.g. ``ovseg_core.datasets.class_lines``), newline characters allowed
+            at the end of each.
+        separator: the synonym separator, a non-empty string without line breaks.
+    Returns:
+        the vocabulary; ``queries`` in file order, ``query_to_class`` the line index of each.
     """
     if isinstance(lines, str):
         raise ValueError("lines must be a sequence of lines, not one string; use text.splitlines()")
+    if not isinstance(separator, str) or not separator or "\n" in separator:
+        raise ValueError(f"separator must be a non-empty string without line breaks, got {separator!r}")
     kept = [line.rstrip("\r\n") for line in lines]
     while kept and not kept[-1].strip():
         kept.pop()
@@ -182,7 +196,10 @@ def parse_class_lines(lines: Sequence[str]) -> Vocabulary:
     for number, line in enumerate(kept, start=1):
         if not line.strip():
             raise ValueError(f"line {number} is blank; every line before the last class must name a class")
-        classes.append(_split_synonyms(line, f"line {number}"))
+        names = tuple(line.split(separator))
+        if any(not name.strip() for name in names):
+            raise ValueError(f"line {number}: empty class name in {line!r}; synonyms are separated by {separator!r}")
+        classes.append(names)
     return Vocabulary(classes=tuple(classes))
 
 

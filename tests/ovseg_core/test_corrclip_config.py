@@ -12,7 +12,7 @@ def test_defaults_are_the_reference_values() -> None:
     assert (cfg.tau, cfg.dbscan_eps, cfg.dbscan_min_samples, cfg.alpha, cfg.beta) == (4.0, 0.2, 1, 1.0, 0.5)
     assert cfg.scope_reconstruction and cfg.value_reconstruction and cfg.mask_clustering
     assert cfg.spatial_branch and cfg.semantic_branch and cfg.map_correction and cfg.m0_quirk
-    assert cfg.num_spatial is None and cfg.similarity == "dino_qk"
+    assert cfg.num_spatial is None and cfg.similarity == "dino_qk" and cfg.padding == "reference"
 
 
 @pytest.mark.parametrize(
@@ -26,6 +26,7 @@ def test_defaults_are_the_reference_values() -> None:
         ({"beta": float("inf")}, "beta"),
         ({"num_spatial": 0}, "num_spatial"),
         ({"similarity": "clip_qk"}, "similarity"),
+        ({"padding": "zero"}, "padding"),
         ({"scope_reconstruction": 1}, "scope_reconstruction"),
     ],
 )

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg_core.corrclip.config import CorrCLIPConfig
-from ovseg_core.corrclip.mask_clustering import cluster_masks, resize_regions
+from ovseg_core.corrclip.mask_clustering import REFERENCE_PADDING_ID, cluster_masks, padding_as_region, resize_regions
 
 
 def _unit(*angles: float) -> torch.Tensor:
@@ -97,21 +97,44 @@ def test_dbscan_noise_regions_stay_alone() -> None:
     assert flat[1] == flat[2] and flat[3] != flat[1] and int(flat[3]) >= 1
 
 
-def test_padding_never_forms_a_region_and_batches_are_independent() -> None:
+def test_ignored_padding_never_forms_a_region_and_batches_are_independent() -> None:
     torch.manual_seed(0)
     qk = F.normalize(torch.randn(2, 4, 4, 8), dim=-1)
     regions = torch.randint(0, 6, (2, 4, 4))
     regions[0, :, 0] = -1
-    merged = cluster_masks(qk, regions, CorrCLIPConfig())
+    cfg = CorrCLIPConfig(padding="ignore")
+    merged = cluster_masks(qk, regions, cfg)
     assert torch.equal(merged == -1, regions == -1)
     for w in range(2):
-        alone = cluster_masks(qk[w : w + 1], regions[w : w + 1], CorrCLIPConfig())[0]
+        alone = cluster_masks(qk[w : w + 1], regions[w : w + 1], cfg)[0]
         assert torch.equal(alone, merged[w])
     valid = regions != -1
     # merging only unions regions: patches of one original region share a merged id
     for w in range(2):
         for rid in regions[w][valid[w]].unique():
             assert merged[w][regions[w] == rid].unique().numel() == 1
+
+
+def test_reference_padding_is_a_region_that_dbscan_can_merge() -> None:
+    """CorrCLIPv1 pads the mask crop with 10000: padding is clustered like any region (never m0)."""
+    regions = torch.tensor([[[0, 1, 2, -1]]])
+    qk = torch.cat([_unit(0.0), _unit(1.5), _unit(3.0), _unit(3.05)]).reshape(1, 1, 4, 3)  # region 2 ~ padding
+    ref = cluster_masks(qk, regions, CorrCLIPConfig()).reshape(-1).tolist()
+    assert ref[0] == 0 and ref[2] == ref[3] and ref[1] != ref[2] and min(ref[1:]) >= 1
+    ignored = cluster_masks(qk, regions, CorrCLIPConfig(padding="ignore")).reshape(-1).tolist()
+    assert ignored[0] == 0 and ignored[3] == -1 and ignored[1] != ignored[2]
+    # without padding the two modes agree
+    torch.manual_seed(1)
+    qk = F.normalize(torch.randn(2, 4, 4, 8), dim=-1)
+    regions = torch.randint(0, 6, (2, 4, 4))
+    assert torch.equal(cluster_masks(qk, regions, CorrCLIPConfig()), cluster_masks(qk, regions, CorrCLIPConfig(padding="ignore")))
+
+
+def test_padding_as_region_ids() -> None:
+    assert padding_as_region(torch.tensor([[[3, -1]]])).tolist() == [[[3, REFERENCE_PADDING_ID]]]
+    assert REFERENCE_PADDING_ID == 10000
+    assert padding_as_region(torch.tensor([[[12000, -1]]])).tolist() == [[[12000, 12001]]]
+    assert padding_as_region(torch.tensor([[[0, 4]]])).tolist() == [[[0, 4]]]
 
 
 def test_bad_inputs() -> None:

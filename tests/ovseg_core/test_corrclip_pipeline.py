@@ -173,7 +173,24 @@ def test_bad_inputs(visual, window) -> None:
         corrclip_window_features(
             visual, crops, qk, regions, CorrCLIPConfig(num_spatial=2, semantic_branch=False), semantic=torch.zeros(2, 4, 4, 64)
         )
-    with pytest.raises(ValueError, match="patch size"):
-        corrclip_window_features(visual, crops[..., :56], qk, regions[..., :56], CFG)
     with pytest.raises(ValueError, match="qk must be"):
         corrclip_window_features(visual, crops, qk[:1], regions, CFG)
+
+
+def test_a_280_crop_with_patch_16_uses_the_floor_clip_grid(visual) -> None:
+    """A window padded to 280 (5 x 56): CLIP /16 sees a 17x17 grid over pixels 0..271, DINO /8 a 35x35 grid."""
+    torch.manual_seed(5)
+    crops = torch.randn(1, 3, 280, 280)
+    qk = F.normalize(torch.randn(1, 35, 35, 16), dim=-1)
+    regions = torch.randint(0, 4, (1, 7, 7)).repeat_interleave(40, 1).repeat_interleave(40, 2)
+    with torch.no_grad():
+        out = corrclip_window_features(visual, crops, qk, regions, CFG)
+        # the CLIP part equals the one of the crop cut to 272 = 17 * 16 pixels
+        cut = crops[:, :, :272, :272]
+        merged = cluster_masks(qk, resize_regions(regions, (35, 35)), CFG)
+        tokens_in, grid = clip_ops.embed_tokens(visual, cut)
+        semantic = mask_class_tokens(visual, tokens_in, resize_regions(merged, (17, 17)), CFG)
+        given = corrclip_window_features(visual, crops, qk, regions, CFG, blocks=_blocks(visual, cut, CFG), semantic=semantic)
+    assert grid == (17, 17)
+    assert out.shape == (1, 35, 35, 32) and torch.isfinite(out).all()
+    assert torch.allclose(out, given, atol=1e-5)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
 from ovseg_core.datasets import (
+    CLASS_SEPARATORS,
     DATASETS,
     METHOD_VARIANTS,
     DatasetSpec,
@@ -37,44 +39,97 @@ def test_all_datasets_present() -> None:
 def test_class_counts(name: str, variant: str) -> None:
     lines = class_lines(name, variant)
     assert len(lines) == COUNTS[name] == get_dataset(name).num_classes
-    vocab = parse_class_lines(lines)
+    vocab = parse_class_lines(lines, CLASS_SEPARATORS[variant])
     assert vocab.num_classes == COUNTS[name]
     assert sorted(set(vocab.query_to_class.tolist())) == list(range(COUNTS[name]))
-    assert all(q == q.strip() and q for q in vocab.queries)
+    assert all(q.strip() for q in vocab.queries)
     # no duplicated class line within a file
     assert len(set(lines)) == len(lines)
 
 
 def test_voc_special_lines() -> None:
     cc21, sc21 = class_lines("VOC21", "corrclip"), class_lines("VOC21", "scclip")
-    for lines in (cc21, sc21):
-        assert [s.strip() for s in lines[0].split(",")] == STUFF_WORDS
-        assert len(STUFF_WORDS) == 26
+    assert cc21[0].split("; ") == STUFF_WORDS and sc21[0].split(", ") == STUFF_WORDS
+    assert len(STUFF_WORDS) == 26
     assert cc21[15] == "people" and cc21[20] == "tvmonitor"
-    person = [s.strip() for s in sc21[15].split(",")]
+    person = sc21[15].split(", ")
     assert person[0] == "person" and len(person) == 7 and "person in jacket" in person
-    tv = [s.strip() for s in sc21[20].split(",")]
-    assert tv == ["television monitor", "tv monitor", "monitor", "television", "screen"]
+    assert sc21[20].split(", ") == ["television monitor", "tv monitor", "monitor", "television", "screen"]
     # VOC20 = VOC21 without the background line, per variant
     assert class_lines("VOC20", "corrclip") == cc21[1:]
     assert class_lines("VOC20", "scclip") == sc21[1:]
-    vocab = parse_class_lines(sc21)
-    q2c = vocab.query_to_class.tolist()
-    assert len(vocab.queries) == 26 + 18 + 7 + 5 and q2c.count(15) == 7 and q2c.count(0) == 26
+    q2c = parse_class_lines(sc21, CLASS_SEPARATORS["scclip"]).query_to_class.tolist()
+    assert len(q2c) == 26 + 18 + 7 + 5 and q2c.count(15) == 7 and q2c.count(0) == 26
+    q2c = parse_class_lines(cc21, CLASS_SEPARATORS["corrclip"]).query_to_class.tolist()
+    assert len(q2c) == 26 + 20 and q2c.count(0) == 26
 
 
 def test_other_special_lines() -> None:
-    assert class_lines("PC60", "scclip") == ["background"] + class_lines("PC59", "scclip")
+    for variant in METHOD_VARIANTS:
+        pc60, pc59 = class_lines("PC60", variant), class_lines("PC59", variant)
+        assert pc60[0] == "background" and pc60[1:-1] == pc59[:-1]
+        assert (pc60[-1], pc59[-1]) == ("wood ", "wood")  # the references' PC60 file keeps a trailing space
     coco = class_lines("COCO-Object", "corrclip")
-    assert coco[0] == "background" and coco[1] == "person" and coco[-1] == "toothbrush"
-    assert class_lines("COCO-Stuff", "scclip")[:80] == coco[1:]
+    assert coco[0].split("; ")[:3] == ["sky", "wall", "tree"] and len(coco[0].split("; ")) == 16
+    assert coco[1] == "people" and coco[10] == "traffic light" and coco[-1] == "toothbrush"
+    sc_coco = class_lines("COCO-Object", "scclip")
+    assert sc_coco[0].split(", ") == STUFF_WORDS and sc_coco[1].split(", ")[-1] == "body"
+    assert class_lines("COCO-Stuff", "scclip")[9] == "trafficlight"
+    assert class_lines("COCO-Stuff", "corrclip")[0] == "people"
     assert class_lines("COCO-Stuff", "scclip")[-1] == "wood"
+    assert class_lines("Cityscapes", "corrclip")[6:8] == ["trafficlight", "trafficsign"]
     assert class_lines("Cityscapes", "corrclip")[11] == "people"
     assert class_lines("Cityscapes", "scclip")[11] == "person"
-    assert class_lines("CamVid", "scclip") == [
-        "sky", "building", "pole", "road", "pavement", "tree", "signsymbol",
-        "fence", "car", "pedestrian", "bicyclist",
-    ]  # fmt: skip
+    for variant in METHOD_VARIANTS:
+        assert class_lines("CamVid", variant) == [
+            "sky", "building", "pole", "road", "pavement", "tree", "signsymbol",
+            "fence", "car", "pedestrian", "bicyclist",
+        ]  # fmt: skip
+
+
+# Benchmark -> file stem of the authors' class files (cls_<stem>.txt in both repositories).
+AUTHORS_STEMS = {
+    "VOC21": "voc21", "VOC20": "voc20", "PC60": "context60", "PC59": "context59",
+    "COCO-Object": "coco_object", "COCO-Stuff": "coco_stuff", "Cityscapes": "city_scapes", "ADE20K": "ade20k",
+}  # fmt: skip
+
+
+def _authors_file(name: str, variant: str) -> Path:
+    shared = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "class-names"
+    path = shared / variant / f"cls_{AUTHORS_STEMS[name]}.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", sorted(AUTHORS_STEMS))
+@pytest.mark.parametrize("variant", METHOD_VARIANTS)
+def test_shipped_class_files_equal_the_authors_files(name: str, variant: str) -> None:
+    shipped = resources.files("ovseg_core").joinpath("data", "classes", get_dataset(name).class_files[variant])
+    assert shipped.read_bytes() == _authors_file(name, variant).read_bytes()
+
+
+def _reference_get_cls_idx(path: Path, separator: str) -> tuple[list[str], list[int]]:
+    """The references' get_cls_idx: readlines, split each line on the separator, drop newlines."""
+    with open(path) as f:
+        name_sets = f.readlines()
+    names, indices = [], []
+    for idx, line in enumerate(name_sets):
+        parts = line.split(separator)
+        names += parts
+        indices += [idx] * len(parts)
+    return [n.replace("\n", "") for n in names], indices
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", sorted(AUTHORS_STEMS))
+@pytest.mark.parametrize(("variant", "separator"), [("corrclip", "; "), ("scclip", ", ")])
+def test_queries_equal_the_reference_reader(name: str, variant: str, separator: str) -> None:
+    names, indices = _reference_get_cls_idx(_authors_file(name, variant), separator)
+    vocab = parse_class_lines(class_lines(name, variant), CLASS_SEPARATORS[variant])
+    assert list(vocab.queries) == names
+    assert vocab.query_to_class.tolist() == indices
 
 
 def test_ade20k_names_match_object_info(sample_dir: Path) -> None:
@@ -82,9 +137,11 @@ def test_ade20k_names_match_object_info(sample_dir: Path) -> None:
     with open(sample_dir / "ade20k-sample" / "objectInfo150.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 150
-    names = class_lines("ADE20K", "scclip")
-    for row, name in zip(rows, names):
-        assert row["Name"].split(";")[0] == name.split(" ")[0], (row, name)
+    for variant in METHOD_VARIANTS:
+        for row, name in zip(rows, class_lines("ADE20K", variant)):
+            first = row["Name"].split(";")[0]
+            # the authors' files write some multi-word names without spaces ("chestofdrawers")
+            assert name.split(" ")[0] == first or name.startswith(first) or (first, name) == ("person", "people"), (row, name)
 
 
 def test_presets_match_methods_table() -> None:

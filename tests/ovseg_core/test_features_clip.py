@@ -104,8 +104,19 @@ def test_block_outputs_bad_inputs(visual: VisionTransformer) -> None:
         clip_block_outputs(visual, x, [])
     with pytest.raises(ValueError, match="needs block 5"):
         clip_block_outputs(visual, x, ["block:5"])
-    with pytest.raises(ValueError, match="not a multiple of the patch size"):
-        clip_block_outputs(visual, torch.randn(1, 3, 70, 64), ["block:1"])
+    with pytest.raises(ValueError, match="smaller than the patch size"):
+        clip_block_outputs(visual, torch.randn(1, 3, 8, 64), ["block:1"])
+
+
+def test_sides_not_a_multiple_of_the_patch_drop_the_remainder(visual: VisionTransformer) -> None:
+    """As the references' patch convolution: a 70-pixel side with patch 16 gives 4 tokens over pixels 0..63."""
+    torch.manual_seed(4)
+    x = torch.randn(1, 3, 70, 64)
+    got = clip_block_outputs(visual, x, ["block:0", "block:2"])
+    cut = clip_block_outputs(visual, x[:, :, :64], ["block:0", "block:2"])
+    assert got["block:0"].shape == (1, 1 + 4 * 4, 64)
+    for name in got:
+        torch.testing.assert_close(got[name], cut[name])
 
 
 def test_normalize_clip_known_values() -> None:

@@ -1,19 +1,29 @@
-"""Tests for ovseg_core.features.dino: last-block q + k features and ImageNet normalisation."""
+"""Tests for ovseg_core.features.dino: last-block q + k features, positional embeddings, inputs."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from ovseg_core.features.dino import IMAGENET_MEAN, IMAGENET_STD, dino_grid, dino_qk_features, normalize_imagenet
+from ovseg_core.features.clip import normalize_clip
+from ovseg_core.features.dino import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    dino_grid,
+    dino_input_from_clip,
+    dino_qk_features,
+    normalize_imagenet,
+)
 
 
-def _vit(dynamic: bool = True, reg_tokens: int = 0) -> VisionTransformer:
+def _vit(dynamic: bool = True, reg_tokens: int = 0, img_size: int | tuple[int, int] = 64) -> VisionTransformer:
     torch.manual_seed(0)
     return VisionTransformer(
-        img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=0,
+        img_size=img_size, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=0,
         dynamic_img_size=dynamic, reg_tokens=reg_tokens,
     ).eval()
 
@@ -38,11 +48,12 @@ def _explicit(model: VisionTransformer, crops: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("size", [(64, 64), (80, 48)])
-def test_qk_features_match_explicit_computation(size: tuple[int, int]) -> None:
+def test_timm_option_matches_the_forward_features_computation(size: tuple[int, int]) -> None:
+    """pos_interpolation='timm' is the earlier behaviour: timm's forward_features with its resampling."""
     model = _vit()
     torch.manual_seed(1)
     crops = torch.randn(2, 3, *size)
-    feats = dino_qk_features(model, crops)
+    feats = dino_qk_features(model, crops, pos_interpolation="timm")
     gh, gw = size[0] // 8, size[1] // 8
     assert dino_grid(model, *size) == (gh, gw)
     assert feats.shape == (2, gh, gw, 48) and feats.dtype == torch.float32
@@ -50,12 +61,72 @@ def test_qk_features_match_explicit_computation(size: tuple[int, int]) -> None:
     torch.testing.assert_close(feats.norm(dim=-1), torch.ones(2, gh, gw))
 
 
+def _reference_pos_embed(pos_embed: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
+    """facebookresearch/dino interpolate_pos_encoding, written out: (g + 0.1) / sqrt(N) scale factors."""
+    n = pos_embed.shape[1] - 1
+    side = math.sqrt(n)
+    h0, w0 = height // patch + 0.1, width // patch + 0.1
+    grid = pos_embed[:, 1:].reshape(1, int(side), int(side), -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=(h0 / side, w0 / side), mode="bicubic")
+    assert grid.shape[-2:] == (int(h0), int(w0))
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, pos_embed.shape[-1])], dim=1)
+
+
+@pytest.mark.parametrize("size", [(336, 336), (336, 280)])
+def test_default_uses_dinos_positional_interpolation(size: tuple[int, int]) -> None:
+    """A 28x28-grid model on 42x42 and 42x35 grids equals a native-size copy holding the reference embedding."""
+    model = _vit(img_size=224)  # 28 x 28 training grid
+    native = _vit(dynamic=False, img_size=size)
+    state = {k: v for k, v in model.state_dict().items() if k != "pos_embed"}
+    native.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        native.pos_embed.copy_(_reference_pos_embed(model.pos_embed, *size, 8))
+    torch.manual_seed(2)
+    crops = torch.randn(1, 3, *size)
+    gh, gw = size[0] // 8, size[1] // 8
+    expected = _explicit(native, crops).reshape(1, gh, gw, 48)
+    got = dino_qk_features(model, crops)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6)
+    # timm's resampling (the earlier default) is measurably different
+    timm = dino_qk_features(model, crops, pos_interpolation="timm")
+    assert (timm - expected).abs().max() > 1e-3
+    # a non-dynamic model works too: the tokens are built outside forward_features
+    torch.testing.assert_close(dino_qk_features(_vit(dynamic=False, img_size=224), crops), got)
+
+
+def test_default_at_the_training_grid_leaves_the_embedding_unchanged() -> None:
+    model = _vit()
+    crops = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(dino_qk_features(model, crops), dino_qk_features(model, crops, "timm"))
+
+
 def test_register_tokens_are_dropped() -> None:
     model = _vit(reg_tokens=2)
     crops = torch.randn(1, 3, 64, 64)
-    feats = dino_qk_features(model, crops)
+    feats = dino_qk_features(model, crops, pos_interpolation="timm")
     assert feats.shape == (1, 8, 8, 48)
     torch.testing.assert_close(feats.reshape(1, 64, 48), _explicit(model, crops), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pos_interpolation='timm'"):
+        dino_qk_features(model, crops)
+
+
+def test_dino_input_from_clip_is_the_references_unnormalise_then_normalise() -> None:
+    torch.manual_seed(3)
+    image = torch.rand(1, 3, 8, 8) * 255
+    clip = torch.nn.functional.pad(normalize_clip(image), (0, 0, 2, 2))  # zero-padded CLIP crop
+    got = dino_input_from_clip(clip)
+    openai_mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).reshape(1, 3, 1, 1)
+    openai_std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).reshape(1, 3, 1, 1)
+    imagenet_mean = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
+    imagenet_std = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+    torch.testing.assert_close(got, ((clip * openai_std + openai_mean) - imagenet_mean) / imagenet_std)
+    # real pixels: the ImageNet normalisation of the image, to the constants' precision
+    torch.testing.assert_close(got[..., 2:10, :], normalize_imagenet(image), rtol=0, atol=1e-4)
+    # padding: the CLIP mean colour in DINO's input space, not 0
+    torch.testing.assert_close(got[0, :, 0, 0], ((openai_mean - imagenet_mean) / imagenet_std).reshape(3))
+    assert got[0, :, 0, 0].abs().min() > 5e-3
+    with pytest.raises(ValueError, match="CLIP-normalised floats"):
+        dino_input_from_clip(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
 
 
 def test_batch_items_are_independent() -> None:
@@ -98,7 +169,9 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="not a multiple of the DINO patch size"):
         dino_qk_features(model, torch.randn(1, 3, 60, 64))
     with pytest.raises(ValueError, match="dynamic_img_size=True"):
-        dino_qk_features(_vit(dynamic=False), torch.randn(1, 3, 80, 64))
+        dino_qk_features(_vit(dynamic=False), torch.randn(1, 3, 80, 64), pos_interpolation="timm")
+    with pytest.raises(ValueError, match="pos_interpolation must be one of"):
+        dino_qk_features(model, torch.randn(1, 3, 64, 64), pos_interpolation="bilinear")
     with pytest.raises(TypeError, match="attn.qkv"):
         dino_qk_features(torch.nn.Linear(2, 2), torch.randn(1, 3, 64, 64))
 

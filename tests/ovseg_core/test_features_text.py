@@ -41,13 +41,31 @@ def test_templates_are_the_80_openai_imagenet_templates() -> None:
 
 
 def test_parse_class_lines_synonyms_and_mapping() -> None:
-    vocab = parse_class_lines(["sky, wall,tree", "person , people", "cat", "", "  "])
+    vocab = parse_class_lines(["sky, wall, tree\n", "person, people", "cat", "", "  "])
     assert vocab.classes == (("sky", "wall", "tree"), ("person", "people"), ("cat",))
     assert vocab.num_classes == 3
     assert vocab.class_names == ("sky", "person", "cat")
     assert vocab.queries == ("sky", "wall", "tree", "person", "people", "cat")
     q2c = vocab.query_to_class
     assert q2c.dtype == np.int64 and q2c.tolist() == [0, 0, 0, 1, 1, 2]
+
+
+def test_parse_class_lines_splits_on_the_literal_separator_only() -> None:
+    # the references split on ", " exactly and strip nothing but the newline
+    vocab = parse_class_lines(["sky, wall,tree", "person , people", "wood "])
+    assert vocab.classes == (("sky", "wall,tree"), ("person ", "people"), ("wood ",))
+    assert vocab.class_names == ("sky", "person", "wood")
+
+
+def test_split_rule_on_the_semicolon_background_line() -> None:
+    line = "sky; wall; tree; wood"
+    # SC-CLIP's reader (", "): a "; "-separated line is ONE query
+    assert parse_class_lines([line, "cat"], ", ").queries == (line, "cat")
+    # CorrCLIP's reader ("; "): every stuff word is its own query of class 0
+    vocab = parse_class_lines([line, "cat"], "; ")
+    assert vocab.queries == ("sky", "wall", "tree", "wood", "cat")
+    assert vocab.query_to_class.tolist() == [0, 0, 0, 0, 1]
+    assert vocab.class_names == ("sky", "cat")
 
 
 def test_parse_vocabulary_string() -> None:
@@ -60,8 +78,8 @@ def test_parse_vocabulary_string() -> None:
     ("lines", "match"),
     [
         (["cat", "", "dog"], "line 2 is blank"),
-        (["cat,,dog"], "line 1: empty class name"),
-        (["cat,"], "empty class name"),
+        (["cat, , dog"], "line 1: empty class name"),
+        (["cat, "], "empty class name"),
         ([], "no classes"),
         (["", " "], "no classes"),
         ("cat\ndog", "not one string"),
@@ -83,8 +101,13 @@ def test_vocabulary_validation() -> None:
         Vocabulary(classes=())
     with pytest.raises(ValueError, match=r"classes\[1\] must be a non-empty tuple"):
         Vocabulary(classes=(("a",), ()))
-    with pytest.raises(ValueError, match="bad name ' b'"):
-        Vocabulary(classes=(("a", " b"),))
+    with pytest.raises(ValueError, match="bad name ' '"):
+        Vocabulary(classes=(("a", " "),))
+    with pytest.raises(ValueError, match="on one line"):
+        Vocabulary(classes=(("a\nb",),))
+    assert Vocabulary(classes=(("wood ",),)).queries == ("wood ",)  # reference files keep outer spaces
+    with pytest.raises(ValueError, match="separator"):
+        parse_class_lines(["cat"], "")
 
 
 def test_embeddings_shape_norm_and_synonyms(clip_model: CLIP, tokenizer) -> None:

@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from ovseg_core.metrics import confusion_matrix, convert_labels, scores_from_confusion
+from ovseg_core.metrics import confusion_matrix, convert_labels, out_of_range_count, scores_from_confusion
 
 
 def test_confusion_hand_computed_with_ignore() -> None:
@@ -19,6 +20,7 @@ def test_confusion_hand_computed_with_ignore() -> None:
             [1, 1, 0],  # gt 0: one right, one predicted 1
             [0, 2, 0],  # gt 1: both right
             [1, 0, 0],  # gt 2: predicted 0; the ignored pixel (pred 2) is not counted
+            [0, 0, 0],  # gt outside 0..2: none
         ]
     )
     assert conf.dtype == np.int64
@@ -98,11 +100,58 @@ def test_bad_inputs() -> None:
         convert_labels(np.zeros((2, 2)), "none")
     with pytest.raises(ValueError, match="differ"):
         confusion_matrix(np.zeros((2, 2), int), np.zeros((2, 3), int), 3)
-    with pytest.raises(ValueError, match=r"gt labels \[7\].*convert_labels"):
-        confusion_matrix(np.zeros((2, 2), int), np.array([[0, 7], [1, 255]]), 3)
+    with pytest.raises(ValueError, match=r"gt labels \[-1, 7\].*convert_labels"):
+        confusion_matrix(np.zeros((2, 2), int), np.array([[-1, 7], [1, 255]]), 3, strict=True)
     with pytest.raises(ValueError, match=r"pred labels \[3\]"):
         confusion_matrix(np.array([[0, 3], [1, 2]]), np.zeros((2, 2), int), 3)
-    with pytest.raises(ValueError, match="square"):
+    with pytest.raises(ValueError, match=r"\(K \+ 1, K\)"):
         scores_from_confusion(np.zeros((2, 3), int))
     with pytest.raises(ValueError, match="non-negative"):
         scores_from_confusion(-np.ones((2, 2), int))
+
+
+def _mmseg_intersect_and_union(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int):
+    """mmseg IoUMetric.intersect_and_union, written out with torch.histc."""
+    pred_t, label_t = torch.from_numpy(pred), torch.from_numpy(label)
+    mask = label_t != ignore_index
+    pred_t, label_t = pred_t[mask], label_t[mask]
+    intersect = pred_t[pred_t == label_t]
+    hist = lambda x: torch.histc(x.float(), bins=num_classes, min=0, max=num_classes - 1)  # noqa: E731
+    area_intersect, area_pred, area_label = hist(intersect), hist(pred_t), hist(label_t)
+    return area_intersect, area_pred + area_label - area_intersect, area_pred, area_label
+
+
+def test_out_of_range_ground_truth_is_scored_as_mmseg() -> None:
+    rng = np.random.default_rng(3)
+    k = 5
+    totals = [torch.zeros(k) for _ in range(4)]
+    conf = np.zeros((k + 1, k), dtype=np.int64)
+    for _ in range(3):
+        gt = rng.integers(0, k, size=(20, 30))
+        gt[rng.random(gt.shape) < 0.1] = 255
+        outside = rng.random(gt.shape) < 0.15
+        gt[outside] = rng.choice([-1, 5, 7, 254], size=int(outside.sum()))  # not in 0..4, not ignore
+        pred = rng.integers(0, k, size=gt.shape)
+        for total, part in zip(totals, _mmseg_intersect_and_union(pred, gt, k, 255)):
+            total += part
+        conf += confusion_matrix(pred, gt, k)
+    intersect, union, _, label = (t.double().numpy() for t in totals)
+    s = scores_from_confusion(conf)
+    np.testing.assert_allclose(s["iou"], intersect / union)
+    np.testing.assert_allclose(s["acc"], intersect / label)
+    assert s["aacc"] == pytest.approx(intersect.sum() / label.sum())
+    assert s["miou"] == pytest.approx(np.nanmean(intersect / union))
+    assert s["out_of_range"] == out_of_range_count(conf) == conf[k].sum() > 0
+    # the out-of-range pixels' predictions are in the union: dropping them would raise IoU
+    assert (s["iou"] < scores_from_confusion(conf[:k])["iou"]).all()
+
+
+def test_out_of_range_hand_computed() -> None:
+    gt = np.array([[0, 9], [1, 255]])
+    pred = np.array([[0, 1], [1, 0]])
+    conf = confusion_matrix(pred, gt, 2)
+    np.testing.assert_array_equal(conf, [[1, 0], [0, 1], [0, 1]])  # gt 9 predicted 1 -> row 2
+    s = scores_from_confusion(conf)
+    np.testing.assert_allclose(s["iou"], [1.0, 0.5])  # class 1: intersect 1, union 1 + 2 - 1
+    assert s["aacc"] == 1.0 and out_of_range_count(conf) == 1
+    assert out_of_range_count(conf[:2]) == 0
