@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from ovseg_core.datasets import DATASETS, METHOD_VARIANTS
 from ovseg_core.names import did_you_mean
+from storage.images import DEFAULT_MAX_PIXELS
 
-METHODS = ("corrclip", "scclip", "clip", "maskclip", "clearclip", "corrclip+scclip")
-LAYOUTS = ("folder", "voc", "pascal_context", "coco_object", "coco_stuff", "ade20k", "cityscapes", "camvid")
+Layout = Literal["folder", "voc", "pascal_context", "coco_object", "coco_stuff", "ade20k", "cityscapes", "camvid"]
 EXTENDS_KEY = "extends"  # top-level key: the file(s) this file builds on
 DELETE_KEY = "_delete_"  # in a mapping of an extending file: replace the inherited mapping instead of merging
 _RESERVED = (EXTENDS_KEY, "provenance")  # never set by overrides
@@ -89,11 +89,14 @@ class DatasetEntry(_Strict):
     spec: str | None = Field(default=None, description="dataset spec (classes, presets, label conversion): VOC21, VOC20, PC60, PC59, COCO-Object, COCO-Stuff, ADE20K, Cityscapes, CamVid (case-insensitive); None = custom vocabulary (classes)")
     classes: list[str] | None = Field(default=None, description="custom vocabulary: a list (one class per entry, synonyms comma-separated) or one string 'cat; dog, puppy; grass'; stored as class lines 'dog, puppy' (overrides the spec's class file)")
     background: bool = Field(default=False, description="with a custom vocabulary: class 0 is background (enables prob_thd)")
-    layout: Literal["folder", "voc", "pascal_context", "coco_object", "coco_stuff", "ade20k", "cityscapes", "camvid"]
+    layout: Layout
     root: str = Field(description="dataset root on disk (relative paths are relative to the experiment file)")
     split: str = "val"
     gt_dir: str | None = Field(default=None, description="ground-truth folder for the 'folder' layout (relative to the experiment file)")
     limit: int | None = Field(default=None, ge=1, description="process only the first N images (sorted by path)")
+    max_pixels: int | None = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="images with more pixels are error rows of the manifest (null = no limit)")
+    follow_symlinks: bool = Field(default=False, description="accept images and split entries whose real path leaves root (symlinks, ../)")
+    strict_labels: bool = Field(default=False, description="ground-truth labels outside the class range are an error instead of being dropped as MMSegmentation does")
 
     @field_validator("name")
     @classmethod
@@ -127,6 +130,7 @@ class ModelsEntry(_Strict):
     clip: str = "clip:ViT-B-16-quickgelu@metaclip_fullcc"
     dino: str = "dino:vitb8"
     sam: str = "sam:vit_b"
+    dino_pos: Literal["dino", "timm"] = Field(default="dino", description="DINO position-embedding interpolation: 'dino' = DINO's own (g + 0.1) / G bicubic rule (reference), 'timm' = timm's resize")
     weights_dir: str | None = Field(default=None, description="folder with checkpoints under their official names, relative to the experiment file (default $OVSEG_WEIGHTS)")
 
 
@@ -149,7 +153,7 @@ class MethodEntry(_Strict):
     """One method and parameter set."""
 
     name: str = Field(description="label of this method run in tables and reports")
-    method: Literal["corrclip", "scclip", "clip", "maskclip", "clearclip", "corrclip+scclip"]
+    method: str = Field(description="registered method (ovseg_core.methods.METHODS): corrclip, scclip, clip, maskclip, clearclip, corrclip+scclip")
     params: dict[str, Any] = Field(default_factory=dict, description="method config fields (CorrCLIPConfig / SCCLIPConfig / CombinedConfig)")
     classes: str | None = Field(default=None, description="class-file variant 'corrclip' | 'scclip' (default: the method's own)")
     clip: str | None = Field(default=None, description="override models.clip for this method")
@@ -164,6 +168,14 @@ class MethodEntry(_Strict):
     def _name_ok(cls, v: str) -> str:
         if not v or "/" in v:
             raise ValueError("method name must be non-empty and without '/'")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method_ok(cls, v: str) -> str:
+        from ovseg_core.methods import get_method
+
+        get_method(v)  # the registry is the only source of method names; its error suggests the closest
         return v
 
     @field_validator("classes")

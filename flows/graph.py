@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.config import DatasetEntry, Experiment, MethodEntry
-from ovseg_core.datasets import DatasetSpec, class_lines, get_dataset
+from ovseg_core.datasets import CLASS_SEPARATORS, DatasetSpec, class_lines, get_dataset
 from ovseg_core.methods import Method, get_method
 from tasks import params as P
 from tasks.runtime import StageNode
@@ -90,11 +90,11 @@ def _geometry(name: str) -> tuple[int, int]:
     return num_blocks(name), patch_size(name)
 
 
-def class_names(lines: list[str], spec: DatasetSpec, custom: bool) -> tuple[str, ...]:
+def class_names(lines: list[str], separator: str, spec: DatasetSpec, custom: bool) -> tuple[str, ...]:
     """Class names of a vocabulary; a benchmark's background class is named "background"."""
     from ovseg_core.features.text import parse_class_lines
 
-    names = list(parse_class_lines(lines).class_names)
+    names = [n.strip() for n in parse_class_lines(lines, separator).class_names]
     if spec.has_background and not custom and names:
         names[0] = "background"
     return tuple(names)
@@ -145,16 +145,20 @@ def build_plan(exp: Experiment) -> list[DatasetPlan]:
         for r in resolved:
             m, method, window, cfg = r.entry, r.method, r.window, r.config
             clip_id = {"clip": weights_identity(r.clip, wd)}
-            lines = list(ds.classes) if ds.classes else class_lines(spec.name, m.classes or method.family)
-            text = plan.add(node("text_embeddings", P.TextParams(r.clip, tuple(lines), exp.text_templates, dt),
-                                 weights=clip_id))
+            variant = m.classes or method.family
+            lines = list(ds.classes) if ds.classes else class_lines(spec.name, variant)
+            separator = ", " if ds.classes else CLASS_SEPARATORS[variant]  # each reference's own line reader
+            text = plan.add(node("text_embeddings", P.TextParams(r.clip, tuple(lines), separator, exp.text_templates,
+                                                                 dt), weights=clip_id))
             clip = plan.add(node("clip_layers", P.ClipParams(r.clip, window, tuple(sorted(union[(r.clip, window)])),
                                                              fdt, dt), weights=clip_id))
             upstream: dict[str, StageNode] = {"text_embeddings": text, "clip_layers": clip}
             sam = None
             if method.uses_regions:
                 sam = plan.add(_sam_node(exp, wd))
-                dino = plan.add(node("dino_features", P.DinoParams(exp.models.dino, window, fdt, dt),
+                dino_input = "from_clip" if method.corrclip_config(cfg).padding == "reference" else "imagenet"
+                dino = plan.add(node("dino_features", P.DinoParams(exp.models.dino, window, fdt, dt, exp.models.dino_pos,
+                                                                   dino_input),
                                      weights={"dino": weights_identity(exp.models.dino, wd)}))
                 mc = plan.add(node("mask_clustering", P.ClusteringParams(window, method.clustering_config(cfg)),
                                    {"dino_features": dino, "sam_masks": sam}))
@@ -177,9 +181,9 @@ def build_plan(exp: Experiment) -> list[DatasetPlan]:
                 pred = plan.add(node("map_correction", P.MapCorrectionParams(method.corrclip_config(cfg).m0_quirk),
                                      {"reconstruction": rec, "sam_masks": sam}))
             score = plan.add(node("scoring", P.ScoringParams(spec.name, spec.num_classes, spec.label_conversion,
-                                                             spec.ignore_index), {"prediction": pred}))
+                                                             spec.ignore_index, ds.strict_labels), {"prediction": pred}))
             plan.methods.append(MethodPlan(m, method, pred, score, spec.num_classes,
-                                           class_names(lines, spec, bool(ds.classes))))
+                                           class_names(lines, separator, spec, bool(ds.classes))))
         plans.append(plan)
     return plans
 

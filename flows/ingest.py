@@ -26,19 +26,19 @@ def ingest_dataset(store: Store | None, plan: DatasetPlan, progress: bool = True
 
     ds = plan.dataset
     if ds.layout == "folder" and Path(ds.root).is_file():
-        rows = ingest_files([ds.root], dataset=ds.name)
+        rows = ingest_files([ds.root], dataset=ds.name, max_pixels=ds.max_pixels)
     else:
         dataset = ds.name if ds.layout == "folder" else ds.spec
         previous = []
         if store is not None and ds.name in store.table_names("manifests"):
             fields = ManifestRow.__dataclass_fields__
-            try:
-                previous = [ManifestRow(**{k: v for k, v in r.items() if k in fields} | {"dataset": dataset})
-                            for r in read_table(store, "manifests", [ds.name]).to_pylist()]
-            except Exception as e:  # noqa: BLE001 - a damaged manifest is rebuilt by this ingest
-                log.warning("%s; it is rebuilt by re-ingesting %s", e, ds.root)
+            damaged: list = []
+            previous = [ManifestRow(**{k: v for k, v in r.items() if k in fields} | {"dataset": dataset})
+                        for r in read_table(store, "manifests", [ds.name], on_damaged=damaged.append).to_pylist()]
+            for e in damaged:  # rebuilt by this ingest
+                log.warning("%s; it is rebuilt now by re-ingesting %s", e, ds.root)
         rows = ingest(ds.root, ds.layout, dataset=dataset, split=ds.split, gt_dir=ds.gt_dir, progress=progress,
-                      previous=previous)
+                      previous=previous, max_pixels=ds.max_pixels, follow_symlinks=ds.follow_symlinks)
     dicts = [dict(r.__dict__) for r in rows]
     for d in dicts:
         d["dataset"] = ds.name

@@ -42,7 +42,7 @@ def aggregate_scores(store: Store, experiment: str, plan: DatasetPlan, manifest:
     for mp in plan.methods:
         node = mp.scoring
         done = store.complete_items(node.stage, node.key)
-        conf = np.zeros((mp.num_classes, mp.num_classes), dtype=np.int64)
+        conf = np.zeros((mp.num_classes + 1, mp.num_classes), dtype=np.int64)  # row K: ground truth out of range
         ids = []
         for iid in scoreable:
             if iid not in done:
@@ -55,9 +55,14 @@ def aggregate_scores(store: Store, experiment: str, plan: DatasetPlan, manifest:
         if not ids:
             continue
         sc = scores_from_confusion(conf)
+        if sc["out_of_range"] and not any(n.startswith(f"{plan.dataset.name}: ") for n in notes):  # once per dataset
+            notes.append(f"{plan.dataset.name}: {sc['out_of_range']} ground-truth pixels have labels "
+                         f"outside 0..{mp.num_classes - 1}; they count in the predicted area only, as MMSegmentation "
+                         "scores them (datasets[].strict_labels: true makes them an error)")
         common = {
             "experiment": experiment, "run_id": run_id, "dataset": plan.dataset.name, "method": mp.entry.name,
             "images": len(ids), "images_total": len(with_gt), "complete": len(ids) == len(with_gt),
+            "gt_out_of_range": int(sc["out_of_range"]),
             "prediction_stage": mp.prediction.stage, "prediction_key": mp.prediction.key,
             "random_weights": bool(mp.scoring.random_weights),
             "params_json": canonical_json(mp.prediction.stage_key.payload()),
@@ -77,10 +82,9 @@ def _store_rows(store: Store, name: str, rows: list[dict[str, Any]]) -> list[str
     notes = []
     previous: list[dict[str, Any]] = []
     if name in store.table_names("metrics"):
-        try:
-            previous = read_table(store, "metrics", [name]).to_pylist()
-        except Exception as e:  # noqa: BLE001 - an unreadable table is rebuilt from the stored matrices
-            notes.append(f"{e}; rewriting it from this run's scores")
+        damaged: list = []
+        previous = read_table(store, "metrics", [name], on_damaged=damaged.append).to_pylist()
+        notes += [f"{e}; rebuilt now from the stored per-image confusion matrices" for e in damaged]
     keep_methods = set()
     for method in {r["method"] for r in rows}:
         new = next(r for r in rows if r["method"] == method and r["class_index"] == -1)

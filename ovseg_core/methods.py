@@ -29,10 +29,11 @@ from ovseg_core.scclip.config import SCCLIPConfig
 __all__ = ["METHODS", "Method", "WindowInputs", "get_method", "CLUSTERING_FIELDS", "NOT_READ_BY_RECONSTRUCTION"]
 
 # CorrCLIP fields read by mask clustering (``cluster_masks``); the mask_clustering stage key hashes only these.
-CLUSTERING_FIELDS: tuple[str, ...] = ("mask_clustering", "dbscan_eps", "dbscan_min_samples", "m0_quirk")
+CLUSTERING_FIELDS: tuple[str, ...] = ("mask_clustering", "dbscan_eps", "dbscan_min_samples", "m0_quirk", "padding")
 # CorrCLIP fields the reconstruction stage does not read (they act through its upstream keys or
 # in map correction); every other field enters the reconstruction key.
-NOT_READ_BY_RECONSTRUCTION: tuple[str, ...] = (*CLUSTERING_FIELDS, "map_correction")
+NOT_READ_BY_RECONSTRUCTION: tuple[str, ...] = ("mask_clustering", "dbscan_eps", "dbscan_min_samples", "m0_quirk",
+                                               "map_correction")
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,7 @@ METRICS_SCHEMA = pa.schema(
         pa.field("images", pa.int64(), nullable=False),  # images scored
         pa.field("images_total", pa.int64(), nullable=False),  # images of the dataset with ground truth (0: not recorded)
         pa.field("complete", pa.bool_(), nullable=False),  # every image of the dataset scored
+        pa.field("gt_out_of_range", pa.int64(), nullable=False),  # scored pixels whose ground truth is outside the classes
         pa.field("prediction_stage", pa.string(), nullable=False),  # "reconstruction" or "map_correction"
         pa.field("prediction_key", pa.string(), nullable=False),
         pa.field("random_weights", pa.bool_(), nullable=False),

@@ -23,7 +23,7 @@ def row_plan(window: WindowParams, row: Mapping[str, Any]) -> WindowPlan:
 
 def image_tensor(row: Mapping[str, Any]) -> torch.Tensor:
     """The row's image as ``(3, H, W) float32`` in 0..255 (decoded once, normalised by ``storage.images``)."""
-    rgb = load_rgb(row["abs_path"])
+    rgb = load_rgb(row["abs_path"], max_pixels=None)  # the manifest applied the dataset's pixel limit
     return torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)
 
 

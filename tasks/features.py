@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ovseg_core.features.clip import clip_block_outputs, normalize_clip
-from ovseg_core.features.dino import dino_qk_features, normalize_imagenet
+from ovseg_core.features.dino import dino_input_from_clip, dino_qk_features, normalize_imagenet
 from ovseg_core.features.regions import region_map
 from ovseg_core.features.text import TEMPLATE_SETS, parse_class_lines, text_embeddings
 from storage.images import load_rgb
@@ -36,7 +36,7 @@ def text_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
 def text_compute(ctx: StageContext, bb, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
     """Prompt-ensembled query embeddings of the vocabulary (synonyms are separate queries)."""
     p = ctx.params
-    vocab = parse_class_lines(list(p.classes))
+    vocab = parse_class_lines(list(p.classes), p.separator)
     if p.templates not in TEMPLATE_SETS:
         raise ValueError(f"unknown template set {p.templates!r}; valid: {sorted(TEMPLATE_SETS)}")
     with torch.inference_mode():
@@ -53,7 +53,7 @@ def sam_models(ctx: StageContext):
 
 
 def sam_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
-    return {"image": load_rgb(row["abs_path"])}
+    return {"image": load_rgb(row["abs_path"], max_pixels=None)}  # the manifest applied the dataset's pixel limit
 
 
 def sam_compute(ctx: StageContext, model, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
@@ -72,7 +72,11 @@ def dino_models(ctx: StageContext):
 
 
 def dino_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
-    crops, plan = image_windows(image_tensor(row), ctx.params.window, normalize_imagenet)
+    if ctx.params.input == "from_clip":  # the reference pads the CLIP-normalised crop, then converts it
+        crops, plan = image_windows(image_tensor(row), ctx.params.window, normalize_clip)
+        crops = dino_input_from_clip(crops)
+    else:
+        crops, plan = image_windows(image_tensor(row), ctx.params.window, normalize_imagenet)
     return {"win": {"crops": crops}, "plan": plan}
 
 
@@ -85,7 +89,8 @@ def dino_compute(ctx: StageContext, model, inputs: Sequence[Mapping[str, Any]]) 
     dtype = getattr(torch, ctx.params.dtype)
     parts: list[list[torch.Tensor]] = [[] for _ in inputs]
     with torch.inference_mode():
-        run_windows([i["win"] for i in inputs], lambda b: dino_qk_features(model, b["crops"].to(dtype)).float().cpu(),
+        run_windows([i["win"] for i in inputs],
+                    lambda b: dino_qk_features(model, b["crops"].to(dtype), ctx.params.pos_interpolation).float().cpu(),
                     ctx.settings.window_batch, lambda i, start, x: parts[i].append(x), ctx.device)
     return [({"qk": to_store(torch.cat(p), ctx.params.feature_dtype)},
              {"windows": len(inp["plan"].windows), "resized_hw": list(inp["plan"].resized_hw)})

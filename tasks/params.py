@@ -46,7 +46,8 @@ class TextParams:
     """``text_embeddings``: prompt-ensembled queries of one vocabulary."""
 
     backbone: str  # CLIP backbone name
-    classes: tuple[str, ...]  # class lines (synonyms separated by ", ")
+    classes: tuple[str, ...]  # class lines as in the class file
+    separator: str  # what splits a line into queries: "; " (CorrCLIP's reader), ", " (SC-CLIP's, custom vocabularies)
     templates: str  # template set name (``imagenet80`` | ``single``)
     dtype: str  # compute dtype
 
@@ -69,6 +70,9 @@ class DinoParams:
     window: WindowParams
     feature_dtype: str  # dtype of the stored features
     dtype: str  # compute dtype
+    pos_interpolation: str = "dino"  # "dino": DINO's own (g + 0.1) / G bicubic rule (reference); "timm": timm's resize
+    input: str = "from_clip"  # "from_clip": CLIP-normalised padded crops converted as the CorrCLIP reference does;
+    # "imagenet": ImageNet-normalised, padded with 0 (CorrCLIPConfig.padding = "ignore")
 
 
 @dataclass(frozen=True)
@@ -129,3 +133,4 @@ class ScoringParams:
     num_classes: int
     conversion: str  # ground-truth label conversion (``ovseg_core.metrics.convert_labels``)
     ignore_index: int
+    strict: bool = False  # ground-truth labels outside the class range raise (default: dropped, as MMSegmentation)

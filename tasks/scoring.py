@@ -18,11 +18,12 @@ def scoring_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
     if not row.get("gt_path"):
         raise FileNotFoundError(f"image {row['image_id']} has no ground truth; scoring needs the dataset's GT files")
     return {"pred": ctx.read_upstream("prediction", row["image_id"], ["labels"])["labels"],
-            "gt": load_label(row["gt_path"]), "gt_path": row["gt_path"]}
+            "gt": load_label(row["gt_path"], max_pixels=None), "gt_path": row["gt_path"]}
 
 
 def scoring_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
-    """``(K, K) int64`` confusion (rows ground truth, columns prediction) of each image at original resolution."""
+    """``(K + 1, K) int64`` confusion of each image at original resolution (rows ground truth, columns prediction;
+    row K: pixels whose ground truth is outside the class range, scored as MMSegmentation does)."""
     p = ctx.params
     out = []
     for inp in inputs:
@@ -31,5 +32,6 @@ def scoring_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, An
         if gt.shape != pred.shape:
             raise ValueError(f"ground truth {inp['gt_path']} is {gt.shape[1]}x{gt.shape[0]} but the image is "
                              f"{pred.shape[1]}x{pred.shape[0]}; the GT must have the image's size")
-        out.append(({"confusion": confusion_matrix(pred, gt, p.num_classes, p.ignore_index).astype(np.int64)}, {}))
+        conf = confusion_matrix(pred, gt, p.num_classes, p.ignore_index, strict=p.strict)
+        out.append(({"confusion": conf.astype(np.int64)}, {"out_of_range": int(conf[p.num_classes].sum())}))
     return out

@@ -60,17 +60,17 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("text_embeddings", "prompt-ensembled query embeddings of a vocabulary", "vocabulary", (), P.TextParams, "1",
+    Stage("text_embeddings", "prompt-ensembled query embeddings of a vocabulary", "vocabulary", (), P.TextParams, "2",
           features.text_models, features.text_load, features.text_compute, arrays=("embeddings", "query_to_class")),
     Stage("sam_masks", "region ids at original resolution (SAM automatic masks or superpixels)", "image", (),
           P.RegionParams, "1", features.sam_models, features.sam_load, features.sam_compute,
           arrays=("ids", "scores", "areas")),
-    Stage("dino_features", "last-block DINO q+k of every window", "image", (), P.DinoParams, "1",
+    Stage("dino_features", "last-block DINO q+k of every window", "image", (), P.DinoParams, "2",
           features.dino_models, features.dino_load, features.dino_compute, features.windows_of, arrays=("qk",)),
     Stage("clip_layers", "CLIP block aggregates of every window", "image", (), P.ClipParams, "1",
           features.clip_models, features.clip_load, features.clip_compute, features.windows_of),
     Stage("mask_clustering", "DBSCAN-merged region ids per window on the DINO grid", "image",
-          ("dino_features", "sam_masks"), P.ClusteringParams, "1", corrclip.no_models, corrclip.clustering_load,
+          ("dino_features", "sam_masks"), P.ClusteringParams, "2", corrclip.no_models, corrclip.clustering_load,
           corrclip.clustering_compute, arrays=("merged",)),
     Stage("mask_class_tokens", "CorrCLIP semantic-branch tokens per window", "image", ("mask_clustering",),
           P.SemanticParams, "1", corrclip.semantic_models, corrclip.semantic_load, corrclip.semantic_compute,
@@ -83,7 +83,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           P.MapCorrectionParams, "1", corrclip.no_models, corrclip.correction_load, corrclip.correction_compute,
           arrays=("labels", "prob")),
     Stage("scoring", "per-image confusion matrix against the ground truth", "image", ("prediction",),
-          P.ScoringParams, "1", corrclip.no_models, scoring.scoring_load, scoring.scoring_compute,
+          P.ScoringParams, "2", corrclip.no_models, scoring.scoring_load, scoring.scoring_compute,
           arrays=("confusion",), scored_only=True),
 )}
 STAGE_ORDER: tuple[str, ...] = tuple(STAGES)

@@ -31,7 +31,7 @@ def custom(classes) -> dict:
         (dict(RAW, methods=[{"name": "a", "method": "corrclip", "tau": 3}]),
          r"methods\.0\.tau: unknown key \(method parameters go under params: methods\.0\.params\.tau\)"),
         (dict(RAW, methods=[{"name": "a", "method": "sc-clip"}]),
-         r"methods\.0\.method: 'sc-clip' is not allowed \(did you mean 'scclip'\?\); choose one of corrclip, scclip"),
+         r"methods\.0\.method: .*unknown method 'sc-clip' \(did you mean 'scclip'\?\); valid methods: corrclip, scclip"),
         (dict(RAW, methods=[{"name": "a", "method": "corrclip", "classes": "scclp"}]),
          r"methods\.0\.classes: unknown class-file variant 'scclp' \(did you mean 'scclip'\?\)"),
         (dict(RAW, datasets=[dict(DATASET, spec="ADE20")]), r"datasets\.0\.spec: unknown dataset spec 'ADE20' \(did you mean 'ADE20K'\?\); valid specs: VOC21"),

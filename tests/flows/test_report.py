@@ -13,7 +13,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -45,6 +44,7 @@ def _manifest_rows(voc: Path) -> list[dict]:
 
 def _metric_rows(experiment, run_id, method, key: StageKey, miou, random_weights, names):
     common = {"experiment": experiment, "run_id": run_id, "dataset": DS, "method": method, "images": len(STEMS),
+              "images_total": len(STEMS), "complete": True, "gt_out_of_range": 0,
               "prediction_stage": key.stage, "prediction_key": key.key, "random_weights": random_weights,
               "params_json": canonical_json(key.payload())}
     rows = [{**common, "class_index": c, "class_name": names[c], "iou": (None if c == 20 else miou + 0.01 * (c % 3)),
@@ -60,7 +60,7 @@ def _run_row(experiment, run_id, spec="VOC21"):
     return {"run_id": run_id, "experiment": experiment, "dataset": DS, "stage": "scoring", "key": "k", "params_json": "{}",
             "upstream_json": "{}", "code_version": "1", "weights_json": "null", "random_weights": False, "images_total": 3,
             "images_done": 3, "images_cached": 0, "images_skipped": 0, "images_failed": 0, "seconds": 1.0, "started": t,
-            "ended": t, "config_json": json.dumps(cfg), "software_json": "{}"}
+            "ended": t, "config_json": json.dumps(cfg), "software_json": "{}", "status": "complete", "methods": ""}
 
 
 @pytest.fixture()
@@ -158,7 +158,7 @@ def test_report_degrades_on_moved_image_and_missing_prediction(voc_store, tmp_pa
     (voc / "JPEGImages" / "val_crop_0000.jpg").unlink()
     first = sorted(r["image_id"] for r in rows)[0]
     k_real = StageKey("reconstruction", {"method": "scclip", "config": {"anomaly_repair": True}})
-    store.delete_item("reconstruction", k_real.key, first)
+    store.drop_items("reconstruction", k_real.key, [first], reason="test: a missing prediction")
     k_full = StageKey("reconstruction", {"method": "corrclip", "config": CORR_CFG, "prob_thd": 0.2},
                       weights={"clip": {"name": "clip:tiny", "random": True}})
     store.write_item(k_full, first, {"labels": np.zeros((7, 9), np.uint16)})
@@ -312,26 +312,15 @@ def test_scores_table_has_run_id_and_date(pipeline_store, tmp_path):
         assert r[6] == run_id
         shown = datetime.strptime(r[7], "%Y-%m-%d %H:%M UTC").replace(tzinfo=timezone.utc)
         assert abs((shown - started).total_seconds()) < 120
-        assert r[5] == "1"  # a store without images_total: the scored count alone, never flagged
+        assert r[5] == "1 / 1"  # scored / images of the dataset
     assert 'class="rnd incomplete"' not in text and "rnd" in text
 
 
-def _extended_metrics_schema(monkeypatch):
-    """The metrics schema with ``images_total`` and ``complete``, as the store will write it (a no-op once it does)."""
-    from storage import tables
-
-    if "images_total" not in tables.METRICS_SCHEMA.names:
-        schema = tables.METRICS_SCHEMA.append(pa.field("images_total", pa.int64(), nullable=False)).append(
-            pa.field("complete", pa.bool_(), nullable=False))
-        monkeypatch.setitem(tables.SCHEMAS, "metrics", schema)
-
-
-def test_coverage_column_flags_incomplete_rows(pipeline_store, tmp_path, monkeypatch):
+def test_coverage_column_flags_incomplete_rows(pipeline_store, tmp_path):
     store, _ = pipeline_store
     copy = Store(shutil.copytree(store.location, tmp_path / "copy"))
     ade = read_table(copy, "metrics", ["tiny-report--ade"]).to_pylist()
     voc = read_table(copy, "metrics", ["tiny-report--voc"]).to_pylist()
-    _extended_metrics_schema(monkeypatch)
     write_table(copy, "metrics", "tiny-report--ade", [{**r, "images_total": 3, "complete": False} for r in ade])
     write_table(copy, "metrics", "tiny-report--voc", [{**r, "images_total": 1, "complete": True} for r in voc])
     text = _report(copy, tmp_path / "out", experiments=["tiny-report"], samples=0)
