@@ -69,6 +69,7 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)
     plan_only: bool = False
     random_weights: bool = False
+    damaged: int = 0  # stored outputs found damaged when read at the end (left for the next run)
     started: float = 0.0
     ended: float = 0.0
 
@@ -83,7 +84,7 @@ class RunSummary:
     @property
     def incomplete(self) -> int:
         """Items left for a later run (busy elsewhere, inputs missing) plus damaged outputs found."""
-        return sum(s.busy + s.skipped for s in self.stages) + sum(1 for n in self.notes if "is damaged" in n)
+        return sum(s.busy + s.skipped for s in self.stages) + self.damaged
 
     @property
     def status(self) -> str:
@@ -189,6 +190,11 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
         rep = StageReport(plan.dataset.name, node.stage, node.key, started=time.time(),
                           methods=",".join(sorted(users.get(node.ident, ()))))
         ctx = StageContext(node, settings, plan.dataset.name)
+        store.register_stage(node.stage_key, random_weights=node.random_weights)  # also rewrites a damaged stage.json
+        repaired = store.check_presence(node.stage, node.key)
+        if repaired:
+            summary.notes.append(f"{plan.dataset.name}:{node.stage} {node.key}: {len(repaired)} stored outputs were "
+                                 f"missing or truncated ({repaired[0][1]}, ...): recomputed now")
         _run_node(exp, store, ctx, _items(node, ok_rows), node.ident in forced, rep, failed_here, progress, wait,
                   f"{label} ({k}/{len(nodes)})")
         rep.ended = time.time()
@@ -196,9 +202,10 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
         journal.stage(f"{plan.dataset.name}/{node.stage}/{node.key}", done=rep.done, cached=rep.cached,
                       failed=rep.failed, skipped=rep.skipped, busy=rep.busy, total=rep.total, ended=rep.ended)
     if only is None or "scoring" in only:
-        rows, notes = aggregate_scores(store, exp.name, plan, manifest, summary.run_id)
+        rows, notes, damaged = aggregate_scores(store, exp.name, plan, manifest, summary.run_id)
         summary.metrics.extend(rows)
         summary.notes.extend(notes)
+        summary.damaged += damaged
 
 
 def _items(node: StageNode, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -28,14 +28,16 @@ def _f(x: Any) -> float | None:
 
 
 def aggregate_scores(store: Store, experiment: str, plan: DatasetPlan, manifest: Sequence[Mapping[str, Any]],
-                     run_id: str) -> tuple[list[dict[str, Any]], list[str]]:
+                     run_id: str) -> tuple[list[dict[str, Any]], list[str], int]:
     """Sum per-image confusion matrices over the dataset into metric rows; write them.
 
-    Returns the rows of this run and notes (damaged matrices, partial results not stored).
+    Returns the rows of this run, notes (damaged matrices, partial results not stored) and the
+    number of damaged matrices found (un-marked: the next run recomputes them).
     """
     from ovseg_core.metrics import scores_from_confusion
 
     notes: list[str] = []
+    damaged = 0
     with_gt = [r for r in manifest if r.get("gt_path")]
     scoreable = [r["image_id"] for r in with_gt if r.get("status", "ok") == "ok"]
     out = []
@@ -52,6 +54,7 @@ def aggregate_scores(store: Store, experiment: str, plan: DatasetPlan, manifest:
                 ids.append(iid)
             except (DamagedOutputError, MissingOutputError) as e:
                 notes.append(str(e))
+                damaged += 1
         if not ids:
             continue
         sc = scores_from_confusion(conf)
@@ -74,7 +77,7 @@ def aggregate_scores(store: Store, experiment: str, plan: DatasetPlan, manifest:
                     "miou": _f(sc["miou"]), "aacc": _f(sc["aacc"])})
     if out:
         notes += _store_rows(store, f"{experiment}--{plan.dataset.name}", out)
-    return out, notes
+    return out, notes, damaged
 
 
 def _store_rows(store: Store, name: str, rows: list[dict[str, Any]]) -> list[str]:

@@ -39,7 +39,8 @@ log = logging.getLogger("ovseg.storage")
 
 RECORDS, DROPS, INDEX, PACKS = "records", "drops", "index", "packs"
 RECORD_FORMAT = 1
-_INDEX_SCHEMA = pa.schema([("item", pa.string()), ("pack", pa.string()), ("dropped", pa.bool_())])
+_INDEX_SCHEMA = pa.schema([("item", pa.string()), ("pack", pa.string()), ("dropped", pa.bool_()),
+                           ("pack_size", pa.int64())])
 _RECORD_CACHE = 64
 
 
@@ -95,6 +96,7 @@ class StageState:
         self.base = base
         self._packs: dict[str, set[str]] = {}  # item -> packs listing it
         self._record_items: dict[str, tuple[str, ...]] = {}  # pack -> items, for records read from files
+        self._pack_sizes: dict[str, int] = {}  # pack -> recorded size in bytes
         self._dropped: set[tuple[str, str]] = set()
         self._seen: dict[str, set[str]] = {RECORDS: set(), DROPS: set(), INDEX: set()}
         self._covered: set[str] = set()  # record names folded into a loaded index
@@ -148,18 +150,19 @@ class StageState:
         try:
             tbl = pq.read_table(io.BytesIO(self.backend.get(path)))
             meta = json.loads((tbl.schema.metadata or {}).get(b"ovseg", b"{}"))
-            rows = tbl.select(["item", "pack", "dropped"]).to_pydict()
+            rows = tbl.select(["item", "pack", "dropped", "pack_size"]).to_pydict()
         except FileNotFoundError:
             raise
         except Exception as e:  # noqa: BLE001 - any parse error: the file is damaged, not the command
             self._damage(path, f"unreadable index ({type(e).__name__}: {e})")
             self._seen[INDEX].add(name)
             return
-        for item, pack, dropped in zip(rows["item"], rows["pack"], rows["dropped"]):
+        for item, pack, dropped, size in zip(rows["item"], rows["pack"], rows["dropped"], rows["pack_size"]):
             if dropped:
                 self._dropped.add((item, pack))
             else:
                 self._packs.setdefault(item, set()).add(pack)
+                self._pack_sizes[pack] = int(size)
         self._covered.update(meta.get("records", []))
         self._seen[DROPS].update(meta.get("drops", []))
         self._seen[INDEX].add(name)
@@ -202,6 +205,7 @@ class StageState:
             for item in rec.items:
                 self._packs.setdefault(item, set()).add(rec.pack)
             self._record_items[rec.pack] = tuple(rec.items)
+            self._pack_sizes[rec.pack] = rec.pack_size
             self._seen[RECORDS].add(name or f"{rec.pack}.json")
             self._remember(rec)
 
@@ -232,6 +236,22 @@ class StageState:
         """Items that were un-marked and have no valid copy now (they are recomputed by the next run)."""
         with self.lock:
             return {i for i, _ in self._dropped if self.pack_of(i) is None}
+
+    def missing_packs(self, listed: Mapping[str, int]) -> dict[str, str]:
+        """Packs in use that are absent from ``listed`` (pack -> size on disk) or of another size than recorded."""
+        out = {}
+        for pack in self.packs_in_use():
+            size, recorded = listed.get(pack), self._pack_sizes.get(pack, -1)
+            if size is None:
+                out[pack] = "missing"
+            elif recorded >= 0 and size != recorded:
+                out[pack] = f"truncated or replaced ({size} of {recorded} bytes)"
+        return out
+
+    def items_in(self, packs: Iterable[str]) -> list[tuple[str, str]]:
+        """(item, pack) pairs whose current copy is in one of ``packs``."""
+        wanted = set(packs)
+        return [(i, p) for i, p in self.valid_pairs() if p in wanted]
 
     def packs_in_use(self) -> set[str]:
         return {p for _, p in self.valid_pairs()}
@@ -277,18 +297,20 @@ class StageState:
         drops = sorted(n for n in self._seen[DROPS])
         if len(old_index) <= 1 and not drops and self.uncovered_records() == 0:
             return None
-        items, packs, dropped = [], [], []
+        items, packs, dropped, sizes = [], [], [], []
         for item, ps in sorted(self._packs.items()):
             for p in sorted(ps):
                 items.append(item)
                 packs.append(p)
                 dropped.append(False)
+                sizes.append(self._pack_sizes.get(p, -1))
         for item, p in sorted(self._dropped):
             items.append(item)
             packs.append(p)
             dropped.append(True)
+            sizes.append(-1)
         meta = {"records": sorted(self._seen[RECORDS]), "drops": drops, "folded_index": old_index}
-        tbl = pa.table([items, packs, dropped], schema=_INDEX_SCHEMA).replace_schema_metadata(
+        tbl = pa.table([items, packs, dropped, sizes], schema=_INDEX_SCHEMA).replace_schema_metadata(
             {"ovseg": json.dumps(meta)})
         buf = io.BytesIO()
         pq.write_table(tbl, buf)

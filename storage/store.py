@@ -195,6 +195,22 @@ class Store:
         st = self.state(stage, key, refresh=False)
         return st.pack_of(item) is not None or self.state(stage, key).pack_of(item) is not None
 
+    def check_presence(self, stage: str, key: str) -> list[tuple[str, str]]:
+        """Un-mark the items whose pack is missing or has another size than recorded (one listing).
+
+        Returns ``(item, why)`` of the items un-marked. Bit-level damage is found on read or by
+        ``cache verify`` (checksums); this cheap check runs before every stage of a run.
+        """
+        st = self.state(stage, key)
+        listed = {e.name[: -len(".zip")]: e.size for e in self.backend.list_entries(f"{self.stage_dir(stage, key)}/{PACKS}")
+                  if e.name.endswith(".zip")}
+        bad = st.missing_packs(listed)
+        if not bad:
+            return []
+        pairs = st.items_in(bad)
+        self.drop_items(stage, key, [], reason="pack missing or truncated", pairs=pairs)
+        return [(i, f"pack {p}.zip is {bad[p]}") for i, p in pairs]
+
     def missing(self, stage: str, key: str, items: Iterable[str]) -> list[str]:
         done = self.complete_items(stage, key)
         return [i for i in items if i not in done]
