@@ -40,11 +40,14 @@ class UpstreamMissingError(RuntimeError):
     """An input of the item is not (or no longer) complete; the item is retried by a later run."""
 
 
-def run_batch(ctx: StageContext, rows: Sequence[Mapping[str, Any]]) -> BatchResult:
-    """Compute and store every item of ``rows`` that is not complete yet (see the module docstring)."""
+def run_batch(ctx: StageContext, rows: Sequence[Mapping[str, Any]], stage: Any = None) -> BatchResult:
+    """Compute and store every item of ``rows`` that is not complete yet (see the module docstring).
+
+    ``stage`` defaults to the stage table's entry for ``ctx.stage``.
+    """
     from tasks.stages import STAGES
 
-    stage = STAGES[ctx.stage]
+    stage = stage or STAGES[ctx.stage]
     store = ctx.store()
     state = store.state(ctx.stage, ctx.key)
     results: dict[str, ItemResult] = {}
