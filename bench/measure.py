@@ -62,10 +62,20 @@ class RssSampler:
         self.sample()
 
     def peak(self, start: float | None = None, end: float | None = None) -> int:
-        """Largest own RSS among samples in ``[start, end]`` (the whole run when None); 0 if none."""
+        """Largest own RSS among samples in ``[start, end]`` (the whole run when None).
+
+        An interval shorter than the sampling interval holds no sample: the samples just before
+        and after it bound its RSS, and the larger is used. 0 only without any sample.
+        """
         lo = float("-inf") if start is None else start
         hi = float("inf") if end is None else end
-        return max((rss for t, rss, _, _ in self.samples if lo <= t <= hi), default=0)
+        inside = [rss for t, rss, _, _ in self.samples if lo <= t <= hi]
+        if inside:
+            return max(inside)
+        before = [s for s in self.samples if s[0] < lo]
+        after = [s for s in self.samples if s[0] > hi]
+        around = ([max(before)[1]] if before else []) + ([min(after)[1]] if after else [])
+        return max(around, default=0)
 
     def children_peak(self) -> int:
         """Largest RSS summed over child processes (the Prefect ephemeral server)."""

@@ -125,19 +125,19 @@ def timed_run(exp) -> tuple[Any, float]:
 
 def recomputed(summary) -> list[str]:
     """Stage names that computed at least one item in a run, in stage order."""
-    from flows.graph import STAGE_ORDER
+    from tasks.stages import STAGE_ORDER
 
     done = {s.stage for s in summary.stages if s.done}
     return [s for s in STAGE_ORDER if s in done]
 
 
-def item_bytes(store: Path, stage: str, key: str, items: Sequence[str]) -> int:
-    """Bytes on disk of the items' groups (layout ``stages/<stage>/<key>/<item>/``, docs/design.md)."""
-    total = 0
-    for item in items:
-        for dirpath, _, files in os.walk(store / "stages" / stage / key / item):
-            total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-    return total
+def item_bytes(store: Path, stage: str, key: str) -> tuple[int, int]:
+    """(bytes on disk, items) of one stage output set: its packs and completion records (docs/store.md)."""
+    from storage.store import Store
+
+    base = store / "stages" / stage / key
+    total = sum(p.stat().st_size for folder in ("packs", "records") for p in (base / folder).glob("*") if p.is_file())
+    return total, len(Store(str(store)).complete_items(stage, key))
 
 
 def manifest_rows(store: Path, dataset: str) -> list[dict[str, Any]]:
@@ -151,19 +151,13 @@ def manifest_rows(store: Path, dataset: str) -> list[dict[str, Any]]:
 def seed_text(seed: Path | None, store: Path) -> None:
     """Copy the text embeddings of the seed store into a fresh store (no-op without a seed).
 
-    Uses the documented layout (root ``zarr.json``, ``stages/<stage>/<key>/...``, docs/design.md).
+    Copies the store marker and the ``stages/text_embeddings/<key>`` folders (docs/store.md).
     """
     if seed is None:
         return
     store.mkdir(parents=True, exist_ok=False)
-    shutil.copy2(seed / "zarr.json", store / "zarr.json")
-    for meta in (seed / "stages" / "zarr.json", seed / "stages" / "text_embeddings" / "zarr.json"):
-        if meta.is_file():
-            (store / meta.relative_to(seed)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(meta, store / meta.relative_to(seed))
-    for key_dir in (seed / "stages" / "text_embeddings").iterdir():
-        if key_dir.is_dir():
-            shutil.copytree(key_dir, store / "stages" / "text_embeddings" / key_dir.name)
+    shutil.copy2(seed / "ovseg-store.json", store / "ovseg-store.json")
+    shutil.copytree(seed / "stages" / "text_embeddings", store / "stages" / "text_embeddings")
 
 
 def text_seed(datasets: list[dict[str, Any]], models: Mapping[str, str], work: Path,
@@ -190,6 +184,7 @@ def one_repeat(rep: int, args: argparse.Namespace, models: Mapping[str, str], da
 
     from flows.graph import build_plan
     from storage.store import Store
+    from tasks.runtime import RunSettings, StageContext
 
     warm_store, cold_store = work / f"r{rep}-store", work / f"r{rep}-cold-store"
     exp_a = experiment("bench", warm_store, datasets, models, [corrclip(TAU_FIRST)], args.window_batch)
@@ -205,14 +200,17 @@ def one_repeat(rep: int, args: argparse.Namespace, models: Mapping[str, str], da
             continue
         rows = manifest_rows(warm_store, s.dataset) if s.stage != "text_embeddings" else [{"image_id": "vocab"}]
         wall = s.ended - s.started
+        nbytes, nitems = item_bytes(warm_store, s.stage, s.key)
         row = {"dataset": s.dataset, "stage": s.stage, "key": s.key, "items": s.done, "wall_seconds": wall,
                "compute_seconds": s.seconds, "items_per_second": s.done / wall if wall > 0 else None,
-               "bytes_per_item": item_bytes(warm_store, s.stage, s.key, [r["image_id"] for r in rows]) / max(len(rows), 1),
+               "bytes_per_item": nbytes / max(nitems, 1),
                "peak_rss_bytes": rss.peak(s.started, s.ended), "cpu_seconds": rss.cpu_seconds(s.started, s.ended)}
         if s.stage in MODEL_STAGES:
             log.info("repeat %d: bare %s on %s", rep, s.stage, s.dataset)
             wait_quiet()
-            bare = bare_stage(plans[s.dataset].nodes[(s.stage, s.key)], rows, store, count_flops if count else None)
+            ctx = StageContext(plans[s.dataset].nodes[(s.stage, s.key)],
+                               RunSettings(str(warm_store), exp_a.device, exp_a.window_batch, exp_a.models.weights_dir))
+            bare = bare_stage(ctx, rows, count_flops if count else None)
             if bare is not None:
                 row.update({"bare_seconds": bare.seconds, "windows": bare.windows,
                             "overhead_ratio": wall / bare.seconds if bare.seconds > 0 else None,
@@ -221,6 +219,7 @@ def one_repeat(rep: int, args: argparse.Namespace, models: Mapping[str, str], da
                             "flops_per_window": bare.flops_per_window})
         stages.append(row)
     store_bytes = {f"{i.stage}/{i.key}": i.nbytes for i in store.list_stages()}
+    store_files = sum(1 for p in warm_store.rglob("*") if p.is_file())
 
     log.info("repeat %d: incremental rerun (tau %s -> %s)", rep, TAU_FIRST, TAU_RERUN)
     exp_a2 = experiment("bench", warm_store, datasets, models, [corrclip(TAU_RERUN)], args.window_batch)
@@ -235,6 +234,7 @@ def one_repeat(rep: int, args: argparse.Namespace, models: Mapping[str, str], da
     shutil.rmtree(warm_store, ignore_errors=True)
     return {
         "repeat": rep, "first_run_seconds": t_full, "stages": stages, "store_bytes_by_stage_key": store_bytes,
+        "store_files": store_files,
         "incremental": {"rerun_seconds": t_incr, "ratio": t_incr / t_full, "recomputed": recomputed(summary2)},
         "cache_hit": {"warm_seconds": t_bwarm, "cold_seconds": t_bcold, "ratio": t_bwarm / t_bcold,
                       "recomputed": recomputed(summary_bw)},
@@ -261,7 +261,7 @@ def preload_models(models: Mapping[str, str]) -> dict[str, float]:
     out = {}
     for family, name in models.items():
         t0 = time.perf_counter()
-        get_backbone(name)
+        get_backbone(name)  # the stages load float32 on the CPU: the same cache entry
         out[family] = time.perf_counter() - t0
     return out
 

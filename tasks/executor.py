@@ -163,26 +163,41 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
         loader.join()
 
 
+class Grouper:
+    """Forms compute groups: items accumulate until their windows reach ``window_batch``.
+
+    Stages without a window count (``Stage.windows`` None) compute one item at a time. The
+    benchmark forms its groups with the same class, so it times exactly the pipeline's calls.
+    """
+
+    def __init__(self, stage, window_batch: int):
+        self.stage = stage
+        self.budget = max(1, int(window_batch))
+        self.pending: list[tuple[Mapping[str, Any], Any]] = []
+        self.windows = 0
+
+    def add(self, row: Mapping[str, Any], inp: Any) -> list[tuple[Mapping[str, Any], Any]] | None:
+        """Add one loaded item; returns a full group, or None."""
+        self.pending.append((row, inp))
+        self.windows += self.stage.windows(inp) if self.stage.windows else self.budget
+        return self.flush() if self.windows >= self.budget else None
+
+    def flush(self) -> list[tuple[Mapping[str, Any], Any]] | None:
+        group, self.pending, self.windows = self.pending, [], 0
+        return group or None
+
+
 def _compute_all(ctx: StageContext, stage, models: Any, loaded: queue.Queue, to_write: queue.Queue,
                  results: dict[str, ItemResult]) -> None:
-    budget = max(1, ctx.settings.window_batch)
-    pending: list[tuple[Mapping[str, Any], Any]] = []
-    windows = 0
-    done = False
-    while not done:
-        got = loaded.get()
-        if got is _END:
-            done = True
-        else:
-            row, inp, err, _ = got
-            if err is not None:
-                _fail(results, str(row["image_id"]), err)
-            else:
-                pending.append((row, inp))
-                windows += stage.windows(inp) if stage.windows else budget
-        if pending and (done or windows >= budget):
-            _compute_group(ctx, stage, models, pending, to_write, results)
-            pending, windows = [], 0
+    grouper = Grouper(stage, ctx.settings.window_batch)
+    while (got := loaded.get()) is not _END:
+        row, inp, err, _ = got
+        if err is not None:
+            _fail(results, str(row["image_id"]), err)
+        elif (group := grouper.add(row, inp)) is not None:
+            _compute_group(ctx, stage, models, group, to_write, results)
+    if (group := grouper.flush()) is not None:
+        _compute_group(ctx, stage, models, group, to_write, results)
 
 
 def _compute_group(ctx: StageContext, stage, models: Any, group: list[tuple[Mapping[str, Any], Any]],

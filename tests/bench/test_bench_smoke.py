@@ -51,7 +51,9 @@ def test_rss_peak_and_cpu_are_attributed_to_the_interval(bench):
     s.samples = [(0.0, 100, 5, 0.0), (1.0, 300, 7, 1.0), (2.0, 200, 9, 3.0), (3.0, 900, 1, 3.5)]
     assert s.peak(0.5, 2.5) == 300
     assert s.peak(2.5, 3.0) == 900
-    assert s.peak(5.0, 6.0) == 0
+    assert s.peak(1.2, 1.4) == 300  # no sample inside: the larger of the samples around it
+    assert s.peak(5.0, 6.0) == 900
+    assert measure.RssSampler().peak(0.0, 1.0) == 0
     assert s.peak() == 900
     assert s.children_peak() == 9
     assert s.cpu_seconds(1.0, 2.0) == pytest.approx(2.0)
