@@ -35,6 +35,7 @@ from tasks.stages import STAGE_ORDER, STAGES, get_stage
 log = logging.getLogger("ovseg.flows")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+COMPACT_AFTER = 32  # completion records not yet in the stage's index that trigger a compaction
 
 
 @dataclass
@@ -197,6 +198,9 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
                                  f"missing or truncated ({repaired[0][1]}, ...): recomputed now")
         _run_node(exp, store, ctx, _items(node, ok_rows), node.ident in forced, rep, failed_here, progress, wait,
                   f"{label} ({k}/{len(nodes)})")
+        state = store.state(node.stage, node.key)
+        if state.uncovered_records() >= COMPACT_AFTER:  # later runs read one index instead of many records
+            state.compact()
         rep.ended = time.time()
         summary.stages.append(rep)
         journal.stage(f"{plan.dataset.name}/{node.stage}/{node.key}", done=rep.done, cached=rep.cached,

@@ -16,7 +16,7 @@ import numpy as np
 
 from flows.graph import DatasetPlan
 from storage.keys import canonical_json
-from storage.store import DamagedOutputError, MissingOutputError, Store
+from storage.store import DamagedOutputError, Store
 from storage.tables import read_table, write_table
 
 log = logging.getLogger("ovseg.flows")
@@ -46,15 +46,14 @@ def aggregate_scores(store: Store, experiment: str, plan: DatasetPlan, manifest:
         done = store.complete_items(node.stage, node.key)
         conf = np.zeros((mp.num_classes + 1, mp.num_classes), dtype=np.int64)  # row K: ground truth out of range
         ids = []
-        for iid in scoreable:
-            if iid not in done:
+        got = store.read_items(node.stage, node.key, [i for i in scoreable if i in done], ["confusion"])
+        for iid, arrays in got.items():
+            if isinstance(arrays, Exception):
+                notes.append(str(arrays))
+                damaged += isinstance(arrays, DamagedOutputError)
                 continue
-            try:
-                conf += store.read_item(node.stage, node.key, iid, ["confusion"])["confusion"]
-                ids.append(iid)
-            except (DamagedOutputError, MissingOutputError) as e:
-                notes.append(str(e))
-                damaged += 1
+            conf += arrays["confusion"]
+            ids.append(iid)
         if not ids:
             continue
         sc = scores_from_confusion(conf)

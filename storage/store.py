@@ -228,9 +228,11 @@ class Store:
             pack.add(item, arrays, attrs or {})
 
     # ----------------------------------------------------------------- reading
-    def _entry(self, stage: str, key: str, item: str) -> tuple[StageState, str, Record, ItemEntry]:
-        st = self.state(stage, key, refresh=False)
-        pack = st.pack_of(item) or self.state(stage, key).pack_of(item)
+    def _entry(self, stage: str, key: str, item: str, stale: str | None = None
+               ) -> tuple[StageState, str, Record, ItemEntry]:
+        """The item's current pack, record and entry. ``stale``: a pack found gone, re-listed once."""
+        st = self.state(stage, key, refresh=stale is not None)
+        pack = st.pack_of(item) or (None if stale is not None else self.state(stage, key).pack_of(item))
         where = f"{stage}/{key}/{item}"
         if pack is None:
             raise MissingOutputError(f"{where} is not complete in {self.location}; run the stage first "
@@ -239,6 +241,8 @@ class Store:
             rec = st.record(pack)
             return st, pack, rec, rec.items[item]
         except (FileNotFoundError, ValueError, KeyError) as e:
+            if stale is None:  # this process's view may be old (e.g. a superseded pack removed by gc)
+                return self._entry(stage, key, item, stale=pack)
             raise self._damaged(stage, key, item, pack, f"completion record {RECORDS}/{pack}.json is missing or "
                                                         f"unreadable ({type(e).__name__}: {e})") from e
 
@@ -249,6 +253,9 @@ class Store:
             MissingOutputError: the item is not complete (or lacks an array).
             DamagedOutputError: the stored bytes do not match the record; the item is un-marked.
         """
+        return self._read(stage, key, item, names, retried=False)
+
+    def _read(self, stage: str, key: str, item: str, names: Iterable[str] | None, retried: bool) -> dict[str, np.ndarray]:
         st, pack, rec, entry = self._entry(stage, key, item)
         where = f"{stage}/{key}/{item}"
         wanted = list(entry.arrays) if names is None else list(names)
@@ -264,9 +271,50 @@ class Store:
             data = self.backend.get_range(path, lo, hi)
             return decode_arrays(data, lo, entry, wanted, f"{path} ({item})")
         except FileNotFoundError as e:
+            if not retried and self.state(stage, key).pack_of(item) != pack:  # recomputed elsewhere meanwhile
+                return self._read(stage, key, item, names, retried=True)
             raise self._damaged(stage, key, item, pack, f"pack {path} is missing") from e
         except (PackDamagedError, ValueError, RuntimeError) as e:
             raise self._damaged(stage, key, item, pack, str(e)) from e
+
+    def read_items(self, stage: str, key: str, items: Iterable[str], names: Iterable[str] | None = None
+                   ) -> dict[str, dict[str, np.ndarray] | Exception]:
+        """Read many items, one ranged request per pack; a failed item maps to its exception."""
+        st = self.state(stage, key, refresh=False)
+        by_pack: dict[str | None, list[str]] = {}
+        for item in items:
+            by_pack.setdefault(st.pack_of(item), []).append(item)
+        out: dict[str, dict[str, np.ndarray] | Exception] = {}
+        for pack, group in by_pack.items():
+            try:
+                rec = st.record(pack) if pack is not None else None
+                entries = [rec.items[i] for i in group] if rec is not None else []
+            except (FileNotFoundError, ValueError, KeyError):
+                entries = []
+            if len(entries) > 1:
+                wanted = {i: list(e.arrays) if names is None else list(names) for i, e in zip(group, entries)}
+                chunks = [m for i, e in zip(group, entries) for m in e.members
+                          if m.name in {e.arrays[n].chunk for n in wanted[i] if n in e.arrays}]
+                if chunks:
+                    lo, hi = min(m.offset for m in chunks), max(m.offset + m.size for m in chunks)
+                    path = f"{self.stage_dir(stage, key)}/{PACKS}/{pack}.zip"
+                    try:
+                        data = self.backend.get_range(path, lo, hi)
+                    except FileNotFoundError:
+                        data = None
+                    if data is not None:
+                        for i, e in zip(group, entries):
+                            try:
+                                out[i] = decode_arrays(data, lo, e, wanted[i], f"{path} ({i})")
+                            except (PackDamagedError, KeyError, ValueError):
+                                pass  # read alone below: the error path un-marks it
+            for i in group:
+                if i not in out:
+                    try:
+                        out[i] = self.read_item(stage, key, i, names)
+                    except MissingOutputError as e:
+                        out[i] = e
+        return out
 
     def verify_item(self, stage: str, key: str, item: str, checksums: bool = True) -> None:
         """Check every member of an item (presence, size, CRC-32); raises ``DamagedOutputError``."""

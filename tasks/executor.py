@@ -2,8 +2,8 @@
 
 For a batch of items of one stage output set (one Prefect task):
 
-1. items complete meanwhile (another run) are ``cached``; the rest are claimed with ONE lease
-   (items another live process holds are ``busy``: the flow waits for them or reports them);
+1. the items (those the flow found incomplete) are claimed with ONE lease (items another live
+   process holds are ``busy``: the flow waits for them or reports them);
 2. a loader thread decodes each image once and reads the upstream outputs, ``prefetch`` items
    ahead (pinned memory on CUDA);
 3. the calling thread runs the stage's pure compute, on groups of items whose windows fill
@@ -48,18 +48,9 @@ def run_batch(ctx: StageContext, rows: Sequence[Mapping[str, Any]], stage: Any =
     from tasks.stages import STAGES
 
     stage = stage or STAGES[ctx.stage]
-    store = ctx.store()
-    state = store.state(ctx.stage, ctx.key)
     results: dict[str, ItemResult] = {}
-    todo = []
-    for row in rows:
-        iid = str(row["image_id"])
-        if state.pack_of(iid) is not None:
-            results[iid] = ItemResult(iid, "cached")
-        else:
-            todo.append(row)
-    if todo:
-        _run_claimed(ctx, stage, todo, results)
+    if rows:  # the flow sends only items it found incomplete: no listing of the stage's records per batch
+        _run_claimed(ctx, stage, list(rows), results)
     fatal = next((r.error for r in results.values() if r.error_type == BackboneLoadError.__name__), "")
     return BatchResult([results[str(r["image_id"])] for r in rows], fatal)
 
