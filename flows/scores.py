@@ -41,9 +41,15 @@ def aggregate_scores(store: Store, experiment: str, plan: DatasetPlan, manifest:
     with_gt = [r for r in manifest if r.get("gt_path")]
     scoreable = [r["image_id"] for r in with_gt if r.get("status", "ok") == "ok"]
     out = []
+    stored = _stored_summaries(store, f"{experiment}--{plan.dataset.name}")
     for mp in plan.methods:
         node = mp.scoring
         done = store.complete_items(node.stage, node.key)
+        old = stored.get(mp.entry.name)
+        if (old is not None and old[0]["complete"] and old[0]["prediction_key"] == mp.prediction.key
+                and old[0]["images_total"] == len(with_gt) and all(i in done for i in scoreable)):
+            out.extend(old[1])  # every image scored, as when these rows were computed: the sums are the same
+            continue
         conf = np.zeros((mp.num_classes + 1, mp.num_classes), dtype=np.int64)  # row K: ground truth out of range
         ids = []
         got = store.read_items(node.stage, node.key, [i for i in scoreable if i in done], ["confusion"])
@@ -77,6 +83,18 @@ def aggregate_scores(store: Store, experiment: str, plan: DatasetPlan, manifest:
     if out:
         notes += _store_rows(store, f"{experiment}--{plan.dataset.name}", out)
     return out, notes, damaged
+
+
+def _stored_summaries(store: Store, name: str) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Per method: the stored summary row and all its rows (empty when the table is absent or damaged)."""
+    if name not in store.table_names("metrics"):
+        return {}
+    rows = read_table(store, "metrics", [name], on_damaged=lambda e: None).to_pylist()
+    out: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    for r in rows:
+        if r["class_index"] == -1:
+            out[r["method"]] = (r, [x for x in rows if x["method"] == r["method"]])
+    return out
 
 
 def _store_rows(store: Store, name: str, rows: list[dict[str, Any]]) -> list[str]:

@@ -152,3 +152,22 @@ def test_tiny_benchmark_writes_every_field(tmp_path):
     assert ch["recomputed"] == ["reconstruction", "map_correction", "scoring"]
     md = (out / "results.md").read_text()
     assert "| dataset | stage |" in md and "incremental ratio" in md
+
+
+@pytest.mark.slow
+def test_scale_benchmark_small_sizes(tmp_path):
+    """``bench/scale.py`` end to end at toy sizes: a real run, a no-op rerun and the bookkeeping simulation."""
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"))
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--sizes", "6", "--simulate", "40",
+                           "--out", str(tmp_path / "out"), "--workdir", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "scale.json").read_text())
+    (real,) = results["real"]
+    assert real["images"] == 6 and real["files_per_image"] <= 12
+    assert {s["stage"] for s in real["stages"]} >= {"sam_masks", "reconstruction", "scoring"}
+    assert all(s["fixed_ms_per_image"] >= 0 for s in real["stages"])
+    sim = results["simulation"]
+    assert sim["images"] == 40 and sim["noop_rerun_seconds"] > 0 and sim["files_per_image"] <= 12
+    assert "Bookkeeping simulation, 40 images" in (tmp_path / "out" / "scale.md").read_text()

@@ -1,0 +1,300 @@
+"""Scale benchmark (``python bench/scale.py``): the pipeline's own costs at corpus sizes.
+
+Part 1, real runs: synthetic 160x120 images with ground truth, tiny random models (``clip:tiny``,
+``dino:tiny8``), SLIC regions, CorrCLIP + SC-CLIP, at each ``--sizes`` N: a cold run (per stage:
+wall, compute, fixed cost per image = (wall - compute) / images), files and bytes per image in the
+store, peak RSS, planning time and a no-op rerun.
+
+Part 2, ``--simulate N`` (default 100k): the bookkeeping alone. N image files (8x8 PNGs) and a
+store holding every stage output of the same experiment for all N images, written by the store's
+own pack writer with small stand-in arrays (no model compute); then the planning time, the time
+to read each stage's completion state in a fresh process view, and a no-op rerun.
+
+Outputs ``<out>/scale.json`` and ``<out>/scale.md``. Prefect's server start-up happens once,
+before anything is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+CLASSES = ["sky", "grass", "road, street", "building"]
+log = logging.getLogger("ovseg.bench.scale")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000], help="image counts of the real runs")
+    p.add_argument("--simulate", type=int, default=100000, help="image count of the bookkeeping simulation (0: skip)")
+    p.add_argument("--batch-size", type=int, default=8, help="runner.batch_size (images per task and per pack)")
+    p.add_argument("--out", default=str(REPO / "bench" / "out"))
+    p.add_argument("--workdir", default=None, help="parent of the temporary images and stores (deleted at the end)")
+    args = p.parse_args(argv)
+    if any(n < 1 for n in args.sizes) or args.simulate < 0 or args.batch_size < 1:
+        p.error("sizes and --batch-size must be >= 1, --simulate >= 0")
+    return args
+
+
+def make_images(root: Path, n: int, size: tuple[int, int] = (160, 120), seed: int = 0) -> tuple[Path, Path]:
+    """``n`` synthetic RGB JPEGs (smooth random colour fields) and 4-class PNG ground truths."""
+    img_dir, gt_dir = root / "images", root / "gt"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for i in range(n):
+        coarse = rng.integers(0, 256, (h // 20 + 1, w // 20 + 1, 3), dtype=np.uint8)
+        rgb = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR))
+        Image.fromarray(rgb).save(img_dir / f"img{i:06d}.jpg", quality=90)
+        Image.fromarray((rgb[..., 0] // 64).astype(np.uint8)).save(gt_dir / f"img{i:06d}.png")
+    return img_dir, gt_dir
+
+
+def make_tiny_files(root: Path, n: int) -> tuple[Path, Path]:
+    """``n`` 8x8 images and ground truths with identical bytes (ids still differ: they hash the path too)."""
+    img_dir, gt_dir = root / "images", root / "gt"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / "one.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "one-gt.png")
+    img, gt = (root / "one.png").read_bytes(), (root / "one-gt.png").read_bytes()
+    for i in range(n):
+        (img_dir / f"img{i:06d}.png").write_bytes(img)
+        (gt_dir / f"img{i:06d}.png").write_bytes(gt)
+    return img_dir, gt_dir
+
+
+def experiment(store: Path, img_dir: Path, gt_dir: Path, batch_size: int):
+    from flows.config import parse_experiment
+
+    return parse_experiment({
+        "name": "scale", "store": str(store),
+        "datasets": [{"name": "synth", "layout": "folder", "root": str(img_dir), "gt_dir": str(gt_dir),
+                      "classes": CLASSES}],
+        "models": {"clip": "clip:tiny@random:0", "dino": "dino:tiny8@random:0", "sam": "sam:tiny@random:0"},
+        "regions": {"source": "slic", "params": {"n_segments": 40}},
+        "methods": [{"name": "corrclip", "method": "corrclip"}, {"name": "scclip", "method": "scclip"}],
+        "runner": {"kind": "local", "workers": 1, "batch_size": batch_size},
+        "text_templates": "single",
+    }, source="bench/scale.py")
+
+
+def store_files(store: Path) -> tuple[int, int]:
+    """(files, bytes) under the store's ``stages`` folder."""
+    files = nbytes = 0
+    for p in (store / "stages").rglob("*"):
+        if p.is_file():
+            files += 1
+            nbytes += p.stat().st_size
+    return files, nbytes
+
+
+def stage_files(store: Path, stage: str, key: str) -> tuple[int, int]:
+    base = store / "stages" / stage / key
+    files = [p for p in base.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def real_run(n: int, work: Path, batch_size: int) -> dict[str, Any]:
+    from measure import RssSampler, wait_quiet
+
+    from flows.graph import build_plan
+    from flows.pipeline import run_experiment
+
+    log.info("%d images: generating", n)
+    img_dir, gt_dir = make_images(work / f"data-{n}", n)
+    store = work / f"store-{n}"
+    exp = experiment(store, img_dir, gt_dir, batch_size)
+    _, plan_s = timed(lambda: build_plan(exp))
+    wait_quiet()
+    log.info("%d images: cold run", n)
+    with RssSampler() as rss:
+        summary, cold_s = timed(lambda: run_experiment(exp, progress=False))
+    if summary.status != "complete":
+        raise RuntimeError(f"the cold run ended {summary.status}: {[f for s in summary.stages for f in s.failures][:3]}")
+    stages = []
+    for s in summary.stages:
+        if s.stage == "ingest":
+            continue
+        wall = s.ended - s.started
+        files, nbytes = stage_files(store, s.stage, s.key)
+        items = max(s.done, 1)
+        stages.append({"stage": s.stage, "key": s.key, "items": s.done, "wall_seconds": wall,
+                       "compute_seconds": s.seconds, "ms_per_image": 1000 * wall / items,
+                       "fixed_ms_per_image": 1000 * max(wall - s.seconds, 0.0) / items,
+                       "files_per_image": files / n, "bytes_per_image": nbytes / n})
+    files, nbytes = store_files(store)
+    wait_quiet()
+    log.info("%d images: no-op rerun", n)
+    again, noop_s = timed(lambda: run_experiment(exp, progress=False))
+    assert again.computed == 0, "the rerun recomputed outputs"
+    shutil.rmtree(work / f"data-{n}", ignore_errors=True)
+    shutil.rmtree(store, ignore_errors=True)
+    return {"images": n, "plan_seconds": plan_s, "cold_seconds": cold_s, "noop_rerun_seconds": noop_s,
+            "stage_seconds_per_image": sum(x["wall_seconds"] for x in stages) / n,
+            "files_per_image": files / n, "bytes_per_image": nbytes / n, "peak_rss_bytes": rss.peak(),
+            "stages": stages}
+
+
+def fill_store(exp, n_batches_hint: int) -> dict[str, float]:
+    """Write every stage output of the plan for every image, as packs of ``batch_size`` with stand-in arrays."""
+    from flows.graph import build_plan
+    from flows.ingest import ingest_dataset
+    from storage.store import Store
+
+    store = Store(exp.store)
+    (plan,) = build_plan(exp)
+    rows = ingest_dataset(store, plan, progress=False)
+    ids = [r["image_id"] for r in rows if r["status"] == "ok"]
+    k = len(CLASSES)
+    seconds = {}
+    for node in plan.ordered():
+        t0 = time.perf_counter()
+        items = ["vocab"] if node.stage == "text_embeddings" else ids
+        arrays = {"x": np.zeros((2, 2), np.float16)}
+        if node.stage == "scoring":
+            arrays = {"confusion": np.eye(k + 1, k, dtype=np.int64)}
+        if node.stage == "text_embeddings":
+            arrays = {"embeddings": np.zeros((k, 4), np.float32), "query_to_class": np.arange(k)}
+        for start in range(0, len(items), exp.runner.batch_size):
+            with store.open_pack(node.stage_key) as pack:
+                for iid in items[start : start + exp.runner.batch_size]:
+                    pack.add(iid, arrays, {})
+        store.state(node.stage, node.key).compact()
+        seconds[f"{node.stage}/{node.key}"] = time.perf_counter() - t0
+    return seconds
+
+
+def simulate(n: int, work: Path, batch_size: int) -> dict[str, Any]:
+    from measure import RssSampler, wait_quiet
+
+    from flows.graph import build_plan
+    from flows.pipeline import run_experiment
+    from storage.store import Store
+
+    log.info("simulation, %d images: files", n)
+    img_dir, gt_dir = make_tiny_files(work / f"sim-{n}", n)
+    store_path = work / f"sim-store-{n}"
+    exp = experiment(store_path, img_dir, gt_dir, batch_size)
+    log.info("simulation, %d images: filling the store (no model compute)", n)
+    fill = fill_store(exp, n // batch_size)
+    (plan,), plan_s = timed(lambda: build_plan(exp))
+    fresh = Store(store_path)
+    state_s = {}
+    for node in plan.ordered():
+        _, state_s[node.stage + "/" + node.key] = timed(lambda: fresh.state(node.stage, node.key).complete())
+    files, nbytes = store_files(store_path)
+    wait_quiet()
+    log.info("simulation, %d images: no-op rerun", n)
+    with RssSampler() as rss:
+        summary, noop_s = timed(lambda: run_experiment(exp, progress=False))
+    if summary.computed or summary.status != "complete":
+        raise RuntimeError(f"the simulated no-op rerun computed {summary.computed} outputs ({summary.status})")
+    ingest = next((s for s in summary.stages if s.stage == "ingest"), None)
+    shutil.rmtree(work / f"sim-{n}", ignore_errors=True)
+    shutil.rmtree(store_path, ignore_errors=True)
+    return {"images": n, "fill_seconds": sum(fill.values()), "plan_seconds": plan_s,
+            "state_seconds": state_s, "state_seconds_total": sum(state_s.values()),
+            "noop_rerun_seconds": noop_s, "files_per_image": files / n, "bytes_per_image": nbytes / n,
+            "peak_rss_bytes": rss.peak(), "ingest_failed": ingest.failed if ingest else 0}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"Command: `{results['command']}`  ", f"Machine: {results['machine']}", ""]
+    real = results["real"]
+    if real:
+        lines += ["| images | cold run s | stage time per image ms | files / image | KiB / image | plan s | "
+                  "no-op rerun s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+        for r in real:
+            lines.append(f"| {r['images']} | {r['cold_seconds']:.1f} | {1000 * r['stage_seconds_per_image']:.1f} | "
+                         f"{r['files_per_image']:.2f} | {r['bytes_per_image'] / 1024:.1f} | {r['plan_seconds']:.2f} | "
+                         f"{r['noop_rerun_seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
+        lines += ["", "Per stage (ms per image; fixed = wall - compute; files and KiB per image):", "",
+                  "| stage | " + " | ".join(f"{r['images']} imgs ms (fixed)" for r in real) + " | files / image | KiB / image |",
+                  "|---|" + "---|" * len(real) + "---|---|"]
+        for i, s in enumerate(real[0]["stages"]):
+            cells = []
+            for r in real:
+                t = r["stages"][i]
+                cells.append(f"{t['ms_per_image']:.1f} ({t['fixed_ms_per_image']:.1f})")
+            lines.append(f"| {s['stage']} `{s['key'][:6]}` | " + " | ".join(cells)
+                         + f" | {s['files_per_image']:.3f} | {s['bytes_per_image'] / 1024:.2f} |")
+        if len(real) > 1:
+            a, b = real[0], real[-1]
+            lines += ["", f"Per-image stage time, {b['images']} vs {a['images']} images: "
+                          f"{b['stage_seconds_per_image'] / a['stage_seconds_per_image']:.3f}x"]
+    sim = results.get("simulation")
+    if sim:
+        lines += ["", f"Bookkeeping simulation, {sim['images']} images, every stage output complete "
+                      "(stand-in arrays, no model compute):", "",
+                  "| figure | value |", "|---|---|",
+                  f"| store files / image | {sim['files_per_image']:.2f} |",
+                  f"| planning (build_plan) | {sim['plan_seconds']:.2f} s |",
+                  f"| completion state of all {len(sim['state_seconds'])} stage outputs, fresh process | "
+                  f"{sim['state_seconds_total']:.2f} s |",
+                  f"| no-op rerun (ingest of unchanged files, plan, per-stage checks, scores), Prefect running | "
+                  f"{sim['noop_rerun_seconds']:.1f} s |",
+                  f"| peak RSS during the rerun | {sim['peak_rss_bytes'] / 2**20:.0f} MiB |",
+                  f"| writing the simulated store | {sim['fill_seconds']:.0f} s |"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+    sys.path.insert(0, str(REPO / "bench"))
+    work = Path(tempfile.mkdtemp(prefix="ovseg-scale-", dir=args.workdir))
+    os.environ.setdefault("PREFECT_HOME", str(work / "prefect-home"))
+    from flows.cli import configure_prefect
+
+    configure_prefect()
+    from measure import machine_info
+    from run import prefect_startup_seconds
+
+    info = machine_info()
+    results: dict[str, Any] = {
+        "command": " ".join(["python", "bench/scale.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": f"{info.get('cpu_model')}, {info.get('usable_cores')} usable cores, "
+                   f"load average at start {info.get('load_average')}",
+        "real": [], "simulation": None}
+    try:
+        results["prefect_startup_seconds"] = prefect_startup_seconds()
+        for n in args.sizes:
+            results["real"].append(real_run(n, work, args.batch_size))
+        if args.simulate:
+            results["simulation"] = simulate(args.simulate, work, args.batch_size)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(results, indent=2, default=str))
+    md = markdown(results)
+    (out / "scale.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
