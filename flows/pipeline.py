@@ -192,6 +192,7 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
                           methods=",".join(sorted(users.get(node.ident, ()))))
         ctx = StageContext(node, settings, plan.dataset.name)
         store.register_stage(node.stage_key, random_weights=node.random_weights)  # also rewrites a damaged stage.json
+        store.touch(node.stage, node.key, summary.run_id)  # the storage budget evicts least recently used sets
         repaired = store.check_presence(node.stage, node.key)
         if repaired:
             summary.notes.append(f"{plan.dataset.name}:{node.stage} {node.key}: {len(repaired)} stored outputs were "

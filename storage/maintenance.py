@@ -29,6 +29,7 @@ class StageInfo:
     dropped: int
     nbytes: int
     damaged_files: tuple[str, ...] = ()
+    last_used: float = 0.0  # seconds since the epoch: the last run that used it (or its creation)
 
     @property
     def random_weights(self) -> bool:
@@ -46,7 +47,8 @@ def list_stages(store: Store, with_bytes: bool = True) -> list[StageInfo]:
         attrs = store.stage_attrs(stage, key)
         damaged = tuple(sorted(st.damaged)) + ((attrs["damaged"],) if "damaged" in attrs else ())
         nbytes = sum(s for _, s in store.backend.walk_files(store.stage_dir(stage, key))) if with_bytes else 0
-        out.append(StageInfo(stage, key, attrs, len(st.complete()), len(st.dropped_items()), nbytes, damaged))
+        out.append(StageInfo(stage, key, attrs, len(st.complete()), len(st.dropped_items()), nbytes, damaged,
+                             store.last_used(stage, key)))
     return out
 
 
@@ -163,6 +165,38 @@ def gc(store: Store, keep: Iterable[tuple[str, str]], dry_run: bool = False, sta
                 if not info.alive(now):
                     rep.leases += 1
                     remove(store.backend.path(LEASES, stage, key, f"{info.lease_id}.json"), 0)
+    return rep
+
+
+def evict(store: Store, protect: Iterable[tuple[str, str]], max_bytes: int | None = None,
+          older_than: float | None = None, dry_run: bool = False) -> GcReport:
+    """The storage budget: delete whole output sets, least recently used first, never one in ``protect``.
+
+    ``max_bytes``: evict until the stage outputs total at most this many bytes. ``older_than``
+    (seconds): evict every set not used for that long. Both may be given. Returns what was (or
+    would be) freed.
+    """
+    keep = set(protect)
+    now = time.time()
+    infos = sorted(list_stages(store, with_bytes=True), key=lambda i: (i.last_used, i.stage, i.key))
+    total = sum(i.nbytes for i in infos)
+    rep = GcReport()
+    for info in infos:
+        if (info.stage, info.key) in keep:
+            continue
+        too_old = older_than is not None and now - info.last_used > older_than
+        over = max_bytes is not None and total > max_bytes
+        if not (too_old or over):
+            continue
+        base = store.stage_dir(info.stage, info.key)
+        rep.sets.append((info.stage, info.key, info.complete, info.nbytes))
+        rep.items += info.complete
+        rep.nbytes += info.nbytes
+        rep.paths.append(base)
+        total -= info.nbytes
+        if not dry_run:
+            store.backend.delete_tree(base)
+            store.backend.delete_tree(store.backend.path(LEASES, info.stage, info.key))
     return rep
 
 

@@ -153,6 +153,22 @@ class Store:
             log.warning("rewrote the damaged %s", path)
         self._registered.add(ident)
 
+    def touch(self, stage: str, key: str, run_id: str = "") -> None:
+        """Record that a run used this stage output set now (``last-used.json``; ``cache gc --max-bytes`` evicts
+        the least recently used sets first)."""
+        path = f"{self.stage_dir(stage, key)}/last-used.json"
+        try:
+            self.backend.put_atomic(path, json.dumps({"time": time.time(), "run_id": run_id}).encode())
+        except OSError as e:  # bookkeeping only: never fails a run
+            log.warning("cannot record the use of %s/%s: %s", stage, key, e)
+
+    def last_used(self, stage: str, key: str) -> float:
+        """When a run last used the set (its creation time if never recorded; 0 if unknown)."""
+        try:
+            return float(json.loads(self.backend.get(f"{self.stage_dir(stage, key)}/last-used.json"))["time"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return float(self.stage_attrs(stage, key).get("created", 0) or 0)
+
     def stage_attrs(self, stage: str, key: str) -> dict[str, Any]:
         """The stage's ``stage.json``; ``{}`` if absent, ``{"damaged": message}`` if unreadable."""
         path = f"{self.stage_dir(stage, key)}/stage.json"

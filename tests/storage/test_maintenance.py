@@ -114,3 +114,28 @@ def test_journal_running_dead_and_finished(tmp_path: Path):
     runs, damaged = s.runs()
     assert [r.status for r in runs] == ["incomplete", "dead"] and len(damaged) == 1
     assert newest_per_experiment(runs)["e"].run_id == "20260101T000000Z-aaaaaa"  # by start time
+
+
+def test_storage_budget_evicts_least_recently_used_sets_never_protected_ones(tmp_path: Path):
+    from storage.maintenance import evict, list_stages
+
+    s = Store(tmp_path / "st")
+    keys = [_key(n) for n in (1, 2, 3, 4)]
+    for n, k in enumerate(keys):
+        _fill(s, k, ["i1", "i2"])
+        s.touch(k.stage, k.key, run_id=f"r{n}")
+        last = tmp_path / "st" / "stages" / k.stage / k.key / "last-used.json"
+        last.write_text(json.dumps({"time": 1000.0 * (n + 1), "run_id": f"r{n}"}))  # used in order 1, 2, 3, 4
+    sizes = {i.key: i.nbytes for i in list_stages(s)}
+    total = sum(sizes.values())
+    protect = {(keys[0].stage, keys[0].key)}  # the oldest, but a live run needs it
+    budget = total - sizes[keys[1].key] - 1  # one set too many
+    dry = evict(s, protect, max_bytes=budget, dry_run=True)
+    assert [k for _, k, _, _ in dry.sets] == [keys[1].key, keys[2].key] and len(s.stage_sets()) == 4
+    rep = evict(s, protect, max_bytes=budget)
+    assert rep.nbytes == sizes[keys[1].key] + sizes[keys[2].key] and rep.items == 4
+    assert {k for _, k in s.stage_sets()} == {keys[0].key, keys[3].key}
+    rep = evict(Store(tmp_path / "st"), protect, older_than=time.time() - 2500)  # not used since t = 2500 s
+    assert [k for _, k, _, _ in rep.sets] == []  # key 4 was used at 4000 s; key 1 is protected
+    rep = evict(Store(tmp_path / "st"), set(), older_than=time.time() - 3500)
+    assert [k for _, k, _, _ in rep.sets] == [keys[0].key]
