@@ -219,9 +219,23 @@ class Experiment(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     feature_dtype: Literal["float16", "float32"] = Field(default="float16", description="dtype of stored features")
     window_batch: int = Field(default=4, ge=1, description="windows per backbone forward (memory bound)")
+    persist: dict[str, bool] = Field(default_factory=dict, description="per stage: false = never written, computed on demand inside its consumers (storage budget); default true")
     text_templates: Literal["imagenet80", "single"] = Field(
         default="imagenet80", description="prompt templates: the papers' 80 ImageNet templates, or one (cheap CPU smoke runs only)")
     provenance: Provenance = Field(default_factory=Provenance, exclude=True, description="files read and overrides applied (set by load_experiment; left out of model_dump so a dump is a valid file; not part of any stage key)")
+
+    @field_validator("persist")
+    @classmethod
+    def _persist_ok(cls, v: dict[str, bool]) -> dict[str, bool]:
+        from tasks.stages import STAGES, get_stage
+
+        for name, keep in v.items():
+            stage = get_stage(name)
+            if not keep and (stage.per != "image" or stage.name == "scoring"):
+                raise ValueError(f"{name} must be persisted: scores and per-vocabulary outputs are always stored; "
+                                 f"stages that may be computed on demand: "
+                                 f"{', '.join(s for s, st in STAGES.items() if st.per == 'image' and s != 'scoring')}")
+        return v
 
     @field_validator("methods", "datasets")
     @classmethod

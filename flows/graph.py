@@ -60,10 +60,11 @@ class DatasetPlan:
         return sorted(self.nodes.values(), key=lambda n: (STAGE_ORDER.index(n.stage), n.key))
 
 
-def node(stage: str, params: Any, upstream: Mapping[str, StageNode] | None = None,
-         weights: Mapping[str, Any] | None = None) -> StageNode:
-    """A graph node; its code version comes from the stage table."""
-    return StageNode(stage, params, STAGES[stage].code_version, dict(upstream or {}), weights)
+def make_node(stage: str, params: Any, upstream: Mapping[str, StageNode] | None = None,
+              weights: Mapping[str, Any] | None = None, persist: Mapping[str, bool] | None = None) -> StageNode:
+    """A graph node; its code version comes from the stage table, ``persist`` from the experiment."""
+    return StageNode(stage, params, STAGES[stage].code_version, dict(upstream or {}), weights,
+                     (persist or {}).get(stage, True))
 
 
 def dataset_spec(ds: DatasetEntry) -> DatasetSpec:
@@ -135,6 +136,11 @@ def build_plan(exp: Experiment) -> list[DatasetPlan]:
     wd = exp.models.weights_dir
     fdt, dt = exp.feature_dtype, exp.dtype
     plans = []
+
+    def node(stage: str, params: Any, upstream: Mapping[str, StageNode] | None = None,
+             weights: Mapping[str, Any] | None = None) -> StageNode:
+        return make_node(stage, params, upstream, weights, exp.persist)
+
     for ds in exp.datasets:
         spec = dataset_spec(ds)
         plan = DatasetPlan(ds, spec)
@@ -195,12 +201,12 @@ def _sam_node(exp: Experiment, wd: str | None) -> StageNode:
     try:
         if src == "sam":
             cfg: Any = SamRegionConfig(**exp.regions.params)
-            return node("sam_masks", P.RegionParams("sam", exp.models.sam, cfg, exp.dtype),
-                        weights={"sam": weights_identity(exp.models.sam, wd)})
+            return make_node("sam_masks", P.RegionParams("sam", exp.models.sam, cfg, exp.dtype),
+                             weights={"sam": weights_identity(exp.models.sam, wd)}, persist=exp.persist)
         cfg = SuperpixelConfig(method=src, **exp.regions.params)
     except TypeError as e:
         raise ValueError(f"regions.params: {e}") from e
-    return node("sam_masks", P.RegionParams(src, None, cfg, None))
+    return make_node("sam_masks", P.RegionParams(src, None, cfg, None), persist=exp.persist)
 
 
 def descendants(plan: DatasetPlan, stages: set[str]) -> set[tuple[str, str]]:

@@ -185,7 +185,7 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
     forced = descendants(plan, set(force))
     users = method_users(plan)
     failed_here: dict[tuple[str, str], set[str]] = {}  # items that failed in this run, per node
-    nodes = [n for n in plan.ordered() if only is None or n.stage in only]
+    nodes = [n for n in plan.ordered() if (only is None or n.stage in only) and n.persist]  # others: on demand
     for k, node in enumerate(nodes, 1):
         label = f"{plan.dataset.name}:{node.stage}[{','.join(sorted(users.get(node.ident, ())))}]"
         rep = StageReport(plan.dataset.name, node.stage, node.key, started=time.time(),
@@ -234,12 +234,12 @@ def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict
         store.drop_items(node.stage, node.key, [it["image_id"] for it in items], reason="--force")
     ready = items
     for role, up in node.upstream.items():
-        up_done = store.state(up.stage, up.key).complete()
+        up_done = _available(store, up)
         up_failed = failed_here.get(up.ident, set())
         keep = []
         for it in ready:
             iid = it["image_id"] if STAGES[up.stage].per == "image" else "vocab"
-            if iid in up_done:
+            if up_done is None or iid in up_done:
                 keep.append(it)
                 continue
             rep.skipped += 1
@@ -270,6 +270,24 @@ def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict
             pending = [by_id[i] for i in _wait_for(store, ctx, busy, rep, bar, poll)]
     finally:
         bar.close()
+
+
+def _available(store: Store, node: StageNode) -> set[str] | None:
+    """Items whose output of ``node`` can be read: stored ones, and for a node that is not persisted
+    those its own inputs allow computing on demand (None: every item)."""
+    done = store.state(node.stage, node.key).complete()
+    if node.persist:
+        return done
+    out: set[str] | None = None
+    for up in node.upstream.values():
+        got = _available(store, up)
+        if STAGES[up.stage].per != "image":
+            if got is not None and "vocab" not in got:
+                return done
+            continue
+        if got is not None:
+            out = got if out is None else out & got
+    return None if out is None else out | done
 
 
 def _submit_all(exp: Experiment, ctx: StageContext, todo: list[dict[str, Any]], rep: StageReport,

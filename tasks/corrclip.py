@@ -26,10 +26,9 @@ def no_models(ctx: StageContext) -> None:
 
 # ----------------------------------------------------------------------------- mask_clustering
 def clustering_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
-    iid = row["image_id"]
     plan = row_plan(ctx.params.window, row)
-    return {"qk": torch.from_numpy(ctx.read_upstream("dino_features", iid, ["qk"])["qk"]).float(),
-            "regions": region_windows(ctx.read_upstream("sam_masks", iid, ["ids"])["ids"], plan), "plan": plan}
+    return {"qk": torch.from_numpy(ctx.read_upstream("dino_features", row, ["qk"])["qk"]).float(),
+            "regions": region_windows(ctx.read_upstream("sam_masks", row, ["ids"])["ids"], plan), "plan": plan}
 
 
 def clustering_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
@@ -49,7 +48,7 @@ def semantic_models(ctx: StageContext):
 
 def semantic_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
     crops, plan = image_windows(image_tensor(row), ctx.params.window, normalize_clip)
-    merged = torch.from_numpy(ctx.read_upstream("mask_clustering", row["image_id"], ["merged"])["merged"]).long()
+    merged = torch.from_numpy(ctx.read_upstream("mask_clustering", row, ["merged"])["merged"]).long()
     return {"win": {"crops": crops, "merged": merged}, "plan": plan}
 
 
@@ -74,9 +73,8 @@ def semantic_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[str, An
 
 # ----------------------------------------------------------------------------- map_correction
 def correction_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
-    iid = row["image_id"]
-    return {"pred": ctx.read_upstream("reconstruction", iid, ["labels", "prob"]),
-            "ids": ctx.read_upstream("sam_masks", iid, ["ids"])["ids"]}
+    return {"pred": ctx.read_upstream("reconstruction", row, ["labels", "prob"]),
+            "ids": ctx.read_upstream("sam_masks", row, ["ids"])["ids"]}
 
 
 def correction_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:

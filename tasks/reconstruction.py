@@ -33,20 +33,19 @@ def reconstruction_models(ctx: StageContext):
 def reconstruction_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
     p = ctx.params
     method = get_method(p.method)
-    iid = row["image_id"]
     plan = row_plan(p.window, row)
-    cached = ctx.read_upstream("clip_layers", iid)
+    cached = ctx.read_upstream("clip_layers", row)
     names = method.required_blocks(p.config, _num_blocks(ctx))
     win = {"crops": shape_only_crops(plan)}
     win.update({_BLOCK + n: torch.from_numpy(cached[array_name(n)]) for n in names})
     if method.uses_regions:
-        win["qk"] = torch.from_numpy(ctx.read_upstream("dino_features", iid, ["qk"])["qk"])
-        win["regions"] = region_windows(ctx.read_upstream("sam_masks", iid, ["ids"])["ids"], plan)
-        win["merged"] = torch.from_numpy(ctx.read_upstream("mask_clustering", iid, ["merged"])["merged"]).long()
+        win["qk"] = torch.from_numpy(ctx.read_upstream("dino_features", row, ["qk"])["qk"])
+        win["regions"] = region_windows(ctx.read_upstream("sam_masks", row, ["ids"])["ids"], plan)
+        win["merged"] = torch.from_numpy(ctx.read_upstream("mask_clustering", row, ["merged"])["merged"]).long()
         if method.semantic_branch(p.config):
             if "mask_class_tokens" not in ctx.node.upstream:
                 raise ValueError("the semantic branch needs the mask_class_tokens stage upstream of reconstruction")
-            win["semantic"] = torch.from_numpy(ctx.read_upstream("mask_class_tokens", iid, ["semantic"])["semantic"])
+            win["semantic"] = torch.from_numpy(ctx.read_upstream("mask_class_tokens", row, ["semantic"])["semantic"])
     return {"win": win, "plan": plan}
 
 

@@ -41,6 +41,7 @@ class StageNode:
     code_version: str
     upstream: Mapping[str, "StageNode"] = field(default_factory=dict)
     weights: Mapping[str, Any] | None = None
+    persist: bool = True  # False: never written; computed on demand inside its consumers (not part of the key)
 
     @cached_property
     def stage_key(self) -> StageKey:
@@ -106,10 +107,20 @@ class StageContext:
         """A backbone by name, loaded once per worker process."""
         return get_backbone(name, self.device, dtype, self.settings.weights_dir)
 
-    def read_upstream(self, role: str, item: str, arrays: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Read an upstream output of one item (checked against its completion record)."""
+    def read_upstream(self, role: str, row: Mapping[str, Any], arrays: Sequence[str] | None = None
+                      ) -> dict[str, np.ndarray]:
+        """An upstream output of one item (manifest ``row``): read, checked against its completion record, or,
+        for a stage that is not persisted and has no stored copy, computed here by the stage's own steps."""
         up = self.node.upstream[role]
-        return self.store().read_item(up.stage, up.key, item, arrays)
+        store = self.store()
+        iid = str(row["image_id"])
+        if up.persist or store.state(up.stage, up.key, refresh=False).pack_of(iid) is not None:
+            return store.read_item(up.stage, up.key, iid, arrays)
+        from tasks.stages import STAGES
+
+        stage, ctx = STAGES[up.stage], StageContext(up, self.settings, self.dataset)
+        (out, _), = stage.compute(ctx, stage.models(ctx), [stage.load(ctx, row)])
+        return {k: out[k] for k in arrays} if arrays is not None else dict(out)
 
     def read_shared(self, role: str, item: str) -> dict[str, np.ndarray]:
         """An upstream per-vocabulary output, read once per worker."""

@@ -17,7 +17,7 @@ Output = tuple[dict[str, np.ndarray], dict[str, Any]]
 def scoring_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
     if not row.get("gt_path"):
         raise FileNotFoundError(f"image {row['image_id']} has no ground truth; scoring needs the dataset's GT files")
-    return {"pred": ctx.read_upstream("prediction", row["image_id"], ["labels"])["labels"],
+    return {"pred": ctx.read_upstream("prediction", row, ["labels"])["labels"],
             "gt": load_label(row["gt_path"], max_pixels=None), "gt_path": row["gt_path"]}
 
 
