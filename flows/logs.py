@@ -15,10 +15,10 @@ Libraries (httpcore, numcodecs, websockets, distributed, prefect, ...) stay at W
 every verbosity. Terminal lines are written through ``tqdm.write`` so they never break a
 progress bar.
 
-Inside a flow run, :func:`forward_to_run_logs` sends the ``ovseg`` records to Prefect's API
-log handler, attached to the flow run (and to the task run when the record comes from a
-task's thread); records from ovseg's own loader and writer threads, which carry no Prefect
-context, are attached to the flow run.
+Inside a flow run, :func:`forward_to_run_logs` sends the records of ovseg's loggers
+(``OVSEG_LOGGERS``) to Prefect's API log handler, attached to the flow run (and to the task
+run when the record comes from a task's thread); records from ovseg's own loader and writer
+threads, which carry no Prefect context, are attached to the flow run.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import sys
 from collections.abc import Iterator
 
 OVSEG = "ovseg"
+# ovseg's loggers: "ovseg.*", and the package names for modules that log under ``__name__``
+OVSEG_LOGGERS = (OVSEG, "ovseg_core", "storage", "tasks", "flows")
 LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}  # verbosity -> ovseg logger level
 LIBRARY_LEVEL = logging.WARNING  # every other logger, at every verbosity
 CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -82,7 +84,8 @@ def configure_logging(level: int) -> None:
     handler.addFilter(_QuietLibraryNoise())
     root.addHandler(handler)
     root.setLevel(LIBRARY_LEVEL)
-    logging.getLogger(OVSEG).setLevel(LEVELS[level])
+    for name in OVSEG_LOGGERS:
+        logging.getLogger(name).setLevel(LEVELS[level])
     for name in ("distributed", "httpx", "httpcore", "numcodecs", "websockets", "asyncio", "urllib3", "fsspec"):
         logging.getLogger(name).setLevel(LIBRARY_LEVEL)
 
@@ -121,7 +124,7 @@ class RunLogForwarder(logging.Handler):
 
 @contextlib.contextmanager
 def forward_to_run_logs() -> Iterator[None]:
-    """Inside a flow run: ``ovseg`` log records also go to the flow run's logs (at the ovseg level)."""
+    """Inside a flow run: records of ovseg's loggers also go to the flow run's logs (at their level)."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
@@ -129,10 +132,12 @@ def forward_to_run_logs() -> Iterator[None]:
         yield
         return
     handler = RunLogForwarder(str(ctx.flow_run.id))
-    logger = logging.getLogger(OVSEG)
-    logger.addHandler(handler)
+    loggers = [logging.getLogger(name) for name in OVSEG_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         yield
     finally:
-        logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
         handler.flush()
