@@ -25,10 +25,15 @@ DEFAULT_MODELS = {
 def segment_image(image: str, classes: str, method: str = "corrclip", out: str = "overlay.png", store: str | None = None,
                   clip: str | None = None, dino: str | None = None, sam: str | None = None,
                   regions: str = "sam", progress: bool = True, orchestrate: bool | None = None) -> dict[str, Any]:
-    """Segment one image with a custom vocabulary; returns the written paths and the class names.
+    """Segment one image with a custom vocabulary.
 
     ``orchestrate``: run as a Prefect flow run (None: only when a Prefect API is configured).
+    Returns the written paths (``labels``, ``overlay``), the class names, ``random_weights``,
+    ``seconds`` (this call's wall time) and ``stage_seconds`` (the part spent running the
+    stages: model loading and compute); the difference is ovseg's own overhead.
     """
+    import time
+
     from PIL import Image
 
     from flows.config import parse_experiment
@@ -42,6 +47,7 @@ def segment_image(image: str, classes: str, method: str = "corrclip", out: str =
     from storage.store import Store
     from storage.tables import read_table
 
+    t0 = time.perf_counter()
     path = Path(image).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"image {path} not found")
@@ -75,5 +81,6 @@ def segment_image(image: str, classes: str, method: str = "corrclip", out: str =
     render_overlay_figure(rgb, labels, list(vocab.class_names), out_path,
                           title=f"{method}: {path.name}", random_weights=summary.random_weights)
     return {"labels": str(label_path), "overlay": str(out_path), "classes": list(vocab.class_names),
-            "random_weights": summary.random_weights}
+            "random_weights": summary.random_weights, "seconds": time.perf_counter() - t0,
+            "stage_seconds": sum(s.ended - s.started for s in summary.stages if s.started)}
 

@@ -94,6 +94,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                         clip=args.clip, dino=args.dino, sam=args.sam, regions=args.regions,
                         progress=args.verbosity >= 0)
     print(f"label map: {res['labels']}\noverlay:   {res['overlay']}")
+    print(f"done in {res['seconds']:.1f} s ({res['stage_seconds']:.1f} s loading models and computing)")
     if res.get("random_weights"):
         print("NOTE: random-weight backbones were used: the segmentation is meaningless.")
     return 0

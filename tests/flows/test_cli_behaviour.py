@@ -186,3 +186,26 @@ def test_set_changes_only_the_keys_it_touches_and_a_bad_one_names_the_override(d
     err = capsys.readouterr().err
     assert "methods.0.logit_scal: unknown key (did you mean 'logit_scale'?)" in err
     assert "[set by override 'methods.0.logit_scal=50']" in err
+
+
+def test_segment_without_a_prefect_server_costs_stage_time_plus_at_most_5_s(tmp_path):
+    """No Prefect API configured: no server, no flow; ovseg's overhead around the stages is measured by the command."""
+    img = SAMPLE / "ade20k-sample" / "ADEChallengeData2016" / "images" / "validation" / "ADE_val_00000001.jpg"
+    script = f"""
+import sys
+from flows.cli import main
+rc = main(["segment", {str(img)!r}, "--classes", "sky; building, house; tree; road", "--clip", "clip:tiny@random:0",
+           "--dino", "dino:tiny8@random:0", "--regions", "slic", "--store", {str(tmp_path / "store")!r},
+           "--out", {str(tmp_path / "overlay.png")!r}, "-q"])
+print("RC", rc, sorted(m for m in sys.modules if m.startswith(("prefect.server", "prefect.testing"))))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect-home"))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert "RC 0 []" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("done in "))
+    total, stages = float(line.split()[2]), float(line.split("(")[1].split()[0])
+    assert 0 < stages < total <= stages + 5.0, line
+    assert (tmp_path / "overlay_labels.png").is_file()
+    assert not list(tmp_path.glob("prefect-home/*.db"))
