@@ -12,7 +12,8 @@ one Prefect flow run per ovseg run:
 - artifacts (keys end with the experiment name, so the Artifacts page keeps one history per
   experiment): ``ovseg-scores-<experiment>`` (mIoU / aAcc per dataset and method),
   ``ovseg-failures-<experiment>`` (dataset, stage, methods, image, error: every failed or
-  skipped image of the run; empty when none) and ``ovseg-report-<experiment>`` (the report's
+  skipped image of the run, ``all`` methods for an image that could not be read; empty when
+  none) and ``ovseg-report-<experiment>`` (the report's
   path, when the run wrote one);
 - a final state that says how the run went (exit codes unchanged):
 
@@ -26,7 +27,8 @@ one Prefect flow run per ovseg run:
   ``max_failed`` of the run's images
   more than ``max_failed`` failed         ``Failed``                                 1
   (e.g. a backbone that cannot load)
-  an error stopped the run                ``Failed`` (the exception)                 2
+  an error stopped the run (e.g. a        ``Failed`` (the exception)                 2
+  dataset without images)
   =====================================  =========================================  ====
 
   The message of the state counts the failed images and names the failures artifact.
@@ -111,7 +113,7 @@ def publish_artifacts(summary, manifests: Mapping[str, Sequence[Mapping[str, Any
                           description=f"Scores of run {summary.run_id} of experiment {summary.experiment}{note}")
     paths = {(name, str(r["image_id"])): str(r.get("rel_path") or r["image_id"])
              for name, rows in manifests.items() for r in rows}
-    failures = [{"dataset": s.dataset, "stage": s.stage, "methods": s.methods or "-",
+    failures = [{"dataset": s.dataset, "stage": s.stage, "methods": s.methods or "all",
                  "image": paths.get((s.dataset, iid), iid), "error": f"{kind}: {err}"}
                 for s in summary.stages for iid, kind, err in s.failures]
     create_table_artifact(failures, key=f"ovseg-failures-{key}",
