@@ -30,6 +30,8 @@ def cmd_run(args: argparse.Namespace, only: list[str] | None = None) -> int:
         print(f"plan for experiment {exp.name} (store {summary.store}; nothing was written):")
         rows = [(s.dataset, s.stage, s.key, s.done, s.cached, s.methods) for s in summary.stages]
         print_table(rows, ["dataset", "stage", "key", "to compute", "cached", "used by"])
+        for note in summary.notes:
+            print(f"note: {note}")
         return 0
     print_summary(summary)
     if summary.metrics:
