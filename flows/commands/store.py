@@ -39,11 +39,13 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
 
 
 def plan_keys(exp_paths: Sequence[str], overrides: Sequence[str] = ()) -> set[tuple[str, str]]:
-    """Every ``(stage, key)`` of the given experiment files."""
+    """Every ``(stage, key)`` of the given experiment files (the stage graph is imported only when there are some)."""
+    keys: set[tuple[str, str]] = set()
+    if not exp_paths:
+        return keys
     from flows.config import load_experiment
     from flows.graph import build_plan
 
-    keys: set[tuple[str, str]] = set()
     for exp_path in exp_paths:
         for plan in build_plan(load_experiment(exp_path, overrides=overrides)):
             keys.update(plan.nodes)
