@@ -28,7 +28,17 @@ log = logging.getLogger("ovseg.flows")
 SERVE_FLOW = "ovseg-scheduled"
 
 
-@flow(name=SERVE_FLOW, log_prints=False, persist_result=False)
+def _scheduled_run_name() -> str:
+    """``scheduled <experiment file stem> <UTC start>`` (the work itself is the sub-flow-run ``<experiment> <run_id>``)."""
+    from datetime import datetime, timezone
+
+    from prefect.runtime import flow_run
+
+    stem = Path(str(flow_run.parameters.get("experiment_file", "experiment"))).stem
+    return f"scheduled {stem} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}Z"
+
+
+@flow(name=SERVE_FLOW, flow_run_name=_scheduled_run_name, log_prints=False, persist_result=False)
 def scheduled_run(experiment_file: str, overrides: list[str] | None = None, store: str | None = None,
                   report_dir: str | None = None, max_failed: float = DEFAULT_MAX_FAILED):
     """One scheduled run of an experiment file: ingest again, compute what is missing, report.

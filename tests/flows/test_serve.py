@@ -43,6 +43,15 @@ def _wait_for_deployment(name: str, proc: subprocess.Popen, timeout: float = 300
     raise AssertionError(f"deployment {name} did not appear within {timeout} s")
 
 
+def _flow_run(name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as c:
+        (run,) = c.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+        return run
+
+
 def _newest_journal(store: Path) -> dict:
     runs, _ = Store(store).runs()
     return max(runs, key=lambda r: r.run_id).data
@@ -83,8 +92,12 @@ def test_served_deployment_runs_on_trigger_and_computes_only_an_added_image(tmp_
 
         first = run_deployment("ovseg-scheduled/servetest", timeout=900)
         assert first.state.is_completed(), first.state
-        assert _done(_newest_journal(tmp_path / "store")) == {"text_embeddings": 1, "clip_layers": 2,
-                                                              "reconstruction": 2}
+        assert first.name.startswith("scheduled nightly ")
+        journal = _newest_journal(tmp_path / "store")
+        assert _done(journal) == {"text_embeddings": 1, "clip_layers": 2, "reconstruction": 2}
+        work = _flow_run(f"nightly {journal['run_id']}")  # the run's own flow run, inside the scheduled one
+        assert work.parent_task_run_id is not None and work.state.name == "Completed"
+        assert {"experiment:nightly", "dataset:photos", "method:scclip"} <= set(work.tags)
         # a new image arrives (mirrored, so its content and id are new)
         img = np.asarray(Image.open(JPEGS / "val_crop_0008.jpg"))[:, ::-1]
         Image.fromarray(img).save(photos / "new.png")
