@@ -11,7 +11,7 @@ flag       ovseg loggers  meaning
 ``-v``     DEBUG          plus per-batch and per-item detail, tracebacks of failures
 =========  =============  ==========================================================
 
-Libraries (httpcore, numcodecs, websockets, distributed, prefect, ...) stay at WARNING at
+Libraries (httpcore, numcodecs, websockets, prefect, ...) stay at WARNING at
 every verbosity. Terminal lines are written through ``tqdm.write`` so they never break a
 progress bar.
 
@@ -86,7 +86,7 @@ def configure_logging(level: int) -> None:
     root.setLevel(LIBRARY_LEVEL)
     for name in OVSEG_LOGGERS:
         logging.getLogger(name).setLevel(LEVELS[level])
-    for name in ("distributed", "httpx", "httpcore", "numcodecs", "websockets", "asyncio", "urllib3", "fsspec"):
+    for name in ("httpx", "httpcore", "numcodecs", "websockets", "asyncio", "urllib3", "fsspec"):
         logging.getLogger(name).setLevel(LIBRARY_LEVEL)
 
 
