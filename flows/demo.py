@@ -15,11 +15,14 @@ BANNER = (
 )
 
 
-def run_demo(store: str | None = None, out: str = "demo-out") -> int:
-    """Run ``configs/demo.yaml`` (all stages, CorrCLIP, SC-CLIP and the baselines), then write the report."""
-    from flows.cli import _print_summary
+def run_demo(store: str | None = None, out: str = "demo-out", progress: bool = True, orchestrate: bool = True) -> int:
+    """Run ``configs/demo.yaml`` (all stages, CorrCLIP, SC-CLIP and the baselines), then write the report.
+
+    ``orchestrate`` makes the run a Prefect flow run (False: no Prefect); the report is written
+    by the run itself (a Prefect artifact names it).
+    """
+    from flows.commands.run import print_summary
     from flows.pipeline import run_experiment
-    from flows.report import write_report
 
     if not DEMO_EXPERIMENT.is_file():
         raise FileNotFoundError(f"{DEMO_EXPERIMENT} not found: run the demo from a clone of the ovseg repository")
@@ -28,15 +31,15 @@ def run_demo(store: str | None = None, out: str = "demo-out") -> int:
         exp = exp.model_copy(update={"store": store})
     print(BANNER + "\n")
     t0 = time.time()
-    summary = run_experiment(exp)
-    _print_summary(summary)
+    summary = run_experiment(exp, progress=progress, experiment_file=str(DEMO_EXPERIMENT), orchestrate=orchestrate,
+                             report_dir=out)
+    print_summary(summary)
     print()
     for m in summary.metrics:
         if m["class_index"] == -1:
             miou = "nan" if m["miou"] is None else f"{100 * m['miou']:.2f}"
             print(f"  {m['dataset']:20s} {m['method']:12s} mIoU {miou:>6s}  [random weights: meaningless]")
-    report = write_report(exp.store, out, experiments=[exp.name])
     print(f"\ndemo finished in {time.time() - t0:.0f} s; store: {summary.store}")
-    print(f"report: {Path(report).resolve()}")
+    print(f"report: {Path(summary.report).resolve()}")
     print("\n" + BANNER)
-    return 1 if summary.failed else 0
+    return summary.exit_code

@@ -6,13 +6,19 @@
    files) before the store is created or touched: a bad experiment leaves nothing behind and
    ``--force`` deletes nothing;
 2. a run journal is written (status ``running``, heartbeat, the whole plan);
-3. the datasets are ingested; for each stage output set in dependency order the store's
+3. the datasets are ingested (a dataset without images stops the run with
+   ``EmptyDatasetError``); for each stage output set in dependency order the store's
    completion state is read once, the missing items are batched (one Prefect task per batch)
    and run by the streaming executor; items another live run is computing are waited for
    (``wait=False`` reports them instead); failed items are recorded and skipped downstream;
 4. scores are aggregated with their coverage; the journal and the run record say how it ended:
    ``complete`` (exit 0), ``failed`` (some item failed: exit 1) or ``incomplete`` (items left
    for a later run: busy, missing inputs, damaged outputs: exit 3).
+
+Steps 3-4 run inside one Prefect flow run (``flows.orchestration``: name, parameters, tags,
+logs, artifacts, final state); with ``orchestrate=False`` they run without Prefect, each
+batch through the same executor (``tasks.executor.run_batch``) in a local thread pool, which
+costs no Prefect start-up (``ovseg segment`` without a configured Prefect server).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from flows.config import Experiment
+from flows.emptiness import EmptyDatasetError, empty_dataset_error
 from flows.graph import DatasetPlan, build_plan, check_device, descendants, method_users
 from storage.store import Store
 from tasks.runtime import BatchResult, ItemResult, RunSettings, StageContext, StageNode, open_store
@@ -73,6 +80,9 @@ class RunSummary:
     damaged: int = 0  # stored outputs found damaged when read at the end (left for the next run)
     started: float = 0.0
     ended: float = 0.0
+    images: dict[str, int] = field(default_factory=dict)  # images per dataset (its manifest rows)
+    report: str | None = None  # index.html written by the run (``report_dir``)
+    state: str = ""  # name of the Prefect flow run's final state ("" without Prefect)
 
     @property
     def failed(self) -> int:
@@ -113,17 +123,26 @@ def validate(exp: Experiment, force: Iterable[str] = (), only_stages: Iterable[s
 
 def run_experiment(exp: Experiment, force: Iterable[str] = (), dry_run: bool = False, progress: bool = True,
                    only_stages: Iterable[str] | None = None, wait: bool = True,
-                   experiment_file: str | None = None) -> RunSummary:
+                   experiment_file: str | None = None, orchestrate: bool = True, report_dir: str | None = None,
+                   max_failed: float | None = None) -> RunSummary:
     """Run (or plan, with ``dry_run``) an experiment. ``force`` recomputes the named stages and their dependants.
 
     ``only_stages`` restricts the run to the named stages (``ovseg stage NAME``); their inputs
     must then already be complete (items without them are reported, and the run is incomplete).
+    ``orchestrate`` runs the work as a Prefect flow run (False: local threads, no Prefect);
+    ``report_dir`` writes the HTML report of the experiment there at the end; ``max_failed``
+    (default ``flows.orchestration.DEFAULT_MAX_FAILED``) is the fraction of failed images above
+    which the flow run is ``Failed`` rather than ``Completed`` named ``Partial``.
     """
-    from flows.ingest import ingest_dataset, plan_status
+    from flows.ingest import plan_status
+    from flows.orchestration import DEFAULT_MAX_FAILED
     from flows.records import write_run_record
 
     force = list(force)
     only = list(only_stages) if only_stages is not None else None
+    max_failed = DEFAULT_MAX_FAILED if max_failed is None else float(max_failed)
+    if not 0.0 <= max_failed <= 1.0:
+        raise ValueError(f"max_failed must be a fraction in [0, 1], got {max_failed}")
     plans = validate(exp, force, only)
     run_id = new_run_id()
     summary = RunSummary(run_id, exp.name, "", started=time.time())
@@ -135,14 +154,40 @@ def run_experiment(exp: Experiment, force: Iterable[str] = (), dry_run: bool = F
     plan_rows = [{"dataset": p.dataset.name, "stage": n.stage, "key": n.key,
                   "methods": sorted(method_users(p).get(n.ident, ()))} for p in plans for n in p.ordered()]
     journal = store.journal(run_id, {"experiment": exp.name, "experiment_file": experiment_file or "",
+                                     "experiment_files": list(exp.provenance.files),
+                                     "overrides": list(exp.provenance.overrides),
                                      "store": store.location, "plan": plan_rows, "force": force, "only_stages": only,
                                      "random_weights": summary.random_weights}).start()
     settings = RunSettings(store.location, exp.device, exp.window_batch, exp.models.weights_dir, run_id,
                            exp.runner.lease_ttl)
+
+    def body(submit) -> dict[str, list[dict[str, Any]]]:
+        manifests = _ingest_all(store, plans, summary, progress)
+        for plan in plans:
+            _run_dataset(exp, store, plan, manifests[plan.dataset.name], settings, force, only, summary, progress,
+                         wait, journal, submit)
+        if report_dir is not None:
+            from flows.report import write_report
+
+            summary.report = str(write_report(store.location, report_dir, experiments=[exp.name]))
+        return manifests
+
     status = "failed"
     try:
-        manifests = {p.dataset.name: ingest_dataset(store, p, progress=progress) for p in plans}
-        _flow(exp, run_id)(store, plans, manifests, settings, force, only, summary, progress, wait, journal)
+        if orchestrate:
+            from flows.orchestration import run_in_flow
+
+            run_in_flow(exp, summary, body, experiment_file or "", force, only, max_failed)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from tasks.executor import run_batch
+
+            if exp.runner.kind != "local":
+                raise ValueError(f"runner.kind {exp.runner.kind!r} needs Prefect; run with orchestration "
+                                 "(without --no-prefect) or use runner.kind: local")
+            with ThreadPoolExecutor(max_workers=exp.runner.workers, thread_name_prefix="ovseg-batch") as pool:
+                body(lambda ctx, rows, name: pool.submit(run_batch, ctx, rows))
         status = summary.status
     except KeyboardInterrupt:
         status = "interrupted"
@@ -156,24 +201,28 @@ def run_experiment(exp: Experiment, force: Iterable[str] = (), dry_run: bool = F
     return summary
 
 
-def _flow(exp: Experiment, run_id: str):
-    from prefect import flow
+def _ingest_all(store: Store, plans: Sequence[DatasetPlan], summary: RunSummary, progress: bool
+                ) -> dict[str, list[dict[str, Any]]]:
+    """Ingest every dataset; a dataset without images raises ``EmptyDatasetError`` naming what its root holds."""
+    from flows.ingest import ingest_dataset
 
-    from flows.runners import make_task_runner
-
-    @flow(name="ovseg", flow_run_name=f"{exp.name} {run_id}", task_runner=make_task_runner(exp), log_prints=False,
-          validate_parameters=False)
-    def experiment_flow(store, plans, manifests, settings, force, only, summary, progress, wait, journal) -> None:
-        for plan in plans:
-            _run_dataset(exp, store, plan, manifests[plan.dataset.name], settings, force, only, summary, progress,
-                         wait, journal)
-
-    return experiment_flow
+    manifests = {}
+    for p in plans:
+        rows = ingest_dataset(store, p, progress=progress)
+        if not rows:
+            raise empty_dataset_error(p.dataset.name, p.dataset.root, p.dataset.layout)
+        manifests[p.dataset.name] = rows
+        summary.images[p.dataset.name] = len(rows)
+        bad = [r for r in rows if r.get("status", "ok") != "ok"]
+        log.info("%s: %d images (%d unreadable) from %s", p.dataset.name, len(rows), len(bad), p.dataset.root)
+        for r in bad:
+            log.warning("%s: image %s is skipped: %s", p.dataset.name, r.get("rel_path") or r["image_id"], r["error"])
+    return manifests
 
 
 def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Sequence[Mapping[str, Any]],
                  settings: RunSettings, force: Sequence[str], only: Sequence[str] | None, summary: RunSummary,
-                 progress: bool, wait: bool, journal) -> None:
+                 progress: bool, wait: bool, journal, submit) -> None:
     from flows.scores import aggregate_scores
 
     ok_rows = [dict(r) for r in manifest if r.get("status", "ok") == "ok"]
@@ -198,11 +247,13 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
             summary.notes.append(f"{plan.dataset.name}:{node.stage} {node.key}: {len(repaired)} stored outputs were "
                                  f"missing or truncated ({repaired[0][1]}, ...): recomputed now")
         _run_node(exp, store, ctx, _items(node, ok_rows), node.ident in forced, rep, failed_here, progress, wait,
-                  f"{label} ({k}/{len(nodes)})")
+                  f"{label} ({k}/{len(nodes)})", submit)
         state = store.state(node.stage, node.key)
         if state.uncovered_records() >= COMPACT_AFTER:  # later runs read one index instead of many records
             state.compact()
         rep.ended = time.time()
+        log.info("%s stage %d/%d (key %s): %d computed, %d cached, %d failed, %d not done, %.1f s of compute",
+                 label, k, len(nodes), node.key, rep.done, rep.cached, rep.failed, rep.skipped + rep.busy, rep.seconds)
         summary.stages.append(rep)
         journal.stage(f"{plan.dataset.name}/{node.stage}/{node.key}", done=rep.done, cached=rep.cached,
                       failed=rep.failed, skipped=rep.skipped, busy=rep.busy, total=rep.total, ended=rep.ended)
@@ -224,7 +275,7 @@ def _items(node: StageNode, rows: Sequence[dict[str, Any]]) -> list[dict[str, An
 
 def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict[str, Any]], forced: bool,
               rep: StageReport, failed_here: dict[tuple[str, str], set[str]], progress: bool, wait: bool,
-              label: str) -> None:
+              label: str, submit) -> None:
     from tqdm.auto import tqdm
 
     node = ctx.node
@@ -258,7 +309,7 @@ def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict
     poll = min(2.0, exp.runner.lease_ttl / 10)
     try:
         while pending:
-            busy = _submit_all(exp, ctx, pending, rep, failed_here, bar)
+            busy = _submit_all(exp, ctx, pending, rep, failed_here, bar, submit)
             pending = []
             if not busy:
                 break
@@ -291,10 +342,12 @@ def _available(store: Store, node: StageNode) -> set[str] | None:
 
 
 def _submit_all(exp: Experiment, ctx: StageContext, todo: list[dict[str, Any]], rep: StageReport,
-                failed_here: dict[tuple[str, str], set[str]], bar) -> dict[str, str]:
-    """Run ``todo`` in batches, at most ``2 x workers`` in flight; returns the busy items (id -> holder)."""
-    from tasks.stages import stage_batch
+                failed_here: dict[tuple[str, str], set[str]], bar, submit) -> dict[str, str]:
+    """Run ``todo`` in batches, at most ``2 x workers`` in flight; returns the busy items (id -> holder).
 
+    ``submit(ctx, rows, name)`` starts one batch (a Prefect task run named ``name``, or a local
+    thread) and returns a future.
+    """
     size = exp.runner.batch_size
     batches = deque(todo[i : i + size] for i in range(0, len(todo), size))
     n = len(batches)
@@ -306,8 +359,8 @@ def _submit_all(exp: Experiment, ctx: StageContext, todo: list[dict[str, Any]], 
         while batches and not fatal and len(in_flight) < 2 * exp.runner.workers:
             i += 1
             batch = batches.popleft()
-            task = stage_batch.with_options(task_run_name=f"{ctx.stage}[{ctx.dataset}] batch {i}/{n}")
-            in_flight.append((batch, task.submit(ctx, batch)))
+            in_flight.append((batch, submit(ctx, batch, f"{ctx.stage}[{ctx.dataset}] batch {i}/{n}")))
+            log.debug("%s[%s] batch %d/%d: %d item(s) submitted", ctx.stage, ctx.dataset, i, n, len(batch))
         if not in_flight:
             break
         batch, fut = in_flight.popleft()
@@ -367,5 +420,5 @@ def _wait_for(store: Store, ctx: StageContext, busy: dict[str, str], rep: StageR
     return []
 
 
-__all__ = ["EXIT_FAILED", "EXIT_INCOMPLETE", "EXIT_OK", "EXIT_USAGE", "STAGE_ORDER", "RunSummary", "StageReport",
-           "run_experiment", "validate"]
+__all__ = ["EXIT_FAILED", "EXIT_INCOMPLETE", "EXIT_OK", "EXIT_USAGE", "STAGE_ORDER", "EmptyDatasetError", "RunSummary",
+           "StageReport", "run_experiment", "validate"]

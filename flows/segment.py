@@ -3,6 +3,9 @@
 The image goes through the same stages as any dataset (its features are cached in the store
 under its content-hash id, so a second vocabulary or method reuses them); the label map and
 an overlay with a class legend are written next to ``--out``.
+
+Without a configured Prefect API (``PREFECT_API_URL``) the image runs without Prefect (the same
+executor, no server start-up: model time plus about a second); with one, it is a flow run.
 """
 
 from __future__ import annotations
@@ -21,13 +24,22 @@ DEFAULT_MODELS = {
 
 def segment_image(image: str, classes: str, method: str = "corrclip", out: str = "overlay.png", store: str | None = None,
                   clip: str | None = None, dino: str | None = None, sam: str | None = None,
-                  regions: str = "sam") -> dict[str, Any]:
-    """Segment one image with a custom vocabulary; returns the written paths and the class names."""
+                  regions: str = "sam", progress: bool = True, orchestrate: bool | None = None) -> dict[str, Any]:
+    """Segment one image with a custom vocabulary.
+
+    ``orchestrate``: run as a Prefect flow run (None: only when a Prefect API is configured).
+    Returns the written paths (``labels``, ``overlay``), the class names, ``random_weights``,
+    ``seconds`` (this call's wall time) and ``stage_seconds`` (the part spent running the
+    stages: model loading and compute); the difference is ovseg's own overhead.
+    """
+    import time
+
     from PIL import Image
 
     from flows.config import parse_experiment
     from flows.graph import build_plan
     from flows.overlay import render_overlay_figure
+    from flows.orchestration import prefect_configured
     from flows.pipeline import run_experiment
     from ovseg_core.features.text import parse_vocabulary_string
     from ovseg_core.methods import get_method
@@ -35,6 +47,7 @@ def segment_image(image: str, classes: str, method: str = "corrclip", out: str =
     from storage.store import Store
     from storage.tables import read_table
 
+    t0 = time.perf_counter()
     path = Path(image).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"image {path} not found")
@@ -49,7 +62,9 @@ def segment_image(image: str, classes: str, method: str = "corrclip", out: str =
         "regions": {"source": regions},
         "methods": [{"name": method, "method": method}],
     }, source="ovseg segment")
-    summary = run_experiment(exp, progress=True)
+    if orchestrate is None:
+        orchestrate = prefect_configured()
+    summary = run_experiment(exp, progress=progress, orchestrate=orchestrate)
     node = build_plan(exp)[0].methods[0].prediction
     st = Store(exp.store)
     (row,) = read_table(st, "manifests", ["segment"]).to_pylist()
@@ -66,5 +81,6 @@ def segment_image(image: str, classes: str, method: str = "corrclip", out: str =
     render_overlay_figure(rgb, labels, list(vocab.class_names), out_path,
                           title=f"{method}: {path.name}", random_weights=summary.random_weights)
     return {"labels": str(label_path), "overlay": str(out_path), "classes": list(vocab.class_names),
-            "random_weights": summary.random_weights}
+            "random_weights": summary.random_weights, "seconds": time.perf_counter() - t0,
+            "stage_seconds": sum(s.ended - s.started for s in summary.stages if s.started)}
 

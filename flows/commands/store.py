@@ -1,0 +1,151 @@
+"""``ovseg cache ls / verify / gc`` and ``ovseg runs``: read (or clean) the store, never start Prefect.
+
+Each opens an existing store only (``Store(create=False)``): a mistyped ``--store`` exits 2
+and creates nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from flows.commands.common import human, print_table, read_only_store
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> int:
+    from storage.keys import canonical_json
+    from storage.maintenance import list_stages
+    from tasks.stages import STAGE_ORDER
+
+    store = read_only_store(args.store)
+    infos = sorted(list_stages(store, with_bytes=True),
+                   key=lambda i: (STAGE_ORDER.index(i.stage) if i.stage in STAGE_ORDER else 99, i.key))
+    if not infos:
+        print(f"store {store.location} is empty")
+        return 0
+    rows = []
+    for i in infos:
+        params = i.attrs.get("stage_key", {}).get("params", {})
+        rows.append((i.stage, i.key, i.complete, i.dropped, human(i.nbytes), "yes" if i.random_weights else "no",
+                     canonical_json(params) if "damaged" not in i.attrs else "(stage.json damaged)"))
+    print_table(rows, ["stage", "key", "complete", "un-marked", "bytes", "random weights", "parameters"])
+    for i in infos:
+        for path in i.damaged_files:
+            print(f"  damaged: {path} (ovseg cache verify --repair)")
+    print(f"store: {store.location}")
+    return 0
+
+
+def plan_keys(exp_paths: Sequence[str], overrides: Sequence[str] = ()) -> set[tuple[str, str]]:
+    """Every ``(stage, key)`` of the given experiment files (the stage graph is imported only when there are some)."""
+    keys: set[tuple[str, str]] = set()
+    if not exp_paths:
+        return keys
+    from flows.config import load_experiment
+    from flows.graph import build_plan
+
+    for exp_path in exp_paths:
+        for plan in build_plan(load_experiment(exp_path, overrides=overrides)):
+            keys.update(plan.nodes)
+    return keys
+
+
+def cmd_cache_gc(args: argparse.Namespace) -> int:
+    from storage.journal import KeepSet, newest_per_experiment
+    from storage.maintenance import gc
+
+    store = read_only_store(args.store)
+    runs, damaged = store.runs()
+    for path, err in damaged:
+        print(f"warning: unreadable run journal {path} ({err}); its plan is not protected", file=sys.stderr)
+    keep = KeepSet()
+    keep.live_runs = [r for r in runs if r.live]
+    if keep.live_runs and not args.force:
+        names = ", ".join(f"{r.run_id} ({r.experiment})" for r in keep.live_runs)
+        print(f"error: run(s) {names} are running on this store; wait for them or pass --force "
+              "(their outputs are kept either way)", file=sys.stderr)
+        return 2
+    for r in keep.live_runs:
+        keep.add(r.plan_keys(), f"live run {r.run_id}")
+    keep.add(plan_keys(args.experiments), "experiment files")
+    if not args.only_experiments:
+        chosen = runs if args.all_runs else list(newest_per_experiment(runs).values())
+        for r in chosen:
+            keep.add(r.plan_keys(), f"run {r.run_id} ({r.experiment})")
+    rep = gc(store, keep.keys, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for stage, key, items, nbytes in rep.sets:
+        print(f"{verb} {stage}/{key}: {items} items, {human(nbytes)}")
+    print(f"{verb} {len(rep.sets)} output sets ({rep.items} items), {rep.packs} superseded or unrecorded packs, "
+          f"{rep.temporaries} temporary files of dead writers, {rep.leases} dead leases: {human(rep.nbytes)}; "
+          f"kept {len(keep.keys)} referenced output sets")
+    return 0
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from storage.maintenance import verify
+
+    store = read_only_store(args.store)
+    sets = store.stage_sets()
+    if args.experiment:
+        wanted = plan_keys([args.experiment])
+        sets = [s for s in sets if s in wanted]
+    if args.stage:
+        from tasks.stages import get_stage
+
+        get_stage(args.stage)
+        sets = [s for s in sets if s[0] == args.stage]
+    reports = verify(store, sets, checksums=not args.sizes_only, repair=args.repair)
+    rows = [(r.stage, r.key, r.checked, len(r.damaged), len(r.damaged_files), r.repaired if args.repair else "-")
+            for r in reports]
+    print_table(rows, ["stage", "key", "items checked", "damaged items", "damaged files", "repaired"])
+    bad = [r for r in reports if not r.ok]
+    for r in bad:
+        for item, why in r.damaged:
+            print(f"  {r.stage}/{r.key}/{item}: {why}")
+        for path, why in r.damaged_files:
+            print(f"  {path}: {why}")
+    if bad and args.repair:
+        print("damaged items were un-marked: the next `ovseg run` recomputes exactly those")
+    elif bad:
+        print("run `ovseg cache verify --repair` to un-mark them (the next run recomputes exactly those)")
+    return 1 if bad else 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from storage.tables import read_table
+
+    store = read_only_store(args.store)
+    if args.failures:
+        known = store.table_names("failures")
+        if args.failures not in known:
+            runs = sorted(known)[-5:]
+            raise ValueError(f"no run {args.failures!r} in {store.location}; recent runs: "
+                             f"{', '.join(runs) if runs else 'none'} (`ovseg runs` lists them)")
+        t = read_table(store, "failures", [args.failures]).to_pylist()
+        for r in t:
+            print(f"{r['dataset']}  {r['stage']}  {r['key']}  [{r['methods'] or '-'}]  {r['image_id']}\n"
+                  f"    {r['error_type']}: {r['error']}")
+        if not t:
+            print(f"run {args.failures}: no failures")
+        return 0
+    runs, damaged = store.runs()
+    for path, err in damaged:
+        print(f"warning: unreadable run journal {path} ({err})", file=sys.stderr)
+    if not runs:
+        print(f"no runs recorded in {store.location}")
+        return 0
+    rows = []
+    for r in runs:
+        d = r.data
+        end = d.get("ended") or (d.get("heartbeat") if r.status == "dead" else time.time())
+        counts = d.get("counts") or {}
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.started))
+        rows.append((r.run_id, r.experiment, r.status, started, f"{float(end) - r.started:.0f}s",
+                     counts.get("computed", "-"), counts.get("failed", "-"), counts.get("incomplete", "-"),
+                     "yes" if d.get("random_weights") else "no", " ".join(d.get("overrides") or []) or "-"))
+    print_table(rows, ["run", "experiment", "status", "started (UTC)", "wall", "computed", "failed", "left",
+                       "random weights", "overrides"])
+    return 0
