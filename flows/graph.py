@@ -78,11 +78,22 @@ def dataset_spec(ds: DatasetEntry) -> DatasetSpec:
                        reduce_zero_label=False, presets=presets, class_files=dict(base.class_files), label_conversion="none")
 
 
-def weights_identity(name: str, weights_dir: str | None) -> dict[str, Any]:
-    """Identity of a backbone's weights for stage keys, without building the model."""
+def weights_identity(name: str, weights_dir: str | None, missing: list[str] | None = None) -> dict[str, Any]:
+    """Identity of a backbone's weights for stage keys, without building the model.
+
+    A missing weight file raises ``FileNotFoundError``, or with ``missing`` (a dry run) is
+    appended there and identified as ``{"name": name, "missing": True}`` (a key no stored
+    output has; present files keep their identity and keys).
+    """
     from ovseg_core.backbones import weights_identity as _wid
 
-    return _wid(name, weights_dir=weights_dir)
+    try:
+        return _wid(name, weights_dir=weights_dir)
+    except FileNotFoundError as e:
+        if missing is None:
+            raise
+        missing.append(f"{name}: {e}")
+        return {"name": name, "missing": True}
 
 
 def _geometry(name: str) -> tuple[int, int]:
@@ -131,8 +142,11 @@ def _resolve(exp: Experiment, spec: DatasetSpec, m: MethodEntry) -> _Resolved:
     return _Resolved(m, method, clip_name, window, cfg, method.required_blocks(cfg, nb))
 
 
-def build_plan(exp: Experiment) -> list[DatasetPlan]:
-    """Resolve the experiment into stage nodes per dataset (no model is loaded)."""
+def build_plan(exp: Experiment, missing: list[str] | None = None) -> list[DatasetPlan]:
+    """Resolve the experiment into stage nodes per dataset (no model is loaded).
+
+    ``missing``: collect missing weight files there instead of raising (see ``weights_identity``).
+    """
     wd = exp.models.weights_dir
     fdt, dt = exp.feature_dtype, exp.dtype
     plans = []
@@ -150,7 +164,7 @@ def build_plan(exp: Experiment) -> list[DatasetPlan]:
             union.setdefault((r.clip, r.window), set()).update(r.blocks)
         for r in resolved:
             m, method, window, cfg = r.entry, r.method, r.window, r.config
-            clip_id = {"clip": weights_identity(r.clip, wd)}
+            clip_id = {"clip": weights_identity(r.clip, wd, missing)}
             variant = m.classes or method.family
             lines = list(ds.classes) if ds.classes else class_lines(spec.name, variant)
             separator = ", " if ds.classes else CLASS_SEPARATORS[variant]  # each reference's own line reader
@@ -161,11 +175,11 @@ def build_plan(exp: Experiment) -> list[DatasetPlan]:
             upstream: dict[str, StageNode] = {"text_embeddings": text, "clip_layers": clip}
             sam = None
             if method.uses_regions:
-                sam = plan.add(_sam_node(exp, wd))
+                sam = plan.add(_sam_node(exp, wd, missing))
                 dino_input = "from_clip" if method.corrclip_config(cfg).padding == "reference" else "imagenet"
                 dino = plan.add(node("dino_features", P.DinoParams(exp.models.dino, window, fdt, dt, exp.models.dino_pos,
                                                                    dino_input),
-                                     weights={"dino": weights_identity(exp.models.dino, wd)}))
+                                     weights={"dino": weights_identity(exp.models.dino, wd, missing)}))
                 mc = plan.add(node("mask_clustering", P.ClusteringParams(window, method.clustering_config(cfg)),
                                    {"dino_features": dino, "sam_masks": sam}))
                 upstream.update({"dino_features": dino, "sam_masks": sam, "mask_clustering": mc})
@@ -194,7 +208,7 @@ def build_plan(exp: Experiment) -> list[DatasetPlan]:
     return plans
 
 
-def _sam_node(exp: Experiment, wd: str | None) -> StageNode:
+def _sam_node(exp: Experiment, wd: str | None, missing: list[str] | None = None) -> StageNode:
     from ovseg_core.features.regions import SamRegionConfig, SuperpixelConfig
 
     src = exp.regions.source
@@ -202,7 +216,7 @@ def _sam_node(exp: Experiment, wd: str | None) -> StageNode:
         if src == "sam":
             cfg: Any = SamRegionConfig(**exp.regions.params)
             return make_node("sam_masks", P.RegionParams("sam", exp.models.sam, cfg, exp.dtype),
-                             weights={"sam": weights_identity(exp.models.sam, wd)}, persist=exp.persist)
+                             weights={"sam": weights_identity(exp.models.sam, wd, missing)}, persist=exp.persist)
         cfg = SuperpixelConfig(method=src, **exp.regions.params)
     except TypeError as e:
         raise ValueError(f"regions.params: {e}") from e

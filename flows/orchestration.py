@@ -166,6 +166,6 @@ def run_in_flow(exp: Experiment, summary, body: Callable[[Callable], dict], expe
 
 def _submit_task(ctx, rows, name: str):
     """One batch as a Prefect task run named ``name``; returns its future."""
-    from tasks.stages import stage_batch
+    from tasks.prefect_tasks import stage_batch
 
     return stage_batch.with_options(task_run_name=name).submit(ctx, rows)

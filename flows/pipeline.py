@@ -112,13 +112,16 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def validate(exp: Experiment, force: Iterable[str] = (), only_stages: Iterable[str] | None = None
-             ) -> list[DatasetPlan]:
-    """Build and check the whole plan before anything is written (raises ``ValueError`` naming the problem)."""
+def validate(exp: Experiment, force: Iterable[str] = (), only_stages: Iterable[str] | None = None,
+             missing: list[str] | None = None) -> list[DatasetPlan]:
+    """Build and check the whole plan before anything is written (raises ``ValueError`` naming the problem).
+
+    ``missing``: collect missing weight files there instead of raising (dry runs).
+    """
     for name in [*force, *(only_stages or ())]:
         get_stage(name)
     check_device(exp.device)
-    return build_plan(exp)
+    return build_plan(exp, missing)
 
 
 def run_experiment(exp: Experiment, force: Iterable[str] = (), dry_run: bool = False, progress: bool = True,
@@ -143,11 +146,14 @@ def run_experiment(exp: Experiment, force: Iterable[str] = (), dry_run: bool = F
     max_failed = DEFAULT_MAX_FAILED if max_failed is None else float(max_failed)
     if not 0.0 <= max_failed <= 1.0:
         raise ValueError(f"max_failed must be a fraction in [0, 1], got {max_failed}")
-    plans = validate(exp, force, only)
+    missing: list[str] | None = [] if dry_run else None
+    plans = validate(exp, force, only, missing)
     run_id = new_run_id()
     summary = RunSummary(run_id, exp.name, "", started=time.time())
     summary.random_weights = any(n.random_weights for p in plans for n in p.nodes.values())
     if dry_run:
+        summary.notes += [f"weights missing: {m}; a run needs them (the plan shows what it would compute)"
+                          for m in dict.fromkeys(missing or [])]
         return plan_status(exp, plans, force, summary)
     store = open_store(Store(exp.store, lease_ttl=exp.runner.lease_ttl).location, exp.runner.lease_ttl)
     summary.store = store.location
