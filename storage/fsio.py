@@ -27,20 +27,22 @@ upload is written to the local temporary folder and appears in the store whole, 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger("ovseg.storage")
+T = TypeVar("T")
 
 TMP_PREFIX = ".tmp-"
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -55,6 +57,25 @@ def s3_error(e: BaseException) -> tuple[str, int]:
     """The S3 error code and HTTP status behind an exception s3fs raised (``("", 0)`` if none)."""
     resp = getattr(e.__cause__, "response", None) or getattr(e, "response", None) or {}
     return str(resp.get("Error", {}).get("Code", "")), int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _io(method: Callable[..., T]) -> Callable[..., T]:
+    """Raise the connection and protocol failures of a remote store as ``OSError``, as local ones are.
+
+    botocore's and aiohttp's own exceptions (an unreachable endpoint, a dropped connection) are
+    not ``OSError``; callers that tolerate I/O failures (heartbeats, journals) catch ``OSError``.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return method(*args, **kwargs)
+        except (OSError, ValueError, TypeError, NotImplementedError):
+            raise
+        except Exception as e:  # noqa: BLE001 - translated, with the original chained
+            raise OSError(errno.EIO, f"{type(e).__name__}: {e}") from e
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -91,6 +112,7 @@ class Backend:
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
+    @_io
     def exists(self, path: str) -> bool:
         """Whether a file or a non-empty folder exists."""
         if self.is_local:
@@ -101,6 +123,7 @@ class Backend:
         return self.fs.exists(path)
 
     # ------------------------------------------------------------------ writes
+    @_io
     def put_atomic(self, path: str, data: bytes) -> None:
         """Replace ``path`` with ``data`` so that readers see all or nothing."""
         if self.is_local:
@@ -109,6 +132,7 @@ class Backend:
         else:
             self.fs.pipe_file(path, data)
 
+    @_io
     def put_if_absent(self, path: str, data: bytes) -> bool:
         """Create ``path`` with ``data`` unless it exists; True if this call created it."""
         if self.is_local:
@@ -146,6 +170,7 @@ class Backend:
         self.fs.pipe_file(path, data)
         return True
 
+    @_io
     def put_file(self, local_path: str, path: str) -> None:
         """Move (local) or upload (remote) a complete local file to ``path`` atomically."""
         if self.is_local:
@@ -175,6 +200,7 @@ class Backend:
         return tmp
 
     # ------------------------------------------------------------------ reads
+    @_io
     def get(self, path: str) -> bytes:
         if self.is_local:
             with open(path, "rb") as f:
@@ -183,6 +209,7 @@ class Backend:
             return self.fs.cat_file(path, max_concurrency=1)
         return self.fs.cat_file(path)
 
+    @_io
     def get_range(self, path: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a file (fewer if the file is shorter)."""
         if self.is_local:
@@ -196,6 +223,7 @@ class Backend:
                 return b""
             raise
 
+    @_io
     def size(self, path: str) -> int | None:
         """Size in bytes, or None if the file is missing."""
         if self.is_s3:  # one HEAD; a folder of that name is not a file; other errors are errors
@@ -209,6 +237,7 @@ class Backend:
         except (FileNotFoundError, OSError):
             return None
 
+    @_io
     def _s3_list(self, folder: str, recursive: bool = False, max_keys: int | None = None
                  ) -> tuple[list[dict[str, Any]], list[str]]:
         """Objects (ListObjectsV2 ``Contents``) and sub-folder names under ``folder``; empty if none."""
@@ -230,6 +259,7 @@ class Backend:
                 return files, dirs
             kwargs["ContinuationToken"] = resp["NextContinuationToken"]
 
+    @_io
     def listdir(self, folder: str) -> list[str]:
         """Names (not paths) in ``folder``; empty if it does not exist."""
         if self.is_local:
@@ -245,6 +275,7 @@ class Backend:
         except FileNotFoundError:
             return []
 
+    @_io
     def list_entries(self, folder: str) -> list[Entry]:
         """Files in ``folder`` with size and modification time (seconds since the epoch)."""
         if self.is_local:
@@ -277,6 +308,7 @@ class Backend:
             out.append(Entry(info["name"].rstrip("/").rsplit("/", 1)[-1], int(info.get("size") or 0), float(mtime)))
         return out
 
+    @_io
     def subfolders(self, folder: str) -> list[str]:
         """Names of the sub-folders of ``folder``."""
         if self.is_local:
@@ -315,6 +347,7 @@ class Backend:
             yield p, int(info.get("size") or 0)
 
     # ------------------------------------------------------------------ deletes
+    @_io
     def delete(self, path: str) -> bool:
         """Remove one file; True if it existed (S3: True unless the DELETE failed; deletes are idempotent)."""
         try:
@@ -326,6 +359,7 @@ class Backend:
         except FileNotFoundError:
             return False
 
+    @_io
     def delete_tree(self, folder: str) -> None:
         """Remove a folder and everything under it (S3: one DeleteObjects request per 1000 objects)."""
         if self.is_local:

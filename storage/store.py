@@ -115,8 +115,8 @@ class Store:
                 raise kind(f"no ovseg store at {self.location}: its bucket does not exist; create the bucket first "
                            "(ovseg creates stores, not buckets) or check --store / OVSEG_STORE") from e
             info = None
-        except Exception as e:  # noqa: BLE001 - an object store's endpoint, credentials or network: say where to look
-            if not (isinstance(e, ValueError) or (self.backend.is_local and isinstance(e, OSError))):
+        except (ValueError, OSError) as e:
+            if isinstance(e, OSError) and not self.backend.is_local:  # endpoint, credentials or network
                 raise StoreError(f"cannot open the store {self.location}: {type(e).__name__}: {e}; check the "
                                  "endpoint and credentials (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID and "
                                  "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, FSSPEC_S3: docs/object-stores.md)") from e
