@@ -144,9 +144,19 @@ class Backend:
                 return False
             finally:
                 os.remove(tmp)
-        for attempt in range(_CONFLICT_RETRIES):
-            if not self.conditional_writes:
-                break
+        if self.conditional_writes:
+            created = self._create_conditionally(path, data)
+            if created is not None:
+                return created
+        if self.size(path) is not None:  # the fallback: a check, then a PUT
+            return False
+        self.fs.pipe_file(path, data)
+        return True
+
+    def _create_conditionally(self, path: str, data: bytes) -> bool | None:
+        """A PUT with ``If-None-Match: *``: True if created, False if it exists, None if the endpoint lacks it."""
+        attempt = 0
+        while True:
             try:
                 self.fs.pipe_file(path, data, mode="create")
                 return True
@@ -156,19 +166,18 @@ class Backend:
                 code, status = s3_error(e)
                 if code == "PreconditionFailed" or status == 412:  # exists (an endpoint not naming the condition)
                     return False
-                if code == "ConditionalRequestConflict" or status == 409:  # a racing conditional PUT: try again
-                    time.sleep(0.05 * (attempt + 1))
+                if (code == "ConditionalRequestConflict" or status == 409) and attempt + 1 < _CONFLICT_RETRIES:
+                    attempt += 1  # a racing conditional PUT on the same name: try again
+                    time.sleep(0.05 * attempt)
                     continue
-                if isinstance(e, OSError) and code != "NotImplemented" and status != 501 and e.errno != errno.ENOSYS:
-                    raise  # ENOSYS / 501: the endpoint does not implement the header; anything else is I/O
+                unsupported = code == "NotImplemented" or status == 501 or getattr(e, "errno", None) == errno.ENOSYS
+                if isinstance(e, OSError) and not unsupported:
+                    raise
                 self.conditional_writes = False
                 log.warning("%s rejects conditional writes (If-None-Match: *): %s; creating files with a check "
                             "then a PUT instead (two processes may then both write a stage.json, never a "
                             "partial one; see docs/object-stores.md)", self.location, e)
-        if self.size(path) is not None:
-            return False
-        self.fs.pipe_file(path, data)
-        return True
+                return None
 
     @_io
     def put_file(self, local_path: str, path: str) -> None:

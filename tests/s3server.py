@@ -10,11 +10,14 @@ Two differences from Amazon S3 are handled here, in the server, never in ovseg:
 - moto checks ``If-None-Match: *`` and then writes, in two steps; S3 does both atomically.
   The server serialises conditional PUTs, so racing writers meet S3's semantics.
 - ``S3Server(conditional_writes=False)`` answers conditional PUTs with ``501 NotImplemented``,
-  as an endpoint without conditional writes does, to test ovseg's fallback.
+  as an endpoint without conditional writes does, to test ovseg's fallback; ``conflicts=N``
+  answers the next N conditional PUTs with ``409 ConditionalRequestConflict``, as S3 does to a
+  conditional PUT racing another one on the same key.
 
-Every request is counted by kind (``PUT``, ``GET``, ``HEAD``, ``LIST``, ``DELETE``) and by the
-store area its key falls in (a stage name for ``stages/<stage>/...`` and ``leases/<stage>/...``,
-else ``journal``, ``tables`` or ``store``): ``S3Server.counts``.
+Every request is counted by kind (``PUT``, ``GET``, ``HEAD``, ``LIST``, ``DELETE``), by the store
+area its key falls in (a stage name for ``stages/<stage>/...`` and ``leases/<stage>/...``, else
+``journal``, ``tables`` or ``store``) and by the kind of file (``packs``, ``records``, ``leases``
+...): ``S3Server.snapshot()``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ KINDS = ("PUT", "GET", "HEAD", "LIST", "DELETE")
 _NOT_IMPLEMENTED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NotImplemented</Code><Message>A header you '
                     b'provided implies functionality that is not implemented</Message><Header>If-None-Match</Header>'
                     b'</Error>')
+_CONFLICT = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ConditionalRequestConflict</Code><Message>A '
+             b'conflicting conditional operation is currently in progress against this resource.</Message></Error>')
 
 
 class _QuietHandler(MotoRequestHandler):
@@ -61,16 +66,18 @@ def request_kind(method: str, path: str, query: str) -> tuple[str, str]:
     return method, key
 
 
-def area(key: str) -> str:
-    """The store area a key belongs to: a stage name, ``journal``, ``tables`` or ``store``."""
+def area(key: str) -> tuple[str, str]:
+    """Where a key belongs in a store: (stage name, or ``journal`` / ``tables`` / ``store``; the kind of
+    file: ``packs``, ``records``, ``drops``, ``index``, ``leases``, ``stage.json``, ``last-used.json`` ...)."""
     parts = key.split("/")
     for i, p in enumerate(parts[:-1]):
         if p in ("stages", "leases") and parts[i + 1]:
-            return parts[i + 1]
+            rest = parts[i + 3:] if p == "stages" else ["leases"]
+            return parts[i + 1], (rest[0] if rest and rest[0] else "listing")
     for p in parts:
         if p in ("journal", "tables"):
-            return p
-    return "store"
+            return p, p
+    return "store", "store"
 
 
 class S3Server:
@@ -78,11 +85,13 @@ class S3Server:
 
     Args:
         conditional_writes: False makes the server reject ``If-None-Match`` on PUT with 501.
+        conflicts: how many conditional PUTs to answer with 409 first.
     """
 
-    def __init__(self, conditional_writes: bool = True):
+    def __init__(self, conditional_writes: bool = True, conflicts: int = 0):
         self.conditional_writes = conditional_writes
-        self.counts: Counter[tuple[str, str]] = Counter()
+        self.conflicts = conflicts
+        self.counts: Counter[tuple[str, str, str]] = Counter()  # (kind, area, file kind)
         self._count_lock = threading.Lock()
         self._conditional_lock = threading.Lock()
         self._app = DomainDispatcherApplication(create_backend_app)
@@ -95,15 +104,21 @@ class S3Server:
         kind, key = request_kind(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
                                  environ.get("QUERY_STRING", ""))
         with self._count_lock:
-            self.counts[(kind, area(key))] += 1
+            self.counts[(kind, *area(key))] += 1
         if "HTTP_IF_NONE_MATCH" not in environ or environ["REQUEST_METHOD"] not in ("PUT", "POST"):
             return self._app(environ, start_response)
         if not self.conditional_writes:
-            start_response("501 Not Implemented", [("Content-Type", "application/xml"),
-                                                   ("Content-Length", str(len(_NOT_IMPLEMENTED)))])
-            return [_NOT_IMPLEMENTED]
+            return self._error(start_response, "501 Not Implemented", _NOT_IMPLEMENTED)
         with self._conditional_lock:  # check and write as one step, as S3 does
+            if self.conflicts > 0:
+                self.conflicts -= 1
+                return self._error(start_response, "409 Conflict", _CONFLICT)
             return list(self._app(environ, start_response))
+
+    @staticmethod
+    def _error(start_response, status: str, body: bytes) -> list[bytes]:
+        start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+        return [body]
 
     def storage_options(self) -> dict[str, Any]:
         """fsspec options naming this server explicitly (instead of the environment)."""
@@ -132,9 +147,16 @@ class S3Server:
         with self._count_lock:
             self.counts.clear()
 
-    def snapshot(self) -> Counter[tuple[str, str]]:
+    def snapshot(self, by_file: bool = False) -> Counter[tuple[str, ...]]:
+        """Requests so far per (kind, area), or per (kind, area, file kind) with ``by_file``."""
         with self._count_lock:
-            return Counter(self.counts)
+            counts = Counter(self.counts)
+        if by_file:
+            return counts
+        out: Counter[tuple[str, ...]] = Counter()
+        for (kind, where, _), n in counts.items():
+            out[(kind, where)] += n
+        return out
 
     def stop(self) -> None:
         self._server.shutdown()

@@ -270,6 +270,21 @@ def test_conditional_create_is_atomic_between_racing_writers(s3, url):
     assert sent[("PUT", "store")] == 8 and sent[("HEAD", "store")] == 0  # conditional PUTs, no check-then-put
 
 
+def test_a_conflicting_conditional_put_is_retried():
+    """S3 answers 409 ConditionalRequestConflict to a conditional PUT racing another: it is tried again."""
+    server = S3Server(conflicts=2)
+    try:
+        b = Backend(f"s3://{server.create_bucket()}/st", server.storage_options())
+        assert b.put_if_absent(f"{b.root}/x.json", b"1") is True and b.conditional_writes
+        assert server.snapshot()[("PUT", "store")] == 3 and b.get(f"{b.root}/x.json") == b"1"
+        server.conflicts = 9
+        with pytest.raises(OSError):  # a conflict that does not end is an I/O error, not a fallback
+            b.put_if_absent(f"{b.root}/y.json", b"1")
+        assert b.conditional_writes and b.size(f"{b.root}/y.json") is None
+    finally:
+        server.stop()
+
+
 def test_an_endpoint_without_conditional_writes_gets_check_then_put(caplog, tmp_path):
     """Fallback: files are still created whole and once per sequential writer; racing writers may both
     write a stage.json (same payload), never a partial one."""
