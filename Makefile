@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast test-s3 s3-requests demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The object-store tests alone: they start their own S3 server (moto) on a free localhost port.
+test-s3: $(STAMP)
+	$(PY) -m pytest tests/storage/test_s3_store.py tests/flows/test_s3_pipeline.py $(PYTEST_ARGS)
+
+# The request counts of docs/object-stores.md (4 images, batch sizes 8 and 1; about 5 minutes).
+s3-requests: $(STAMP)
+	$(PY) -m tests.flows.test_s3_pipeline 4
 
 demo: $(STAMP)
 	$(VENV)/bin/ovseg demo

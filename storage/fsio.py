@@ -7,37 +7,75 @@ Everything the store writes goes through four operations whose guarantees the re
   (local: a temporary file in the same folder, fsync, ``os.replace``; object stores: one PUT).
 - ``put_if_absent``: create a file only if it does not exist, atomically with its content
   (local: ``os.link`` of a complete temporary file, which fails if the name exists; object
-  stores: a conditional PUT, ``If-None-Match: *``, where the endpoint supports it).
+  stores: a conditional PUT, ``If-None-Match: *``; an endpoint that rejects the header gets
+  a check-then-put instead, with a warning: see ``docs/object-stores.md``).
 - ``get`` / ``get_range``: whole or partial reads; a missing file raises ``FileNotFoundError``.
-- ``listdir``: the names in one folder (one LIST request on object stores).
+- ``listdir``: the names in one folder (one LIST request per 1000 names on S3).
+
+On S3 (``s3://bucket/prefix``) every operation is one request: listings are ListObjectsV2
+calls with a delimiter, never served from s3fs's listing cache (which would hide records other
+processes wrote), reads are single GETs (ranged for items), and a missing "folder" is an empty
+listing. The endpoint and credentials come from the standard places every process reads by
+itself: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+``AWS_PROFILE`` (botocore), ``FSSPEC_S3`` (fsspec), or ``storage_options``.
 
 Temporary files are named ``.tmp-<host>-<pid>-<random>-<name>``; ``stale_temporaries`` finds
-those left by dead writers so ``ovseg cache gc`` can remove them.
+those left by dead writers so ``ovseg cache gc`` can remove them (object stores get none: an
+upload is written to the local temporary folder and appears in the store whole, or not at all).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+log = logging.getLogger("ovseg.storage")
+T = TypeVar("T")
+
 TMP_PREFIX = ".tmp-"
-
-
-class ConditionalWriteUnsupported(RuntimeError):
-    """The object store rejected a conditional PUT (``If-None-Match``)."""
+_S3_PROTOCOLS = ("s3", "s3a")
+_CONFLICT_RETRIES = 5  # S3 answers 409 ConditionalRequestConflict to racing conditional PUTs: retry them
 
 
 def _tmp_name(name: str) -> str:
     return f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}"
+
+
+def s3_error(e: BaseException) -> tuple[str, int]:
+    """The S3 error code and HTTP status behind an exception s3fs raised (``("", 0)`` if none)."""
+    resp = getattr(e.__cause__, "response", None) or getattr(e, "response", None) or {}
+    return str(resp.get("Error", {}).get("Code", "")), int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _io(method: Callable[..., T]) -> Callable[..., T]:
+    """Raise the connection and protocol failures of a remote store as ``OSError``, as local ones are.
+
+    botocore's and aiohttp's own exceptions (an unreachable endpoint, a dropped connection) are
+    not ``OSError``; callers that tolerate I/O failures (heartbeats, journals) catch ``OSError``.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return method(*args, **kwargs)
+        except (OSError, ValueError, TypeError, NotImplementedError):
+            raise
+        except Exception as e:  # noqa: BLE001 - translated, with the original chained
+            raise OSError(errno.EIO, f"{type(e).__name__}: {e}") from e
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -54,24 +92,38 @@ class Backend:
 
     Args:
         location: an absolute local path or an fsspec URL (``s3://bucket/prefix``, ``memory://x``).
-        storage_options: fsspec options for remote stores (endpoint, credentials).
+        storage_options: fsspec options for remote stores (endpoint, credentials); on S3 they
+            default to what botocore and fsspec read from the environment.
     """
 
     def __init__(self, location: str, storage_options: dict[str, Any] | None = None):
         self.location = location
-        self.fs, root = fsspec.core.url_to_fs(location, **(storage_options or {}))
+        opts = dict(storage_options or {})
+        if location.split("://", 1)[0] in _S3_PROTOCOLS:
+            opts.setdefault("use_listings_cache", False)  # listings must show what other processes wrote
+        self.fs, root = fsspec.core.url_to_fs(location, **opts)
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        self.conditional_writes = True  # cleared after an endpoint rejects If-None-Match
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.is_s3 = any(p in _S3_PROTOCOLS for p in protocols)
+        self.conditional_writes = True  # cleared after the endpoint rejects If-None-Match
 
     # ------------------------------------------------------------------ paths
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
+    @_io
     def exists(self, path: str) -> bool:
-        return os.path.exists(path) if self.is_local else self.fs.exists(path)
+        """Whether a file or a non-empty folder exists."""
+        if self.is_local:
+            return os.path.exists(path)
+        if self.is_s3:
+            files, dirs = self._s3_list(path, max_keys=1)
+            return bool(files or dirs) or self.size(path) is not None
+        return self.fs.exists(path)
 
     # ------------------------------------------------------------------ writes
+    @_io
     def put_atomic(self, path: str, data: bytes) -> None:
         """Replace ``path`` with ``data`` so that readers see all or nothing."""
         if self.is_local:
@@ -80,6 +132,7 @@ class Backend:
         else:
             self.fs.pipe_file(path, data)
 
+    @_io
     def put_if_absent(self, path: str, data: bytes) -> bool:
         """Create ``path`` with ``data`` unless it exists; True if this call created it."""
         if self.is_local:
@@ -92,19 +145,41 @@ class Backend:
             finally:
                 os.remove(tmp)
         if self.conditional_writes:
+            created = self._create_conditionally(path, data)
+            if created is not None:
+                return created
+        if self.size(path) is not None:  # the fallback: a check, then a PUT
+            return False
+        self.fs.pipe_file(path, data)
+        return True
+
+    def _create_conditionally(self, path: str, data: bytes) -> bool | None:
+        """A PUT with ``If-None-Match: *``: True if created, False if it exists, None if the endpoint lacks it."""
+        attempt = 0
+        while True:
             try:
                 self.fs.pipe_file(path, data, mode="create")
                 return True
             except FileExistsError:
                 return False
-            except (NotImplementedError, TypeError, ValueError) as e:
+            except (NotImplementedError, TypeError, ValueError, OSError) as e:
+                code, status = s3_error(e)
+                if code == "PreconditionFailed" or status == 412:  # exists (an endpoint not naming the condition)
+                    return False
+                if (code == "ConditionalRequestConflict" or status == 409) and attempt + 1 < _CONFLICT_RETRIES:
+                    attempt += 1  # a racing conditional PUT on the same name: try again
+                    time.sleep(0.05 * attempt)
+                    continue
+                unsupported = code == "NotImplemented" or status == 501 or getattr(e, "errno", None) == errno.ENOSYS
+                if isinstance(e, OSError) and not unsupported:
+                    raise
                 self.conditional_writes = False
-                raise ConditionalWriteUnsupported(f"{self.location} does not support conditional writes: {e}") from e
-        if self.fs.exists(path):  # documented fallback: a check-then-put race remains on such endpoints
-            return False
-        self.fs.pipe_file(path, data)
-        return True
+                log.warning("%s rejects conditional writes (If-None-Match: *): %s; creating files with a check "
+                            "then a PUT instead (two processes may then both write a stage.json, never a "
+                            "partial one; see docs/object-stores.md)", self.location, e)
+                return None
 
+    @_io
     def put_file(self, local_path: str, path: str) -> None:
         """Move (local) or upload (remote) a complete local file to ``path`` atomically."""
         if self.is_local:
@@ -134,27 +209,66 @@ class Backend:
         return tmp
 
     # ------------------------------------------------------------------ reads
+    @_io
     def get(self, path: str) -> bytes:
         if self.is_local:
             with open(path, "rb") as f:
                 return f.read()
+        if self.is_s3:  # one GET (s3fs would first HEAD the object to split large reads)
+            return self.fs.cat_file(path, max_concurrency=1)
         return self.fs.cat_file(path)
 
+    @_io
     def get_range(self, path: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a file (fewer if the file is shorter)."""
         if self.is_local:
             with open(path, "rb") as f:
                 f.seek(start)
                 return f.read(end - start)
-        return self.fs.cat_file(path, start=start, end=end)
+        try:
+            return self.fs.cat_file(path, start=start, end=end)
+        except OSError as e:
+            if s3_error(e)[0] == "InvalidRange":  # the object ends before ``start``
+                return b""
+            raise
 
+    @_io
     def size(self, path: str) -> int | None:
         """Size in bytes, or None if the file is missing."""
+        if self.is_s3:  # one HEAD; a folder of that name is not a file; other errors are errors
+            bucket, key, _ = self.fs.split_path(path)
+            try:
+                return int(self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
+            except FileNotFoundError:
+                return None
         try:
             return os.path.getsize(path) if self.is_local else int(self.fs.size(path))
         except (FileNotFoundError, OSError):
             return None
 
+    @_io
+    def _s3_list(self, folder: str, recursive: bool = False, max_keys: int | None = None
+                 ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Objects (ListObjectsV2 ``Contents``) and sub-folder names under ``folder``; empty if none."""
+        bucket, key, _ = self.fs.split_path(folder)
+        prefix = f"{key.strip('/')}/" if key.strip("/") else ""
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        if not recursive:
+            kwargs["Delimiter"] = "/"
+        if max_keys is not None:
+            kwargs["MaxKeys"] = max_keys
+        files: list[dict[str, Any]] = []
+        dirs: list[str] = []
+        while True:
+            resp = self.fs.call_s3("list_objects_v2", **kwargs)
+            files += [dict(o, Name=o["Key"][len(prefix):], Path=f"{bucket}/{o['Key']}")
+                      for o in resp.get("Contents", []) if o["Key"] != prefix]
+            dirs += [p["Prefix"][len(prefix):].rstrip("/") for p in resp.get("CommonPrefixes", [])]
+            if not resp.get("IsTruncated") or max_keys is not None:
+                return files, dirs
+            kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+
+    @_io
     def listdir(self, folder: str) -> list[str]:
         """Names (not paths) in ``folder``; empty if it does not exist."""
         if self.is_local:
@@ -162,15 +276,19 @@ class Backend:
                 return os.listdir(folder)
             except FileNotFoundError:
                 return []
+        if self.is_s3:
+            files, dirs = self._s3_list(folder)
+            return [f["Name"] for f in files] + dirs
         try:
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False, refresh=True)]
         except FileNotFoundError:
             return []
 
+    @_io
     def list_entries(self, folder: str) -> list[Entry]:
         """Files in ``folder`` with size and modification time (seconds since the epoch)."""
-        out = []
         if self.is_local:
+            out = []
             try:
                 with os.scandir(folder) as it:
                     for d in it:
@@ -183,10 +301,13 @@ class Backend:
             except FileNotFoundError:
                 pass
             return out
+        if self.is_s3:
+            return [Entry(f["Name"], int(f["Size"]), f["LastModified"].timestamp()) for f in self._s3_list(folder)[0]]
         try:
             infos = self.fs.ls(folder, detail=True, refresh=True)
         except FileNotFoundError:
-            return out
+            return []
+        out = []
         for info in infos:
             if info.get("type") == "directory":
                 continue
@@ -196,6 +317,7 @@ class Backend:
             out.append(Entry(info["name"].rstrip("/").rsplit("/", 1)[-1], int(info.get("size") or 0), float(mtime)))
         return out
 
+    @_io
     def subfolders(self, folder: str) -> list[str]:
         """Names of the sub-folders of ``folder``."""
         if self.is_local:
@@ -203,6 +325,8 @@ class Backend:
                 return sorted(d.name for d in os.scandir(folder) if d.is_dir())
             except FileNotFoundError:
                 return []
+        if self.is_s3:
+            return sorted(self._s3_list(folder)[1])
         try:
             return sorted(p["name"].rstrip("/").rsplit("/", 1)[-1]
                           for p in self.fs.ls(folder, detail=True, refresh=True) if p.get("type") == "directory")
@@ -220,6 +344,10 @@ class Backend:
                     except OSError:
                         continue
             return
+        if self.is_s3:
+            for f in self._s3_list(folder, recursive=True)[0]:
+                yield f["Path"], int(f["Size"])
+            return
         try:
             found = self.fs.find(folder, detail=True)
         except FileNotFoundError:
@@ -228,8 +356,9 @@ class Backend:
             yield p, int(info.get("size") or 0)
 
     # ------------------------------------------------------------------ deletes
+    @_io
     def delete(self, path: str) -> bool:
-        """Remove one file; True if it existed."""
+        """Remove one file; True if it existed (S3: True unless the DELETE failed; deletes are idempotent)."""
         try:
             if self.is_local:
                 os.remove(path)
@@ -239,11 +368,19 @@ class Backend:
         except FileNotFoundError:
             return False
 
+    @_io
     def delete_tree(self, folder: str) -> None:
+        """Remove a folder and everything under it (S3: one DeleteObjects request per 1000 objects)."""
         if self.is_local:
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)
+        elif self.is_s3:
+            bucket = self.fs.split_path(folder)[0]
+            keys = [f["Key"] for f in self._s3_list(folder, recursive=True)[0]]
+            for i in range(0, len(keys), 1000):
+                self.fs.call_s3("delete_objects", Bucket=bucket,
+                                Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
         elif self.fs.exists(folder):
             self.fs.rm(folder, recursive=True)
 
@@ -257,6 +394,10 @@ def is_temporary(name: str) -> bool:
 
 
 def stale_temporaries(backend: Backend, folder: str, older_than: float) -> list[Entry]:
-    """Temporary files in ``folder`` not modified for ``older_than`` seconds (their writer is gone)."""
+    """Temporary files in ``folder`` not modified for ``older_than`` seconds (their writer is gone).
+
+    Object stores hold none (uploads are whole), so nothing is listed there."""
+    if not backend.is_local:
+        return []
     now = time.time()
     return [e for e in backend.list_entries(folder) if is_temporary(e.name) and now - e.mtime > older_than]

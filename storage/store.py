@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.fsio import Backend
+from storage.fsio import Backend, s3_error
 from storage.journal import RunEntry, RunJournal, read_journals
 from storage.keys import StageKey, to_jsonable
 from storage.leases import DEFAULT_TTL, LeaseManager
@@ -109,9 +109,17 @@ class Store:
         marker = self.backend.path(MARKER)
         try:
             info = json.loads(self.backend.get(marker))
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            if self.backend.is_s3 and s3_error(e)[0] == "NoSuchBucket":
+                kind = StoreError if create else StoreNotFoundError
+                raise kind(f"no ovseg store at {self.location}: its bucket does not exist; create the bucket first "
+                           "(ovseg creates stores, not buckets) or check --store / OVSEG_STORE") from e
             info = None
         except (ValueError, OSError) as e:
+            if isinstance(e, OSError) and not self.backend.is_local:  # endpoint, credentials or network
+                raise StoreError(f"cannot open the store {self.location}: {type(e).__name__}: {e}; check the "
+                                 "endpoint and credentials (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID and "
+                                 "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, FSSPEC_S3: docs/object-stores.md)") from e
             log.warning("%s is unreadable (%s); rewriting it", marker, e)
             self.backend.put_atomic(marker, json.dumps({"format": STORE_FORMAT, "created": time.time()}).encode())
             return
@@ -127,8 +135,7 @@ class Store:
             raise StoreNotFoundError(f"no ovseg store at {self.location}; check --store / OVSEG_STORE "
                                      "(`ovseg run` creates one)")
         self.backend.mkdirs(self.backend.root)
-        if not self.backend.is_local and self.backend.listdir(self.backend.root):
-            pass  # an object-store prefix with other files is allowed; the marker claims it
+        # on an object store, a prefix holding other files is allowed: the marker claims it
         self.backend.put_if_absent(marker, json.dumps({"format": STORE_FORMAT, "created": time.time()}).encode())
 
     def __repr__(self) -> str:
