@@ -156,6 +156,7 @@ def run_experiment(exp: Experiment, force: Iterable[str] = (), dry_run: bool = F
                           for m in dict.fromkeys(missing or [])]
         return plan_status(exp, plans, force, summary)
     store = open_store(Store(exp.store, lease_ttl=exp.runner.lease_ttl).location, exp.runner.lease_ttl)
+    store.forget_fresh()  # another process may have changed the store since this process last looked
     summary.store = store.location
     plan_rows = [{"dataset": p.dataset.name, "stage": n.stage, "key": n.key,
                   "methods": sorted(method_users(p).get(n.ident, ()))} for p in plans for n in p.ordered()]
@@ -254,7 +255,8 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
                                  f"missing or truncated ({repaired[0][1]}, ...): recomputed now")
         _run_node(exp, store, ctx, _items(node, ok_rows), node.ident in forced, rep, failed_here, progress, wait,
                   f"{label} ({k}/{len(nodes)})", submit)
-        state = store.state(node.stage, node.key)
+        state = store.state(node.stage, node.key)  # one listing: what the workers wrote
+        store.mark_fresh(node.stage, node.key)  # downstream checks in this run need no other listing
         if state.uncovered_records() >= COMPACT_AFTER:  # later runs read one index instead of many records
             state.compact()
         rep.ended = time.time()
@@ -331,8 +333,11 @@ def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict
 
 def _available(store: Store, node: StageNode) -> set[str] | None:
     """Items whose output of ``node`` can be read: stored ones, and for a node that is not persisted
-    those its own inputs allow computing on demand (None: every item)."""
-    done = store.state(node.stage, node.key).complete()
+    those its own inputs allow computing on demand (None: every item).
+
+    A stage output set this run already checked is not listed again (its state was refreshed when
+    its stage ended)."""
+    done = store.state(node.stage, node.key, refresh=not store.state_is_fresh(node.stage, node.key)).complete()
     if node.persist:
         return done
     out: set[str] | None = None

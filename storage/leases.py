@@ -103,12 +103,14 @@ class LeaseManager:
             if not name.endswith(".json") or is_temporary(name):
                 continue
             try:
-                d = json.loads(self.backend.get(f"{folder}/{name}"))
-                out.append(LeaseInfo(name[:-5], dict(d["owner"]), tuple(d["items"]), float(d["heartbeat"]),
-                                     float(d.get("ttl", self.ttl))))
+                data = self.backend.get(f"{folder}/{name}")  # other I/O errors propagate: never guess "dead"
             except FileNotFoundError:
                 continue
-            except Exception:  # noqa: BLE001 - unreadable lease: written atomically, so tampered: dead
+            try:
+                d = json.loads(data)
+                out.append(LeaseInfo(name[:-5], dict(d["owner"]), tuple(d["items"]), float(d["heartbeat"]),
+                                     float(d.get("ttl", self.ttl))))
+            except Exception:  # noqa: BLE001 - unparsable lease: written atomically, so tampered: dead
                 out.append(LeaseInfo(name[:-5], {}, (), 0.0, self.ttl))
         return out
 

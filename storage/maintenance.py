@@ -234,6 +234,8 @@ def _gc_set(store: Store, stage: str, key: str, age: float, rep: GcReport, remov
 
 def _temp_folders(store: Store) -> list[str]:
     b = store.backend
+    if not b.is_local:  # object stores: packs are uploaded whole from a local temporary file, nothing is left
+        return []
     out = [b.path(), b.path(JOURNAL)]
     for table in b.subfolders(b.path(TABLES)):
         out.append(b.path(TABLES, table))

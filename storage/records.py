@@ -147,12 +147,11 @@ class StageState:
 
     def _load_index(self, name: str) -> None:
         path = f"{self.base}/{INDEX}/{name}"
+        data = self.backend.get(path)  # I/O errors propagate: a file that cannot be fetched now is not damaged
         try:
-            tbl = pq.read_table(io.BytesIO(self.backend.get(path)))
+            tbl = pq.read_table(io.BytesIO(data))
             meta = json.loads((tbl.schema.metadata or {}).get(b"ovseg", b"{}"))
             rows = tbl.select(["item", "pack", "dropped", "pack_size"]).to_pydict()
-        except FileNotFoundError:
-            raise
         except Exception as e:  # noqa: BLE001 - any parse error: the file is damaged, not the command
             self._damage(path, f"unreadable index ({type(e).__name__}: {e})")
             self._seen[INDEX].add(name)
@@ -169,11 +168,9 @@ class StageState:
 
     def _load_drop(self, name: str) -> None:
         path = f"{self.base}/{DROPS}/{name}"
+        data = self.backend.get(path)
         try:
-            d = json.loads(self.backend.get(path))
-            pairs = [(str(i), str(p)) for i, p in d["drops"]]
-        except FileNotFoundError:
-            raise
+            pairs = [(str(i), str(p)) for i, p in json.loads(data)["drops"]]
         except Exception as e:  # noqa: BLE001
             self._damage(path, f"unreadable drop file ({type(e).__name__}: {e})")
             self._seen[DROPS].add(name)
@@ -183,10 +180,9 @@ class StageState:
 
     def _load_record(self, name: str) -> None:
         path = f"{self.base}/{RECORDS}/{name}"
+        data = self.backend.get(path)
         try:
-            rec = Record.from_bytes(self.backend.get(path))
-        except FileNotFoundError:
-            raise
+            rec = Record.from_bytes(data)
         except Exception as e:  # noqa: BLE001
             self._damage(path, f"unreadable completion record ({type(e).__name__}: {e}); its items count as "
                                "incomplete and are recomputed")

@@ -102,6 +102,7 @@ class Store:
         self.fs, self.root, self.is_local = self.backend.fs, self.backend.root, self.backend.is_local
         self._states: dict[tuple[str, str], StageState] = {}
         self._registered: set[tuple[str, str]] = set()
+        self._fresh: set[tuple[str, str]] = set()
         self._open(create)
         self.leases = LeaseManager(self.backend, lease_ttl)
 
@@ -180,12 +181,14 @@ class Store:
         """The stage's ``stage.json``; ``{}`` if absent, ``{"damaged": message}`` if unreadable."""
         path = f"{self.stage_dir(stage, key)}/stage.json"
         try:
-            d = json.loads(self.backend.get(path))
+            data = self.backend.get(path)
+        except FileNotFoundError:
+            return {}
+        try:
+            d = json.loads(data)
             if not isinstance(d, dict) or "stage_key" not in d:
                 raise ValueError("no stage_key")
             return d
-        except FileNotFoundError:
-            return {}
         except Exception as e:  # noqa: BLE001
             return {"damaged": f"{path} is unreadable ({type(e).__name__}: {e}); rerun an experiment that uses "
                                "this stage to rewrite it"}
@@ -210,6 +213,17 @@ class Store:
             st = self._states[ident] = StageState(self.backend, self.stage_dir(stage, key))
             return st.refresh()
         return st.refresh() if refresh or not st.loaded else st
+
+    def forget_fresh(self) -> None:
+        """Start of a run: every view must be listed again before it is trusted."""
+        self._fresh.clear()
+
+    def mark_fresh(self, stage: str, key: str) -> None:
+        """Note that this process's view of ``(stage, key)`` is current (the flow, right after a stage ran)."""
+        self._fresh.add((stage, key))
+
+    def state_is_fresh(self, stage: str, key: str) -> bool:
+        return (stage, key) in self._fresh
 
     def complete_items(self, stage: str, key: str) -> set[str]:
         return self.state(stage, key).complete()

@@ -250,9 +250,10 @@ def read_table(
     parts = []
     for n in wanted:
         path = store.table_path(table, n)
-        if not store.fs.exists(path):
-            raise FileNotFoundError(f"table {table}/{n} not found in {store.location}")
-        data = store.fs.cat_file(path)  # I/O errors propagate as such: they are not damage
+        try:
+            data = store.backend.get(path)  # one request; other I/O errors propagate as such: they are not damage
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"table {table}/{n} not found in {store.location}") from e
         try:
             parts.append(_parse(data, table, schema))
         except _Damage as e:
