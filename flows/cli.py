@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep only the keys of the given experiment files (not those of recorded runs)")
     sp.add_argument("--all-runs", action="store_true",
                     help="keep the keys of every recorded run (default: of the newest run of each experiment)")
+    sp.add_argument("--max-bytes", type=S.parse_size, default=None, metavar="SIZE",
+                    help="storage budget: evict whole output sets, least recently used first, until the stage outputs "
+                         "total at most SIZE (e.g. 500G, 20M, 123456); live runs' outputs are never evicted")
+    sp.add_argument("--older-than", type=S.parse_duration, default=None, metavar="AGE",
+                    help="evict output sets no run has used for AGE (e.g. 30d, 12h, 90m, 3600)")
     sp.add_argument("--dry-run", action="store_true")
     sp.add_argument("--force", action="store_true", help="run even while a run is live (its outputs are kept)")
     _store(sp)

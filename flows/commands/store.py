@@ -7,6 +7,7 @@ and creates nothing.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -52,9 +53,29 @@ def plan_keys(exp_paths: Sequence[str], overrides: Sequence[str] = ()) -> set[tu
     return keys
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_size(text: str) -> int:
+    """``500G``, ``20MiB``, ``1.5T``, ``123456`` -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}; use e.g. 500G, 20M or a number of bytes")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+
+
+def parse_duration(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``3600`` -> seconds."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhdw]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r}; use e.g. 30d, 12h, 90m or seconds")
+    return float(m.group(1)) * _TIME_UNITS[m.group(2)]
+
+
 def cmd_cache_gc(args: argparse.Namespace) -> int:
     from storage.journal import KeepSet, newest_per_experiment
-    from storage.maintenance import gc
+    from storage.maintenance import evict, gc
 
     store = read_only_store(args.store)
     runs, damaged = store.runs()
@@ -70,12 +91,19 @@ def cmd_cache_gc(args: argparse.Namespace) -> int:
     for r in keep.live_runs:
         keep.add(r.plan_keys(), f"live run {r.run_id}")
     keep.add(plan_keys(args.experiments), "experiment files")
-    if not args.only_experiments:
+    verb = "would remove" if args.dry_run else "removed"
+    if args.max_bytes is not None or args.older_than is not None:  # the storage budget: least recently used first
+        budget = evict(store, keep.keys, max_bytes=args.max_bytes, older_than=args.older_than, dry_run=args.dry_run)
+        for stage, key, items, nbytes in budget.sets:
+            print(f"{verb} {stage}/{key}: {items} items, {human(nbytes)} (least recently used)")
+        print(f"{verb} {len(budget.sets)} output sets ({budget.items} items): {human(budget.nbytes)} freed by the "
+              "storage budget")
+        keep.add(set(store.stage_sets()), "kept by the budget")  # then only leftovers of dead writers go
+    elif not args.only_experiments:
         chosen = runs if args.all_runs else list(newest_per_experiment(runs).values())
         for r in chosen:
             keep.add(r.plan_keys(), f"run {r.run_id} ({r.experiment})")
     rep = gc(store, keep.keys, dry_run=args.dry_run)
-    verb = "would remove" if args.dry_run else "removed"
     for stage, key, items, nbytes in rep.sets:
         print(f"{verb} {stage}/{key}: {items} items, {human(nbytes)}")
     print(f"{verb} {len(rep.sets)} output sets ({rep.items} items), {rep.packs} superseded or unrecorded packs, "

@@ -46,3 +46,36 @@ def test_stages_not_persisted_are_computed_on_demand_with_the_same_outputs(tmp_p
 def test_persist_names_are_checked(tmp_path, persist, message):
     with pytest.raises(ExperimentError, match=message):
         tiny_experiment(tmp_path, persist=persist)
+
+
+def test_gc_storage_budget_evicts_least_recently_used_sets(tmp_path, capsys):
+    import yaml
+
+    from flows.cli import main
+
+    store = tmp_path / "store"
+    files = []
+    for i, stride in enumerate((112, 56)):
+        exp = tiny_experiment(store, name=f"e{i}", methods=[{"name": "clip", "method": "clip", "window": {"stride": stride}}])
+        files.append(tmp_path / f"e{i}.yaml")
+        files[-1].write_text(yaml.safe_dump(exp.model_dump(mode="json")))
+        assert main(["run", str(files[-1]), "-q"]) == 0
+    st = Store(store)
+    sizes = {(i.stage, i.key): i.nbytes for i in st.list_stages()}
+    first = {(n.stage, n.key) for n in build_plan(tiny_experiment(store, name="e0", methods=[
+        {"name": "clip", "method": "clip", "window": {"stride": 112}}]))[0].nodes.values()}
+    only_first = {k for k in first if k in sizes} - {(n.stage, n.key) for n in build_plan(tiny_experiment(
+        store, name="e1", methods=[{"name": "clip", "method": "clip", "window": {"stride": 56}}]))[0].nodes.values()}
+    assert only_first  # e0's clip dump, reconstruction and scores are used by e0 only, and longer ago
+    budget = sum(sizes.values()) - 1
+    capsys.readouterr()
+    assert main(["cache", "gc", "--store", str(store), "--max-bytes", str(budget), "--dry-run"]) == 0
+    assert "least recently used" in capsys.readouterr().out and set(Store(store).stage_sets()) == set(sizes)
+    assert main(["cache", "gc", "--store", str(store), "--older-than", "30d"]) == 0
+    assert set(Store(store).stage_sets()) == set(sizes)  # everything was used today
+    assert main(["cache", "gc", "--store", str(store), "--max-bytes", str(budget)]) == 0
+    left = set(Store(store).stage_sets())
+    evicted = set(sizes) - left
+    assert evicted and evicted <= only_first  # the least recently used sets went first
+    assert main(["cache", "gc", "--store", str(store), "--max-bytes", "1G"]) == 0
+    assert set(Store(store).stage_sets()) == left
