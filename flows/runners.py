@@ -24,7 +24,6 @@ The Dask runner (``OvsegDaskTaskRunner``) adds to prefect-dask's:
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from typing import Any
@@ -47,12 +46,19 @@ def make_task_runner(exp: Experiment):
         quiet_dask_logs()
         if exp.runner.address:
             return cls(address=exp.runner.address)
-        dashboard = ":0" if importlib.util.find_spec("bokeh") is not None else None
         return cls(cluster_kwargs={"n_workers": exp.runner.workers, "threads_per_worker": 1, "processes": True,
-                                   "dashboard_address": dashboard, "silence_logs": logging.WARNING})
+                                   "dashboard_address": ":0", "silence_logs": logging.WARNING})  # :0 a free port
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=exp.runner.workers)
+
+
+class _ShutdownNoise(logging.Filter):
+    """Drops the nanny's "Worker process still alive after 4.0 seconds, killing" of a temporary
+    cluster's shutdown: it comes after every batch has ended (nothing is being written)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Worker process still alive after")
 
 
 def quiet_dask_logs() -> None:
@@ -63,6 +69,9 @@ def quiet_dask_logs() -> None:
         logger = logging.getLogger(name)
         if logger.getEffectiveLevel() < logging.WARNING:
             logger.setLevel(logging.WARNING)
+    nanny = logging.getLogger("distributed.nanny")
+    if not any(isinstance(f, _ShutdownNoise) for f in nanny.filters):
+        nanny.addFilter(_ShutdownNoise())
 
 
 _RUNNER_CLASS: type | None = None
