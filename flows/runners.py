@@ -19,7 +19,8 @@ The Dask runner (``OvsegDaskTaskRunner``) adds to prefect-dask's:
   lease expires (``runner.lease_ttl``) and submits them again, so the run ends complete. When
   Dask gives up on a batch (every worker that ran it died: usually the batch itself exhausts
   memory), its Prefect task run is marked Crashed and the future raises ``WorkerLostError``;
-- ``capacity()``: the threads of the workers connected now (workers that joined count).
+- ``capacity()``: the threads of the workers connected now (workers that joined count);
+  ``parallelism(runner.workers)`` reads it from inside the flow (for its bound on batches in flight).
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ class _ShutdownNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Worker process still alive after")
+
+
+def parallelism(default: int) -> int:
+    """Batches that can run at once now: inside a flow on a Dask cluster, its workers' threads at this
+    moment (workers that joined count, dead ones do not), never less than ``default``
+    (``runner.workers``); ``default`` otherwise."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    capacity = getattr(ctx.task_runner, "capacity", None) if ctx is not None else None
+    return max(default, capacity()) if capacity is not None else default
 
 
 def quiet_dask_logs() -> None:

@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import re
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -257,13 +258,15 @@ def worker_device(requested: str) -> str:
 
 
 def _dask_worker_name() -> object | None:
-    """The name of the Dask worker running this code, or None outside a Dask worker."""
-    try:
-        from distributed import get_worker
-    except ImportError:
+    """The name of the Dask worker running this code, or None outside a Dask worker.
+
+    A Dask worker process has imported ``distributed`` already; other processes are not made to.
+    """
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
         return None
     try:
-        return get_worker().name
+        return distributed.get_worker().name
     except ValueError:
         return None
 

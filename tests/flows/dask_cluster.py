@@ -22,6 +22,7 @@ def _env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PYTHONPATH"] = str(REPO)
     env["PREFECT_HOME"] = str(home)  # the workers get the API address from each task's context
+    env["PYTHONFAULTHANDLER"] = "1"  # a worker that crashes in native code leaves its Python stack in its log
     return env
 
 

@@ -239,7 +239,9 @@ def test_cli_run_on_an_existing_cluster_matches_a_local_run(tmp_path, cluster, r
     _assert_same(_snapshot(tmp_path / "store"), reference)
     ran = _task_workers(client, since)
     assert set(ran) == {"cli-0", "cli-1"}, ran
-    assert sum(ran.values()) == len(reference)  # one batch per item, none repeated
+    crashed = [n for n in ran if "was killed by signal" in cluster.log(n)]  # restarted by its nanny
+    # one batch per item; a batch runs again only when its worker process crashed (once seen: SIGSEGV, under load)
+    assert sum(ran.values()) == len(reference) or (sum(ran.values()) > len(reference) and crashed), (ran, crashed)
     for held in client.run(loaded_backbones).values():  # each backbone loaded once per worker, on its device
         assert held and len({name for name, _ in held}) == len(held) and {dev for _, dev in held} == {"cpu"}
 
@@ -299,7 +301,9 @@ def test_batch_whose_every_worker_dies_fails_and_a_rerun_completes(tmp_path, clu
 def test_worker_joining_mid_run_is_given_batches(tmp_path, cluster, reference, caplog):
     """A third worker started after the run began computes batches; each worker binds its device
     once (``auto`` falls back to cpu here and says so once per worker process)."""
-    from flows.runners import dask_runner_class
+    from prefect import flow
+
+    from flows.runners import dask_runner_class, parallelism
 
     _start(cluster, "join-0", "join-1")
     client = cluster.client()
@@ -323,8 +327,11 @@ def test_worker_joining_mid_run_is_given_batches(tmp_path, cluster, reference, c
     assert len(announced) == 1 and cluster.address in announced[0] and "dashboard: http://" in announced[0]
     assert logging.getLogger("distributed").getEffectiveLevel() == logging.WARNING
 
-    with dask_runner_class()(address=cluster.address) as runner:
-        assert runner.capacity() == 3  # the late worker counts
+    @flow(task_runner=dask_runner_class()(address=cluster.address))
+    def batches_at_once() -> int:
+        return parallelism(1)
+
+    assert batches_at_once() == 3  # the late worker counts
     workers = {str(w["name"]): addr for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()}
     for name, addr in workers.items():
         assert client.submit(resolved_device, "auto", workers=[addr], pure=False).result() == "cpu"
