@@ -9,7 +9,10 @@ those, so graph edges are declared once. A ``StageContext`` binds a node to the 
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import re
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,7 +101,8 @@ class StageContext:
 
     @property
     def device(self) -> str:
-        return self.settings.device
+        """The torch device of this process: ``settings.device`` bound to one GPU per worker (``worker_device``)."""
+        return worker_device(self.settings.device)
 
     def store(self) -> Store:
         return open_store(self.settings.store_location, self.settings.lease_ttl)
@@ -184,6 +188,98 @@ def get_backbone(name: str, device: str = "cpu", dtype: str = "float32", weights
     if isinstance(got, BackboneLoadError):
         raise got
     return got
+
+
+# --------------------------------------------------------------------------- device binding
+_WORKER_SUFFIX = re.compile(r"(?:^|-)(\d+)$")
+
+
+def worker_index(name: object) -> int | None:
+    """The index of a Dask worker from its name, or None when the name carries none.
+
+    ``LocalCluster`` names its workers ``0 .. n-1``; ``dask worker --name gpu --nworkers 4``
+    names them ``gpu-0 .. gpu-3``; a name ending in ``-<digits>`` (or all digits) gives that
+    number, any other name (the default: the worker's address) gives None.
+    """
+    if isinstance(name, bool):
+        return None
+    if isinstance(name, int):
+        return name if name >= 0 else None
+    m = _WORKER_SUFFIX.search(str(name))
+    return int(m.group(1)) if m else None
+
+
+def bind_device(requested: str, cuda_devices: int, index: int | None) -> str:
+    """The device one worker process uses for ``device: requested``.
+
+    Args:
+        requested: the experiment's ``device`` (``auto``, ``cuda``, ``cuda:N``, ``cpu``, ``mps``).
+        cuda_devices: CUDA devices visible to the process (``torch.cuda.device_count()``, which
+            honours ``CUDA_VISIBLE_DEVICES``).
+        index: the worker's index on its machine (``worker_index``), None outside a named worker.
+
+    Returns:
+        ``auto`` and ``cuda``: ``cuda:{index mod cuda_devices}`` (``cuda:0`` without an index), so
+        workers 0..k-1 of a k-GPU machine each get their own GPU and a worker started with its
+        own ``CUDA_VISIBLE_DEVICES=i`` uses that one; ``auto`` with no CUDA device: ``cpu``.
+        An explicit ``cuda:N``, ``cpu`` or ``mps`` is returned unchanged.
+
+    Raises:
+        ValueError: ``cuda`` requested but no CUDA device is visible.
+    """
+    if requested not in ("auto", "cuda"):
+        return requested
+    if cuda_devices < 1:
+        if requested == "auto":
+            return "cpu"
+        raise ValueError(f"device: 'cuda' but no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); use device: auto to fall back to cpu")
+    return f"cuda:{(index or 0) % cuda_devices}"
+
+
+@lru_cache(maxsize=8)
+def worker_device(requested: str) -> str:
+    """``bind_device`` for this process, resolved once; says once per process where it runs.
+
+    On a CUDA device the process's current device is set too, so stray ``"cuda"`` tensors land
+    on the bound GPU.
+    """
+    if requested not in ("auto", "cuda"):
+        return requested
+    import torch
+
+    count = torch.cuda.device_count()
+    name = _dask_worker_name()
+    index = worker_index(name) if name is not None else None
+    device = bind_device(requested, count, index)
+    where = f"{'worker ' + str(name) if name is not None else 'process'} (pid {os.getpid()})"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+    if device == "cpu":
+        log.warning("device auto: no CUDA device visible to %s (CUDA_VISIBLE_DEVICES=%s); running on cpu", where,
+                    visible)
+        return device
+    if index is None and name is not None and count > 1:
+        log.warning("device %s: %s has no index in its name, so it uses %s like any other such worker; start "
+                    "workers with `dask worker --name NAME --nworkers N` or give each its own CUDA_VISIBLE_DEVICES",
+                    requested, where, device)
+    torch.cuda.set_device(torch.device(device))
+    log.info("device %s: %s bound to %s of %d visible (CUDA_VISIBLE_DEVICES=%s)", requested, where, device, count,
+             visible)
+    return device
+
+
+def _dask_worker_name() -> object | None:
+    """The name of the Dask worker running this code, or None outside a Dask worker.
+
+    A Dask worker process has imported ``distributed`` already; other processes are not made to.
+    """
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return None
+    try:
+        return distributed.get_worker().name
+    except ValueError:
+        return None
 
 
 @lru_cache(maxsize=1)
