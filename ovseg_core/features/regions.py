@@ -11,6 +11,10 @@ the number of masks per point prompt is a visible option: v1's ``SamAutomaticMas
 always asks for 3 masks per point, while the CorrCLIP on-the-fly reference uses single-mask output
 (``multimask_output=False``, the default here). With ``multimask_output=True`` the result equals
 ``SamAutomaticMaskGenerator.generate`` with the same parameters.
+
+Other region sources give the same :class:`RegionMap`: SAM 2 automatic masks
+(:mod:`ovseg_core.features.sam2_regions`) and pre-generated mask files
+(:mod:`ovseg_core.features.region_files`); :func:`region_map` dispatches on the config type.
 """
 
 from __future__ import annotations
@@ -41,9 +45,12 @@ from torch import nn
 from torchvision.ops.boxes import batched_nms, box_area
 
 __all__ = [
+    "AutomaticMaskConfig",
     "RegionMap",
     "SamRegionConfig",
     "SuperpixelConfig",
+    "check_rgb_image",
+    "paint_region_map",
     "paint_regions",
     "region_map",
     "resize_regions_nearest",
@@ -137,17 +144,33 @@ def paint_regions(masks: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     return _paint(_stack_masks(masks))[0]
 
 
+def paint_region_map(masks: np.ndarray, scores: np.ndarray) -> RegionMap:
+    """Paint ``(Z, H, W) bool`` masks by ascending area into a :class:`RegionMap`.
+
+    Args:
+        masks: ``(Z, H, W) bool`` in generator order.
+        scores: ``(Z,) float32`` quality of each mask, in the same order.
+    Returns:
+        ids as :func:`paint_regions`; ``scores`` and ``areas`` reordered to id order.
+    """
+    masks = _stack_masks(masks)
+    if scores.shape != (masks.shape[0],):
+        raise ValueError(f"scores must be ({masks.shape[0]},) like the masks, got shape {scores.shape}")
+    ids, order, areas = _paint(masks)
+    return RegionMap(ids=ids, scores=np.asarray(scores, dtype=np.float32)[order], areas=areas)
+
+
 # ---------------------------------------------------------------------------------------------
 # SAM automatic masks
 
 
 @dataclass(frozen=True)
-class SamRegionConfig:
-    """Automatic mask generation parameters (segment-anything's ``SamAutomaticMaskGenerator``).
+class AutomaticMaskConfig:
+    """Parameters shared by segment-anything's and SAM 2's automatic mask generators.
 
     Defaults are the CorrCLIP on-the-fly reference (methods.md §2.1): 8 points per side,
     pred_iou_thresh 0.4, stability_score_thresh 0.4, single-mask output, no post-processing.
-    ``output_mode`` of the library generator is not exposed: regions always need binary masks.
+    ``output_mode`` of the library generators is not exposed: regions always need binary masks.
     """
 
     points_per_side: int | None = 8  # grid points per image side (points_per_side**2 prompts); paper 8; None => point_grids
@@ -162,41 +185,42 @@ class SamRegionConfig:
     crop_n_points_downscale_factor: int = 1  # points per side divided by this**layer in crop layers, >= 1; default 1
     point_grids: tuple[tuple[tuple[float, float], ...], ...] | None = None  # explicit (x, y) in [0,1] per crop layer
     min_mask_region_area: int = 0  # > 0 removes holes/islands below this area (needs opencv); paper 0 (none)
-    multimask_output: bool = False  # True = 3 masks per point (SAM v1 generator); paper False (single-mask output)
+    multimask_output: bool = False  # True = 3 masks per point (the library default); paper False (single-mask output)
 
     def __post_init__(self) -> None:
+        name = type(self).__name__
         if (self.points_per_side is None) == (self.point_grids is None):
-            raise ValueError("SamRegionConfig: set exactly one of points_per_side and point_grids")
+            raise ValueError(f"{name}: set exactly one of points_per_side and point_grids")
         if self.points_per_side is not None and self.points_per_side < 1:
-            raise ValueError(f"SamRegionConfig.points_per_side must be >= 1, got {self.points_per_side}")
+            raise ValueError(f"{name}.points_per_side must be >= 1, got {self.points_per_side}")
         if self.point_grids is not None:
             if len(self.point_grids) != self.crop_n_layers + 1:
                 raise ValueError(
-                    f"SamRegionConfig.point_grids needs crop_n_layers + 1 = {self.crop_n_layers + 1} grids, "
+                    f"{name}.point_grids needs crop_n_layers + 1 = {self.crop_n_layers + 1} grids, "
                     f"got {len(self.point_grids)}"
                 )
             for grid in self.point_grids:
                 arr = np.asarray(grid, dtype=np.float64)
                 if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] == 0 or arr.min() < 0 or arr.max() > 1:
-                    raise ValueError("SamRegionConfig.point_grids: each grid must be non-empty (x, y) pairs in [0, 1]")
+                    raise ValueError(f"{name}.point_grids: each grid must be non-empty (x, y) pairs in [0, 1]")
         if self.points_per_batch < 1:
-            raise ValueError(f"SamRegionConfig.points_per_batch must be >= 1, got {self.points_per_batch}")
+            raise ValueError(f"{name}.points_per_batch must be >= 1, got {self.points_per_batch}")
         for field in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh"):
             value = getattr(self, field)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"SamRegionConfig.{field} must be in [0, 1], got {value}")
+                raise ValueError(f"{name}.{field} must be in [0, 1], got {value}")
         if not self.stability_score_offset > 0:
-            raise ValueError(f"SamRegionConfig.stability_score_offset must be > 0, got {self.stability_score_offset}")
+            raise ValueError(f"{name}.stability_score_offset must be > 0, got {self.stability_score_offset}")
         if self.crop_n_layers < 0:
-            raise ValueError(f"SamRegionConfig.crop_n_layers must be >= 0, got {self.crop_n_layers}")
+            raise ValueError(f"{name}.crop_n_layers must be >= 0, got {self.crop_n_layers}")
         if not 0.0 <= self.crop_overlap_ratio < 1.0:
-            raise ValueError(f"SamRegionConfig.crop_overlap_ratio must be in [0, 1), got {self.crop_overlap_ratio}")
+            raise ValueError(f"{name}.crop_overlap_ratio must be in [0, 1), got {self.crop_overlap_ratio}")
         if self.crop_n_points_downscale_factor < 1:
             raise ValueError(
-                f"SamRegionConfig.crop_n_points_downscale_factor must be >= 1, got {self.crop_n_points_downscale_factor}"
+                f"{name}.crop_n_points_downscale_factor must be >= 1, got {self.crop_n_points_downscale_factor}"
             )
         if self.min_mask_region_area < 0:
-            raise ValueError(f"SamRegionConfig.min_mask_region_area must be >= 0, got {self.min_mask_region_area}")
+            raise ValueError(f"{name}.min_mask_region_area must be >= 0, got {self.min_mask_region_area}")
 
     def layer_point_grids(self) -> list[np.ndarray]:
         """``(P_i, 2) float64`` normalised (x, y) prompt points of each crop layer."""
@@ -208,7 +232,16 @@ class SamRegionConfig:
         )
 
 
-def _check_image(image: np.ndarray) -> None:
+@dataclass(frozen=True)
+class SamRegionConfig(AutomaticMaskConfig):
+    """segment-anything v1's ``SamAutomaticMaskGenerator`` parameters (fields: :class:`AutomaticMaskConfig`).
+
+    v1 binarises mask logits at the model's ``mask_threshold`` (0.0) and has no mask-to-mask refinement.
+    """
+
+
+def check_rgb_image(image: np.ndarray) -> None:
+    """Raise ``ValueError`` unless ``image`` is an ``(H, W, 3) uint8`` RGB array."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be an (H, W, 3) uint8 RGB array, got {_describe(image)}")
 
@@ -254,7 +287,7 @@ def sam_masks(sam_model: nn.Module, image: np.ndarray, cfg: SamRegionConfig) -> 
         masks ``(Z, H, W) bool`` and their predicted IoUs ``(Z,) float32``, in the library
         generator's output order.
     """
-    _check_image(image)
+    check_rgb_image(image)
     orig_size = (int(image.shape[0]), int(image.shape[1]))
     predictor = SamPredictor(sam_model)
     grids = cfg.layer_point_grids()
@@ -316,8 +349,7 @@ def sam_regions(sam_model: nn.Module, image: np.ndarray, cfg: SamRegionConfig) -
         a :class:`RegionMap`; all zeros with ``Z = 0`` when no mask survives the filters.
     """
     masks, scores = sam_masks(sam_model, image, cfg)
-    ids, order, areas = _paint(masks)
-    return RegionMap(ids=ids, scores=scores[order], areas=areas)
+    return paint_region_map(masks, scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +395,7 @@ def superpixel_regions(image: np.ndarray, cfg: SuperpixelConfig) -> RegionMap:
         image: ``(H, W, 3) uint8`` RGB.
         cfg: method and parameters.
     """
-    _check_image(image)
+    check_rgb_image(image)
     if cfg.method == "slic":
         labels = slic(
             image,
@@ -388,22 +420,31 @@ def superpixel_regions(image: np.ndarray, cfg: SuperpixelConfig) -> RegionMap:
     )
 
 
-def region_map(source: nn.Module | None, image: np.ndarray, cfg: SamRegionConfig | SuperpixelConfig) -> RegionMap:
+def region_map(source: nn.Module | None, image: np.ndarray, cfg: AutomaticMaskConfig | SuperpixelConfig) -> RegionMap:
     """Region map of ``image`` from the source named by the config type.
 
     Args:
-        source: the ``Sam`` model for :class:`SamRegionConfig`; unused (may be None) for
-            :class:`SuperpixelConfig`.
+        source: the segment-anything ``Sam`` for :class:`SamRegionConfig`, the sam2 ``SAM2Base``
+            for :class:`~ovseg_core.features.sam2_regions.Sam2RegionConfig`; unused (may be None)
+            for :class:`SuperpixelConfig`.
         image: ``(H, W, 3) uint8`` RGB.
-        cfg: :class:`SamRegionConfig` or :class:`SuperpixelConfig`.
+        cfg: :class:`SamRegionConfig`, ``Sam2RegionConfig`` or :class:`SuperpixelConfig`.
     """
-    if isinstance(cfg, SamRegionConfig):
+    # Imported here: sam2_regions imports this module, and the sam2 package only loads when used.
+    from .sam2_regions import Sam2RegionConfig, sam2_regions
+
+    if isinstance(cfg, (SamRegionConfig, Sam2RegionConfig)):
         if source is None:
-            raise ValueError("SamRegionConfig needs a segment-anything Sam model as source, got None")
+            kind = "segment-anything Sam" if isinstance(cfg, SamRegionConfig) else "sam2 SAM2Base"
+            raise ValueError(f"{type(cfg).__name__} needs a {kind} model as source, got None")
+        if isinstance(cfg, Sam2RegionConfig):
+            return sam2_regions(source, image, cfg)
         return sam_regions(source, image, cfg)
     if isinstance(cfg, SuperpixelConfig):
         return superpixel_regions(image, cfg)
-    raise ValueError(f"cfg must be a SamRegionConfig or SuperpixelConfig, got {type(cfg).__name__}")
+    raise ValueError(
+        f"cfg must be a SamRegionConfig, Sam2RegionConfig or SuperpixelConfig, got {type(cfg).__name__}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
