@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .regions import RegionMap
+from .region_painting import RegionMap
 
 __all__ = ["FILE_FORMATS", "RegionFileConfig", "decode_label_map", "regions_from_label_map"]
 

@@ -18,6 +18,12 @@ defaults to:
 The paper's pre-generation setting is ``Sam2RegionConfig(points_per_side=32)`` on ``sam2:hiera_l``
 (its other parameters are given in the paper, not in the code).
 
+Masks come from :func:`~ovseg_core.features.automatic_masks.generate_masks` over the library's
+``SAM2ImagePredictor`` (the pieces ``SAM2AutomaticMaskGenerator`` itself calls, including its
+private ``_features`` and ``_transforms``), which returns the library generator's masks without its
+RLE round trip and without upsampling masks the IoU filter drops; ``use_m2m=True`` runs the
+library generator itself.
+
 Precision: ``compute_dtype`` runs the network under ``torch.autocast`` in that dtype (the
 reference: ``float16`` on CUDA); load the model in float32 (``load_backbone(..., dtype=torch.float32)``):
 on CPU the sam2 code cannot mix bfloat16 weights with its float32 layer norms.
@@ -31,9 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .regions import AutomaticMaskConfig, RegionMap, check_rgb_image, paint_region_map
+from .automatic_masks import AutomaticMaskConfig, generate_masks, network_autocast
+from .region_painting import RegionMap, check_rgb_image, paint_region_map
 
-__all__ = ["Sam2RegionConfig", "network_autocast", "sam2_masks", "sam2_regions"]
+__all__ = ["Sam2RegionConfig", "sam2_masks", "sam2_regions"]
 
 
 @dataclass(frozen=True)
@@ -78,39 +85,47 @@ class Sam2RegionConfig(AutomaticMaskConfig):
         }
 
 
-_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+class _Sam2PromptDecoder:
+    """:class:`~ovseg_core.features.automatic_masks.PromptDecoder` over sam2's ``SAM2ImagePredictor``."""
 
+    def __init__(self, sam2_model: nn.Module, cfg: Sam2RegionConfig) -> None:
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-def network_autocast(model: nn.Module, compute_dtype: torch.dtype) -> torch.autocast:
-    """``torch.autocast`` on ``model``'s device in ``compute_dtype``; disabled for float32.
-
-    Raises:
-        ValueError: ``compute_dtype`` is not float32, bfloat16 or float16 (float16 needs CUDA).
-    """
-    device = next(model.parameters()).device
-    if compute_dtype not in _COMPUTE_DTYPES or (compute_dtype == torch.float16 and device.type != "cuda"):
-        raise ValueError(
-            f"compute_dtype must be torch.float32 or torch.bfloat16 (torch.float16 on CUDA only), "
-            f"got {compute_dtype} on {device.type}"
+        self.model = sam2_model
+        # As SAM2AutomaticMaskGenerator builds it (hole filling up to min_mask_region_area).
+        self.predictor = SAM2ImagePredictor(
+            sam2_model, max_hole_area=cfg.min_mask_region_area, max_sprinkle_area=cfg.min_mask_region_area
         )
-    return torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+
+    def set_image(self, crop: np.ndarray) -> None:
+        self.predictor.set_image(crop)
+        self.crop_hw = crop.shape[:2]
+
+    def decode(self, points: np.ndarray, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # As SAM2AutomaticMaskGenerator._process_batch and SAM2ImagePredictor._predict do.
+        predictor, model = self.predictor, self.model
+        coords = torch.as_tensor(points, dtype=torch.float32, device=predictor.device)
+        coords = predictor._transforms.transform_coords(coords, normalize=True, orig_hw=self.crop_hw)
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
+        sparse, dense = model.sam_prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
+        features = predictor._features
+        low_res, iou_preds, _, _ = model.sam_mask_decoder(
+            image_embeddings=features["image_embed"][-1].unsqueeze(0),
+            image_pe=model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            repeat_image=coords.shape[0] > 1,
+            high_res_features=[level[-1].unsqueeze(0) for level in features["high_res_feats"]],
+        )
+        return low_res.flatten(0, 1)[:, None], iou_preds.flatten(0, 1)
+
+    def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
+        return self.predictor._transforms.postprocess_masks(low_res, self.crop_hw)[:, 0]
 
 
-@torch.no_grad()
-def sam2_masks(
-    sam2_model: nn.Module, image: np.ndarray, cfg: Sam2RegionConfig, *, compute_dtype: torch.dtype = torch.float32
-) -> tuple[np.ndarray, np.ndarray]:
-    """SAM 2 automatic masks at the image's resolution, from the library generator.
-
-    Args:
-        sam2_model: a sam2 ``SAM2Base`` (``load_backbone("sam2:...").model``); its device is used.
-        image: ``(H, W, 3) uint8`` RGB.
-        cfg: generation parameters.
-        compute_dtype: autocast dtype of the network (see the module docstring).
-    Returns:
-        masks ``(Z, H, W) bool`` and their predicted IoUs ``(Z,) float32``, in the generator's order.
-    """
-    check_rgb_image(image)
+def _library_masks(sam2_model: nn.Module, image: np.ndarray, cfg: Sam2RegionConfig, compute_dtype: torch.dtype):
+    """``SAM2AutomaticMaskGenerator.generate`` itself (for ``use_m2m``): masks and predicted IoUs."""
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
     generator = SAM2AutomaticMaskGenerator(sam2_model, **cfg.generator_kwargs())
@@ -124,6 +139,36 @@ def sam2_masks(
         return np.zeros((0, height, width), dtype=bool), np.zeros((0,), dtype=np.float32)
     masks = np.stack([np.asarray(r["segmentation"], dtype=bool) for r in records])
     return masks, np.asarray([r["predicted_iou"] for r in records], dtype=np.float32)
+
+
+@torch.no_grad()
+def sam2_masks(
+    sam2_model: nn.Module, image: np.ndarray, cfg: Sam2RegionConfig, *, compute_dtype: torch.dtype = torch.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """SAM 2 automatic masks at the image's resolution, as ``SAM2AutomaticMaskGenerator.generate`` gives them.
+
+    Args:
+        sam2_model: a sam2 ``SAM2Base`` (``load_backbone("sam2:...").model``); its device is used.
+        image: ``(H, W, 3) uint8`` RGB.
+        cfg: generation parameters.
+        compute_dtype: autocast dtype of the network (see the module docstring).
+    Returns:
+        masks ``(Z, H, W) bool`` and their predicted IoUs ``(Z,) float32``, in the generator's order.
+    """
+    check_rgb_image(image)
+    if cfg.use_m2m:
+        return _library_masks(sam2_model, image, cfg, compute_dtype)
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    return generate_masks(
+        _Sam2PromptDecoder(sam2_model, cfg),
+        sam2_model,
+        image,
+        cfg,
+        mask_threshold=cfg.mask_threshold,
+        postprocess_small_regions=SAM2AutomaticMaskGenerator.postprocess_small_regions,
+        compute_dtype=compute_dtype,
+    )
 
 
 def sam2_regions(
