@@ -20,6 +20,7 @@ runs in float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +45,8 @@ from .region_painting import check_rgb_image
 __all__ = ["AutomaticMaskConfig", "PromptDecoder", "generate_masks", "network_autocast", "stability_scores"]
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A library generator's static postprocess_small_regions(mask_data, min_area, nms_thresh).
+SmallRegionPostprocess = Callable[[MaskData, int, float], MaskData]
 
 
 @dataclass(frozen=True)
@@ -220,16 +223,8 @@ def _crop_masks(
     return _CropMasks(masks[keep], iou_preds[keep], uncrop_boxes_xyxy(boxes[keep], crop_box), crop_box)
 
 
-def _uncrop(crop: _CropMasks, height: int, width: int) -> np.ndarray:
-    """``(Z, H, W) bool`` masks of a crop placed in the image frame."""
-    x0, y0, x1, y1 = crop.crop_box
-    out = np.zeros((crop.masks.shape[0], height, width), dtype=bool)
-    out[:, y0:y1, x0:x1] = crop.masks.cpu().numpy()
-    return out
-
-
 def _remove_small_regions(
-    postprocess: object, masks: np.ndarray, iou_preds: np.ndarray, boxes: torch.Tensor, cfg: AutomaticMaskConfig
+    postprocess: SmallRegionPostprocess, masks: np.ndarray, iou_preds: np.ndarray, boxes: torch.Tensor, cfg: AutomaticMaskConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """The library's ``postprocess_small_regions`` (holes and islands, then NMS), on RLEs as it expects."""
     data = MaskData(rles=mask_to_rle_pytorch(torch.from_numpy(masks)), iou_preds=iou_preds, boxes=boxes.float().numpy())
@@ -250,7 +245,7 @@ def generate_masks(
     cfg: AutomaticMaskConfig,
     *,
     mask_threshold: float,
-    postprocess_small_regions: object,
+    postprocess_small_regions: SmallRegionPostprocess,
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Automatic masks of ``image`` at its resolution, as the library generator returns them.
@@ -287,8 +282,11 @@ def generate_masks(
         order, boxes, iou_preds = [order[k] for k in keep.tolist()], boxes[keep], iou_preds[keep]
     if not order:
         return np.zeros((0, height, width), dtype=bool), np.zeros((0,), dtype=np.float32)
-    uncropped = [_uncrop(crop, height, width) for crop in crops]
-    masks = np.stack([uncropped[c][i] for c, i in order])
+    crop_masks = [crop.masks.cpu().numpy() for crop in crops]
+    masks = np.zeros((len(order), height, width), dtype=bool)
+    for z, (c, i) in enumerate(order):  # back to the image frame
+        x0, y0, x1, y1 = crops[c].crop_box
+        masks[z, y0:y1, x0:x1] = crop_masks[c][i]
     scores = iou_preds.cpu().numpy().astype(np.float32)
     if cfg.min_mask_region_area > 0:
         masks, scores = _remove_small_regions(postprocess_small_regions, masks, scores, boxes.cpu(), cfg)
