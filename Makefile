@@ -17,8 +17,15 @@ export DO_NOT_TRACK ?= 1
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# sam2 (SAM 2 region masks) is published only as a source archive whose isolated build would
+# download a second torch: build it first, against this venv, without its optional CUDA kernel
+# (SAM2_BUILD_CUDA=0; building without isolation needs setuptools >= 70.1 for bdist_wheel).
+# The project then finds it installed. Its version is pinned in constraints.txt.
+
 # Reinstall only when the project's install inputs change.
 $(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PIP) install --upgrade-strategy only-if-needed -c constraints.txt 'setuptools>=70.1'
+	SAM2_BUILD_CUDA=0 $(PIP) install --no-build-isolation --upgrade-strategy only-if-needed -c constraints.txt sam2
 	$(PIP) install --upgrade-strategy only-if-needed -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 

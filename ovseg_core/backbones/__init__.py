@@ -29,12 +29,17 @@ variable; :func:`official_weight_file` gives the same table programmatically):
 - ``sam:vit_b``: ``sam_vit_b_01ec64.pth``, https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth
 - ``sam:vit_l``: ``sam_vit_l_0b3195.pth``, https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth
 - ``sam:vit_h``: ``sam_vit_h_4b8939.pth``, https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth
+- ``sam2:hiera_t`` / ``hiera_s`` / ``hiera_b+`` / ``hiera_l`` (SAM 2, the sam2 package, ``sam2==1.1.0``):
+  ``sam2_hiera_tiny.pt`` / ``sam2_hiera_small.pt`` / ``sam2_hiera_base_plus.pt`` /
+  ``sam2_hiera_large.pt``, https://dl.fbaipublicfiles.com/segment_anything_2/072824/FILE (the CorrCLIP
+  reference uses ``sam2_hiera_large.pt``); with ``@sam2.1`` the SAM 2.1 files ``sam2.1_hiera_tiny.pt``
+  ... ``sam2.1_hiera_large.pt``, https://dl.fbaipublicfiles.com/segment_anything_2/092824/FILE.
 
-Short forms: ``clip:ARCH`` means the default tag above, ``dino:vitb8`` / ``sam:vit_b`` the
-official release (also spelled ``@official``).
+Short forms: ``clip:ARCH`` means the default tag above, ``dino:vitb8`` / ``sam:vit_b`` /
+``sam2:hiera_l`` the official release (also spelled ``@official``).
 
 Tiny test configurations (real classes, same code paths, seconds on a CPU; see
-:mod:`ovseg_core.backbones.builders`): ``clip:tiny``, ``dino:tiny8``, ``dino:tiny16``, ``sam:tiny``.
+:mod:`ovseg_core.backbones.builders`): ``clip:tiny``, ``dino:tiny8``, ``dino:tiny16``, ``sam:tiny``, ``sam2:tiny``.
 They are random (``@random:SEED`` picks the seed) or load a local checkpoint of their shape.
 
 Weights suffixes, valid on every name:

@@ -14,6 +14,8 @@ Tiny configurations use the same classes and code paths as the real ones:
 - ``sam:tiny``: segment_anything ``Sam`` with an ``ImageEncoderViT`` at the real 1024 px input
   (patch 16, width 32, 2 blocks with the second global, relative positions, window 14, 32 output
   channels), a 32-dim prompt encoder and mask decoder.
+- ``sam2:tiny``: the sam2 package's ``SAM2Base`` from ``sam2_hiera_t.yaml`` shrunk
+  (:mod:`ovseg_core.backbones.sam2_builder`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
+from .sam2_builder import build_sam2_model
 from .spec import DINO_ARCHS, BackboneSpec
 
 __all__ = ["build_model", "build_tokenizer", "clip_uses_quick_gelu"]
@@ -160,6 +163,8 @@ def build_model(spec: BackboneSpec, *, quick_gelu: bool | None = None, meta: boo
             model = _build_clip(spec, clip_uses_quick_gelu(spec) if quick_gelu is None else quick_gelu, device)
         elif spec.family == "dino":
             model = _build_dino(spec)
+        elif spec.family == "sam2":
+            model = build_sam2_model(spec)
         else:
             model = _build_sam(spec)
     return model.eval()

@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import clip_ops
 from .builders import build_model, build_tokenizer
+from .sam2_builder import sam2_geometry
 from .spec import BackboneSpec, parse_backbone
 from .weights import (
     FINGERPRINT_SCOPE,
@@ -36,14 +37,16 @@ class Backbone:
     # The parsed name.
     spec: BackboneSpec
     # clip: open_clip CLIP (.visual is a VisionTransformer, has encode_text); dino: timm
-    # VisionTransformer (num_classes=0, dynamic_img_size=True); sam: segment_anything Sam.
+    # VisionTransformer (num_classes=0, dynamic_img_size=True); sam: segment_anything Sam;
+    # sam2: sam2.modeling.sam2_base.SAM2Base (1024 px input).
     model: nn.Module
     # clip: open_clip tokenizer, list[str] -> (N, 77) int64; None for dino and sam.
     tokenizer: Callable[..., torch.Tensor] | None
     # JSON-able identity of the weights, hashed into stage keys and written into run records
     # (see weights_identity); device and dtype are not part of it.
     identity: dict[str, Any]
-    # Side of a square patch in pixels (16 for ViT-B/16 and SAM, 8 for DINO ViT-B/8).
+    # Side of a square patch in pixels (16 for ViT-B/16 and SAM, 8 for DINO ViT-B/8; SAM 2: the
+    # stride of the image embedding the mask decoder reads, 16).
     patch_size: int
     # Number of transformer blocks of the (vision / image-encoder) tower.
     num_blocks: int
@@ -112,6 +115,8 @@ def _geometry(spec: BackboneSpec, model: nn.Module) -> tuple[int, int]:
         return clip_ops.patch_size(model.visual), clip_ops.num_blocks(model.visual)
     if spec.family == "dino":
         return int(model.patch_embed.patch_size[0]), len(model.blocks)
+    if spec.family == "sam2":
+        return int(model.backbone_stride), len(model.image_encoder.trunk.blocks)
     encoder = model.image_encoder
     return int(encoder.patch_embed.proj.kernel_size[0]), len(encoder.blocks)
 
@@ -119,6 +124,8 @@ def _geometry(spec: BackboneSpec, model: nn.Module) -> tuple[int, int]:
 @lru_cache(maxsize=None)
 def _arch_geometry(family: str, arch: str) -> tuple[int, int]:
     spec = BackboneSpec(family=family, arch=arch, weights="random")
+    if family == "sam2":  # SAM 2 cannot be built on the meta device (Hiera calls .item() in __init__)
+        return sam2_geometry(spec)
     return _geometry(spec, build_model(spec, meta=True))
 
 

@@ -2,12 +2,13 @@
 
 A name is ``family:arch[@weights]``:
 
-- ``family`` is ``clip``, ``dino`` or ``sam``;
+- ``family`` is ``clip``, ``dino``, ``sam`` (segment-anything v1) or ``sam2`` (SAM 2);
 - ``arch`` is one of the registered architectures (:data:`CLIP_ARCHS`, :data:`DINO_ARCHS`,
-  :data:`SAM_ARCHS`, plus the tiny test configurations :data:`TINY_ARCHS`);
-- ``weights`` is an open_clip pretrained tag (CLIP), ``official`` (DINO/SAM, the authors'
-  release), ``random`` / ``random:SEED`` (the real architecture with seeded random weights), or a
-  local checkpoint path. Without ``@`` the architecture's default weights are used (tiny
+  :data:`SAM_ARCHS`, :data:`SAM2_ARCHS`, plus the tiny test configurations :data:`TINY_ARCHS`);
+- ``weights`` is an open_clip pretrained tag (CLIP), ``official`` (DINO/SAM/SAM 2, the authors'
+  release; for SAM 2 the July 2024 release the CorrCLIP reference uses), ``sam2.1`` (SAM 2 only:
+  the September 2024 SAM 2.1 release), ``random`` / ``random:SEED`` (the real architecture with
+  seeded random weights), or a local checkpoint path. Without ``@`` the architecture's default weights are used (tiny
   configurations are always random unless a local checkpoint is given).
 """
 
@@ -26,6 +27,8 @@ __all__ = [
     "FAMILIES",
     "OFFICIAL",
     "RANDOM",
+    "SAM2_1",
+    "SAM2_ARCHS",
     "SAM_ARCHS",
     "TINY_ARCHS",
     "BackboneSpec",
@@ -33,9 +36,11 @@ __all__ = [
     "parse_backbone",
 ]
 
-FAMILIES: tuple[str, ...] = ("clip", "dino", "sam")
+FAMILIES: tuple[str, ...] = ("clip", "dino", "sam", "sam2")
 RANDOM = "random"
 OFFICIAL = "official"
+# Weights tag of the SAM 2.1 checkpoints (SAM 2 family only; ``official`` is the SAM 2 release).
+SAM2_1 = "sam2.1"
 
 # open_clip architecture -> default pretrained tag (the weight each method's paper uses).
 CLIP_ARCHS: dict[str, str] = {
@@ -61,18 +66,29 @@ SAM_ARCHS: dict[str, str] = {
     "vit_h": "sam_vit_h_4b8939.pth",
 }
 
+# SAM 2 architecture (the sam2 package's config name suffix) -> (official SAM 2 file, SAM 2.1 file).
+SAM2_ARCHS: dict[str, tuple[str, str]] = {
+    "hiera_t": ("sam2_hiera_tiny.pt", "sam2.1_hiera_tiny.pt"),
+    "hiera_s": ("sam2_hiera_small.pt", "sam2.1_hiera_small.pt"),
+    "hiera_b+": ("sam2_hiera_base_plus.pt", "sam2.1_hiera_base_plus.pt"),
+    "hiera_l": ("sam2_hiera_large.pt", "sam2.1_hiera_large.pt"),
+}
+
 # Tiny test configurations per family: same classes and code paths, random weights.
 TINY_ARCHS: dict[str, tuple[str, ...]] = {
     "clip": ("tiny",),
     "dino": ("tiny8", "tiny16"),
     "sam": ("tiny",),
+    "sam2": ("tiny",),
 }
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 def _archs(family: str) -> tuple[str, ...]:
-    full = {"clip": tuple(CLIP_ARCHS), "dino": tuple(DINO_ARCHS), "sam": tuple(SAM_ARCHS)}[family]
+    full = {"clip": tuple(CLIP_ARCHS), "dino": tuple(DINO_ARCHS), "sam": tuple(SAM_ARCHS), "sam2": tuple(SAM2_ARCHS)}[
+        family
+    ]
     return full + TINY_ARCHS[family]
 
 
@@ -97,6 +113,7 @@ def list_backbones() -> list[str]:
     names = [f"clip:{arch}@{tag}" for arch, tag in CLIP_ARCHS.items()]
     names += [f"dino:{arch}" for arch in DINO_ARCHS]
     names += [f"sam:{arch}" for arch in SAM_ARCHS]
+    names += [f"sam2:{arch}" for arch in SAM2_ARCHS]
     names += [f"{family}:{arch}" for family, archs in TINY_ARCHS.items() for arch in archs]
     return names
 
@@ -115,11 +132,13 @@ def _unknown_name(name: str, why: str) -> ValueError:
 class BackboneSpec:
     """A parsed backbone name (see :func:`parse_backbone`)."""
 
-    # Model family: "clip" (open_clip CLIP), "dino" (timm ViT with DINO weights), "sam" (segment_anything).
+    # Model family: "clip" (open_clip CLIP), "dino" (timm ViT with DINO weights), "sam" (segment_anything),
+    # "sam2" (the sam2 package's SAM2Base).
     family: str
     # Architecture within the family, e.g. "ViT-B-16-quickgelu", "vitb8", "vit_b", or a tiny config "tiny".
     arch: str
-    # Weights: an open_clip pretrained tag (CLIP), "official" (DINO/SAM release), "random", or a local path.
+    # Weights: an open_clip pretrained tag (CLIP), "official" (DINO/SAM/SAM 2 release), "sam2.1" (SAM 2.1
+    # release, SAM 2 family only), "random", or a local path.
     weights: str
     # Seed of the random initialisation; only meaningful when weights == "random" (default 0).
     seed: int = 0
@@ -140,7 +159,10 @@ class BackboneSpec:
                 f"weights of the tiny configuration {self.family}:{self.arch} must be 'random' or a local "
                 f"checkpoint path, got {self.weights!r}"
             )
-        allowed = _clip_tags(self.arch) if self.family == "clip" else (OFFICIAL,)
+        if self.family == "clip":
+            allowed = _clip_tags(self.arch)
+        else:
+            allowed = (OFFICIAL, SAM2_1) if self.family == "sam2" else (OFFICIAL,)
         if self.weights not in allowed:
             raise ValueError(
                 f"weights for {self.family}:{self.arch} must be one of {sorted(allowed) + [RANDOM]} "
@@ -167,6 +189,20 @@ class BackboneSpec:
         return _looks_like_path(self.weights)
 
     @property
+    def sam2_release(self) -> str:
+        """SAM 2 family: ``"2.1"`` for ``@sam2.1`` and for local files named ``sam2.1*``, else ``"2"``.
+
+        The release picks the sam2 package's config (``configs/sam2.1/...`` or ``configs/sam2/...``):
+        SAM 2.1 checkpoints hold extra video-memory tensors (``no_obj_embed_spatial``,
+        ``obj_ptr_tpos_proj``), so they load only into its config.
+        """
+        if self.weights == SAM2_1:
+            return "2.1"
+        if self.is_local_file and os.path.basename(self.weights).startswith("sam2.1"):
+            return "2.1"
+        return "2"
+
+    @property
     def name(self) -> str:
         """Canonical name; ``parse_backbone(spec.name) == spec``."""
         base = f"{self.family}:{self.arch}"
@@ -181,7 +217,7 @@ def parse_backbone(name: str) -> BackboneSpec:
     """Parse ``family:arch[@weights]`` into a :class:`BackboneSpec`.
 
     Examples: ``clip:ViT-B-16@openai``, ``clip:ViT-B-16`` (default tag), ``dino:vitb8``,
-    ``sam:vit_b@random:3``, ``clip:tiny``, ``dino:vits16@/weights/dino_deitsmall16_pretrain.pth``.
+    ``sam:vit_b@random:3``, ``sam2:hiera_l`` (SAM 2), ``sam2:hiera_l@sam2.1``, ``clip:tiny``, ``dino:vits16@/weights/dino_deitsmall16_pretrain.pth``.
 
     Raises:
         ValueError: unknown family or architecture (the message lists the valid names), unknown

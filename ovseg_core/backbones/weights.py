@@ -30,7 +30,7 @@ from open_clip.model import convert_to_custom_text_state_dict
 from open_clip.pretrained import download_pretrained
 from torch import nn
 
-from .spec import DINO_ARCHS, SAM_ARCHS, BackboneSpec
+from .spec import DINO_ARCHS, SAM2_ARCHS, SAM_ARCHS, BackboneSpec
 
 __all__ = [
     "DOWNLOAD_PROBE_TIMEOUT_S",
@@ -58,6 +58,9 @@ _MIB = 1 << 20
 _OPENAI_JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 _DINO_URL = "https://dl.fbaipublicfiles.com/dino/{stem}/{stem}.pth"
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/{file}"
+# SAM 2 (July 2024) and SAM 2.1 (September 2024) release folders.
+_SAM2_URL = {"2": "https://dl.fbaipublicfiles.com/segment_anything_2/072824/{file}",
+             "2.1": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/{file}"}
 _HF_URL = "https://huggingface.co/{model_id}/resolve/main/{file}"
 _MAX_LISTED_KEYS = 5
 
@@ -78,6 +81,9 @@ def official_file(spec: BackboneSpec) -> tuple[str, str]:
         return f"{stem}.pth", _DINO_URL.format(stem=stem)
     if spec.family == "sam":
         return SAM_ARCHS[spec.arch], _SAM_URL.format(file=SAM_ARCHS[spec.arch])
+    if spec.family == "sam2":
+        file = SAM2_ARCHS[spec.arch][1 if spec.sam2_release == "2.1" else 0]
+        return file, _SAM2_URL[spec.sam2_release].format(file=file)
     cfg = open_clip.get_pretrained_cfg(spec.arch, spec.weights)
     if cfg.get("url"):
         return os.path.basename(cfg["url"]), cfg["url"]
@@ -251,7 +257,8 @@ def convert_keys(model: nn.Module, spec: BackboneSpec, state_dict: dict[str, tor
 
     CLIP: drop OpenAI TorchScript extras, open_clip's ``convert_state_dict`` and custom-text
     conversion, scalar/1-d ``logit_scale``. DINO: the ``backbone.`` prefix and the projection
-    ``head.`` of full training checkpoints. SAM: keys are used as they are.
+    ``head.`` of full training checkpoints. SAM and SAM 2: keys are used as they are (SAM 2
+    files wrap them in ``{"model": ...}``, unwrapped by :func:`read_state_dict`).
     """
     sd = dict(state_dict)
     if spec.family == "clip":

@@ -11,9 +11,12 @@ import torch
 from open_clip.model import CLIP
 from open_clip.transformer import QuickGELU, VisionTransformer
 from segment_anything import SamAutomaticMaskGenerator
+from sam2.build_sam import build_sam2
+from sam2.modeling.sam2_base import SAM2Base
 from segment_anything.modeling import Sam
 
 from ovseg_core import clip_ops
+from ovseg_core.backbones.builders import build_model
 from ovseg_core.backbones import (
     Backbone,
     BackboneSpec,
@@ -39,12 +42,17 @@ REQUIRED = [
     "sam:vit_b",
     "sam:vit_l",
     "sam:vit_h",
+    "sam2:hiera_t",
+    "sam2:hiera_s",
+    "sam2:hiera_b+",
+    "sam2:hiera_l",
     "clip:tiny",
     "dino:tiny8",
     "dino:tiny16",
     "sam:tiny",
+    "sam2:tiny",
 ]
-TINY = ["clip:tiny", "dino:tiny8", "dino:tiny16", "sam:tiny"]
+TINY = ["clip:tiny", "dino:tiny8", "dino:tiny16", "sam:tiny", "sam2:tiny"]
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -71,6 +79,8 @@ def test_list_backbones_holds_every_required_name():
         "clip:ViT-B-16@random:7",
         "dino:vitb8@official",
         "sam:vit_h@random:3",
+        "sam2:hiera_l@sam2.1",
+        "sam2:hiera_b+@random:2",
         "clip:tiny@random:5",
         "dino:tiny16@/weights/tiny.pth",
         "clip:ViT-B-16@/w/ViT-B-16.pt",
@@ -176,6 +186,14 @@ def test_spec_validates_fields():
         ("sam:vit_b", "sam_vit_b_01ec64.pth", "dl.fbaipublicfiles.com/segment_anything/"),
         ("sam:vit_l", "sam_vit_l_0b3195.pth", "dl.fbaipublicfiles.com/segment_anything/"),
         ("sam:vit_h", "sam_vit_h_4b8939.pth", "dl.fbaipublicfiles.com/segment_anything/"),
+        ("sam2:hiera_t", "sam2_hiera_tiny.pt", "dl.fbaipublicfiles.com/segment_anything_2/072824/"),
+        ("sam2:hiera_s", "sam2_hiera_small.pt", "dl.fbaipublicfiles.com/segment_anything_2/072824/"),
+        ("sam2:hiera_b+", "sam2_hiera_base_plus.pt", "dl.fbaipublicfiles.com/segment_anything_2/072824/"),
+        ("sam2:hiera_l", "sam2_hiera_large.pt", "dl.fbaipublicfiles.com/segment_anything_2/072824/"),
+        ("sam2:hiera_t@sam2.1", "sam2.1_hiera_tiny.pt", "dl.fbaipublicfiles.com/segment_anything_2/092824/"),
+        ("sam2:hiera_s@sam2.1", "sam2.1_hiera_small.pt", "dl.fbaipublicfiles.com/segment_anything_2/092824/"),
+        ("sam2:hiera_b+@sam2.1", "sam2.1_hiera_base_plus.pt", "dl.fbaipublicfiles.com/segment_anything_2/092824/"),
+        ("sam2:hiera_l@sam2.1", "sam2.1_hiera_large.pt", "dl.fbaipublicfiles.com/segment_anything_2/092824/"),
     ],
 )
 def test_official_weight_files(name, file, url_part):
@@ -223,6 +241,7 @@ def test_tiny_builds_are_frozen_eval_models_with_identity(name):
         ("dino:tiny8", timm.models.vision_transformer.VisionTransformer, 8, 2),
         ("dino:tiny16", timm.models.vision_transformer.VisionTransformer, 16, 2),
         ("sam:tiny", Sam, 16, 2),
+        ("sam2:tiny", SAM2Base, 16, 5),
     ],
 )
 def test_tiny_classes_and_geometry(name, cls, patch, blocks):
@@ -251,6 +270,11 @@ def test_tiny_classes_and_geometry(name, cls, patch, blocks):
         ("dino:tiny8", 8, 2),
         ("dino:tiny16", 16, 2),
         ("sam:tiny@random:4", 16, 2),
+        ("sam2:hiera_t", 16, 12),
+        ("sam2:hiera_s", 16, 16),
+        ("sam2:hiera_b+@sam2.1", 16, 24),
+        ("sam2:hiera_l", 16, 48),
+        ("sam2:tiny", 16, 5),
     ],
 )
 def test_geometry_without_weights(name, patch, blocks):
@@ -330,6 +354,33 @@ def test_tiny_sam_runs_the_automatic_mask_generator():
     records = generator.generate(image)
     assert len(records) >= 1
     assert records[0]["segmentation"].shape == (375, 500)
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        ("sam2:hiera_t@random:3", "configs/sam2/sam2_hiera_t.yaml"),
+        ("sam2:hiera_t@/w/sam2.1_hiera_tiny.pt", "configs/sam2.1/sam2.1_hiera_t.yaml"),
+        ("sam2:hiera_t@/w/my_sam2_tiny.pt", "configs/sam2/sam2_hiera_t.yaml"),
+    ],
+)
+def test_sam2_build_equals_the_packages_builder(name, config):
+    """Same seed, same weights as sam2.build_sam.build_sam2 (the reference's apply_postprocessing=False)."""
+    spec = parse_backbone(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        expected = _state(build_sam2(config, None, device="cpu", apply_postprocessing=False))
+    assert _same_state(_state(build_model(spec)), expected)
+
+
+def test_sam2_release_follows_the_tag():
+    assert parse_backbone("sam2:hiera_l").sam2_release == "2"
+    assert parse_backbone("sam2:hiera_l@sam2.1").sam2_release == "2.1"
+    assert parse_backbone("sam2:hiera_l@random").sam2_release == "2"
+    with pytest.raises(ValueError, match=r"weights for sam2:hiera_l must be one of \['official', 'sam2.1', 'random'\]"):
+        parse_backbone("sam2:hiera_l@sam3")
+    with pytest.raises(ValueError, match="weights for sam:vit_b must be one of"):
+        parse_backbone("sam:vit_b@sam2.1")
 
 
 # --- device and dtype -----------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ovseg_core.backbones import WEIGHTS_ENV, load_backbone, parse_backbone, weights_identity
+from ovseg_core.backbones import WEIGHTS_ENV, BackboneSpec, load_backbone, parse_backbone, weights_identity
+from ovseg_core.backbones.builders import build_model
 from ovseg_core.backbones import weights as weights_mod
 from ovseg_core.backbones.weights import file_fingerprint, resolve_weight_file
 
@@ -150,6 +151,29 @@ def test_sam_official_key_format(tmp_path):
     path = tmp_path / "sam_tiny.pth"
     torch.save(sd, path)
     assert_loaded(load_backbone(f"sam:tiny@{path}").model, sd)
+
+
+@pytest.mark.parametrize(("file", "extra_keys"), [("sam2_tiny.pt", 0), ("sam2.1_tiny.pt", 3)])
+def test_sam2_official_key_format(tmp_path, file, extra_keys):
+    """SAM 2 files store ``{"model": state_dict}``; a ``sam2.1*`` file loads into the SAM 2.1 config,
+    which holds three more (video-memory) tensors."""
+    sd = random_state(build_model(parse_backbone(f"sam2:tiny@/w/{file}")))
+    assert len(sd) == len(load_backbone("sam2:tiny").model.state_dict()) + extra_keys
+    for key in ("image_encoder.trunk.patch_embed.proj.weight", "sam_mask_decoder.iou_prediction_head.layers.0.weight"):
+        assert key in sd
+    torch.save({"model": sd}, tmp_path / file)
+    assert_loaded(load_backbone(f"sam2:tiny@{tmp_path / file}").model, sd)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("tag", "file"), [("", "sam2_hiera_tiny.pt"), ("@sam2.1", "sam2.1_hiera_tiny.pt")])
+def test_real_sam2_hiera_t_official_names(tmp_path, tag, file):
+    sd = random_state(build_model(BackboneSpec(family="sam2", arch="hiera_t", weights=tag[1:] or "official")))
+    torch.save({"model": sd}, tmp_path / file)
+    bb = load_backbone(f"sam2:hiera_t{tag}", weights_dir=tmp_path)
+    assert_loaded(bb.model, sd)
+    assert bb.identity["file"] == file and bb.identity["weights"] == (tag[1:] or "official")
+    assert (bb.patch_size, bb.num_blocks) == (16, 12)
 
 
 def test_identity_is_stable_and_location_independent(tmp_path):

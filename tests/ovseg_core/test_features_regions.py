@@ -193,7 +193,7 @@ def test_sam_multimask_equals_library_generator(tiny_sam: Sam, small_image: np.n
 def test_sam_rejects_bad_image(tiny_sam: Sam) -> None:
     with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
         sam_regions(tiny_sam, np.zeros((8, 8, 3), dtype=np.float32), SamRegionConfig())
-    with pytest.raises(ValueError, match="needs a segment-anything Sam"):
+    with pytest.raises(ValueError, match="SamRegionConfig needs a segment-anything Sam model as source"):
         region_map(None, np.zeros((8, 8, 3), dtype=np.uint8), SamRegionConfig())
 
 
@@ -220,7 +220,7 @@ def test_superpixel_config_validation() -> None:
         SuperpixelConfig(n_segments=0)
     with pytest.raises(ValueError, match="felzenszwalb_sigma must be >= 0"):
         SuperpixelConfig(felzenszwalb_sigma=-1.0)
-    with pytest.raises(ValueError, match="cfg must be a SamRegionConfig or SuperpixelConfig"):
+    with pytest.raises(ValueError, match="cfg must be a SamRegionConfig, Sam2RegionConfig or SuperpixelConfig"):
         region_map(None, np.zeros((4, 4, 3), np.uint8), object())  # type: ignore[arg-type]
 
 
