@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="overlay.png", help="overlay PNG (the label map is written next to it)")
     sp.add_argument("--clip", default=None, help="CLIP backbone name (default: the method's paper backbone)")
     sp.add_argument("--dino", default=None)
-    sp.add_argument("--sam", default=None)
-    sp.add_argument("--regions", default="sam", choices=["sam", "slic", "felzenszwalb"])
+    sp.add_argument("--sam", default=None, help="SAM backbone, or the SAM 2 one with --regions sam2 "
+                    "(default sam:vit_b / sam2:hiera_l)")
+    sp.add_argument("--regions", default="sam", choices=["sam", "sam2", "slic", "felzenszwalb"])
     _store(sp)
 
     command(sub, "backbones", "list backbone names and their official weight files", T.cmd_backbones)

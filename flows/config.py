@@ -130,15 +130,16 @@ class ModelsEntry(_Strict):
     clip: str = "clip:ViT-B-16-quickgelu@metaclip_fullcc"
     dino: str = "dino:vitb8"
     sam: str = "sam:vit_b"
+    sam2: str = Field(default="sam2:hiera_l", description="SAM 2 backbone (regions.source: sam2); the CorrCLIP reference's on-the-fly generator is hiera_l")
     dino_pos: Literal["dino", "timm"] = Field(default="dino", description="DINO position-embedding interpolation: 'dino' = DINO's own (g + 0.1) / G bicubic rule (reference), 'timm' = timm's resize")
     weights_dir: str | None = Field(default=None, description="folder with checkpoints under their official names, relative to the experiment file (default $OVSEG_WEIGHTS)")
 
 
 class RegionsEntry(_Strict):
-    """Region source for CorrCLIP: SAM automatic masks (paper) or weight-free superpixels."""
+    """Region source for CorrCLIP: SAM / SAM 2 automatic masks, pre-generated mask files, or weight-free superpixels."""
 
-    source: Literal["sam", "slic", "felzenszwalb"] = "sam"
-    params: dict[str, Any] = Field(default_factory=dict, description="SamRegionConfig / SuperpixelConfig fields")
+    source: Literal["sam", "sam2", "files", "slic", "felzenszwalb"] = "sam"
+    params: dict[str, Any] = Field(default_factory=dict, description="SamRegionConfig / Sam2RegionConfig / SuperpixelConfig fields; for files: dir (relative to the experiment file), pattern ('{stem}.npz' or '{stem}.png'), key ('instance_mask')")
 
 
 class WindowEntry(_Strict):
@@ -215,7 +216,7 @@ class Experiment(_Strict):
     regions: RegionsEntry = Field(default_factory=RegionsEntry)
     methods: list[MethodEntry] = Field(min_length=1)
     runner: RunnerEntry = Field(default_factory=RunnerEntry)
-    device: str = "cpu"
+    device: str = Field(default="cpu", description="cpu, cuda, cuda:N, mps, or auto (each worker binds one GPU round-robin when there are GPUs, else the CPU, said once)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     feature_dtype: Literal["float16", "float32"] = Field(default="float16", description="dtype of stored features")
     window_batch: int = Field(default=4, ge=1, description="windows per backbone forward (memory bound)")
@@ -320,8 +321,8 @@ def _fix_path(value: Any, base: Path | None, url_ok: bool = False) -> Any:
 def resolve_paths(data: Mapping[str, Any], base_dir: str | os.PathLike | None) -> dict[str, Any]:
     """A copy of a raw experiment mapping with its paths made usable.
 
-    ``~`` is expanded in ``store``, ``models.weights_dir``, ``datasets[*].root`` and
-    ``datasets[*].gt_dir``; relative ones are then resolved against ``base_dir`` (left
+    ``~`` is expanded in ``store``, ``models.weights_dir``, ``regions.params.dir``,
+    ``datasets[*].root`` and ``datasets[*].gt_dir``; relative ones are then resolved against ``base_dir`` (left
     relative when it is None). Store URLs (``scheme://...``) and absolute paths are kept as
     written. Malformed parts are left for validation to report.
     """
@@ -331,6 +332,9 @@ def resolve_paths(data: Mapping[str, Any], base_dir: str | os.PathLike | None) -
         out["store"] = _fix_path(out["store"], base, url_ok=True)
     if isinstance(out.get("models"), Mapping) and "weights_dir" in out["models"]:
         out["models"] = dict(out["models"], weights_dir=_fix_path(out["models"]["weights_dir"], base))
+    regions = out.get("regions")
+    if isinstance(regions, Mapping) and isinstance(regions.get("params"), Mapping) and "dir" in regions["params"]:
+        out["regions"] = dict(regions, params=dict(regions["params"], dir=_fix_path(regions["params"]["dir"], base)))
     if isinstance(out.get("datasets"), list):
         out["datasets"] = [
             {k: (_fix_path(v, base) if k in ("root", "gt_dir") else v) for k, v in d.items()} if isinstance(d, Mapping) else d

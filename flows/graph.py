@@ -209,18 +209,44 @@ def build_plan(exp: Experiment, missing: list[str] | None = None) -> list[Datase
 
 
 def _sam_node(exp: Experiment, wd: str | None, missing: list[str] | None = None) -> StageNode:
+    from ovseg_core.features.region_files import RegionFileConfig
     from ovseg_core.features.regions import SamRegionConfig, SuperpixelConfig
+    from ovseg_core.features.sam2_regions import Sam2RegionConfig
 
-    src = exp.regions.source
+    src, params = exp.regions.source, dict(exp.regions.params)
     try:
-        if src == "sam":
-            cfg: Any = SamRegionConfig(**exp.regions.params)
-            return make_node("sam_masks", P.RegionParams("sam", exp.models.sam, cfg, exp.dtype),
-                             weights={"sam": weights_identity(exp.models.sam, wd, missing)}, persist=exp.persist)
-        cfg = SuperpixelConfig(method=src, **exp.regions.params)
+        if src in ("sam", "sam2"):
+            name = exp.models.sam if src == "sam" else exp.models.sam2
+            cfg: Any = (SamRegionConfig if src == "sam" else Sam2RegionConfig)(**params)
+            return make_node("sam_masks", P.RegionParams(src, name, cfg, exp.dtype),
+                             weights={src: weights_identity(name, wd, missing)}, persist=exp.persist)
+        if src == "files":
+            folder = params.pop("dir", None)
+            if not folder:
+                raise ValueError("regions.params.dir: the folder of the pre-generated masks is required for source files")
+            cfg = RegionFileConfig(**params)
+            node = make_node("sam_masks", P.RegionParams(src, None, cfg, None, mask_files_digest(folder, cfg)),
+                             persist=exp.persist)
+            return dataclasses.replace(node, inputs_dir=folder)
+        cfg = SuperpixelConfig(method=src, **params)
     except TypeError as e:
         raise ValueError(f"regions.params: {e}") from e
     return make_node("sam_masks", P.RegionParams(src, None, cfg, None), persist=exp.persist)
+
+
+def mask_files_digest(folder: str, cfg: Any) -> str:
+    """sha256 over the name and bytes of every mask file in ``folder`` matching the pattern: edited masks
+    change the ``sam_masks`` key and everything downstream is recomputed."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"regions.params.dir: mask folder {root} does not exist")
+    h = hashlib.sha256()
+    for path in sorted(root.glob(cfg.pattern.replace("{stem}", "*"))):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def descendants(plan: DatasetPlan, stages: set[str]) -> set[tuple[str, str]]:
@@ -246,14 +272,25 @@ def method_users(plan: DatasetPlan) -> dict[tuple[str, str], set[str]]:
     return users
 
 
-def check_device(device: str) -> None:
-    """Fail before anything runs when the device does not exist here."""
+def check_device(device: str, remote: bool = False) -> None:
+    """Fail before anything runs when the device does not exist here.
+
+    ``auto`` (one GPU per worker when there are GPUs, else the CPU, said once per worker) is
+    always valid. With ``remote`` (an existing Dask cluster) only the device string is checked:
+    the workers, not this machine, must have it.
+    """
     import torch
 
+    if device == "auto":
+        return
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"device: {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from e
+    if remote:
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device: {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+        return
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device: {device!r} but CUDA is not available on this machine; use device: cpu")

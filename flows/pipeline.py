@@ -35,6 +35,7 @@ from typing import Any
 from flows.config import Experiment
 from flows.emptiness import EmptyDatasetError, empty_dataset_error
 from flows.graph import DatasetPlan, build_plan, check_device, descendants, method_users
+from flows.runners import parallelism
 from storage.store import Store
 from tasks.runtime import BatchResult, ItemResult, RunSettings, StageContext, StageNode, open_store
 from tasks.stages import STAGE_ORDER, STAGES, get_stage
@@ -120,7 +121,7 @@ def validate(exp: Experiment, force: Iterable[str] = (), only_stages: Iterable[s
     """
     for name in [*force, *(only_stages or ())]:
         get_stage(name)
-    check_device(exp.device)
+    check_device(exp.device, remote=exp.runner.kind == "dask" and bool(exp.runner.address))
     return build_plan(exp, missing)
 
 
@@ -367,7 +368,7 @@ def _submit_all(exp: Experiment, ctx: StageContext, todo: list[dict[str, Any]], 
     fatal = ""
     i = 0
     while batches or in_flight:
-        while batches and not fatal and len(in_flight) < 2 * exp.runner.workers:
+        while batches and not fatal and len(in_flight) < 2 * parallelism(exp.runner.workers):
             i += 1
             batch = batches.popleft()
             in_flight.append((batch, submit(ctx, batch, f"{ctx.stage}[{ctx.dataset}] batch {i}/{n}")))
@@ -375,7 +376,12 @@ def _submit_all(exp: Experiment, ctx: StageContext, todo: list[dict[str, Any]], 
         if not in_flight:
             break
         batch, fut = in_flight.popleft()
-        result: BatchResult = fut.result()
+        try:
+            result: BatchResult = fut.result()
+        except Exception as e:  # noqa: BLE001 - a batch lost with its worker: its items fail, the run goes on
+            log.warning("%s: a batch of %d items was lost (%s: %s)", ctx.stage, len(batch), type(e).__name__, e)
+            result = BatchResult([ItemResult(str(it["image_id"]), "failed", 0.0, type(e).__name__, str(e))
+                                  for it in batch])
         fatal = fatal or result.fatal
         for r in result.items:
             _count(r, rep, failed_here.setdefault(ctx.node.ident, set()), busy)

@@ -58,7 +58,8 @@ def segment_image(image: str, classes: str, method: str = "corrclip", out: str =
         "name": "segment",
         "store": store,
         "datasets": [{"name": "segment", "layout": "folder", "root": str(path), "classes": lines}],
-        "models": {"clip": clip or defaults["clip"], "dino": dino or defaults["dino"], "sam": sam or defaults["sam"]},
+        "models": {"clip": clip or defaults["clip"], "dino": dino or defaults["dino"],
+                   **({"sam2": sam} if regions == "sam2" and sam else {"sam": sam or defaults["sam"]})},
         "regions": {"source": regions},
         "methods": [{"name": method, "method": method}],
     }, source="ovseg segment")

@@ -95,7 +95,7 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
     settings = ctx.settings
     loaded: queue.Queue = queue.Queue(maxsize=max(1, settings.prefetch))
     to_write: queue.Queue = queue.Queue(maxsize=max(1, settings.write_queue))
-    pin = settings.device.startswith("cuda")
+    pin = ctx.device.startswith("cuda")  # the device this worker is bound to (``device: auto`` included)
 
     def load_all() -> None:
         for row in rows:

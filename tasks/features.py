@@ -8,6 +8,7 @@ Each stage is ``models`` (loaded once per worker) -> ``load`` (one item's inputs
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,20 +49,33 @@ def text_compute(ctx: StageContext, bb, inputs: Sequence[Mapping[str, Any]]) -> 
 
 # ----------------------------------------------------------------------------- sam_masks
 def sam_models(ctx: StageContext):
-    p = ctx.params
-    return ctx.backbone(p.backbone, p.dtype).model if p.backbone is not None else None
+    p = ctx.params  # SAM networks load in float32; ``dtype`` is their autocast dtype
+    return ctx.backbone(p.backbone).model if p.backbone is not None else None
 
 
 def sam_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
+    if ctx.params.source == "files":
+        stem = Path(row["abs_path"]).stem
+        path = Path(ctx.node.inputs_dir or ".") / ctx.params.config.file_name(stem)
+        if not path.is_file():
+            raise FileNotFoundError(f"no region mask for image {stem!r}: {path} does not exist "
+                                    "(check regions.params.dir and pattern)")
+        return {"mask": path.read_bytes(), "hw": (int(row["height"]), int(row["width"]))}
     return {"image": load_rgb(row["abs_path"], max_pixels=None)}  # the manifest applied the dataset's pixel limit
 
 
 def sam_compute(ctx: StageContext, model, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
     """Region ids at original resolution (ascending-area painting, 0 = unsegmented), scores, areas."""
+    from ovseg_core.features.region_files import decode_label_map, regions_from_label_map
+
     out = []
     for inp in inputs:
-        with torch.inference_mode():
-            rm = region_map(model, inp["image"], ctx.params.config)
+        if "mask" in inp:
+            rm = regions_from_label_map(decode_label_map(inp["mask"], ctx.params.config), inp["hw"])
+        else:
+            with torch.inference_mode():
+                rm = region_map(model, inp["image"], ctx.params.config,
+                                compute_dtype=getattr(torch, ctx.params.dtype or "float32"))
         out.append(({"ids": rm.ids, "scores": rm.scores, "areas": rm.areas}, {"num_regions": int(rm.scores.shape[0])}))
     return out
 

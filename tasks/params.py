@@ -59,10 +59,11 @@ class TextParams:
 class RegionParams:
     """``sam_masks``: the region source and its full configuration."""
 
-    source: str  # "sam" | "slic" | "felzenszwalb"
-    backbone: str | None  # SAM backbone name (None for weight-free sources)
-    config: Any  # SamRegionConfig | SuperpixelConfig
-    dtype: str | None  # compute dtype of the SAM network (None for weight-free sources)
+    source: str  # "sam" | "sam2" | "files" | "slic" | "felzenszwalb"
+    backbone: str | None  # SAM / SAM 2 backbone name (None for other sources)
+    config: Any  # SamRegionConfig | Sam2RegionConfig | RegionFileConfig | SuperpixelConfig
+    dtype: str | None  # compute (autocast) dtype of the SAM network (None for other sources)
+    files_sha256: str | None = None  # files: digest of every mask file's name and bytes (edited masks recompute)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class StageNode:
     upstream: Mapping[str, "StageNode"] = field(default_factory=dict)
     weights: Mapping[str, Any] | None = None
     persist: bool = True  # False: never written; computed on demand inside its consumers (not part of the key)
+    inputs_dir: str | None = None  # where inputs outside the store live (pre-generated masks); not part of the key
 
     @cached_property
     def stage_key(self) -> StageKey:

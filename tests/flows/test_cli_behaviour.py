@@ -151,7 +151,7 @@ def test_runs_lists_wall_time_and_overrides_from_the_journal(done, capsys):
     header, row = out[0], next(ln for ln in out if " tiny " in ln)
     (journal,) = [r.data for r in Store(store).runs()[0] if r.data.get("overrides") == ["runner.batch_size=1"]]
     wall = journal["ended"] - journal["started"]
-    assert wall > 1
+    assert wall > 0  # the journal's own start and end, never the 0 s of per-stage rows
     cells = row.split()
     assert f"{wall:.0f}s" in cells and "complete" in cells
     assert row[header.index("overrides"):].strip() == "runner.batch_size=1"
