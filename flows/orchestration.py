@@ -125,6 +125,31 @@ def publish_artifacts(summary, manifests: Mapping[str, Sequence[Mapping[str, Any
                                  description=f"HTML report written by run {summary.run_id}")
 
 
+_RUNS: dict[str, tuple[Callable[[Callable], dict], Any, float, dict[str, Any]]] = {}  # run id -> body, summary, ...
+
+
+def _flow_body(run_id: str, experiment: str, experiment_file: str, store: str):
+    """The work of the flow run of ``run_id`` (looked up here: the flow object itself holds nothing that cannot be
+    pickled, since Dask ships it with every task)."""
+    from flows.logs import forward_to_run_logs
+
+    body, summary, max_failed, done = _RUNS[run_id]
+    with forward_to_run_logs():
+        log.info("run %s of experiment %s (%s) on store %s", run_id, experiment, experiment_file or "no file", store)
+        manifests = body(_submit_task)
+        publish_artifacts(summary, manifests)
+        state = final_state(summary, max_failed)
+        done["state"] = state
+        (log.warning if state.is_failed() or state.name == "Partial" else log.info)(
+            "run %s: %s: %s", run_id, state.name, state.message)
+    return state
+
+
+def _ovseg(experiment: str, experiment_file: str, store: str, run_id: str, overrides: list[str],
+           force: list[str], only_stages: list[str] | None, max_failed: float):
+    return _flow_body(run_id, experiment, experiment_file, store)
+
+
 def run_in_flow(exp: Experiment, summary, body: Callable[[Callable], dict], experiment_file: str,
                 force: Sequence[str], only: Sequence[str] | None, max_failed: float):
     """Run ``body(submit)`` as the flow run of ``summary.run_id``; returns the final Prefect state.
@@ -135,28 +160,18 @@ def run_in_flow(exp: Experiment, summary, body: Callable[[Callable], dict], expe
     """
     from prefect import flow, tags
 
-    from flows.logs import forward_to_run_logs
     from flows.runners import make_task_runner
 
     done: dict[str, Any] = {}
-
-    @flow(name=FLOW_NAME, flow_run_name=f"{exp.name} {summary.run_id}", task_runner=make_task_runner(exp),
-          log_prints=False, persist_result=False)
-    def ovseg(experiment: str, experiment_file: str, store: str, run_id: str, overrides: list[str],
-              force: list[str], only_stages: list[str] | None, max_failed: float):
-        with forward_to_run_logs():
-            log.info("run %s of experiment %s (%s) on store %s", run_id, experiment, experiment_file or "no file", store)
-            manifests = body(_submit_task)
-            publish_artifacts(summary, manifests)
-            state = final_state(summary, max_failed)
-            done["state"] = state
-            (log.warning if state.is_failed() or state.name == "Partial" else log.info)(
-                "run %s: %s: %s", run_id, state.name, state.message)
-        return state
-
-    with tags(*run_tags(exp)):
-        state = ovseg(exp.name, experiment_file, summary.store, summary.run_id, list(exp.provenance.overrides),
-                      list(force), list(only) if only is not None else None, max_failed, return_state=True)
+    _RUNS[summary.run_id] = (body, summary, max_failed, done)
+    ovseg = flow(_ovseg, name=FLOW_NAME, flow_run_name=f"{exp.name} {summary.run_id}",
+                 task_runner=make_task_runner(exp), log_prints=False, persist_result=False)
+    try:
+        with tags(*run_tags(exp)):
+            state = ovseg(exp.name, experiment_file, summary.store, summary.run_id, list(exp.provenance.overrides),
+                          list(force), list(only) if only is not None else None, max_failed, return_state=True)
+    finally:
+        _RUNS.pop(summary.run_id, None)
     if "state" not in done:  # the body raised: re-raise its exception
         state.result(raise_on_failure=True)
         raise RuntimeError(f"the flow run of run {summary.run_id} ended in state {state.name}: {state.message}")
