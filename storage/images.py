@@ -213,10 +213,15 @@ def load_rgb(path: str | PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIX
             image, or out of memory.
         ValueError: ``max_pixels`` is not a positive int or None.
     """
+    return _decode(path, max_pixels, _rgb_array)
+
+
+def _decode(path: str | PathLike[str], max_pixels: int | None, convert) -> np.ndarray:
+    """Open (size checked from the header), decode and ``convert(image, path)``; any failure is an ``ImageError``."""
     check_max_pixels(max_pixels)
     with _open(path, max_pixels) as im:
         try:
-            return _rgb_array(im, path)
+            return convert(im, path)
         except ImageError:
             raise
         except Exception as e:  # conversion of decoded pixels (MemoryError on huge images, ...)
@@ -252,14 +257,7 @@ def load_label(path: str | PathLike[str], max_pixels: int | None = DEFAULT_MAX_P
         ImageError: undecodable file, or a colour-coded (RGB/RGBA) label map.
         ValueError: ``max_pixels`` is not a positive int or None.
     """
-    check_max_pixels(max_pixels)
-    with _open(path, max_pixels) as im:
-        try:
-            return _label_array(im, path)
-        except ImageError:
-            raise
-        except Exception as e:
-            raise _decode_error(Path(path), e, im.size) from e
+    return _decode(path, max_pixels, _label_array)
 
 
 def content_hash(path: str | PathLike[str]) -> str:
