@@ -45,8 +45,8 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
@@ -55,6 +55,7 @@ from tqdm import tqdm
 from ovseg_core.datasets import DATASETS
 from storage.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UNUSABLE_EXTENSIONS, ImageError, check_max_pixels
 from storage.images import content_hash, load_label, load_rgb
+from storage.layouts import FOLLOW_FIX, Candidate, abs_path, confine, list_layout
 
 __all__ = ["DEFAULT_DATASET", "IMAGE_EXTENSIONS", "LAYOUTS", "UNUSABLE_EXTENSIONS", "ManifestRow", "image_id_for",
            "ingest", "ingest_files"]
@@ -81,12 +82,6 @@ _COMPATIBLE = {
     "cityscapes": ("Cityscapes",),
     "camvid": ("CamVid",),
 }
-_GT_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
-_FOLLOW_FIX = ("ovseg reads nothing outside the dataset root by default (symbolic links, '..' or absolute split-list "
-               "entries); copy the file into the root or fix the entry, or set follow_symlinks: true in the dataset "
-               "entry if the link is intended")
-
-
 @dataclass(frozen=True)
 class ManifestRow:
     """One image of an ingested dataset (schema: ``storage.tables.MANIFEST_SCHEMA``)."""
@@ -104,14 +99,6 @@ class ManifestRow:
     file_stat: str = ""  # size and mtime of the image and ground truth files: an unchanged row is reused on re-ingest
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    image: Path
-    rel_path: str
-    gt: Path | None  # expected ground truth (may not exist)
-    error: str = ""  # decided while listing (unusable format, path outside the root): the file is not read
-
-
 def _safe_stem(rel_path: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(rel_path).stem).strip("_")
     return stem[:64] or "img"
@@ -123,183 +110,7 @@ def image_id_for(content_sha256: str, rel_path: str) -> str:
     return f"{_safe_stem(rel_path)}-{digest}"
 
 
-def _find_base(root: Path, subdirs: tuple[str, ...], marker: str, layout: str) -> Path:
-    """First of ``root / sub`` that contains the directory ``marker``."""
-    tried = []
-    for sub in subdirs:
-        base = root / sub if sub else root
-        if (base / marker).is_dir():
-            return base
-        tried.append(str(base / marker))
-    raise FileNotFoundError(f"layout {layout!r}: expected the directory {' or '.join(tried)}; check root={root}")
-
-
-def _require_dir(path: Path, layout: str) -> Path:
-    if not path.is_dir():
-        raise FileNotFoundError(f"layout {layout!r}: expected the directory {path}")
-    return path
-
-
-def _split_ids(list_file: Path, layout: str) -> list[str]:
-    if not list_file.is_file():
-        raise FileNotFoundError(f"layout {layout!r}: expected the split list {list_file}")
-    return [ln.strip() for ln in list_file.read_text().splitlines() if ln.strip()]
-
-
-def _rel(path: Path, base: Path) -> str:
-    """POSIX path relative to ``base``; an absolute path outside it (absolute split entry) as is."""
-    try:
-        return path.relative_to(base).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
-def _real(path: Path) -> Path | None:
-    """The path with every link and ``..`` resolved; None when that fails (link loop, bad name)."""
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError, ValueError):
-        return None
-
-
-def _abs(path: Path) -> str:
-    real = _real(path)
-    return str(real if real is not None else path.absolute())
-
-
-def _inside(path: Path, roots: Sequence[Path]) -> bool:
-    real = _real(path)
-    return real is not None and any(real.is_relative_to(r) for r in roots)
-
-
-_Listing = tuple[Path, list[_Candidate]]  # (layout base folder, candidates)
-
-
-def _voc_like(root: Path, split: str, layout: str, year: str, gt_folder: str, sets: str) -> _Listing:
-    base = _find_base(root, ("", f"VOC{year}", f"VOCdevkit/VOC{year}"), "JPEGImages", layout)
-    ids = _split_ids(base / "ImageSets" / sets / f"{split}.txt", layout)
-    return base, [
-        _Candidate(img, _rel(img, base), base / gt_folder / f"{i}.png")
-        for i in ids
-        for img in [base / "JPEGImages" / f"{i}.jpg"]
-    ]
-
-
-def _voc(root: Path, split: str) -> _Listing:
-    return _voc_like(root, split, "voc", "2012", "SegmentationClass", "Segmentation")
-
-
-def _pascal_context(root: Path, split: str) -> _Listing:
-    return _voc_like(root, split, "pascal_context", "2010", "SegmentationClassContext", "SegmentationContext")
-
-
-def _coco(root: Path, split: str, layout: str) -> _Listing:
-    base = _find_base(root, ("", "coco_stuff164k"), "images", layout)
-    s = split if split.endswith("2017") else f"{split}2017"
-    img_dir = _require_dir(base / "images" / s, layout)
-    ann_dir = _require_dir(base / "annotations" / s, layout)
-    return base, [_Candidate(p, _rel(p, base), ann_dir / f"{p.stem}_labelTrainIds.png") for p in img_dir.glob("*.jpg")]
-
-
-def _ade20k(root: Path, split: str) -> _Listing:
-    base = _find_base(root, ("", "ADEChallengeData2016"), "images", "ade20k")
-    s = {"val": "validation", "train": "training"}.get(split, split)
-    img_dir = _require_dir(base / "images" / s, "ade20k")
-    ann_dir = _require_dir(base / "annotations" / s, "ade20k")
-    return base, [_Candidate(p, _rel(p, base), ann_dir / f"{p.stem}.png") for p in img_dir.glob("*.jpg")]
-
-
-def _cityscapes(root: Path, split: str) -> _Listing:
-    base = _find_base(root, ("", "cityscapes"), "leftImg8bit", "cityscapes")
-    img_dir = _require_dir(base / "leftImg8bit" / split, "cityscapes")
-    gt_dir = _require_dir(base / "gtFine" / split, "cityscapes")
-    suffix = "_leftImg8bit"
-    out = []
-    for p in img_dir.glob(f"*/*{suffix}.png"):
-        prefix = p.stem[: -len(suffix)]
-        out.append(_Candidate(p, _rel(p, base), gt_dir / p.parent.name / f"{prefix}_gtFine_labelTrainIds.png"))
-    return base, out
-
-
-def _camvid(root: Path, split: str) -> _Listing:
-    base = _find_base(root, ("", "CamVid", "camvid"), split, "camvid")
-    ann_dir = _require_dir(base / f"{split}annot", "camvid")
-    return base, [_Candidate(p, _rel(p, base), ann_dir / p.name) for p in (base / split).glob("*.png")]
-
-
-def _dir_id(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_dev, st.st_ino
-
-
-def _folder(root: Path, gt_dir: Path | None, follow_symlinks: bool) -> _Listing:
-    """Walk ``root`` (hidden names skipped); image-like files become candidates (see module doc)."""
-    _require_dir(root, "folder")
-    root_real = root.resolve()
-    gt_root = gt_dir.resolve() if gt_dir is not None else None
-    if gt_root is not None:
-        _require_dir(gt_root, "folder")
-    out: list[_Candidate] = []
-    seen = {_dir_id(root)}
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = list(it)
-        except OSError as e:
-            out.append(_Candidate(folder, _rel(folder, root), None, f"{folder}: cannot list this folder ({e}); "
-                                                                    "fix its permissions or remove it"))
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            p = Path(entry.path)
-            rel = _rel(p, root)
-            if entry.is_dir():
-                if entry.is_symlink():
-                    if _inside(p, (root_real,)):
-                        continue  # its files are listed at their real path inside the root
-                    if not follow_symlinks:
-                        out.append(_Candidate(p, rel, None, f"{p}: linked folder resolves to {_abs(p)}, outside "
-                                                            f"the dataset root {root_real}; {_FOLLOW_FIX}"))
-                        continue
-                ident = _dir_id(p)
-                if ident not in seen:  # each real folder once: link cycles end
-                    seen.add(ident)
-                    stack.append(p)
-                continue
-            ext = p.suffix.lower()
-            if ext not in IMAGE_EXTENSIONS and ext not in UNUSABLE_EXTENSIONS:
-                continue
-            if not entry.is_file() and not entry.is_symlink():  # fifo, socket, ...
-                continue
-            if gt_root is not None and _inside(p, (gt_root,)):
-                continue
-            gt = None
-            if gt_root is not None:
-                stem_rel = Path(rel).with_suffix("")
-                matches = [gt_root / stem_rel.with_suffix(e) for e in _GT_EXTENSIONS]
-                gt = next((m for m in matches if m.is_file()), matches[0])
-            error = f"{p}: {UNUSABLE_EXTENSIONS[ext]}, or remove it from the folder" if ext in UNUSABLE_EXTENSIONS else ""
-            out.append(_Candidate(p, rel, gt if not error else None, error))
-    return root, out
-
-
-def _confine(c: _Candidate, roots: Sequence[Path], gt_roots: Sequence[Path]) -> _Candidate:
-    """The candidate, or an error candidate when its image or ground truth resolves outside the roots."""
-    if c.error:
-        return c
-    for kind, path, allowed in (("image", c.image, roots), ("ground truth", c.gt, gt_roots)):
-        if path is None or _inside(path, allowed):
-            continue
-        real = _real(path)
-        where = f"resolves to {real}" if real is not None else "cannot be resolved (link loop or invalid name)"
-        return replace(c, error=f"{path}: {kind} {where}, outside the dataset root {allowed[0]}; {_FOLLOW_FIX}")
-    return c
-
-
-def _file_stat(c: _Candidate) -> str:
+def _file_stat(c: Candidate) -> str:
     """``size:mtime_ns`` of the image and of its ground truth ("" when a file is missing)."""
     parts = []
     for p in (c.image, c.gt):
@@ -311,15 +122,15 @@ def _file_stat(c: _Candidate) -> str:
     return "|".join(parts)
 
 
-def _reusable(old: ManifestRow | None, dataset: str, c: _Candidate, stat: str, max_pixels: int | None) -> bool:
+def _reusable(old: ManifestRow | None, dataset: str, c: Candidate, stat: str, max_pixels: int | None) -> bool:
     return (
         old is not None and old.status == "ok" and bool(stat) and old.file_stat == stat and old.rel_path == c.rel_path
-        and old.gt_path == (_abs(c.gt) if c.gt is not None else "") and old.dataset == dataset
+        and old.gt_path == (abs_path(c.gt) if c.gt is not None else "") and old.dataset == dataset
         and (max_pixels is None or old.width * old.height <= max_pixels)
     )
 
 
-def _row(dataset: str, c: _Candidate, previous: Mapping[str, ManifestRow] | None = None,
+def _row(dataset: str, c: Candidate, previous: Mapping[str, ManifestRow] | None = None,
          max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ManifestRow:
     """Decode one candidate into a manifest row; failures become an error row.
 
@@ -327,13 +138,13 @@ def _row(dataset: str, c: _Candidate, previous: Mapping[str, ManifestRow] | None
     when it is ``ok``, within ``max_pixels`` and the image and ground-truth sizes and mtimes are
     unchanged. A candidate refused while listing gives an error row without reading its file.
     """
-    gt_path = _abs(c.gt) if c.gt is not None else ""
+    gt_path = abs_path(c.gt) if c.gt is not None else ""
     if c.error:
         return ManifestRow(dataset=dataset, image_id=image_id_for("", c.rel_path), rel_path=c.rel_path,
-                           abs_path=_abs(c.image), gt_path=gt_path, width=0, height=0, content_sha256="",
+                           abs_path=abs_path(c.image), gt_path=gt_path, width=0, height=0, content_sha256="",
                            status="error", error=c.error, file_stat="")
     stat = _file_stat(c)
-    old = previous.get(_abs(c.image)) if previous else None
+    old = previous.get(abs_path(c.image)) if previous else None
     if _reusable(old, dataset, c, stat, max_pixels):
         return old
     sha, width, height, error = "", 0, 0, ""
@@ -362,7 +173,7 @@ def _row(dataset: str, c: _Candidate, previous: Mapping[str, ManifestRow] | None
         dataset=dataset,
         image_id=image_id_for(sha, c.rel_path),
         rel_path=c.rel_path,
-        abs_path=_abs(c.image),
+        abs_path=abs_path(c.image),
         gt_path=gt_path,
         width=int(width),
         height=int(height),
@@ -438,21 +249,11 @@ def ingest(
     name = _resolve_dataset(layout, dataset)
     top = Path(root).expanduser()
     gt_top = Path(gt_dir).expanduser() if gt_dir is not None else None
-    listers: dict[str, Callable[[], _Listing]] = {
-        "folder": lambda: _folder(top, gt_top, follow_symlinks),
-        "voc": lambda: _voc(top, split),
-        "pascal_context": lambda: _pascal_context(top, split),
-        "coco_object": lambda: _coco(top, split, "coco_object"),
-        "coco_stuff": lambda: _coco(top, split, "coco_stuff"),
-        "ade20k": lambda: _ade20k(top, split),
-        "cityscapes": lambda: _cityscapes(top, split),
-        "camvid": lambda: _camvid(top, split),
-    }
-    base, candidates = listers[layout]()
+    base, candidates = list_layout(layout, top, split, gt_top, follow_symlinks)
     if not follow_symlinks:
         roots = (top.resolve(), base.resolve())
         gt_roots = (gt_top.resolve(),) if gt_top is not None else roots
-        candidates = [_confine(c, roots, gt_roots) for c in candidates]
+        candidates = [confine(c, roots, gt_roots) for c in candidates]
     candidates.sort(key=lambda c: c.rel_path)
     known = {r.abs_path: r for r in previous}
     rows = [_row(name, c, known, max_pixels)
@@ -460,7 +261,7 @@ def ingest(
     n_bad = sum(r.status != "ok" for r in rows)
     if n_bad:
         log.warning("ingest %s (%s): %d of %d images have errors", name, layout, n_bad, len(rows))
-    n_outside = sum(_FOLLOW_FIX in r.error for r in rows)
+    n_outside = sum(FOLLOW_FIX in r.error for r in rows)
     if n_outside:
         log.warning("ingest %s: %d files or folders lie outside the dataset root %s and were refused; set "
                     "follow_symlinks: true in the dataset entry if those links are intended", name, n_outside, top)
@@ -481,5 +282,5 @@ def ingest_files(paths: Sequence[str | PathLike[str]], dataset: str = "files", *
         path = Path(p).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"image {path} not found")
-        rows.append(_row(name, _Candidate(path, path.name, None), max_pixels=max_pixels))
+        rows.append(_row(name, Candidate(path, path.name, None), max_pixels=max_pixels))
     return rows

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from flows.pipeline import run_experiment
