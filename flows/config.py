@@ -17,12 +17,26 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from flows.experiment_files import (  # noqa: F401 - re-exported (tests, docs)
+    EXTENDS_KEY,
+    ExperimentError,
+    _read_file,
+    apply_overrides,
+    parse_override,
+    resolve_paths,
+)
 from ovseg_core.datasets import DATASETS, METHOD_VARIANTS
 from ovseg_core.names import did_you_mean
-from flows.experiment_files import EXTENDS_KEY, ExperimentError, _read_file, resolve_paths
-from flows.experiment_files import apply_overrides, parse_override  # noqa: F401 - re-exported (tests, docs)
 from storage.images import DEFAULT_MAX_PIXELS
 
 Layout = Literal["folder", "voc", "pascal_context", "coco_object", "coco_stuff", "ade20k", "cityscapes", "camvid"]

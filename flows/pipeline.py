@@ -37,7 +37,14 @@ from flows.emptiness import EmptyDatasetError, empty_dataset_error
 from flows.graph import DatasetPlan, build_plan, check_device, descendants, method_users
 from flows.runners import parallelism
 from storage.store import Store
-from tasks.runtime import BatchResult, ItemResult, RunSettings, StageContext, StageNode, open_store
+from tasks.runtime import (
+    BatchResult,
+    ItemResult,
+    RunSettings,
+    StageContext,
+    StageNode,
+    open_store,
+)
 from tasks.stages import STAGE_ORDER, STAGES, get_stage
 
 log = logging.getLogger("ovseg.flows")

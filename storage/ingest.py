@@ -53,8 +53,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ovseg_core.datasets import DATASETS
-from storage.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UNUSABLE_EXTENSIONS, ImageError, check_max_pixels
-from storage.images import content_hash, load_label, load_rgb
+from storage.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    UNUSABLE_EXTENSIONS,
+    ImageError,
+    check_max_pixels,
+    content_hash,
+    load_label,
+    load_rgb,
+)
 from storage.layouts import FOLLOW_FIX, Candidate, abs_path, confine, list_layout
 
 __all__ = ["DEFAULT_DATASET", "IMAGE_EXTENSIONS", "LAYOUTS", "UNUSABLE_EXTENSIONS", "ManifestRow", "image_id_for",

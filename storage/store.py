@@ -28,16 +28,19 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from storage.fsio import Backend, s3_error
 from storage.journal import RunEntry, RunJournal, read_journals
-from storage.keys import StageKey, to_jsonable
+from storage.keys import StageKey
 from storage.leases import DEFAULT_TTL, LeaseManager
-from storage.packs import ItemEntry, PackDamagedError, PackWriter, decode_arrays, verify_members
-from storage.records import PACKS, RECORDS, Record, StageState, new_id, write_drops
+from storage.packs import ItemEntry, PackDamagedError, decode_arrays, verify_members
+from storage.records import PACKS, RECORDS, Record, StageState, write_drops
+
+if TYPE_CHECKING:
+    from storage.writing import PackSession
 
 log = logging.getLogger("ovseg.storage")
 
@@ -255,8 +258,10 @@ class Store:
     # ----------------------------------------------------------------- writing
     def open_pack(self, stage_key: StageKey, meta: Mapping[str, Any] | None = None) -> "PackSession":
         """Start a pack for a batch of items of ``stage_key`` (registers the stage)."""
+        from storage import writing
+
         self.register_stage(stage_key)
-        return PackSession(self, stage_key, dict(meta or {}))
+        return writing.PackSession(self, stage_key, dict(meta or {}))
 
     def write_item(self, stage_key: StageKey, item: str, arrays: Mapping[str, np.ndarray],
                    attrs: Mapping[str, Any] | None = None) -> None:
@@ -414,64 +419,3 @@ class Store:
         """Names of the Parquet files of one table, sorted."""
         return sorted(n[: -len(".parquet")] for n in self.backend.listdir(self.backend.path(TABLES, check_name("table", table)))
                       if n.endswith(".parquet") and not n.startswith("."))
-
-
-class PackSession:
-    """One pack being written by one process: ``add`` items, then ``commit`` (or use ``with``).
-
-    The pack is written to a temporary file and moved into place whole; its record is created
-    after it. Until then nothing of it is visible as complete; a crash leaves a temporary file
-    that ``cache gc`` removes.
-    """
-
-    def __init__(self, store: Store, stage_key: StageKey, meta: dict[str, Any]):
-        self.store = store
-        self.stage_key = stage_key
-        self.meta = to_jsonable(meta)
-        self.pack_id = new_id()
-        base = store.stage_dir(stage_key.stage, stage_key.key)
-        self.path = f"{base}/{PACKS}/{self.pack_id}.zip"
-        self.record_path = f"{base}/{RECORDS}/{self.pack_id}.json"
-        self._tmp = store.backend.tmp_path_for(self.path)
-        self._file = open(self._tmp, "w+b")
-        self._writer = PackWriter(self._file, {"stage": stage_key.stage, "key": stage_key.key, "pack": self.pack_id})
-        self.entries: dict[str, ItemEntry] = {}
-
-    def add(self, item: str, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> None:
-        check_name("item", item)
-        for name in arrays:
-            check_name("array", name)
-        self.entries[item] = self._writer.add(item, arrays, to_jsonable(dict(attrs)))
-
-    def commit(self) -> list[str]:
-        """Move the pack into place, then write its record; returns the committed items."""
-        if not self.entries:
-            self.abort()
-            return []
-        self._writer.close()
-        self._file.close()
-        size = os.path.getsize(self._tmp)
-        self.store.backend.put_file(self._tmp, self.path)
-        rec = Record(self.pack_id, size, time.time(), dict(self.entries), self.meta)
-        self.store.backend.put_if_absent(self.record_path, rec.to_bytes())
-        self.store.state(self.stage_key.stage, self.stage_key.key, refresh=False).add_record(rec)
-        return list(self.entries)
-
-    def abort(self) -> None:
-        self._writer.abandon()
-        try:
-            self._file.close()
-        finally:
-            try:
-                os.remove(self._tmp)
-            except FileNotFoundError:
-                pass
-
-    def __enter__(self) -> "PackSession":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()

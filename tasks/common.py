@@ -8,7 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ovseg_core.windows import WindowPlan, crop_window_labels, crop_windows, resize_image
+from ovseg_core.windows import (
+    WindowPlan,
+    crop_window_labels,
+    crop_windows,
+    resize_image,
+)
 from storage.images import load_rgb
 from tasks.params import WindowParams
 

@@ -14,7 +14,14 @@ from ovseg_core.corrclip.map_correction import map_correction
 from ovseg_core.corrclip.mask_class_tokens import mask_class_tokens
 from ovseg_core.corrclip.mask_clustering import cluster_masks, resize_regions
 from ovseg_core.features.clip import normalize_clip
-from tasks.common import image_tensor, image_windows, region_windows, row_plan, run_windows, to_store
+from tasks.common import (
+    image_tensor,
+    image_windows,
+    region_windows,
+    row_plan,
+    run_windows,
+    to_store,
+)
 from tasks.runtime import StageContext
 
 Output = tuple[dict[str, np.ndarray], dict[str, Any]]

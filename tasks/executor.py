@@ -29,7 +29,13 @@ from typing import Any
 
 from storage.leases import LeaseError
 from storage.store import MissingOutputError
-from tasks.runtime import BackboneLoadError, BatchResult, ItemResult, StageContext, software_versions
+from tasks.runtime import (
+    BackboneLoadError,
+    BatchResult,
+    ItemResult,
+    StageContext,
+    software_versions,
+)
 
 log = logging.getLogger("ovseg.tasks")
 

@@ -15,7 +15,11 @@ import numpy as np
 import torch
 
 from ovseg_core.features.clip import clip_block_outputs, normalize_clip
-from ovseg_core.features.dino import dino_input_from_clip, dino_qk_features, normalize_imagenet
+from ovseg_core.features.dino import (
+    dino_input_from_clip,
+    dino_qk_features,
+    normalize_imagenet,
+)
 from ovseg_core.features.regions import region_map
 from ovseg_core.features.text import TEMPLATE_SETS, parse_class_lines, text_embeddings
 from storage.images import load_rgb
@@ -66,7 +70,10 @@ def sam_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
 
 def sam_compute(ctx: StageContext, model, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
     """Region ids at original resolution (ascending-area painting, 0 = unsegmented), scores, areas."""
-    from ovseg_core.features.region_files import decode_label_map, regions_from_label_map
+    from ovseg_core.features.region_files import (
+        decode_label_map,
+        regions_from_label_map,
+    )
 
     out = []
     for inp in inputs:

@@ -19,7 +19,13 @@ import torch
 from ovseg_core.methods import WindowInputs, get_method
 from ovseg_core.postprocess import predict, window_logits
 from ovseg_core.windows import accumulate_window_logits, finish_merge
-from tasks.common import array_name, region_windows, row_plan, run_windows, shape_only_crops
+from tasks.common import (
+    array_name,
+    region_windows,
+    row_plan,
+    run_windows,
+    shape_only_crops,
+)
 from tasks.runtime import StageContext
 
 Output = tuple[dict[str, np.ndarray], dict[str, Any]]
