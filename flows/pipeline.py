@@ -26,20 +26,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from flows.batches import available, submit_all, wait_for
 from flows.config import Experiment
 from flows.emptiness import EmptyDatasetError, empty_dataset_error
 from flows.graph import DatasetPlan, build_plan, check_device, descendants, method_users
-from flows.runners import parallelism
 from storage.store import Store
 from tasks.runtime import (
-    BatchResult,
-    ItemResult,
     RunSettings,
     StageContext,
     StageNode,
@@ -301,7 +298,7 @@ def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict
         store.drop_items(node.stage, node.key, [it["image_id"] for it in items], reason="--force")
     ready = items
     for role, up in node.upstream.items():
-        up_done = _available(store, up)
+        up_done = available(store, up)
         up_failed = failed_here.get(up.ident, set())
         keep = []
         for it in ready:
@@ -325,7 +322,7 @@ def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict
     poll = min(2.0, exp.runner.lease_ttl / 10)
     try:
         while pending:
-            busy = _submit_all(exp, ctx, pending, rep, failed_here, bar, submit)
+            busy = submit_all(exp, ctx, pending, rep, failed_here, bar, submit)
             pending = []
             if not busy:
                 break
@@ -334,114 +331,9 @@ def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict
                 rep.failures += [(iid, "Busy", why) for iid, why in busy.items()]
                 break
             by_id = {it["image_id"]: it for it in todo}
-            pending = [by_id[i] for i in _wait_for(store, ctx, busy, rep, bar, poll)]
+            pending = [by_id[i] for i in wait_for(store, ctx, busy, rep, bar, poll)]
     finally:
         bar.close()
-
-
-def _available(store: Store, node: StageNode) -> set[str] | None:
-    """Items whose output of ``node`` can be read: stored ones, and for a node that is not persisted
-    those its own inputs allow computing on demand (None: every item).
-
-    A stage output set this run already checked is not listed again (its state was refreshed when
-    its stage ended)."""
-    done = store.state(node.stage, node.key, refresh=not store.state_is_fresh(node.stage, node.key)).complete()
-    if node.persist:
-        return done
-    out: set[str] | None = None
-    for up in node.upstream.values():
-        got = _available(store, up)
-        if STAGES[up.stage].per != "image":
-            if got is not None and "vocab" not in got:
-                return done
-            continue
-        if got is not None:
-            out = got if out is None else out & got
-    return None if out is None else out | done
-
-
-def _submit_all(exp: Experiment, ctx: StageContext, todo: list[dict[str, Any]], rep: StageReport,
-                failed_here: dict[tuple[str, str], set[str]], bar, submit) -> dict[str, str]:
-    """Run ``todo`` in batches, at most ``2 x workers`` in flight; returns the busy items (id -> holder).
-
-    ``submit(ctx, rows, name)`` starts one batch (a Prefect task run named ``name``, or a local
-    thread) and returns a future.
-    """
-    size = exp.runner.batch_size
-    batches = deque(todo[i : i + size] for i in range(0, len(todo), size))
-    n = len(batches)
-    in_flight: deque = deque()
-    busy: dict[str, str] = {}
-    fatal = ""
-    i = 0
-    while batches or in_flight:
-        while batches and not fatal and len(in_flight) < 2 * parallelism(exp.runner.workers):
-            i += 1
-            batch = batches.popleft()
-            in_flight.append((batch, submit(ctx, batch, f"{ctx.stage}[{ctx.dataset}] batch {i}/{n}")))
-            log.debug("%s[%s] batch %d/%d: %d item(s) submitted", ctx.stage, ctx.dataset, i, n, len(batch))
-        if not in_flight:
-            break
-        batch, fut = in_flight.popleft()
-        try:
-            result: BatchResult = fut.result()
-        except Exception as e:  # noqa: BLE001 - a batch lost with its worker: its items fail, the run goes on
-            log.warning("%s: a batch of %d items was lost (%s: %s)", ctx.stage, len(batch), type(e).__name__, e)
-            result = BatchResult([ItemResult(str(it["image_id"]), "failed", 0.0, type(e).__name__, str(e))
-                                  for it in batch])
-        fatal = fatal or result.fatal
-        for r in result.items:
-            _count(r, rep, failed_here.setdefault(ctx.node.ident, set()), busy)
-        bar.update(len(result.items))
-        if fatal and batches:  # the stage cannot run here: fail the rest once, without attempting them
-            for b in batches:
-                for it in b:
-                    _count(ItemResult(it["image_id"], "failed", 0.0, "BackboneLoadError", f"not attempted: {fatal}"),
-                           rep, failed_here[ctx.node.ident], busy)
-                bar.update(len(b))
-            batches.clear()
-    return busy
-
-
-def _count(r: ItemResult, rep: StageReport, failed: set[str], busy: dict[str, str]) -> None:
-    if r.status == "done":
-        rep.done += 1
-    elif r.status == "cached":
-        rep.cached += 1
-    elif r.status == "busy":
-        busy[r.item] = r.error
-    elif r.error_type == "SkippedUpstream":
-        rep.skipped += 1
-        rep.failures.append((r.item, r.error_type, r.error))
-        failed.add(r.item)
-    else:
-        rep.failed += 1
-        rep.failures.append((r.item, r.error_type, r.error))
-        failed.add(r.item)
-    rep.seconds += r.seconds
-
-
-def _wait_for(store: Store, ctx: StageContext, busy: dict[str, str], rep: StageReport, bar, poll: float
-              ) -> list[str]:
-    """Wait until each busy item is complete (cached) or its holder is gone; returns the ids to compute here.
-
-    Items still held by a live run when another one is returned are returned too: resubmitting
-    them costs one claim (they come back busy) and keeps one loop.
-    """
-    log.info("%s: waiting for %d item(s) another run is computing", ctx.stage, len(busy))
-    waiting = set(busy)
-    while waiting:
-        time.sleep(poll)
-        state = store.state(ctx.stage, ctx.key)
-        held = store.leases.busy_items(ctx.stage, ctx.key)
-        for iid in sorted(waiting):
-            if state.pack_of(iid) is not None:
-                rep.cached += 1
-                bar.update(1)
-                waiting.discard(iid)
-        if any(iid not in held for iid in waiting):
-            return sorted(waiting)
-    return []
 
 
 __all__ = ["EXIT_FAILED", "EXIT_INCOMPLETE", "EXIT_OK", "EXIT_USAGE", "STAGE_ORDER", "EmptyDatasetError", "RunSummary",
