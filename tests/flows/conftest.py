@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from flows.cli import configure_prefect
@@ -45,3 +46,20 @@ def computed(summary) -> dict[str, int]:
     for s in summary.stages:
         out[s.stage] = out.get(s.stage, 0) + s.done
     return {k: v for k, v in out.items() if v}
+
+
+def store_snapshot(store: Path) -> dict[tuple[str, str, str], dict[str, np.ndarray]]:
+    """Every complete item of every stage output in ``store``: ``{(stage, key, item): arrays}``."""
+    from storage.store import Store
+
+    st = Store(store)
+    return {(s, k, i): st.read_item(s, k, i) for s, k in st.stage_sets() for i in st.complete_items(s, k)}
+
+
+def assert_same_outputs(a: dict, b: dict) -> None:
+    """Two :func:`store_snapshot` results hold the same items, arrays and values, bit for bit."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].keys() == b[k].keys(), k
+        for name in a[k]:
+            np.testing.assert_array_equal(a[k][name], b[k][name], err_msg=str((k, name)))

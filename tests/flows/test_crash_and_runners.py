@@ -18,7 +18,7 @@ import yaml
 
 from flows.pipeline import run_experiment
 from storage.store import Store
-from tests.flows.conftest import computed, tiny_experiment
+from tests.flows.conftest import assert_same_outputs, computed, store_snapshot, tiny_experiment
 
 pytestmark = [pytest.mark.filterwarnings("ignore")]
 
@@ -26,18 +26,6 @@ REPO = Path(__file__).resolve().parents[2]
 TTL = 6.0  # lease TTL of these runs: a rerun after a kill waits at most this long
 UNSHARE = shutil.which("unshare")
 
-
-def _snapshot(store: Path) -> dict[tuple[str, str, str], dict[str, np.ndarray]]:
-    st = Store(store)
-    return {(s, k, i): st.read_item(s, k, i) for s, k in st.stage_sets() for i in st.complete_items(s, k)}
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].keys() == b[k].keys(), k
-        for name in a[k]:
-            np.testing.assert_array_equal(a[k][name], b[k][name], err_msg=str((k, name)))
 
 
 def _exp(store: Path, limit: int = 3):
@@ -76,7 +64,7 @@ def reference(tmp_path_factory):
     store = tmp_path_factory.mktemp("reference") / "store"
     summary = run_experiment(_exp(store), progress=False)
     assert summary.status == "complete"
-    return _snapshot(store)
+    return store_snapshot(store)
 
 
 def _kill_during(proc: subprocess.Popen, store: Path, stage: str, deadline: float = 300) -> dict[str, int]:
@@ -105,7 +93,7 @@ def test_sigkill_in_another_hostname_then_a_plain_rerun_gives_identical_outputs(
     other_host = "another-container" if _can_unshare() else None
     proc = _spawn(_write_yaml(exp, tmp_path / "exp.yaml"), hostname=other_host)
     _kill_during(proc, store, "mask_class_tokens")
-    partial = _snapshot(store)
+    partial = store_snapshot(store)
     assert 0 < len(partial) < len(reference)
     for k, arrays in partial.items():  # whatever is complete after the kill is already right
         for name, a in arrays.items():
@@ -116,7 +104,7 @@ def test_sigkill_in_another_hostname_then_a_plain_rerun_gives_identical_outputs(
     assert summary.status == "complete" and summary.exit_code == 0
     assert time.time() - t0 < 120
     assert sum(s.done for s in summary.stages) == len(reference) - len(partial)  # completed work not redone
-    _assert_same(_snapshot(store), reference)
+    assert_same_outputs(store_snapshot(store), reference)
     runs, _ = Store(store).runs()
     killed = next(r for r in runs if r.run_id != summary.run_id)
     assert killed.status in ("dead", "running") and (killed.status == "dead" or time.time() - t0 < TTL)
@@ -146,7 +134,7 @@ def test_two_runs_at_once_both_complete_with_identical_scores(tmp_path, referenc
     assert len(scores(out1)) == 2 and scores(out1) == scores(out2)  # both over all 3 images, identical
     again = run_experiment(exp, progress=False)
     assert computed(again) == {}  # between them the two runs completed everything
-    _assert_same(_snapshot(store), reference)
+    assert_same_outputs(store_snapshot(store), reference)
 
 
 @pytest.mark.slow
@@ -163,9 +151,9 @@ def test_dask_local_cluster_gives_the_same_outputs(tmp_path):
         run_experiment(_exp(tmp_path / "local"), progress=False)
     finally:
         torch.set_num_threads(threads)
-    reference = _snapshot(tmp_path / "local")
+    reference = store_snapshot(tmp_path / "local")
     store = tmp_path / "store"
     exp = _exp(store).model_copy(update={"runner": _exp(store).runner.model_copy(update={"kind": "dask", "workers": 2})})
     summary = run_experiment(exp, progress=False)
     assert summary.failed == 0
-    _assert_same(_snapshot(store), reference)
+    assert_same_outputs(store_snapshot(store), reference)

@@ -19,14 +19,12 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from flows.pipeline import run_experiment
-from storage.store import Store
 from tasks.runtime import RunSettings, StageContext, StageNode, bind_device, worker_device, worker_index
-from tests.flows.conftest import tiny_experiment
+from tests.flows.conftest import assert_same_outputs, store_snapshot, tiny_experiment
 from tests.flows.dask_cluster import (REPO, DaskDeployment, loaded_backbones, resolved_device, set_allowed_failures,
                                       torch_threads)
 
@@ -97,22 +95,6 @@ def _exp(store: Path, **runner):
                                              "root": str(REPO / "examples" / "data" / "voc2012-sample")}],
                            runner={"kind": "local", "workers": 1, "batch_size": 1, "lease_ttl": LEASE_TTL, **runner})
 
-
-def _snapshot(store: Path) -> dict[tuple[str, str, str], dict[str, np.ndarray]]:
-    st = Store(store)
-    out = {}
-    for info in st.list_stages(with_bytes=False):
-        for item in st.complete_items(info.stage, info.key):
-            out[(info.stage, info.key, item)] = st.read_item(info.stage, info.key, item)
-    return out
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].keys() == b[k].keys(), k
-        for name in a[k]:
-            np.testing.assert_array_equal(a[k][name], b[k][name], err_msg=str((k, name)))
 
 
 def _lease_files(store: Path) -> dict[Path, dict]:
@@ -188,7 +170,7 @@ def reference(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     assert summary.status == "complete"
-    return _snapshot(store)
+    return store_snapshot(store)
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +218,7 @@ def test_cli_run_on_an_existing_cluster_matches_a_local_run(tmp_path, cluster, r
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert [line for line in output.splitlines() if "distributed" in line] == []  # Dask's INFO lines are quiet
-    _assert_same(_snapshot(tmp_path / "store"), reference)
+    assert_same_outputs(store_snapshot(tmp_path / "store"), reference)
     ran = _task_workers(client, since)
     assert set(ran) == {"cli-0", "cli-1"}, ran
     crashed = [n for n in ran if "was killed by signal" in cluster.log(n)]  # restarted by its nanny
@@ -261,7 +243,7 @@ def test_worker_killed_mid_batch_its_items_are_recomputed_elsewhere(tmp_path, cl
     assert run.error is None, run.error
     assert run.summary.status == "complete", [(s.stage, s.failures) for s in run.summary.stages if s.failures]
     assert victim not in cluster.worker_names()
-    _assert_same(_snapshot(store), reference)  # nothing half-written is read
+    assert_same_outputs(store_snapshot(store), reference)  # nothing half-written is read
     assert not lease.exists() and _lease_files(store) == {}  # the dead lease was taken over, then released
     assert "RUNNING" not in _task_run_states(since)  # the rerun batch took over the lost task run
 
@@ -292,7 +274,7 @@ def test_batch_whose_every_worker_dies_fails_and_a_rerun_completes(tmp_path, clu
     assert lost and all("died" in f[2] for f in lost)
     again = run_experiment(exp, progress=False)
     assert again.status == "complete", [(s.stage, s.failures) for s in again.stages if s.failures]
-    _assert_same(_snapshot(store), reference)
+    assert_same_outputs(store_snapshot(store), reference)
     states = _task_run_states(since)  # read after the rerun: batches of the first run still in flight have ended
     assert states["CRASHED"] == 1 and "RUNNING" not in states, states
 
@@ -320,7 +302,7 @@ def test_worker_joining_mid_run_is_given_batches(tmp_path, cluster, reference, c
         run.join(600)
     assert run.error is None, run.error
     assert run.summary.status == "complete"
-    _assert_same(_snapshot(store), reference)
+    assert_same_outputs(store_snapshot(store), reference)
     ran = _task_workers(client, since)
     assert ran.get("join-2", 0) >= 1, ran
     announced = [r.getMessage() for r in caplog.records if r.name == "ovseg.runners"]

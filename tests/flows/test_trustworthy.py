@@ -8,7 +8,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -17,23 +16,12 @@ from flows.graph import build_plan
 from flows.pipeline import run_experiment
 from storage.store import Store
 from storage.tables import read_table
-from tests.flows.conftest import computed, tiny_experiment
+from tests.flows.conftest import assert_same_outputs, computed, store_snapshot, tiny_experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 SCCLIP = [{"name": "scclip", "method": "scclip"}]
 
-
-def _snapshot(store: Path) -> dict[tuple[str, str, str], dict[str, np.ndarray]]:
-    st = Store(store)
-    return {(s, k, i): st.read_item(s, k, i) for s, k in st.stage_sets() for i in st.complete_items(s, k)}
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        for name in a[k]:
-            np.testing.assert_array_equal(a[k][name], b[k][name], err_msg=str((k, name)))
 
 
 def _yaml(exp, path: Path) -> Path:
@@ -63,7 +51,7 @@ def reference(tmp_path_factory):
     store = tmp_path_factory.mktemp("reference") / "store"
     summary = run_experiment(tiny_experiment(store), progress=False)
     assert summary.status == "complete" and summary.exit_code == 0
-    return store, _snapshot(store)
+    return store, store_snapshot(store)
 
 
 def _copy(reference, tmp_path: Path) -> tuple[Path, object]:
@@ -132,7 +120,7 @@ def test_deleted_and_truncated_packs_are_reported_and_recomputed(reference, tmp_
     assert summary.status == "complete"
     assert computed(summary) == {"clip_layers": 2, "dino_features": 2}
     assert any("missing or truncated" in n for n in summary.notes)
-    _assert_same(_snapshot(store), reference[1])
+    assert_same_outputs(store_snapshot(store), reference[1])
     assert main(["cache", "verify", "--store", str(store)]) == 0
 
 
@@ -149,7 +137,7 @@ def test_altered_bytes_are_caught_by_checksum_and_repaired(reference, tmp_path, 
     assert "CRC-32" in capsys.readouterr().out
     summary = run_experiment(exp, progress=False)
     assert computed(summary) == {"mask_class_tokens": 1}
-    _assert_same(_snapshot(store), reference[1])
+    assert_same_outputs(store_snapshot(store), reference[1])
 
 
 # 4. one damaged metadata file never stops a command, and the error names the file and the fix
@@ -203,7 +191,7 @@ def test_gc_after_running_one_stage_keeps_the_whole_experiment(reference, tmp_pa
     before = set(Store(store).stage_sets())
     assert main(["cache", "gc", "--store", str(store)]) == 0
     assert set(Store(store).stage_sets()) == before
-    _assert_same(_snapshot(store), reference[1])
+    assert_same_outputs(store_snapshot(store), reference[1])
 
 
 # fail fast, delete late
@@ -223,7 +211,7 @@ def test_an_invalid_plan_touches_no_store_and_deletes_nothing(reference, tmp_pat
     store, exp = _copy(reference, tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         run_experiment(tiny_experiment(store, **overrides), force=["clip_layers"], progress=False)
-    _assert_same(_snapshot(store), reference[1])  # --force deleted nothing
+    assert_same_outputs(store_snapshot(store), reference[1])  # --force deleted nothing
 
 
 def test_a_broken_lease_folder_fails_items_not_the_run(tmp_path, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from storage.fsio import Backend
 from storage.leases import LeaseError, LeaseManager
 from storage.store import Store
+from tests.storage.lease_race import assert_racing_claims_cover_every_item
 
 
 def _fake_lease(root: Path, stage: str, key: str, lease_id: str, items: list[str], heartbeat: float, ttl: float = 120,
@@ -69,25 +69,7 @@ def test_racing_claims_leave_no_item_unclaimed(tmp_path: Path):
     before deciding (the documented, harmless duplicate: both write whole packs)."""
     managers = [LeaseManager(Backend(str(tmp_path / "st"))) for _ in range(4)]
     items = [f"i{n}" for n in range(30)]
-    for _ in range(10):
-        results = [None] * len(managers)
-        barrier = threading.Barrier(len(managers))
-
-        def claim(i: int) -> None:
-            barrier.wait()
-            results[i] = managers[i].claim("s", "k", items)
-
-        threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(managers))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        owned = {i for r in results for i in r.mine}
-        assert owned == set(items)
-        for r in results:  # an item a claimant gave up is reported as busy, with its holder
-            assert set(r.mine) | set(r.busy) == set(items)
-        for m, r in zip(managers, results):
-            m.release(r)
+    assert_racing_claims_cover_every_item(managers, items, rounds=10)
 
 
 def test_a_lease_that_cannot_be_written_is_a_lease_error(tmp_path: Path):

@@ -24,6 +24,7 @@ from storage.leases import LeaseManager
 from storage.maintenance import gc, verify
 from storage.store import DamagedOutputError, MissingOutputError, Store, StoreError, StoreNotFoundError
 from tests.s3server import S3Server, shared_server
+from tests.storage.lease_race import assert_racing_claims_cover_every_item
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -347,24 +348,7 @@ def test_racing_claims_leave_no_item_unclaimed(s3, conditional):
     url = f"s3://{server.create_bucket()}/st"
     managers = [LeaseManager(Backend(url, server.storage_options())) for _ in range(4)]
     items = [f"i{n}" for n in range(30)]
-    for _ in range(5):
-        results: list = [None] * len(managers)
-        barrier = threading.Barrier(len(managers))
-
-        def claim(i: int) -> None:
-            barrier.wait()
-            results[i] = managers[i].claim("s", "k", items)
-
-        threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(managers))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert {i for r in results for i in r.mine} == set(items)
-        for r in results:
-            assert set(r.mine) | set(r.busy) == set(items)
-        for m, r in zip(managers, results):
-            m.release(r)
+    assert_racing_claims_cover_every_item(managers, items, rounds=5)
     if not conditional:
         server.stop()
 
