@@ -63,7 +63,7 @@ from storage.images import (
     load_label,
     load_rgb,
 )
-from storage.layouts import FOLLOW_FIX, Candidate, abs_path, confine, list_layout
+from storage.layouts import FOLLOW_FIX, Candidate, abs_path, confine, forget_resolved_folders, list_layout
 
 __all__ = ["DEFAULT_DATASET", "IMAGE_EXTENSIONS", "LAYOUTS", "UNUSABLE_EXTENSIONS", "ManifestRow", "image_id_for",
            "ingest", "ingest_files"]
@@ -130,10 +130,11 @@ def _file_stat(c: Candidate) -> str:
     return "|".join(parts)
 
 
-def _reusable(old: ManifestRow | None, dataset: str, c: Candidate, stat: str, max_pixels: int | None) -> bool:
+def _reusable(old: ManifestRow | None, dataset: str, c: Candidate, gt_path: str, stat: str,
+              max_pixels: int | None) -> bool:
     return (
         old is not None and old.status == "ok" and bool(stat) and old.file_stat == stat and old.rel_path == c.rel_path
-        and old.gt_path == (abs_path(c.gt) if c.gt is not None else "") and old.dataset == dataset
+        and old.gt_path == gt_path and old.dataset == dataset
         and (max_pixels is None or old.width * old.height <= max_pixels)
     )
 
@@ -146,14 +147,14 @@ def _row(dataset: str, c: Candidate, previous: Mapping[str, ManifestRow] | None 
     when it is ``ok``, within ``max_pixels`` and the image and ground-truth sizes and mtimes are
     unchanged. A candidate refused while listing gives an error row without reading its file.
     """
-    gt_path = abs_path(c.gt) if c.gt is not None else ""
+    image_path, gt_path = abs_path(c.image), (abs_path(c.gt) if c.gt is not None else "")
     if c.error:
         return ManifestRow(dataset=dataset, image_id=image_id_for("", c.rel_path), rel_path=c.rel_path,
-                           abs_path=abs_path(c.image), gt_path=gt_path, width=0, height=0, content_sha256="",
+                           abs_path=image_path, gt_path=gt_path, width=0, height=0, content_sha256="",
                            status="error", error=c.error, file_stat="")
     stat = _file_stat(c)
-    old = previous.get(abs_path(c.image)) if previous else None
-    if _reusable(old, dataset, c, stat, max_pixels):
+    old = previous.get(image_path) if previous else None
+    if _reusable(old, dataset, c, gt_path, stat, max_pixels):
         return old
     sha, width, height, error = "", 0, 0, ""
     try:
@@ -181,7 +182,7 @@ def _row(dataset: str, c: Candidate, previous: Mapping[str, ManifestRow] | None 
         dataset=dataset,
         image_id=image_id_for(sha, c.rel_path),
         rel_path=c.rel_path,
-        abs_path=abs_path(c.image),
+        abs_path=image_path,
         gt_path=gt_path,
         width=int(width),
         height=int(height),
@@ -257,6 +258,7 @@ def ingest(
     name = _resolve_dataset(layout, dataset)
     top = Path(root).expanduser()
     gt_top = Path(gt_dir).expanduser() if gt_dir is not None else None
+    forget_resolved_folders()
     base, candidates = list_layout(layout, top, split, gt_top, follow_symlinks)
     if not follow_symlinks:
         roots = (top.resolve(), base.resolve())
@@ -285,6 +287,7 @@ def ingest_files(paths: Sequence[str | PathLike[str]], dataset: str = "files", *
     """
     check_max_pixels(max_pixels)
     name = _resolve_dataset("folder", dataset)
+    forget_resolved_folders()
     rows = []
     for p in paths:
         path = Path(p).expanduser()

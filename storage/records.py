@@ -221,7 +221,10 @@ class StageState:
     def complete(self) -> set[str]:
         """Items with a valid copy."""
         with self.lock:
-            return {i for i in list(self._packs) if self.pack_of(i) is not None}
+            dropped = self._dropped
+            if not dropped:
+                return {i for i, packs in self._packs.items() if packs}
+            return {i for i, packs in self._packs.items() if any((i, p) not in dropped for p in packs)}
 
     def valid_pairs(self) -> list[tuple[str, str]]:
         """(item, pack) of every complete item's current copy."""

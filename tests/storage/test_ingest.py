@@ -412,3 +412,20 @@ def test_reingest_checks_reused_rows_against_the_limit(sample_dir: Path, tmp_pat
     first = ingest(tmp_path / "d", "folder")
     again = ingest(tmp_path / "d", "folder", previous=first, max_pixels=1000)
     assert first[0].status == "ok" and again[0].status == "error" and "max_pixels=1,000" in again[0].error
+
+
+
+def test_a_folder_turned_into_an_outside_link_between_ingests_is_refused(sample_dir: Path, tmp_path: Path) -> None:
+    """Folders' real paths are cached within one ingest only: the next ingest in the same process sees a new link."""
+    voc = sample_dir / "voc2012-sample" / "VOCdevkit" / "VOC2012"
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    base = root / "VOCdevkit" / "VOC2012"
+    shutil.copytree(voc, base)
+    first = ingest(root, "voc")
+    assert first and all(r.status == "ok" for r in first)
+    outside.mkdir()
+    (base / "JPEGImages").rename(outside / "JPEGImages")
+    (base / "JPEGImages").symlink_to(outside / "JPEGImages")
+    again = ingest(root, "voc", previous=first)
+    assert len(again) == len(first)
+    assert all(r.status == "error" and "outside the dataset root" in r.error for r in again), again[0]
