@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {
         "command": " ".join(["python", "bench/scale.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": f"{info.get('cpu_model')}, {info.get('usable_cores')} usable cores, "
-                   f"load average at start {info.get('load_average')}",
+                   f"load average at start {info.get('load_average_1min_at_start'):.2f}",
         "real": [], "simulation": None}
     try:
         results["prefect_startup_seconds"] = prefect_startup_seconds()
