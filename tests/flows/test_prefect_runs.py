@@ -50,6 +50,15 @@ def _logs(flow_run_id) -> list:
         return c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
 
+def _task_tags(flow_run_id) -> list[set[str]]:
+    """The distinct tag sets of the flow run's task runs."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with _client() as c:
+        runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [set(t) for t in {frozenset(r.tags) for r in runs}]
+
+
 def _artifacts(flow_run_id) -> dict[str, object]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -109,6 +118,7 @@ def test_failed_image_makes_a_failed_flow_run_with_parameters_tags_logs_and_arti
     assert any(lvl == logging.INFO for lvl, _, _ in text) and not any(lvl == logging.DEBUG for lvl, _, _ in text)
     names = _task_names(run.id)
     assert "reconstruction[voc] batch 1/1" in names and "scoring[voc] batch 1/1" in names
+    assert _task_tags(run.id) == [set()]  # untagged: no concurrency-slot round trip per task run
     arts = _artifacts(run.id)
     assert set(arts) == {"ovseg-scores-broken", "ovseg-failures-broken"}
     failures = json.loads(arts["ovseg-failures-broken"].data)
