@@ -23,6 +23,9 @@ import pytest
 import yaml
 
 from flows.pipeline import run_experiment
+from storage.fsio import is_temporary
+from storage.maintenance import gc
+from storage.store import Store
 from tasks.runtime import RunSettings, StageContext, StageNode, bind_device, worker_device, worker_index
 from tests.flows.conftest import assert_same_outputs, store_snapshot, tiny_experiment
 from tests.flows.dask_cluster import (REPO, DaskDeployment, loaded_backbones, resolved_device, set_allowed_failures,
@@ -98,9 +101,15 @@ def _exp(store: Path, **runner):
 
 
 def _lease_files(store: Path) -> dict[Path, dict]:
-    """The lease files present now (``leases/<stage>/<key>/<id>.json``: owner host/pid/run, items)."""
+    """The lease files present now (``leases/<stage>/<key>/<id>.json``: owner host/pid/run, items).
+
+    Temporaries (``.tmp-*``: a heartbeat's rewrite cut short by a kill) are not leases: the lease
+    manager skips them and gc removes them.
+    """
     out = {}
     for path in (store / "leases").glob("*/*/*.json"):
+        if is_temporary(path.name):
+            continue
         try:
             out[path] = json.loads(path.read_text())
         except (FileNotFoundError, ValueError):
@@ -245,6 +254,8 @@ def test_worker_killed_mid_batch_its_items_are_recomputed_elsewhere(tmp_path, cl
     assert victim not in cluster.worker_names()
     assert_same_outputs(store_snapshot(store), reference)  # nothing half-written is read
     assert not lease.exists() and _lease_files(store) == {}  # the dead lease was taken over, then released
+    gc(Store(store), keep=Store(store).stage_sets(), stale_after=0)  # a heartbeat rewrite cut short by the kill
+    assert not list((store / "leases").rglob("*.json"))
     assert "RUNNING" not in _task_run_states(since)  # the rerun batch took over the lost task run
 
 
