@@ -88,6 +88,9 @@ class LeaseManager:
         self.ttl = float(ttl)
         self._held: dict[str, tuple[str, dict]] = {}  # lease id -> (path, content)
         self._lock = threading.Lock()
+        # Serialises writing and deleting lease files: a heartbeat's rewrite never lands after a release
+        # deleted the file (the lease would come back and hold its items for a TTL). Taken before _lock.
+        self._io_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -176,25 +179,27 @@ class LeaseManager:
         """Give a claim up (its lease file is deleted)."""
         if claim.lease_id is None:
             return
-        with self._lock:
-            held = self._held.pop(claim.lease_id, None)
-        if held is not None:
-            try:
-                self.backend.delete(held[0])
-            except OSError as e:  # the lease then expires after its TTL
-                log.warning("cannot delete lease %s: %s", held[0], e)
+        with self._io_lock:
+            with self._lock:
+                held = self._held.pop(claim.lease_id, None)
+            if held is not None:
+                try:
+                    self.backend.delete(held[0])
+                except OSError as e:  # the lease then expires after its TTL
+                    log.warning("cannot delete lease %s: %s", held[0], e)
 
     def _rewrite(self, lease_id: str, items: Iterable[str] | None = None) -> None:
-        with self._lock:
-            held = self._held.get(lease_id)
-            if held is None:
-                return
-            path, content = held
-            content = dict(content, heartbeat=time.time())
-            if items is not None:
-                content["items"] = list(items)
-            self._held[lease_id] = (path, content)
-        self.backend.put_atomic(path, json.dumps(content).encode())
+        with self._io_lock:
+            with self._lock:
+                held = self._held.get(lease_id)
+                if held is None:
+                    return
+                path, content = held
+                content = dict(content, heartbeat=time.time())
+                if items is not None:
+                    content["items"] = list(items)
+                self._held[lease_id] = (path, content)
+            self.backend.put_atomic(path, json.dumps(content).encode())
 
     # ------------------------------------------------------------------ heartbeat
     def _ensure_thread(self) -> None:

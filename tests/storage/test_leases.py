@@ -77,3 +77,28 @@ def test_a_lease_that_cannot_be_written_is_a_lease_error(tmp_path: Path):
     (tmp_path / "st" / "leases").write_text("a file where a folder must be")
     with pytest.raises(LeaseError, match="cannot write lease"):
         s.leases.claim("s", "k", ["x"])
+
+
+def test_a_release_during_a_heartbeat_leaves_no_lease_file(tmp_path: Path):
+    """A heartbeat rewriting a lease while the claim is released must not bring the file back (it would hold
+    the items as busy for a whole TTL). Seen in a loop of the kill test: a finished run left one lease."""
+    import threading
+
+    m = LeaseManager(Backend(str(tmp_path / "st")), ttl=60)
+    claim = m.claim("s", "k", ["x"])
+    folder = tmp_path / "st" / "leases" / "s" / "k"
+    assert len(list(folder.glob("*.json"))) == 1
+    real_put, writing = m.backend.put_atomic, threading.Event()
+
+    def slow_put(path, data):
+        writing.set()
+        time.sleep(0.3)  # the release comes while the heartbeat's write is under way
+        real_put(path, data)
+
+    m.backend.put_atomic = slow_put
+    beat = threading.Thread(target=m.heartbeat)
+    beat.start()
+    assert writing.wait(5)
+    m.release(claim)
+    beat.join()
+    assert list(folder.glob("*.json")) == [] and m.busy_items("s", "k") == {}
