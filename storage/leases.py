@@ -87,10 +87,9 @@ class LeaseManager:
         self.backend = backend
         self.ttl = float(ttl)
         self._held: dict[str, tuple[str, dict]] = {}  # lease id -> (path, content)
+        # Guards _held and is held while a lease file is rewritten or deleted: a heartbeat's rewrite never
+        # lands after a release deleted the file (the lease would come back and hold its items for a TTL).
         self._lock = threading.Lock()
-        # Serialises writing and deleting lease files: a heartbeat's rewrite never lands after a release
-        # deleted the file (the lease would come back and hold its items for a TTL). Taken before _lock.
-        self._io_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -179,9 +178,8 @@ class LeaseManager:
         """Give a claim up (its lease file is deleted)."""
         if claim.lease_id is None:
             return
-        with self._io_lock:
-            with self._lock:
-                held = self._held.pop(claim.lease_id, None)
+        with self._lock:
+            held = self._held.pop(claim.lease_id, None)
             if held is not None:
                 try:
                     self.backend.delete(held[0])
@@ -189,16 +187,15 @@ class LeaseManager:
                     log.warning("cannot delete lease %s: %s", held[0], e)
 
     def _rewrite(self, lease_id: str, items: Iterable[str] | None = None) -> None:
-        with self._io_lock:
-            with self._lock:
-                held = self._held.get(lease_id)
-                if held is None:
-                    return
-                path, content = held
-                content = dict(content, heartbeat=time.time())
-                if items is not None:
-                    content["items"] = list(items)
-                self._held[lease_id] = (path, content)
+        with self._lock:
+            held = self._held.get(lease_id)
+            if held is None:
+                return
+            path, content = held
+            content = dict(content, heartbeat=time.time())
+            if items is not None:
+                content["items"] = list(items)
+            self._held[lease_id] = (path, content)
             self.backend.put_atomic(path, json.dumps(content).encode())
 
     # ------------------------------------------------------------------ heartbeat

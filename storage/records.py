@@ -222,8 +222,6 @@ class StageState:
         """Items with a valid copy."""
         with self.lock:
             dropped = self._dropped
-            if not dropped:
-                return {i for i, packs in self._packs.items() if packs}
             return {i for i, packs in self._packs.items() if any((i, p) not in dropped for p in packs)}
 
     def valid_pairs(self) -> list[tuple[str, str]]:
