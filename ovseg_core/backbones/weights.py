@@ -66,8 +66,9 @@ _SAM2_URL = {"2": "https://dl.fbaipublicfiles.com/segment_anything_2/072824/{fil
              "2.1": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/{file}"}
 _HF_URL = "https://huggingface.co/{model_id}/resolve/main/{file}"
 _MAX_LISTED_KEYS = 5
-# Containers of a checkpoint's tensors, first found wins (NVlabs/RADIO: the EMA weights if stored).
-_CONTAINERS = ("state_dict_ema", "state_dict", "teacher", "model")
+# Containers of a checkpoint's tensors, first found wins (NVlabs/RADIO: the EMA weights if stored;
+# "weights": the other container PE's own loader accepts).
+_CONTAINERS = ("state_dict_ema", "state_dict", "teacher", "model", "weights")
 # Non-tensor objects some official checkpoints pickle next to the tensors, allowed by the safe loader
 # (NVlabs/RADIO torch.hub files store their training arguments as an argparse.Namespace).
 _SAFE_GLOBALS = (argparse.Namespace,)
@@ -233,7 +234,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Unwraps the usual containers: ``{"state_dict": ...}`` (open_clip / MetaCLIP training
     checkpoints), ``{"teacher": ...}`` (DINO full checkpoints), ``{"state_dict_ema": ...}`` (NVlabs/RADIO
     torch.hub files, whose ``args`` entry is an ``argparse.Namespace``, the one non-tensor class
-    the safe loader accepts), a ``module.`` prefix.
+    the safe loader accepts), ``{"weights": ...}`` (accepted by PE's loader), a ``module.`` prefix.
 
     Raises:
         ValueError: unreadable, corrupted, not a state dict, or holding non-tensor pickles.

@@ -132,6 +132,16 @@ def test_pe_file_loads_into_the_timm_model(tmp_path):
     torch.testing.assert_close(model.blocks[1].attn.qkv.weight, sd["transformer.resblocks.1.attn.in_proj_weight"])
 
 
+@pytest.mark.parametrize("wrap", ["weights", "visual"])
+def test_pe_file_layouts_its_loader_accepts(tmp_path, wrap):
+    # PE's load_ckpt accepts {"weights": sd} and keys under "visual." (a CLIP checkpoint's vision tower)
+    sd, _ = ref.pe_checkpoint(seed=12)
+    plain = load_backbone(f"vfm:tiny_pe@{_save(tmp_path, 'plain.pt', sd)}").model
+    obj = {"weights": sd} if wrap == "weights" else {f"visual.{k}": v for k, v in sd.items()}
+    other = load_backbone(f"vfm:tiny_pe@{_save(tmp_path, 'wrapped.pt', obj)}").model
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in other.state_dict().items())
+
+
 def test_wrong_family_file_names_the_problem(tmp_path):
     sd, _ = ref.dinov2_checkpoint()
     with pytest.raises(ValueError, match="does not fit vfm:tiny_dinov3"):
