@@ -29,8 +29,8 @@ from ovseg_core.corrclip.config import required_blocks as corrclip_required_bloc
 from ovseg_core.corrclip.pipeline import corrclip_window_features
 from ovseg_core.scclip.config import SCCLIPConfig
 
-__all__ = ["CORRCLIPV2_DEFAULTS", "CORRCLIPV2_MODELS", "CORRELATIONS", "METHODS", "Method", "WindowInputs", "get_method", "CLUSTERING_FIELDS",
-           "NOT_READ_BY_RECONSTRUCTION"]
+__all__ = ["CORRCLIPV2_DEFAULTS", "CORRCLIPV2_MODELS", "CORRELATIONS", "METHODS", "Method", "WindowInputs",
+           "get_method", "CLUSTERING_FIELDS", "NOT_READ_BY_RECONSTRUCTION"]
 
 # CorrCLIP fields read by mask clustering (``cluster_masks``); the mask_clustering stage key hashes only these.
 CLUSTERING_FIELDS: tuple[str, ...] = ("mask_clustering", "dbscan_eps", "dbscan_min_samples", "m0_quirk", "padding")

@@ -295,7 +295,8 @@ def accumulate_window_logits(canvas: torch.Tensor, logits: torch.Tensor, plan: W
     for i in range(n):
         win = plan.windows[start + i]
         top, bottom, left, right = win.pad
-        canvas[:, win.y1 : win.y2, win.x1 : win.x2] += logits[i, :, top : hp - bottom, left : wp - right].to(canvas.dtype)
+        window = logits[i, :, top : hp - bottom, left : wp - right]
+        canvas[:, win.y1 : win.y2, win.x1 : win.x2] += window.to(canvas.dtype)
 
 
 def finish_merge(canvas: torch.Tensor, plan: WindowPlan) -> torch.Tensor:

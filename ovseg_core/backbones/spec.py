@@ -221,7 +221,8 @@ def parse_backbone(name: str) -> BackboneSpec:
     """Parse ``family:arch[@weights]`` into a :class:`BackboneSpec`.
 
     Examples: ``clip:ViT-B-16@openai``, ``clip:ViT-B-16`` (default tag), ``dino:vitb8``,
-    ``sam:vit_b@random:3``, ``sam2:hiera_l`` (SAM 2), ``sam2:hiera_l@sam2.1``, ``vfm:radiov3_l``, ``clip:tiny``, ``dino:vits16@/weights/dino_deitsmall16_pretrain.pth``.
+    ``sam:vit_b@random:3``, ``sam2:hiera_l`` (SAM 2), ``sam2:hiera_l@sam2.1``, ``vfm:radiov3_l``, ``clip:tiny``,
+    ``dino:vits16@/weights/dino_deitsmall16_pretrain.pth``.
 
     Raises:
         ValueError: unknown family or architecture (the message lists the valid names), unknown
