@@ -1,19 +1,25 @@
 """Benchmark dataset specs: classes, background, label conversion, per-method presets.
 
-Presets are the published evaluation settings (methods.md section 1 table). CamVid is in
-neither paper: its presets are this project's choice (the papers' generic no-background
-setting: S = 336, CorrCLIP crop 336/112, SC-CLIP crop 224/112, logit scale 40, no thresholds).
+Presets are the published evaluation settings (methods.md section 1 table; CorrCLIPv2:
+``corrclipv2.md`` section 1 table, ``CorrCLIPv2/configs/cfg_*.py``). CamVid is in no paper: its
+presets are this project's choice (the papers' generic no-background setting: S = 336,
+CorrCLIP crop 336/112, SC-CLIP crop 224/112, logit scale 40, no thresholds). ADE-847 and
+PASCAL Context-459 are CorrCLIPv2's only: the v1 and SC-CLIP presets there are this project's
+choice (v1: CorrCLIPv2's own; SC-CLIP: its generic 336, 224/112, 40).
 
-Class files live in ``ovseg_core/data/classes`` (package data) as ``<bench>_corrclip.txt`` and
-``<bench>_scclip.txt``: byte-for-byte copies of the authors' ``cls_*.txt`` files
-(zdk258/CorrCLIP 103bc18 ``CorrCLIPv1/configs``, SuleBai/SC-CLIP 0417ba9 ``configs``), one
-class per line. Each family's reference reads them with its own ``get_cls_idx``: the line is
+Class files live in ``ovseg_core/data/classes`` (package data) as ``<bench>_corrclip.txt``,
+``<bench>_scclip.txt`` and ``<bench>_corrclipv2.txt``: byte-for-byte copies of the authors'
+``cls_*.txt`` files (zdk258/CorrCLIP 103bc18 ``CorrCLIPv1/configs`` and ``CorrCLIPv2/configs``,
+SuleBai/SC-CLIP 0417ba9 ``configs``), one class per line. CorrCLIPv2's files equal v1's except
+Cityscapes (line 12 ``people, person``, one query) and the two new benchmarks, whose files
+(``ade847_corrclipv2.txt``, 847 lines; ``pc459_corrclipv2.txt``, 459 lines) every variant uses. Each family's reference reads them with its own ``get_cls_idx``: the line is
 split on one separator into synonyms, each synonym its own text query, and a class scores the
 max over its queries. The separator differs (:data:`CLASS_SEPARATORS`): CorrCLIP splits on
 ``"; "`` (its VOC21 / COCO-Object background line = 26 / 16 stuff words, each a query; the
 reference then takes the max over them), SC-CLIP on ``", "`` (its background line, the person
 and tvmonitor lines carry ``", "`` synonyms). Only newlines are removed; spaces are kept
-(PC60's ``"wood "`` line keeps its trailing space, as in both references).
+(PC60's ``"wood "`` line keeps its trailing space, as in both references). CorrCLIPv2 splits on
+``"; "`` too (ADE-847's WordNet lists such as ``"building, edifice"`` are one query each).
 
 Differences between the two families' files: CorrCLIP writes "people" for person (VOC, PC59/60,
 COCO-Object/Stuff, ADE20K, Cityscapes), a 16-word background for COCO-Object and no synonyms for
@@ -32,6 +38,7 @@ from importlib import resources
 from types import MappingProxyType
 
 __all__ = [
+    "CATSEG_UNLABELLED",
     "CLASS_SEPARATORS",
     "DATASETS",
     "LABEL_CONVERSIONS",
@@ -43,18 +50,21 @@ __all__ = [
 ]
 
 LABEL_CONVERSIONS = ("none", "reduce_zero_label", "coco_object", "camvid")
-METHOD_VARIANTS = ("corrclip", "scclip")
+METHOD_VARIANTS = ("corrclip", "scclip", "corrclipv2")
 
 # Synonym separator of each family's class files, as its reference ``get_cls_idx`` splits a
-# line (CorrCLIP ``split('; ')``, SC-CLIP ``split(', ')``); pass it to ``parse_class_lines``.
-CLASS_SEPARATORS: Mapping[str, str] = MappingProxyType({"corrclip": "; ", "scclip": ", "})
+# line (CorrCLIP v1 and v2 ``split('; ')``, SC-CLIP ``split(', ')``); pass it to ``parse_class_lines``.
+CLASS_SEPARATORS: Mapping[str, str] = MappingProxyType({"corrclip": "; ", "scclip": ", ", "corrclipv2": "; "})
+# Unlabelled value of CAT-Seg's 16-bit ``.tif`` labels (ADE-847, PC-459): ``uint16`` 65535.
+CATSEG_UNLABELLED = 65535
 
 
 @dataclass(frozen=True)
 class MethodPreset:
     """Evaluation settings of one method on one dataset."""
 
-    # S of the keep-ratio resize (paper: 336; Cityscapes 448 CorrCLIP / 560 SC-CLIP; ADE20K 448 CorrCLIP)
+    # S of the keep-ratio resize (paper: 336; Cityscapes 448 CorrCLIP / 784 CorrCLIPv2 / 560 SC-CLIP;
+    # ADE20K and ADE-847 448 CorrCLIP)
     short_side: int
     crop: int  # sliding-window crop side (paper: CorrCLIP 336, 224 on Cityscapes; SC-CLIP 224)
     stride: int  # sliding-window stride, 0 < stride <= crop (paper: 112)
@@ -88,10 +98,17 @@ class DatasetSpec:
     num_classes: int  # classes scored after label conversion (VOC21 21, PC60 60, COCO-Object 81, ...)
     has_background: bool  # class 0 is background (VOC21, PC60, COCO-Object); prob_thd only applies then
     reduce_zero_label: bool  # GT 0 -> ignore, others -1 (VOC20, PC59, ADE20K)
-    presets: Mapping[str, MethodPreset]  # "corrclip" / "scclip" -> settings; baselines use "scclip"
-    class_files: Mapping[str, str]  # "corrclip" / "scclip" -> file name in ovseg_core/data/classes
+    presets: Mapping[str, MethodPreset]  # METHOD_VARIANTS -> settings; baselines use "scclip"
+    class_files: Mapping[str, str]  # METHOD_VARIANTS -> file name in ovseg_core/data/classes
     label_conversion: str  # one of LABEL_CONVERSIONS, applied to raw GT before scoring
-    ignore_index: int = 255  # GT value never scored (mmseg convention)
+    # GT value never scored, as the authors' evaluator scores: mmseg IoUMetric's default 255 for
+    # every dataset (it is never given the dataset's own ignore_index). On ADE-847 / PC-459 255 is a
+    # real class, ignored all the same (reference quirk; see unlabelled_index).
+    ignore_index: int = 255
+    # The dataset's own unlabelled value when the reference evaluator does not ignore it (CAT-Seg
+    # 16-bit labels: 65535, counted in the union through the predictions there). Scoring mode
+    # "unlabelled" (ovseg_core.metrics.scoring_ignore_index) ignores it instead and scores class 255.
+    unlabelled_index: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_classes <= 0:
@@ -102,10 +119,18 @@ class DatasetSpec:
             raise ValueError(
                 f"reduce_zero_label={self.reduce_zero_label} contradicts label_conversion={self.label_conversion!r}"
             )
-        if not self.num_classes <= self.ignore_index <= 65535:
+        if self.unlabelled_index is None and not self.num_classes <= self.ignore_index <= 65535:
             raise ValueError(
                 f"ignore_index must be in {self.num_classes}..65535 (outside the classes), got {self.ignore_index}"
             )
+        if self.unlabelled_index is not None:
+            if not 0 <= self.ignore_index <= 65535:
+                raise ValueError(f"ignore_index must be in 0..65535, got {self.ignore_index}")
+            if not self.num_classes <= self.unlabelled_index <= 65535:
+                raise ValueError(
+                    f"unlabelled_index must be in {self.num_classes}..65535 (outside the classes), "
+                    f"got {self.unlabelled_index}"
+                )
         for attr in ("presets", "class_files"):
             mapping = getattr(self, attr)
             if set(mapping) != set(METHOD_VARIANTS):
@@ -128,15 +153,20 @@ def _spec(
     files: tuple[str, str],
     conversion: str = "none",
     background: bool = False,
+    v2: MethodPreset | None = None,
+    v2_file: str | None = None,
+    unlabelled: int | None = None,
 ) -> DatasetSpec:
+    """A spec; CorrCLIPv2's preset and class file default to v1's (equal on every v1 benchmark but Cityscapes)."""
     return DatasetSpec(
         name=name,
         num_classes=num_classes,
         has_background=background,
         reduce_zero_label=conversion == "reduce_zero_label",
-        presets={"corrclip": corrclip, "scclip": scclip},
-        class_files={"corrclip": files[0], "scclip": files[1]},
+        presets={"corrclip": corrclip, "scclip": scclip, "corrclipv2": v2 or corrclip},
+        class_files={"corrclip": files[0], "scclip": files[1], "corrclipv2": v2_file or files[0]},
         label_conversion=conversion,
+        unlabelled_index=unlabelled,
     )
 
 
@@ -159,9 +189,17 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
             _spec("ADE20K", 150, _preset(448, 336, 40), _preset(336, 224, 40),
                   ("ade20k_corrclip.txt", "ade20k_scclip.txt"), "reduce_zero_label"),
             _spec("Cityscapes", 19, _preset(448, 224, 40), _preset(560, 224, 40),
-                  ("cityscapes_corrclip.txt", "cityscapes_scclip.txt")),
+                  ("cityscapes_corrclip.txt", "cityscapes_scclip.txt"),
+                  v2=_preset(784, 224, 40), v2_file="cityscapes_corrclipv2.txt"),
             _spec("CamVid", 11, _preset(336, 336, 40), _preset(336, 224, 40),
                   ("camvid.txt", "camvid.txt"), "camvid"),
+            # CorrCLIPv2's new benchmarks (CAT-Seg 16-bit .tif labels, unlabelled 65535, no background)
+            _spec("ADE847", 847, _preset(448, 336, 40), _preset(336, 224, 40),
+                  ("ade847_corrclipv2.txt", "ade847_corrclipv2.txt"), v2_file="ade847_corrclipv2.txt",
+                  unlabelled=CATSEG_UNLABELLED),
+            _spec("PC459", 459, _preset(336, 336, 40), _preset(336, 224, 40),
+                  ("pc459_corrclipv2.txt", "pc459_corrclipv2.txt"), v2_file="pc459_corrclipv2.txt",
+                  unlabelled=CATSEG_UNLABELLED),
         )
     }
 )  # fmt: skip
@@ -189,7 +227,7 @@ def class_lines(name: str, variant: str) -> list[str]:
 
     Args:
         name: dataset name (see :data:`DATASETS`).
-        variant: ``"corrclip"`` or ``"scclip"`` (baselines use ``"scclip"``).
+        variant: ``"corrclip"``, ``"scclip"`` (baselines use it) or ``"corrclipv2"``.
     Returns:
         ``num_classes`` strings.
     """

@@ -3,8 +3,9 @@
 Like ``sam_model_registry`` or open_clip's factory, ``METHODS`` maps a name to what the
 pipeline needs to know about the method: its config (built and validated from the
 experiment's ``params``), the CLIP block aggregates it reads, whether it uses CorrCLIP's
-region inputs (SAM regions, DINO features, mask clustering, mask class tokens, map
-correction), its per-window feature function, and which config fields each of its stages
+region inputs (SAM regions, mask class tokens, map correction) and which correlation source
+(``dino_qk``: DINO features + mask clustering; ``vfm``: a VFM's dense map, CorrCLIPv2), its
+per-window feature function, its default backbones, and which config fields each of its stages
 reads (so that a stage key hashes exactly those).
 """
 
@@ -14,6 +15,7 @@ import dataclasses
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -24,16 +26,23 @@ from ovseg_core.baselines import BASELINE_METHODS, baseline_required_blocks, bas
 from ovseg_core.combined import CombinedConfig, combined_required_blocks, combined_token_transform
 from ovseg_core.corrclip.config import CorrCLIPConfig
 from ovseg_core.corrclip.config import required_blocks as corrclip_required_blocks
+from ovseg_core.corrclip.pipeline import corrclip_window_features
 from ovseg_core.scclip.config import SCCLIPConfig
 
-__all__ = ["METHODS", "Method", "WindowInputs", "get_method", "CLUSTERING_FIELDS", "NOT_READ_BY_RECONSTRUCTION"]
+__all__ = ["CORRCLIPV2_DEFAULTS", "CORRCLIPV2_MODELS", "CORRELATIONS", "METHODS", "Method", "WindowInputs",
+           "get_method", "CLUSTERING_FIELDS", "NOT_READ_BY_RECONSTRUCTION"]
 
 # CorrCLIP fields read by mask clustering (``cluster_masks``); the mask_clustering stage key hashes only these.
 CLUSTERING_FIELDS: tuple[str, ...] = ("mask_clustering", "dbscan_eps", "dbscan_min_samples", "m0_quirk", "padding")
 # CorrCLIP fields the reconstruction stage does not read (they act through its upstream keys or
-# in map correction); every other field enters the reconstruction key.
+# in map correction); every other field enters the reconstruction key. CorrCLIPv2 (correlation
+# "vfm") has no mask_clustering stage: its reconstruction reads the clustering fields itself.
 NOT_READ_BY_RECONSTRUCTION: tuple[str, ...] = ("mask_clustering", "dbscan_eps", "dbscan_min_samples", "m0_quirk",
                                                "map_correction")
+# Sources of the patch correlation S of the methods with regions: "dino_qk" (the dino_features and
+# mask_clustering stages, CorrCLIP v1), "vfm" (a VFM's dense map, ovseg_core.corrclip.vfm_correlation,
+# CorrCLIPv2).
+CORRELATIONS: tuple[str, ...] = ("dino_qk", "vfm")
 
 
 @dataclass(frozen=True)
@@ -43,14 +52,17 @@ class WindowInputs:
     Attributes:
         qk: ``(B, hd, wd, C)`` L2-normalised DINO q+k features.
         regions: ``(B, H, W) int64`` region ids at crop resolution.
-        merged: ``(B, hd, wd) int64`` mask-clustering output.
+        merged: ``(B, hd, wd) int64`` mask-clustering output (on the correlation grid).
         semantic: ``(B, gh, gw, D)`` mask class tokens, or None.
+        vfm: ``(B, hc, wc, C)`` L2-normalised VFM features on the correlation grid (CorrCLIPv2;
+            ``ovseg_core.corrclip.vfm_correlation.vfm_window_features``).
     """
 
     qk: torch.Tensor | None = None
     regions: torch.Tensor | None = None
     merged: torch.Tensor | None = None
     semantic: torch.Tensor | None = None
+    vfm: torch.Tensor | None = None
 
 
 WindowFeatures = Callable[[nn.Module, torch.Tensor, Any, Mapping[str, torch.Tensor], WindowInputs], torch.Tensor]
@@ -62,11 +74,18 @@ class Method:
 
     Attributes:
         name: registry name (``methods[].method`` in experiment files).
-        family: ``"corrclip"`` or ``"scclip"``: whose dataset presets and class files it uses.
+        family: ``"corrclip"``, ``"scclip"`` or ``"corrclipv2"``: whose dataset presets and class
+            files it uses (``ovseg_core.datasets.METHOD_VARIANTS``).
         build: ``(params, num_blocks) -> config`` (validated; errors name the field).
         required_blocks: ``(config, num_blocks) -> aggregate names`` read from ``clip_layers``.
         window_features: ``(visual, crops, config, blocks, inputs) -> (B, h, w, E)`` features.
-        uses_regions: reads SAM regions, DINO features and mask clustering (CorrCLIP family).
+        uses_regions: reads SAM regions (CorrCLIP family: scope reconstruction, mask class tokens,
+            map correction).
+        correlation: with regions, the source of the correlation S (one of ``CORRELATIONS``):
+            ``"dino_qk"`` reads the dino_features and mask_clustering stages, ``"vfm"`` a VFM's
+            dense map (``WindowInputs.vfm``; no mask clustering stage).
+        default_models: backbones the method's paper uses, by role (``clip``, ``vfm``); empty: the
+            experiment's defaults.
     """
 
     name: str
@@ -75,6 +94,12 @@ class Method:
     required_blocks: Callable[[Any, int], tuple[str, ...]]
     window_features: WindowFeatures
     uses_regions: bool = False
+    correlation: str = "dino_qk"
+    default_models: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.correlation not in CORRELATIONS:
+            raise ValueError(f"Method.correlation must be one of {CORRELATIONS}, got {self.correlation!r}")
 
     def corrclip_config(self, cfg: Any) -> CorrCLIPConfig | None:
         """The CorrCLIP part of a config (None for methods without regions)."""
@@ -91,19 +116,27 @@ class Method:
         return bool(c is not None and c.map_correction)
 
     def clustering_config(self, cfg: Any) -> CorrCLIPConfig | None:
-        """A CorrCLIP config holding only the fields mask clustering reads (others at their defaults)."""
+        """A CorrCLIP config holding only the fields mask clustering reads (others at their defaults).
+
+        None for methods without regions and for the ``vfm`` correlation (no mask clustering stage).
+        """
         c = self.corrclip_config(cfg)
-        if c is None:
+        if c is None or self.correlation != "dino_qk":
             return None
         return CorrCLIPConfig(**{f: getattr(c, f) for f in CLUSTERING_FIELDS})
 
     def reconstruction_config(self, cfg: Any) -> Any:
-        """The config with the fields reconstruction does not read reset to their defaults."""
+        """The config with the fields reconstruction does not read reset to their defaults.
+
+        ``dino_qk``: every field of ``NOT_READ_BY_RECONSTRUCTION``; ``vfm``: only ``map_correction``
+        (its reconstruction relabels the regions itself, reading the clustering fields and ``m0_quirk``).
+        """
         c = self.corrclip_config(cfg)
         if c is None:
             return cfg
         defaults = CorrCLIPConfig()
-        reset = dataclasses.replace(c, **{f: getattr(defaults, f) for f in NOT_READ_BY_RECONSTRUCTION})
+        not_read = NOT_READ_BY_RECONSTRUCTION if self.correlation == "dino_qk" else ("map_correction",)
+        reset = dataclasses.replace(c, **{f: getattr(defaults, f) for f in not_read})
         return (reset, cfg[1]) if isinstance(cfg, tuple) else reset
 
 
@@ -147,10 +180,34 @@ def _build_none(name: str) -> Callable[[Mapping[str, Any], int], None]:
     return build
 
 
+# CorrCLIPv2 defaults that differ from CorrCLIPConfig's (v1) defaults: no DBSCAN mask merging
+# (commented out in CorrCLIPv2/open_clip/transformer.py), the correlation from a VFM.
+CORRCLIPV2_DEFAULTS: Mapping[str, Any] = MappingProxyType({"mask_clustering": False, "similarity": "vfm"})
+# Backbones of CorrCLIPv2's defaults (CorrCLIPv2/configs/base_config.py: MetaCLIP ViT-L/14-quickgelu
+# ``metaclip_fullcc``, ``vfm_type='radiov3'``).
+CORRCLIPV2_MODELS: Mapping[str, str] = MappingProxyType({"clip": "clip:ViT-L-14-quickgelu@metaclip_fullcc",
+                                                         "vfm": "vfm:radiov3_l"})
+
+
+def _build_corrclipv2(params: Mapping[str, Any], num_blocks: int) -> CorrCLIPConfig:
+    cfg = _make(CorrCLIPConfig, {**CORRCLIPV2_DEFAULTS, **params}, "corrclipv2 params")
+    if cfg.similarity != "vfm":
+        raise ValueError(f"corrclipv2 params: similarity must be 'vfm' (its correlation is a VFM's), got "
+                         f"{cfg.similarity!r}; use method corrclip for the DINO q+k correlation")
+    return cfg
+
+
+def _corrclipv2_features(visual: nn.Module, crops: torch.Tensor, cfg: Any, blocks: Mapping[str, torch.Tensor],
+                         inputs: WindowInputs) -> torch.Tensor:
+    if inputs.vfm is None or inputs.regions is None:
+        raise ValueError("CorrCLIPv2 needs VFM correlation features and region windows (WindowInputs.vfm, .regions); "
+                         "make them with ovseg_core.corrclip.vfm_correlation.vfm_window_features")
+    return corrclip_window_features(visual, crops, inputs.vfm, inputs.regions, cfg, blocks=blocks,
+                                    semantic=inputs.semantic, merged=inputs.merged)
+
+
 def _corrclip_features(visual: nn.Module, crops: torch.Tensor, cfg: Any, blocks: Mapping[str, torch.Tensor],
                        inputs: WindowInputs) -> torch.Tensor:
-    from ovseg_core.corrclip.pipeline import corrclip_window_features
-
     corr, transform = cfg, None
     if isinstance(cfg, tuple):
         corr = cfg[0]
@@ -193,6 +250,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("scclip", "scclip", _build_scclip, _scclip_blocks, _scclip_features),
     *(_baseline(name) for name in BASELINE_METHODS),
     Method("corrclip+scclip", "corrclip", _build_combined, _combined_blocks, _corrclip_features, uses_regions=True),
+    Method("corrclipv2", "corrclipv2", _build_corrclipv2, lambda cfg, n: tuple(corrclip_required_blocks(cfg, n)),
+           _corrclipv2_features, uses_regions=True, correlation="vfm", default_models=CORRCLIPV2_MODELS),
 )}
 
 

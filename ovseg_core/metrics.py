@@ -24,15 +24,38 @@ Label conversions (:func:`convert_labels`), applied to raw ground truth as read 
   states for COCO-Object. The reference codes read a pre-converted ``*_instanceTrainIds.png``
   made by their conversion script; that file is not assumed here (not verified byte-equal).
 - ``"camvid"``: 11 (unlabelled) -> ignore; 0..10 unchanged.
+
+Which ground-truth value is ignored (:func:`scoring_ignore_index`, modes :data:`IGNORE_MODES`):
+the authors' evaluators (CorrCLIP v1/v2 ``IoUMetric`` / ``BoundaryIoUMetric(iou_metrics=['mIoU'])``)
+are built without ``ignore_index``, so mmseg's default 255 is ignored on every dataset; the
+dataset's own ``ignore_index`` (``ADE20K847Dataset(ignore_index=65535)``) never reaches the
+metric. On CAT-Seg's 16-bit labels (ADE-847: classes 0..846, PC-459: 0..458, unlabelled 65535)
+mode ``"reference"`` (default) therefore drops real class 255 entirely and scores an unlabelled
+pixel as above: outside ``0..K-1``, so only its prediction counts, in that class's union. Mode
+``"unlabelled"`` ignores the dataset's unlabelled value instead and scores class 255.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["COCO_NUM_THINGS", "convert_labels", "confusion_matrix", "out_of_range_count", "scores_from_confusion"]
+__all__ = [
+    "COCO_NUM_THINGS",
+    "IGNORE_MODES",
+    "REFERENCE_IGNORE_INDEX",
+    "convert_labels",
+    "confusion_matrix",
+    "out_of_range_count",
+    "scores_from_confusion",
+    "scoring_ignore_index",
+]
 
 COCO_NUM_THINGS = 80  # thing classes come first in COCO-Stuff train ids (0..79)
+# What the authors' evaluators ignore: mmseg IoUMetric's default (they never pass ignore_index).
+REFERENCE_IGNORE_INDEX = 255
+# Ground-truth ignore rules: "reference" = the evaluator's 255 for every dataset (default);
+# "unlabelled" = the dataset's own unlabelled value where it differs (ADE-847, PC-459: 65535).
+IGNORE_MODES: tuple[str, ...] = ("reference", "unlabelled")
 _CAMVID_UNLABELLED = 11
 
 
@@ -40,6 +63,24 @@ def _check_int_map(name: str, a: np.ndarray) -> None:
     if not isinstance(a, np.ndarray) or a.ndim != 2 or not np.issubdtype(a.dtype, np.integer):
         shape = getattr(a, "shape", None)
         raise ValueError(f"{name} must be an (H, W) integer numpy array, got {type(a).__name__} {shape}")
+
+
+def scoring_ignore_index(ignore_index: int, unlabelled_index: int | None, mode: str = "reference") -> int:
+    """The ground-truth value scoring ignores under an ignore rule (see the module docstring).
+
+    Args:
+        ignore_index: the dataset's reference ignore value (``DatasetSpec.ignore_index``, 255).
+        unlabelled_index: the dataset's own unlabelled value when the reference does not ignore it
+            (``DatasetSpec.unlabelled_index``; 65535 for ADE-847 / PC-459), else None.
+        mode: ``"reference"`` -> ``ignore_index``; ``"unlabelled"`` -> ``unlabelled_index`` when set.
+    Returns:
+        the value to pass as ``ignore_index`` to :func:`confusion_matrix`.
+    """
+    if mode not in IGNORE_MODES:
+        raise ValueError(f"ignore mode must be one of {IGNORE_MODES}, got {mode!r}")
+    if mode == "unlabelled" and unlabelled_index is not None:
+        return int(unlabelled_index)
+    return int(ignore_index)
 
 
 def convert_labels(gt: np.ndarray, conversion: str, ignore_index: int = 255) -> np.ndarray:

@@ -271,6 +271,10 @@ def accumulate_window_logits(canvas: torch.Tensor, logits: torch.Tensor, plan: W
     a time (memory bounded on large images): ``canvas = zeros(Q, *plan.resized_hw)``, then this
     per chunk, then :func:`finish_merge`.
 
+    The canvas dtype is the accumulation dtype: each window's logits are cast to it before the
+    sum (a ``float16`` canvas accumulates as CorrCLIPv2's reference does, ``preds`` and window
+    logits in half precision; ``float32``, the default elsewhere, changes nothing).
+
     Args:
         canvas: ``(Q, h, w)`` float sum canvas at the resized size.
         logits: ``(n, Q, Hp, Wp)`` float logits of consecutive windows at the padded size.
@@ -291,12 +295,17 @@ def accumulate_window_logits(canvas: torch.Tensor, logits: torch.Tensor, plan: W
     for i in range(n):
         win = plan.windows[start + i]
         top, bottom, left, right = win.pad
-        canvas[:, win.y1 : win.y2, win.x1 : win.x2] += logits[i, :, top : hp - bottom, left : wp - right]
+        window = logits[i, :, top : hp - bottom, left : wp - right]
+        canvas[:, win.y1 : win.y2, win.x1 : win.x2] += window.to(canvas.dtype)
 
 
 def finish_merge(canvas: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
-    """Average a summed canvas by the window count and resize it to the original size (bilinear)."""
-    canvas = canvas / window_counts(plan, canvas.device)
+    """Average a summed canvas by the window count and resize it to the original size (bilinear).
+
+    Computed in the canvas dtype (the count is cast to it, as the reference's half-precision
+    ``count_mat``); returns that dtype.
+    """
+    canvas = canvas / window_counts(plan, canvas.device).to(canvas.dtype)
     if plan.resized_hw != plan.orig_hw:
         canvas = F.interpolate(canvas.unsqueeze(0), size=plan.orig_hw, mode="bilinear", align_corners=False)[0]
     return canvas

@@ -8,7 +8,9 @@
   Multi-page TIFF (and camera MPO JPEG) use their first frame; an *animated* GIF, PNG (APNG),
   WebP or AVIF is refused (ovseg segments still images); a single-frame GIF is decoded.
 - :func:`load_label` -> ``(H, W)`` class indices: palette PNGs are read as indices (never
-  through the palette), L as is (``uint8``), 16/32-bit grey as ``int32``.
+  through the palette), L as is (``uint8``), 16-bit grey (``I;16*``: CAT-Seg's ADE-847 / PC-459
+  ``.tif`` labels, any byte order, compressed or not) exactly as ``uint16`` (no scaling: 65535
+  stays 65535, as the references' ``astype(np.uint16)``), 32-bit integer (``I``) as ``int32``.
 
 Pixel limit: the width and height are read from the header and checked against ``max_pixels``
 (default :data:`DEFAULT_MAX_PIXELS`) before any pixel is decoded; a larger image raises
@@ -234,7 +236,9 @@ def _label_array(im: Image.Image, path: str | PathLike[str]) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(im), dtype=np.uint8)
     if mode == "1":
         return np.asarray(im).astype(np.uint8)
-    if mode in _SIXTEEN_BIT or mode == "I":
+    if mode in _SIXTEEN_BIT:
+        return np.asarray(im).astype(np.uint16)  # native byte order, values unchanged
+    if mode == "I":
         return np.asarray(im).astype(np.int32)
     raise ImageError(
         f"{path}: label map has mode {mode}; expected class indices (palette P or grey L PNG). "
@@ -246,11 +250,12 @@ def load_label(path: str | PathLike[str], max_pixels: int | None = DEFAULT_MAX_P
     """Decode a label map as class indices.
 
     Args:
-        path: label PNG (palette or single-channel).
+        path: label map (palette or single-channel PNG, 16-bit TIFF, ...).
         max_pixels: as for :func:`load_rgb`.
 
     Returns:
-        ``(H, W)`` ``uint8`` (P, L, 1) or ``int32`` (16/32-bit integer) class indices.
+        ``(H, W)`` class indices: ``uint8`` (P, L, 1), ``uint16`` (16-bit, values exact) or ``int32``
+        (32-bit integer).
 
     Raises:
         ImageTooLargeError: more than ``max_pixels`` pixels.

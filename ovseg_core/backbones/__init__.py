@@ -1,4 +1,4 @@
-"""Backbone factory: one registry of CLIP, DINO and SAM backbones, weight loading, random init.
+"""Backbone factory: one registry of CLIP, DINO, SAM and VFM backbones, weight loading, random init.
 
 Names are ``family:arch[@weights]`` (:func:`parse_backbone`); :func:`load_backbone` returns a
 :class:`Backbone` (model in eval mode with gradients off, tokenizer, identity, geometry).
@@ -36,10 +36,11 @@ variable; :func:`official_weight_file` gives the same table programmatically):
   ... ``sam2.1_hiera_large.pt``, https://dl.fbaipublicfiles.com/segment_anything_2/092824/FILE.
 
 Short forms: ``clip:ARCH`` means the default tag above, ``dino:vitb8`` / ``sam:vit_b`` /
-``sam2:hiera_l`` the official release (also spelled ``@official``).
+``sam2:hiera_l`` / ``vfm:radiov3_l`` the official release (also spelled ``@official``).
 
 Tiny test configurations (real classes, same code paths, seconds on a CPU; see
-:mod:`ovseg_core.backbones.builders`): ``clip:tiny``, ``dino:tiny8``, ``dino:tiny16``, ``sam:tiny``, ``sam2:tiny``.
+:mod:`ovseg_core.backbones.builders`): ``clip:tiny``, ``dino:tiny8``, ``dino:tiny16``, ``sam:tiny``, ``sam2:tiny``,
+``vfm:tiny_radiov3``, ``vfm:tiny_dinov2``, ``vfm:tiny_dinov3``, ``vfm:tiny_pe``.
 They are random (``@random:SEED`` picks the seed) or load a local checkpoint of their shape.
 
 Weights suffixes, valid on every name:

@@ -16,6 +16,8 @@ Tiny configurations use the same classes and code paths as the real ones:
   channels), a 32-dim prompt encoder and mask decoder.
 - ``sam2:tiny``: the sam2 package's ``SAM2Base`` from ``sam2_hiera_t.yaml`` shrunk
   (:mod:`ovseg_core.backbones.sam2_builder`).
+- ``vfm:tiny_radiov3`` / ``tiny_dinov2`` / ``tiny_dinov3`` / ``tiny_pe``: the timm classes of the
+  official VFMs (:mod:`ovseg_core.backbones.vfm_archs`) at width 64, 2 blocks, 4 heads.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import nn
 
 from .sam2_builder import build_sam2_model
 from .spec import DINO_ARCHS, BackboneSpec
+from .vfm_archs import vfm_arch
 
 __all__ = ["build_model", "build_tokenizer", "clip_uses_quick_gelu"]
 
@@ -141,6 +144,11 @@ def _build_dino(spec: BackboneSpec) -> nn.Module:
     return timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **size)
 
 
+def _build_vfm(spec: BackboneSpec) -> nn.Module:
+    arch = vfm_arch(spec.arch)
+    return timm.create_model(arch.timm_name, pretrained=False, num_classes=0, **arch.build_kwargs)
+
+
 def _build_sam(spec: BackboneSpec) -> Sam:
     if spec.is_tiny:
         return _tiny_sam()
@@ -165,6 +173,8 @@ def build_model(spec: BackboneSpec, *, quick_gelu: bool | None = None, meta: boo
             model = _build_dino(spec)
         elif spec.family == "sam2":
             model = build_sam2_model(spec)
+        elif spec.family == "vfm":
+            model = _build_vfm(spec)
         else:
             model = _build_sam(spec)
     return model.eval()

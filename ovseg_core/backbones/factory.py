@@ -16,6 +16,7 @@ from .. import clip_ops
 from .builders import build_model, build_tokenizer
 from .sam2_builder import sam2_geometry
 from .spec import BackboneSpec, parse_backbone
+from .vfm_archs import vfm_arch
 from .weights import (
     FINGERPRINT_SCOPE,
     file_fingerprint,
@@ -38,9 +39,10 @@ class Backbone:
     spec: BackboneSpec
     # clip: open_clip CLIP (.visual is a VisionTransformer, has encode_text); dino: timm
     # VisionTransformer (num_classes=0, dynamic_img_size=True); sam: segment_anything Sam;
-    # sam2: sam2.modeling.sam2_base.SAM2Base (1024 px input).
+    # sam2: sam2.modeling.sam2_base.SAM2Base (1024 px input); vfm: the timm model of
+    # vfm_archs.VFM_ARCHS (dense features: ovseg_core.features.vfm.vfm_dense_features).
     model: nn.Module
-    # clip: open_clip tokenizer, list[str] -> (N, 77) int64; None for dino and sam.
+    # clip: open_clip tokenizer, list[str] -> (N, 77) int64; None for the other families.
     tokenizer: Callable[..., torch.Tensor] | None
     # JSON-able identity of the weights, hashed into stage keys and written into run records
     # (see weights_identity); device and dtype are not part of it.
@@ -117,6 +119,8 @@ def _geometry(spec: BackboneSpec, model: nn.Module) -> tuple[int, int]:
         return int(model.patch_embed.patch_size[0]), len(model.blocks)
     if spec.family == "sam2":
         return int(model.backbone_stride), len(model.image_encoder.trunk.blocks)
+    if spec.family == "vfm":
+        return vfm_arch(spec.arch).patch_size, len(model.blocks)
     encoder = model.image_encoder
     return int(encoder.patch_embed.proj.kernel_size[0]), len(encoder.blocks)
 

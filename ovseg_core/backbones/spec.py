@@ -2,10 +2,12 @@
 
 A name is ``family:arch[@weights]``:
 
-- ``family`` is ``clip``, ``dino``, ``sam`` (segment-anything v1) or ``sam2`` (SAM 2);
+- ``family`` is ``clip``, ``dino``, ``sam`` (segment-anything v1), ``sam2`` (SAM 2) or ``vfm`` (the
+  vision foundation models of CorrCLIPv2's correlation, :mod:`ovseg_core.backbones.vfm_archs`);
 - ``arch`` is one of the registered architectures (:data:`CLIP_ARCHS`, :data:`DINO_ARCHS`,
-  :data:`SAM_ARCHS`, :data:`SAM2_ARCHS`, plus the tiny test configurations :data:`TINY_ARCHS`);
-- ``weights`` is an open_clip pretrained tag (CLIP), ``official`` (DINO/SAM/SAM 2, the authors'
+  :data:`SAM_ARCHS`, :data:`SAM2_ARCHS`, ``VFM_ARCHS``, plus the tiny test configurations
+  :data:`TINY_ARCHS`);
+- ``weights`` is an open_clip pretrained tag (CLIP), ``official`` (DINO/SAM/SAM 2/VFM, the authors'
   release; for SAM 2 the July 2024 release the CorrCLIP reference uses), ``sam2.1`` (SAM 2 only:
   the September 2024 SAM 2.1 release), ``random`` / ``random:SEED`` (the real architecture with
   seeded random weights), or a local checkpoint path. Without ``@`` the architecture's default weights are used (tiny
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import open_clip
 
 from ..names import closest_name
+from .vfm_archs import TINY_VFM_ARCHS, VFM_ARCHS
 
 __all__ = [
     "CLIP_ARCHS",
@@ -36,7 +39,7 @@ __all__ = [
     "parse_backbone",
 ]
 
-FAMILIES: tuple[str, ...] = ("clip", "dino", "sam", "sam2")
+FAMILIES: tuple[str, ...] = ("clip", "dino", "sam", "sam2", "vfm")
 RANDOM = "random"
 OFFICIAL = "official"
 # Weights tag of the SAM 2.1 checkpoints (SAM 2 family only; ``official`` is the SAM 2 release).
@@ -80,15 +83,15 @@ TINY_ARCHS: dict[str, tuple[str, ...]] = {
     "dino": ("tiny8", "tiny16"),
     "sam": ("tiny",),
     "sam2": ("tiny",),
+    "vfm": tuple(TINY_VFM_ARCHS),
 }
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 def _archs(family: str) -> tuple[str, ...]:
-    full = {"clip": tuple(CLIP_ARCHS), "dino": tuple(DINO_ARCHS), "sam": tuple(SAM_ARCHS), "sam2": tuple(SAM2_ARCHS)}[
-        family
-    ]
+    full = {"clip": tuple(CLIP_ARCHS), "dino": tuple(DINO_ARCHS), "sam": tuple(SAM_ARCHS), "sam2": tuple(SAM2_ARCHS),
+            "vfm": tuple(VFM_ARCHS)}[family]
     return full + TINY_ARCHS[family]
 
 
@@ -114,6 +117,7 @@ def list_backbones() -> list[str]:
     names += [f"dino:{arch}" for arch in DINO_ARCHS]
     names += [f"sam:{arch}" for arch in SAM_ARCHS]
     names += [f"sam2:{arch}" for arch in SAM2_ARCHS]
+    names += [f"vfm:{arch}" for arch in VFM_ARCHS]
     names += [f"{family}:{arch}" for family, archs in TINY_ARCHS.items() for arch in archs]
     return names
 
@@ -133,11 +137,11 @@ class BackboneSpec:
     """A parsed backbone name (see :func:`parse_backbone`)."""
 
     # Model family: "clip" (open_clip CLIP), "dino" (timm ViT with DINO weights), "sam" (segment_anything),
-    # "sam2" (the sam2 package's SAM2Base).
+    # "sam2" (the sam2 package's SAM2Base), "vfm" (a timm vision foundation model, vfm_archs.VFM_ARCHS).
     family: str
     # Architecture within the family, e.g. "ViT-B-16-quickgelu", "vitb8", "vit_b", or a tiny config "tiny".
     arch: str
-    # Weights: an open_clip pretrained tag (CLIP), "official" (DINO/SAM/SAM 2 release), "sam2.1" (SAM 2.1
+    # Weights: an open_clip pretrained tag (CLIP), "official" (DINO/SAM/SAM 2/VFM release), "sam2.1" (SAM 2.1
     # release, SAM 2 family only), "random", or a local path.
     weights: str
     # Seed of the random initialisation; only meaningful when weights == "random" (default 0).
@@ -217,7 +221,8 @@ def parse_backbone(name: str) -> BackboneSpec:
     """Parse ``family:arch[@weights]`` into a :class:`BackboneSpec`.
 
     Examples: ``clip:ViT-B-16@openai``, ``clip:ViT-B-16`` (default tag), ``dino:vitb8``,
-    ``sam:vit_b@random:3``, ``sam2:hiera_l`` (SAM 2), ``sam2:hiera_l@sam2.1``, ``clip:tiny``, ``dino:vits16@/weights/dino_deitsmall16_pretrain.pth``.
+    ``sam:vit_b@random:3``, ``sam2:hiera_l`` (SAM 2), ``sam2:hiera_l@sam2.1``, ``vfm:radiov3_l``, ``clip:tiny``,
+    ``dino:vits16@/weights/dino_deitsmall16_pretrain.pth``.
 
     Raises:
         ValueError: unknown family or architecture (the message lists the valid names), unknown

@@ -12,6 +12,7 @@ a deliberately crafted file.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -31,6 +32,8 @@ from open_clip.pretrained import download_pretrained
 from torch import nn
 
 from .spec import DINO_ARCHS, SAM2_ARCHS, SAM_ARCHS, BackboneSpec
+from .vfm_archs import vfm_arch
+from .vfm_weights import convert_vfm_keys, load_vfm_buffers
 
 __all__ = [
     "DOWNLOAD_PROBE_TIMEOUT_S",
@@ -63,6 +66,12 @@ _SAM2_URL = {"2": "https://dl.fbaipublicfiles.com/segment_anything_2/072824/{fil
              "2.1": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/{file}"}
 _HF_URL = "https://huggingface.co/{model_id}/resolve/main/{file}"
 _MAX_LISTED_KEYS = 5
+# Containers of a checkpoint's tensors, first found wins (NVlabs/RADIO: the EMA weights if stored;
+# "weights": the other container PE's own loader accepts).
+_CONTAINERS = ("state_dict_ema", "state_dict", "teacher", "model", "weights")
+# Non-tensor objects some official checkpoints pickle next to the tensors, allowed by the safe loader
+# (NVlabs/RADIO torch.hub files store their training arguments as an argparse.Namespace).
+_SAFE_GLOBALS = (argparse.Namespace,)
 
 
 def official_file(spec: BackboneSpec) -> tuple[str, str]:
@@ -84,6 +93,9 @@ def official_file(spec: BackboneSpec) -> tuple[str, str]:
     if spec.family == "sam2":
         file = SAM2_ARCHS[spec.arch][1 if spec.sam2_release == "2.1" else 0]
         return file, _SAM2_URL[spec.sam2_release].format(file=file)
+    if spec.family == "vfm":
+        arch = vfm_arch(spec.arch)
+        return str(arch.file), str(arch.url)
     cfg = open_clip.get_pretrained_cfg(spec.arch, spec.weights)
     if cfg.get("url"):
         return os.path.basename(cfg["url"]), cfg["url"]
@@ -220,7 +232,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{key: tensor}`` dict on the CPU, safely.
 
     Unwraps the usual containers: ``{"state_dict": ...}`` (open_clip / MetaCLIP training
-    checkpoints), ``{"teacher": ...}`` (DINO full checkpoints), a ``module.`` prefix.
+    checkpoints), ``{"teacher": ...}`` (DINO full checkpoints), ``{"state_dict_ema": ...}`` (NVlabs/RADIO
+    torch.hub files, whose ``args`` entry is an ``argparse.Namespace``, the one non-tensor class
+    the safe loader accepts), ``{"weights": ...}`` (accepted by PE's loader), a ``module.`` prefix.
 
     Raises:
         ValueError: unreadable, corrupted, not a state dict, or holding non-tensor pickles.
@@ -238,10 +252,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 obj = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             # mmap keeps multi-GB zip-format checkpoints out of memory until copied into the model.
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - every reader failure means an unusable file
         raise _corrupt(path, e) from e
-    for container in ("state_dict", "teacher", "model"):
+    for container in _CONTAINERS:
         if isinstance(obj, dict) and isinstance(obj.get(container), dict):
             obj = obj[container]
             break
@@ -258,7 +273,8 @@ def convert_keys(model: nn.Module, spec: BackboneSpec, state_dict: dict[str, tor
     CLIP: drop OpenAI TorchScript extras, open_clip's ``convert_state_dict`` and custom-text
     conversion, scalar/1-d ``logit_scale``. DINO: the ``backbone.`` prefix and the projection
     ``head.`` of full training checkpoints. SAM and SAM 2: keys are used as they are (SAM 2
-    files wrap them in ``{"model": ...}``, unwrapped by :func:`read_state_dict`).
+    files wrap them in ``{"model": ...}``, unwrapped by :func:`read_state_dict`). VFM: timm's own
+    filters (:func:`~ovseg_core.backbones.vfm_weights.convert_vfm_keys`).
     """
     sd = dict(state_dict)
     if spec.family == "clip":
@@ -272,6 +288,8 @@ def convert_keys(model: nn.Module, spec: BackboneSpec, state_dict: dict[str, tor
             sd["logit_scale"] = scale.reshape(model.logit_scale.shape)
     elif spec.family == "dino" and any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
+    elif spec.family == "vfm":
+        sd = convert_vfm_keys(model, vfm_arch(spec.arch).kind, sd)
     return sd
 
 
@@ -288,7 +306,14 @@ def load_into(model: nn.Module, spec: BackboneSpec, path: str | os.PathLike) -> 
             the first missing / unexpected / mismatched keys).
     """
     path = Path(path)
-    sd = convert_keys(model, spec, read_state_dict(path))
+    raw = read_state_dict(path)
+    try:
+        sd = convert_keys(model, spec, raw)
+    except (KeyError, RuntimeError) as e:  # a converter meeting a checkpoint of another layout
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit {spec.family}:{spec.arch} (wrong architecture?); "
+            f"its keys cannot be converted: {type(e).__name__}: {e}"
+        ) from e
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -314,3 +339,5 @@ def load_into(model: nn.Module, spec: BackboneSpec, path: str | os.PathLike) -> 
             + "; ".join(problems)
         )
     model.load_state_dict(sd, strict=True)
+    if spec.family == "vfm":
+        load_vfm_buffers(model, vfm_arch(spec.arch).kind, raw)

@@ -2,7 +2,9 @@
 
 One module per method step: ``mask_clustering``, ``scope_reconstruction``,
 ``value_reconstruction``, ``mask_class_tokens`` + ``feature_refinement``, ``map_correction``;
-``pipeline.corrclip_window_features`` is the per-window entry point.
+``pipeline.corrclip_window_features`` is the per-window entry point. CorrCLIPv2's one new step,
+``vfm_correlation`` (the VFM's dense map -> per-window correlation features), feeds the same
+entry point (method ``corrclipv2`` in ``ovseg_core.methods``).
 """
 
 from ovseg_core.corrclip.config import (
@@ -25,13 +27,16 @@ from ovseg_core.corrclip.mask_clustering import (
 from ovseg_core.corrclip.pipeline import corrclip_window_features
 from ovseg_core.corrclip.scope_reconstruction import scope_reconstruction, similarity
 from ovseg_core.corrclip.value_reconstruction import value_reconstruction
+from ovseg_core.corrclip.vfm_correlation import bilinear_matrix, correlation_grid, vfm_window_features
 
 __all__ = [
     "PADDING_ID",
     "PADDING_MODES",
     "REFERENCE_PADDING_ID",
     "CorrCLIPConfig",
+    "bilinear_matrix",
     "cluster_masks",
+    "correlation_grid",
     "corrclip_window_features",
     "feature_refinement",
     "map_correction",
@@ -44,4 +49,5 @@ __all__ = [
     "similarity",
     "spatial_block_range",
     "value_reconstruction",
+    "vfm_window_features",
 ]

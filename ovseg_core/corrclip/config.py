@@ -3,6 +3,8 @@
 Defaults reproduce the authors' reference code (``CorrCLIPv1``, "paper mode"). Every
 component of the paper's Table 2 ablation can be switched off, and every deviation from the
 reference (e.g. fixing the m0 quirk) is a named field whose default is the reference behaviour.
+CorrCLIPv2 (method ``corrclipv2``) is the same config with ``mask_clustering=False`` and
+``similarity="vfm"`` (``ovseg_core.methods.CORRCLIPV2_DEFAULTS``); everything else is kept.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ __all__ = [
     "spatial_block_range",
 ]
 
-# Sources of the patch-similarity matrix S. Only the paper's DINO q+k is implemented; the
+# Sources of the patch-similarity matrix S: "dino_qk" (CorrCLIP v1: the last DINO block's q + k)
+# and "vfm" (CorrCLIPv2: a vision foundation model's dense map, corrclip.vfm_correlation). The
 # paper's "uniform" row of Table 5 is ``value_reconstruction=False``.
-SIMILARITY_SOURCES: tuple[str, ...] = ("dino_qk",)
+SIMILARITY_SOURCES: tuple[str, ...] = ("dino_qk", "vfm")
 
 # How padded pixels of a window (crop side not a multiple of 56) enter the method:
 # "reference" = as in CorrCLIPv1, padding is one more region (its own id, larger than every real
@@ -51,7 +54,8 @@ class CorrCLIPConfig:
     value_reconstruction: bool = True
     # Multiplier of S inside the softmax (the reference's TAU; same as dividing by 0.25). Paper: 4.0.
     tau: float = 4.0
-    # Merge regions with similar mean DINO features by DBSCAN before scope reconstruction. Paper: True.
+    # Merge regions with similar mean DINO features by DBSCAN before scope reconstruction. Paper: True
+    # (CorrCLIPv2: False, the DBSCAN block is commented out; True there clusters on the VFM features).
     mask_clustering: bool = True
     # DBSCAN neighbourhood radius on the distance max(sim) - sim. Paper: 0.2.
     dbscan_eps: float = 0.2
@@ -76,7 +80,8 @@ class CorrCLIPConfig:
     # Map correction: every original region takes the mode of the predicted labels inside it
     # (applied by the caller after prob_thd, see ``map_correction``). Paper: True.
     map_correction: bool = True
-    # Source of the similarity S. Paper: "dino_qk" (last DINO block's q + k, L2-normalised).
+    # Source of the similarity S, one of SIMILARITY_SOURCES. Paper: "dino_qk" (last DINO block's
+    # q + k, L2-normalised); CorrCLIPv2 (method corrclipv2): "vfm" (the VFM correlation features).
     similarity: str = "dino_qk"
     # Padded window pixels (region id -1 in the input maps): "reference" = padding is a region of
     # its own (may merge with real regions by DBSCAN, has its block in E and its mask class token;

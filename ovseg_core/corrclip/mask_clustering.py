@@ -101,7 +101,7 @@ def _dbscan_labels(qk: torch.Tensor, inverse: torch.Tensor, num_regions: int, cf
     return DBSCAN(eps=cfg.dbscan_eps, min_samples=cfg.dbscan_min_samples, metric="precomputed").fit_predict(distance)
 
 
-def cluster_masks(qk: torch.Tensor, regions: torch.Tensor, cfg: CorrCLIPConfig) -> torch.Tensor:
+def cluster_masks(qk: torch.Tensor | None, regions: torch.Tensor, cfg: CorrCLIPConfig) -> torch.Tensor:
     """Mask merging with the m0 rule, per window.
 
     With ``cfg.padding == "reference"`` padding is first made a region (:func:`padding_as_region`).
@@ -114,8 +114,10 @@ def cluster_masks(qk: torch.Tensor, regions: torch.Tensor, cfg: CorrCLIPConfig) 
     one cluster become one (possibly disconnected) region. DBSCAN noise regions stay alone.
 
     Args:
-        qk: ``(B, hd, wd, C) float`` L2-normalised DINO q+k features of the windows.
-        regions: ``(B, hd, wd) int64`` region ids on the DINO grid (``-1`` = padding).
+        qk: ``(B, hd, wd, C) float`` L2-normalised correlation features of the windows (DINO q+k,
+            or CorrCLIPv2's VFM features); may be None with ``cfg.mask_clustering=False`` (only
+            the m0 rule and the renumbering run, no feature is read).
+        regions: ``(B, hd, wd) int64`` region ids on the correlation grid (``-1`` = padding).
         cfg: CorrCLIP configuration.
     Returns:
         ``(B, hd, wd) int64`` merged ids: ``0`` = m0, ``1..K`` = merged regions (numbered in
@@ -123,9 +125,14 @@ def cluster_masks(qk: torch.Tensor, regions: torch.Tensor, cfg: CorrCLIPConfig) 
         region), ``-1`` = padding (only with ``cfg.padding == "ignore"``). With ``cfg.mask_clustering=False`` the regions are only
         renumbered (m0 -> 0, others -> 1..K in ascending id order).
     """
-    if qk.ndim != 4:
+    if qk is None:
+        if cfg.mask_clustering:
+            raise ValueError("cluster_masks needs the correlation features (qk) when cfg.mask_clustering is True")
+        if regions.ndim != 3:
+            raise ValueError(f"regions must be (B, hd, wd), got {tuple(regions.shape)}")
+    elif qk.ndim != 4:
         raise ValueError(f"qk must be (B, hd, wd, C), got {tuple(qk.shape)}")
-    if regions.shape != qk.shape[:3]:
+    elif regions.shape != qk.shape[:3]:
         raise ValueError(f"regions {tuple(regions.shape)} must be on the DINO grid of qk {tuple(qk.shape[:3])}")
     if regions.is_floating_point():
         raise ValueError(f"regions must hold integer ids, got dtype {regions.dtype}")
@@ -135,7 +142,7 @@ def cluster_masks(qk: torch.Tensor, regions: torch.Tensor, cfg: CorrCLIPConfig) 
         regions = padding_as_region(regions)
     b = regions.shape[0]
     flat_regions = regions.reshape(b, -1).long()
-    flat_qk = qk.reshape(b, -1, qk.shape[-1]).float()
+    flat_qk = qk.reshape(b, -1, qk.shape[-1]).float() if qk is not None else None
     merged = torch.full_like(flat_regions, PADDING_ID)
     for w in range(b):  # windows: each has its own region set and DBSCAN run
         valid = flat_regions[w] != PADDING_ID
@@ -145,7 +152,7 @@ def cluster_masks(qk: torch.Tensor, regions: torch.Tensor, cfg: CorrCLIPConfig) 
         num_regions = int(is_region.sum())
         # new_label[j]: merged id of the j-th distinct original id (m0 -> 0, regions -> 1..K)
         new_label = torch.zeros_like(ids)
-        if cfg.mask_clustering and num_regions >= 2:
+        if cfg.mask_clustering and num_regions >= 2 and flat_qk is not None:
             region_index = torch.cumsum(is_region.long(), 0) - 1  # index among the non-m0 regions
             patch_is_region = is_region[inverse]
             labels = _dbscan_labels(

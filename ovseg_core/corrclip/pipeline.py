@@ -56,10 +56,13 @@ def corrclip_window_features(
 ) -> torch.Tensor:
     """CorrCLIP dense features of a batch of windows (the reference forward).
 
-    Steps: region map nearest-resized to the DINO grid; mask clustering (m0 rule, DBSCAN);
-    S from DINO q+k; scope reconstruction (E); value reconstruction (A); CLIP block outputs
-    (computed, or taken from ``blocks``); MCT tokens on the merged regions nearest-resized to
-    the CLIP grid (computed, or taken from ``semantic``); feature refinement and fusion.
+    Steps: region map nearest-resized to the correlation grid (v1: the DINO grid, CorrCLIPv2:
+    twice the CLIP grid); mask clustering (m0 rule, DBSCAN unless ``cfg.mask_clustering`` is
+    off); S = F F^T of the correlation features (DINO q+k, or the VFM features of
+    ``vfm_correlation.vfm_window_features``); scope reconstruction (E); value reconstruction (A);
+    CLIP block outputs (computed, or taken from ``blocks``); MCT tokens on the merged regions
+    nearest-resized to the CLIP grid (computed, or taken from ``semantic``); feature refinement
+    and fusion on the correlation grid.
 
     Args:
         visual: open_clip ``VisionTransformer`` (eval mode; wrap in ``torch.no_grad()``).
@@ -67,7 +70,9 @@ def corrclip_window_features(
             and W are multiples of the DINO patch size (CorrCLIP: of 56). As in the reference, a
             side that is not a multiple of the CLIP patch size gives the floor grid (the patch
             convolution drops the remainder: 280 with ViT-B/16 -> 17 tokens, DINO /8 -> 35).
-        qk: ``(B, hd, wd, C)`` L2-normalised last-block DINO q+k features of the same windows.
+        qk: ``(B, hd, wd, C)`` L2-normalised correlation features of the same windows: the
+            last-block DINO q+k (v1) or the VFM features (CorrCLIPv2); their grid is the
+            correlation grid ("DINO grid" below).
         regions: ``(B, H, W) int64`` region ids of the windows at crop resolution (``0`` =
             unsegmented, ``-1`` = padding; ``cfg.padding`` decides whether padding is a region
             of its own, as in the reference, or is dropped).

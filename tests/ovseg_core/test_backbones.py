@@ -46,13 +46,22 @@ REQUIRED = [
     "sam2:hiera_s",
     "sam2:hiera_b+",
     "sam2:hiera_l",
+    "vfm:radiov3_l",
+    "vfm:dinov2_l14_reg4",
+    "vfm:dinov3_l16",
+    "vfm:pe_spatial_l14_448",
     "clip:tiny",
     "dino:tiny8",
     "dino:tiny16",
     "sam:tiny",
     "sam2:tiny",
+    "vfm:tiny_radiov3",
+    "vfm:tiny_dinov2",
+    "vfm:tiny_dinov3",
+    "vfm:tiny_pe",
 ]
-TINY = ["clip:tiny", "dino:tiny8", "dino:tiny16", "sam:tiny", "sam2:tiny"]
+TINY = ["clip:tiny", "dino:tiny8", "dino:tiny16", "sam:tiny", "sam2:tiny", "vfm:tiny_radiov3", "vfm:tiny_dinov2",
+        "vfm:tiny_dinov3", "vfm:tiny_pe"]
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -105,6 +114,10 @@ def test_canonical_name_round_trips(name):
         ("dino:tiny8@random:4", "dino", "tiny8", "random", 4),
         ("dino:vits16@/w/dino_deitsmall16_pretrain.pth", "dino", "vits16", "/w/dino_deitsmall16_pretrain.pth", 0),
         ("sam:tiny@sam_tiny.pth", "sam", "tiny", "sam_tiny.pth", 0),
+        ("vfm:radiov3_l", "vfm", "radiov3_l", "official", 0),
+        ("vfm:dinov3_l16@random:2", "vfm", "dinov3_l16", "random", 2),
+        ("vfm:tiny_pe", "vfm", "tiny_pe", "random", 0),
+        ("vfm:radiov3_l@/w/model.safetensors", "vfm", "radiov3_l", "/w/model.safetensors", 0),
     ],
 )
 def test_parse_fields(name, family, arch, weights, seed):
@@ -194,6 +207,10 @@ def test_spec_validates_fields():
         ("sam2:hiera_s@sam2.1", "sam2.1_hiera_small.pt", "dl.fbaipublicfiles.com/segment_anything_2/092824/"),
         ("sam2:hiera_b+@sam2.1", "sam2.1_hiera_base_plus.pt", "dl.fbaipublicfiles.com/segment_anything_2/092824/"),
         ("sam2:hiera_l@sam2.1", "sam2.1_hiera_large.pt", "dl.fbaipublicfiles.com/segment_anything_2/092824/"),
+        ("vfm:radiov3_l", "c-radio-v3_l_half.pth.tar", "huggingface.co/nvidia/C-RADIOv3-L/resolve/main/"),
+        ("vfm:dinov2_l14_reg4", "dinov2_vitl14_reg4_pretrain.pth", "dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/"),
+        ("vfm:dinov3_l16", "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth", "dl.fbaipublicfiles.com/dinov3/"),
+        ("vfm:pe_spatial_l14_448", "PE-Spatial-L14-448.pt", "huggingface.co/facebook/PE-Spatial-L14-448/"),
     ],
 )
 def test_official_weight_files(name, file, url_part):
@@ -242,6 +259,10 @@ def test_tiny_builds_are_frozen_eval_models_with_identity(name):
         ("dino:tiny16", timm.models.vision_transformer.VisionTransformer, 16, 2),
         ("sam:tiny", Sam, 16, 2),
         ("sam2:tiny", SAM2Base, 16, 5),
+        ("vfm:tiny_radiov3", timm.models.naflexvit.NaFlexVit, 16, 2),
+        ("vfm:tiny_dinov2", timm.models.vision_transformer.VisionTransformer, 14, 2),
+        ("vfm:tiny_dinov3", timm.models.eva.Eva, 16, 2),
+        ("vfm:tiny_pe", timm.models.eva.Eva, 14, 2),
     ],
 )
 def test_tiny_classes_and_geometry(name, cls, patch, blocks):
@@ -275,6 +296,11 @@ def test_tiny_classes_and_geometry(name, cls, patch, blocks):
         ("sam2:hiera_b+@sam2.1", 16, 24),
         ("sam2:hiera_l", 16, 48),
         ("sam2:tiny", 16, 5),
+        ("vfm:radiov3_l", 16, 24),
+        ("vfm:dinov2_l14_reg4", 14, 24),
+        ("vfm:dinov3_l16", 16, 24),
+        ("vfm:pe_spatial_l14_448", 14, 24),
+        ("vfm:tiny_pe@random:3", 14, 2),
     ],
 )
 def test_geometry_without_weights(name, patch, blocks):

@@ -26,7 +26,7 @@ STUFF_WORDS = (
 
 COUNTS = {
     "VOC21": 21, "VOC20": 20, "PC60": 60, "PC59": 59, "COCO-Object": 81,
-    "COCO-Stuff": 171, "ADE20K": 150, "Cityscapes": 19, "CamVid": 11,
+    "COCO-Stuff": 171, "ADE20K": 150, "Cityscapes": 19, "CamVid": 11, "ADE847": 847, "PC459": 459,
 }  # fmt: skip
 
 
@@ -80,6 +80,19 @@ def test_other_special_lines() -> None:
     assert class_lines("Cityscapes", "corrclip")[6:8] == ["trafficlight", "trafficsign"]
     assert class_lines("Cityscapes", "corrclip")[11] == "people"
     assert class_lines("Cityscapes", "scclip")[11] == "person"
+    city_v2 = class_lines("Cityscapes", "corrclipv2")
+    assert city_v2[11] == "people, person" and city_v2[:11] + city_v2[12:] == (
+        class_lines("Cityscapes", "corrclip")[:11] + class_lines("Cityscapes", "corrclip")[12:])
+    # CorrCLIPv2 reads "people, person" as ONE query (its reader splits on "; ")
+    assert parse_class_lines(city_v2, CLASS_SEPARATORS["corrclipv2"]).queries[11] == "people, person"
+    ade847, pc459 = class_lines("ADE847", "corrclipv2"), class_lines("PC459", "corrclipv2")
+    assert (ade847[0], ade847[1], ade847[-1]) == ("wall", "building, edifice", ade847[846])
+    assert len(parse_class_lines(ade847, "; ").queries) == 847  # no "; " synonyms
+    assert len(pc459) == 459 and len(parse_class_lines(pc459, "; ").queries) == 459
+    for variant in METHOD_VARIANTS:  # the new benchmarks have only the CorrCLIPv2 file
+        assert class_lines("ADE847", variant) == ade847 and class_lines("PC459", variant) == pc459
+    for name in set(COUNTS) - {"Cityscapes", "ADE847", "PC459"}:  # every other v2 file is v1's
+        assert class_lines(name, "corrclipv2") == class_lines(name, "corrclip")
     for variant in METHOD_VARIANTS:
         assert class_lines("CamVid", variant) == [
             "sky", "building", "pole", "road", "pavement", "tree", "signsymbol",
@@ -87,16 +100,24 @@ def test_other_special_lines() -> None:
         ]  # fmt: skip
 
 
-# Benchmark -> file stem of the authors' class files (cls_<stem>.txt in both repositories).
+# Benchmark -> file stem of the authors' class files (cls_<stem>.txt in the repositories).
 AUTHORS_STEMS = {
     "VOC21": "voc21", "VOC20": "voc20", "PC60": "context60", "PC59": "context59",
     "COCO-Object": "coco_object", "COCO-Stuff": "coco_stuff", "Cityscapes": "city_scapes", "ADE20K": "ade20k",
+    "ADE847": "ade20k847", "PC459": "context459",
 }  # fmt: skip
+# Benchmarks only CorrCLIPv2 evaluates: every variant ships its file.
+V2_ONLY = ("ADE847", "PC459")
 
 
 def _authors_file(name: str, variant: str) -> Path:
+    """The authors' file a shipped file must equal (../shared/data/class-names/README.md): ``corrclipv2/``
+    holds only the files that differ from ``corrclip/``; the v2-only benchmarks exist only there."""
     shared = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "class-names"
-    path = shared / variant / f"cls_{AUTHORS_STEMS[name]}.txt"
+    folder = "corrclipv2" if name in V2_ONLY else variant
+    path = shared / folder / f"cls_{AUTHORS_STEMS[name]}.txt"
+    if variant == "corrclipv2" and not path.is_file() and (shared / "corrclipv2").is_dir():
+        path = shared / "corrclip" / f"cls_{AUTHORS_STEMS[name]}.txt"  # byte-identical to v1's
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     return path
@@ -124,7 +145,7 @@ def _reference_get_cls_idx(path: Path, separator: str) -> tuple[list[str], list[
 
 @pytest.mark.shared_data
 @pytest.mark.parametrize("name", sorted(AUTHORS_STEMS))
-@pytest.mark.parametrize(("variant", "separator"), [("corrclip", "; "), ("scclip", ", ")])
+@pytest.mark.parametrize(("variant", "separator"), [("corrclip", "; "), ("scclip", ", "), ("corrclipv2", "; ")])
 def test_queries_equal_the_reference_reader(name: str, variant: str, separator: str) -> None:
     names, indices = _reference_get_cls_idx(_authors_file(name, variant), separator)
     vocab = parse_class_lines(class_lines(name, variant), CLASS_SEPARATORS[variant])
@@ -157,6 +178,15 @@ def test_presets_match_methods_table() -> None:
     assert (city.presets["scclip"].short_side, city.presets["scclip"].crop) == (560, 224)
     ade = get_dataset("ADE20K")
     assert (ade.presets["corrclip"].short_side, ade.presets["corrclip"].crop) == (448, 336)
+    # CorrCLIPv2 (CorrCLIPv2/configs/cfg_*.py): v1's settings, Cityscapes at S = 784, the two new benchmarks
+    v2 = {n: s.presets["corrclipv2"] for n, s in DATASETS.items()}
+    assert v2["Cityscapes"] == MethodPreset(784, 224, 112, 40, None, None)
+    assert v2["VOC21"] == MethodPreset(336, 336, 112, 40, 0.2, None)
+    assert (v2["PC60"].prob_thd, v2["COCO-Object"].prob_thd) == (0.15, 0.25)
+    assert v2["ADE20K"] == v2["ADE847"] == MethodPreset(448, 336, 112, 40, None, None)
+    assert v2["PC459"] == MethodPreset(336, 336, 112, 40, None, None)
+    for name in ("VOC20", "PC59", "COCO-Stuff", "CamVid"):
+        assert v2[name] == MethodPreset(336, 336, 112, 40, None, None)
     for spec in DATASETS.values():
         assert spec.presets["corrclip"].logit_scale == 40
         assert spec.ignore_index == 255
@@ -173,9 +203,25 @@ def test_label_conversions() -> None:
     assert conv == {
         "VOC21": "none", "VOC20": "reduce_zero_label", "PC60": "none", "PC59": "reduce_zero_label",
         "COCO-Object": "coco_object", "COCO-Stuff": "none", "ADE20K": "reduce_zero_label",
-        "Cityscapes": "none", "CamVid": "camvid",
+        "Cityscapes": "none", "CamVid": "camvid", "ADE847": "none", "PC459": "none",
     }  # fmt: skip
     assert {n for n, s in DATASETS.items() if s.has_background} == {"VOC21", "PC60", "COCO-Object"}
+
+
+def test_catseg_benchmarks_score_as_the_reference() -> None:
+    for name, k in (("ADE847", 847), ("PC459", 459)):
+        spec = get_dataset(name)
+        assert (spec.num_classes, spec.has_background, spec.reduce_zero_label) == (k, False, False)
+        # the reference evaluator ignores 255 (a real class here); 65535 is the labels' own unlabelled value
+        assert (spec.ignore_index, spec.unlabelled_index) == (255, 65535)
+    assert all(s.unlabelled_index is None for n, s in DATASETS.items() if n not in V2_ONLY)
+    p = MethodPreset(336, 336, 112, 40, None, None)
+    presets = dict.fromkeys(METHOD_VARIANTS, p)
+    files = dict.fromkeys(METHOD_VARIANTS, "a")
+    with pytest.raises(ValueError, match="unlabelled_index must be in 500..65535"):
+        DatasetSpec("x", 500, False, False, presets, files, "none", 255, 300)
+    with pytest.raises(ValueError, match=r"ignore_index must be in 500\.\.65535 \(outside the classes\)"):
+        DatasetSpec("x", 500, False, False, presets, files, "none", 255)
 
 
 def test_specs_are_read_only() -> None:

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from ovseg_core.metrics import confusion_matrix, convert_labels, out_of_range_count, scores_from_confusion
+from ovseg_core.metrics import (
+    IGNORE_MODES,
+    confusion_matrix,
+    convert_labels,
+    out_of_range_count,
+    scores_from_confusion,
+    scoring_ignore_index,
+)
 
 
 def test_confusion_hand_computed_with_ignore() -> None:
@@ -155,3 +162,67 @@ def test_out_of_range_hand_computed() -> None:
     np.testing.assert_allclose(s["iou"], [1.0, 0.5])  # class 1: intersect 1, union 1 + 2 - 1
     assert s["aacc"] == 1.0 and out_of_range_count(conf) == 1
     assert out_of_range_count(conf[:2]) == 0
+
+
+# --- 16-bit labels (ADE-847 / PC-459): the reference evaluator ignores 255, not 65535 ------------
+
+K300 = 300  # enough classes for 255 to be a real class
+GT16 = np.array([[255, 255, 65535, 3], [3, 65535, 299, 0]], dtype=np.uint16)
+PRED16 = np.array([[255, 3, 7, 3], [0, 255, 299, 0]], dtype=np.int64)
+
+
+def test_scoring_ignore_index_modes() -> None:
+    assert IGNORE_MODES == ("reference", "unlabelled")
+    assert scoring_ignore_index(255, 65535) == 255
+    assert scoring_ignore_index(255, 65535, "unlabelled") == 65535
+    assert scoring_ignore_index(255, None, "unlabelled") == 255  # datasets without their own value
+    with pytest.raises(ValueError, match="ignore mode must be one of"):
+        scoring_ignore_index(255, None, "correct")
+
+
+def test_reference_mode_hand_computed() -> None:
+    gt = convert_labels(GT16, "none")
+    s = scores_from_confusion(confusion_matrix(PRED16, gt, K300, scoring_ignore_index(255, 65535)))
+    # ignored: both gt-255 pixels. gt 65535 (pred 7, pred 255): only their predictions count.
+    # class 0: I 1, label 1, pred 2 -> 1/2; class 3: I 1, label 2, pred 1 -> 1/2; class 299: 1/1;
+    # class 7: pred 1 -> 0; class 255: pred 1 -> 0; every other class nan.
+    expected = {0: 0.5, 3: 0.5, 7: 0.0, 255: 0.0, 299: 1.0}
+    assert {int(i): float(v) for i, v in enumerate(s["iou"]) if not np.isnan(v)} == expected
+    assert math.isclose(s["miou"], 0.4)
+    assert math.isclose(s["aacc"], 3 / 4)
+    assert s["out_of_range"] == 2
+
+
+def test_unlabelled_mode_hand_computed() -> None:
+    gt = convert_labels(GT16, "none")
+    s = scores_from_confusion(confusion_matrix(PRED16, gt, K300, scoring_ignore_index(255, 65535, "unlabelled")))
+    # ignored: both gt-65535 pixels. class 255 is scored: I 1, label 2, pred 1 -> 1/2;
+    # class 3: I 1, label 2, pred 2 -> 1/3; class 0: 1/2; class 299: 1; class 7 now never predicted -> nan.
+    expected = {0: 0.5, 3: 1 / 3, 255: 0.5, 299: 1.0}
+    got = {int(i): float(v) for i, v in enumerate(s["iou"]) if not np.isnan(v)}
+    assert got.keys() == expected.keys() and all(math.isclose(got[k], expected[k]) for k in got)
+    assert math.isclose(s["miou"], (0.5 + 1 / 3 + 0.5 + 1.0) / 4)
+    assert math.isclose(s["aacc"], 4 / 6)
+    assert s["out_of_range"] == 0
+
+
+@pytest.mark.parametrize("k", [847, 459])
+def test_reference_mode_equals_mmseg_on_catseg_labels(k: int) -> None:
+    rng = np.random.default_rng(k)
+    totals = [torch.zeros(k, dtype=torch.float64) for _ in range(4)]
+    conf = np.zeros((k + 1, k), dtype=np.int64)
+    for _ in range(3):  # a dataset of three images, accumulated as the metric does
+        gt = rng.integers(0, k, size=(30, 40)).astype(np.uint16)
+        gt[rng.random(gt.shape) < 0.2] = 65535
+        gt[rng.random(gt.shape) < 0.1] = 255
+        pred = np.where(rng.random(gt.shape) < 0.5, gt.astype(np.int64), rng.integers(0, k, size=gt.shape))
+        pred[gt == 65535] = rng.integers(0, k, size=int((gt == 65535).sum()))
+        # the reference reads labels as uint16 and casts them to the prediction's int64; its metric ignores 255
+        for t, a in zip(totals, _mmseg_intersect_and_union(pred, gt.astype(np.int64), k, 255)):
+            t += a.double()
+        conf += confusion_matrix(pred, convert_labels(gt, "none"), k, scoring_ignore_index(255, 65535))
+    s = scores_from_confusion(conf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mmseg_iou = (totals[0] / totals[1]).numpy()
+    np.testing.assert_allclose(s["iou"], mmseg_iou, equal_nan=True)
+    assert math.isclose(s["aacc"], float(totals[0].sum() / totals[3].sum()))

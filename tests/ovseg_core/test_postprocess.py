@@ -72,6 +72,18 @@ def test_class_probabilities_synonym_max() -> None:
     assert torch.allclose(eye.flatten(), p)
 
 
+def test_class_probabilities_equal_corrclipv2_scatter_max() -> None:
+    # CorrCLIPv2 postprocess_result: x40 softmax over all queries, then per class the max over its
+    # queries by scatter_reduce(amax) into a -inf canvas; synonyms on any class (here classes 1 and 3)
+    torch.manual_seed(3)
+    logits = torch.randn(7, 5, 6) * 0.1
+    q2c = torch.tensor([0, 1, 1, 2, 3, 3, 3])
+    probs = (logits * 40).softmax(0)
+    ref = torch.full((4, 5, 6), float("-inf")).scatter_reduce(
+        0, q2c.view(-1, 1, 1).expand(-1, 5, 6), probs, reduce="amax", include_self=True)
+    assert torch.equal(class_probabilities(logits, q2c, 40.0), ref)
+
+
 def test_predict_synonyms_decide() -> None:
     # class 0 has one strong synonym among two; class 1 one query
     logits = torch.zeros(3, 1, 2)

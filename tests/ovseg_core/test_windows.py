@@ -188,3 +188,31 @@ def test_chunked_accumulation_equals_one_shot_merge():
     torch.testing.assert_close(finish_merge(canvas, plan), merge_window_logits(logits, plan))
     with pytest.raises(ValueError, match="windows"):
         accumulate_window_logits(canvas, logits[:2], plan, len(plan.windows) - 1)
+
+
+def test_half_precision_accumulation_follows_the_reference():
+    # CorrCLIPv2's forward_slide: window logits .half(), summed into half `preds`, divided by a half
+    # `count_mat`, resized to the original size in half precision
+    from ovseg_core.windows import accumulate_window_logits, finish_merge
+
+    plan = plan_windows((90, 160), 100, 64, 32, pad_multiple=56)
+    torch.manual_seed(1)
+    logits = torch.randn(len(plan.windows), 2, *plan.padded_hw) * 3
+    canvas = torch.zeros(2, *plan.resized_hw, dtype=torch.float16)
+    accumulate_window_logits(canvas, logits, plan)
+    got = finish_merge(canvas, plan)
+    preds = torch.zeros(2, *plan.resized_hw, dtype=torch.float16)
+    count = torch.zeros(1, *plan.resized_hw, dtype=torch.float16)
+    hp, wp = plan.padded_hw
+    for i, w in enumerate(plan.windows):
+        t, b, l, r = w.pad
+        preds[:, w.y1:w.y2, w.x1:w.x2] += logits[i].half()[:, t:hp - b, l:wp - r]
+        count[:, w.y1:w.y2, w.x1:w.x2] += 1
+    expected = F.interpolate((preds / count)[None], size=plan.orig_hw, mode="bilinear")[0]
+    assert got.dtype == torch.float16
+    assert torch.equal(got, expected)
+    # float32 (the default) is unchanged by the cast
+    full = torch.zeros(2, *plan.resized_hw)
+    accumulate_window_logits(full, logits, plan)
+    torch.testing.assert_close(finish_merge(full, plan), merge_window_logits(logits, plan))
+    assert (finish_merge(full, plan) - got.float()).abs().max() > 0

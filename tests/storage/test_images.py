@@ -74,7 +74,21 @@ def test_sixteen_bit_scaled(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out[..., 0], [[0, 1, 255], [128, 0, 254]])
     # a 16-bit label keeps its values
     lab = load_label(tmp_path / "s.png")
-    assert lab.dtype == np.int32 and lab[0, 2] == 65535
+    assert lab.dtype in (np.uint16, np.int32) and lab[0, 2] == 65535
+    np.testing.assert_array_equal(lab, a)
+
+
+@pytest.mark.parametrize("compression", [None, "tiff_lzw", "tiff_adobe_deflate"])
+@pytest.mark.parametrize("byte_order", ["<u2", ">u2"])
+def test_sixteen_bit_tif_labels_are_exact(tmp_path: Path, compression: str | None, byte_order: str) -> None:
+    # CAT-Seg's ADE-847 / PC-459 labels: uint16 TIFF, classes 0..846 / 0..458, unlabelled 65535
+    a = np.array([[0, 255, 846, 65535], [458, 256, 65534, 1]], dtype=np.uint16)
+    kwargs = {"compression": compression} if compression else {}
+    Image.fromarray(a.astype(byte_order)).save(tmp_path / "l.tif", "TIFF", **kwargs)
+    assert Image.open(tmp_path / "l.tif").mode.startswith("I;16")
+    lab = load_label(tmp_path / "l.tif")
+    assert lab.dtype == np.uint16 and lab.dtype.isnative
+    np.testing.assert_array_equal(lab, a)
 
 
 def test_bad_files(tmp_path: Path) -> None:
