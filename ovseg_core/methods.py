@@ -25,8 +25,11 @@ from ovseg_core.combined import CombinedConfig, combined_required_blocks, combin
 from ovseg_core.corrclip.config import CorrCLIPConfig
 from ovseg_core.corrclip.config import required_blocks as corrclip_required_blocks
 from ovseg_core.scclip.config import SCCLIPConfig
+from ovseg_core.scclip.pipeline import required_blocks as scclip_required_blocks
+from ovseg_core.scclip.pipeline import scclip_window_outputs
 
-__all__ = ["METHODS", "Method", "WindowInputs", "get_method", "CLUSTERING_FIELDS", "NOT_READ_BY_RECONSTRUCTION"]
+__all__ = ["METHODS", "Method", "WindowInputs", "WindowRecord", "get_method", "CLUSTERING_FIELDS",
+           "NOT_READ_BY_RECONSTRUCTION"]
 
 # CorrCLIP fields read by mask clustering (``cluster_masks``); the mask_clustering stage key hashes only these.
 CLUSTERING_FIELDS: tuple[str, ...] = ("mask_clustering", "dbscan_eps", "dbscan_min_samples", "m0_quirk", "padding")
@@ -38,22 +41,31 @@ NOT_READ_BY_RECONSTRUCTION: tuple[str, ...] = ("mask_clustering", "dbscan_eps", 
 
 @dataclass(frozen=True)
 class WindowInputs:
-    """Per-window inputs of the CorrCLIP family besides crops and CLIP blocks (all ``(B, ...)``).
+    """Inputs of a method's window features besides crops and CLIP blocks.
 
     Attributes:
-        qk: ``(B, hd, wd, C)`` L2-normalised DINO q+k features.
-        regions: ``(B, H, W) int64`` region ids at crop resolution.
-        merged: ``(B, hd, wd) int64`` mask-clustering output.
-        semantic: ``(B, gh, gw, D)`` mask class tokens, or None.
+        qk: ``(B, hd, wd, C)`` L2-normalised DINO q+k features (CorrCLIP family).
+        regions: ``(B, H, W) int64`` region ids at crop resolution (CorrCLIP family).
+        merged: ``(B, hd, wd) int64`` mask-clustering output (CorrCLIP family).
+        semantic: ``(B, gh, gw, D)`` mask class tokens, or None (CorrCLIP family).
+        text: ``(Q, E)`` L2-normalised query embeddings shared by every window (read by SC-CLIP's
+            ``progressive_calibration``, whose quality score looks at the predictions).
+        logit_scale: the prediction's softmax scale, with ``text``.
     """
 
     qk: torch.Tensor | None = None
     regions: torch.Tensor | None = None
     merged: torch.Tensor | None = None
     semantic: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    logit_scale: float | None = None
 
 
 WindowFeatures = Callable[[nn.Module, torch.Tensor, Any, Mapping[str, torch.Tensor], WindowInputs], torch.Tensor]
+WindowRecord = dict[str, torch.Tensor]
+"""Per-window facts a method reports besides its features: ``{name: (B,) bool or integer tensor}``."""
+WindowOutputs = Callable[[nn.Module, torch.Tensor, Any, Mapping[str, torch.Tensor], WindowInputs],
+                         tuple[torch.Tensor, WindowRecord]]
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,8 @@ class Method:
         required_blocks: ``(config, num_blocks) -> aggregate names`` read from ``clip_layers``.
         window_features: ``(visual, crops, config, blocks, inputs) -> (B, h, w, E)`` features.
         uses_regions: reads SAM regions, DINO features and mask clustering (CorrCLIP family).
+        window_outputs: ``window_features`` plus a :data:`WindowRecord` (SC-CLIP's extensions
+            report their per-window choices); None: the method records nothing.
     """
 
     name: str
@@ -75,6 +89,15 @@ class Method:
     required_blocks: Callable[[Any, int], tuple[str, ...]]
     window_features: WindowFeatures
     uses_regions: bool = False
+    window_outputs: WindowOutputs | None = None
+
+    def features_and_record(self, visual: nn.Module, crops: torch.Tensor, cfg: Any,
+                            blocks: Mapping[str, torch.Tensor] | None, inputs: WindowInputs
+                            ) -> tuple[torch.Tensor, WindowRecord]:
+        """``(B, h, w, E)`` window features and the per-window record (``{}`` for methods without one)."""
+        if self.window_outputs is None:
+            return self.window_features(visual, crops, cfg, blocks, inputs), {}  # type: ignore[arg-type]
+        return self.window_outputs(visual, crops, cfg, blocks, inputs)  # type: ignore[arg-type]
 
     def corrclip_config(self, cfg: Any) -> CorrCLIPConfig | None:
         """The CorrCLIP part of a config (None for methods without regions)."""
@@ -161,11 +184,14 @@ def _corrclip_features(visual: nn.Module, crops: torch.Tensor, cfg: Any, blocks:
                                     semantic=inputs.semantic, token_transform=transform, merged=inputs.merged)
 
 
+def _scclip_outputs(visual: nn.Module, crops: torch.Tensor, cfg: Any, blocks: Mapping[str, torch.Tensor],
+                    inputs: WindowInputs) -> tuple[torch.Tensor, WindowRecord]:
+    return scclip_window_outputs(visual, crops, cfg, blocks=blocks, text=inputs.text, logit_scale=inputs.logit_scale)
+
+
 def _scclip_features(visual: nn.Module, crops: torch.Tensor, cfg: Any, blocks: Mapping[str, torch.Tensor],
                      inputs: WindowInputs) -> torch.Tensor:
-    from ovseg_core.scclip.pipeline import scclip_window_features
-
-    return scclip_window_features(visual, crops, cfg, blocks=blocks)
+    return _scclip_outputs(visual, crops, cfg, blocks, inputs)[0]
 
 
 def _baseline(name: str) -> Method:
@@ -177,9 +203,7 @@ def _baseline(name: str) -> Method:
 
 
 def _scclip_blocks(cfg: SCCLIPConfig, num_blocks: int) -> tuple[str, ...]:
-    from ovseg_core.scclip.pipeline import required_blocks
-
-    return tuple(required_blocks(cfg, num_blocks))
+    return tuple(scclip_required_blocks(cfg, num_blocks))
 
 
 def _combined_blocks(cfg: tuple[CorrCLIPConfig, CombinedConfig], num_blocks: int) -> tuple[str, ...]:
@@ -190,7 +214,7 @@ def _combined_blocks(cfg: tuple[CorrCLIPConfig, CombinedConfig], num_blocks: int
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("corrclip", "corrclip", _build_corrclip, lambda cfg, n: tuple(corrclip_required_blocks(cfg, n)),
            _corrclip_features, uses_regions=True),
-    Method("scclip", "scclip", _build_scclip, _scclip_blocks, _scclip_features),
+    Method("scclip", "scclip", _build_scclip, _scclip_blocks, _scclip_features, window_outputs=_scclip_outputs),
     *(_baseline(name) for name in BASELINE_METHODS),
     Method("corrclip+scclip", "corrclip", _build_combined, _combined_blocks, _corrclip_features, uses_regions=True),
 )}
