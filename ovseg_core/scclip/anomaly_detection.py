@@ -135,6 +135,8 @@ def detect_anomalies(x: torch.Tensor, cfg: DetectorParams, lof: torch.Tensor | N
     elif cfg.detector in ("lof", "sklearn_lof"):
         if lof is None:
             lof = lof_scores(x, cfg.n_neighbors, variant=lof_variant(cfg.detector), eps=cfg.lof_eps)
+        elif lof.shape != (b, n):
+            raise ValueError(f"lof must be the (B, N) = ({b}, {n}) scores of x, got shape {tuple(lof.shape)}")
         scores = lof
         threshold = torch.quantile(scores, 1.0 - cfg.contamination, dim=-1, keepdim=True)
         flagged = scores > threshold
