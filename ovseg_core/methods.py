@@ -28,9 +28,11 @@ from ovseg_core.corrclip.config import CorrCLIPConfig
 from ovseg_core.corrclip.config import required_blocks as corrclip_required_blocks
 from ovseg_core.corrclip.pipeline import corrclip_window_features
 from ovseg_core.scclip.config import SCCLIPConfig
+from ovseg_core.scclip.pipeline import required_blocks as scclip_required_blocks
+from ovseg_core.scclip.pipeline import scclip_window_outputs
 
 __all__ = ["CORRCLIPV2_DEFAULTS", "CORRCLIPV2_MODELS", "CORRELATIONS", "METHODS", "Method", "WindowInputs",
-           "get_method", "CLUSTERING_FIELDS", "NOT_READ_BY_RECONSTRUCTION"]
+           "WindowRecord", "get_method", "CLUSTERING_FIELDS", "NOT_READ_BY_RECONSTRUCTION"]
 
 # CorrCLIP fields read by mask clustering (``cluster_masks``); the mask_clustering stage key hashes only these.
 CLUSTERING_FIELDS: tuple[str, ...] = ("mask_clustering", "dbscan_eps", "dbscan_min_samples", "m0_quirk", "padding")
@@ -47,7 +49,7 @@ CORRELATIONS: tuple[str, ...] = ("dino_qk", "vfm")
 
 @dataclass(frozen=True)
 class WindowInputs:
-    """Per-window inputs of the CorrCLIP family besides crops and CLIP blocks (all ``(B, ...)``).
+    """Inputs of a method's window features besides crops and CLIP blocks.
 
     Attributes:
         qk: ``(B, hd, wd, C)`` L2-normalised DINO q+k features.
@@ -56,6 +58,9 @@ class WindowInputs:
         semantic: ``(B, gh, gw, D)`` mask class tokens, or None.
         vfm: ``(B, hc, wc, C)`` L2-normalised VFM features on the correlation grid (CorrCLIPv2;
             ``ovseg_core.corrclip.vfm_correlation.vfm_window_features``).
+        text: ``(Q, E)`` L2-normalised query embeddings shared by every window (read by SC-CLIP's
+            ``progressive_calibration``, whose quality score looks at the predictions).
+        logit_scale: the prediction's softmax scale, with ``text``.
     """
 
     qk: torch.Tensor | None = None
@@ -63,9 +68,15 @@ class WindowInputs:
     merged: torch.Tensor | None = None
     semantic: torch.Tensor | None = None
     vfm: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    logit_scale: float | None = None
 
 
 WindowFeatures = Callable[[nn.Module, torch.Tensor, Any, Mapping[str, torch.Tensor], WindowInputs], torch.Tensor]
+WindowRecord = dict[str, torch.Tensor]
+"""Per-window facts a method reports besides its features: ``{name: (B,) bool or integer tensor}``."""
+WindowOutputs = Callable[[nn.Module, torch.Tensor, Any, Mapping[str, torch.Tensor], WindowInputs],
+                         tuple[torch.Tensor, WindowRecord]]
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,8 @@ class Method:
             dense map (``WindowInputs.vfm``; no mask clustering stage).
         default_models: backbones the method's paper uses, by role (``clip``, ``vfm``); empty: the
             experiment's defaults.
+        window_outputs: ``window_features`` plus a :data:`WindowRecord` (SC-CLIP's extensions
+            report their per-window choices); None: the method records nothing.
     """
 
     name: str
@@ -96,10 +109,19 @@ class Method:
     uses_regions: bool = False
     correlation: str = "dino_qk"
     default_models: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    window_outputs: WindowOutputs | None = None
 
     def __post_init__(self) -> None:
         if self.correlation not in CORRELATIONS:
             raise ValueError(f"Method.correlation must be one of {CORRELATIONS}, got {self.correlation!r}")
+
+    def features_and_record(self, visual: nn.Module, crops: torch.Tensor, cfg: Any,
+                            blocks: Mapping[str, torch.Tensor] | None, inputs: WindowInputs
+                            ) -> tuple[torch.Tensor, WindowRecord]:
+        """``(B, h, w, E)`` window features and the per-window record (``{}`` for methods without one)."""
+        if self.window_outputs is None:
+            return self.window_features(visual, crops, cfg, blocks, inputs), {}  # type: ignore[arg-type]
+        return self.window_outputs(visual, crops, cfg, blocks, inputs)  # type: ignore[arg-type]
 
     def corrclip_config(self, cfg: Any) -> CorrCLIPConfig | None:
         """The CorrCLIP part of a config (None for methods without regions)."""
@@ -218,11 +240,14 @@ def _corrclip_features(visual: nn.Module, crops: torch.Tensor, cfg: Any, blocks:
                                     semantic=inputs.semantic, token_transform=transform, merged=inputs.merged)
 
 
+def _scclip_outputs(visual: nn.Module, crops: torch.Tensor, cfg: Any, blocks: Mapping[str, torch.Tensor],
+                    inputs: WindowInputs) -> tuple[torch.Tensor, WindowRecord]:
+    return scclip_window_outputs(visual, crops, cfg, blocks=blocks, text=inputs.text, logit_scale=inputs.logit_scale)
+
+
 def _scclip_features(visual: nn.Module, crops: torch.Tensor, cfg: Any, blocks: Mapping[str, torch.Tensor],
                      inputs: WindowInputs) -> torch.Tensor:
-    from ovseg_core.scclip.pipeline import scclip_window_features
-
-    return scclip_window_features(visual, crops, cfg, blocks=blocks)
+    return _scclip_outputs(visual, crops, cfg, blocks, inputs)[0]
 
 
 def _baseline(name: str) -> Method:
@@ -234,9 +259,7 @@ def _baseline(name: str) -> Method:
 
 
 def _scclip_blocks(cfg: SCCLIPConfig, num_blocks: int) -> tuple[str, ...]:
-    from ovseg_core.scclip.pipeline import required_blocks
-
-    return tuple(required_blocks(cfg, num_blocks))
+    return tuple(scclip_required_blocks(cfg, num_blocks))
 
 
 def _combined_blocks(cfg: tuple[CorrCLIPConfig, CombinedConfig], num_blocks: int) -> tuple[str, ...]:
@@ -247,7 +270,7 @@ def _combined_blocks(cfg: tuple[CorrCLIPConfig, CombinedConfig], num_blocks: int
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("corrclip", "corrclip", _build_corrclip, lambda cfg, n: tuple(corrclip_required_blocks(cfg, n)),
            _corrclip_features, uses_regions=True),
-    Method("scclip", "scclip", _build_scclip, _scclip_blocks, _scclip_features),
+    Method("scclip", "scclip", _build_scclip, _scclip_blocks, _scclip_features, window_outputs=_scclip_outputs),
     *(_baseline(name) for name in BASELINE_METHODS),
     Method("corrclip+scclip", "corrclip", _build_combined, _combined_blocks, _corrclip_features, uses_regions=True),
     Method("corrclipv2", "corrclipv2", _build_corrclipv2, lambda cfg, n: tuple(corrclip_required_blocks(cfg, n)),

@@ -5,7 +5,9 @@ The method comes from the registry (``ovseg_core.methods``); its CLIP block outp
 own weights), CorrCLIP's inputs from ``dino_features``, ``sam_masks``, ``mask_clustering`` and
 ``mask_class_tokens``. The image is not decoded: every input is cached, only the windows'
 shape is needed. Windows of several images share one forward. Outputs are compact: the label
-map ``(H, W) uint16`` and the winning probability ``(H, W) float16``.
+map ``(H, W) uint16`` and the winning probability ``(H, W) float16``. Item attrs: ``windows``,
+``method`` and, for a method that records per-window choices (SC-CLIP's design-document
+options), ``window_record``: ``{name: count over the image's windows}``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tasks.runtime import StageContext
 
 Output = tuple[dict[str, np.ndarray], dict[str, Any]]
 _BLOCK = "block/"
+_RECORD = "record/"
 
 
 def reconstruction_models(ctx: StageContext):
@@ -69,23 +72,31 @@ def reconstruction_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[s
     emb = torch.from_numpy(text["embeddings"]).float().to(ctx.device)
     q2c = torch.from_numpy(text["query_to_class"]).long()
     canvases = [torch.zeros((emb.shape[0], *inp["plan"].resized_hw)) for inp in inputs]
+    records: list[dict[str, int]] = [{} for _ in inputs]  # per image: the method's window record summed over windows
 
-    def forward(b: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         blocks = {k[len(_BLOCK):]: v.float() for k, v in b.items() if k.startswith(_BLOCK)}
         extra = WindowInputs(qk=b["qk"].float() if "qk" in b else None, regions=b.get("regions"),
-                             merged=b.get("merged"), semantic=b["semantic"].float() if "semantic" in b else None)
-        feats = method.window_features(visual, b["crops"], p.config, blocks, extra).float()
-        return window_logits(feats, emb, tuple(b["crops"].shape[-2:])).cpu()
+                             merged=b.get("merged"), semantic=b["semantic"].float() if "semantic" in b else None,
+                             text=emb, logit_scale=float(p.logit_scale))
+        feats, record = method.features_and_record(visual, b["crops"], p.config, blocks, extra)
+        logits = window_logits(feats.float(), emb, tuple(b["crops"].shape[-2:])).cpu()
+        return {"logits": logits, **{_RECORD + k: v.cpu() for k, v in record.items()}}
 
-    def sink(i: int, start: int, logits: torch.Tensor) -> None:
-        accumulate_window_logits(canvases[i], logits, inputs[i]["plan"], start)
+    def sink(i: int, start: int, out: dict[str, torch.Tensor]) -> None:
+        accumulate_window_logits(canvases[i], out["logits"], inputs[i]["plan"], start)
+        for k, v in out.items():
+            if k.startswith(_RECORD):
+                records[i][k[len(_RECORD):]] = records[i].get(k[len(_RECORD):], 0) + int(v.long().sum())
 
     with torch.inference_mode():
         run_windows([i["win"] for i in inputs], forward, ctx.settings.window_batch, sink, ctx.device)
         out = []
-        for canvas, inp in zip(canvases, inputs):
+        for canvas, inp, record in zip(canvases, inputs, records):
             labels, prob = predict(finish_merge(canvas, inp["plan"]), q2c, float(p.logit_scale), p.prob_thd, p.area_thd)
             dtype = np.uint16 if int(q2c.max()) < 65535 else np.int32
-            out.append(({"labels": labels.numpy().astype(dtype), "prob": prob.numpy().astype(np.float16)},
-                        {"windows": len(inp["plan"].windows), "method": p.method}))
+            attrs = {"windows": len(inp["plan"].windows), "method": p.method}
+            if record:  # e.g. SC-CLIP's {"kept:self_adjusting": windows that kept the step, ...}
+                attrs["window_record"] = dict(sorted(record.items()))
+            out.append(({"labels": labels.numpy().astype(dtype), "prob": prob.numpy().astype(np.float16)}, attrs))
     return out

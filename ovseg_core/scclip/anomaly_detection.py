@@ -33,7 +33,7 @@ import torch
 
 from ovseg_core.scclip.config import DetectorParams
 
-__all__ = ["LOF_VARIANTS", "detect_anomalies", "lof_scores", "robust_zscores"]
+__all__ = ["LOF_VARIANTS", "detect_anomalies", "lof_scores", "lof_variant", "robust_zscores"]
 
 LOF_VARIANTS: tuple[str, ...] = ("lof", "sklearn")
 """``"lof"``: the authors' reach-dist with k-dist(i); ``"sklearn"``: standard LOF with k-dist(j)."""
@@ -101,7 +101,12 @@ def robust_zscores(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(dev == 0, torch.zeros_like(dev), dev / mad)
 
 
-def detect_anomalies(x: torch.Tensor, cfg: DetectorParams) -> torch.Tensor:
+def lof_variant(detector: str) -> str:
+    """The :func:`lof_scores` variant of a LOF detector (``"lof"`` for ``l2norm_topk``, which has none)."""
+    return "sklearn" if detector == "sklearn_lof" else "lof"
+
+
+def detect_anomalies(x: torch.Tensor, cfg: DetectorParams, lof: torch.Tensor | None = None) -> torch.Tensor:
     """Flag the anomaly tokens of each image.
 
     Args:
@@ -112,6 +117,9 @@ def detect_anomalies(x: torch.Tensor, cfg: DetectorParams) -> torch.Tensor:
             ``"l2norm_topk"`` flags the ``topk`` tokens of largest L2 norm. With
             ``adaptive_contamination`` a flagged token must also have a robust z-score of its
             detector score above ``adaptive_z`` (see the module docstring).
+        lof: the LOF detectors' ``(B, N)`` scores if already computed, i.e.
+            ``lof_scores(x, cfg.n_neighbors, lof_variant(cfg.detector), cfg.lof_eps)``; ignored by
+            ``l2norm_topk``.
     Returns:
         ``(B, N) bool`` anomaly mask.
     """
@@ -125,8 +133,11 @@ def detect_anomalies(x: torch.Tensor, cfg: DetectorParams) -> torch.Tensor:
         if k > 0:
             flagged.scatter_(1, torch.topk(scores, k, dim=-1).indices, True)
     elif cfg.detector in ("lof", "sklearn_lof"):
-        variant = "lof" if cfg.detector == "lof" else "sklearn"
-        scores = lof_scores(x, cfg.n_neighbors, variant=variant, eps=cfg.lof_eps)
+        if lof is None:
+            lof = lof_scores(x, cfg.n_neighbors, variant=lof_variant(cfg.detector), eps=cfg.lof_eps)
+        elif lof.shape != (b, n):
+            raise ValueError(f"lof must be the (B, N) = ({b}, {n}) scores of x, got shape {tuple(lof.shape)}")
+        scores = lof
         threshold = torch.quantile(scores, 1.0 - cfg.contamination, dim=-1, keepdim=True)
         flagged = scores > threshold
     else:

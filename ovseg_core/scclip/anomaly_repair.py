@@ -10,7 +10,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["repair_anomalies"]
+__all__ = ["RING_OFFSETS", "repair_anomalies", "ring_neighbours"]
+
+RING_OFFSETS: tuple[tuple[int, int], ...] = tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0))
+"""``(row, column)`` offsets of the 8 positions around a token (its 3x3 ring), row-major."""
+
+
+def ring_neighbours(grid: tuple[int, int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the 3x3 ring of every token of a row-major ``(gh, gw)`` grid.
+
+    Returns:
+        ``(N, 8) int64`` neighbour indices in :data:`RING_OFFSETS` order (0 where outside the
+        grid) and the ``(N, 8) bool`` mask of the positions inside the grid.
+    """
+    gh, gw = grid
+    rows = torch.arange(gh, device=device).repeat_interleave(gw)
+    cols = torch.arange(gw, device=device).repeat(gh)
+    dr = torch.tensor([o[0] for o in RING_OFFSETS], device=device)
+    dc = torch.tensor([o[1] for o in RING_OFFSETS], device=device)
+    r, c = rows[:, None] + dr, cols[:, None] + dc
+    inside = (r >= 0) & (r < gh) & (c >= 0) & (c < gw)
+    return torch.where(inside, r * gw + c, torch.zeros_like(r)), inside
 
 
 def _ring_kernel(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -8,11 +8,14 @@ depth by :meth:`SCCLIPConfig.resolved` (L = 12: ViT-B/16, L = 24: ViT-L/14).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = [
+    "CALIBRATION_STEPS",
     "DETECTORS",
+    "SELECTIVE_PATHS",
     "PRESETS",
     "DetectorParams",
     "SCCLIPConfig",
@@ -22,6 +25,12 @@ __all__ = [
 
 DETECTORS: tuple[str, ...] = ("lof", "sklearn_lof", "l2norm_topk")
 """Anomaly detectors: the authors' LOF, scikit-learn's standard LOF, top-k by L2 norm."""
+
+CALIBRATION_STEPS: tuple[str, ...] = ("anomaly_repair", "self_adjusting", "attention_enhancement", "multi_level_fusion")
+"""SC-CLIP's calibration steps in the design document's order, named by their :class:`SCCLIPConfig` switches."""
+
+SELECTIVE_PATHS: tuple[str, ...] = ("fast", "balanced", "full")
+"""Paths of selective calibration, cheapest first (steps of each: :mod:`ovseg_core.scclip.selective_calibration`)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,57 @@ def validate_detector_params(cfg: DetectorParams) -> None:
         raise ValueError(f"{name}.lof_eps must be > 0, got {cfg.lof_eps}")
 
 
+def _check_range(field: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    ok = (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"SCCLIPConfig.{field} must be in {interval}, got {value!r}")
+
+
+def _validate_extensions(cfg: SCCLIPConfig) -> None:
+    """Raise ``ValueError`` naming the first extension field (design document options) out of range."""
+    _check_range("dynamic_base_ratio", cfg.dynamic_base_ratio, 0.0, 0.5, low_open=True)
+    _check_range("dynamic_max_ratio", cfg.dynamic_max_ratio, 0.0, 0.5, low_open=True)
+    _check_range("dynamic_entropy_weight", cfg.dynamic_entropy_weight, 0.0, math.inf)
+    _check_range("dynamic_contrast_weight", cfg.dynamic_contrast_weight, 0.0, math.inf)
+    for field in ("dynamic_lof_neighbors", "dynamic_semantic_neighbors"):
+        value = getattr(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"SCCLIPConfig.{field} must be an int >= 1, got {value!r}")
+    weights = cfg.dynamic_score_weights
+    if len(weights) != 3 or any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(
+            "SCCLIPConfig.dynamic_score_weights must be three weights >= 0 (local, global, semantic) with a "
+            f"positive sum, got {weights!r}"
+        )
+    object.__setattr__(cfg, "dynamic_score_weights", tuple(float(w) for w in weights))
+    _check_range("complexity_sim_threshold", cfg.complexity_sim_threshold, -1.0, 1.0)
+    _check_range("boundary_gap", cfg.boundary_gap, 0.0, 2.0, low_open=True)
+    _check_range("gate_threshold", cfg.gate_threshold, -1.0, 1.0)
+    _check_range("gate_entropy_weight", cfg.gate_entropy_weight, 0.0, 1.0)
+    _check_range("gate_skip_complexity", cfg.gate_skip_complexity, 0.0, 1.0)
+    if cfg.gate_skip_from not in CALIBRATION_STEPS:
+        raise ValueError(f"SCCLIPConfig.gate_skip_from must be one of {CALIBRATION_STEPS}, got {cfg.gate_skip_from!r}")
+    if not 0.0 <= cfg.selective_fast_below <= cfg.selective_full_from:
+        raise ValueError(
+            "SCCLIPConfig.selective_fast_below and selective_full_from must satisfy 0 <= fast_below <= full_from, "
+            f"got {cfg.selective_fast_below!r} and {cfg.selective_full_from!r}"
+        )
+    if cfg.selective_force is not None and cfg.selective_force not in SELECTIVE_PATHS:
+        raise ValueError(f"SCCLIPConfig.selective_force must be None or one of {SELECTIVE_PATHS}, got {cfg.selective_force!r}")
+    if cfg.dynamic_detection and cfg.detector not in ("lof", "sklearn_lof"):
+        raise ValueError(
+            f"SCCLIPConfig.dynamic_detection scores tokens with LOF; detector must be 'lof' or 'sklearn_lof', got {cfg.detector!r}"
+        )
+    if cfg.dynamic_detection and cfg.adaptive_contamination:
+        raise ValueError(
+            "SCCLIPConfig.dynamic_detection and adaptive_contamination both set the number of anomalies; enable at most one"
+        )
+    for field in ("dynamic_detection", "boundary_aware_repair"):
+        if getattr(cfg, field) and not cfg.anomaly_repair:
+            raise ValueError(f"SCCLIPConfig.{field} acts on anomaly repair; it needs anomaly_repair=True")
+
+
 @dataclass(frozen=True)
 class SCCLIPConfig:
     """SC-CLIP settings; defaults reproduce the paper (authors' code), every component switchable.
@@ -99,6 +159,31 @@ class SCCLIPConfig:
     # --- multi-level fusion (paper step 7) ---
     multi_level_fusion: bool = True  # second pass over the sum of mid-level block outputs, added to x (paper: on)
     fusion_blocks: tuple[int, int] | None = None  # inclusive summed block range (None -> preset; ViT-B: 4..10, ViT-L: 9..20)
+    # --- extensions proposed by the SC-CLIP design document (docs/methods.md section 7); all off = paper ---
+    # (1) dynamic anomaly detection (module dynamic_anomaly_detection); acts with anomaly_repair
+    dynamic_detection: bool = False  # content-adaptive anomaly ratio and a local + global + semantic outlier score instead of the fixed-quantile LOF
+    dynamic_base_ratio: float = 0.05  # ratio = min(max_ratio, base * (1 + entropy_weight * H + contrast_weight * C)) (document: 0.05)
+    dynamic_entropy_weight: float = 0.5  # weight of the spatial entropy H in [0, 1] of the penultimate tokens (document: 0.5)
+    dynamic_contrast_weight: float = 0.5  # weight of the local contrast C in [0, 1] of the penultimate tokens (document: 0.5)
+    dynamic_max_ratio: float = 0.15  # cap of the ratio (document: 15 %; inactive at the document's other values, whose maximum is 10 %)
+    dynamic_lof_neighbors: int = 10  # k of the local LOF score (document: 10; LOF variant from `detector`)
+    dynamic_semantic_neighbors: int = 10  # semantic score: the k tokens most similar to the token at the pre-adjust block (ovseg)
+    dynamic_score_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # weights of the robust z-scores of the local, global, semantic scores, summed (ovseg)
+    complexity_sim_threshold: float = 0.4  # spatial entropy: tokens whose cosine is >= this count as alike (ovseg; SC-CLIP's aggregation threshold)
+    # (1) boundary-aware repair (module boundary_aware_repair); acts with anomaly_repair
+    boundary_aware_repair: bool = False  # an anomaly on a semantic boundary is repaired from its own side's neighbours only (paper: all valid neighbours)
+    boundary_gap: float = 0.2  # boundary: the 2-means split of the neighbours' mid-layer cosines to the token has group means >= this apart (ovseg)
+    # (4) progressive, quality-gated calibration (module progressive_calibration); needs the text embeddings
+    progressive_calibration: bool = False  # the steps in order; a step is kept per window only if the quality score passes gate_threshold
+    gate_threshold: float = 0.0  # a step is kept when Q(after) - Q(before) >= this; Q in [0, 1] (ovseg)
+    gate_entropy_weight: float = 0.5  # Q = (1 - w) * (agreement + 1) / 2 + w * (1 - prediction entropy) (ovseg)
+    gate_skip_complexity: float = 0.0  # windows whose complexity (H + C) / 2 is below this skip the steps from gate_skip_from on (0: never)
+    gate_skip_from: str = "attention_enhancement"  # the first of the later steps skipped on simple windows (a CALIBRATION_STEPS name)
+    # (6) selective calibration (module selective_calibration)
+    selective_calibration: bool = False  # a per-window predictor picks the fast, balanced or full path (paper: always full)
+    selective_fast_below: float = 8.0  # need (largest robust z-score of the LOF scores) below this: fast path (ovseg)
+    selective_full_from: float = 32.0  # need at or above this: full path; in between: balanced (ovseg)
+    selective_force: str | None = None  # "fast" | "balanced" | "full": every window takes this path (ablations); None: the predictor picks
 
     def __post_init__(self) -> None:
         validate_detector_params(self)
@@ -121,6 +206,7 @@ class SCCLIPConfig:
             raise ValueError(f"SCCLIPConfig.res_cls must be >= 0 or None, got {self.res_cls}")
         if not self.row_norm_eps > 0.0:
             raise ValueError(f"SCCLIPConfig.row_norm_eps must be > 0, got {self.row_norm_eps}")
+        _validate_extensions(self)
 
     @property
     def is_resolved(self) -> bool:

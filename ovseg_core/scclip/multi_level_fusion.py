@@ -23,6 +23,8 @@ def multi_level_fusion(
     post_weights: torch.Tensor | None,
     attn_scale: float,
     res_cls: float,
+    enhance_windows: torch.Tensor | None = None,
+    aggregate_windows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add the second (multi-level) pass to the first pass's tokens.
 
@@ -33,6 +35,8 @@ def multi_level_fusion(
         mid_sim: ``(B, N, N)`` Sim_mid for the attention enhancement, or ``None`` (off).
         post_weights: ``(B, N, N)`` post-adjust aggregation weights W', or ``None`` (aggregation off).
         attn_scale, res_cls: as in :func:`ovseg_core.scclip.self_adjusting.self_adjusted_attention`.
+        enhance_windows, aggregate_windows: ``(B,) bool`` windows where the attention enhancement and
+            the aggregation by ``post_weights`` apply; ``None``: every window.
     Returns:
         ``(B, N, D)`` tokens ``x + r``.
     """
@@ -40,7 +44,8 @@ def multi_level_fusion(
         raise ValueError(
             f"level_sum must be (B, 1 + N, D) = ({x.shape[0]}, {x.shape[1] + 1}, D), got {tuple(level_sum.shape)}"
         )
-    r = self_adjusted_attention(block, level_sum[:, 1:], level_sum[:, 0], mid_sim, attn_scale, res_cls)
+    r = self_adjusted_attention(block, level_sum[:, 1:], level_sum[:, 0], mid_sim, attn_scale, res_cls, enhance_windows)
     if post_weights is not None:
-        r = aggregate(r, post_weights)
+        aggregated = aggregate(r, post_weights)
+        r = aggregated if aggregate_windows is None else torch.where(aggregate_windows.reshape(-1, 1, 1), aggregated, r)
     return x + r

@@ -54,7 +54,9 @@ def aggregate(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.matmul(weights.to(x.dtype), x)
 
 
-def enhanced_attention(k: torch.Tensor, mid_sim: torch.Tensor | None, attn_scale: float) -> torch.Tensor:
+def enhanced_attention(
+    k: torch.Tensor, mid_sim: torch.Tensor | None, attn_scale: float, windows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention weights of the self-adjusted last block.
 
     Args:
@@ -63,6 +65,8 @@ def enhanced_attention(k: torch.Tensor, mid_sim: torch.Tensor | None, attn_scale
             attention alone (attention enhancement off).
         attn_scale: the factor of ``M = attn_scale * (Sim_mid - mean(Sim_mid))``; ``mean`` is
             over each image's whole ``N x N`` matrix.
+        windows: ``(B,) bool``: enhance only these windows (the others get key-key attention);
+            ``None``: every window (design-document extensions that switch steps per window).
     Returns:
         ``(B, heads, N, N)`` row-stochastic weights:
         ``1/2 [softmax(M) + softmax(K K^T / sqrt(dh))]``, or ``softmax(K K^T / sqrt(dh))``.
@@ -76,7 +80,10 @@ def enhanced_attention(k: torch.Tensor, mid_sim: torch.Tensor | None, attn_scale
         raise ValueError(f"mid_sim must be (B, N, N) = {expected}, got {tuple(mid_sim.shape)}")
     m = attn_scale * (mid_sim - mid_sim.mean(dim=(-2, -1), keepdim=True))
     m = m.masked_fill(m < 0, float("-inf"))  # the diagonal (cos = 1 >= mean) keeps every row finite
-    return 0.5 * (torch.softmax(m, dim=-1)[:, None].to(attn.dtype) + attn)
+    enhanced = 0.5 * (torch.softmax(m, dim=-1)[:, None].to(attn.dtype) + attn)
+    if windows is None:
+        return enhanced
+    return torch.where(windows.reshape(-1, 1, 1, 1), enhanced, attn)
 
 
 def self_adjusted_attention(
@@ -86,6 +93,7 @@ def self_adjusted_attention(
     mid_sim: torch.Tensor | None,
     attn_scale: float,
     res_cls: float,
+    windows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The last block run as SC-CLIP does: ``out_proj(A @ V)`` on ``ln_1(x)`` plus ``res_cls * cls``.
 
@@ -96,11 +104,12 @@ def self_adjusted_attention(
         mid_sim: ``(B, N, N)`` Sim_mid for the attention enhancement, or ``None`` (off).
         attn_scale: see :func:`enhanced_attention`.
         res_cls: weight of ``cls`` (paper: 0.3 ViT-B, 0.1 ViT-L).
+        windows: ``(B,) bool`` windows the enhancement applies to, ``None`` = all (see :func:`enhanced_attention`).
     Returns:
         ``(B, N, D)`` tokens. No residual, no FFN.
     """
     if x.ndim != 3 or cls.shape != (x.shape[0], x.shape[2]):
         raise ValueError(f"x must be (B, N, D) and cls (B, D); got {tuple(x.shape)} and {tuple(cls.shape)}")
     _, k, v = clip_ops.qkv(block, block.ln_1(x))
-    attn = enhanced_attention(k, mid_sim, attn_scale)
+    attn = enhanced_attention(k, mid_sim, attn_scale, windows)
     return clip_ops.out_proj(block, clip_ops.attend(attn, v)) + res_cls * cls[:, None, :]

@@ -8,7 +8,7 @@ import torch
 from sklearn.neighbors import LocalOutlierFactor
 
 from ovseg_core.scclip import SCCLIPConfig, detect_anomalies, lof_scores
-from ovseg_core.scclip.anomaly_detection import robust_zscores
+from ovseg_core.scclip.anomaly_detection import lof_variant, robust_zscores
 
 N, D, K = 196, 16, 30
 
@@ -120,3 +120,17 @@ def test_bad_inputs() -> None:
         lof_scores(torch.randn(1, 40, 4), 5, variant="median")
     with pytest.raises(ValueError, match=r"x must be \(B, N, D\)"):
         detect_anomalies(torch.randn(40, 4), SCCLIPConfig())
+
+
+def test_precomputed_lof_scores_are_reused() -> None:
+    x = torch.randn(2, 40, 8, generator=torch.Generator().manual_seed(5))
+    for detector in ("lof", "sklearn_lof"):
+        cfg = SCCLIPConfig(detector=detector, n_neighbors=5)
+        lof = lof_scores(x, 5, variant=lof_variant(detector))
+        assert torch.equal(detect_anomalies(x, cfg, lof=lof), detect_anomalies(x, cfg))
+        # the flags follow the given scores: mark two tokens as the only outliers
+        planted = torch.ones(2, 40)
+        planted[:, [3, 7]] = 50.0
+        assert detect_anomalies(x, cfg, lof=planted)[:, [3, 7]].all()
+    with pytest.raises(ValueError, match=r"lof must be the \(B, N\) = \(2, 40\) scores"):
+        detect_anomalies(x, SCCLIPConfig(), lof=torch.ones(2, 39))

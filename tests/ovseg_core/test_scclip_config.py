@@ -67,3 +67,49 @@ def test_blocks_must_precede_the_last_block() -> None:
 def test_bad_fields_are_rejected(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SCCLIPConfig(**kwargs)
+
+
+def test_design_document_options_are_off_by_default() -> None:
+    c = SCCLIPConfig()
+    assert not (c.dynamic_detection or c.boundary_aware_repair or c.progressive_calibration or c.selective_calibration)
+    assert (c.dynamic_base_ratio, c.dynamic_entropy_weight, c.dynamic_contrast_weight, c.dynamic_max_ratio,
+            c.dynamic_lof_neighbors) == (0.05, 0.5, 0.5, 0.15, 10)  # the document's values
+    assert c.selective_force is None and c.gate_skip_complexity == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dynamic_base_ratio": 0.0}, r"SCCLIPConfig.dynamic_base_ratio must be in \(0.0, 0.5\]"),
+        ({"dynamic_max_ratio": 0.6}, r"SCCLIPConfig.dynamic_max_ratio must be in \(0.0, 0.5\]"),
+        ({"dynamic_entropy_weight": -0.1}, "SCCLIPConfig.dynamic_entropy_weight must be in"),
+        ({"dynamic_contrast_weight": float("nan")}, "SCCLIPConfig.dynamic_contrast_weight must be in"),
+        ({"dynamic_lof_neighbors": 0}, "SCCLIPConfig.dynamic_lof_neighbors must be an int >= 1"),
+        ({"dynamic_semantic_neighbors": 2.5}, "SCCLIPConfig.dynamic_semantic_neighbors must be an int >= 1"),
+        ({"dynamic_score_weights": (1.0, 1.0)}, "SCCLIPConfig.dynamic_score_weights must be three weights"),
+        ({"dynamic_score_weights": (0.0, 0.0, 0.0)}, "positive sum"),
+        ({"dynamic_score_weights": (1.0, -1.0, 1.0)}, "dynamic_score_weights"),
+        ({"complexity_sim_threshold": 1.1}, r"SCCLIPConfig.complexity_sim_threshold must be in \[-1.0, 1.0\]"),
+        ({"boundary_gap": 0.0}, r"SCCLIPConfig.boundary_gap must be in \(0.0, 2.0\]"),
+        ({"gate_threshold": 1.5}, r"SCCLIPConfig.gate_threshold must be in \[-1.0, 1.0\]"),
+        ({"gate_entropy_weight": 1.5}, r"SCCLIPConfig.gate_entropy_weight must be in \[0.0, 1.0\]"),
+        ({"gate_skip_complexity": -0.1}, "SCCLIPConfig.gate_skip_complexity must be in"),
+        ({"gate_skip_from": "fusion"}, "SCCLIPConfig.gate_skip_from must be one of"),
+        ({"selective_fast_below": -1.0}, "selective_fast_below and selective_full_from"),
+        ({"selective_fast_below": 40.0}, "fast_below <= full_from"),
+        ({"selective_force": "medium"}, "SCCLIPConfig.selective_force must be None or one of"),
+        ({"dynamic_detection": True, "detector": "l2norm_topk"}, "detector must be 'lof' or 'sklearn_lof'"),
+        ({"dynamic_detection": True, "adaptive_contamination": True}, "enable at most one"),
+        ({"dynamic_detection": True, "anomaly_repair": False}, "dynamic_detection acts on anomaly repair"),
+        ({"boundary_aware_repair": True, "anomaly_repair": False}, "boundary_aware_repair acts on anomaly repair"),
+    ],
+)
+def test_bad_option_fields_are_rejected(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SCCLIPConfig(**kwargs)
+
+
+def test_option_ranges_accept_their_bounds() -> None:
+    SCCLIPConfig(dynamic_base_ratio=0.5, dynamic_max_ratio=0.5, dynamic_entropy_weight=0.0, boundary_gap=2.0,
+                 gate_threshold=-1.0, gate_entropy_weight=1.0, gate_skip_complexity=1.0, selective_fast_below=0.0,
+                 selective_full_from=0.0, selective_force="fast", dynamic_detection=True, detector="sklearn_lof")
