@@ -28,6 +28,8 @@ from enum import Enum
 from pathlib import PurePath
 from typing import Any
 
+from ovseg_core.options import KEY_OMIT_DEFAULT
+
 KEY_LENGTH = 20
 
 
@@ -39,7 +41,8 @@ def to_jsonable(value: Any) -> Any:
     cannot represent them canonically.
     """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not _omitted_at_default(value, f)}
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
@@ -64,6 +67,12 @@ def to_jsonable(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
         return to_jsonable(value.item())
     raise TypeError(f"cannot hash parameter value of type {type(value).__name__}: {value!r}")
+
+
+def _omitted_at_default(value: Any, f: dataclasses.Field) -> bool:
+    """A field declared with ``ovseg_core.options.later_option`` that holds its default is not hashed:
+    an option added to a config later never moves the keys of configurations that do not use it."""
+    return bool(f.metadata.get(KEY_OMIT_DEFAULT)) and getattr(value, f.name) == f.default
 
 
 def canonical_json(value: Any) -> str:

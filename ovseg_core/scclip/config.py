@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+from ovseg_core.options import later_option
+
 __all__ = [
     "CALIBRATION_STEPS",
     "DETECTORS",
@@ -161,29 +163,29 @@ class SCCLIPConfig:
     fusion_blocks: tuple[int, int] | None = None  # inclusive summed block range (None -> preset; ViT-B: 4..10, ViT-L: 9..20)
     # --- extensions proposed by the SC-CLIP design document (docs/methods.md section 7); all off = paper ---
     # (1) dynamic anomaly detection (module dynamic_anomaly_detection); acts with anomaly_repair
-    dynamic_detection: bool = False  # content-adaptive anomaly ratio and a local + global + semantic outlier score instead of the fixed-quantile LOF
-    dynamic_base_ratio: float = 0.05  # ratio = min(max_ratio, base * (1 + entropy_weight * H + contrast_weight * C)) (document: 0.05)
-    dynamic_entropy_weight: float = 0.5  # weight of the spatial entropy H in [0, 1] of the penultimate tokens (document: 0.5)
-    dynamic_contrast_weight: float = 0.5  # weight of the local contrast C in [0, 1] of the penultimate tokens (document: 0.5)
-    dynamic_max_ratio: float = 0.15  # cap of the ratio (document: 15 %; inactive at the document's other values, whose maximum is 10 %)
-    dynamic_lof_neighbors: int = 10  # k of the local LOF score (document: 10; LOF variant from `detector`)
-    dynamic_semantic_neighbors: int = 10  # semantic score: the k tokens most similar to the token at the pre-adjust block (ovseg)
-    dynamic_score_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # weights of the robust z-scores of the local, global, semantic scores, summed (ovseg)
-    complexity_sim_threshold: float = 0.4  # spatial entropy: tokens whose cosine is >= this count as alike (ovseg; SC-CLIP's aggregation threshold)
+    dynamic_detection: bool = later_option(False)  # content-adaptive anomaly ratio and a local + global + semantic outlier score instead of the fixed-quantile LOF
+    dynamic_base_ratio: float = later_option(0.05)  # ratio = min(max_ratio, base * (1 + entropy_weight * H + contrast_weight * C)) (document: 0.05)
+    dynamic_entropy_weight: float = later_option(0.5)  # weight of the spatial entropy H in [0, 1] of the penultimate tokens (document: 0.5)
+    dynamic_contrast_weight: float = later_option(0.5)  # weight of the local contrast C in [0, 1] of the penultimate tokens (document: 0.5)
+    dynamic_max_ratio: float = later_option(0.15)  # cap of the ratio (document: 15 %; inactive at the document's other values, whose maximum is 10 %)
+    dynamic_lof_neighbors: int = later_option(10)  # k of the local LOF score (document: 10; LOF variant from `detector`)
+    dynamic_semantic_neighbors: int = later_option(10)  # semantic score: the k tokens most similar to the token at the pre-adjust block (ovseg)
+    dynamic_score_weights: tuple[float, float, float] = later_option((1.0, 1.0, 1.0))  # weights of the robust z-scores of the local, global, semantic scores, summed (ovseg)
+    complexity_sim_threshold: float = later_option(0.4)  # spatial entropy: tokens whose cosine is >= this count as alike (ovseg; SC-CLIP's aggregation threshold)
     # (1) boundary-aware repair (module boundary_aware_repair); acts with anomaly_repair
-    boundary_aware_repair: bool = False  # an anomaly on a semantic boundary is repaired from its own side's neighbours only (paper: all valid neighbours)
-    boundary_gap: float = 0.2  # boundary: the 2-means split of the neighbours' mid-layer cosines to the token has group means >= this apart (ovseg)
+    boundary_aware_repair: bool = later_option(False)  # an anomaly on a semantic boundary is repaired from its own side's neighbours only (paper: all valid neighbours)
+    boundary_gap: float = later_option(0.2)  # boundary: the 2-means split of the neighbours' mid-layer cosines to the token has group means >= this apart (ovseg)
     # (4) progressive, quality-gated calibration (module progressive_calibration); needs the text embeddings
-    progressive_calibration: bool = False  # the steps in order; a step is kept per window only if the quality score passes gate_threshold
-    gate_threshold: float = 0.0  # a step is kept when Q(after) - Q(before) >= this; Q in [0, 1] (ovseg)
-    gate_entropy_weight: float = 0.5  # Q = (1 - w) * (agreement + 1) / 2 + w * (1 - prediction entropy) (ovseg)
-    gate_skip_complexity: float = 0.0  # windows whose complexity (H + C) / 2 is below this skip the steps from gate_skip_from on (0: never)
-    gate_skip_from: str = "attention_enhancement"  # the first of the later steps skipped on simple windows (a CALIBRATION_STEPS name)
+    progressive_calibration: bool = later_option(False)  # the steps in order; a step is kept per window only if the quality score passes gate_threshold
+    gate_threshold: float = later_option(0.0)  # a step is kept when Q(after) - Q(before) >= this; Q in [0, 1] (ovseg)
+    gate_entropy_weight: float = later_option(0.5)  # Q = (1 - w) * (agreement + 1) / 2 + w * (1 - prediction entropy) (ovseg)
+    gate_skip_complexity: float = later_option(0.0)  # windows whose complexity (H + C) / 2 is below this skip the steps from gate_skip_from on (0: never)
+    gate_skip_from: str = later_option("attention_enhancement")  # the first of the later steps skipped on simple windows (a CALIBRATION_STEPS name)
     # (6) selective calibration (module selective_calibration)
-    selective_calibration: bool = False  # a per-window predictor picks the fast, balanced or full path (paper: always full)
-    selective_fast_below: float = 8.0  # need (largest robust z-score of the LOF scores) below this: fast path (ovseg)
-    selective_full_from: float = 32.0  # need at or above this: full path; in between: balanced (ovseg)
-    selective_force: str | None = None  # "fast" | "balanced" | "full": every window takes this path (ablations); None: the predictor picks
+    selective_calibration: bool = later_option(False)  # a per-window predictor picks the fast, balanced or full path (paper: always full)
+    selective_fast_below: float = later_option(8.0)  # need (largest robust z-score of the LOF scores) below this: fast path (ovseg)
+    selective_full_from: float = later_option(32.0)  # need at or above this: full path; in between: balanced (ovseg)
+    selective_force: str | None = later_option(None)  # "fast" | "balanced" | "full": every window takes this path (ablations); None: the predictor picks
 
     def __post_init__(self) -> None:
         validate_detector_params(self)
