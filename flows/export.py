@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from flows.logs import progress_bar
 from ovseg_core.names import did_you_mean
 
 if TYPE_CHECKING:
@@ -138,8 +139,6 @@ def export_predictions(exp: "Experiment", out: str | os.PathLike, datasets: Sequ
         StoreNotFoundError: the experiment's store does not exist (nothing is created).
         FileNotFoundError: a dataset was never ingested into the store.
     """
-    from tqdm.auto import tqdm
-
     from flows.graph import build_plan
     from storage.store import MissingOutputError, Store
     from storage.tables import read_table
@@ -163,7 +162,7 @@ def export_predictions(exp: "Experiment", out: str | os.PathLike, datasets: Sequ
         for mp in plan.methods:
             if mp.entry.name in wanted_m:
                 jobs.append((plan, mp, rows, names))
-    bar = tqdm(total=sum(len(rows) for *_, rows, _ in jobs), desc=f"export {fmt}", unit="img", disable=not progress)
+    bar = progress_bar(sum(len(rows) for *_, rows, _ in jobs), f"export {fmt}", enabled=progress)
     try:
         for plan, mp, rows, names in jobs:
             node = mp.prediction

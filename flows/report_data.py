@@ -28,6 +28,7 @@ from typing import Any
 from flows.config import DatasetEntry
 from flows.graph import class_names, dataset_spec
 from ovseg_core.datasets import CLASS_SEPARATORS, class_lines, get_dataset
+from ovseg_core.features.text import parse_class_lines
 from storage.store import Store
 from storage.tables import read_table
 
@@ -217,14 +218,14 @@ def _node_params(node: Mapping[str, Any], attrs: _Attrs) -> tuple[dict[str, Any]
 
 def _vocabulary(params: Mapping[str, Any], spec: str | None) -> list[str]:
     """Class names of a ``text_embeddings`` node; a benchmark vocabulary's background class is "background"."""
-    lines, sep = list(params.get("classes") or []), str(params.get("separator") or ", ")
+    lines, sep = [str(ln) for ln in params.get("classes") or []], str(params.get("separator") or ", ")
+    if not lines:
+        return []
     try:
         ds = get_dataset(spec or "")
         benchmark = any(lines == class_lines(ds.name, v) for v in CLASS_SEPARATORS)
-    except (KeyError, ValueError):
-        ds, benchmark = None, False
-    if ds is None or not lines:
-        return [str(n).strip() for n in lines]
+    except (KeyError, ValueError):  # a custom vocabulary ("custom" spec): no class is renamed
+        return [n.strip() for n in parse_class_lines(lines, sep).class_names]
     return list(class_names(lines, sep, ds, custom=not benchmark))
 
 

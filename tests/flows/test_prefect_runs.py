@@ -21,7 +21,7 @@ from storage.store import Store
 from storage.tables import read_table
 from tests.flows.conftest import SAMPLE, tiny_experiment
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # whole flows through the pipeline and Prefect
 
 BROKEN = "val_crop_0000.jpg"  # first image of the split: its bytes are replaced by text
 GOOD = "val_crop_0001.jpg"

@@ -186,6 +186,55 @@ def test_report_on_empty_store_and_unknown_spec(tmp_path, voc_store):
     assert "ground truth shown without label conversion" in text
 
 
+def test_a_run_known_only_by_its_journal(voc_store, tmp_path):
+    """The report a run writes at its end (``--report``) comes before the run's row of the runs table: the ground-truth
+    conversion, the overrides and the datasets without ground truth come from its journal and the stage.json files."""
+    store, voc, rows = voc_store
+    run_id = "20250105T000000Z-eeeeee"
+    names = parse_class_lines(class_lines("VOC21", "corrclip")).class_names
+    k_pred = StageKey("reconstruction", {"method": "scclip", "config": {"anomaly_repair": False}})
+    # scored as ADE20K would be: raw 0 ignored, every other value v is class v - 1 (a conversion VOC21 does not use)
+    k_score = StageKey("scoring", {"spec": "ADE20K", "num_classes": 21, "conversion": "reduce_zero_label",
+                                   "ignore_index": 255, "strict": False}, {"prediction": k_pred.key})
+    k_text = StageKey("text_embeddings", {"classes": ["sky", "tree, wood"], "separator": ", "})
+    k_photo = StageKey("reconstruction", {"method": "scclip", "config": {"anomaly_repair": False}, "other": 1})
+    k_photo_score = StageKey("scoring", {"spec": "custom", "num_classes": 2, "conversion": "none", "ignore_index": 255,
+                                         "strict": False}, {"prediction": k_photo.key})
+    for k in (k_score, k_text, k_photo, k_photo_score):
+        store.register_stage(k)
+    for r in rows:
+        gt = load_label(r["gt_path"]).astype(np.int64)
+        store.write_item(k_pred, r["image_id"], {"labels": np.where(gt == 255, 0, gt).astype(np.uint16)})
+    photos = [{**r, "dataset": "photos", "gt_path": ""} for r in rows[:1]]
+    write_table(store, "manifests", "photos", photos)
+    h, w = load_label(rows[0]["gt_path"]).shape
+    store.write_item(k_photo, photos[0]["image_id"], {"labels": np.ones((h, w), np.uint16)})
+    write_table(store, "metrics", f"live--{DS}", _metric_rows("live", run_id, "scclip", k_pred, 0.3, False, names))
+    plan = [{"dataset": DS, "stage": "reconstruction", "key": k_pred.key, "methods": ["scclip"]},
+            {"dataset": DS, "stage": "scoring", "key": k_score.key, "methods": ["scclip"]},
+            {"dataset": "photos", "stage": "text_embeddings", "key": k_text.key, "methods": ["scclip"]},
+            {"dataset": "photos", "stage": "reconstruction", "key": k_photo.key, "methods": ["scclip"]},
+            {"dataset": "photos", "stage": "scoring", "key": k_photo_score.key, "methods": ["scclip"]}]
+    journal = store.journal(run_id, {"experiment": "live", "overrides": ["methods.0.params.anomaly_repair=false"],
+                                     "plan": plan}).start()
+    try:
+        text = write_report(store.location, tmp_path / "out", experiments=["live"], samples=1)
+    finally:
+        journal.finish("complete", 0)
+    text = text.read_text(encoding="utf-8")
+    assert "without label conversion" not in text
+    (row,) = _table(text, "scores", "<h2>1. Scores")[1:]
+    assert row[2] == "scclip" and row[8] == "methods.0.params.anomaly_repair=false"
+    first = sorted(rows, key=lambda r: r["image_id"])[0]
+    raw = np.unique(load_label(first["gt_path"]))
+    samp = _section(text, "4. Samples")
+    block = _group(samp, "live", DS)
+    gt = _chips(block[block.index("In the ground truth"):block.index("Only in predictions")])
+    assert gt == [f"{v - 1} {names[v - 1]}" for v in raw if v not in (0, 255)]  # names as the metrics table has them
+    photo = _group(samp, "live", "photos")
+    assert "has no ground truth" in html.unescape(photo) and _chips(photo) == ["1 tree"]
+
+
 @pytest.mark.parametrize("samples", [-1, 1.5, True])
 def test_report_rejects_bad_samples(tmp_path, samples):
     with pytest.raises(ValueError, match="samples must be"):
@@ -274,6 +323,7 @@ def _css_px(text: str, selector: str) -> int:
     return int(re.search(re.escape(selector) + r"\{[^}]*font-size:(\d+)px", text).group(1))
 
 
+@pytest.mark.slow  # the pipeline_store fixture runs three pipelines
 def test_150_classes_chart_fits_and_class_table_is_text(pipeline_store, tmp_path):
     store = pipeline_store.store
     text = _report(store, tmp_path / "out", experiments=["tiny-report"], samples=1)
@@ -301,6 +351,7 @@ def test_150_classes_chart_fits_and_class_table_is_text(pipeline_store, tmp_path
     assert f"In the ground truth ({len(expected)} classes)" in gt_block
 
 
+@pytest.mark.slow  # the pipeline_store fixture runs three pipelines
 def test_class0_is_coloured_and_named(pipeline_store, tmp_path):
     store = pipeline_store.store
     text = _report(store, tmp_path / "out", experiments=["tiny-report"], samples=1)
@@ -328,6 +379,7 @@ def test_class0_is_coloured_and_named(pipeline_store, tmp_path):
     assert rows[1][1:3] == ["0", "background"] and rows[2][1:3] == ["1", "aeroplane"]
 
 
+@pytest.mark.slow  # the pipeline_store fixture runs three pipelines
 def test_scores_table_has_run_id_and_date(pipeline_store, tmp_path):
     store, run_id = pipeline_store.store, pipeline_store.run_id
     text = _report(store, tmp_path / "out", experiments=["tiny-report"], samples=0)
@@ -347,6 +399,7 @@ def test_scores_table_has_run_id_and_date(pipeline_store, tmp_path):
     assert 'class="rnd incomplete"' not in text and "rnd" in text
 
 
+@pytest.mark.slow  # the pipeline_store fixture runs three pipelines
 def test_coverage_column_flags_incomplete_rows(pipeline_store, tmp_path):
     store = pipeline_store.store
     copy = Store(shutil.copytree(store.location, tmp_path / "copy"))
@@ -366,6 +419,7 @@ def test_coverage_column_flags_incomplete_rows(pipeline_store, tmp_path):
     assert body["ade"][5] == "1"
 
 
+@pytest.mark.slow  # the pipeline_store fixture runs three pipelines
 def test_hostile_names_are_escaped(pipeline_store, tmp_path):
     store = pipeline_store.store
     text = _report(store, tmp_path / "out", samples=1)
@@ -390,6 +444,7 @@ def _group(samples: str, experiment: str, dataset: str) -> str:
     return samples[start:end if end >= 0 else len(samples)]
 
 
+@pytest.mark.slow  # the pipeline_store fixture runs three pipelines
 def test_the_report_written_by_the_run_converts_the_ground_truth(pipeline_store):
     """``ovseg run --report`` / ``make demo`` write the report before the run's record exists: the ground truth must
     still be converted as it is scored (ADE20K: reduce_zero_label; VOC21: 255 ignored, 0 = background)."""
@@ -411,6 +466,7 @@ def test_the_report_written_by_the_run_converts_the_ground_truth(pipeline_store)
     assert "0 wall" in _chips(_group(samp, "tiny-report", "ade"))
 
 
+@pytest.mark.slow  # the pipeline_store fixture runs three pipelines
 @pytest.mark.parametrize("written_by", ["run", "ovseg report"])
 def test_a_dataset_without_ground_truth_shows_its_predictions(pipeline_store, tmp_path, written_by):
     from flows.graph import build_plan
@@ -439,6 +495,7 @@ def test_a_dataset_without_ground_truth_shows_its_predictions(pipeline_store, tm
     assert len(pngs) == 1
 
 
+@pytest.mark.slow  # the pipeline_store fixture runs three pipelines
 def test_the_scores_table_shows_the_overrides_of_each_run(pipeline_store, tmp_path):
     text = _report(pipeline_store.store, tmp_path / "out", experiments=["tiny-report", "tiny-override"], samples=0)
     body = _table(text, "scores", "<h2>1. Scores")[1:]
