@@ -8,7 +8,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from storage.images import load_label
 from storage.keys import StageKey, canonical_json
 from storage.store import Store
 from storage.tables import read_table, write_table
+from tests import browser
 
 VOC = Path(__file__).resolve().parents[2] / "examples" / "data" / "voc2012-sample" / "VOCdevkit" / "VOC2012"
 STEMS = ["val_crop_0008", "val_crop_0000", "val_crop_0001"]  # ids sorted: ...0000, ...0001, ...0008
@@ -239,24 +239,6 @@ def test_a_run_known_only_by_its_journal(voc_store, tmp_path):
 def test_report_rejects_bad_samples(tmp_path, samples):
     with pytest.raises(ValueError, match="samples must be"):
         write_report(str(tmp_path / "s"), tmp_path / "o", samples=samples)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
-def test_report_renders_in_headless_chromium(voc_store, tmp_path):
-    store, _, _ = voc_store
-    index = write_report(store.location, tmp_path / "out", samples=2)
-    shot = tmp_path / "shot.png"
-    profile = tmp_path / "profile"
-    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--window-size=1400,2400", f"--screenshot={shot}", index.resolve().as_uri()]
-    subprocess.run(cmd, check=True, timeout=120, capture_output=True)
-    with Image.open(shot) as im:
-        a = np.asarray(im.convert("RGB"))
-    assert a.shape[:2] == (2400, 1400)
-    red = (a[..., 0] > 180) & (a[..., 1] < 70) & (a[..., 2] < 70)
-    assert red.sum() > 1000  # the random-weights banner is drawn
 
 
 # ----------------------------------------------------------------------------- a store built by the pipeline
@@ -501,3 +483,29 @@ def test_the_scores_table_shows_the_overrides_of_each_run(pipeline_store, tmp_pa
     body = _table(text, "scores", "<h2>1. Scores")[1:]
     overrides = {(r[0], r[1]): r[8] for r in body}
     assert overrides == {("tiny-report", "ade"): "—", ("tiny-report", "voc"): "—", ("tiny-override", "voc"): OVERRIDE}
+
+
+@pytest.mark.slow  # the pipeline_store fixture; chromium
+@pytest.mark.skipif(not browser.available(), reason="chromium is not installed (apt-get install -y chromium)")
+@pytest.mark.parametrize("written_by", ["run", "ovseg report"])
+def test_report_renders_in_headless_chromium(pipeline_store, tmp_path, written_by):
+    """The page as a browser shows it: no console error, every image decodes, every dataset has its sections."""
+    index = (pipeline_store.in_run_report if written_by == "run"
+             else write_report(pipeline_store.store.location, tmp_path / "out"))
+    shot = tmp_path / "shot.png"
+    page = browser.render(index.resolve().as_uri(), screenshot=shot)
+    assert page.errors == [] and page.console == []
+    assert page.images == index.read_text(encoding="utf-8").count("<img ") > 0 and page.broken_images == 0
+    assert [h for h in page.headings if h[:2] in ("1.", "2.", "3.", "4.")] == [
+        "1. Scores (%)", "2. Per-class IoU", "3. Ablations", "4. Samples"]
+    experiments = ["tiny-report"] if written_by == "run" else ["tiny-report", HOSTILE_EXP]
+    for exp in experiments:
+        for ds in ("ade", "voc", "photos"):
+            assert f"{exp} — {ds} {RANDOM_TAG}" in page.headings, (exp, ds)
+    for ds in ("ade", "voc"):  # the per-class charts of the scored datasets
+        assert f"{ds} {RANDOM_TAG}" in page.headings
+    with Image.open(shot) as im:
+        a = np.asarray(im.convert("RGB"))
+    assert a.shape[1] == 1400 and a.shape[0] == page.height
+    red = (a[..., 0] > 180) & (a[..., 1] < 70) & (a[..., 2] < 70)
+    assert red.sum() > 1000  # the random-weights banners are drawn
