@@ -52,5 +52,5 @@ def root_error(name: str, root: str | Path, index: int, err: Exception) -> FileN
         if path.parent.is_dir():
             entries = [p.name for p in path.parent.iterdir() if not p.name.startswith(".")]
             what += f"{did_you_mean(path.name, entries)}; {describe_folder(path.parent)}"
-    return FileNotFoundError(f"dataset {name!r} (datasets[{index}].root = {root}): {err}; {what}. Fix datasets[{index}].root "
-                             f"in the experiment file, or pass --set datasets.{index}.root=PATH")
+    return FileNotFoundError(f"dataset {name!r} (datasets[{index}].root = {root}): {err}; {what}. "
+                             f"Fix datasets[{index}].root in the experiment file, or pass --set datasets.{index}.root=PATH")

@@ -170,7 +170,8 @@ def legend_patches(class_names: Sequence[str], present: Iterable[int], ignore_in
         if ignore_index is not None and i == ignore_index:
             continue
         name = class_names[i] if i < len(class_names) else str(i)
-        out.append(Patch(facecolor=np.asarray(class_color(i, ignore_index, background)) / 255.0, edgecolor="black", linewidth=0.5,
+        out.append(Patch(facecolor=np.asarray(class_color(i, ignore_index, background)) / 255.0, edgecolor="black",
+                         linewidth=0.5,
                          label=f"{i} {name}"))
     return out
 
@@ -207,7 +208,8 @@ def render_overlay_figure(image_rgb: np.ndarray, labels: np.ndarray, class_names
     axes[1].set_title("prediction")
     for ax in axes:
         ax.axis("off")
-    fig.legend(handles=legend_patches(class_names, np.unique(labels), background=background), loc="center right", fontsize=8, frameon=False)
+    fig.legend(handles=legend_patches(class_names, np.unique(labels), background=background), loc="center right",
+               fontsize=8, frameon=False)
     full = (title + " [random weights]") if random_weights else title
     fig.suptitle(full, color="red" if random_weights else "black")
     fig.subplots_adjust(right=0.8)

@@ -31,7 +31,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     for i in infos:
         params = i.attrs.get("stage_key", {}).get("params", {})
         rows.append((i.stage, i.key, i.complete, i.dropped, human(i.nbytes), "yes" if i.random_weights else "no",
-                     canonical_json(shown_params(i.stage, params)) if "damaged" not in i.attrs else "(stage.json damaged)"))
+                     "(stage.json damaged)" if "damaged" in i.attrs else canonical_json(shown_params(i.stage, params))))
     print_table(rows, ["stage", "key", "complete", "un-marked", "bytes", "random weights", "parameters"])
     for i in infos:
         for path in i.damaged_files:
