@@ -63,4 +63,4 @@ bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf ovseg-store demo-out .pytest_cache
+	rm -rf ovseg-store demo-out .pytest_cache labels report overlay.png overlay_labels.png
