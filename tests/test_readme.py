@@ -17,6 +17,7 @@ from tests.conftest import REPO
 README = (REPO / "README.md").read_text()
 
 
+@pytest.mark.slow  # builds a real-size CLIP ViT-B/16 (random weights)
 def test_the_api_example_runs_as_written():
     section = README[README.index("## API"):]
     (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:1]
