@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sam", default=None, help="SAM backbone, or the SAM 2 one with --regions sam2 "
                     "(default sam:vit_b / sam2:hiera_l)")
     sp.add_argument("--regions", default="sam", choices=["sam", "sam2", "slic", "felzenszwalb"])
+    sp.add_argument("--weights-dir", default=None, metavar="DIR", help="official checkpoints (default $OVSEG_WEIGHTS)")
     _store(sp)
 
     command(sub, "backbones", "list backbone names and their official weight files", T.cmd_backbones)

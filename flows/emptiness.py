@@ -1,8 +1,10 @@
-"""A dataset without images is a usage error that says what its root holds instead."""
+"""A dataset without images, or whose root is wrong, is a usage error that says what exists instead."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from ovseg_core.names import did_you_mean
 
 SHOWN = 12  # entries of the root listed in the message
 
@@ -33,3 +35,22 @@ def empty_dataset_error(name: str, root: str | Path, layout: str) -> EmptyDatase
             if layout == "folder" else f"check the root, the split and that layout {layout!r} matches the folder")
     return EmptyDatasetError(f"dataset {name!r}: no images found under {root} (layout {layout!r}); "
                              f"{describe_folder(root)}; {hint}")
+
+
+def root_error(name: str, root: str | Path, index: int, err: Exception) -> FileNotFoundError:
+    """The error for dataset ``name`` (``datasets[index]``) whose root does not hold what its layout expects.
+
+    ``err`` is the layout's message (what it expected); the error adds the dataset, the key to
+    fix and what exists: the root's entries, or when the root is missing its parent's entries
+    with the closest name.
+    """
+    path = Path(root)
+    if path.is_dir():
+        what = describe_folder(path)
+    else:
+        what = f"{path} does not exist"
+        if path.parent.is_dir():
+            entries = [p.name for p in path.parent.iterdir() if not p.name.startswith(".")]
+            what += f"{did_you_mean(path.name, entries)}; {describe_folder(path.parent)}"
+    return FileNotFoundError(f"dataset {name!r} (datasets[{index}].root = {root}): {err}; {what}. "
+                             f"Fix datasets[{index}].root in the experiment file, or pass --set datasets.{index}.root=PATH")

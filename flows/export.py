@@ -14,10 +14,14 @@ Formats:
     VOC20) get ids ``1..K`` (0 stays free for "other", as in their annotation files), the
     others ``0..K-1``.
 ``color``
-    RGB PNG painted with ``flows.overlay``'s palette (class 0 white).
+    RGB PNG painted with ``flows.overlay``'s palette, pixel for pixel (class 0 is white only
+    when it is a background class; a custom vocabulary's class 0 gets a colour like any
+    other); ``DIR/<dataset>/<method>.legend.png`` beside each folder lists every class of
+    the vocabulary with its colour (also written for ``overlay``).
 ``overlay``
     that palette blended over the image (``flows.overlay.overlay``, alpha ``OVERLAY_ALPHA``),
-    like MMSegmentation's ``--show-dir``.
+    like MMSegmentation's ``--show-dir``, with a legend of the classes present in that image
+    on its right (``flows.overlay.overlay_with_legend``; the file is wider than the image).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from flows.logs import progress_bar
+from ovseg_core.names import did_you_mean
 
 if TYPE_CHECKING:
     from flows.config import Experiment
@@ -83,28 +90,44 @@ def _select(names: Sequence[str] | None, have: Sequence[str], what: str) -> list
         return list(have)
     unknown = [n for n in names if n not in have]
     if unknown:
-        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; the experiment's {what}s: {', '.join(have)}")
+        hints = "".join(did_you_mean(n, have) for n in unknown)
+        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}{hints}; the experiment's {what}s: "
+                         f"{', '.join(have)}")
     return list(names)
 
 
-def _write(target: Path, fmt: str, labels: np.ndarray, row: Mapping[str, Any], num_classes: int,
-           reduce_zero_label: bool) -> None:
+def _save_png(target: Path, array: np.ndarray) -> None:
     from PIL import Image
 
-    from flows.overlay import colorize, overlay
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, target)
+
+
+def _write(target: Path, fmt: str, labels: np.ndarray, row: Mapping[str, Any], num_classes: int,
+           class_names: Sequence[str], reduce_zero_label: bool) -> None:
+    from flows.overlay import colorize, has_background, overlay_with_legend
     from storage.images import load_rgb
 
     if fmt == "labels":
-        img = Image.fromarray(label_image(labels, num_classes, reduce_zero_label))
+        img = label_image(labels, num_classes, reduce_zero_label)
     elif fmt == "color":
-        img = Image.fromarray(colorize(labels, ignore_index=None))
+        img = colorize(labels, ignore_index=None, background=has_background(class_names))
     else:
-        img = Image.fromarray(overlay(load_rgb(row["abs_path"], max_pixels=None), labels, OVERLAY_ALPHA,
-                                      ignore_index=None))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, target)
+        img = overlay_with_legend(load_rgb(row["abs_path"], max_pixels=None), labels, class_names, OVERLAY_ALPHA,
+                                  ignore_index=None)
+    _save_png(target, img)
+
+
+def write_legend(folder: Path, class_names: Sequence[str]) -> Path:
+    """``<folder>.legend.png`` beside the method's folder (never among its images): every class with its colour."""
+    from flows.overlay import LEGEND_ROW_PX, legend_panel
+
+    n = len(class_names)
+    path = folder.with_name(folder.name + ".legend.png")
+    _save_png(path, legend_panel(class_names, range(n), n * LEGEND_ROW_PX + 8, ignore_index=None))
+    return path
 
 
 def export_predictions(exp: "Experiment", out: str | os.PathLike, datasets: Sequence[str] | None = None,
@@ -116,8 +139,6 @@ def export_predictions(exp: "Experiment", out: str | os.PathLike, datasets: Sequ
         StoreNotFoundError: the experiment's store does not exist (nothing is created).
         FileNotFoundError: a dataset was never ingested into the store.
     """
-    from tqdm.auto import tqdm
-
     from flows.graph import build_plan
     from storage.store import MissingOutputError, Store
     from storage.tables import read_table
@@ -141,12 +162,14 @@ def export_predictions(exp: "Experiment", out: str | os.PathLike, datasets: Sequ
         for mp in plan.methods:
             if mp.entry.name in wanted_m:
                 jobs.append((plan, mp, rows, names))
-    bar = tqdm(total=sum(len(rows) for *_, rows, _ in jobs), desc=f"export {fmt}", unit="img", disable=not progress)
+    bar = progress_bar(sum(len(rows) for *_, rows, _ in jobs), f"export {fmt}", enabled=progress)
     try:
         for plan, mp, rows, names in jobs:
             node = mp.prediction
             done = store.complete_items(node.stage, node.key)
             folder = result.out / plan.dataset.name / mp.entry.name
+            if fmt != "labels":
+                write_legend(folder, mp.class_names)
             for row in rows:
                 bar.update(1)
                 try:
@@ -156,7 +179,8 @@ def export_predictions(exp: "Experiment", out: str | os.PathLike, datasets: Sequ
                 except MissingOutputError:  # not computed, or damaged (then un-marked for the next run)
                     result.missing.append((plan.dataset.name, mp.entry.name, row["rel_path"]))
                     continue
-                _write(folder / names[row["rel_path"]], fmt, labels, row, mp.num_classes, plan.spec.reduce_zero_label)
+                _write(folder / names[row["rel_path"]], fmt, labels, row, mp.num_classes, mp.class_names,
+                       plan.spec.reduce_zero_label)
                 result.written += 1
     finally:
         bar.close()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.config import DatasetEntry, Experiment, MethodEntry
+from flows.experiment_files import parse_override
 from ovseg_core.datasets import CLASS_SEPARATORS, DatasetSpec, class_lines, get_dataset
 from ovseg_core.methods import Method, get_method
 from tasks import params as P
@@ -50,6 +51,7 @@ class DatasetPlan:
     spec: DatasetSpec
     nodes: dict[tuple[str, str], StageNode] = field(default_factory=dict)
     methods: list[MethodPlan] = field(default_factory=list)
+    index: int = 0  # position in the experiment's datasets list (error messages name datasets[index])
 
     def add(self, node: StageNode) -> StageNode:
         """Add a node; an identical key returns the node already there."""
@@ -138,8 +140,16 @@ def _resolve(exp: Experiment, spec: DatasetSpec, m: MethodEntry) -> _Resolved:
     try:
         cfg = method.build(params, nb)
     except ValueError as e:
-        raise ValueError(f"methods[{m.name}].{e}") from e
+        raise ValueError(f"methods[{m.name}].{e}{_override_hint(exp, ('methods', str(exp.methods.index(m)), 'params'))}"
+                         ) from e
     return _Resolved(m, method, clip_name, window, cfg, method.required_blocks(cfg, nb))
+
+
+def _override_hint(exp: Experiment, loc: tuple[str, ...]) -> str:
+    """`` [set by override 'KEY=VALUE']`` for the last ``--set`` override at, inside or above the key ``loc``."""
+    hits = [o for o in exp.provenance.overrides
+            if (parts := parse_override(o)[0])[:len(loc)] == loc or loc[:len(parts)] == parts]
+    return f" [set by override {hits[-1]!r}]" if hits else ""
 
 
 def build_plan(exp: Experiment, missing: list[str] | None = None) -> list[DatasetPlan]:
@@ -155,9 +165,9 @@ def build_plan(exp: Experiment, missing: list[str] | None = None) -> list[Datase
              weights: Mapping[str, Any] | None = None) -> StageNode:
         return make_node(stage, params, upstream, weights, exp.persist)
 
-    for ds in exp.datasets:
+    for index, ds in enumerate(exp.datasets):
         spec = dataset_spec(ds)
-        plan = DatasetPlan(ds, spec)
+        plan = DatasetPlan(ds, spec, index=index)
         resolved = [_resolve(exp, spec, m) for m in exp.methods]
         union: dict[tuple[str, P.WindowParams], set[str]] = {}  # methods sharing a window share one CLIP dump
         for r in resolved:

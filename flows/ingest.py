@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from flows.emptiness import empty_dataset_error, root_error
 from flows.graph import DatasetPlan, descendants, method_users
 from storage.store import Store, StoreNotFoundError
 from storage.tables import write_table
@@ -37,8 +38,11 @@ def ingest_dataset(store: Store | None, plan: DatasetPlan, progress: bool = True
                         for r in read_table(store, "manifests", [ds.name], on_damaged=damaged.append).to_pylist()]
             for e in damaged:  # rebuilt by this ingest
                 log.warning("%s; it is rebuilt now by re-ingesting %s", e, ds.root)
-        rows = ingest(ds.root, ds.layout, dataset=dataset, split=ds.split, gt_dir=ds.gt_dir, progress=progress,
-                      previous=previous, max_pixels=ds.max_pixels, follow_symlinks=ds.follow_symlinks)
+        try:
+            rows = ingest(ds.root, ds.layout, dataset=dataset, split=ds.split, gt_dir=ds.gt_dir, progress=progress,
+                          previous=previous, max_pixels=ds.max_pixels, follow_symlinks=ds.follow_symlinks)
+        except FileNotFoundError as e:
+            raise root_error(ds.name, ds.root, plan.index, e) from e
     dicts = [dict(r.__dict__) for r in rows]
     for d in dicts:
         d["dataset"] = ds.name
@@ -64,6 +68,8 @@ def plan_status(exp, plans: list[DatasetPlan], force: Iterable[str], summary):
         forced = descendants(plan, set(force))
         users = method_users(plan)
         manifest = ingest_dataset(store, plan, progress=False, write=False)
+        if not manifest:  # the run would stop here: so does its dry run (exit 2, same message)
+            raise empty_dataset_error(plan.dataset.name, plan.dataset.root, plan.dataset.layout)
         ok = [r for r in manifest if r.get("status", "ok") == "ok"]
         for node in plan.ordered():
             items = [i["image_id"] for i in _items(node, ok)]

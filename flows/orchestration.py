@@ -64,9 +64,10 @@ def slug(name: str) -> str:
 
 
 def run_tags(exp: Experiment) -> list[str]:
-    """The flow run's tags: ``ovseg``, ``experiment:<name>``, ``dataset:<name>``..., ``method:<name>``..."""
+    """The flow run's tags: ``ovseg``, ``experiment:<name>``, ``dataset:<name>``..., ``method:<name>``..., and
+    ``set:<KEY>=<VALUE>`` for each ``--set`` override."""
     return (["ovseg", f"experiment:{exp.name}"] + [f"dataset:{d.name}" for d in exp.datasets]
-            + [f"method:{m.name}" for m in exp.methods])
+            + [f"method:{m.name}" for m in exp.methods] + [f"set:{o}" for o in exp.provenance.overrides])
 
 
 def failed_images(summary) -> set[tuple[str, str]]:

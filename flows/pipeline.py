@@ -35,6 +35,7 @@ from flows.batches import available, submit_all, wait_for
 from flows.config import Experiment
 from flows.emptiness import EmptyDatasetError, empty_dataset_error
 from flows.graph import DatasetPlan, build_plan, check_device, descendants, method_users
+from flows.logs import progress_bar
 from storage.store import Store
 from tasks.runtime import (
     RunSettings,
@@ -289,8 +290,6 @@ def _items(node: StageNode, rows: Sequence[dict[str, Any]]) -> list[dict[str, An
 def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict[str, Any]], forced: bool,
               rep: StageReport, failed_here: dict[tuple[str, str], set[str]], progress: bool, wait: bool,
               label: str, submit) -> None:
-    from tqdm.auto import tqdm
-
     node = ctx.node
     rep.total = len(items)
     state = store.state(node.stage, node.key)
@@ -317,7 +316,7 @@ def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict
     rep.cached = len(ready) - len(todo)
     if not todo:
         return
-    bar = tqdm(total=len(todo), desc=label, unit="img", disable=not progress, leave=True, dynamic_ncols=True)
+    bar = progress_bar(len(todo), label, enabled=progress, leave=True, dynamic_ncols=True)
     pending = todo
     poll = min(2.0, exp.runner.lease_ttl / 10)
     try:

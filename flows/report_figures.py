@@ -8,16 +8,11 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flows.overlay import colorize, overlay
-
-if TYPE_CHECKING:
-    from flows.report import MethodScores
-
-RANDOM_TAG = "[random weights]"  # on every figure title made with random weights
+from flows.report_data import RANDOM_TAG, MethodScores
 
 OVERLAY_ALPHA = 0.55  # label colour weight of the sample overlays
 FIGURE_DPI = 100  # resolution of the saved figures (pixels per inch)
@@ -29,7 +24,7 @@ SAMPLE_PANEL_INCHES = 3.0  # width of one sample panel
 BAR_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#7f7f7f", "#bcbd22")  # no red: red = random
 
 
-def _save(fig, folder: Path, name: str) -> tuple[Path, str]:
+def save(fig, folder: Path, name: str) -> tuple[Path, str]:
     """Save a figure as PNG in ``folder``; returns its path and base64 text."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=FIGURE_DPI)
@@ -39,7 +34,7 @@ def _save(fig, folder: Path, name: str) -> tuple[Path, str]:
     return path, base64.b64encode(data).decode("ascii")
 
 
-def _safe(name: str) -> str:
+def safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "x"
 
 
@@ -47,7 +42,7 @@ def _short(name: str) -> str:
     return name if len(name) <= CHART_LABEL_CHARS else name[: CHART_LABEL_CHARS - 1] + "…"
 
 
-def _iou_figure(dataset: str, entries: Sequence[MethodScores], names: Sequence[str]):
+def iou_figure(dataset: str, entries: Sequence[MethodScores], names: Sequence[str]):
     """Grouped bars (one per method) per class, wrapped into rows of at most ``CHART_ROW_CLASSES`` classes; the title
     and the legend sit at the top left, above the first row, inside the figure's width."""
     from matplotlib.figure import Figure
@@ -86,7 +81,7 @@ def _iou_figure(dataset: str, entries: Sequence[MethodScores], names: Sequence[s
     return fig
 
 
-def _sample_figure(title: str, panels: Sequence[tuple[str, np.ndarray | None, str]], random_weights: bool):
+def sample_figure(title: str, panels: Sequence[tuple[str, np.ndarray | None, str]], random_weights: bool):
     """One row of panels (label, RGB image or None, note); the classes present are listed by the page, not the figure."""
     from matplotlib.figure import Figure
 
@@ -108,17 +103,25 @@ def _sample_figure(title: str, panels: Sequence[tuple[str, np.ndarray | None, st
     return fig
 
 
-# ----------------------------------------------------------------------------- page data
-def _paint(rgb: np.ndarray | None, labels: np.ndarray | None, ignore: int, present: set[int], notes: list[str],
-           what: str) -> np.ndarray | None:
-    """Overlay labels on the image (or colourise them when the image is missing or of another size)."""
+def paint(rgb: np.ndarray | None, labels: np.ndarray | None, ignore: int, background: bool, present: set[int],
+          notes: list[str], what: str) -> np.ndarray | None:
+    """Overlay labels on the image (or colourise them when the image is missing or of another size).
+
+    Args:
+        rgb: ``(H, W, 3) uint8`` image, or None when it is unavailable.
+        labels: ``(H, W)`` integer class indices, or None (nothing to draw).
+        ignore: the ignore index (black); background: class 0 is a background class (white).
+        present: receives the label values drawn; notes: receives a note when the sizes differ.
+    Returns:
+        ``(H, W, 3) uint8`` RGB, or None without labels.
+    """
     if labels is None:
         return None
     present.update(int(v) for v in np.unique(labels))
     if rgb is None:
-        return colorize(labels, ignore_index=ignore)
+        return colorize(labels, ignore_index=ignore, background=background)
     if rgb.shape[:2] != labels.shape:
         notes.append(f"{what} is {labels.shape[1]}x{labels.shape[0]} but the image is {rgb.shape[1]}x{rgb.shape[0]} "
                      "(the image file changed?): shown without the image")
-        return colorize(labels, ignore_index=ignore)
-    return overlay(rgb, labels, OVERLAY_ALPHA, ignore_index=ignore)
+        return colorize(labels, ignore_index=ignore, background=background)
+    return overlay(rgb, labels, OVERLAY_ALPHA, ignore_index=ignore, background=background)

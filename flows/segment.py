@@ -10,11 +10,17 @@ executor, no server start-up: model time plus about a second); with one, it is a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flows.graph import build_plan
+from ovseg_core.backbones import official_weight_file
+
+# Tiny random-weight backbones for a first try without any checkpoint (the labels are then meaningless).
+TRY_WITHOUT_WEIGHTS = "--clip clip:tiny@random:0 --dino dino:tiny8@random:0 --sam sam:tiny@random:0"
 # The papers' backbones per method family (methods.md): CorrCLIP uses MetaCLIP ViT-B/16 + DINO ViT-B/8 + SAM.
 DEFAULT_MODELS = {
     "corrclip": {"clip": "clip:ViT-B-16-quickgelu@metaclip_fullcc", "dino": "dino:vitb8", "sam": "sam:vit_b"},
@@ -24,10 +30,13 @@ DEFAULT_MODELS = {
 
 def segment_image(image: str, classes: str, method: str = "corrclip", out: str = "overlay.png", store: str | None = None,
                   clip: str | None = None, dino: str | None = None, sam: str | None = None,
-                  regions: str = "sam", progress: bool = True, orchestrate: bool | None = None) -> dict[str, Any]:
+                  regions: str = "sam", progress: bool = True, orchestrate: bool | None = None,
+                  weights_dir: str | None = None) -> dict[str, Any]:
     """Segment one image with a custom vocabulary.
 
     ``orchestrate``: run as a Prefect flow run (None: only when a Prefect API is configured).
+    ``weights_dir``: folder of the official checkpoints (None: ``$OVSEG_WEIGHTS``); a missing
+    file raises ``FileNotFoundError`` naming every missing file, the flag and a random-weight trial.
     Returns the written paths (``labels``, ``overlay``), the class names, ``random_weights``,
     ``seconds`` (this call's wall time) and ``stage_seconds`` (the part spent running the
     stages: model loading and compute); the difference is ovseg's own overhead.
@@ -37,7 +46,6 @@ def segment_image(image: str, classes: str, method: str = "corrclip", out: str =
     from PIL import Image
 
     from flows.config import parse_experiment
-    from flows.graph import build_plan
     from flows.orchestration import prefect_configured
     from flows.overlay import render_overlay_figure
     from flows.pipeline import run_experiment
@@ -58,11 +66,12 @@ def segment_image(image: str, classes: str, method: str = "corrclip", out: str =
         "name": "segment",
         "store": store,
         "datasets": [{"name": "segment", "layout": "folder", "root": str(path), "classes": lines}],
-        "models": {"clip": clip or defaults["clip"], "dino": dino or defaults["dino"],
+        "models": {"clip": clip or defaults["clip"], "dino": dino or defaults["dino"], "weights_dir": weights_dir,
                    **({"sam2": sam} if regions == "sam2" and sam else {"sam": sam or defaults["sam"]})},
         "regions": {"source": regions},
         "methods": [{"name": method, "method": method}],
     }, source="ovseg segment")
+    _check_weights(exp, weights_dir)
     if orchestrate is None:
         orchestrate = prefect_configured()
     summary = run_experiment(exp, progress=progress, orchestrate=orchestrate)
@@ -85,3 +94,25 @@ def segment_image(image: str, classes: str, method: str = "corrclip", out: str =
             "random_weights": summary.random_weights, "seconds": time.perf_counter() - t0,
             "stage_seconds": sum(s.ended - s.started for s in summary.stages if s.started)}
 
+
+
+def _check_weights(exp: Any, weights_dir: str | None) -> None:
+    """Raise ``FileNotFoundError`` listing every missing checkpoint, with the flags of ``ovseg segment`` that fix it."""
+    missing: list[str] = []
+    build_plan(exp, missing)
+    if not missing:
+        return
+    files = []
+    for entry in dict.fromkeys(missing):
+        name = entry.split(": ", 1)[0]
+        try:
+            file, url = official_weight_file(name)
+            files.append(f"{file} ({name}, {url})")
+        except ValueError:  # a local checkpoint path: its own message says which
+            files.append(entry)
+    folder = weights_dir or os.environ.get("OVSEG_WEIGHTS")
+    where = f"in {folder}" if folder else "(no weights folder: --weights-dir and OVSEG_WEIGHTS unset)"
+    raise FileNotFoundError(
+        f"pretrained weights missing {where}: {'; '.join(files)}. Put these files in a folder under these names and "
+        "pass --weights-dir DIR (or set OVSEG_WEIGHTS=DIR); `ovseg backbones` lists every file. To try segment "
+        f"without weights: {TRY_WITHOUT_WEIGHTS} (random weights: the labels are meaningless)")

@@ -45,6 +45,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -207,6 +208,14 @@ def _resolve_dataset(layout: str, dataset: str | None) -> str:
     return name
 
 
+
+def _terminal() -> bool:
+    """Progress bars only on a terminal: redirected logs get no carriage-return lines."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
 def ingest(
     root: str | PathLike[str],
     layout: str,
@@ -267,7 +276,7 @@ def ingest(
     candidates.sort(key=lambda c: c.rel_path)
     known = {r.abs_path: r for r in previous}
     rows = [_row(name, c, known, max_pixels)
-            for c in tqdm(candidates, desc=f"ingest {name}", unit="img", disable=not progress)]
+            for c in tqdm(candidates, desc=f"ingest {name}", unit="img", disable=not progress or not _terminal())]
     n_bad = sum(r.status != "ok" for r in rows)
     if n_bad:
         log.warning("ingest %s (%s): %d of %d images have errors", name, layout, n_bad, len(rows))

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 from flows.commands.common import human, print_table, read_only_store
+from flows.key_view import shown_params
 
 
 def cmd_cache_ls(args: argparse.Namespace) -> int:
@@ -30,7 +31,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     for i in infos:
         params = i.attrs.get("stage_key", {}).get("params", {})
         rows.append((i.stage, i.key, i.complete, i.dropped, human(i.nbytes), "yes" if i.random_weights else "no",
-                     canonical_json(params) if "damaged" not in i.attrs else "(stage.json damaged)"))
+                     "(stage.json damaged)" if "damaged" in i.attrs else canonical_json(shown_params(i.stage, params))))
     print_table(rows, ["stage", "key", "complete", "un-marked", "bytes", "random weights", "parameters"])
     for i in infos:
         for path in i.damaged_files:
@@ -95,9 +96,9 @@ def cmd_cache_gc(args: argparse.Namespace) -> int:
     if args.max_bytes is not None or args.older_than is not None:  # the storage budget: least recently used first
         budget = evict(store, keep.keys, max_bytes=args.max_bytes, older_than=args.older_than, dry_run=args.dry_run)
         for stage, key, items, nbytes in budget.sets:
-            print(f"{verb} {stage}/{key}: {items} items, {human(nbytes)} (least recently used)")
-        print(f"{verb} {len(budget.sets)} output sets ({budget.items} items): {human(budget.nbytes)} freed by the "
-              "storage budget")
+            print(f"{verb} {stage}/{key}: {_n(items, 'item')}, {human(nbytes)} (least recently used)")
+        print(f"{verb} {_n(len(budget.sets), 'output set')} ({_n(budget.items, 'item')}): {human(budget.nbytes)} freed "
+              "by the storage budget")
         keep.add(set(store.stage_sets()), "kept by the budget")  # then only leftovers of dead writers go
     elif not args.only_experiments:
         chosen = runs if args.all_runs else list(newest_per_experiment(runs).values())
@@ -105,11 +106,20 @@ def cmd_cache_gc(args: argparse.Namespace) -> int:
             keep.add(r.plan_keys(), f"run {r.run_id} ({r.experiment})")
     rep = gc(store, keep.keys, dry_run=args.dry_run)
     for stage, key, items, nbytes in rep.sets:
-        print(f"{verb} {stage}/{key}: {items} items, {human(nbytes)}")
-    print(f"{verb} {len(rep.sets)} output sets ({rep.items} items), {rep.packs} superseded or unrecorded packs, "
-          f"{rep.temporaries} temporary files of dead writers, {rep.leases} dead leases: {human(rep.nbytes)}; "
-          f"kept {len(keep.keys)} referenced output sets")
+        print(f"{verb} {stage}/{key}: {_n(items, 'item')}, {human(nbytes)}")
+    leftovers = (f"{_n(rep.packs, 'superseded or unrecorded pack')}, {_n(rep.temporaries, 'temporary file')} of dead "
+                 f"writers, {_n(rep.leases, 'dead lease')}")
+    if args.max_bytes is not None or args.older_than is not None:  # the budget line above counted the output sets
+        print(f"also {verb} {leftovers}: {human(rep.nbytes)}")
+    else:
+        print(f"{verb} {_n(len(rep.sets), 'output set')} ({_n(rep.items, 'item')}), {leftovers}: {human(rep.nbytes)}; "
+              f"kept {_n(len(keep.keys), 'referenced output set')}")
     return 0
+
+
+def _n(count: int, noun: str) -> str:
+    """``1 item``, ``2 items``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def cmd_cache_verify(args: argparse.Namespace) -> int:

@@ -92,7 +92,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     res = segment_image(args.image, args.classes, method=args.method, out=args.out, store=args.store,
                         clip=args.clip, dino=args.dino, sam=args.sam, regions=args.regions,
-                        progress=args.verbosity >= 0)
+                        progress=args.verbosity >= 0, weights_dir=args.weights_dir)
     print(f"label map: {res['labels']}\noverlay:   {res['overlay']}")
     print(f"done in {res['seconds']:.1f} s ({res['stage_seconds']:.1f} s loading models and computing)")
     if res.get("random_weights"):

@@ -16,9 +16,16 @@ SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "data"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_harness():
-    """A temporary Prefect server and database shared by every flow test of the session."""
+def prefect_harness(request):
+    """A temporary Prefect server and database shared by every flow test of the session.
+
+    Not started when no selected test is marked ``slow`` (``make test-fast``): the fast tests run
+    no Prefect flow (their runs use ``--no-prefect``), and the server costs 15-25 s to start.
+    """
     configure_prefect()
+    if not any(item.get_closest_marker("slow") for item in request.session.items):
+        yield
+        return
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))):

@@ -53,6 +53,7 @@ def test_ingest_class_names_and_bad_layout(tmp_path, capsys):
     assert rc == 2 and "error:" in err and "nowhere" in err
 
 
+@pytest.mark.slow  # whole flows through the pipeline and Prefect
 def test_run_stage_cache_ls_gc_and_runs(tmp_path, capsys):
     store = tmp_path / "store"
     exp = tiny_experiment(store, methods=[{"name": "scclip", "method": "scclip"}])
@@ -98,6 +99,7 @@ def test_unknown_stage_and_bad_experiment(tmp_path, capsys):
     assert "unknown stage 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # whole flows through the pipeline and Prefect
 def test_segment_an_image_outside_any_dataset(tmp_path, capsys):
     img = tmp_path / "photo.jpg"
     shutil.copy(SAMPLE / "ade20k-sample" / "ADEChallengeData2016" / "images" / "validation" / "ADE_val_00000001.jpg", img)
@@ -125,6 +127,7 @@ def test_segment_an_image_outside_any_dataset(tmp_path, capsys):
     assert by_stage["mask_class_tokens"] == 1 and by_stage["text_embeddings"] == by_stage["reconstruction"] == 2
 
 
+@pytest.mark.slow  # whole flows through the pipeline and Prefect
 def test_gc_keeps_the_newest_run_of_each_experiment(tmp_path, capsys):
     store = tmp_path / "store"
     files = []

@@ -62,6 +62,7 @@ def test_read_only_commands_on_a_missing_store_exit_2_and_create_nothing(tmp_pat
     assert not typo.exists() and not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_read_only_commands_never_start_prefect(done, tmp_path):
     """With PREFECT_API_URL on a closed port every read-only command works and no Prefect server module is imported."""
     exp_file, store = done
@@ -186,6 +187,7 @@ def test_set_changes_only_the_keys_it_touches_and_a_bad_one_names_the_override(d
     assert "[set by override 'methods.0.logit_scal=50']" in err
 
 
+@pytest.mark.slow
 def test_segment_without_a_prefect_server_starts_none_and_reports_its_overhead(tmp_path):
     """No Prefect API configured: no server, no flow; the command reports its wall and stage time (the <= 5 s
     overhead target is measured by docs/cli.md's command, not asserted here: timings are not tests)."""

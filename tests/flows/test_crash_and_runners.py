@@ -20,7 +20,7 @@ from flows.pipeline import run_experiment
 from storage.store import Store
 from tests.flows.conftest import assert_same_outputs, computed, store_snapshot, tiny_experiment
 
-pytestmark = [pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # whole flows through the pipeline and Prefect
 
 REPO = Path(__file__).resolve().parents[2]
 TTL = 6.0  # lease TTL of these runs: a rerun after a kill waits at most this long

@@ -11,7 +11,7 @@ from flows.pipeline import run_experiment
 from storage.store import Store
 from tests.flows.conftest import computed, tiny_experiment
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # whole flows through the pipeline and Prefect
 ON_DEMAND = {"dino_features": False, "clip_layers": False, "mask_clustering": False}
 
 

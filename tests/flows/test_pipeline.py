@@ -14,7 +14,7 @@ from storage.store import Store
 from storage.tables import read_table
 from tests.flows.conftest import SAMPLE, computed, tiny_experiment
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.slow]  # whole flows through the pipeline and Prefect
 
 
 @pytest.fixture(scope="module")

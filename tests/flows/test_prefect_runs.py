@@ -21,7 +21,7 @@ from storage.store import Store
 from storage.tables import read_table
 from tests.flows.conftest import SAMPLE, tiny_experiment
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # whole flows through the pipeline and Prefect
 
 BROKEN = "val_crop_0000.jpg"  # first image of the split: its bytes are replaced by text
 GOOD = "val_crop_0001.jpg"
@@ -109,7 +109,7 @@ def test_failed_image_makes_a_failed_flow_run_with_parameters_tags_logs_and_arti
     assert run.parameters == {"experiment": "broken", "experiment_file": str(exp_file), "store": str(base / "store"),
                               "run_id": summary.run_id, "overrides": ["runner.batch_size=4"], "force": [],
                               "only_stages": None, "max_failed": 0.1}
-    assert set(run.tags) == {"ovseg", "experiment:broken", "dataset:voc", "method:scclip"}
+    assert set(run.tags) == {"ovseg", "experiment:broken", "dataset:voc", "method:scclip", "set:runner.batch_size=4"}
     logs = _logs(run.id)
     text = [(lg.level, lg.name, lg.message) for lg in logs]
     error = next(r["error"] for r in read_table(Store(base / "store"), "manifests", ["voc"]).to_pylist() if r["error"])

@@ -15,7 +15,7 @@ from storage.store import Store
 from storage.tables import read_table
 from tests.flows.conftest import SAMPLE, tiny_experiment
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # whole flows through the pipeline and Prefect
 CORRCLIP = [{"name": "corrclip", "method": "corrclip"}]
 
 

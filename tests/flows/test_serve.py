@@ -22,7 +22,7 @@ from PIL import Image
 from storage.store import Store
 from tests.flows.conftest import SAMPLE, tiny_experiment
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # whole flows through the pipeline and Prefect
 
 REPO = Path(__file__).resolve().parents[2]
 JPEGS = SAMPLE / "voc2012-sample" / "VOCdevkit" / "VOC2012" / "JPEGImages"

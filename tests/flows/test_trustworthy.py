@@ -18,7 +18,7 @@ from storage.store import Store
 from storage.tables import read_table
 from tests.flows.conftest import assert_same_outputs, computed, store_snapshot, tiny_experiment
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # whole flows through the pipeline and Prefect
 
 SCCLIP = [{"name": "scclip", "method": "scclip"}]
 

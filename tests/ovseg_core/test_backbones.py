@@ -382,6 +382,7 @@ def test_tiny_sam_runs_the_automatic_mask_generator():
     assert records[0]["segmentation"].shape == (375, 500)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "config"),
     [

@@ -70,6 +70,7 @@ def assert_same(masks: np.ndarray, scores: np.ndarray, records: list[dict], regi
     assert np.array_equal(regions.ids, reference_paint(records, shape))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("setting", range(len(SETTINGS)))
 def test_sam_v1_equals_the_library_generator(images, seed, setting) -> None:
@@ -83,6 +84,7 @@ def test_sam_v1_equals_the_library_generator(images, seed, setting) -> None:
         assert len(records) > 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 2])
 @pytest.mark.parametrize("setting", range(len(SETTINGS)))
 def test_sam2_equals_the_library_generator(images, seed, setting) -> None:
@@ -110,6 +112,7 @@ def test_small_region_removal_needs_opencv(images) -> None:
         sam_masks(model, images[0], cfg)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_runs_in_autocast(images) -> None:
     model = load_backbone("sam:tiny").model
     cfg = SamRegionConfig(**SETTINGS[0])

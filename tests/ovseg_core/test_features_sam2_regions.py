@@ -66,6 +66,7 @@ def test_config_rejects(kwargs: dict, match: str) -> None:
         Sam2RegionConfig(**kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra", [dict(points_per_side=8), dict(multimask_output=True, points_per_side=4), dict(use_m2m=True, points_per_side=4)]
 )
@@ -82,6 +83,7 @@ def test_regions_equal_the_reference_painting_of_the_library_generator(tiny_sam2
     np.testing.assert_allclose(regions.scores, [r["predicted_iou"] for r in by_area], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_reference_defaults_give_a_valid_map(tiny_sam2, voc_image) -> None:
     regions = region_map(tiny_sam2, voc_image, Sam2RegionConfig())  # dispatches to sam2_regions
     assert regions.ids.shape == voc_image.shape[:2]
@@ -97,6 +99,7 @@ def test_masks_in_generator_order(tiny_sam2, voc_image) -> None:
     assert 0 < masks.shape[0] <= 9  # one mask per point at most
 
 
+@pytest.mark.slow
 def test_bfloat16_autocast_runs_and_stays_close(tiny_sam2, voc_image) -> None:
     cfg = Sam2RegionConfig(**PERMISSIVE)
     fp32 = sam2_regions(tiny_sam2, voc_image, cfg)

@@ -21,6 +21,7 @@ def _prompts(model: torch.nn.Module, n: int, seed: int) -> tuple[torch.Tensor, t
     return model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("n", "multimask"), [(1, False), (7, False), (64, True), (5, True)])
 @torch.no_grad()
 def test_equals_the_library_decoder_bit_for_bit(tiny_sam, n, multimask) -> None:

@@ -110,6 +110,7 @@ def test_vocabulary_validation() -> None:
         parse_class_lines(["cat"], "")
 
 
+@pytest.mark.slow
 def test_embeddings_shape_norm_and_synonyms(clip_model: CLIP, tokenizer) -> None:
     vocab = parse_vocabulary_string("cat; dog, puppy; grass")
     emb = text_embeddings(clip_model, tokenizer, vocab, batch_size=50)

@@ -106,6 +106,7 @@ def _reference_scclip(visual: torch.nn.Module, crop: torch.Tensor, res_cls: floa
     return out.reshape(gh, gw, -1)
 
 
+@pytest.mark.slow
 def test_matches_a_step_by_step_reference_of_the_authors_forward(visual, crops) -> None:
     with torch.no_grad():
         ref = torch.stack([_reference_scclip(visual, c) for c in crops])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import shutil
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -207,9 +209,20 @@ def test_bad_arguments(sample_dir: Path, tmp_path: Path) -> None:
     assert "camvid" in LAYOUTS and len(LAYOUTS) == 8
 
 
-def test_progress_bar(sample_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_only(sample_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     ingest(sample_dir / "camvid-sample", "camvid", progress=True)
-    assert "ingest CamVid" in capsys.readouterr().err
+    assert "ingest CamVid" in terminal.getvalue()
+    monkeypatch.undo()
+    ingest(sample_dir / "camvid-sample", "camvid", progress=True)  # a redirected log: no carriage-return bar lines
+    assert "\r" not in capsys.readouterr().err
 
 
 def test_ingest_files_single_image(sample_dir):

@@ -375,6 +375,7 @@ def _register_many(url: str, worker: int, n: int) -> None:
         s.write_item(k, f"w{worker}", {"x": np.full(2, worker)})
 
 
+@pytest.mark.slow
 def test_four_processes_register_the_same_stages(url):
     Store(url)
     ctx = mp.get_context("spawn")  # children inherit the AWS variables naming the endpoint
@@ -419,6 +420,7 @@ def test_missing_bucket_and_unreachable_endpoint_are_named(s3):
         Store("s3://b/st", storage_options=opts)
 
 
+@pytest.mark.slow
 def test_a_lost_endpoint_is_an_io_error_and_a_heartbeat_survives_it(caplog):
     """Connection failures are ``OSError`` like local ones, so heartbeats and journals log them and go on."""
     server = S3Server()

@@ -153,6 +153,7 @@ def _register_many(root: str, worker: int, n: int) -> None:
         s.write_item(StageKey(f"stage{i}", {"p": i}, {}, "1"), f"w{worker}", {"x": np.full(2, worker)})
 
 
+@pytest.mark.slow
 def test_four_processes_register_the_same_twenty_stages(tmp_path: Path):
     root = str(tmp_path / "st")
     Store(root)
