@@ -7,8 +7,7 @@ that methods differing only there share the output. Shown as stored, a clusterin
 ``tau: 3`` and ``tau: 2.5`` methods would read ``"tau": 4.0``. :func:`shown_params` drops those
 fields; the stored key payload (``stage.json``) is unchanged.
 
-The field lists mirror ``ovseg_core.methods.CLUSTERING_FIELDS`` and ``NOT_READ_BY_RECONSTRUCTION``
-(imported there with torch; this module stays light for read-only commands); a test pins them equal.
+The field lists are ``ovseg_core.config_fields`` (torch-free, so this module stays light for read-only commands).
 """
 
 from __future__ import annotations
@@ -16,9 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-CLUSTERING_FIELDS: tuple[str, ...] = ("mask_clustering", "dbscan_eps", "dbscan_min_samples", "m0_quirk", "padding")
-NOT_READ_BY_RECONSTRUCTION: tuple[str, ...] = ("mask_clustering", "dbscan_eps", "dbscan_min_samples", "m0_quirk",
-                                               "map_correction")
+from ovseg_core.config_fields import CLUSTERING_FIELDS, unread_by_reconstruction
 
 
 def _corrclip(config: Any) -> Mapping[str, Any] | None:
@@ -45,6 +42,7 @@ def shown_params(stage: str, params: Mapping[str, Any]) -> dict[str, Any]:
     if stage == "mask_clustering":
         kept = {k: v for k, v in cc.items() if k in CLUSTERING_FIELDS}
     else:
-        kept = {k: v for k, v in cc.items() if k not in NOT_READ_BY_RECONSTRUCTION}
+        unread = unread_by_reconstruction("vfm" if cc.get("similarity") == "vfm" else "dino_qk")
+        kept = {k: v for k, v in cc.items() if k not in unread}
     out["config"] = [kept, *config[1:]] if isinstance(config, list) else kept
     return out

@@ -23,6 +23,7 @@ from torch import nn
 
 from ovseg_core import clip_ops
 from ovseg_core.baselines import BASELINE_METHODS, baseline_required_blocks, baseline_window_features
+from ovseg_core.config_fields import CLUSTERING_FIELDS, NOT_READ_BY_RECONSTRUCTION, unread_by_reconstruction
 from ovseg_core.combined import CombinedConfig, combined_required_blocks, combined_token_transform
 from ovseg_core.corrclip.config import CorrCLIPConfig
 from ovseg_core.corrclip.config import required_blocks as corrclip_required_blocks
@@ -34,13 +35,6 @@ from ovseg_core.scclip.pipeline import scclip_window_outputs
 __all__ = ["CORRCLIPV2_DEFAULTS", "CORRCLIPV2_MODELS", "CORRELATIONS", "METHODS", "Method", "WindowInputs",
            "WindowRecord", "get_method", "CLUSTERING_FIELDS", "NOT_READ_BY_RECONSTRUCTION"]
 
-# CorrCLIP fields read by mask clustering (``cluster_masks``); the mask_clustering stage key hashes only these.
-CLUSTERING_FIELDS: tuple[str, ...] = ("mask_clustering", "dbscan_eps", "dbscan_min_samples", "m0_quirk", "padding")
-# CorrCLIP fields the reconstruction stage does not read (they act through its upstream keys or
-# in map correction); every other field enters the reconstruction key. CorrCLIPv2 (correlation
-# "vfm") has no mask_clustering stage: its reconstruction reads the clustering fields itself.
-NOT_READ_BY_RECONSTRUCTION: tuple[str, ...] = ("mask_clustering", "dbscan_eps", "dbscan_min_samples", "m0_quirk",
-                                               "map_correction")
 # Sources of the patch correlation S of the methods with regions: "dino_qk" (the dino_features and
 # mask_clustering stages, CorrCLIP v1), "vfm" (a VFM's dense map, ovseg_core.corrclip.vfm_correlation,
 # CorrCLIPv2).
@@ -157,7 +151,7 @@ class Method:
         if c is None:
             return cfg
         defaults = CorrCLIPConfig()
-        not_read = NOT_READ_BY_RECONSTRUCTION if self.correlation == "dino_qk" else ("map_correction",)
+        not_read = unread_by_reconstruction(self.correlation)
         reset = dataclasses.replace(c, **{f: getattr(defaults, f) for f in not_read})
         return (reset, cfg[1]) if isinstance(cfg, tuple) else reset
 

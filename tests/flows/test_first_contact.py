@@ -93,12 +93,14 @@ def test_cache_ls_shows_only_what_each_key_reads(ran, capsys):
     assert all("map_correction" not in params["config"] for stage, params in rows if stage == "reconstruction")
 
 
-def test_the_shown_fields_mirror_the_method_registry():
-    from flows import key_view
-    from ovseg_core import methods
+def test_shown_reconstruction_fields_follow_the_correlation_source():
+    from flows.key_view import shown_params
 
-    assert key_view.CLUSTERING_FIELDS == methods.CLUSTERING_FIELDS
-    assert key_view.NOT_READ_BY_RECONSTRUCTION == methods.NOT_READ_BY_RECONSTRUCTION
+    v1 = {"tau": 3.0, "dbscan_eps": 0.2, "m0_quirk": True, "map_correction": True, "similarity": "dino_qk"}
+    v2 = dict(v1, similarity="vfm")  # CorrCLIPv2 reads the clustering fields and m0_quirk in reconstruction
+    assert shown_params("reconstruction", {"config": v1})["config"] == {"tau": 3.0, "similarity": "dino_qk"}
+    assert shown_params("reconstruction", {"config": v2})["config"] == {"tau": 3.0, "dbscan_eps": 0.2,
+                                                                         "m0_quirk": True, "similarity": "vfm"}
 
 
 def test_gc_budget_dry_run_prints_one_consistent_summary(ran, capsys):
