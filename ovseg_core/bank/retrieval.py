@@ -37,6 +37,8 @@ from ovseg_core.bank.search import search_index
 __all__ = ["BankSupport", "ValueStore", "fuse", "retrieve_and_fuse", "support_features", "support_logits"]
 
 _NORM_EPS = 1e-12
+# Rows per band in fuse (a (Q, rows, W) gather at a time).
+_FUSE_BAND_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,12 @@ def support_logits(
 
 
 def fuse(
-    own: torch.Tensor, region_logits: torch.Tensor, labels: np.ndarray, found: np.ndarray, cfg: FusionConfig = FusionConfig()
+    own: torch.Tensor,
+    region_logits: torch.Tensor,
+    labels: np.ndarray,
+    found: np.ndarray,
+    cfg: FusionConfig = FusionConfig(),
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """P = alpha P_own + (1 - alpha) S, S broadcast from regions to pixels; own logits where not found.
 
@@ -124,8 +131,10 @@ def fuse(
         labels: ``(H, W) int64`` region index (0..R-1) of each pixel.
         found: ``(R,) bool``; regions without support keep P = P_own on their pixels.
         cfg: alpha.
+        out: ``(Q, H, W)`` tensor to write into; ``own`` itself fuses in place (as the reference
+            does); None: a new tensor.
     Returns:
-        ``(Q, H, W)`` fused logits, ``own``'s dtype.
+        ``(Q, H, W)`` fused logits, ``own``'s dtype (``out`` when given).
     """
     q, h, w = own.shape
     if tuple(labels.shape) != (h, w) or region_logits.shape[1] != q or found.shape != (region_logits.shape[0],):
@@ -133,11 +142,18 @@ def fuse(
             f"fuse needs own (Q, H, W), region_logits (R, Q), labels (H, W), found (R,), got {tuple(own.shape)}, "
             f"{tuple(region_logits.shape)}, {tuple(labels.shape)}, {tuple(found.shape)}"
         )
+    out = torch.empty_like(own) if out is None else out
     found_t = torch.from_numpy(np.asarray(found, dtype=bool))
     own_weight = torch.where(found_t, cfg.alpha, 1.0).to(own.dtype)
-    support = region_logits.to(own.dtype) * torch.where(found_t, 1.0 - cfg.alpha, 0.0).to(own.dtype)[:, None]
+    support = (region_logits.to(own.dtype) * torch.where(found_t, 1.0 - cfg.alpha, 0.0).to(own.dtype)[:, None]).T.contiguous()
     index = torch.from_numpy(np.ascontiguousarray(labels))
-    return own * own_weight[index] + support.T[:, index]
+    for y0 in range(0, h, _FUSE_BAND_ROWS):  # bands keep the gathered support small and in cache
+        lab = index[y0 : y0 + _FUSE_BAND_ROWS].reshape(-1)
+        rows = lab.shape[0] // w
+        band = out[:, y0 : y0 + rows]
+        torch.mul(own[:, y0 : y0 + rows], own_weight.index_select(0, lab).view(rows, w), out=band)
+        band.add_(support.index_select(1, lab).view(q, rows, w))
+    return out
 
 
 def retrieve_and_fuse(

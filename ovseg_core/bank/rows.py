@@ -16,6 +16,7 @@ storage layer opens the files and hands readers over; nothing here knows a path.
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -113,6 +114,9 @@ class NpyRows:
     ) -> None:
         self.n_rows, self.dim, self.dtype, off = _raw_layout(f, shape, dtype, offset)
         self._map = np.memmap(f, dtype=self.dtype, mode="r", offset=off, shape=(self.n_rows, self.dim))
+        # Random access: no readahead around each touched row (with the default readahead the
+        # 1,000 rows an image reads mapped ~3 GiB of a 2.9M-region store after 200 images).
+        self._map._mmap.madvise(mmap.MADV_RANDOM)
         self._array_rows = ArrayRows(self._map)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:

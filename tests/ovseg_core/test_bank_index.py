@@ -223,3 +223,17 @@ def test_faiss_and_torch_in_one_process():
     _, i = index.search(x[:3], 1)
     assert i.ravel().tolist() == [0, 1, 2]
     assert torch.allclose(torch.from_numpy(x[:3]) @ torch.from_numpy(x[:3]).T, torch.from_numpy(x[:3] @ x[:3].T), atol=1e-4)
+
+
+def test_serving_index_without_reverse_map_searches_the_same(bank_data):
+    keys, ids, queries, bank = bank_data
+    copy = index_from_bytes(index_to_bytes(bank))
+    expected = search_index(copy, queries)
+    served = copy.without_reverse_map()
+    del copy
+    assert isinstance(served.index, faiss.IndexIDMap) and not isinstance(served.index, faiss.IndexIDMap2)
+    assert served.kind == "ivfpq" and served.metric == "reference" and served.ntotal == 3000
+    np.testing.assert_array_equal(served.ids(), ids)
+    np.testing.assert_array_equal(search_index(served, queries), expected)
+    np.testing.assert_array_equal(search_index(index_from_bytes(index_to_bytes(served)), queries), expected)
+    assert served.without_reverse_map() is served

@@ -143,3 +143,19 @@ def test_row_reader_errors(tmp_path):
         PreadRows(f, shape=(5, 2), dtype="float16", offset=0).rows(np.array([4]))
     with pytest.raises(ValueError, match="ValueStore.text"):
         ValueStore(ArrayRows(np.zeros((3, 2), dtype=np.float16)), torch.zeros(4, 3))
+
+
+def test_fusion_in_place_and_over_many_bands_equals_the_formula():
+    gen = torch.Generator().manual_seed(0)
+    own = torch.randn(6, 37, 11, generator=gen)
+    labels = np.random.default_rng(0).integers(0, 4, (37, 11))
+    region_logits = torch.randn(4, 6, generator=gen)
+    found = np.array([True, False, True, True])
+    w = np.where(found, 0.3, 1.0)[labels]
+    s = (region_logits.numpy() * np.where(found, 0.7, 0.0)[:, None])[labels].transpose(2, 0, 1)
+    expected = own.numpy() * w + s
+    cfg = FusionConfig(alpha=0.3)
+    np.testing.assert_allclose(fuse(own, region_logits, labels, found, cfg).numpy(), expected, atol=1e-6)
+    same = own.clone()
+    assert fuse(same, region_logits, labels, found, cfg, out=same) is same
+    np.testing.assert_allclose(same.numpy(), expected, atol=1e-6)
