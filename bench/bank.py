@@ -10,7 +10,7 @@ The stand-in (``bench/bank_standin.py``): clustered random keys (D_key 1024), ra
 (768 main + 512 auxiliary, fp16), memory-mapped ``.npy`` files cached under ``--out``. Index
 build ``--build train`` = the authors' build (k-means on all N keys; hours at 2.9M on 2 cores),
 ``structured`` = the same index structure without k-means (see ``bank_standin``), ``auto`` =
-train up to 300k regions. Results: ``<out>/bank.json`` and ``<out>/bank.md`` (printed).
+train up to 300k regions. Results: ``<out>/bank-n<regions>.json`` and ``.md`` (printed).
 """
 
 from __future__ import annotations
@@ -271,9 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
         res["serving"][reader] = serve(folder, folder / f"index-{build}.faiss", serve_q, reader, a)
     if a.extension == "yes" or (a.extension == "auto" and build == "train"):
         res["extension"] = extension_study(folder, spec, q_recall, exact, a, bank)
-    (a.out / "bank.json").write_text(json.dumps(res, indent=1))
+    (a.out / f"bank-n{a.regions}.json").write_text(json.dumps(res, indent=1))
     text = report(res)
-    (a.out / "bank.md").write_text(text + "\n")
+    (a.out / f"bank-n{a.regions}.md").write_text(text + "\n")
     print(text)
     return res
 

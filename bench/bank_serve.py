@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     own = torch.randn(a.classes, *a.size)
     mem = {"start": memory()}
     with open(a.index, "rb") as f:
-        bank = index_from_file(f).without_reverse_map()  # serving needs no id -> position map
+        bank = index_from_file(f, reverse_map=False)  # serving needs no id -> position map
     mem["index_loaded"] = memory()
     files: list = []
     main_rows = open_store(a.folder / "main.npy", a.reader, files)

@@ -20,6 +20,7 @@ let storage write and read it atomically (``faiss.serialize_index`` format, the 
 
 from __future__ import annotations
 
+import io
 import math
 from typing import BinaryIO
 
@@ -44,6 +45,8 @@ __all__ = [
 
 # The reference's normalisation: v / (||v|| + 1e-12) (not F.normalize's max(||v||, eps)).
 _KEY_EPS = 1e-12
+# FAISS's serialisation tags of IndexIDMap2 and IndexIDMap.
+_IDMAP2_TAG, _IDMAP_TAG = b"IxM2", b"IxMp"
 # Rows per add_with_ids call when adding (bounds the float32 copy of the keys).
 _ADD_CHUNK = 65536
 
@@ -104,28 +107,6 @@ class BankIndex:
             view.flags.writeable = False
             self._id_map = view
         return self._id_map
-
-    def without_reverse_map(self) -> BankIndex:
-        """The same index as an ``IndexIDMap`` (ids -> positions map dropped), for serving.
-
-        ``IndexIDMap2`` keeps a hash map from region id to position (for ``reconstruct`` and
-        ``remove_ids``), rebuilt whenever the index is read: about 40 bytes per region (113 MB
-        at 2.9M regions) that search never uses. The inner index and the id list move to the
-        returned object; this one must not be used afterwards (its reverse map is freed with
-        it: ``bank = index_from_file(f).without_reverse_map()``). Serialising the result writes
-        an ``IndexIDMap``, which :class:`BankIndex` reads too; adding keys to it works.
-        """
-        if not isinstance(self.index, faiss.IndexIDMap2):
-            return self
-        served = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))  # placeholder inner (must be empty), replaced below
-        served.index = self.index.index
-        self.index.own_fields = False
-        served.own_fields = True  # the inner index now belongs to `served`
-        served.id_map.swap(self.index.id_map)
-        served.ntotal, served.is_trained = self.index.ntotal, self.index.is_trained
-        self.index.ntotal = 0  # the old IndexIDMap2 keeps only its reverse map, freed when this object goes
-        self._id_map = None
-        return BankIndex(served)
 
     def centroid_norms(self) -> np.ndarray:
         """``(nlist,) float32`` squared norms of the IVF centroids (cached)."""
@@ -298,19 +279,42 @@ def index_to_bytes(bank: BankIndex) -> bytes:
     return faiss.serialize_index(bank.index).tobytes()
 
 
-def index_from_bytes(data: bytes) -> BankIndex:
-    """Inverse of :func:`index_to_bytes` (also reads the bytes of a ``.faiss`` file)."""
-    try:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    except RuntimeError as e:
-        raise ValueError(f"not a readable FAISS index ({len(data)} bytes): {e}") from e
-    return BankIndex(index)
+class _Reader:
+    """FAISS read callback over a file object; optionally reads an ``IndexIDMap2`` as an ``IndexIDMap``.
+
+    Both are written as a four-byte tag, the index header, the inner index and the id list; only
+    the tag differs, and reading "IxM2" then builds the id -> position hash map that ``reconstruct``
+    and ``remove_ids`` use and search never does (~100 MB of heap at 2.9M regions).
+    """
+
+    def __init__(self, f: BinaryIO, reverse_map: bool) -> None:
+        self.f, self.first = f, not reverse_map
+
+    def __call__(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if self.first:
+            self.first = False
+            if data[:4] == _IDMAP2_TAG:
+                data = _IDMAP_TAG + data[4:]
+        return data
 
 
-def index_from_file(f: BinaryIO) -> BankIndex:
-    """Read a FAISS index from an open binary file (no second copy of its bytes in RAM)."""
+def index_from_file(f: BinaryIO, reverse_map: bool = True) -> BankIndex:
+    """Read a FAISS index (a ``.faiss`` file, or :func:`index_to_bytes` output) from a binary file.
+
+    Args:
+        f: open binary file positioned at the index.
+        reverse_map: False reads an ``IndexIDMap2`` as an ``IndexIDMap`` (same search, no id ->
+            position map; for serving). Serialising such an index writes an ``IndexIDMap``,
+            which this function reads too.
+    """
     try:
-        index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
+        index = faiss.read_index(faiss.PyCallbackIOReader(_Reader(f, reverse_map)))
     except RuntimeError as e:
         raise ValueError(f"not a readable FAISS index: {e}") from e
     return BankIndex(index)
+
+
+def index_from_bytes(data: bytes, reverse_map: bool = True) -> BankIndex:
+    """Inverse of :func:`index_to_bytes` (also reads the bytes of a ``.faiss`` file); see :func:`index_from_file`."""
+    return index_from_file(io.BytesIO(data), reverse_map)

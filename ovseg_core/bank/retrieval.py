@@ -165,6 +165,7 @@ def retrieve_and_fuse(
     search: SearchConfig = SearchConfig(),
     fusion: FusionConfig = FusionConfig(),
     key_rows: RowReader | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, BankSupport]:
     """The whole per-image bank step of CorrCLIPv2 (steps 1-6 of the module docstring).
 
@@ -178,11 +179,12 @@ def retrieve_and_fuse(
         search: k, nprobe, re-ranking.
         fusion: alpha, DMCE weight.
         key_rows: the key store, for ``search.rerank``.
+        out: where the fused logits go (``own`` fuses in place, as the reference); None: a new tensor.
     Returns:
         fused ``(Q, H, W)`` logits and the :class:`BankSupport` record.
     """
     region_ids, labels, queries = region_queries(vfm_map, region_map)
     neighbours = search_index(bank, queries, search, key_rows)
     logits, found = support_logits(neighbours, stores, fusion)
-    fused = fuse(own, logits, labels, found, fusion)
+    fused = fuse(own, logits, labels, found, fusion, out=out)
     return fused, BankSupport(region_ids, labels, neighbours, logits, found)

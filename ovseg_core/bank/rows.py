@@ -7,11 +7,12 @@ storage layer opens the files and hands readers over; nothing here knows a path.
 
 - :class:`ArrayRows`: any array with NumPy fancy indexing on its first axis (``np.ndarray``,
   ``np.memmap``, or an in-RAM tensor's ``.numpy()``: the authors' load-everything approach).
-- :class:`NpyRows`: a memory-mapped ``.npy`` file (or raw rows at an offset). The rows an image
-  touches stay mapped as shared, reclaimable page cache; they count in the process's RSS
-  (``RssFile``) until the kernel drops them.
-- :class:`PreadRows`: the same file read with ``os.pread`` (nothing mapped: the process's RSS
-  does not grow with the rows read; costs one system call per run of adjacent rows).
+- :class:`NpyRows`: a memory-mapped ``.npy`` file (or raw rows at an offset). The pages an image
+  touches (and cached neighbours, see below) stay mapped as shared, reclaimable page cache; they
+  count in the process's RSS (``RssFile``) until the kernel drops them.
+- :class:`PreadRows`: the same file read with ``os.preadv`` (nothing mapped: the process's RSS
+  does not grow with the rows read; one system call per run of adjacent rows). The serving
+  default: measured faster than the mapping too (no page faults), see ``docs/banks.md``.
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ class NpyRows:
     ) -> None:
         self.n_rows, self.dim, self.dtype, off = _raw_layout(f, shape, dtype, offset)
         self._map = np.memmap(f, dtype=self.dtype, mode="r", offset=off, shape=(self.n_rows, self.dim))
-        # Random access: no readahead around each touched row (with the default readahead the
-        # 1,000 rows an image reads mapped ~3 GiB of a 2.9M-region store after 200 images).
+        # Random access: no readahead I/O around each touched row. The kernel still maps up to
+        # 16 neighbouring pages already in the page cache per fault ("fault-around"), so RSS
+        # grows by more than the rows read (2.8 GiB after 200 images of a 2.9M-region bank).
         self._map._mmap.madvise(mmap.MADV_RANDOM)
         self._array_rows = ArrayRows(self._map)
 

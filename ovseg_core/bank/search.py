@@ -15,7 +15,9 @@ computes a d-dimensional residual table for every probed list; ``SearchConfig.se
    code, built once) adds -2 <q, r> per code: the same squared L2 distance of q to c + r, up to
    float rounding.
 
-The table costs nlist * m * 2**nbits float32 (446 MB for the 2.9M-region COCO bank).
+The table costs nlist * m * 2**nbits float32 (446 MB for the 2.9M-region COCO bank). The path
+switches the IVF-PQ's ``use_precomputed_table`` on for the call and off again, so one
+:class:`BankIndex` must not be searched from two threads at once.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def _search_raw(bank: BankIndex, queries: np.ndarray, k: int, cfg: SearchConfig)
     if bank.ntotal == 0:
         return np.full((queries.shape[0], k), -1, dtype=np.int64)
     probes = nprobe(bank, cfg)
-    if bank.kind == "ivfpq" and bank.metric == "reference" and cfg.search == "precomputed":
+    if bank.kind == "ivfpq" and bank.metric == "reference" and bank.inner.by_residual and cfg.search == "precomputed":
         return _ids_from_positions(bank, _search_reference_precomputed(bank, queries, k, probes))
     if bank.kind == "ivfpq":
         params = faiss.SearchParametersIVF(nprobe=probes)

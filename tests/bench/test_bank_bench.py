@@ -76,5 +76,5 @@ def test_tiny_benchmark_run_prints_the_table(bench, tmp_path, capsys):
         assert out["index"] == {"kind": "ivfpq", "metric": "reference", "nlist": int(8 * np.sqrt(3000)), "ntotal": 3000}
         assert out["ms"]["total"] > 0 and out["cpu_ms"]["retrieval"] > 0 and out["memory"]["served"]["VmRSS"] > 0
     assert all(0.0 <= o["recall"] <= 1.0 for o in res["options"])
-    assert json.loads((tmp_path / "bank.json").read_text())["args"]["regions"] == 3000
-    assert (tmp_path / "bank.md").read_text().startswith("# Memory-bank benchmark")
+    assert json.loads((tmp_path / "bank-n3000.json").read_text())["args"]["regions"] == 3000
+    assert (tmp_path / "bank-n3000.md").read_text().startswith("# Memory-bank benchmark")
