@@ -52,7 +52,7 @@ _ADD_CHUNK = 65536
 
 
 class BankIndex:
-    """A FAISS ``IndexIDMap2`` and what searching it needs (see ``ovseg_core.bank.search``).
+    """A FAISS ``IndexIDMap2`` (or ``IndexIDMap``) and what searching it needs (``ovseg_core.bank.search``).
 
     ``kind`` is "ivfpq", "flat" or "hnsw"; ``metric`` ("reference" or "inner_product") is read
     from the FAISS objects, so an imported index describes itself.
@@ -62,7 +62,7 @@ class BankIndex:
         self._owner = index  # keeps the object FAISS allocated alive behind any downcast proxy
         index = faiss.downcast_index(index)
         if not isinstance(index, (faiss.IndexIDMap2, faiss.IndexIDMap)):
-            raise ValueError(f"a bank index must be a FAISS IndexIDMap2 (ids = region ids), got {type(index).__name__}")
+            raise ValueError(f"a bank index must be a FAISS IndexIDMap2 or IndexIDMap (ids = region ids), got {type(index).__name__}")
         self.index = index
         self.inner = faiss.downcast_index(index.index)
         if isinstance(self.inner, faiss.IndexIVFPQ):

@@ -184,9 +184,9 @@ def _token_weight_sums(fmap: torch.Tensor, sel: RegionSelection, normalize: bool
         scale = 1.0 / np.maximum(np.sqrt(np.maximum(norm2, 0.0)), NORM_EPS)
     n_tok, r = (h + 1) * (w + 1), sel.num_regions
     if sel.labels is not None:
-        label_maps = [sel.labels]
+        label_maps = iter([sel.labels])
     else:  # overlapping slices: one pass per slice
-        label_maps = [np.where(sel.masks[i], i, -1) for i in range(r)]
+        label_maps = (np.where(sel.masks[i], i, -1) for i in range(r))
     weight = np.zeros(r * n_tok, dtype=np.float64)
     for labels in label_maps:
         inside = labels >= 0
