@@ -1,0 +1,282 @@
+"""Memory-bank benchmark (``python bench/bank.py``): CorrCLIPv2 retrieval + fusion on a stand-in bank.
+
+Figures of issue 22 that need no store: per-image retrieval + fusion time (R regions, K
+neighbours, IVF-PQ nprobe, one CPU thread; median over images), resident memory of a process
+serving the bank with two value stores (memory-mapped, positioned reads, and the authors'
+load-everything approach when it fits), recall@K of the index against exact search beside the
+latency of each search option, and recall after a 10 % extension with and without retraining.
+
+The stand-in (``bench/bank_standin.py``): clustered random keys (D_key 1024), random unit values
+(768 main + 512 auxiliary, fp16), memory-mapped ``.npy`` files cached under ``--out``. Index
+build ``--build train`` = the authors' build (k-means on all N keys; hours at 2.9M on 2 cores),
+``structured`` = the same index structure without k-means (see ``bank_standin``), ``auto`` =
+train up to 300k regions. Results: ``<out>/bank-n<regions>.json`` and ``.md`` (printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import faiss
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import bank_standin as standin  # noqa: E402
+
+from ovseg_core.bank.config import IndexConfig, SearchConfig  # noqa: E402
+from ovseg_core.bank.index import BankIndex, add_keys, build_index, index_from_file, index_to_bytes  # noqa: E402
+from ovseg_core.bank.rows import NpyRows  # noqa: E402
+from ovseg_core.bank.search import search_index  # noqa: E402
+
+log = logging.getLogger("ovseg.bench.bank")
+GIB = 2**30
+TRAIN_LIMIT = 300_000  # --build auto trains (k-means) up to this many regions
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--regions", type=int, default=2_900_000, help="bank regions N (the COCO bank: ~2.9M)")
+    p.add_argument("--build", choices=("auto", "train", "structured"), default="auto")
+    p.add_argument("--images", type=int, default=200, help="images served per process (timing and RSS)")
+    p.add_argument("--recall-images", type=int, default=20, help="images (x R queries) for recall and the option table")
+    p.add_argument("--regions-per-image", type=int, default=25)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--nprobe", type=int, default=256)
+    p.add_argument("--classes", type=int, default=171, help="text queries Q (COCO-Stuff: 171)")
+    p.add_argument("--size", type=int, nargs=2, default=(448, 448), help="network-input H W")
+    p.add_argument("--dims", type=int, nargs=3, default=(1024, 768, 512), metavar=("KEY", "MAIN", "AUX"))
+    p.add_argument("--readers", nargs="*", default=["mmap", "pread", "ram"], choices=("mmap", "pread", "ram"))
+    p.add_argument("--extension", choices=("auto", "yes", "no"), default="auto", help="the 10 %% extension study (auto: when training)")
+    p.add_argument("--build-threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    a = p.parse_args(argv)
+    if min(a.regions, a.images, a.recall_images, a.regions_per_image, a.k, a.nprobe, a.classes) < 1:
+        p.error("counts must be >= 1")
+    if a.dims[0] % 32:
+        p.error("the key dimension must be a multiple of pq_m = 32")
+    return a
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of the exact top-k found (-1 never matches)."""
+    return float(np.mean([len(set(f[f >= 0].tolist()) & set(e.tolist())) / e.shape[0] for f, e in zip(found, exact)]))
+
+
+def load_or_build(folder: Path, spec: standin.Spec, build: str) -> tuple[BankIndex, dict[str, Any]]:
+    path = folder / f"index-{build}.faiss"
+    info_path = path.with_suffix(".json")
+    if path.exists() and info_path.exists():
+        with open(path, "rb") as f:
+            return index_from_file(f), json.loads(info_path.read_text())
+    t0 = time.time()
+    if build == "train":
+        keys = np.load(folder / "keys.npy", mmap_mode="r")
+        bank = build_index(keys, cfg=IndexConfig())
+        info = {"build": "train", "seconds": time.time() - t0}
+    else:
+        index, info = standin.structured_index(folder, spec, log=log.info)
+        bank = BankIndex(index)
+        info["build"] = "structured"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(index_to_bytes(bank))
+    os.replace(tmp, path)
+    info["bytes"] = path.stat().st_size
+    info_path.write_text(json.dumps(info))
+    return bank, info
+
+
+def cached(path: Path, make) -> np.ndarray:
+    if path.exists():
+        return np.load(path)
+    arr = make()
+    np.save(path, arr)
+    return arr
+
+
+def option_table(bank: BankIndex, folder: Path, q: np.ndarray, exact: np.ndarray, a: argparse.Namespace) -> list[dict]:
+    """Recall@k and search time per image (R queries, one thread) for each search option."""
+    faiss.omp_set_num_threads(1)
+    r = a.regions_per_image
+    default = SearchConfig(k=a.k, nprobe_max=a.nprobe)
+    rows: list[dict] = []
+    with open(folder / "keys.npy", "rb") as f:
+        keys = NpyRows(f)
+        options = [  # (name, config, images per search call, at most this many images)
+            (f"IVF-PQ nprobe {a.nprobe} (default)", default, 1, None),
+            (f"IVF-PQ nprobe {a.nprobe}, 8 images per search call", default, 8, None),
+            (f"IVF-PQ nprobe {a.nprobe}, FAISS's own CPU search", SearchConfig(k=a.k, nprobe_max=a.nprobe, search="faiss"), 1, 3),
+            ("IVF-PQ nprobe 64", SearchConfig(k=a.k, nprobe_max=64), 1, None),
+            ("IVF-PQ nprobe 16", SearchConfig(k=a.k, nprobe_max=16), 1, None),
+            (f"IVF-PQ nprobe {a.nprobe} + exact re-rank of 100", SearchConfig(k=a.k, nprobe_max=a.nprobe, rerank=True), 1, None),
+            ("IVF-PQ nprobe 16 + exact re-rank of 100", SearchConfig(k=a.k, nprobe_max=16, rerank=True), 1, None),
+        ]
+        search_index(bank, q[:r], default)  # the search table, once
+        n_all = q.shape[0] // r
+        for name, cfg, batch, max_images in options:
+            n_img = n_all if max_images is None else min(max_images, n_all)
+            found, wall, cpu = [], [], []
+            for i in range(0, n_img, batch):
+                j = min(i + batch, n_img)
+                t0, c0 = time.perf_counter(), time.process_time()
+                found.append(search_index(bank, q[i * r : j * r], cfg, keys))
+                wall.append((time.perf_counter() - t0) / (j - i))
+                cpu.append((time.process_time() - c0) / (j - i))
+            found = np.concatenate(found)
+            rows.append({"option": name, "images": n_img, "ms_per_image": 1000 * median(wall),
+                         "cpu_ms_per_image": 1000 * median(cpu), "recall": recall(found, exact[: n_img * r])})
+            if len(rows) == 1:
+                default_found = found
+            elif cfg.nprobe_max == a.nprobe and not cfg.rerank:  # the same neighbours as the default?
+                rows[-1]["same_neighbours_as_default"] = bool((found == default_found[: n_img * r]).all())
+            log.info("%s: %.1f ms/image (CPU %.1f), recall@%d %.3f", name, rows[-1]["ms_per_image"],
+                     rows[-1]["cpu_ms_per_image"], a.k, rows[-1]["recall"])
+    return rows
+
+
+def serve(folder: Path, index_path: Path, queries_path: Path, reader: str, a: argparse.Namespace) -> dict:
+    cmd = [sys.executable, str(REPO / "bench" / "bank_serve.py"), str(folder), str(index_path), "--reader", reader,
+           "--images", str(a.images), "--queries", str(queries_path), "--regions-per-image", str(a.regions_per_image),
+           "--k", str(a.k), "--nprobe", str(a.nprobe), "--classes", str(a.classes), "--size", *map(str, a.size),
+           "--vfm-grid", str(a.size[0] // 16), str(a.size[1] // 16)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    if done.returncode:
+        raise RuntimeError(f"serving process ({reader}) failed: {done.stderr[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for kind in ("times", "cpu"):  # medians over images, in ms
+        per_step = out.pop(kind)
+        totals = [sum(v[i] for v in per_step.values()) for i in range(a.images)]
+        retrieval = [per_step["search"][i] + per_step["values_and_logits"][i] for i in range(a.images)]
+        out["ms" if kind == "times" else "cpu_ms"] = {
+            **{s: 1000 * median(v) for s, v in per_step.items()},
+            "retrieval": 1000 * median(retrieval), "total": 1000 * median(totals)}
+    return out
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def extension_study(folder: Path, spec: standin.Spec, q: np.ndarray, exact: np.ndarray, a: argparse.Namespace,
+                    default: BankIndex) -> dict:
+    """Recall after adding 10 % more regions: added without retraining (the reference) vs retrained."""
+    faiss.omp_set_num_threads(a.build_threads)
+    keys = np.load(folder / "keys.npy", mmap_mode="r")
+    n0 = round(spec.regions / 1.1)
+    cfg = SearchConfig(k=a.k, nprobe_max=a.nprobe)
+    out = {"base_regions": n0, "added_regions": spec.regions - n0}
+    base = build_index(keys[:n0])
+    add_keys(base, keys[n0:], np.arange(n0, spec.regions))
+    out["same_distribution"] = {"added_without_retraining": recall(search_index(base, q, cfg), exact),
+                                "retrained_on_all": recall(search_index(default, q, cfg), exact)}
+    # a new domain: the 10 % come from clusters the first build never saw
+    new_spec = standin.Spec(spec.regions - n0, spec.dim_key, spec.dim_main, spec.dim_aux, seed=spec.seed + 1000)
+    new_folder = standin.generate(new_spec, a.out, log=log.info)
+    new_keys = np.load(new_folder / "keys.npy")
+    all_keys = np.concatenate([np.asarray(keys[:n0]), new_keys])
+    half = q.shape[0] // 2
+    q_new = np.concatenate([q[:half], standin.queries(new_folder, q.shape[0] - half, a.seed + 1)])
+    unit = all_keys.astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True) + 1e-12
+    exact_new = np.argsort(-(q_new @ unit.T), axis=1)[:, : a.k]
+    base_new = build_index(keys[:n0])
+    add_keys(base_new, new_keys, np.arange(n0, spec.regions))
+    retrained = build_index(all_keys)
+    for name, idx in (("added_without_retraining", base_new), ("retrained_on_all", retrained)):
+        found = search_index(idx, q_new, cfg)
+        out.setdefault("new_domain", {})[name] = {"old_queries": recall(found[:half], exact_new[:half]),
+                                                  "new_queries": recall(found[half:], exact_new[half:])}
+    return out
+
+
+def report(res: dict) -> str:
+    a, s = res["args"], res["serving"]
+    lines = [f"# Memory-bank benchmark: {a['regions']:,} stand-in regions, R = {a['regions_per_image']}, K = {a['k']}, "
+             f"nprobe {a['nprobe']}, Q = {a['classes']} classes at {a['size'][0]}x{a['size'][1]}, 1 CPU thread",
+             f"index: {res['index']['build']} build, nlist {res['index_nlist']}, {res['index']['bytes'] / 2**20:.0f} MiB on disk",
+             "", "| figure | target | measured |", "|---|---|---|"]
+    for reader, out in s.items():
+        ms, cpu = out["ms"], out["cpu_ms"]
+        lines.append(f"| retrieval + fusion per image ({reader} reader), wall / CPU ms | <= 5 ms | {ms['total']:.1f} / "
+                     f"{cpu['total']:.1f}: query pooling {ms['query_pooling']:.1f} / {cpu['query_pooling']:.1f}, search "
+                     f"{ms['search']:.1f} / {cpu['search']:.1f}, values + logits + DMCE {ms['values_and_logits']:.1f} / "
+                     f"{cpu['values_and_logits']:.1f}, fusion {ms['fusion']:.1f} / {cpu['fusion']:.1f} |")
+    for reader, out in s.items():
+        mem, start = out["memory"]["served"], out["memory"]["start"]
+        lines.append(f"| RSS serving, two value stores, {reader} reader, after {out['images']} images | <= 1.5 GiB | "
+                     f"{mem['VmRSS'] / GIB:.2f} GiB, of which the bank {(mem['VmRSS'] - start['VmRSS']) / GIB:.2f} "
+                     f"(anon {(mem['RssAnon'] - start['RssAnon']) / GIB:.2f}, file {(mem['RssFile'] - start['RssFile']) / GIB:.2f}); "
+                     f"before the bank (imports, test inputs) {start['VmRSS'] / GIB:.2f} |")
+    default = res["options"][0]
+    lines.append(f"| recall@{a['k']} of the default index vs exact | printed | {default['recall']:.3f} "
+                 f"(search {default['ms_per_image']:.1f} ms wall, {default['cpu_ms_per_image']:.1f} ms CPU per image) |")
+    ext = res.get("extension")
+    if ext:
+        same, new = ext["same_distribution"], ext["new_domain"]
+        lines.append(f"| recall after +10 % (same distribution): added / retrained | measured | "
+                     f"{same['added_without_retraining']:.3f} / {same['retrained_on_all']:.3f} |")
+        lines.append(f"| recall after +10 % new domain, queries on new regions: added / retrained | measured | "
+                     f"{new['added_without_retraining']['new_queries']:.3f} / {new['retrained_on_all']['new_queries']:.3f} |")
+    lines += ["", "| search option | wall / CPU ms per image | recall@k |", "|---|---|---|"]
+    lines += [f"| {o['option']} | {o['ms_per_image']:.1f} / {o['cpu_ms_per_image']:.1f} | {o['recall']:.3f}"
+              + ("" if "same_neighbours_as_default" not in o else
+                 f" (same neighbours as the default on these images: {o['same_neighbours_as_default']})") + " |"
+              for o in res["options"]]
+    lines += ["", f"Machine: {res['machine']}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    faiss.omp_set_num_threads(a.build_threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    spec = standin.Spec(a.regions, *a.dims, seed=a.seed)
+    build = a.build if a.build != "auto" else ("train" if a.regions <= TRAIN_LIMIT else "structured")
+    folder = standin.generate(spec, a.out, log=log.info)
+    bank, info = load_or_build(folder, spec, build)
+    log.info("index: %s, nlist %s, %d vectors", info["build"], bank.nlist, bank.ntotal)
+    r = a.regions_per_image
+    q_recall = cached(folder / f"queries-recall-{a.recall_images * r}-{a.seed}.npy",
+                      lambda: standin.queries(folder, a.recall_images * r, a.seed))
+    exact = cached(folder / f"exact-{a.recall_images * r}-{a.seed}-k{a.k}.npy", lambda: standin.exact_topk(folder, q_recall, a.k))
+    serve_q = folder / f"queries-serve-{a.images * r}-{a.seed}.npy"
+    cached(serve_q, lambda: standin.queries(folder, a.images * r, a.seed + 1))
+    res: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+                           "index": info, "index_nlist": bank.nlist,
+                           "machine": f"{os.cpu_count()} logical CPUs, load {os.getloadavg()[0]:.1f} at start, faiss {faiss.__version__}"}
+    res["options"] = option_table(bank, folder, q_recall, exact, a)
+    res["serving"] = {}
+    store_bytes = (folder / "main.npy").stat().st_size + (folder / "aux.npy").stat().st_size
+    for reader in a.readers:
+        if reader == "ram" and mem_available() < 1.5 * store_bytes + 2 * GIB:
+            log.info("authors' load-everything reader skipped: %.1f GiB available, stores %.1f GiB", mem_available() / GIB, store_bytes / GIB)
+            continue
+        log.info("serving %d images with the %s reader", a.images, reader)
+        res["serving"][reader] = serve(folder, folder / f"index-{build}.faiss", serve_q, reader, a)
+    if a.extension == "yes" or (a.extension == "auto" and build == "train"):
+        res["extension"] = extension_study(folder, spec, q_recall, exact, a, bank)
+    (a.out / f"bank-n{a.regions}.json").write_text(json.dumps(res, indent=1))
+    text = report(res)
+    (a.out / f"bank-n{a.regions}.md").write_text(text + "\n")
+    print(text)
+    return res
+
+
+if __name__ == "__main__":
+    main()

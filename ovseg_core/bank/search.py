@@ -1,0 +1,139 @@
+"""Nearest bank regions of each query (the reference's ``_faiss_search``), and exact re-ranking.
+
+The reference searches the inner IVF-PQ on a GPU with ``nprobe = min(256, nlist)``, maps
+internal positions to region ids through ``id_map`` (positions < 0 -> -1) and ignores the
+distances. Here the search runs on CPUs. For the authors' "reference" IVF-PQ (L2 codes under an
+inner-product coarse quantizer) FAISS's own CPU search cannot use its precomputed tables and
+computes a d-dimensional residual table for every probed list; ``SearchConfig.search =
+"precomputed"`` returns the same neighbours much faster:
+
+1. the coarse quantizer's own inner-product search picks the same ``nprobe`` lists, in the
+   same order, as FAISS's search;
+2. each list's coarse term is turned into the squared L2 distance FAISS would start from,
+   ||q - c||^2 = ||q||^2 + ||c||^2 - 2 <q, c>;
+3. ``search_preassigned`` with the IVF-PQ's precomputed table (||r||^2 + 2 <c, r> per list and
+   code, built once) adds -2 <q, r> per code: the same squared L2 distance of q to c + r, up to
+   float rounding.
+
+The table costs nlist * m * 2**nbits float32 (446 MB for the 2.9M-region COCO bank). The path
+switches the IVF-PQ's ``use_precomputed_table`` on for the call and off again, so one
+:class:`BankIndex` must not be searched from two threads at once.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from ovseg_core.bank.config import SearchConfig
+from ovseg_core.bank.index import BankIndex, normalize_keys
+from ovseg_core.bank.rows import RowReader
+
+__all__ = ["nprobe", "rerank", "search_index"]
+
+
+def nprobe(bank: BankIndex, cfg: SearchConfig) -> int | None:
+    """``min(nprobe_max, nlist)`` for an IVF index (the reference), else None."""
+    return None if bank.nlist is None else min(cfg.nprobe_max, bank.nlist)
+
+
+def _ensure_table(bank: BankIndex) -> None:
+    inner = bank.inner
+    if inner.precomputed_table.size() == 0:
+        inner.use_precomputed_table = 1  # forced: FAISS picks 0 (no table) for an inner-product quantizer
+        try:
+            inner.precompute_table()
+        finally:
+            inner.use_precomputed_table = 0
+
+
+def _search_reference_precomputed(bank: BankIndex, queries: np.ndarray, k: int, probes: int) -> np.ndarray:
+    """Positions (internal ids) of the k nearest codes, as FAISS's own search of this IVF-PQ returns."""
+    _ensure_table(bank)
+    inner = bank.inner
+    sims, lists = inner.quantizer.search(queries, probes)
+    norms = bank.centroid_norms()
+    coarse = (queries**2).sum(axis=1, keepdims=True) + norms[np.maximum(lists, 0)] - 2.0 * sims
+    coarse = np.where(lists < 0, np.float32(np.inf), coarse).astype(np.float32)
+    inner.nprobe = probes  # the wrapper checks the assignment's width against it (the reference sets it too)
+    inner.use_precomputed_table = 1
+    try:
+        _, positions = inner.search_preassigned(queries, k, lists, coarse)
+    finally:
+        inner.use_precomputed_table = 0
+    return positions
+
+
+def _ids_from_positions(bank: BankIndex, positions: np.ndarray) -> np.ndarray:
+    id_map = bank.id_map()
+    return np.where(positions >= 0, id_map[np.clip(positions, 0, max(id_map.shape[0] - 1, 0))], -1)
+
+
+def _search_raw(bank: BankIndex, queries: np.ndarray, k: int, cfg: SearchConfig) -> np.ndarray:
+    if bank.ntotal == 0:
+        return np.full((queries.shape[0], k), -1, dtype=np.int64)
+    probes = nprobe(bank, cfg)
+    if bank.kind == "ivfpq" and bank.metric == "reference" and bank.inner.by_residual and cfg.search == "precomputed":
+        return _ids_from_positions(bank, _search_reference_precomputed(bank, queries, k, probes))
+    if bank.kind == "ivfpq":
+        params = faiss.SearchParametersIVF(nprobe=probes)
+    elif bank.kind == "hnsw":
+        params = faiss.SearchParametersHNSW(efSearch=max(cfg.hnsw_ef_search, k))
+    else:
+        params = None
+    _, ids = bank.index.search(queries, k, params=params)
+    return ids.astype(np.int64)
+
+
+def rerank(queries: np.ndarray, candidates: np.ndarray, key_rows: RowReader, k: int) -> np.ndarray:
+    """Keep the ``k`` candidates of each query with the highest exact cosine to its stored key.
+
+    Args:
+        queries: ``(R, D) float32`` unit queries.
+        candidates: ``(R, C) int64`` region ids from the index (-1 = none).
+        key_rows: the bank's key store (fp16 keys, normalised here as the index normalises them).
+        k: neighbours kept.
+    Returns:
+        ``(R, k) int64``, best first; -1 where fewer than k candidates exist. Ties keep the
+        index's order.
+    """
+    r, c = candidates.shape
+    valid = candidates >= 0
+    flat = candidates[valid]
+    scores = np.full((r, c), -np.inf, dtype=np.float32)
+    if flat.size:
+        keys = normalize_keys(key_rows.rows(flat))
+        rows = np.repeat(np.arange(r), valid.sum(axis=1))
+        scores[valid] = np.einsum("nd,nd->n", keys, queries[rows])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    out = np.take_along_axis(candidates, order, axis=1)
+    out[np.take_along_axis(scores, order, axis=1) == -np.inf] = -1
+    if out.shape[1] < k:
+        out = np.concatenate([out, np.full((r, k - out.shape[1]), -1, dtype=np.int64)], axis=1)
+    return out
+
+
+def search_index(
+    bank: BankIndex, queries: np.ndarray, cfg: SearchConfig = SearchConfig(), key_rows: RowReader | None = None
+) -> np.ndarray:
+    """Region ids of the ``cfg.k`` nearest bank keys of each query.
+
+    Args:
+        bank: the index.
+        queries: ``(R, D) float32`` L2-normalised queries (:func:`ovseg_core.bank.pooling.region_queries`).
+        cfg: k, nprobe, search path, re-ranking.
+        key_rows: the key store; required when ``cfg.rerank``.
+    Returns:
+        ``(R, k) int64`` region ids, nearest first; -1 where the index returned fewer than k.
+    Raises:
+        ValueError: bad query shape, or ``cfg.rerank`` without ``key_rows``.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != bank.dim:
+        raise ValueError(f"queries must be (R, {bank.dim}) float32, got shape {queries.shape}")
+    if not cfg.rerank:
+        return _search_raw(bank, queries, cfg.k, cfg)
+    if key_rows is None:
+        raise ValueError("SearchConfig.rerank needs the bank's key store (key_rows) to re-score candidates")
+    candidates = _search_raw(bank, queries, max(cfg.rerank_candidates, cfg.k), cfg)
+    return rerank(queries, candidates, key_rows, cfg.k)

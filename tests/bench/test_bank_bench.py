@@ -1,0 +1,80 @@
+"""The memory-bank benchmark (``bench/bank.py``): stand-in helpers and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bank
+    import bank_standin
+
+    faiss.omp_set_num_threads(1)
+    return bank, bank_standin
+
+
+def test_standin_is_deterministic_clustered_and_exact_search_is_exact(bench, tmp_path, monkeypatch):
+    _, standin = bench
+    spec = standin.Spec(3000, dim_key=64, dim_main=32, dim_aux=16, seed=2)
+    monkeypatch.setattr(standin, "GROUPS_PER_BATCH", 40)  # several batches
+    folder = standin.generate(spec, tmp_path)
+    keys = np.load(folder / "keys.npy")
+    assert keys.shape == (3000, 64) and keys.dtype == np.float16
+    norms = np.linalg.norm(keys.astype(np.float32), axis=1)
+    assert norms.min() > 0.5 and norms.max() < 0.96  # means of unit vectors: norm < 1
+    coarse = np.load(folder / "coarse.npy")
+    assert coarse.max() < spec.coarse
+    again = standin.generate(spec, tmp_path / "again")  # a function of the spec
+    np.testing.assert_array_equal(np.load(again / "keys.npy"), keys)
+    np.testing.assert_array_equal(np.load(again / "main.npy"), np.load(folder / "main.npy"))
+    q = standin.queries(folder, 30, seed=0)
+    unit = keys.astype(np.float32) / np.linalg.norm(keys.astype(np.float32), axis=1, keepdims=True)
+    expected = np.argsort(-(q @ unit.T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(standin.exact_topk(folder, q, 10, chunk=512), expected)
+
+
+def test_structured_index_has_the_reference_structure_and_lists_match_nearest_centroids(bench, tmp_path):
+    _, standin = bench
+    spec = standin.Spec(4000, dim_key=64, dim_main=32, dim_aux=16)
+    folder = standin.generate(spec, tmp_path)
+    index, info = standin.structured_index(folder, spec, chunk=1500)
+    inner = faiss.downcast_index(index.index)
+    assert index.ntotal == 4000 and inner.nlist == spec.coarse == int(8 * np.sqrt(4000))
+    assert inner.metric_type == faiss.METRIC_L2 and inner.quantizer.metric_type == faiss.METRIC_INNER_PRODUCT
+    assert info["list_agreement"] > 0.99
+    assert faiss.vector_to_array(index.id_map).tolist() == list(range(4000))
+
+
+def test_recall_counts_the_exact_neighbours_found(bench):
+    bank, _ = bench
+    assert bank.recall(np.array([[1, 2, -1], [4, 5, 6]]), np.array([[2, 1, 3], [7, 8, 9]])) == pytest.approx(1 / 3)
+    with pytest.raises(SystemExit):
+        bank.parse_args(["--regions", "0"])
+    with pytest.raises(SystemExit):
+        bank.parse_args(["--dims", "100", "8", "8"])
+
+
+def test_tiny_benchmark_run_prints_the_table(bench, tmp_path, capsys):
+    bank, _ = bench
+    res = bank.main(["--regions", "3000", "--dims", "64", "32", "16", "--images", "3", "--recall-images", "2",
+                     "--size", "48", "48", "--classes", "7", "--readers", "mmap", "pread", "--build", "structured",
+                     "--build-threads", "1", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "| retrieval + fusion per image (mmap reader), wall / CPU ms | <= 5 ms |" in text
+    assert set(res["serving"]) == {"mmap", "pread"}
+    for out in res["serving"].values():
+        assert out["index"] == {"kind": "ivfpq", "metric": "reference", "nlist": int(8 * np.sqrt(3000)), "ntotal": 3000}
+        assert out["ms"]["total"] > 0 and out["cpu_ms"]["retrieval"] > 0 and out["memory"]["served"]["VmRSS"] > 0
+    assert all(0.0 <= o["recall"] <= 1.0 for o in res["options"])
+    assert json.loads((tmp_path / "bank-n3000.json").read_text())["args"]["regions"] == 3000
+    assert (tmp_path / "bank-n3000.md").read_text().startswith("# Memory-bank benchmark")
