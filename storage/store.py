@@ -155,12 +155,6 @@ class Store(StoreReader):
         base = self.backend.path(STAGES)
         return [(s, k) for s in self.backend.subfolders(base) for k in self.backend.subfolders(f"{base}/{s}")]
 
-    def list_stages(self, with_bytes: bool = True):
-        """Every stage output set with counts and bytes (``storage.maintenance.list_stages``)."""
-        from storage.maintenance import list_stages
-
-        return list_stages(self, with_bytes)
-
     # ----------------------------------------------------------------- completion
     def state(self, stage: str, key: str, refresh: bool = True) -> StageState:
         """The completion state of ``(stage, key)``, cached per process; ``refresh`` reads what is new."""
