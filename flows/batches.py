@@ -6,16 +6,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flows.config import Experiment
 from flows.runners import parallelism
+from flows.summary import StageReport
 from storage.store import Store
 from tasks.runtime import BatchResult, ItemResult, StageContext, StageNode
 from tasks.stages import STAGES
-
-if TYPE_CHECKING:
-    from flows.pipeline import StageReport
 
 log = logging.getLogger("ovseg.flows")
 

@@ -21,7 +21,7 @@ def run_demo(store: str | None = None, out: str = "demo-out", progress: bool = T
     ``orchestrate`` makes the run a Prefect flow run (False: no Prefect); the report is written
     by the run itself (a Prefect artifact names it).
     """
-    from flows.commands.run import print_summary
+    from flows.summary import print_summary
     from flows.pipeline import run_experiment
 
     if not DEMO_EXPERIMENT.is_file():

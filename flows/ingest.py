@@ -51,7 +51,8 @@ def ingest_dataset(store: Store | None, plan: DatasetPlan, progress: bool = True
 
 def plan_status(exp, plans: list[DatasetPlan], force: Iterable[str], summary):
     """The ``--dry-run`` table: per node, images cached and to compute. Writes nothing."""
-    from flows.pipeline import StageReport, _items
+    from flows.execute import _items
+    from flows.summary import StageReport
 
     try:
         store: Store | None = Store(exp.store, create=False)

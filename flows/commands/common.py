@@ -15,15 +15,6 @@ def human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def print_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
-    """Print left-aligned columns as wide as their widest cell (cells are never cut)."""
-    cols = [list(map(str, c)) for c in zip(header, *rows)] if rows else [[h] for h in header]
-    widths = [max(len(x) for x in c) for c in cols]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-    for r in rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
-
-
 def load_exp(args: argparse.Namespace):
     """The experiment of ``args.experiment`` with the ``--set`` overrides and ``--store`` applied."""
     from flows.config import load_experiment

@@ -9,14 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from flows.commands.common import load_exp, print_table
-
-
-def print_summary(summary) -> None:
-    """The per-stage table of a run: dataset, stage, key, images, computed, cached, not done, failed, seconds."""
-    rows = [(s.dataset, s.stage, s.key, s.total, s.done, s.cached, s.skipped + s.busy, s.failed, f"{s.seconds:.1f}")
-            for s in summary.stages]
-    print_table(rows, ["dataset", "stage", "key", "images", "computed", "cached", "not done", "failed", "seconds"])
+from flows.commands.common import load_exp
+from flows.summary import print_summary, print_table
 
 
 def cmd_run(args: argparse.Namespace, only: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from flows.commands.common import human, print_table, read_only_store
+from flows.commands.common import human, read_only_store
+from flows.summary import print_table
 
 
 def cmd_cache_ls(args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from flows.commands.common import print_table, read_only_store
+from flows.commands.common import read_only_store
+from flows.summary import print_table
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
