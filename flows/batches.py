@@ -13,7 +13,7 @@ from flows.runners import parallelism
 from flows.summary import StageReport
 from storage.store import Store
 from tasks.runtime import BatchResult, ItemResult, StageContext, StageNode
-from tasks.stages import STAGES
+from tasks.stages import STAGES, VOCAB_ITEM
 
 log = logging.getLogger("ovseg.flows")
 
@@ -31,7 +31,7 @@ def available(store: Store, node: StageNode) -> set[str] | None:
     for up in node.upstream.values():
         got = available(store, up)
         if STAGES[up.stage].per != "image":
-            if got is not None and "vocab" not in got:
+            if got is not None and VOCAB_ITEM not in got:
                 return done
             continue
         if got is not None:

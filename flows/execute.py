@@ -19,7 +19,7 @@ from flows.emptiness import empty_dataset_error
 from flows.graph import DatasetPlan, build_plan, check_device, descendants, method_users
 from flows.summary import RunSummary, StageReport
 from storage.store import Store
-from tasks.runtime import RunSettings, StageContext, StageNode
+from tasks.runtime import RunSettings, StageContext
 from tasks.stages import STAGES, get_stage
 
 log = logging.getLogger("ovseg.flows")
@@ -88,7 +88,7 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
         if repaired:
             summary.notes.append(f"{plan.dataset.name}:{node.stage} {node.key}: {len(repaired)} stored outputs were "
                                  f"missing or truncated ({repaired[0][1]}, ...): recomputed now")
-        _run_node(exp, store, ctx, _items(node, ok_rows), node.ident in forced, rep, failed_here, progress, wait,
+        _run_node(exp, store, ctx, STAGES[node.stage].items(ok_rows), node.ident in forced, rep, failed_here, progress, wait,
                   f"{label} ({k}/{len(nodes)})", submit)
         state = store.state(node.stage, node.key)  # one listing: what the workers wrote
         store.mark_fresh(node.stage, node.key)  # downstream checks in this run need no other listing
@@ -107,15 +107,6 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
         summary.damaged += damaged
 
 
-def _items(node: StageNode, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    stage = STAGES[node.stage]
-    if stage.per == "vocabulary":
-        return [{"image_id": "vocab"}]
-    if stage.scored_only:  # images without ground truth are predicted, not scored
-        return [r for r in rows if r.get("gt_path")]
-    return list(rows)
-
-
 def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict[str, Any]], forced: bool,
               rep: StageReport, failed_here: dict[tuple[str, str], set[str]], progress: bool, wait: bool,
               label: str, submit) -> None:
@@ -132,7 +123,7 @@ def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict
         up_failed = failed_here.get(up.ident, set())
         keep = []
         for it in ready:
-            iid = it["image_id"] if STAGES[up.stage].per == "image" else "vocab"
+            iid = STAGES[up.stage].item_of(it)
             if up_done is None or iid in up_done:
                 keep.append(it)
                 continue

@@ -112,8 +112,3 @@ def _signature(inp: Tensors) -> tuple:
 def to_store(x: torch.Tensor, feature_dtype: str) -> np.ndarray:
     """A feature tensor as the stored numpy dtype (``float16`` by default)."""
     return x.float().cpu().numpy().astype(FEATURE_DTYPES[feature_dtype])
-
-
-def array_name(aggregate: str) -> str:
-    """Store-safe array name of a CLIP aggregate (``mean:6-10`` -> ``mean_6-10``)."""
-    return aggregate.replace(":", "_")

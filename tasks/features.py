@@ -23,7 +23,8 @@ from ovseg_core.features.dino import (
 from ovseg_core.features.regions import region_map
 from ovseg_core.features.text import TEMPLATE_SETS, parse_class_lines, text_embeddings
 from storage.images import load_rgb
-from tasks.common import array_name, image_tensor, image_windows, run_windows, to_store
+from tasks.common import image_tensor, image_windows, run_windows, to_store
+from tasks.params import array_name
 from tasks.runtime import StageContext
 
 Output = tuple[dict[str, np.ndarray], dict[str, Any]]

@@ -19,6 +19,11 @@ FEATURE_DTYPES = ("float16", "float32")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def array_name(aggregate: str) -> str:
+    """Store-safe array name of a CLIP aggregate (``mean:6-10`` -> ``mean_6-10``)."""
+    return aggregate.replace(":", "_")
+
+
 @dataclass(frozen=True)
 class WindowParams:
     """Resize and sliding window of a dataset preset (methods.md section 1)."""
@@ -88,6 +93,10 @@ class ClipParams:
     blocks: tuple[str, ...]  # aggregate names (``block:11``, ``mean:6-10``, ...), sorted
     feature_dtype: str
     dtype: str
+
+    def array_names(self) -> tuple[str, ...]:
+        """The arrays of an item: one per aggregate, named by ``array_name``."""
+        return tuple(array_name(b) for b in self.blocks)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import numpy as np
 
 from storage.keys import StageKey
 from storage.store import Store
+from tasks.stages import STAGES, VOCAB_ITEM, InputError, get_stage
 
 log = logging.getLogger("ovseg.tasks")
 
@@ -112,24 +113,37 @@ class StageContext:
         """A backbone by name, loaded once per worker process."""
         return get_backbone(name, self.device, dtype, self.settings.weights_dir)
 
+    def input_node(self, role: str) -> StageNode:
+        """The node wired to the declared input ``role`` (``tasks.stages.Input``).
+
+        Raises:
+            InputError: the stage does not declare ``role``, or ``role`` is optional and this node
+                was not wired with it (the method's graph holds none of its sources).
+        """
+        inp = get_stage(self.node.stage).input(role)
+        try:
+            return self.node.upstream[role]
+        except KeyError:
+            raise InputError(f"stage {self.node.stage!r} (key {self.node.key}): its {'' if inp.required else 'optional '}"
+                             f"input {role!r} ({' or '.join(inp.sources)}) is not wired for this node; the method's "
+                             "graph holds none of its sources") from None
+
     def read_upstream(self, role: str, row: Mapping[str, Any], arrays: Sequence[str] | None = None
                       ) -> dict[str, np.ndarray]:
-        """An upstream output of one item (manifest ``row``): read, checked against its completion record, or,
-        for a stage that is not persisted and has no stored copy, computed here by the stage's own steps."""
-        up = self.node.upstream[role]
+        """A declared upstream output of one item (manifest ``row``): read, checked against its completion record,
+        or, for a stage that is not persisted and has no stored copy, computed here by the stage's own steps."""
+        up = self.input_node(role)
         store = self.store()
         iid = str(row["image_id"])
         if up.persist or store.state(up.stage, up.key, refresh=False).pack_of(iid) is not None:
             return store.read_item(up.stage, up.key, iid, arrays)
-        from tasks.stages import STAGES
-
         stage, ctx = STAGES[up.stage], StageContext(up, self.settings, self.dataset)
         (out, _), = stage.compute(ctx, stage.models(ctx), [stage.load(ctx, row)])
         return {k: out[k] for k in arrays} if arrays is not None else dict(out)
 
-    def read_shared(self, role: str, item: str) -> dict[str, np.ndarray]:
-        """An upstream per-vocabulary output, read once per worker."""
-        up = self.node.upstream[role]
+    def read_shared(self, role: str, item: str = VOCAB_ITEM) -> dict[str, np.ndarray]:
+        """A declared upstream per-vocabulary output, read once per worker."""
+        up = self.input_node(role)
         return _read_shared(self.settings.store_location, self.settings.lease_ttl, up.stage, up.key, item)
 
 
