@@ -12,25 +12,13 @@ when a Prefect API is configured); the other commands never import its server.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
 from flows.export import FORMATS as EXPORT_FORMATS
+from flows.prefect_settings import configure_prefect
 
-PREFECT_DEFAULTS = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-}
 LAYOUTS = ("folder", "voc", "pascal_context", "coco_object", "coco_stuff", "ade20k", "cityscapes", "camvid")
-
-
-def configure_prefect() -> None:
-    """Offline-friendly Prefect settings unless the user set them (called by the CLI, not on import)."""
-    for k, v in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(k, v)
 
 
 def _fraction(text: str) -> float:

@@ -1,7 +1,10 @@
-"""The work of a run, stage by stage: ingest, then per stage output set the missing items in batches.
+"""The work of a run: journal, ingest, then per stage output set the missing items in batches, scores,
+report, run record.
 
-``flows.pipeline.run_experiment`` validates the experiment (``validate``) and hands the work to
-the functions here, inside a Prefect flow run or in local threads.
+``execute`` does it for a ``RunRequest`` (plain, picklable data: the experiment and the run's
+options) and the validated plan, submitting each batch through the ``submit`` it is given: a
+Prefect task run inside the run's flow run (``flows.orchestration``) or a local thread
+(``flows.pipeline``, ``--no-prefect``). Both run the same code, so both give the same outputs.
 """
 
 from __future__ import annotations
@@ -9,17 +12,24 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from flows.batches import available, submit_all, wait_for
 from flows.config import Experiment
 from flows.emptiness import empty_dataset_error
 from flows.graph import DatasetPlan, build_plan, check_device, descendants, method_users
+from flows.ingest import ingest_dataset
+from flows.records import write_run_record
+from flows.report import write_report
+from flows.scores import aggregate_scores
 from flows.summary import RunSummary, StageReport
 from storage.store import Store
-from tasks.runtime import RunSettings, StageContext
+from tasks.runtime import RunSettings, StageContext, open_store
 from tasks.stages import STAGES, get_stage
 
 log = logging.getLogger("ovseg.flows")
@@ -27,8 +37,86 @@ log = logging.getLogger("ovseg.flows")
 COMPACT_AFTER = 32  # completion records not yet in the stage's index that trigger a compaction
 
 
+Submit = Callable[[StageContext, list[dict[str, Any]], str], Any]  # (ctx, rows, name) -> future of a BatchResult
+
+
+def run_id_at(when: datetime, token: str) -> str:
+    """A run id: ``<UTC time>-<6 hex>`` (``20261206T195544Z-9e00b8``), sortable by start time."""
+    return when.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + token[:6]
+
+
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    return run_id_at(datetime.now(timezone.utc), uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a run does, as plain data (picklable; the Prefect flow run receives it as parameters).
+
+    Attributes:
+        experiment: the validated experiment (with its provenance: files read, overrides).
+        run_id: the run's id (journal, tables, leases, flow run name).
+        force: stages recomputed with their dependants.
+        only: the stages run (``ovseg stage``), None for all.
+        wait: wait for items another live run holds (False: report them, the run is incomplete).
+        progress: progress bars on the terminal.
+        report_dir: folder for the HTML report written at the end, None for none.
+        experiment_file: the experiment file, "" when the experiment was built in memory.
+    """
+
+    experiment: Experiment
+    run_id: str
+    force: tuple[str, ...] = ()
+    only: tuple[str, ...] | None = None
+    wait: bool = True
+    progress: bool = True
+    report_dir: str | None = None
+    experiment_file: str = ""
+
+
+def execute(request: RunRequest, plans: Sequence[DatasetPlan], submit: Submit
+            ) -> tuple[RunSummary, dict[str, list[dict[str, Any]]]]:
+    """Run ``request`` on its validated ``plans``; returns the summary and the manifests ingested.
+
+    The run journal is written first (status ``running``, the whole plan) and finished last with
+    the outcome, followed by the run record, whatever happened in between (an interrupted run
+    gets no run record). An exception (e.g. a dataset without images) is re-raised.
+    """
+    exp, run_id = request.experiment, request.run_id
+    force, only = list(request.force), (list(request.only) if request.only is not None else None)
+    summary = RunSummary(run_id, exp.name, "", started=time.time())
+    summary.random_weights = any(n.random_weights for p in plans for n in p.nodes.values())
+    store = open_store(Store(exp.store, lease_ttl=exp.runner.lease_ttl).location, exp.runner.lease_ttl)
+    store.forget_fresh()  # another process may have changed the store since this process last looked
+    summary.store = store.location
+    plan_rows = [{"dataset": p.dataset.name, "stage": n.stage, "key": n.key,
+                  "methods": sorted(method_users(p).get(n.ident, ()))} for p in plans for n in p.ordered()]
+    journal = store.journal(run_id, {"experiment": exp.name, "experiment_file": request.experiment_file,
+                                     "experiment_files": list(exp.provenance.files),
+                                     "overrides": list(exp.provenance.overrides),
+                                     "store": store.location, "plan": plan_rows, "force": force, "only_stages": only,
+                                     "random_weights": summary.random_weights}).start()
+    settings = RunSettings(store.location, exp.device, exp.window_batch, exp.models.weights_dir, run_id,
+                           exp.runner.lease_ttl)
+    status = "failed"
+    try:
+        manifests = _ingest_all(store, plans, summary, request.progress)
+        for plan in plans:
+            _run_dataset(exp, store, plan, manifests[plan.dataset.name], settings, force, only, summary,
+                         request.progress, request.wait, journal, submit)
+        if request.report_dir is not None:
+            summary.report = str(write_report(store.location, request.report_dir, experiments=[exp.name]))
+        status = summary.status
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        summary.ended = time.time()
+        journal.finish(status, {"complete": 0, "incomplete": 3, "failed": 1, "interrupted": 130}[status],
+                       counts={"computed": summary.computed, "failed": summary.failed, "incomplete": summary.incomplete})
+        if status != "interrupted":
+            write_run_record(store, exp, plans, summary, status)
+    return summary, manifests
 
 
 def validate(exp: Experiment, force: Iterable[str] = (), only_stages: Iterable[str] | None = None,
@@ -46,8 +134,6 @@ def validate(exp: Experiment, force: Iterable[str] = (), only_stages: Iterable[s
 def _ingest_all(store: Store, plans: Sequence[DatasetPlan], summary: RunSummary, progress: bool
                 ) -> dict[str, list[dict[str, Any]]]:
     """Ingest every dataset; a dataset without images raises ``EmptyDatasetError`` naming what its root holds."""
-    from flows.ingest import ingest_dataset
-
     manifests = {}
     for p in plans:
         rows = ingest_dataset(store, p, progress=progress)
@@ -64,9 +150,7 @@ def _ingest_all(store: Store, plans: Sequence[DatasetPlan], summary: RunSummary,
 
 def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Sequence[Mapping[str, Any]],
                  settings: RunSettings, force: Sequence[str], only: Sequence[str] | None, summary: RunSummary,
-                 progress: bool, wait: bool, journal, submit) -> None:
-    from flows.scores import aggregate_scores
-
+                 progress: bool, wait: bool, journal, submit: Submit) -> None:
     ok_rows = [dict(r) for r in manifest if r.get("status", "ok") == "ok"]
     bad_rows = [r for r in manifest if r.get("status", "ok") != "ok"]
     if bad_rows:
@@ -109,9 +193,7 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
 
 def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict[str, Any]], forced: bool,
               rep: StageReport, failed_here: dict[tuple[str, str], set[str]], progress: bool, wait: bool,
-              label: str, submit) -> None:
-    from tqdm.auto import tqdm
-
+              label: str, submit: Submit) -> None:
     node = ctx.node
     rep.total = len(items)
     state = store.state(node.stage, node.key)

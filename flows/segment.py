@@ -38,7 +38,7 @@ def segment_image(image: str, classes: str, method: str = "corrclip", out: str =
 
     from flows.config import parse_experiment
     from flows.graph import build_plan
-    from flows.orchestration import prefect_configured
+    from flows.prefect_settings import prefect_configured
     from flows.overlay import render_overlay_figure
     from flows.pipeline import run_experiment
     from ovseg_core.features.text import parse_vocabulary_string

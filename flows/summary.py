@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+DEFAULT_MAX_FAILED = 0.1  # fraction of a run's images that may fail while its flow run stays Completed ("Partial")
 
 
 @dataclass
