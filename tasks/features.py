@@ -21,7 +21,8 @@ from ovseg_core.features.dino import (
     normalize_imagenet,
 )
 from ovseg_core.features.regions import region_map
-from ovseg_core.features.text import TEMPLATE_SETS, parse_class_lines, text_embeddings
+from ovseg_core.features.text import TEMPLATE_SETS, text_embeddings
+from ovseg_core.vocabulary import parse_class_lines
 from storage.images import load_rgb
 from tasks.common import image_tensor, image_windows, run_windows, to_store
 from tasks.params import array_name
