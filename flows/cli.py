@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 from flows.export import FORMATS as EXPORT_FORMATS
 from flows.prefect_settings import configure_prefect
+from storage.layouts import LAYOUT_NAMES, LAYOUTS
 
-LAYOUTS = ("folder", "voc", "pascal_context", "coco_object", "coco_stuff", "ade20k", "cityscapes", "camvid")
 
 
 def _fraction(text: str) -> float:
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command(sub, "ingest", "build the image manifest of a dataset folder", T.cmd_ingest)
     sp.add_argument("root", help="dataset root")
-    sp.add_argument("--layout", required=True, choices=LAYOUTS)
+    sp.add_argument("--layout", required=True, choices=LAYOUT_NAMES,
+                    help="; ".join(f"{lay.name}: {lay.reads}" for lay in LAYOUTS.values()))
     sp.add_argument("--dataset", default=None, help="dataset spec (VOC21, VOC20, PC60, PC59, COCO-Object, COCO-Stuff, "
                     "ADE20K, Cityscapes, CamVid)")
     sp.add_argument("--name", default=None, help="manifest name (default: the dataset spec)")

@@ -104,7 +104,7 @@ def _geometry(name: str) -> tuple[int, int]:
 
 def class_names(lines: list[str], separator: str, spec: DatasetSpec, custom: bool) -> tuple[str, ...]:
     """Class names of a vocabulary; a benchmark's background class is named "background"."""
-    from ovseg_core.features.text import parse_class_lines
+    from ovseg_core.vocabulary import parse_class_lines
 
     names = [n.strip() for n in parse_class_lines(lines, separator).class_names]
     if spec.has_background and not custom and names:
@@ -130,13 +130,8 @@ def _resolve(exp: Experiment, spec: DatasetSpec, m: MethodEntry) -> _Resolved:
     window = P.WindowParams(m.window.short_side or preset.short_side, m.window.crop or preset.crop,
                             m.window.stride or preset.stride,
                             CORRCLIP_PAD_MULTIPLE if method.family == "corrclip" else patch)
-    params = dict(m.params)
-    if m.map_correction is not None:
-        if not method.uses_regions:
-            raise ValueError(f"methods[{m.name}].map_correction: method {m.method!r} has no map correction")
-        params["map_correction"] = m.map_correction
     try:
-        cfg = method.build(params, nb)
+        cfg = method.build(m.params, nb)
     except ValueError as e:
         raise ValueError(f"methods[{m.name}].{e}") from e
     return _Resolved(m, method, clip_name, window, cfg, method.required_blocks(cfg, nb))

@@ -34,9 +34,11 @@ from types import MappingProxyType
 __all__ = [
     "CLASS_SEPARATORS",
     "DATASETS",
+    "FAMILY_MODELS",
     "LABEL_CONVERSIONS",
     "METHOD_VARIANTS",
     "DatasetSpec",
+    "FamilyModels",
     "MethodPreset",
     "class_lines",
     "get_dataset",
@@ -48,6 +50,23 @@ METHOD_VARIANTS = ("corrclip", "scclip")
 # Synonym separator of each family's class files, as its reference ``get_cls_idx`` splits a
 # line (CorrCLIP ``split('; ')``, SC-CLIP ``split(', ')``); pass it to ``parse_class_lines``.
 CLASS_SEPARATORS: Mapping[str, str] = MappingProxyType({"corrclip": "; ", "scclip": ", "})
+
+
+@dataclass(frozen=True)
+class FamilyModels:
+    """The backbones a method family's paper uses (backbone names, ``ovseg_core.backbones``)."""
+
+    clip: str  # CLIP image/text towers
+    dino: str  # DINO for CorrCLIP's scope reconstruction (methods.md 2.1)
+    sam: str  # SAM for CorrCLIP's regions
+
+
+# The papers' backbones per method family (methods.md): CorrCLIP uses MetaCLIP ViT-B/16 + DINO ViT-B/8 + SAM
+# ViT-B; SC-CLIP OpenAI ViT-B/16 (it reads no DINO or SAM; the CorrCLIP ones are named for combinations).
+FAMILY_MODELS: Mapping[str, FamilyModels] = MappingProxyType({
+    "corrclip": FamilyModels("clip:ViT-B-16-quickgelu@metaclip_fullcc", "dino:vitb8", "sam:vit_b"),
+    "scclip": FamilyModels("clip:ViT-B-16@openai", "dino:vitb8", "sam:vit_b"),
+})
 
 
 @dataclass(frozen=True)

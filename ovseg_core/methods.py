@@ -11,7 +11,6 @@ reads (so that a stage key hashes exactly those).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from ovseg_core.baselines import BASELINE_METHODS, baseline_required_blocks, bas
 from ovseg_core.combined import CombinedConfig, combined_required_blocks, combined_token_transform
 from ovseg_core.corrclip.config import CorrCLIPConfig
 from ovseg_core.corrclip.config import required_blocks as corrclip_required_blocks
+from ovseg_core.names import did_you_mean
 from ovseg_core.scclip.config import SCCLIPConfig
 
 __all__ = ["METHODS", "Method", "WindowInputs", "get_method", "CLUSTERING_FIELDS", "NOT_READ_BY_RECONSTRUCTION"]
@@ -111,9 +111,7 @@ def _check_keys(cls: type, params: Mapping[str, Any], where: str) -> None:
     names = [f.name for f in dataclasses.fields(cls)]
     for k in params:
         if k not in names:
-            close = difflib.get_close_matches(k, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{where}: unknown key {k!r}{hint} for {cls.__name__}; valid keys: {sorted(names)}")
+            raise ValueError(f"{where}: unknown key {k!r}{did_you_mean(k, names)} for {cls.__name__}; valid keys: {sorted(names)}")
 
 
 def _make(cls: type, params: Mapping[str, Any], where: str) -> Any:
@@ -201,6 +199,4 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(METHODS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown method {name!r}{hint}; valid methods: {', '.join(METHODS)}") from None
+        raise ValueError(f"unknown method {name!r}{did_you_mean(name, METHODS)}; valid methods: {', '.join(METHODS)}") from None

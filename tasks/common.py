@@ -15,9 +15,8 @@ from ovseg_core.windows import (
     resize_image,
 )
 from storage.images import load_rgb
-from tasks.params import WindowParams
+from tasks.params import FEATURE_DTYPES, WindowParams
 
-FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 Tensors = Mapping[str, torch.Tensor]
 
 
@@ -110,5 +109,7 @@ def _signature(inp: Tensors) -> tuple:
 
 
 def to_store(x: torch.Tensor, feature_dtype: str) -> np.ndarray:
-    """A feature tensor as the stored numpy dtype (``float16`` by default)."""
-    return x.float().cpu().numpy().astype(FEATURE_DTYPES[feature_dtype])
+    """A feature tensor as the stored numpy dtype, one of ``tasks.params.FEATURE_DTYPES`` (``float16`` by default)."""
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
+    return x.float().cpu().numpy().astype(np.dtype(feature_dtype))

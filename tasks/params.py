@@ -15,8 +15,8 @@ if TYPE_CHECKING:  # importing the parameter classes must not import torch (``ov
     from ovseg_core.corrclip.config import CorrCLIPConfig
     from ovseg_core.windows import WindowPlan
 
-FEATURE_DTYPES = ("float16", "float32")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+FEATURE_DTYPES = ("float16", "float32")  # dtypes of stored features (numpy names)
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # dtypes networks compute in (torch names)
 
 
 def array_name(aggregate: str) -> str:

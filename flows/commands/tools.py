@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from flows.commands.common import read_only_store
+from ovseg_core.names import did_you_mean
 from flows.summary import print_table
 
 
@@ -77,10 +78,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         have = stored_experiments(store)
         missing = [e for e in args.experiment if e not in have]
         if missing:
-            import difflib
-
-            hints = [f"{e!r} (did you mean {difflib.get_close_matches(e, have, n=1)[0]!r}?)"
-                     if difflib.get_close_matches(e, have, n=1) else repr(e) for e in missing]
+            hints = [f"{e!r}{did_you_mean(e, have)}" for e in missing]
             raise ValueError(f"no scores of experiment {', '.join(hints)} in {store.location}; experiments with "
                              f"scores: {', '.join(have) if have else 'none yet (run `ovseg run EXP.yaml`)'}")
     path = write_report(store.location, args.out, experiments=args.experiment or None, samples=args.samples)
