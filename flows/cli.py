@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
 
+from flows.commands import run as R
+from flows.commands import store as S
+from flows.commands import tools as T
 from flows.export import FORMATS as EXPORT_FORMATS
+from flows.logs import configure_logging, verbosity
 from flows.prefect_settings import configure_prefect
 from storage.layouts import LAYOUT_NAMES, LAYOUTS
 
@@ -71,10 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
         _verbosity_options(sp, top=False)
         sp.set_defaults(func=func)
         return sp
-
-    from flows.commands import run as R
-    from flows.commands import store as S
-    from flows.commands import tools as T
 
     for name, help_text in (("run", "run an experiment file (only what is missing is computed)"),
                             ("stage", "run one stage of an experiment (its inputs must be complete)")):
@@ -194,8 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from flows.logs import configure_logging, verbosity
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -211,8 +210,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as e:
         if args.verbosity > 0:
-            import traceback
-
             traceback.print_exc()
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)

@@ -37,9 +37,11 @@ from flows.experiment_files import (  # noqa: F401 - re-exported (tests, docs)
 )
 from ovseg_core.datasets import DATASETS, FAMILY_MODELS, METHOD_VARIANTS
 from ovseg_core.names import did_you_mean
+from ovseg_core.vocabulary import parse_vocabulary_string
 from storage.images import DEFAULT_MAX_PIXELS
 from storage.layouts import LAYOUT_NAMES
 from tasks.params import COMPUTE_DTYPES, FEATURE_DTYPES
+from tasks.stages import STAGES, get_stage
 
 Layout = Literal[LAYOUT_NAMES]  # type: ignore[valid-type] - the names of storage.layouts.LAYOUTS
 class _Strict(BaseModel):
@@ -50,8 +52,6 @@ def _class_lines(value: Any, dataset: str) -> Any:
     """``classes`` as canonical class lines ("dog, puppy"); a string uses the CLI syntax."""
     where = f"dataset {dataset!r}"
     if isinstance(value, str):
-        from ovseg_core.vocabulary import parse_vocabulary_string
-
         try:
             vocab = parse_vocabulary_string(value)
         except ValueError as e:
@@ -167,7 +167,7 @@ class MethodEntry(_Strict):
     @field_validator("method")
     @classmethod
     def _method_ok(cls, v: str) -> str:
-        from ovseg_core.methods import get_method
+        from ovseg_core.methods import get_method  # torch: only validating a file imports it, not every command
 
         get_method(v)  # the registry is the only source of method names; its error suggests the closest
         return v
@@ -221,8 +221,6 @@ class Experiment(_Strict):
     @field_validator("persist")
     @classmethod
     def _persist_ok(cls, v: dict[str, bool]) -> dict[str, bool]:
-        from tasks.stages import STAGES, get_stage
-
         for name, keep in v.items():
             stage = get_stage(name)
             if not keep and (stage.per != "image" or stage.name == "scoring"):

@@ -11,13 +11,23 @@ correction shares its reconstruction. Stages and what they read: ``tasks.stages.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from flows.config import DatasetEntry, Experiment, MethodEntry
+import torch
+
+from flows.config import DatasetEntry, Experiment, MethodEntry, load_experiment
+from ovseg_core.backbones import num_blocks, patch_size
+from ovseg_core.backbones import weights_identity as backbone_weights_identity
 from ovseg_core.datasets import CLASS_SEPARATORS, DatasetSpec, class_lines, get_dataset
+from ovseg_core.features.region_files import RegionFileConfig
+from ovseg_core.features.regions import SamRegionConfig, SuperpixelConfig
+from ovseg_core.features.sam2_regions import Sam2RegionConfig
 from ovseg_core.methods import Method, get_method
+from ovseg_core.vocabulary import parse_class_lines
 from tasks import params as P
 from tasks.runtime import StageNode
 from tasks.stages import STAGE_ORDER, STAGES, Stage
@@ -85,10 +95,8 @@ def weights_identity(name: str, weights_dir: str | None, missing: list[str] | No
     appended there and identified as ``{"name": name, "missing": True}`` (a key no stored
     output has; present files keep their identity and keys).
     """
-    from ovseg_core.backbones import weights_identity as _wid
-
     try:
-        return _wid(name, weights_dir=weights_dir)
+        return backbone_weights_identity(name, weights_dir=weights_dir)
     except FileNotFoundError as e:
         if missing is None:
             raise
@@ -97,15 +105,11 @@ def weights_identity(name: str, weights_dir: str | None, missing: list[str] | No
 
 
 def _geometry(name: str) -> tuple[int, int]:
-    from ovseg_core.backbones import num_blocks, patch_size
-
     return num_blocks(name), patch_size(name)
 
 
 def class_names(lines: list[str], separator: str, spec: DatasetSpec, custom: bool) -> tuple[str, ...]:
     """Class names of a vocabulary; a benchmark's background class is named "background"."""
-    from ovseg_core.vocabulary import parse_class_lines
-
     names = [n.strip() for n in parse_class_lines(lines, separator).class_names]
     if spec.has_background and not custom and names:
         names[0] = "background"
@@ -241,12 +245,17 @@ def _method_specs(exp: Experiment, ds: DatasetEntry, spec: DatasetSpec, r: _Reso
     return out
 
 
+def experiment_keys(paths: Sequence[str], overrides: Sequence[str] = ()) -> set[tuple[str, str]]:
+    """Every ``(stage, key)`` of the plans of the given experiment files (``ovseg cache gc / verify EXP``)."""
+    keys: set[tuple[str, str]] = set()
+    for path in paths:
+        for plan in build_plan(load_experiment(path, overrides=overrides)):
+            keys.update(plan.nodes)
+    return keys
+
+
 def _sam_spec(exp: Experiment, wd: str | None, missing: list[str] | None = None) -> NodeSpec:
     """The ``sam_masks`` node of the experiment's region source."""
-    from ovseg_core.features.region_files import RegionFileConfig
-    from ovseg_core.features.regions import SamRegionConfig, SuperpixelConfig
-    from ovseg_core.features.sam2_regions import Sam2RegionConfig
-
     src, params = exp.regions.source, dict(exp.regions.params)
     try:
         if src in ("sam", "sam2"):
@@ -268,9 +277,6 @@ def _sam_spec(exp: Experiment, wd: str | None, missing: list[str] | None = None)
 def mask_files_digest(folder: str, cfg: Any) -> str:
     """sha256 over the name and bytes of every mask file in ``folder`` matching the pattern: edited masks
     change the ``sam_masks`` key and everything downstream is recomputed."""
-    import hashlib
-    from pathlib import Path
-
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"regions.params.dir: mask folder {root} does not exist")
@@ -310,8 +316,6 @@ def check_device(device: str, remote: bool = False) -> None:
     always valid. With ``remote`` (an existing Dask cluster) only the device string is checked:
     the workers, not this machine, must have it.
     """
-    import torch
-
     if device == "auto":
         return
     try:

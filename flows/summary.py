@@ -83,8 +83,43 @@ def print_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None
         print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
 
 
-def print_summary(summary) -> None:
+def print_summary(summary: RunSummary) -> None:
     """The per-stage table of a run: dataset, stage, key, images, computed, cached, not done, failed, seconds."""
     rows = [(s.dataset, s.stage, s.key, s.total, s.done, s.cached, s.skipped + s.busy, s.failed, f"{s.seconds:.1f}")
             for s in summary.stages]
     print_table(rows, ["dataset", "stage", "key", "images", "computed", "cached", "not done", "failed", "seconds"])
+
+
+def print_plan(summary: RunSummary, experiment: str) -> None:
+    """The ``--dry-run`` table: per stage output set, images to compute and cached, the methods using it."""
+    print(f"plan for experiment {experiment} (store {summary.store}; nothing was written):")
+    rows = [(s.dataset, s.stage, s.key, s.done, s.cached, s.methods) for s in summary.stages]
+    print_table(rows, ["dataset", "stage", "key", "to compute", "cached", "used by"])
+    for note in summary.notes:
+        print(f"note: {note}")
+
+
+def print_run(summary: RunSummary) -> None:
+    """What ``ovseg run`` prints at the end: the stage table, the scores, notes, the outcome and the failures."""
+    print_summary(summary)
+    if summary.metrics:
+        print()
+        rows = [(m["dataset"], m["method"], f"{100 * m['miou']:.2f}" if m["miou"] is not None else "nan",
+                 f"{100 * m['aacc']:.2f}" if m["aacc"] is not None else "nan",
+                 f"{m['images']}/{m['images_total']}" + ("" if m["complete"] else " (partial)"))
+                for m in summary.metrics if m["class_index"] == -1]
+        print_table(rows, ["dataset", "method", "mIoU", "aAcc", "images scored"])
+    for note in summary.notes:
+        print(f"note: {note}")
+    if summary.random_weights:
+        print("\nNOTE: random-weight backbones were used: scores are at chance level and are NOT method results.")
+    failures = [(s.stage, f[0], f[1], f[2]) for s in summary.stages for f in s.failures]
+    state = f" (Prefect state {summary.state})" if summary.state else ""
+    print(f"\nrun {summary.run_id}: {summary.status}{state}: {summary.computed} outputs computed, {summary.failed} failed, "
+          f"{summary.incomplete} left for a later run")
+    for stage, iid, etype, err in failures[:20]:
+        print(f"  {stage} {iid}: {etype}: {err}")
+    if len(failures) > 20:
+        print(f"  ... {len(failures) - 20} more (see `ovseg runs --failures {summary.run_id}`)")
+    if summary.report:
+        print(f"report: {summary.report}")

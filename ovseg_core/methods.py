@@ -23,8 +23,11 @@ from ovseg_core.baselines import BASELINE_METHODS, baseline_required_blocks, bas
 from ovseg_core.combined import CombinedConfig, combined_required_blocks, combined_token_transform
 from ovseg_core.corrclip.config import CorrCLIPConfig
 from ovseg_core.corrclip.config import required_blocks as corrclip_required_blocks
+from ovseg_core.corrclip.pipeline import corrclip_window_features
 from ovseg_core.names import did_you_mean
 from ovseg_core.scclip.config import SCCLIPConfig
+from ovseg_core.scclip.pipeline import required_blocks as scclip_required_blocks
+from ovseg_core.scclip.pipeline import scclip_window_features
 
 __all__ = ["METHODS", "Method", "WindowInputs", "get_method", "CLUSTERING_FIELDS", "NOT_READ_BY_RECONSTRUCTION"]
 
@@ -147,8 +150,6 @@ def _build_none(name: str) -> Callable[[Mapping[str, Any], int], None]:
 
 def _corrclip_features(visual: nn.Module, crops: torch.Tensor, cfg: Any, blocks: Mapping[str, torch.Tensor],
                        inputs: WindowInputs) -> torch.Tensor:
-    from ovseg_core.corrclip.pipeline import corrclip_window_features
-
     corr, transform = cfg, None
     if isinstance(cfg, tuple):
         corr = cfg[0]
@@ -161,8 +162,6 @@ def _corrclip_features(visual: nn.Module, crops: torch.Tensor, cfg: Any, blocks:
 
 def _scclip_features(visual: nn.Module, crops: torch.Tensor, cfg: Any, blocks: Mapping[str, torch.Tensor],
                      inputs: WindowInputs) -> torch.Tensor:
-    from ovseg_core.scclip.pipeline import scclip_window_features
-
     return scclip_window_features(visual, crops, cfg, blocks=blocks)
 
 
@@ -175,9 +174,7 @@ def _baseline(name: str) -> Method:
 
 
 def _scclip_blocks(cfg: SCCLIPConfig, num_blocks: int) -> tuple[str, ...]:
-    from ovseg_core.scclip.pipeline import required_blocks
-
-    return tuple(required_blocks(cfg, num_blocks))
+    return tuple(scclip_required_blocks(cfg, num_blocks))
 
 
 def _combined_blocks(cfg: tuple[CorrCLIPConfig, CombinedConfig], num_blocks: int) -> tuple[str, ...]:

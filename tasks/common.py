@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ovseg_core.features.regions import resize_regions_nearest
 from ovseg_core.windows import (
     WindowPlan,
     crop_window_labels,
@@ -54,8 +55,6 @@ def region_windows(ids: np.ndarray, plan: WindowPlan) -> torch.Tensor:
 
     Returns ``(n_win, Hp, Wp) int64`` with -1 on padding.
     """
-    from ovseg_core.features.regions import resize_regions_nearest
-
     resized = resize_regions_nearest(np.asarray(ids), plan.resized_hw)
     return crop_window_labels(torch.as_tensor(np.asarray(resized), dtype=torch.int64), plan, pad_value=-1)
 

@@ -20,6 +20,7 @@ from ovseg_core.features.dino import (
     dino_qk_features,
     normalize_imagenet,
 )
+from ovseg_core.features.region_files import decode_label_map, regions_from_label_map
 from ovseg_core.features.regions import region_map
 from ovseg_core.features.text import TEMPLATE_SETS, text_embeddings
 from ovseg_core.vocabulary import parse_class_lines
@@ -72,11 +73,6 @@ def sam_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
 
 def sam_compute(ctx: StageContext, model, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
     """Region ids at original resolution (ascending-area painting, 0 = unsegmented), scores, areas."""
-    from ovseg_core.features.region_files import (
-        decode_label_map,
-        regions_from_label_map,
-    )
-
     out = []
     for inp in inputs:
         if "mask" in inp:

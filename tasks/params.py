@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ovseg_core.window_plan import WindowPlan, plan_windows
+
 if TYPE_CHECKING:  # importing the parameter classes must not import torch (``ovseg cache ls`` reads the stage table)
     from ovseg_core.corrclip.config import CorrCLIPConfig
-    from ovseg_core.windows import WindowPlan
 
 FEATURE_DTYPES = ("float16", "float32")  # dtypes of stored features (numpy names)
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # dtypes networks compute in (torch names)
@@ -42,10 +43,8 @@ class WindowParams:
             raise ValueError(f"window.stride ({self.stride}) must not exceed window.crop ({self.crop}): pixels between "
                              "windows would never be predicted; lower the stride")
 
-    def plan(self, orig_hw: tuple[int, int]) -> "WindowPlan":
+    def plan(self, orig_hw: tuple[int, int]) -> WindowPlan:
         """The window plan of an image of original size ``(H, W)``."""
-        from ovseg_core.windows import plan_windows
-
         return plan_windows(orig_hw, self.short_side, self.crop, self.stride, self.pad_multiple)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ovseg_core.backbones import num_blocks
 from ovseg_core.methods import WindowInputs, get_method
 from ovseg_core.postprocess import predict, window_logits
 from ovseg_core.windows import accumulate_window_logits, finish_merge
@@ -54,8 +55,6 @@ def reconstruction_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, 
 
 
 def _num_blocks(ctx: StageContext) -> int:
-    from ovseg_core.backbones import num_blocks
-
     return num_blocks(ctx.params.backbone)
 
 

@@ -20,7 +20,9 @@ from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
+import torch
 
+from ovseg_core.backbones import load_backbone
 from storage.keys import StageKey
 from storage.store import Store
 from tasks.stages import STAGES, VOCAB_ITEM, InputError, get_stage
@@ -187,10 +189,6 @@ _models: dict[tuple, Any] = {}
 
 def get_backbone(name: str, device: str = "cpu", dtype: str = "float32", weights_dir: str | None = None):
     """Load a backbone once per worker process (thread-safe). A failure is remembered and re-raised."""
-    import torch
-
-    from ovseg_core.backbones import load_backbone
-
     ident = (name, device, dtype, weights_dir)
     with _model_lock:
         got = _models.get(ident)
@@ -261,8 +259,6 @@ def worker_device(requested: str) -> str:
     """
     if requested not in ("auto", "cuda"):
         return requested
-    import torch
-
     count = torch.cuda.device_count()
     name = _dask_worker_name()
     index = worker_index(name) if name is not None else None
