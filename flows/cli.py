@@ -22,7 +22,9 @@ from flows.commands import tools as T
 from flows.export import FORMATS as EXPORT_FORMATS
 from flows.logs import configure_logging, verbosity
 from flows.prefect_settings import configure_prefect
+from flows.summary import stage_legend
 from storage.layouts import LAYOUT_NAMES, LAYOUTS
+from tasks.stages import STAGE_ORDER
 
 
 
@@ -71,17 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity_options(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(parent, name: str, help: str, func) -> argparse.ArgumentParser:
-        sp = parent.add_parser(name, help=help, description=help)
+    def command(parent, name: str, help: str, func, epilog: str | None = None) -> argparse.ArgumentParser:
+        formatter = argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter
+        sp = parent.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=formatter)
         _verbosity_options(sp, top=False)
         sp.set_defaults(func=func)
         return sp
 
     for name, help_text in (("run", "run an experiment file (only what is missing is computed)"),
                             ("stage", "run one stage of an experiment (its inputs must be complete)")):
-        sp = command(sub, name, help_text, R.cmd_run if name == "run" else R.cmd_stage)
+        sp = command(sub, name, help_text, R.cmd_run if name == "run" else R.cmd_stage,
+                     epilog="stages (in dependency order):\n" + "\n".join(stage_legend(STAGE_ORDER)))
         if name == "stage":
-            sp.add_argument("name", help="stage name (see `ovseg cache ls` or docs/cli.md)")
+            sp.add_argument("name", help="stage name (listed below)")
         sp.add_argument("experiment", help="experiment YAML (see configs/)")
         _store(sp)
         _overrides(sp)

@@ -3,9 +3,11 @@ and the tables ``ovseg run`` / ``ovseg demo`` print."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from tasks.stages import STAGE_ORDER, STAGES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 DEFAULT_MAX_FAILED = 0.1  # fraction of a run's images that may fail while its flow run stays Completed ("Partial")
@@ -90,11 +92,20 @@ def print_summary(summary: RunSummary) -> None:
     print_table(rows, ["dataset", "stage", "key", "images", "computed", "cached", "not done", "failed", "seconds"])
 
 
+def stage_legend(stages: Iterable[str]) -> list[str]:
+    """One line per stage named (table order, once each): its name and what it computes (``Stage.description``)."""
+    named = set(stages)
+    width = max((len(s) for s in named if s in STAGES), default=0)
+    return [f"  {s.ljust(width)}  {STAGES[s].description}" for s in STAGE_ORDER if s in named]
+
+
 def print_plan(summary: RunSummary, experiment: str) -> None:
     """The ``--dry-run`` table: per stage output set, images to compute and cached, the methods using it."""
     print(f"plan for experiment {experiment} (store {summary.store}; nothing was written):")
     rows = [(s.dataset, s.stage, s.key, s.done, s.cached, s.methods) for s in summary.stages]
     print_table(rows, ["dataset", "stage", "key", "to compute", "cached", "used by"])
+    print("\nstages:")
+    print("\n".join(stage_legend(s.stage for s in summary.stages)))
     for note in summary.notes:
         print(f"note: {note}")
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 
 from flows.commands.common import human, read_only_store
-from flows.summary import print_table
+from flows.summary import print_table, stage_legend
 from storage.journal import KeepSet, newest_per_experiment
 from storage.keys import canonical_json
 from storage.maintenance import evict, gc, list_stages, verify
@@ -37,6 +37,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     for i in infos:
         for path in i.damaged_files:
             print(f"  damaged: {path} (ovseg cache verify --repair)")
+    print("stages:\n" + "\n".join(stage_legend(i.stage for i in infos)))
     print(f"store: {store.location}")
     return 0
 

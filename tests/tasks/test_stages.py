@@ -166,3 +166,13 @@ def test_an_item_with_other_arrays_than_declared_fails_and_is_not_stored(tmp_pat
 def test_input_defaults_to_the_stage_named_like_its_role():
     assert Input("sam_masks").sources == ("sam_masks",)
     assert Input("prediction", ("map_correction", "reconstruction"), required=False).sources[0] == "map_correction"
+
+
+def test_design_doc_lists_every_stage_with_its_description():
+    doc = (REPO / "docs" / "design.md").read_text()
+    for stage in STAGES.values():
+        row = next((ln for ln in doc.splitlines() if ln.startswith(f"| `{stage.name}` |")), None)
+        assert row is not None, stage.name
+        assert row.rstrip().endswith(f"| {stage.description} |"), row
+        for inp in stage.inputs:
+            assert inp.role in row, (stage.name, inp.role)
