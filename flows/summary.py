@@ -104,8 +104,6 @@ def print_plan(summary: RunSummary, experiment: str) -> None:
     print(f"plan for experiment {experiment} (store {summary.store}; nothing was written):")
     rows = [(s.dataset, s.stage, s.key, s.done, s.cached, s.methods) for s in summary.stages]
     print_table(rows, ["dataset", "stage", "key", "to compute", "cached", "used by"])
-    print("\nstages:")
-    print("\n".join(stage_legend(s.stage for s in summary.stages)))
     for note in summary.notes:
         print(f"note: {note}")
 

@@ -37,7 +37,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     for i in infos:
         for path in i.damaged_files:
             print(f"  damaged: {path} (ovseg cache verify --repair)")
-    print("stages:\n" + "\n".join(stage_legend(i.stage for i in infos)))
+    print("what each stage computes:\n" + "\n".join(stage_legend(i.stage for i in infos)))
     print(f"store: {store.location}")
     return 0
 
