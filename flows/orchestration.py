@@ -61,6 +61,7 @@ from flows.execute import RunRequest, execute, run_id_at, validate
 from flows.logs import forward_to_run_logs
 from flows.runners import make_task_runner
 from flows.summary import DEFAULT_MAX_FAILED, RunSummary
+from storage.paths import resolve_location
 from tasks.prefect_tasks import stage_batch
 
 log = logging.getLogger("ovseg.flows")
@@ -200,7 +201,7 @@ def ovseg_run(experiment: str = "", experiment_file: str = "", store: str | None
     plans = validate(exp, request.force, request.only)
     with forward_to_run_logs(), experiment_task_runner(exp):
         log.info("run %s of experiment %s (%s) on store %s", run_id, exp.name, experiment_file or "no file",
-                 exp.store or "(default)")
+                 resolve_location(exp.store))
         summary, manifests = execute(request, plans, _submit_task)
         publish_artifacts(summary, manifests)
         state = final_state(summary, max_failed)
@@ -226,17 +227,17 @@ def experiment_task_runner(exp: Experiment) -> Iterator[Any]:
 
 
 def run_in_flow(request: RunRequest, max_failed: float = DEFAULT_MAX_FAILED) -> RunSummary:
-    """Run ``request`` as one flow run of the ovseg flow (``ovseg_run``); returns its summary (``state`` set to the final state).
+    """Run ``request`` as one flow run of the ovseg flow (``ovseg_run``).
 
-    An exception that stopped the run is re-raised here (the flow run is ``Failed`` with it).
+    Returns the run's summary, its ``state`` set to the flow run's final state. An exception that stopped the run is re-raised here (the flow run is ``Failed`` with it).
     """
     exp = request.experiment
     with tags(*run_tags(exp)):
-        state = ovseg_run(exp.name, request.experiment_file, exp.store, request.run_id,
-                           list(exp.provenance.overrides), list(request.force),
-                           list(request.only) if request.only is not None else None, max_failed, config=exp,
-                           report_dir=request.report_dir, wait=request.wait, progress=request.progress,
-                           return_state=True)
+        state = ovseg_run(exp.name, request.experiment_file, resolve_location(exp.store), request.run_id,
+                          list(exp.provenance.overrides), list(request.force),
+                          list(request.only) if request.only is not None else None, max_failed, config=exp,
+                          report_dir=request.report_dir, wait=request.wait, progress=request.progress,
+                          return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result
