@@ -183,6 +183,7 @@ def one_repeat(rep: int, args: argparse.Namespace, models: Mapping[str, str], da
     from measure import count_flops, wait_quiet
 
     from flows.graph import build_plan
+    from storage.maintenance import list_stages
     from storage.store import Store
     from tasks.runtime import RunSettings, StageContext
 
@@ -218,7 +219,7 @@ def one_repeat(rep: int, args: argparse.Namespace, models: Mapping[str, str], da
                             "cpu_overhead_ratio": row["cpu_seconds"] / bare.cpu_seconds if bare.cpu_seconds > 0 else None,
                             "flops_per_window": bare.flops_per_window})
         stages.append(row)
-    store_bytes = {f"{i.stage}/{i.key}": i.nbytes for i in store.list_stages()}
+    store_bytes = {f"{i.stage}/{i.key}": i.nbytes for i in list_stages(store)}
     store_files = sum(1 for p in warm_store.rglob("*") if p.is_file())
 
     log.info("repeat %d: incremental rerun (tau %s -> %s)", rep, TAU_FIRST, TAU_RERUN)

@@ -6,16 +6,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flows.config import Experiment
 from flows.runners import parallelism
+from flows.summary import StageReport
 from storage.store import Store
 from tasks.runtime import BatchResult, ItemResult, StageContext, StageNode
-from tasks.stages import STAGES
-
-if TYPE_CHECKING:
-    from flows.pipeline import StageReport
+from tasks.stages import STAGES, VOCAB_ITEM
 
 log = logging.getLogger("ovseg.flows")
 
@@ -33,7 +31,7 @@ def available(store: Store, node: StageNode) -> set[str] | None:
     for up in node.upstream.values():
         got = available(store, up)
         if STAGES[up.stage].per != "image":
-            if got is not None and "vocab" not in got:
+            if got is not None and VOCAB_ITEM not in got:
                 return done
             continue
         if got is not None:
@@ -46,7 +44,8 @@ def submit_all(exp: Experiment, ctx: StageContext, todo: list[dict[str, Any]], r
     """Run ``todo`` in batches, at most ``2 x workers`` in flight; returns the busy items (id -> holder).
 
     ``submit(ctx, rows, name)`` starts one batch (a Prefect task run named ``name``, or a local
-    thread) and returns a future.
+    thread) and returns a future. The name says whose work it is:
+    ``<dataset>:<stage>[<methods>] batch i/n``, the methods being those whose results depend on it.
     """
     size = exp.runner.batch_size
     batches = deque(todo[i : i + size] for i in range(0, len(todo), size))
@@ -59,8 +58,9 @@ def submit_all(exp: Experiment, ctx: StageContext, todo: list[dict[str, Any]], r
         while batches and not fatal and len(in_flight) < 2 * parallelism(exp.runner.workers):
             i += 1
             batch = batches.popleft()
-            in_flight.append((batch, submit(ctx, batch, f"{ctx.stage}[{ctx.dataset}] batch {i}/{n}")))
-            log.debug("%s[%s] batch %d/%d: %d item(s) submitted", ctx.stage, ctx.dataset, i, n, len(batch))
+            name = f"{ctx.dataset}:{ctx.stage}[{rep.methods}] batch {i}/{n}"
+            in_flight.append((batch, submit(ctx, batch, name)))
+            log.debug("%s: %d item(s) submitted", name, len(batch))
         if not in_flight:
             break
         batch, fut = in_flight.popleft()

@@ -12,25 +12,20 @@ when a Prefect API is configured); the other commands never import its server.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import traceback
 from collections.abc import Sequence
 
+from flows.commands import run as R
+from flows.commands import store as S
+from flows.commands import tools as T
 from flows.export import FORMATS as EXPORT_FORMATS
+from flows.logs import configure_logging, verbosity
+from flows.prefect_settings import configure_prefect
+from flows.summary import stage_legend
+from storage.layouts import LAYOUT_NAMES, LAYOUTS
+from tasks.stages import STAGE_ORDER
 
-PREFECT_DEFAULTS = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-}
-LAYOUTS = ("folder", "voc", "pascal_context", "coco_object", "coco_stuff", "ade20k", "cityscapes", "camvid")
-
-
-def configure_prefect() -> None:
-    """Offline-friendly Prefect settings unless the user set them (called by the CLI, not on import)."""
-    for k, v in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(k, v)
 
 
 def _fraction(text: str) -> float:
@@ -78,21 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity_options(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(parent, name: str, help: str, func) -> argparse.ArgumentParser:
-        sp = parent.add_parser(name, help=help, description=help)
+    def command(parent, name: str, help: str, func, epilog: str | None = None) -> argparse.ArgumentParser:
+        formatter = argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter
+        sp = parent.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=formatter)
         _verbosity_options(sp, top=False)
         sp.set_defaults(func=func)
         return sp
 
-    from flows.commands import run as R
-    from flows.commands import store as S
-    from flows.commands import tools as T
-
     for name, help_text in (("run", "run an experiment file (only what is missing is computed)"),
                             ("stage", "run one stage of an experiment (its inputs must be complete)")):
-        sp = command(sub, name, help_text, R.cmd_run if name == "run" else R.cmd_stage)
+        sp = command(sub, name, help_text, R.cmd_run if name == "run" else R.cmd_stage,
+                     epilog="stages (in dependency order):\n" + "\n".join(stage_legend(STAGE_ORDER)))
         if name == "stage":
-            sp.add_argument("name", help="stage name (see `ovseg cache ls` or docs/cli.md)")
+            sp.add_argument("name", help="stage name (listed below)")
         sp.add_argument("experiment", help="experiment YAML (see configs/)")
         _store(sp)
         _overrides(sp)
@@ -134,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command(sub, "ingest", "build the image manifest of a dataset folder", T.cmd_ingest)
     sp.add_argument("root", help="dataset root")
-    sp.add_argument("--layout", required=True, choices=LAYOUTS)
+    sp.add_argument("--layout", required=True, choices=LAYOUT_NAMES,
+                    help="; ".join(f"{lay.name}: {lay.reads}" for lay in LAYOUTS.values()))
     sp.add_argument("--dataset", default=None, help="dataset spec (VOC21, VOC20, PC60, PC59, COCO-Object, COCO-Stuff, "
                     "ADE20K, Cityscapes, CamVid)")
     sp.add_argument("--name", default=None, help="manifest name (default: the dataset spec)")
@@ -206,8 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from flows.logs import configure_logging, verbosity
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -223,8 +215,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as e:
         if args.verbosity > 0:
-            import traceback
-
             traceback.print_exc()
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)

@@ -35,11 +35,15 @@ from flows.experiment_files import (  # noqa: F401 - re-exported (tests, docs)
     parse_override,
     resolve_paths,
 )
-from ovseg_core.datasets import DATASETS, METHOD_VARIANTS
+from ovseg_core.datasets import DATASETS, FAMILY_MODELS, METHOD_VARIANTS
 from ovseg_core.names import did_you_mean
+from ovseg_core.vocabulary import parse_vocabulary_string
 from storage.images import DEFAULT_MAX_PIXELS
+from storage.layouts import LAYOUT_NAMES
+from tasks.params import COMPUTE_DTYPES, FEATURE_DTYPES
+from tasks.stages import STAGES, get_stage
 
-Layout = Literal["folder", "voc", "pascal_context", "coco_object", "coco_stuff", "ade20k", "cityscapes", "camvid"]
+Layout = Literal[LAYOUT_NAMES]  # type: ignore[valid-type] - the names of storage.layouts.LAYOUTS
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -48,8 +52,6 @@ def _class_lines(value: Any, dataset: str) -> Any:
     """``classes`` as canonical class lines ("dog, puppy"); a string uses the CLI syntax."""
     where = f"dataset {dataset!r}"
     if isinstance(value, str):
-        from ovseg_core.features.text import parse_vocabulary_string
-
         try:
             vocab = parse_vocabulary_string(value)
         except ValueError as e:
@@ -119,9 +121,9 @@ class DatasetEntry(_Strict):
 class ModelsEntry(_Strict):
     """Backbones (see README 'Backbones'); '@random[:seed]' builds random weights (scores meaningless)."""
 
-    clip: str = "clip:ViT-B-16-quickgelu@metaclip_fullcc"
-    dino: str = "dino:vitb8"
-    sam: str = "sam:vit_b"
+    clip: str = FAMILY_MODELS["corrclip"].clip  # CorrCLIP's (the papers' backbones: ovseg_core.datasets)
+    dino: str = FAMILY_MODELS["corrclip"].dino
+    sam: str = FAMILY_MODELS["corrclip"].sam
     sam2: str = Field(default="sam2:hiera_l", description="SAM 2 backbone (regions.source: sam2); the CorrCLIP reference's on-the-fly generator is hiera_l")
     dino_pos: Literal["dino", "timm"] = Field(default="dino", description="DINO position-embedding interpolation: 'dino' = DINO's own (g + 0.1) / G bicubic rule (reference), 'timm' = timm's resize")
     weights_dir: str | None = Field(default=None, description="folder with checkpoints under their official names, relative to the experiment file (default $OVSEG_WEIGHTS)")
@@ -154,7 +156,6 @@ class MethodEntry(_Strict):
     logit_scale: float | None = Field(default=None, gt=0)
     prob_thd: float | None = Field(default=None, ge=0, le=1, description="None = preset; only used on datasets with background")
     area_thd: float | None = Field(default=None, ge=0, le=1)
-    map_correction: bool | None = Field(default=None, description="CorrCLIP map correction (None = config default)")
 
     @field_validator("name")
     @classmethod
@@ -166,7 +167,7 @@ class MethodEntry(_Strict):
     @field_validator("method")
     @classmethod
     def _method_ok(cls, v: str) -> str:
-        from ovseg_core.methods import get_method
+        from ovseg_core.methods import get_method  # torch: only validating a file imports it, not every command
 
         get_method(v)  # the registry is the only source of method names; its error suggests the closest
         return v
@@ -209,8 +210,8 @@ class Experiment(_Strict):
     methods: list[MethodEntry] = Field(min_length=1)
     runner: RunnerEntry = Field(default_factory=RunnerEntry)
     device: str = Field(default="cpu", description="cpu, cuda, cuda:N, mps, or auto (each worker binds one GPU round-robin when there are GPUs, else the CPU, said once)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    feature_dtype: Literal["float16", "float32"] = Field(default="float16", description="dtype of stored features")
+    dtype: Literal[COMPUTE_DTYPES] = "float32"  # type: ignore[valid-type]
+    feature_dtype: Literal[FEATURE_DTYPES] = Field(default="float16", description="dtype of stored features")  # type: ignore[valid-type]
     window_batch: int = Field(default=4, ge=1, description="windows per backbone forward (memory bound)")
     persist: dict[str, bool] = Field(default_factory=dict, description="per stage: false = never written, computed on demand inside its consumers (storage budget); default true")
     text_templates: Literal["imagenet80", "single"] = Field(
@@ -220,8 +221,6 @@ class Experiment(_Strict):
     @field_validator("persist")
     @classmethod
     def _persist_ok(cls, v: dict[str, bool]) -> dict[str, bool]:
-        from tasks.stages import STAGES, get_stage
-
         for name, keep in v.items():
             stage = get_stage(name)
             if not keep and (stage.per != "image" or stage.name == "scoring"):

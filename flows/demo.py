@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 from flows.config import load_experiment
+from flows.pipeline import run_experiment
+from flows.summary import print_summary
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_EXPERIMENT = REPO / "configs" / "demo.yaml"
@@ -21,9 +23,6 @@ def run_demo(store: str | None = None, out: str = "demo-out", progress: bool = T
     ``orchestrate`` makes the run a Prefect flow run (False: no Prefect); the report is written
     by the run itself (a Prefect artifact names it).
     """
-    from flows.commands.run import print_summary
-    from flows.pipeline import run_experiment
-
     if not DEMO_EXPERIMENT.is_file():
         raise FileNotFoundError(f"{DEMO_EXPERIMENT} not found: run the demo from a clone of the ovseg repository")
     exp = load_experiment(DEMO_EXPERIMENT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ovseg_core.names import did_you_mean
+from storage.images import IMAGE_EXTENSIONS
 
 SHOWN = 12  # entries of the root listed in the message
 
@@ -29,8 +30,6 @@ def describe_folder(root: str | Path) -> str:
 
 def empty_dataset_error(name: str, root: str | Path, layout: str) -> EmptyDatasetError:
     """The error for dataset ``name`` whose root gave no image under ``layout``."""
-    from storage.images import IMAGE_EXTENSIONS
-
     hint = (f"the folder layout takes files ending in {' '.join(sorted(IMAGE_EXTENSIONS))}, searched recursively"
             if layout == "folder" else f"check the root, the split and that layout {layout!r} matches the folder")
     return EmptyDatasetError(f"dataset {name!r}: no images found under {root} (layout {layout!r}); "

@@ -11,17 +11,27 @@ correction shares its reconstruction. Stages and what they read: ``tasks.stages.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from flows.config import DatasetEntry, Experiment, MethodEntry
+import torch
+
+from flows.config import DatasetEntry, Experiment, MethodEntry, load_experiment
 from flows.experiment_files import parse_override
+from ovseg_core.backbones import num_blocks, patch_size
+from ovseg_core.backbones import weights_identity as backbone_weights_identity
 from ovseg_core.datasets import CLASS_SEPARATORS, DatasetSpec, class_lines, get_dataset
+from ovseg_core.features.region_files import RegionFileConfig
+from ovseg_core.features.regions import SamRegionConfig, SuperpixelConfig
+from ovseg_core.features.sam2_regions import Sam2RegionConfig
 from ovseg_core.methods import Method, get_method
+from ovseg_core.vocabulary import parse_class_lines
 from tasks import params as P
 from tasks.runtime import StageNode
-from tasks.stages import STAGE_ORDER, STAGES
+from tasks.stages import STAGE_ORDER, STAGES, Stage
 
 # SC-CLIP with ViT-L/14 uses other background thresholds (methods.md section 3).
 SCCLIP_VITL_PROB_THD: Mapping[str, float] = {"VOC21": 0.2, "COCO-Object": 0.25}
@@ -87,10 +97,8 @@ def weights_identity(name: str, weights_dir: str | None, missing: list[str] | No
     appended there and identified as ``{"name": name, "missing": True}`` (a key no stored
     output has; present files keep their identity and keys).
     """
-    from ovseg_core.backbones import weights_identity as _wid
-
     try:
-        return _wid(name, weights_dir=weights_dir)
+        return backbone_weights_identity(name, weights_dir=weights_dir)
     except FileNotFoundError as e:
         if missing is None:
             raise
@@ -99,15 +107,11 @@ def weights_identity(name: str, weights_dir: str | None, missing: list[str] | No
 
 
 def _geometry(name: str) -> tuple[int, int]:
-    from ovseg_core.backbones import num_blocks, patch_size
-
     return num_blocks(name), patch_size(name)
 
 
 def class_names(lines: list[str], separator: str, spec: DatasetSpec, custom: bool) -> tuple[str, ...]:
     """Class names of a vocabulary; a benchmark's background class is named "background"."""
-    from ovseg_core.features.text import parse_class_lines
-
     names = [n.strip() for n in parse_class_lines(lines, separator).class_names]
     if spec.has_background and not custom and names:
         names[0] = "background"
@@ -132,13 +136,8 @@ def _resolve(exp: Experiment, spec: DatasetSpec, m: MethodEntry) -> _Resolved:
     window = P.WindowParams(m.window.short_side or preset.short_side, m.window.crop or preset.crop,
                             m.window.stride or preset.stride,
                             CORRCLIP_PAD_MULTIPLE if method.family == "corrclip" else patch)
-    params = dict(m.params)
-    if m.map_correction is not None:
-        if not method.uses_regions:
-            raise ValueError(f"methods[{m.name}].map_correction: method {m.method!r} has no map correction")
-        params["map_correction"] = m.map_correction
     try:
-        cfg = method.build(params, nb)
+        cfg = method.build(m.params, nb)
     except ValueError as e:
         raise ValueError(f"methods[{m.name}].{e}{_override_hint(exp, ('methods', str(exp.methods.index(m)), 'params'))}"
                          ) from e
@@ -152,19 +151,47 @@ def _override_hint(exp: Experiment, loc: tuple[str, ...]) -> str:
     return f" [set by override {hits[-1]!r}]" if hits else ""
 
 
+@dataclass(frozen=True)
+class NodeSpec:
+    """What the graph decides for one stage of one method: its parameters and weights.
+
+    Its upstream is not part of it: ``wire`` derives it from the stage's declared inputs.
+    """
+
+    params: Any
+    weights: Mapping[str, Any] | None = None
+    inputs_dir: str | None = None  # where inputs outside the store live (pre-generated masks)
+
+
+def wire(stage: Stage, chain: Mapping[str, StageNode]) -> dict[str, StageNode]:
+    """A node's upstream, from its stage's declared inputs (``tasks.stages.Input``).
+
+    Each role gets the node of the first of its sources that ``chain`` (the nodes of one
+    method's graph so far, by stage) holds; an optional role without one is left out.
+
+    Raises:
+        ValueError: a required input has none of its sources in ``chain``.
+    """
+    upstream: dict[str, StageNode] = {}
+    for inp in stage.inputs:
+        node = next((chain[s] for s in inp.sources if s in chain), None)
+        if node is not None:
+            upstream[inp.role] = node
+        elif inp.required:
+            raise ValueError(f"stage {stage.name!r} needs its input {inp.role!r} from {' or '.join(inp.sources)}, "
+                             f"which this method's graph does not hold (it holds {', '.join(chain) or 'nothing'})")
+    return upstream
+
+
 def build_plan(exp: Experiment, missing: list[str] | None = None) -> list[DatasetPlan]:
     """Resolve the experiment into stage nodes per dataset (no model is loaded).
 
-    ``missing``: collect missing weight files there instead of raising (see ``weights_identity``).
+    For each method, ``_method_specs`` decides which stages it uses and with which parameters;
+    the nodes are then made in the stage table's order, each wired to its declared inputs
+    (``wire``). ``missing``: collect missing weight files there instead of raising (see
+    ``weights_identity``).
     """
-    wd = exp.models.weights_dir
-    fdt, dt = exp.feature_dtype, exp.dtype
     plans = []
-
-    def node(stage: str, params: Any, upstream: Mapping[str, StageNode] | None = None,
-             weights: Mapping[str, Any] | None = None) -> StageNode:
-        return make_node(stage, params, upstream, weights, exp.persist)
-
     for index, ds in enumerate(exp.datasets):
         spec = dataset_spec(ds)
         plan = DatasetPlan(ds, spec, index=index)
@@ -173,83 +200,93 @@ def build_plan(exp: Experiment, missing: list[str] | None = None) -> list[Datase
         for r in resolved:
             union.setdefault((r.clip, r.window), set()).update(r.blocks)
         for r in resolved:
-            m, method, window, cfg = r.entry, r.method, r.window, r.config
-            clip_id = {"clip": weights_identity(r.clip, wd, missing)}
-            variant = m.classes or method.family
-            lines = list(ds.classes) if ds.classes else class_lines(spec.name, variant)
+            variant = r.entry.classes or r.method.family
+            lines = tuple(ds.classes) if ds.classes else tuple(class_lines(spec.name, variant))
             separator = ", " if ds.classes else CLASS_SEPARATORS[variant]  # each reference's own line reader
-            text = plan.add(node("text_embeddings", P.TextParams(r.clip, tuple(lines), separator, exp.text_templates,
-                                                                 dt), weights=clip_id))
-            clip = plan.add(node("clip_layers", P.ClipParams(r.clip, window, tuple(sorted(union[(r.clip, window)])),
-                                                             fdt, dt), weights=clip_id))
-            upstream: dict[str, StageNode] = {"text_embeddings": text, "clip_layers": clip}
-            sam = None
-            if method.uses_regions:
-                sam = plan.add(_sam_node(exp, wd, missing))
-                dino_input = "from_clip" if method.corrclip_config(cfg).padding == "reference" else "imagenet"
-                dino = plan.add(node("dino_features", P.DinoParams(exp.models.dino, window, fdt, dt, exp.models.dino_pos,
-                                                                   dino_input),
-                                     weights={"dino": weights_identity(exp.models.dino, wd, missing)}))
-                mc = plan.add(node("mask_clustering", P.ClusteringParams(window, method.clustering_config(cfg)),
-                                   {"dino_features": dino, "sam_masks": sam}))
-                upstream.update({"dino_features": dino, "sam_masks": sam, "mask_clustering": mc})
-                if method.semantic_branch(cfg):
-                    upstream["mask_class_tokens"] = plan.add(node(
-                        "mask_class_tokens", P.SemanticParams(r.clip, window, fdt, dt), {"mask_clustering": mc},
-                        clip_id))
-            preset = spec.presets[method.family]
-            preset_thd = preset.prob_thd
-            if method.family == "scclip" and _geometry(r.clip)[0] == 24 and spec.name in SCCLIP_VITL_PROB_THD:
-                preset_thd = SCCLIP_VITL_PROB_THD[spec.name]
-            prob_thd = (m.prob_thd if m.prob_thd is not None else preset_thd) if spec.has_background else None
-            area_thd = (m.area_thd if m.area_thd is not None else preset.area_thd) if spec.has_background else None
-            rec = plan.add(node("reconstruction", P.ReconstructionParams(
-                method.name, method.reconstruction_config(cfg), r.clip, window, dt, float(m.logit_scale or preset.logit_scale),
-                prob_thd, area_thd), upstream, clip_id))
-            pred = rec
-            if method.map_correction(cfg):
-                pred = plan.add(node("map_correction", P.MapCorrectionParams(method.corrclip_config(cfg).m0_quirk),
-                                     {"reconstruction": rec, "sam_masks": sam}))
-            score = plan.add(node("scoring", P.ScoringParams(spec.name, spec.num_classes, spec.label_conversion,
-                                                             spec.ignore_index, ds.strict_labels), {"prediction": pred}))
-            plan.methods.append(MethodPlan(m, method, pred, score, spec.num_classes,
-                                           class_names(lines, separator, spec, bool(ds.classes))))
+            specs = _method_specs(exp, ds, spec, r, tuple(sorted(union[(r.clip, r.window)])), lines, separator,
+                                  missing)
+            chain: dict[str, StageNode] = {}
+            for name in STAGE_ORDER:
+                if name in specs:
+                    ns = specs[name]
+                    node = make_node(name, ns.params, wire(STAGES[name], chain), ns.weights, exp.persist)
+                    if ns.inputs_dir is not None:
+                        node = dataclasses.replace(node, inputs_dir=ns.inputs_dir)
+                    chain[name] = plan.add(node)
+            score = chain["scoring"]
+            plan.methods.append(MethodPlan(r.entry, r.method, score.upstream["prediction"], score, spec.num_classes,
+                                           class_names(list(lines), separator, spec, bool(ds.classes))))
         plans.append(plan)
     return plans
 
 
-def _sam_node(exp: Experiment, wd: str | None, missing: list[str] | None = None) -> StageNode:
-    from ovseg_core.features.region_files import RegionFileConfig
-    from ovseg_core.features.regions import SamRegionConfig, SuperpixelConfig
-    from ovseg_core.features.sam2_regions import Sam2RegionConfig
+def _method_specs(exp: Experiment, ds: DatasetEntry, spec: DatasetSpec, r: _Resolved, blocks: tuple[str, ...],
+                  lines: tuple[str, ...], separator: str, missing: list[str] | None) -> dict[str, NodeSpec]:
+    """The stages one method uses on one dataset, with their parameters and weights (in table order).
 
+    ``blocks``: the CLIP aggregates every method sharing this method's CLIP and window needs.
+    """
+    wd, fdt, dt = exp.models.weights_dir, exp.feature_dtype, exp.dtype
+    m, method, window, cfg = r.entry, r.method, r.window, r.config
+    clip_id = {"clip": weights_identity(r.clip, wd, missing)}
+    out = {"text_embeddings": NodeSpec(P.TextParams(r.clip, lines, separator, exp.text_templates, dt), clip_id),
+           "clip_layers": NodeSpec(P.ClipParams(r.clip, window, blocks, fdt, dt), clip_id)}
+    if method.uses_regions:
+        out["sam_masks"] = _sam_spec(exp, wd, missing)
+        dino_input = "from_clip" if method.corrclip_config(cfg).padding == "reference" else "imagenet"
+        out["dino_features"] = NodeSpec(P.DinoParams(exp.models.dino, window, fdt, dt, exp.models.dino_pos, dino_input),
+                                        {"dino": weights_identity(exp.models.dino, wd, missing)})
+        out["mask_clustering"] = NodeSpec(P.ClusteringParams(window, method.clustering_config(cfg)))
+        if method.semantic_branch(cfg):
+            out["mask_class_tokens"] = NodeSpec(P.SemanticParams(r.clip, window, fdt, dt), clip_id)
+    preset = spec.presets[method.family]
+    preset_thd = preset.prob_thd
+    if method.family == "scclip" and _geometry(r.clip)[0] == 24 and spec.name in SCCLIP_VITL_PROB_THD:
+        preset_thd = SCCLIP_VITL_PROB_THD[spec.name]
+    prob_thd = (m.prob_thd if m.prob_thd is not None else preset_thd) if spec.has_background else None
+    area_thd = (m.area_thd if m.area_thd is not None else preset.area_thd) if spec.has_background else None
+    out["reconstruction"] = NodeSpec(P.ReconstructionParams(
+        method.name, method.reconstruction_config(cfg), r.clip, window, dt, float(m.logit_scale or preset.logit_scale),
+        prob_thd, area_thd), clip_id)
+    if method.map_correction(cfg):
+        out["map_correction"] = NodeSpec(P.MapCorrectionParams(method.corrclip_config(cfg).m0_quirk))
+    out["scoring"] = NodeSpec(P.ScoringParams(spec.name, spec.num_classes, spec.label_conversion, spec.ignore_index,
+                                              ds.strict_labels))
+    return out
+
+
+def experiment_keys(paths: Sequence[str], overrides: Sequence[str] = ()) -> set[tuple[str, str]]:
+    """Every ``(stage, key)`` of the plans of the given experiment files (``ovseg cache gc / verify EXP``)."""
+    keys: set[tuple[str, str]] = set()
+    for path in paths:
+        for plan in build_plan(load_experiment(path, overrides=overrides)):
+            keys.update(plan.nodes)
+    return keys
+
+
+def _sam_spec(exp: Experiment, wd: str | None, missing: list[str] | None = None) -> NodeSpec:
+    """The ``sam_masks`` node of the experiment's region source."""
     src, params = exp.regions.source, dict(exp.regions.params)
     try:
         if src in ("sam", "sam2"):
             name = exp.models.sam if src == "sam" else exp.models.sam2
             cfg: Any = (SamRegionConfig if src == "sam" else Sam2RegionConfig)(**params)
-            return make_node("sam_masks", P.RegionParams(src, name, cfg, exp.dtype),
-                             weights={src: weights_identity(name, wd, missing)}, persist=exp.persist)
+            return NodeSpec(P.RegionParams(src, name, cfg, exp.dtype), {src: weights_identity(name, wd, missing)})
         if src == "files":
             folder = params.pop("dir", None)
             if not folder:
                 raise ValueError("regions.params.dir: the folder of the pre-generated masks is required for source files")
             cfg = RegionFileConfig(**params)
-            node = make_node("sam_masks", P.RegionParams(src, None, cfg, None, mask_files_digest(folder, cfg)),
-                             persist=exp.persist)
-            return dataclasses.replace(node, inputs_dir=folder)
+            return NodeSpec(P.RegionParams(src, None, cfg, None, mask_files_digest(folder, cfg)), inputs_dir=folder)
         cfg = SuperpixelConfig(method=src, **params)
     except TypeError as e:
         raise ValueError(f"regions.params: {e}") from e
-    return make_node("sam_masks", P.RegionParams(src, None, cfg, None), persist=exp.persist)
+    return NodeSpec(P.RegionParams(src, None, cfg, None))
 
 
 def mask_files_digest(folder: str, cfg: Any) -> str:
     """sha256 over the name and bytes of every mask file in ``folder`` matching the pattern: edited masks
     change the ``sam_masks`` key and everything downstream is recomputed."""
-    import hashlib
-    from pathlib import Path
-
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"regions.params.dir: mask folder {root} does not exist")
@@ -289,8 +326,6 @@ def check_device(device: str, remote: bool = False) -> None:
     always valid. With ``remote`` (an existing Dask cluster) only the device string is checked:
     the workers, not this machine, must have it.
     """
-    import torch
-
     if device == "auto":
         return
     try:

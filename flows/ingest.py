@@ -9,8 +9,11 @@ from typing import Any
 
 from flows.emptiness import empty_dataset_error, root_error
 from flows.graph import DatasetPlan, descendants, method_users
+from flows.summary import StageReport
+from storage.ingest import ManifestRow, ingest, ingest_files
 from storage.store import Store, StoreNotFoundError
-from storage.tables import write_table
+from storage.tables import read_table, write_table
+from tasks.stages import STAGES
 
 log = logging.getLogger("ovseg.flows")
 
@@ -22,9 +25,6 @@ def ingest_dataset(store: Store | None, plan: DatasetPlan, progress: bool = True
     The stored manifest of an earlier run lets unchanged files (same size and mtime) skip
     decoding and hashing; an unreadable stored manifest is only a warning (it is rebuilt).
     """
-    from storage.ingest import ManifestRow, ingest, ingest_files
-    from storage.tables import read_table
-
     ds = plan.dataset
     if ds.layout == "folder" and Path(ds.root).is_file():
         rows = ingest_files([ds.root], dataset=ds.name, max_pixels=ds.max_pixels)
@@ -55,8 +55,6 @@ def ingest_dataset(store: Store | None, plan: DatasetPlan, progress: bool = True
 
 def plan_status(exp, plans: list[DatasetPlan], force: Iterable[str], summary):
     """The ``--dry-run`` table: per node, images cached and to compute. Writes nothing."""
-    from flows.pipeline import StageReport, _items
-
     try:
         store: Store | None = Store(exp.store, create=False)
         summary.store = store.location
@@ -72,7 +70,7 @@ def plan_status(exp, plans: list[DatasetPlan], force: Iterable[str], summary):
             raise empty_dataset_error(plan.dataset.name, plan.dataset.root, plan.dataset.layout)
         ok = [r for r in manifest if r.get("status", "ok") == "ok"]
         for node in plan.ordered():
-            items = [i["image_id"] for i in _items(node, ok)]
+            items = [i["image_id"] for i in STAGES[node.stage].items(ok)]
             done = store.complete_items(node.stage, node.key) if store is not None else set()
             cached = 0 if node.ident in forced else sum(1 for i in items if i in done)
             summary.stages.append(StageReport(plan.dataset.name, node.stage, node.key, total=len(items),

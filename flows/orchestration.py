@@ -1,20 +1,26 @@
 """The Prefect side of a run: flow run name, parameters, tags, final state, artifacts, logs.
 
-``run_experiment`` (``flows.pipeline``) runs its work inside :func:`run_in_flow`, which makes
-one Prefect flow run per ovseg run:
+One ovseg run is one Prefect flow run of :func:`ovseg_run`, whose parameters are plain data
+and are everything it uses: it loads the experiment (``config``, or ``experiment_file`` with
+``overrides`` when run by a deployment), validates it, runs it (``flows.execute.execute``)
+with the experiment's task runner and ends in a state that says how it went.
+``run_experiment`` (``flows.pipeline``) calls it through :func:`run_in_flow`; ``ovseg serve``
+serves it as a deployment (``flows.serve``), so a scheduled run is one flow run too:
 
-- name ``<experiment> <run_id>`` (flow ``ovseg``); parameters ``experiment``,
-  ``experiment_file``, ``store``, ``run_id``, ``overrides``, ``force``, ``only_stages``,
-  ``max_failed``; tags ``ovseg``, ``experiment:<name>``, ``dataset:<name>`` per dataset,
-  ``method:<name>`` per method (task runs inherit them);
-- task runs ``<stage>[<dataset>] batch i/n`` (one per batch);
+- name ``<experiment> <run_id>`` (flow ``ovseg``, ``ovseg-scheduled`` when served); parameters
+  ``experiment``, ``experiment_file``, ``store``, ``run_id``, ``overrides``, ``force``,
+  ``only_stages``, ``max_failed``, ``config`` (the experiment), ``report_dir``, ``wait``,
+  ``progress``; tags ``ovseg``, ``experiment:<name>``, ``dataset:<name>`` per dataset,
+  ``method:<name>`` per method;
+- task runs ``<dataset>:<stage>[<methods>] batch i/n`` (one per batch; the methods whose
+  results depend on the stage output);
 - ovseg's log lines in the run's logs, at the CLI's verbosity (``flows.logs``);
 - artifacts (keys end with the experiment name, so the Artifacts page keeps one history per
   experiment): ``ovseg-scores-<experiment>`` (mIoU / aAcc per dataset and method),
   ``ovseg-failures-<experiment>`` (dataset, stage, methods, image, error: every failed or
   skipped image of the run, ``all`` methods for an image that could not be read; empty when
-  none) and ``ovseg-report-<experiment>`` (the report's
-  path, when the run wrote one);
+  none) and, when the run wrote a report, ``ovseg-report-<experiment>`` (the scores and the
+  report's path, as text: the UI cannot open local files);
 - a final state that says how the run went (exit codes unchanged):
 
   =====================================  =========================================  ====
@@ -36,26 +42,32 @@ one Prefect flow run per ovseg run:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flows.config import Experiment
+from prefect import flow, tags
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext, TagsContext
+from prefect.states import Completed, Failed, State
+
+from flows.config import Experiment, load_experiment
+from flows.execute import RunRequest, execute, run_id_at, validate
+from flows.logs import forward_to_run_logs
+from flows.runners import make_task_runner
+from flows.summary import DEFAULT_MAX_FAILED, RunSummary
+from storage.paths import resolve_location
+from tasks.prefect_tasks import stage_batch
 
 log = logging.getLogger("ovseg.flows")
 
-DEFAULT_MAX_FAILED = 0.1  # fraction of a run's images that may fail while its flow run stays Completed ("Partial")
 FLOW_NAME = "ovseg"
 NOT_FAILURES = ("Busy",)  # failure kinds that leave an item for a later run instead of failing it
-
-
-def prefect_configured() -> bool:
-    """True when a Prefect API is configured (``PREFECT_API_URL`` in the environment or the profile)."""
-    from prefect.settings import get_current_settings
-
-    return get_current_settings().api.url is not None
 
 
 def slug(name: str) -> str:
@@ -75,10 +87,8 @@ def failed_images(summary) -> set[tuple[str, str]]:
     return {(s.dataset, iid) for s in summary.stages for iid, kind, _ in s.failures if kind not in NOT_FAILURES}
 
 
-def final_state(summary, max_failed: float = DEFAULT_MAX_FAILED):
+def final_state(summary: RunSummary, max_failed: float = DEFAULT_MAX_FAILED) -> State:
     """The flow run's final state for a finished run (see the module docstring)."""
-    from prefect.states import Completed, Failed
-
     if not 0.0 <= max_failed <= 1.0:
         raise ValueError(f"max_failed must be a fraction in [0, 1], got {max_failed!r}")
     counts = f"{summary.computed} outputs computed"
@@ -100,10 +110,8 @@ def _pct(v: float | None) -> str:
     return "nan" if v is None else f"{100 * v:.2f}"
 
 
-def publish_artifacts(summary, manifests: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+def publish_artifacts(summary: RunSummary, manifests: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
     """Scores, failures and report artifacts of the current flow run (see the module docstring)."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     key = slug(summary.experiment)
     note = " (random-weight backbones: NOT method results)" if summary.random_weights else ""
     scores = [{"dataset": m["dataset"], "method": m["method"], "mIoU": _pct(m["miou"]), "aAcc": _pct(m["aacc"]),
@@ -120,64 +128,124 @@ def publish_artifacts(summary, manifests: Mapping[str, Sequence[Mapping[str, Any
     create_table_artifact(failures, key=f"ovseg-failures-{key}",
                           description=f"Failed and skipped images of run {summary.run_id} ({len(failures)})")
     if summary.report:
-        path = Path(summary.report).resolve()
-        create_markdown_artifact(f"Report of experiment **{summary.experiment}**, run `{summary.run_id}`:\n\n"
-                                 f"[{path}]({path.as_uri()})\n", key=f"ovseg-report-{key}",
+        create_markdown_artifact(report_markdown(summary, scores), key=f"ovseg-report-{key}",
                                  description=f"HTML report written by run {summary.run_id}")
 
 
-_RUNS: dict[str, tuple[Callable[[Callable], dict], Any, float, dict[str, Any]]] = {}  # run id -> body, summary, ...
+def report_markdown(summary: RunSummary, scores: Sequence[Mapping[str, Any]]) -> str:
+    """The report artifact: the scores as a table and where the report is, as text (the UI opens no local file)."""
+    path = Path(summary.report or "").resolve()
+    lines = [f"# Report of experiment {summary.experiment}", "",
+             f"Run `{summary.run_id}` wrote its HTML report on the machine that ran it, at", "",
+             f"    {path}", "", "Open that file in a browser there (or copy its folder: it is self-contained).", ""]
+    if summary.random_weights:
+        lines += ["**Random-weight backbones: these scores are NOT method results.**", ""]
+    if scores:
+        lines += ["| dataset | method | mIoU | aAcc | images scored |", "|---|---|---|---|---|"]
+        lines += [f"| {s['dataset']} | {s['method']} | {s['mIoU']} | {s['aAcc']} | {s['images scored']} |"
+                  for s in scores]
+    else:
+        lines.append("No scores (no dataset of the run has ground truth).")
+    return "\n".join(lines) + "\n"
 
 
-def _flow_body(run_id: str, experiment: str, experiment_file: str, store: str):
-    """The work of the flow run of ``run_id`` (looked up here: the flow object itself holds nothing that cannot be
-    pickled, since Dask ships it with every task)."""
-    from flows.logs import forward_to_run_logs
+def flow_run_id_of_this_run() -> str:
+    """The run id of a flow run started without one (by a deployment): its start time and its flow run id.
 
-    body, summary, max_failed, done = _RUNS[run_id]
-    with forward_to_run_logs():
-        log.info("run %s of experiment %s (%s) on store %s", run_id, experiment, experiment_file or "no file", store)
-        manifests = body(_submit_task)
+    The flow run's name and its body both derive it, from the same two values, before and after
+    the run starts.
+    """
+    from prefect.runtime import flow_run
+
+    when = flow_run.scheduled_start_time or datetime.now(timezone.utc)
+    return run_id_at(when, uuid.UUID(str(flow_run.id)).hex)
+
+
+def _flow_run_name() -> str:
+    """``<experiment> <run_id>``."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    name = params.get("experiment") or Path(str(params.get("experiment_file") or "experiment")).stem
+    return f"{name} {params.get('run_id') or flow_run_id_of_this_run()}"
+
+
+@flow(name=FLOW_NAME, flow_run_name=_flow_run_name, log_prints=False, persist_result=False, validate_parameters=False)
+def ovseg_run(experiment: str = "", experiment_file: str = "", store: str | None = None, run_id: str = "",
+              overrides: list[str] | None = None, force: list[str] | None = None, only_stages: list[str] | None = None,
+              max_failed: float = DEFAULT_MAX_FAILED, config: Experiment | None = None, report_dir: str | None = None,
+              wait: bool = True, progress: bool = False) -> State:
+    """One ovseg run as one flow run; returns its final state, whose data is the ``RunSummary``.
+
+    Args:
+        experiment: the experiment's name, for the flow run's name ("": the experiment file's stem).
+        experiment_file: the experiment file; read (with ``overrides``) when ``config`` is None.
+        store: store location replacing the experiment's (None: the experiment's).
+        run_id: the run's id ("" for a new one, derived from this flow run).
+        overrides: ``KEY=VALUE`` overrides (applied to the file when it is read here; recorded).
+        force: stages recomputed with their dependants.
+        only_stages: the stages run (None: all).
+        max_failed: fraction of failed images above which the run is ``Failed`` (else ``Partial``).
+        config: the validated experiment (None: read ``experiment_file``, as a deployment does).
+        report_dir: folder for the HTML report written at the end (None: no report).
+        wait: wait for items another live run holds.
+        progress: progress bars on the terminal.
+    Raises:
+        whatever stopped the run (a bad experiment, a dataset without images): the flow run fails with it.
+    """
+    run_id = run_id or flow_run_id_of_this_run()
+    exp = config if config is not None else load_experiment(experiment_file, overrides=overrides or ())
+    if store:
+        exp = exp.model_copy(update={"store": store})
+    request = RunRequest(exp, run_id, tuple(force or ()), tuple(only_stages) if only_stages is not None else None,
+                         wait, progress, report_dir, experiment_file)
+    plans = validate(exp, request.force, request.only)
+    with forward_to_run_logs(), experiment_task_runner(exp):
+        log.info("run %s of experiment %s (%s) on store %s", run_id, exp.name, experiment_file or "no file",
+                 resolve_location(exp.store))
+        summary, manifests = execute(request, plans, _submit_task)
         publish_artifacts(summary, manifests)
         state = final_state(summary, max_failed)
-        done["state"] = state
         (log.warning if state.is_failed() or state.name == "Partial" else log.info)(
             "run %s: %s: %s", run_id, state.name, state.message)
-    return state
+    return state.model_copy(update={"data": summary})
 
 
-def _ovseg(experiment: str, experiment_file: str, store: str, run_id: str, overrides: list[str],
-           force: list[str], only_stages: list[str] | None, max_failed: float):
-    return _flow_body(run_id, experiment, experiment_file, store)
+@contextlib.contextmanager
+def experiment_task_runner(exp: Experiment) -> Iterator[Any]:
+    """The experiment's task runner (``flows.runners``), started and made the current flow run's runner.
 
-
-def run_in_flow(exp: Experiment, summary, body: Callable[[Callable], dict], experiment_file: str,
-                force: Sequence[str], only: Sequence[str] | None, max_failed: float):
-    """Run ``body(submit)`` as the flow run of ``summary.run_id``; returns the final Prefect state.
-
-    ``body`` receives the ``submit(ctx, rows, name)`` function that runs one batch as a Prefect
-    task and returns the manifests it ingested. An exception raised by ``body`` is re-raised
-    here (the flow run is ``Failed`` with it).
+    The flow object itself names none: a deployment's flow is imported before its experiment is
+    read, and the flow object (shipped with every Dask task) holds nothing but plain settings.
     """
-    from prefect import flow, tags
+    with make_task_runner(exp) as runner:
+        ctx = FlowRunContext.get()
+        if ctx is None:
+            yield runner
+            return
+        with ctx.model_copy(update={"task_runner": runner}):
+            yield runner
 
-    from flows.runners import make_task_runner
 
-    done: dict[str, Any] = {}
-    _RUNS[summary.run_id] = (body, summary, max_failed, done)
-    ovseg = flow(_ovseg, name=FLOW_NAME, flow_run_name=f"{exp.name} {summary.run_id}",
-                 task_runner=make_task_runner(exp), log_prints=False, persist_result=False)
-    try:
-        with tags(*run_tags(exp)):
-            state = ovseg(exp.name, experiment_file, summary.store, summary.run_id, list(exp.provenance.overrides),
-                          list(force), list(only) if only is not None else None, max_failed, return_state=True)
-    finally:
-        _RUNS.pop(summary.run_id, None)
-    if "state" not in done:  # the body raised: re-raise its exception
-        state.result(raise_on_failure=True)
-        raise RuntimeError(f"the flow run of run {summary.run_id} ended in state {state.name}: {state.message}")
-    summary.state = state.name
-    return state
+def run_in_flow(request: RunRequest, max_failed: float = DEFAULT_MAX_FAILED) -> RunSummary:
+    """Run ``request`` as one flow run of the ovseg flow (``ovseg_run``).
+
+    Returns the run's summary, its ``state`` set to the flow run's final state. An exception that stopped the run is re-raised here (the flow run is ``Failed`` with it).
+    """
+    exp = request.experiment
+    with tags(*run_tags(exp)):
+        state = ovseg_run(exp.name, request.experiment_file, resolve_location(exp.store), request.run_id,
+                          list(exp.provenance.overrides), list(request.force),
+                          list(request.only) if request.only is not None else None, max_failed, config=exp,
+                          report_dir=request.report_dir, wait=request.wait, progress=request.progress,
+                          return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    if not isinstance(result, RunSummary):
+        raise RuntimeError(f"the flow run of run {request.run_id} ended in state {state.name}: {state.message}")
+    result.state = state.name
+    return result
 
 
 def _submit_task(ctx, rows, name: str):
@@ -187,9 +255,7 @@ def _submit_task(ctx, rows, name: str):
     the server for tag concurrency slots at the start of every task run (one more round trip per
     batch, measured stalling a stage by 2-3 s while the server was busy).
     """
-    from prefect.context import TagsContext
-
-    from tasks.prefect_tasks import stage_batch
-
     with TagsContext(current_tags=set()):
         return stage_batch.with_options(task_run_name=name).submit(ctx, rows)
+
+

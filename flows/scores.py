@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from flows.graph import DatasetPlan
+from ovseg_core.metrics import scores_from_confusion
 from storage.keys import canonical_json
 from storage.store import DamagedOutputError, Store
 from storage.tables import read_table, write_table
@@ -34,8 +35,6 @@ def aggregate_scores(store: Store, experiment: str, plan: DatasetPlan, manifest:
     Returns the rows of this run, notes (damaged matrices, partial results not stored) and the
     number of damaged matrices found (un-marked: the next run recomputes them).
     """
-    from ovseg_core.metrics import scores_from_confusion
-
     notes: list[str] = []
     damaged = 0
     with_gt = [r for r in manifest if r.get("gt_path")]

@@ -11,21 +11,28 @@ executor, no server start-up: model time plus about a second); with one, it is a
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from flows.config import parse_experiment
 from flows.graph import build_plan
+from flows.overlay import render_overlay_figure
+from flows.pipeline import run_experiment
+from flows.prefect_settings import prefect_configured
 from ovseg_core.backbones import official_weight_file
+from ovseg_core.datasets import FAMILY_MODELS
+from ovseg_core.methods import get_method
+from ovseg_core.vocabulary import parse_vocabulary_string
+from storage.images import load_rgb
+from storage.store import Store
+from storage.tables import read_table
 
 # Tiny random-weight backbones for a first try without any checkpoint (the labels are then meaningless).
 TRY_WITHOUT_WEIGHTS = "--clip clip:tiny@random:0 --dino dino:tiny8@random:0 --sam sam:tiny@random:0"
-# The papers' backbones per method family (methods.md): CorrCLIP uses MetaCLIP ViT-B/16 + DINO ViT-B/8 + SAM.
-DEFAULT_MODELS = {
-    "corrclip": {"clip": "clip:ViT-B-16-quickgelu@metaclip_fullcc", "dino": "dino:vitb8", "sam": "sam:vit_b"},
-    "scclip": {"clip": "clip:ViT-B-16@openai", "dino": "dino:vitb8", "sam": "sam:vit_b"},
-}
 
 
 def segment_image(image: str, classes: str, method: str = "corrclip", out: str = "overlay.png", store: str | None = None,
@@ -41,33 +48,19 @@ def segment_image(image: str, classes: str, method: str = "corrclip", out: str =
     ``seconds`` (this call's wall time) and ``stage_seconds`` (the part spent running the
     stages: model loading and compute); the difference is ovseg's own overhead.
     """
-    import time
-
-    from PIL import Image
-
-    from flows.config import parse_experiment
-    from flows.orchestration import prefect_configured
-    from flows.overlay import render_overlay_figure
-    from flows.pipeline import run_experiment
-    from ovseg_core.features.text import parse_vocabulary_string
-    from ovseg_core.methods import get_method
-    from storage.images import load_rgb
-    from storage.store import Store
-    from storage.tables import read_table
-
     t0 = time.perf_counter()
     path = Path(image).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"image {path} not found")
     vocab = parse_vocabulary_string(classes)
     lines = [", ".join(syn) for syn in vocab.classes]
-    defaults = DEFAULT_MODELS[get_method(method).family]
+    defaults = FAMILY_MODELS[get_method(method).family]
     exp = parse_experiment({
         "name": "segment",
         "store": store,
         "datasets": [{"name": "segment", "layout": "folder", "root": str(path), "classes": lines}],
-        "models": {"clip": clip or defaults["clip"], "dino": dino or defaults["dino"], "weights_dir": weights_dir,
-                   **({"sam2": sam} if regions == "sam2" and sam else {"sam": sam or defaults["sam"]})},
+        "models": {"clip": clip or defaults.clip, "dino": dino or defaults.dino, "weights_dir": weights_dir,
+                   **({"sam2": sam} if regions == "sam2" and sam else {"sam": sam or defaults.sam})},
         "regions": {"source": regions},
         "methods": [{"name": method, "method": method}],
     }, source="ovseg segment")

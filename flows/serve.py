@@ -1,13 +1,12 @@
 """``ovseg serve EXP.yaml --cron "0 1 * * *"``: the experiment as a Prefect deployment served by this process.
 
-The deployment ``ovseg-scheduled/<name>`` runs :func:`scheduled_run` on its schedule (or when
-triggered: ``prefect deployment run 'ovseg-scheduled/<name>'``). Each run reads the experiment
-file again (with the same ``--set`` overrides), re-ingests its datasets (unchanged files keep
-their manifest rows without being read) and computes only the items that are not complete in
-the store: the images added or changed since the last run, and anything a new parameter value
-needs. Its work is the named sub-flow-run ``<experiment> <run_id>`` with the usual parameters,
-tags, logs, artifacts and final state (``flows.orchestration``); the scheduled run ends in the
-same state.
+The deployment ``ovseg-scheduled/<name>`` runs the ovseg flow (``flows.orchestration.ovseg_run``)
+on its schedule (or when triggered: ``prefect deployment run 'ovseg-scheduled/<name>'``). Each
+run is one flow run ``<experiment> <run_id>`` with the usual parameters, tags, task runs, logs,
+artifacts and final state: it reads the experiment file again (with the same ``--set``
+overrides), re-ingests its datasets (unchanged files keep their manifest rows without being
+read) and computes only the items that are not complete in the store: the images added or
+changed since the last run, and anything a new parameter value needs.
 
 Flow runs execute in a child process that imports ``flows.serve`` by module path: run
 ``ovseg serve`` where ``flows`` is importable (an installed ovseg, or the repository root).
@@ -19,53 +18,21 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from prefect import flow
+from prefect.deployments.runner import EntrypointType
+from prefect.schedules import Cron, Interval
 
-from flows.orchestration import DEFAULT_MAX_FAILED
+from flows.config import load_experiment
+from flows.orchestration import ovseg_run, run_tags
+from flows.summary import DEFAULT_MAX_FAILED
 
 log = logging.getLogger("ovseg.flows")
 
 SERVE_FLOW = "ovseg-scheduled"
 
-
-def _scheduled_run_name() -> str:
-    """``scheduled <experiment file stem> <UTC start>`` (the work itself is the sub-flow-run ``<experiment> <run_id>``)."""
-    from datetime import datetime, timezone
-
-    from prefect.runtime import flow_run
-
-    stem = Path(str(flow_run.parameters.get("experiment_file", "experiment"))).stem
-    return f"scheduled {stem} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}Z"
-
-
-@flow(name=SERVE_FLOW, flow_run_name=_scheduled_run_name, log_prints=False, persist_result=False)
-def scheduled_run(experiment_file: str, overrides: list[str] | None = None, store: str | None = None,
-                  report_dir: str | None = None, max_failed: float = DEFAULT_MAX_FAILED):
-    """One scheduled run of an experiment file: ingest again, compute what is missing, report.
-
-    Args:
-        experiment_file: absolute path of the experiment YAML (read at every run).
-        overrides: ``KEY=VALUE`` overrides applied on top (as ``--set``).
-        store: store location replacing the file's ``store`` (None: keep it).
-        report_dir: folder for the HTML report written at the end of the run (None: no report).
-        max_failed: fraction of failed images above which the run is ``Failed`` (else ``Partial``).
-    Returns:
-        the final state of the run (also the state of this flow run).
-    """
-    from prefect import get_run_logger
-
-    from flows.config import load_experiment
-    from flows.orchestration import final_state
-    from flows.pipeline import run_experiment
-
-    exp = load_experiment(experiment_file, overrides=overrides or ())
-    if store:
-        exp = exp.model_copy(update={"store": store})
-    summary = run_experiment(exp, progress=False, experiment_file=experiment_file, report_dir=report_dir,
-                             max_failed=max_failed)
-    state = final_state(summary, max_failed)
-    get_run_logger().info("run %s of %s: %s: %s", summary.run_id, exp.name, state.name, state.message)
-    return state
+# The served flow: the ovseg flow under the deployment's flow name. A serving process imports it by the module
+# path of the flow object (``flows.serve.scheduled_run``), which these names give.
+scheduled_run = ovseg_run.with_options(name=SERVE_FLOW)
+scheduled_run.__module__, scheduled_run.__name__, scheduled_run.__qualname__ = __name__, "scheduled_run", "scheduled_run"
 
 
 def serve_experiment(experiment_file: str, cron: str | None = None, interval: float | None = None,
@@ -81,15 +48,9 @@ def serve_experiment(experiment_file: str, cron: str | None = None, interval: fl
         store: store location for every run (None: the file's).
         name: deployment name (None: the experiment's name).
         report_dir: report folder written by every run (None: no report).
-        max_failed: see :func:`scheduled_run`.
+        max_failed: fraction of failed images above which a run is ``Failed`` (else ``Partial``).
         timezone: IANA time zone of the cron schedule (None: UTC).
     """
-    from prefect.deployments.runner import EntrypointType
-    from prefect.schedules import Cron, Interval
-
-    from flows.config import load_experiment
-    from flows.orchestration import run_tags
-
     if (cron is None) == (interval is None):
         raise ValueError("serve needs exactly one schedule: --cron \"0 1 * * *\" or --interval SECONDS")
     if interval is not None and interval <= 0:
@@ -97,7 +58,7 @@ def serve_experiment(experiment_file: str, cron: str | None = None, interval: fl
     path = str(Path(experiment_file).expanduser().resolve())
     exp = load_experiment(path, overrides=overrides or ())
     schedule = Cron(cron, timezone=timezone) if cron is not None else Interval(interval, timezone=timezone)
-    params = {"experiment_file": path, "overrides": list(overrides or []),
+    params = {"experiment": exp.name, "experiment_file": path, "overrides": list(overrides or []),
               "store": str(Path(store).expanduser().resolve()) if store and "://" not in store else store,
               "report_dir": str(Path(report_dir).expanduser().resolve()) if report_dir else None,
               "max_failed": DEFAULT_MAX_FAILED if max_failed is None else max_failed}

@@ -41,9 +41,11 @@ __all__ = [
     "CATSEG_UNLABELLED",
     "CLASS_SEPARATORS",
     "DATASETS",
+    "FAMILY_MODELS",
     "LABEL_CONVERSIONS",
     "METHOD_VARIANTS",
     "DatasetSpec",
+    "FamilyModels",
     "MethodPreset",
     "class_lines",
     "get_dataset",
@@ -57,6 +59,23 @@ METHOD_VARIANTS = ("corrclip", "scclip", "corrclipv2")
 CLASS_SEPARATORS: Mapping[str, str] = MappingProxyType({"corrclip": "; ", "scclip": ", ", "corrclipv2": "; "})
 # Unlabelled value of CAT-Seg's 16-bit ``.tif`` labels (ADE-847, PC-459): ``uint16`` 65535.
 CATSEG_UNLABELLED = 65535
+
+
+@dataclass(frozen=True)
+class FamilyModels:
+    """The backbones a method family's paper uses (backbone names, ``ovseg_core.backbones``)."""
+
+    clip: str  # CLIP image/text towers
+    dino: str  # DINO for CorrCLIP's scope reconstruction (methods.md 2.1)
+    sam: str  # SAM for CorrCLIP's regions
+
+
+# The papers' backbones per method family (methods.md): CorrCLIP uses MetaCLIP ViT-B/16 + DINO ViT-B/8 + SAM
+# ViT-B; SC-CLIP OpenAI ViT-B/16 (it reads no DINO or SAM; the CorrCLIP ones are named for combinations).
+FAMILY_MODELS: Mapping[str, FamilyModels] = MappingProxyType({
+    "corrclip": FamilyModels("clip:ViT-B-16-quickgelu@metaclip_fullcc", "dino:vitb8", "sam:vit_b"),
+    "scclip": FamilyModels("clip:ViT-B-16@openai", "dino:vitb8", "sam:vit_b"),
+})
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ reads (so that a stage key hashes exactly those).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -28,6 +27,7 @@ from ovseg_core.combined import CombinedConfig, combined_required_blocks, combin
 from ovseg_core.corrclip.config import CorrCLIPConfig
 from ovseg_core.corrclip.config import required_blocks as corrclip_required_blocks
 from ovseg_core.corrclip.pipeline import corrclip_window_features
+from ovseg_core.names import did_you_mean
 from ovseg_core.scclip.config import SCCLIPConfig
 from ovseg_core.scclip.pipeline import required_blocks as scclip_required_blocks
 from ovseg_core.scclip.pipeline import scclip_window_outputs
@@ -160,9 +160,7 @@ def _check_keys(cls: type, params: Mapping[str, Any], where: str) -> None:
     names = [f.name for f in dataclasses.fields(cls)]
     for k in params:
         if k not in names:
-            close = difflib.get_close_matches(k, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{where}: unknown key {k!r}{hint} for {cls.__name__}; valid keys: {sorted(names)}")
+            raise ValueError(f"{where}: unknown key {k!r}{did_you_mean(k, names)} for {cls.__name__}; valid keys: {sorted(names)}")
 
 
 def _make(cls: type, params: Mapping[str, Any], where: str) -> Any:
@@ -277,6 +275,4 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(METHODS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown method {name!r}{hint}; valid methods: {', '.join(METHODS)}") from None
+        raise ValueError(f"unknown method {name!r}{did_you_mean(name, METHODS)}; valid methods: {', '.join(METHODS)}") from None

@@ -19,7 +19,7 @@ listing. The endpoint and credentials come from the standard places every proces
 itself: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
 ``AWS_PROFILE`` (botocore), ``FSSPEC_S3`` (fsspec), or ``storage_options``.
 
-Temporary files are named ``.tmp-<host>-<pid>-<random>-<name>``; ``stale_temporaries`` finds
+Temporary files are named ``.tmp-<host>-<pid>-<random>-<name>``; ``storage.maintenance.stale_temporaries`` finds
 those left by dead writers so ``ovseg cache gc`` can remove them (object stores get none: an
 upload is written to the local temporary folder and appears in the store whole, or not at all).
 """
@@ -391,13 +391,3 @@ class Backend:
 
 def is_temporary(name: str) -> bool:
     return name.startswith(TMP_PREFIX)
-
-
-def stale_temporaries(backend: Backend, folder: str, older_than: float) -> list[Entry]:
-    """Temporary files in ``folder`` not modified for ``older_than`` seconds (their writer is gone).
-
-    Object stores hold none (uploads are whole), so nothing is listed there."""
-    if not backend.is_local:
-        return []
-    now = time.time()
-    return [e for e in backend.list_entries(folder) if is_temporary(e.name) and now - e.mtime > older_than]

@@ -1,25 +1,7 @@
 """Dataset ingestion: list the image / ground-truth pairs of an on-disk benchmark layout.
 
-Layouts are the MMSegmentation on-disk layouts the full benchmarks use (``root`` may point at
-the folder named below or at a parent that contains it):
-
-=================  ==============================================================================
-``voc``            ``VOCdevkit/VOC2012``: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png``,
-                   ids from ``ImageSets/Segmentation/<split>.txt``
-``pascal_context`` ``VOCdevkit/VOC2010``: ``JPEGImages/<id>.jpg``, ``SegmentationClassContext/<id>.png``,
-                   ids from ``ImageSets/SegmentationContext/<split>.txt``
-``coco_stuff``     ``coco_stuff164k``: ``images/<split>2017/*.jpg``,
-``coco_object``    ``annotations/<split>2017/<stem>_labelTrainIds.png`` (COCO-Object conversion happens
-                   in ``ovseg_core.metrics.convert_labels``)
-``ade20k``         ``ADEChallengeData2016``: ``images/validation/*.jpg``, ``annotations/validation/<stem>.png``
-``cityscapes``     ``leftImg8bit/<split>/<city>/<x>_leftImg8bit.png``,
-                   ``gtFine/<split>/<city>/<x>_gtFine_labelTrainIds.png``
-``camvid``         ``<split>/*.png``, ``<split>annot/<stem>.png``
-``folder``         any images (:data:`IMAGE_EXTENSIONS`) under ``root``, recursively (hidden names
-                   skipped); optional ``gt_dir`` matched by relative path without extension.
-                   Files with an image-like extension ovseg cannot use (:data:`UNUSABLE_EXTENSIONS`:
-                   SVG, HEIC, icons, camera raw, ...) are listed as error rows saying what to do
-=================  ==============================================================================
+Layouts are the MMSegmentation on-disk layouts the full benchmarks use, and ``folder`` for any
+images: ``storage.layouts.LAYOUTS`` (one entry per layout: what it reads, the datasets it feeds).
 
 Every image is decoded once (``storage.images.load_rgb``) and its ground truth read as indices;
 an unreadable, animated or too large image (over ``max_pixels``, checked from the header), a
@@ -54,6 +36,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ovseg_core.datasets import DATASETS
+from ovseg_core.names import did_you_mean
 from storage.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -64,33 +47,21 @@ from storage.images import (
     load_label,
     load_rgb,
 )
-from storage.layouts import FOLLOW_FIX, Candidate, abs_path, confine, forget_resolved_folders, list_layout
+from storage.layouts import (
+    FOLLOW_FIX,
+    LAYOUTS,
+    Candidate,
+    abs_path,
+    confine,
+    forget_resolved_folders,
+    list_layout,
+)
 
-__all__ = ["DEFAULT_DATASET", "IMAGE_EXTENSIONS", "LAYOUTS", "UNUSABLE_EXTENSIONS", "ManifestRow", "image_id_for",
-           "ingest", "ingest_files"]
+__all__ = ["IMAGE_EXTENSIONS", "LAYOUTS", "UNUSABLE_EXTENSIONS", "ManifestRow", "image_id_for", "ingest",
+           "ingest_files"]
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("folder", "voc", "pascal_context", "coco_object", "coco_stuff", "ade20k", "cityscapes", "camvid")
-DEFAULT_DATASET = {
-    "folder": "custom",
-    "voc": "VOC21",
-    "pascal_context": "PC60",
-    "coco_object": "COCO-Object",
-    "coco_stuff": "COCO-Stuff",
-    "ade20k": "ADE20K",
-    "cityscapes": "Cityscapes",
-    "camvid": "CamVid",
-}
-_COMPATIBLE = {
-    "voc": ("VOC21", "VOC20"),
-    "pascal_context": ("PC60", "PC59"),
-    "coco_object": ("COCO-Object",),
-    "coco_stuff": ("COCO-Stuff",),
-    "ade20k": ("ADE20K",),
-    "cityscapes": ("Cityscapes",),
-    "camvid": ("CamVid",),
-}
 @dataclass(frozen=True)
 class ManifestRow:
     """One image of an ingested dataset (schema: ``storage.tables.MANIFEST_SCHEMA``)."""
@@ -195,16 +166,17 @@ def _row(dataset: str, c: Candidate, previous: Mapping[str, ManifestRow] | None 
 
 
 def _resolve_dataset(layout: str, dataset: str | None) -> str:
+    feeds = LAYOUTS[layout].datasets
     if dataset is None:
-        return DEFAULT_DATASET[layout]
+        return feeds[0]
     if layout == "folder":
         if not dataset or "/" in dataset or dataset.startswith("."):
             raise ValueError(f"dataset name {dataset!r} must be non-empty, without '/', not starting with '.'")
         return dataset
     by_lower = {k.lower(): k for k in DATASETS}
     name = by_lower.get(dataset.lower(), dataset)
-    if name not in _COMPATIBLE[layout]:
-        raise ValueError(f"layout {layout!r} feeds datasets {_COMPATIBLE[layout]}, got dataset={dataset!r}")
+    if name not in feeds:
+        raise ValueError(f"layout {layout!r} feeds datasets {feeds}, got dataset={dataset!r}")
     return name
 
 
@@ -232,10 +204,9 @@ def ingest(
 
     Args:
         root: dataset folder (the layout's base folder or a parent of it).
-        layout: one of :data:`LAYOUTS`.
-        dataset: DatasetSpec name the images feed (default per layout, see
-            :data:`DEFAULT_DATASET`; VOC may feed VOC20, Pascal Context PC59); any key-safe
-            name for ``"folder"``.
+        layout: one of ``storage.layouts.LAYOUTS``.
+        dataset: DatasetSpec name the images feed (default: the layout's first ``datasets``;
+            VOC may feed VOC20, Pascal Context PC59); any key-safe name for ``"folder"``.
         split: split name (``"val"``; ADE20K maps it to ``validation``, COCO to ``val2017``).
         gt_dir: ``"folder"`` layout only: folder of ground-truth maps matched by relative path
             without extension.
@@ -258,7 +229,8 @@ def ingest(
         FileNotFoundError: an expected directory or split list is missing (the message names it).
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+        raise ValueError(f"unknown layout {layout!r}{did_you_mean(layout, LAYOUTS)}; valid layouts: "
+                         f"{', '.join(LAYOUTS)}")
     if gt_dir is not None and layout != "folder":
         raise ValueError(f"gt_dir only applies to layout 'folder'; layout {layout!r} has fixed ground-truth paths")
     if not split or "/" in split or split.startswith("."):

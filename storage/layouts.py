@@ -1,9 +1,12 @@
 """Dataset layouts: which image and ground-truth files a dataset folder holds (no file is decoded here).
 
-``list_layout`` returns the layout's base folder and one ``Candidate`` per image: its path, its
-path relative to the base folder, its expected ground truth, and an error already decided while
-listing (an unusable format; ``confine`` adds paths that resolve outside the dataset root).
-Layouts: see ``storage.ingest``.
+``LAYOUTS`` is the only table of layouts (one ``Layout`` entry each: what it reads, the dataset
+specs it feeds, its lister); the CLI's choices, the experiment file's ``layout`` values and
+``storage.ingest`` read it. ``list_layout`` returns the layout's base folder and one
+``Candidate`` per image: its path, its path relative to the base folder, its expected ground
+truth, and an error already decided while listing (an unusable format; ``confine`` adds paths
+that resolve outside the dataset root). ``root`` may point at the folder a layout names or at a
+parent that contains it.
 """
 
 from __future__ import annotations
@@ -238,17 +241,49 @@ def confine(c: Candidate, roots: Sequence[Path], gt_roots: Sequence[Path]) -> Ca
     return c
 
 
+@dataclass(frozen=True)
+class Layout:
+    """One on-disk dataset layout.
+
+    Attributes:
+        name: the ``layout`` of an experiment's dataset entry and of ``ovseg ingest --layout``.
+        reads: the folders and files it reads (documentation: ``--help`` and docs).
+        datasets: the dataset specs its images feed, the default first (``folder``: any name, default "custom").
+        lister: ``(root, split, gt_dir, follow_symlinks) -> (base folder, candidates)``.
+    """
+
+    name: str
+    reads: str
+    datasets: tuple[str, ...]
+    lister: Callable[[Path, str, Path | None, bool], _Listing]
+
+
+LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
+    Layout("folder", "any images under root, recursively (hidden names skipped); optional gt_dir matched by "
+           "relative path without extension; image-like files ovseg cannot use are error rows saying what to do",
+           ("custom",), lambda top, split, gt, follow: _folder(top, gt, follow)),
+    Layout("voc", "VOCdevkit/VOC2012: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ids from "
+           "ImageSets/Segmentation/<split>.txt", ("VOC21", "VOC20"), lambda top, split, gt, follow: _voc(top, split)),
+    Layout("pascal_context", "VOCdevkit/VOC2010: JPEGImages/<id>.jpg, SegmentationClassContext/<id>.png, ids from "
+           "ImageSets/SegmentationContext/<split>.txt", ("PC60", "PC59"),
+           lambda top, split, gt, follow: _pascal_context(top, split)),
+    Layout("coco_object", "coco_stuff164k: images/<split>2017/*.jpg, annotations/<split>2017/<stem>_labelTrainIds.png "
+           "(the COCO-Object conversion happens in ovseg_core.metrics.convert_labels)", ("COCO-Object",),
+           lambda top, split, gt, follow: _coco(top, split, "coco_object")),
+    Layout("coco_stuff", "coco_stuff164k: images/<split>2017/*.jpg, annotations/<split>2017/<stem>_labelTrainIds.png",
+           ("COCO-Stuff",), lambda top, split, gt, follow: _coco(top, split, "coco_stuff")),
+    Layout("ade20k", "ADEChallengeData2016: images/validation/*.jpg, annotations/validation/<stem>.png", ("ADE20K",),
+           lambda top, split, gt, follow: _ade20k(top, split)),
+    Layout("cityscapes", "leftImg8bit/<split>/<city>/<x>_leftImg8bit.png, "
+           "gtFine/<split>/<city>/<x>_gtFine_labelTrainIds.png", ("Cityscapes",),
+           lambda top, split, gt, follow: _cityscapes(top, split)),
+    Layout("camvid", "<split>/*.png, <split>annot/<stem>.png", ("CamVid",),
+           lambda top, split, gt, follow: _camvid(top, split)),
+)}
+LAYOUT_NAMES: tuple[str, ...] = tuple(LAYOUTS)
+
+
 def list_layout(layout: str, top: Path, split: str, gt_top: Path | None, follow_symlinks: bool) -> _Listing:
     """(base folder, candidates) of a dataset folder in ``layout``."""
-    listers: dict[str, Callable[[], _Listing]] = {
-        "folder": lambda: _folder(top, gt_top, follow_symlinks),
-        "voc": lambda: _voc(top, split),
-        "pascal_context": lambda: _pascal_context(top, split),
-        "coco_object": lambda: _coco(top, split, "coco_object"),
-        "coco_stuff": lambda: _coco(top, split, "coco_stuff"),
-        "ade20k": lambda: _ade20k(top, split),
-        "cityscapes": lambda: _cityscapes(top, split),
-        "camvid": lambda: _camvid(top, split),
-    }
-    return listers[layout]()
+    return LAYOUTS[layout].lister(top, split, gt_top, follow_symlinks)
 

@@ -6,14 +6,18 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from storage.fsio import is_temporary, stale_temporaries
+from storage.fsio import Backend, Entry, is_temporary
 from storage.journal import JOURNAL
 from storage.keys import StageKey
 from storage.leases import LEASES
+from storage.paths import TABLES
+from storage.reading import DamagedOutputError, MissingOutputError
 from storage.records import DROPS, INDEX, PACKS, RECORDS
-from storage.store import TABLES, DamagedOutputError, MissingOutputError, Store
+
+if TYPE_CHECKING:  # the store calls none of this module: a type only
+    from storage.store import Store
 
 log = logging.getLogger("ovseg.storage")
 
@@ -245,3 +249,13 @@ def _temp_folders(store: Store) -> list[str]:
     for stage in b.subfolders(b.path(LEASES)):
         out += [b.path(LEASES, stage, key) for key in b.subfolders(b.path(LEASES, stage))]
     return out
+
+
+def stale_temporaries(backend: Backend, folder: str, older_than: float) -> list[Entry]:
+    """Temporary files in ``folder`` not modified for ``older_than`` seconds (their writer is gone).
+
+    Object stores hold none (uploads are whole), so nothing is listed there."""
+    if not backend.is_local:
+        return []
+    now = time.time()
+    return [e for e in backend.list_entries(folder) if is_temporary(e.name) and now - e.mtime > older_than]

@@ -1,18 +1,7 @@
 """The stage store: the source of truth for what is done, on a local folder or an fsspec URL.
 
-Layout (paths relative to the store root)::
-
-    ovseg-store.json                              store format marker
-    stages/<stage>/<key>/stage.json               the StageKey payload (params, upstream keys, code version,
-                                                  weights identity) and whether random weights are involved
-    stages/<stage>/<key>/packs/<pack>.zip         the outputs of one batch of items: a Zarr v3 hierarchy in a ZIP
-    stages/<stage>/<key>/records/<pack>.json      the pack's completion record (per item: arrays, members,
-                                                  sizes, CRC-32), written LAST
-    stages/<stage>/<key>/drops/<id>.json          un-marked items (damaged, forced, repaired)
-    stages/<stage>/<key>/index/<id>.parquet       compacted item -> pack index
-    leases/<stage>/<key>/<lease>.json             who computes which items now (heartbeat, TTL)
-    journal/<run_id>.json                         run journals (status, heartbeat, whole plan, progress)
-    tables/<table>/<name>.parquet                 manifests, run records, failures, metrics
+Its layout and names: ``storage.paths``; its read path: ``storage.reading``; its write path:
+``storage.writing`` (packs, then completion records).
 
 Guarantees (each tested, see README "Overnight runs"): an item is complete only when its record
 is in place; every read checks the recorded sizes and checksums and never returns damaged bytes
@@ -27,8 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -36,19 +24,14 @@ from storage.fsio import Backend, s3_error
 from storage.journal import RunEntry, RunJournal, read_journals
 from storage.keys import StageKey
 from storage.leases import DEFAULT_TTL, LeaseManager
-from storage.packs import ItemEntry, PackDamagedError, decode_arrays, verify_members
-from storage.records import PACKS, RECORDS, Record, StageState, write_drops
+from storage.paths import MARKER, STAGES, STORE_FORMAT, TABLES, check_name, resolve_location
+from storage.reading import DamagedOutputError, MissingOutputError, StoreReader
+from storage.records import PACKS, StageState, write_drops
+from storage.writing import PackSession
 
-if TYPE_CHECKING:
-    from storage.writing import PackSession
+__all__ = ["DamagedOutputError", "MissingOutputError", "Store", "StoreError", "StoreNotFoundError"]
 
 log = logging.getLogger("ovseg.storage")
-
-DEFAULT_STORE = "ovseg-store"
-STAGES = "stages"
-TABLES = "tables"
-MARKER = "ovseg-store.json"
-STORE_FORMAT = 2
 
 
 class StoreError(RuntimeError):
@@ -59,36 +42,7 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
     """A read-only command was pointed at a store that does not exist."""
 
 
-class MissingOutputError(KeyError):
-    """A requested stage output is not complete in the store."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-class DamagedOutputError(MissingOutputError):
-    """A stored output does not match its completion record; it was un-marked and will be recomputed."""
-
-
-def resolve_location(location: str | os.PathLike | None = None) -> str:
-    """The store location: the argument, else ``$OVSEG_STORE``, else ``./ovseg-store``."""
-    if location is None or str(location) == "":
-        location = os.environ.get("OVSEG_STORE") or DEFAULT_STORE
-    loc = str(location)
-    if "://" in loc and not loc.startswith("file://"):
-        return loc
-    if loc.startswith("file://"):
-        loc = loc[len("file://"):]
-    return str(Path(loc).expanduser().resolve())
-
-
-def check_name(kind: str, name: str) -> str:
-    if not name or "/" in name or name.startswith(".") or name in ("zarr.json", "stage.json"):
-        raise ValueError(f"invalid {kind} name {name!r}: must be non-empty, without '/', not starting with '.'")
-    return name
-
-
-class Store:
+class Store(StoreReader):
     """A stage store.
 
     Args:
@@ -201,12 +155,6 @@ class Store:
         base = self.backend.path(STAGES)
         return [(s, k) for s in self.backend.subfolders(base) for k in self.backend.subfolders(f"{base}/{s}")]
 
-    def list_stages(self, with_bytes: bool = True):
-        """Every stage output set with counts and bytes (``storage.maintenance.list_stages``)."""
-        from storage.maintenance import list_stages
-
-        return list_stages(self, with_bytes)
-
     # ----------------------------------------------------------------- completion
     def state(self, stage: str, key: str, refresh: bool = True) -> StageState:
         """The completion state of ``(stage, key)``, cached per process; ``refresh`` reads what is new."""
@@ -256,12 +204,10 @@ class Store:
         return [i for i in items if i not in done]
 
     # ----------------------------------------------------------------- writing
-    def open_pack(self, stage_key: StageKey, meta: Mapping[str, Any] | None = None) -> "PackSession":
+    def open_pack(self, stage_key: StageKey, meta: Mapping[str, Any] | None = None) -> PackSession:
         """Start a pack for a batch of items of ``stage_key`` (registers the stage)."""
-        from storage import writing
-
         self.register_stage(stage_key)
-        return writing.PackSession(self, stage_key, dict(meta or {}))
+        return PackSession(self, stage_key, dict(meta or {}))
 
     def write_item(self, stage_key: StageKey, item: str, arrays: Mapping[str, np.ndarray],
                    attrs: Mapping[str, Any] | None = None) -> None:
@@ -269,127 +215,6 @@ class Store:
         with self.open_pack(stage_key) as pack:
             pack.add(item, arrays, attrs or {})
 
-    # ----------------------------------------------------------------- reading
-    def _entry(self, stage: str, key: str, item: str, stale: str | None = None
-               ) -> tuple[StageState, str, Record, ItemEntry]:
-        """The item's current pack, record and entry. ``stale``: a pack found gone, re-listed once."""
-        st = self.state(stage, key, refresh=stale is not None)
-        pack = st.pack_of(item) or (None if stale is not None else self.state(stage, key).pack_of(item))
-        where = f"{stage}/{key}/{item}"
-        if pack is None:
-            raise MissingOutputError(f"{where} is not complete in {self.location}; run the stage first "
-                                     f"(ovseg run / ovseg stage {stage})")
-        try:
-            rec = st.record(pack)
-            return st, pack, rec, rec.items[item]
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            if stale is None:  # this process's view may be old (e.g. a superseded pack removed by gc)
-                return self._entry(stage, key, item, stale=pack)
-            raise self._damaged(stage, key, item, pack, f"completion record {RECORDS}/{pack}.json is missing or "
-                                                        f"unreadable ({type(e).__name__}: {e})") from e
-
-    def read_item(self, stage: str, key: str, item: str, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Read a complete item's arrays (all, or ``names``), checked against its record.
-
-        Raises:
-            MissingOutputError: the item is not complete (or lacks an array).
-            DamagedOutputError: the stored bytes do not match the record; the item is un-marked.
-        """
-        return self._read(stage, key, item, names, retried=False)
-
-    def _read(self, stage: str, key: str, item: str, names: Iterable[str] | None, retried: bool) -> dict[str, np.ndarray]:
-        st, pack, rec, entry = self._entry(stage, key, item)
-        where = f"{stage}/{key}/{item}"
-        wanted = list(entry.arrays) if names is None else list(names)
-        missing = [n for n in wanted if n not in entry.arrays]
-        if missing:
-            raise MissingOutputError(f"{where} has no array {missing[0]!r} (has {sorted(entry.arrays)})")
-        members = [m for m in entry.members if m.name in {entry.arrays[n].chunk for n in wanted}]
-        if not members:
-            return decode_arrays(b"", 0, entry, wanted, where)
-        lo, hi = min(m.offset for m in members), max(m.offset + m.size for m in members)
-        path = f"{self.stage_dir(stage, key)}/{PACKS}/{pack}.zip"
-        try:
-            data = self.backend.get_range(path, lo, hi)
-            return decode_arrays(data, lo, entry, wanted, f"{path} ({item})")
-        except FileNotFoundError as e:
-            if not retried and self.state(stage, key).pack_of(item) != pack:  # recomputed elsewhere meanwhile
-                return self._read(stage, key, item, names, retried=True)
-            raise self._damaged(stage, key, item, pack, f"pack {path} is missing") from e
-        except (PackDamagedError, ValueError, RuntimeError) as e:
-            raise self._damaged(stage, key, item, pack, str(e)) from e
-
-    def read_items(self, stage: str, key: str, items: Iterable[str], names: Iterable[str] | None = None
-                   ) -> dict[str, dict[str, np.ndarray] | Exception]:
-        """Read many items, one ranged request per pack; a failed item maps to its exception."""
-        st = self.state(stage, key, refresh=False)
-        by_pack: dict[str | None, list[str]] = {}
-        for item in items:
-            by_pack.setdefault(st.pack_of(item), []).append(item)
-        out: dict[str, dict[str, np.ndarray] | Exception] = {}
-        for pack, group in by_pack.items():
-            try:
-                rec = st.record(pack) if pack is not None else None
-                entries = [rec.items[i] for i in group] if rec is not None else []
-            except (FileNotFoundError, ValueError, KeyError):
-                entries = []
-            if len(entries) > 1:
-                wanted = {i: list(e.arrays) if names is None else list(names) for i, e in zip(group, entries)}
-                chunks = [m for i, e in zip(group, entries) for m in e.members
-                          if m.name in {e.arrays[n].chunk for n in wanted[i] if n in e.arrays}]
-                if chunks:
-                    lo, hi = min(m.offset for m in chunks), max(m.offset + m.size for m in chunks)
-                    path = f"{self.stage_dir(stage, key)}/{PACKS}/{pack}.zip"
-                    try:
-                        data = self.backend.get_range(path, lo, hi)
-                    except FileNotFoundError:
-                        data = None
-                    if data is not None:
-                        for i, e in zip(group, entries):
-                            try:
-                                out[i] = decode_arrays(data, lo, e, wanted[i], f"{path} ({i})")
-                            except (PackDamagedError, KeyError, ValueError):
-                                pass  # read alone below: the error path un-marks it
-            for i in group:
-                if i not in out:
-                    try:
-                        out[i] = self.read_item(stage, key, i, names)
-                    except MissingOutputError as e:
-                        out[i] = e
-        return out
-
-    def verify_item(self, stage: str, key: str, item: str, checksums: bool = True) -> None:
-        """Check every member of an item (presence, size, CRC-32); raises ``DamagedOutputError``."""
-        _, pack, rec, entry = self._entry(stage, key, item)
-        path = f"{self.stage_dir(stage, key)}/{PACKS}/{pack}.zip"
-        lo, hi = entry.span
-        size = self.backend.size(path)
-        if size is None:
-            raise self._damaged(stage, key, item, pack, f"pack {path} is missing", drop=False)
-        if size < rec.pack_size or hi > size:
-            raise self._damaged(stage, key, item, pack, f"pack {path} is truncated ({size} of {rec.pack_size} bytes)",
-                                drop=False)
-        if checksums:
-            try:
-                verify_members(self.backend.get_range(path, lo, hi), lo, entry.members, f"{path} ({item})")
-            except PackDamagedError as e:
-                raise self._damaged(stage, key, item, pack, str(e), drop=False) from e
-
-    def _damaged(self, stage: str, key: str, item: str, pack: str, why: str, drop: bool = True) -> "DamagedOutputError":
-        """Un-mark a damaged item (unless ``drop`` is False) and return the error to raise."""
-        if drop:
-            try:
-                self.drop_items(stage, key, [item], reason=f"damaged: {why}", pairs=[(item, pack)])
-            except OSError as e:
-                log.warning("cannot un-mark damaged %s/%s/%s: %s", stage, key, item, e)
-        return DamagedOutputError(f"{stage}/{key}/{item} is damaged: {why}; "
-                                  + ("it was un-marked and the next run recomputes it" if drop else
-                                     "`ovseg cache verify --repair` un-marks it so the next run recomputes it"))
-
-    def item_attrs(self, stage: str, key: str, item: str) -> dict[str, Any]:
-        """The attrs of a complete item (with its pack's record metadata under ``record``)."""
-        _, _, rec, entry = self._entry(stage, key, item)
-        return {**dict(entry.attrs), "record": dict(rec.meta)}
 
     def drop_items(self, stage: str, key: str, items: Iterable[str], reason: str,
                    pairs: list[tuple[str, str]] | None = None) -> int:

@@ -11,6 +11,7 @@ import numpy as np
 
 from storage.keys import StageKey, to_jsonable
 from storage.packs import ItemEntry, PackWriter
+from storage.paths import check_name
 from storage.records import PACKS, RECORDS, Record, new_id
 
 if TYPE_CHECKING:
@@ -39,8 +40,6 @@ class PackSession:
         self.entries: dict[str, ItemEntry] = {}
 
     def add(self, item: str, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> None:
-        from storage.store import check_name
-
         check_name("item", item)
         for name in arrays:
             check_name("array", name)

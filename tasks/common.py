@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ovseg_core.features.regions import resize_regions_nearest
 from ovseg_core.windows import (
     WindowPlan,
     crop_window_labels,
@@ -15,9 +16,8 @@ from ovseg_core.windows import (
     resize_image,
 )
 from storage.images import load_rgb
-from tasks.params import WindowParams
+from tasks.params import FEATURE_DTYPES, WindowParams
 
-FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 Tensors = Mapping[str, torch.Tensor]
 
 
@@ -55,8 +55,6 @@ def region_windows(ids: np.ndarray, plan: WindowPlan) -> torch.Tensor:
 
     Returns ``(n_win, Hp, Wp) int64`` with -1 on padding.
     """
-    from ovseg_core.features.regions import resize_regions_nearest
-
     resized = resize_regions_nearest(np.asarray(ids), plan.resized_hw)
     return crop_window_labels(torch.as_tensor(np.asarray(resized), dtype=torch.int64), plan, pad_value=-1)
 
@@ -110,10 +108,7 @@ def _signature(inp: Tensors) -> tuple:
 
 
 def to_store(x: torch.Tensor, feature_dtype: str) -> np.ndarray:
-    """A feature tensor as the stored numpy dtype (``float16`` by default)."""
-    return x.float().cpu().numpy().astype(FEATURE_DTYPES[feature_dtype])
-
-
-def array_name(aggregate: str) -> str:
-    """Store-safe array name of a CLIP aggregate (``mean:6-10`` -> ``mean_6-10``)."""
-    return aggregate.replace(":", "_")
+    """A feature tensor as the stored numpy dtype, one of ``tasks.params.FEATURE_DTYPES`` (``float16`` by default)."""
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
+    return x.float().cpu().numpy().astype(np.dtype(feature_dtype))

@@ -27,10 +27,6 @@ from tasks.runtime import StageContext
 Output = tuple[dict[str, np.ndarray], dict[str, Any]]
 
 
-def no_models(ctx: StageContext) -> None:
-    return None
-
-
 # ----------------------------------------------------------------------------- mask_clustering
 def clustering_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
     plan = row_plan(ctx.params.window, row)

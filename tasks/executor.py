@@ -36,6 +36,7 @@ from tasks.runtime import (
     StageContext,
     software_versions,
 )
+from tasks.stages import STAGES
 
 log = logging.getLogger("ovseg.tasks")
 
@@ -51,8 +52,6 @@ def run_batch(ctx: StageContext, rows: Sequence[Mapping[str, Any]], stage: Any =
 
     ``stage`` defaults to the stage table's entry for ``ctx.stage``.
     """
-    from tasks.stages import STAGES
-
     stage = stage or STAGES[ctx.stage]
     results: dict[str, ItemResult] = {}
     if rows:  # the flow sends only items it found incomplete: no listing of the stage's records per batch
@@ -120,6 +119,7 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
     def write_all() -> None:
         session = None
         added: list[str] = []
+        declared = stage.array_names(ctx.params)
         try:
             session = ctx.store().open_pack(ctx.node.stage_key, {
                 "software": software_versions(), "random_weights": ctx.node.random_weights,
@@ -134,6 +134,9 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
                 _fail(results, iid, open_error, seconds)
                 continue
             try:
+                if sorted(arrays) != sorted(declared):
+                    raise ValueError(f"stage {stage.name!r} computed the arrays {sorted(arrays)} for {iid} but declares "
+                                     f"{sorted(declared)} (Stage.arrays in tasks/stages.py); nothing of it is stored")
                 session.add(iid, arrays, {**attrs, "seconds": seconds, "random_weights": ctx.node.random_weights})
                 added.append(iid)
                 results[iid] = ItemResult(iid, "done", seconds)

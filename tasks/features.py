@@ -20,10 +20,13 @@ from ovseg_core.features.dino import (
     dino_qk_features,
     normalize_imagenet,
 )
+from ovseg_core.features.region_files import decode_label_map, regions_from_label_map
 from ovseg_core.features.regions import region_map
-from ovseg_core.features.text import TEMPLATE_SETS, parse_class_lines, text_embeddings
+from ovseg_core.features.text import TEMPLATE_SETS, text_embeddings
+from ovseg_core.vocabulary import parse_class_lines
 from storage.images import load_rgb
-from tasks.common import array_name, image_tensor, image_windows, run_windows, to_store
+from tasks.common import image_tensor, image_windows, run_windows, to_store
+from tasks.params import array_name
 from tasks.runtime import StageContext
 
 Output = tuple[dict[str, np.ndarray], dict[str, Any]]
@@ -70,11 +73,6 @@ def sam_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
 
 def sam_compute(ctx: StageContext, model, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
     """Region ids at original resolution (ascending-area painting, 0 = unsegmented), scores, areas."""
-    from ovseg_core.features.region_files import (
-        decode_label_map,
-        regions_from_label_map,
-    )
-
     out = []
     for inp in inputs:
         if "mask" in inp:

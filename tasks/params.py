@@ -11,12 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ovseg_core.window_plan import WindowPlan, plan_windows
+
 if TYPE_CHECKING:  # importing the parameter classes must not import torch (``ovseg cache ls`` reads the stage table)
     from ovseg_core.corrclip.config import CorrCLIPConfig
-    from ovseg_core.windows import WindowPlan
 
-FEATURE_DTYPES = ("float16", "float32")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+FEATURE_DTYPES = ("float16", "float32")  # dtypes of stored features (numpy names)
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # dtypes networks compute in (torch names)
+
+
+def array_name(aggregate: str) -> str:
+    """Store-safe array name of a CLIP aggregate (``mean:6-10`` -> ``mean_6-10``)."""
+    return aggregate.replace(":", "_")
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,8 @@ class WindowParams:
             raise ValueError(f"window.stride ({self.stride}) must not exceed window.crop ({self.crop}): pixels between "
                              "windows would never be predicted; lower the stride")
 
-    def plan(self, orig_hw: tuple[int, int]) -> "WindowPlan":
+    def plan(self, orig_hw: tuple[int, int]) -> WindowPlan:
         """The window plan of an image of original size ``(H, W)``."""
-        from ovseg_core.windows import plan_windows
-
         return plan_windows(orig_hw, self.short_side, self.crop, self.stride, self.pad_multiple)
 
 
@@ -88,6 +92,10 @@ class ClipParams:
     blocks: tuple[str, ...]  # aggregate names (``block:11``, ``mean:6-10``, ...), sorted
     feature_dtype: str
     dtype: str
+
+    def array_names(self) -> tuple[str, ...]:
+        """The arrays of an item: one per aggregate, named by ``array_name``."""
+        return tuple(array_name(b) for b in self.blocks)
 
 
 @dataclass(frozen=True)

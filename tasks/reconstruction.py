@@ -18,16 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from ovseg_core.backbones import num_blocks
 from ovseg_core.methods import WindowInputs, get_method
 from ovseg_core.postprocess import predict, window_logits
 from ovseg_core.windows import accumulate_window_logits, finish_merge
 from tasks.common import (
-    array_name,
     region_windows,
     row_plan,
     run_windows,
     shape_only_crops,
 )
+from tasks.params import array_name
 from tasks.runtime import StageContext
 
 Output = tuple[dict[str, np.ndarray], dict[str, Any]]
@@ -52,15 +53,11 @@ def reconstruction_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, 
         win["regions"] = region_windows(ctx.read_upstream("sam_masks", row, ["ids"])["ids"], plan)
         win["merged"] = torch.from_numpy(ctx.read_upstream("mask_clustering", row, ["merged"])["merged"]).long()
         if method.semantic_branch(p.config):
-            if "mask_class_tokens" not in ctx.node.upstream:
-                raise ValueError("the semantic branch needs the mask_class_tokens stage upstream of reconstruction")
             win["semantic"] = torch.from_numpy(ctx.read_upstream("mask_class_tokens", row, ["semantic"])["semantic"])
     return {"win": win, "plan": plan}
 
 
 def _num_blocks(ctx: StageContext) -> int:
-    from ovseg_core.backbones import num_blocks
-
     return num_blocks(ctx.params.backbone)
 
 
@@ -68,7 +65,7 @@ def reconstruction_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[s
     """Label map and winning probability at original resolution for each image."""
     p = ctx.params
     method = get_method(p.method)
-    text = ctx.read_shared("text_embeddings", "vocab")
+    text = ctx.read_shared("text_embeddings")
     emb = torch.from_numpy(text["embeddings"]).float().to(ctx.device)
     q2c = torch.from_numpy(text["query_to_class"]).long()
     canvases = [torch.zeros((emb.shape[0], *inp["plan"].resized_hw)) for inp in inputs]

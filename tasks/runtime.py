@@ -20,9 +20,12 @@ from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
+import torch
 
+from ovseg_core.backbones import load_backbone
 from storage.keys import StageKey
 from storage.store import Store
+from tasks.stages import STAGES, VOCAB_ITEM, InputError, get_stage
 
 log = logging.getLogger("ovseg.tasks")
 
@@ -112,24 +115,37 @@ class StageContext:
         """A backbone by name, loaded once per worker process."""
         return get_backbone(name, self.device, dtype, self.settings.weights_dir)
 
+    def input_node(self, role: str) -> StageNode:
+        """The node wired to the declared input ``role`` (``tasks.stages.Input``).
+
+        Raises:
+            InputError: the stage does not declare ``role``, or ``role`` is optional and this node
+                was not wired with it (the method's graph holds none of its sources).
+        """
+        inp = get_stage(self.node.stage).input(role)
+        try:
+            return self.node.upstream[role]
+        except KeyError:
+            raise InputError(f"stage {self.node.stage!r} (key {self.node.key}): its {'' if inp.required else 'optional '}"
+                             f"input {role!r} ({' or '.join(inp.sources)}) is not wired for this node; the method's "
+                             "graph holds none of its sources") from None
+
     def read_upstream(self, role: str, row: Mapping[str, Any], arrays: Sequence[str] | None = None
                       ) -> dict[str, np.ndarray]:
-        """An upstream output of one item (manifest ``row``): read, checked against its completion record, or,
-        for a stage that is not persisted and has no stored copy, computed here by the stage's own steps."""
-        up = self.node.upstream[role]
+        """A declared upstream output of one item (manifest ``row``): read, checked against its completion record,
+        or, for a stage that is not persisted and has no stored copy, computed here by the stage's own steps."""
+        up = self.input_node(role)
         store = self.store()
         iid = str(row["image_id"])
         if up.persist or store.state(up.stage, up.key, refresh=False).pack_of(iid) is not None:
             return store.read_item(up.stage, up.key, iid, arrays)
-        from tasks.stages import STAGES
-
         stage, ctx = STAGES[up.stage], StageContext(up, self.settings, self.dataset)
         (out, _), = stage.compute(ctx, stage.models(ctx), [stage.load(ctx, row)])
         return {k: out[k] for k in arrays} if arrays is not None else dict(out)
 
-    def read_shared(self, role: str, item: str) -> dict[str, np.ndarray]:
-        """An upstream per-vocabulary output, read once per worker."""
-        up = self.node.upstream[role]
+    def read_shared(self, role: str, item: str = VOCAB_ITEM) -> dict[str, np.ndarray]:
+        """A declared upstream per-vocabulary output, read once per worker."""
+        up = self.input_node(role)
         return _read_shared(self.settings.store_location, self.settings.lease_ttl, up.stage, up.key, item)
 
 
@@ -173,10 +189,6 @@ _models: dict[tuple, Any] = {}
 
 def get_backbone(name: str, device: str = "cpu", dtype: str = "float32", weights_dir: str | None = None):
     """Load a backbone once per worker process (thread-safe). A failure is remembered and re-raised."""
-    import torch
-
-    from ovseg_core.backbones import load_backbone
-
     ident = (name, device, dtype, weights_dir)
     with _model_lock:
         got = _models.get(ident)
@@ -247,8 +259,6 @@ def worker_device(requested: str) -> str:
     """
     if requested not in ("auto", "cuda"):
         return requested
-    import torch
-
     count = torch.cuda.device_count()
     name = _dask_worker_name()
     index = worker_index(name) if name is not None else None

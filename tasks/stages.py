@@ -1,44 +1,92 @@
 """The stage table: the only place a stage exists.
 
-Like ``sam_model_registry``, ``STAGES`` maps each stage name to everything about it: what it
-reads, its typed parameters, its code version, and its three steps (``models`` loaded once per
-worker, ``load`` one item's inputs, pure ``compute`` over a group of items). The graph
-(``flows.graph``), the CLI's stage choices, dry-run, the report and the benchmark iterate it;
-the table's order is a topological order of the graph. The steps are named here and imported
-on first use, so reading the table costs no torch import.
+Like ``sam_model_registry``, ``STAGES`` maps each stage name to everything about it: the inputs
+it declares (``Input``: a role, the stages that can fill it, required or not), its typed
+parameters, its code version, the arrays each item stores, and its three steps (``models``
+loaded once per worker, ``load`` one item's inputs, pure ``compute`` over a group of items).
+
+The table is read, never restated:
+
+- the graph (``flows.graph``) wires every node's upstream from ``Stage.inputs``;
+- a stage's steps read exactly the inputs it declares (``StageContext.read_upstream`` /
+  ``read_shared`` refuse any other role, naming the stage and the role);
+- the executor stores exactly ``Stage.arrays`` per item (anything else fails the item);
+- the CLI's stage choices, dry-run, ``cache ls``, the report and the benchmark iterate it.
+
+The table's order is a topological order of the graph. Steps are named in full
+(``Step("tasks.features:sam_load")``) and imported on first call, so a search for a step's
+name finds the table, and reading the table costs no torch import.
 
 Bump a stage's ``code_version`` when its output for the same inputs changes.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ovseg_core.names import did_you_mean
 from tasks import params as P
 
-LoadFn = Callable[[Any, Mapping[str, Any]], Any]
-ComputeFn = Callable[[Any, Any, Sequence[Any]], list[tuple[dict, dict]]]
+VOCAB_ITEM = "vocab"  # the one item of a per-vocabulary stage
 
 
 class Step:
-    """A stage step named ``"module:function"`` under ``tasks``, imported when first called."""
+    """A stage step named in full, ``"tasks.features:sam_load"`` (module : function), imported on first call."""
 
     def __init__(self, ref: str):
-        self.ref = ref
+        module, sep, name = ref.partition(":")
+        if not sep or not module or not name.isidentifier():
+            raise ValueError(f"a step is named 'package.module:function', got {ref!r}")
+        self.ref, self.module, self.name = ref, module, name
         self._fn: Callable | None = None
 
-    def __call__(self, *args: Any) -> Any:
+    def resolve(self) -> Callable:
+        """The function itself (imports its module)."""
         if self._fn is None:
-            module, name = self.ref.split(":")
-            self._fn = getattr(importlib.import_module(f"tasks.{module}"), name)
-        return self._fn(*args)
+            self._fn = getattr(importlib.import_module(self.module), self.name)
+        return self._fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.resolve()(*args)
 
     def __repr__(self) -> str:
         return f"Step({self.ref!r})"
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input a stage declares.
+
+    Attributes:
+        role: the name its steps read it by (``ctx.read_upstream(role, row)``) and its key is hashed under.
+        sources: the stages whose output can fill it, in order of preference: the graph wires the
+            first of them the method's graph holds (default: the stage named like the role).
+        required: every node of the stage has it; False: wired only when the method's graph holds
+            one of ``sources`` (reconstruction reads CorrCLIP's inputs only for CorrCLIP methods).
+    """
+
+    role: str
+    sources: tuple[str, ...] = ()
+    required: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            object.__setattr__(self, "sources", (self.role,))
+
+
+class InputError(LookupError):
+    """A step asked for an input its stage does not declare, or an optional input its node was not wired with."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def no_models(ctx: Any) -> None:
+    """The ``models`` step of a stage that loads no network."""
+    return None
 
 
 @dataclass(frozen=True)
@@ -47,66 +95,127 @@ class Stage:
 
     Attributes:
         name: stage name (store folder, CLI choice, report label).
-        description: one line for ``--help``, dry-run and docs.
-        per: ``"image"`` (one item per image) or ``"vocabulary"`` (one item, id ``vocab``).
-        reads: roles of the upstream outputs it may read (``prediction``: the method's final labels).
+        description: one line for ``--help``, dry-run, ``cache ls`` and docs.
+        per: ``"image"`` (one item per image) or ``"vocabulary"`` (one item, id ``VOCAB_ITEM``).
+        inputs: the upstream outputs it reads, by role (see ``Input``).
         params: its typed parameter class (hashed into its key).
         code_version: bumped when its output for the same inputs changes.
-        models: ``ctx -> models`` loaded once per worker (None when it needs none).
+        models: ``ctx -> models`` loaded once per worker (``no_models`` when it needs none).
         load: ``(ctx, manifest row) -> inputs`` (I/O only).
         compute: ``(ctx, models, [inputs]) -> [(arrays, attrs)]`` (pure ovseg_core calls).
+        arrays: the names of the arrays each item stores, or ``params -> names`` when its
+            parameters name them (clip_layers: one per block aggregate).
         windows: ``inputs -> window count`` for stages that batch windows across images.
-        arrays: names of the arrays each item stores (clip_layers: one per block aggregate).
         scored_only: only images with ground truth are items.
     """
 
     name: str
     description: str
     per: str
-    reads: tuple[str, ...]
+    inputs: tuple[Input, ...]
     params: type
     code_version: str
     models: Callable[[Any], Any]
-    load: LoadFn
-    compute: ComputeFn
+    load: Callable[[Any, Mapping[str, Any]], Any]
+    compute: Callable[[Any, Any, Sequence[Any]], list[tuple[dict, dict]]]
+    arrays: tuple[str, ...] | Callable[[Any], tuple[str, ...]]
     windows: Callable[[Any], int] | None = None
-    arrays: tuple[str, ...] = ()
     scored_only: bool = False
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(i.role for i in self.inputs)
 
-def _stage(name: str, description: str, per: str, reads: tuple[str, ...], params: type, code_version: str,
-           steps: str, models: str | None = None, windows: bool = False, **kw: Any) -> Stage:
-    """A stage whose steps are ``<steps>_models`` / ``_load`` / ``_compute`` (``models``: another models step)."""
-    module, prefix = steps.split(":")
-    return Stage(name, description, per, reads, params, code_version,
-                 Step(models or f"{module}:{prefix}_models"), Step(f"{module}:{prefix}_load"),
-                 Step(f"{module}:{prefix}_compute"), Step("features:windows_of") if windows else None, **kw)
+    def input(self, role: str) -> Input:
+        """The declared input ``role``; another role raises ``InputError`` naming the stage and its inputs."""
+        for inp in self.inputs:
+            if inp.role == role:
+                return inp
+        declared = ", ".join(self.roles) or "none"
+        raise InputError(f"stage {self.name!r} reads input {role!r}{did_you_mean(role, self.roles)}, which it does "
+                         f"not declare (its inputs: {declared}); declare it in the stage table (tasks/stages.py)")
 
+    def array_names(self, params: Any) -> tuple[str, ...]:
+        """The arrays each item of a node with ``params`` stores."""
+        return tuple(self.arrays(params)) if callable(self.arrays) else self.arrays
+
+    def items(self, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The stage's items among a dataset's manifest rows (images that can be read)."""
+        if self.per == "vocabulary":
+            return [{"image_id": VOCAB_ITEM}]
+        if self.scored_only:  # images without ground truth are predicted, not scored
+            return [dict(r) for r in rows if r.get("gt_path")]
+        return [dict(r) for r in rows]
+
+    def item_of(self, row: Mapping[str, Any]) -> str:
+        """The id of this stage's item that an image's row needs (``VOCAB_ITEM`` for a per-vocabulary stage)."""
+        return VOCAB_ITEM if self.per == "vocabulary" else str(row["image_id"])
+
+
+WINDOWS = Step("tasks.features:windows_of")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    _stage("text_embeddings", "prompt-ensembled query embeddings of a vocabulary", "vocabulary", (), P.TextParams, "2",
-           "features:text", arrays=("embeddings", "query_to_class")),
-    _stage("sam_masks", "region ids at original resolution (SAM automatic masks or superpixels)", "image", (),
-           P.RegionParams, "1", "features:sam", arrays=("ids", "scores", "areas")),
-    _stage("dino_features", "last-block DINO q+k of every window", "image", (), P.DinoParams, "2", "features:dino",
-           windows=True, arrays=("qk",)),
-    _stage("clip_layers", "CLIP block aggregates of every window", "image", (), P.ClipParams, "1", "features:clip",
-           windows=True),
-    _stage("mask_clustering", "DBSCAN-merged region ids per window on the DINO grid", "image",
-           ("dino_features", "sam_masks"), P.ClusteringParams, "2", "corrclip:clustering", models="corrclip:no_models",
-           arrays=("merged",)),
-    _stage("mask_class_tokens", "CorrCLIP semantic-branch tokens per window", "image", ("mask_clustering",),
-           P.SemanticParams, "1", "corrclip:semantic", windows=True, arrays=("semantic",)),
-    _stage("reconstruction", "a method's label map and winning probability", "image",
-           ("text_embeddings", "clip_layers", "dino_features", "sam_masks", "mask_clustering", "mask_class_tokens"),
-           P.ReconstructionParams, "2", "reconstruction:reconstruction", windows=True, arrays=("labels", "prob")),
-    _stage("map_correction", "CorrCLIP map correction (region-mode labels)", "image", ("reconstruction", "sam_masks"),
-           P.MapCorrectionParams, "1", "corrclip:correction", models="corrclip:no_models", arrays=("labels", "prob")),
-    _stage("scoring", "per-image confusion matrix against the ground truth", "image", ("prediction",),
-           P.ScoringParams, "2", "scoring:scoring", models="corrclip:no_models", arrays=("confusion",),
-           scored_only=True),
+    Stage("text_embeddings", "prompt-ensembled query embeddings of a vocabulary", "vocabulary",
+          inputs=(), params=P.TextParams, code_version="2",
+          models=Step("tasks.features:text_models"), load=Step("tasks.features:text_load"),
+          compute=Step("tasks.features:text_compute"), arrays=("embeddings", "query_to_class")),
+    Stage("sam_masks", "region ids at original resolution (SAM automatic masks or superpixels)", "image",
+          inputs=(), params=P.RegionParams, code_version="1",
+          models=Step("tasks.features:sam_models"), load=Step("tasks.features:sam_load"),
+          compute=Step("tasks.features:sam_compute"), arrays=("ids", "scores", "areas")),
+    Stage("dino_features", "last-block DINO q+k of every window", "image",
+          inputs=(), params=P.DinoParams, code_version="2",
+          models=Step("tasks.features:dino_models"), load=Step("tasks.features:dino_load"),
+          compute=Step("tasks.features:dino_compute"), arrays=("qk",), windows=WINDOWS),
+    Stage("clip_layers", "CLIP block aggregates of every window", "image",
+          inputs=(), params=P.ClipParams, code_version="1",
+          models=Step("tasks.features:clip_models"), load=Step("tasks.features:clip_load"),
+          compute=Step("tasks.features:clip_compute"), arrays=P.ClipParams.array_names, windows=WINDOWS),
+    Stage("mask_clustering", "DBSCAN-merged region ids per window on the DINO grid", "image",
+          inputs=(Input("dino_features"), Input("sam_masks")), params=P.ClusteringParams, code_version="2",
+          models=no_models, load=Step("tasks.corrclip:clustering_load"),
+          compute=Step("tasks.corrclip:clustering_compute"), arrays=("merged",)),
+    Stage("mask_class_tokens", "CorrCLIP semantic-branch tokens per window", "image",
+          inputs=(Input("mask_clustering"),), params=P.SemanticParams, code_version="1",
+          models=Step("tasks.corrclip:semantic_models"), load=Step("tasks.corrclip:semantic_load"),
+          compute=Step("tasks.corrclip:semantic_compute"), arrays=("semantic",), windows=WINDOWS),
+    Stage("reconstruction", "a method's label map and winning probability", "image",
+          inputs=(Input("text_embeddings"), Input("clip_layers"),
+                  # CorrCLIP's inputs: wired for the methods whose graph holds them (Method.uses_regions)
+                  Input("dino_features", required=False), Input("sam_masks", required=False),
+                  Input("mask_clustering", required=False),
+                  Input("mask_class_tokens", required=False)),  # the semantic branch
+          params=P.ReconstructionParams, code_version="2",
+          models=Step("tasks.reconstruction:reconstruction_models"),
+          load=Step("tasks.reconstruction:reconstruction_load"),
+          compute=Step("tasks.reconstruction:reconstruction_compute"), arrays=("labels", "prob"), windows=WINDOWS),
+    Stage("map_correction", "CorrCLIP map correction (region-mode labels)", "image",
+          inputs=(Input("reconstruction"), Input("sam_masks")), params=P.MapCorrectionParams, code_version="1",
+          models=no_models, load=Step("tasks.corrclip:correction_load"),
+          compute=Step("tasks.corrclip:correction_compute"), arrays=("labels", "prob")),
+    Stage("scoring", "per-image confusion matrix against the ground truth", "image",
+          inputs=(Input("prediction", ("map_correction", "reconstruction")),),  # the method's final labels
+          params=P.ScoringParams, code_version="2",
+          models=no_models, load=Step("tasks.scoring:scoring_load"), compute=Step("tasks.scoring:scoring_compute"),
+          arrays=("confusion",), scored_only=True),
 )}
 STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
+
+
+def _check_table(stages: Mapping[str, Stage]) -> None:
+    """Every input is filled by stages listed before its reader (the order is topological); roles are unique."""
+    seen: list[str] = []
+    for name, stage in stages.items():
+        if len(set(stage.roles)) != len(stage.roles):
+            raise ValueError(f"stage {name!r} declares a role twice: {stage.roles}")
+        for inp in stage.inputs:
+            late = [s for s in inp.sources if s not in seen]
+            if late:
+                raise ValueError(f"stage {name!r} input {inp.role!r}: source(s) {late} are not stages listed before it")
+        seen.append(name)
+
+
+_check_table(STAGES)
 
 
 def get_stage(name: str) -> Stage:
@@ -114,6 +223,5 @@ def get_stage(name: str) -> Stage:
     try:
         return STAGES[name]
     except KeyError:
-        close = difflib.get_close_matches(name, STAGE_ORDER, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown stage {name!r}{hint}; stages are: {', '.join(STAGE_ORDER)}") from None
+        raise ValueError(f"unknown stage {name!r}{did_you_mean(name, STAGE_ORDER)}; stages are: "
+                         f"{', '.join(STAGE_ORDER)}") from None

@@ -9,64 +9,33 @@ from __future__ import annotations
 
 import argparse
 
-from flows.commands.common import load_exp, print_table
-
-
-def print_summary(summary) -> None:
-    """The per-stage table of a run: dataset, stage, key, images, computed, cached, not done, failed, seconds."""
-    rows = [(s.dataset, s.stage, s.key, s.total, s.done, s.cached, s.skipped + s.busy, s.failed, f"{s.seconds:.1f}")
-            for s in summary.stages]
-    print_table(rows, ["dataset", "stage", "key", "images", "computed", "cached", "not done", "failed", "seconds"])
+from flows.commands.common import load_exp
+from flows.export import export_predictions
+from flows.summary import print_plan, print_run
+from tasks.stages import get_stage
 
 
 def cmd_run(args: argparse.Namespace, only: list[str] | None = None) -> int:
-    from flows.pipeline import run_experiment
+    from flows.pipeline import run_experiment  # torch (the stage graph) and, for flow runs, Prefect
 
     exp = load_exp(args)
     summary = run_experiment(exp, force=args.force, dry_run=args.dry_run, progress=args.verbosity >= 0,
                              only_stages=only, wait=not args.no_wait, experiment_file=str(args.experiment),
                              orchestrate=not args.no_prefect, report_dir=args.report, max_failed=args.max_failed)
     if summary.plan_only:
-        print(f"plan for experiment {exp.name} (store {summary.store}; nothing was written):")
-        rows = [(s.dataset, s.stage, s.key, s.done, s.cached, s.methods) for s in summary.stages]
-        print_table(rows, ["dataset", "stage", "key", "to compute", "cached", "used by"])
-        for note in summary.notes:
-            print(f"note: {note}")
+        print_plan(summary, exp.name)
         return 0
-    print_summary(summary)
-    if summary.metrics:
-        print()
-        rows = [(m["dataset"], m["method"], f"{100 * m['miou']:.2f}" if m["miou"] is not None else "nan",
-                 f"{100 * m['aacc']:.2f}" if m["aacc"] is not None else "nan",
-                 f"{m['images']}/{m['images_total']}" + ("" if m["complete"] else " (partial)"))
-                for m in summary.metrics if m["class_index"] == -1]
-        print_table(rows, ["dataset", "method", "mIoU", "aAcc", "images scored"])
-    for note in summary.notes:
-        print(f"note: {note}")
-    if summary.random_weights:
-        print("\nNOTE: random-weight backbones were used: scores are at chance level and are NOT method results.")
-    failures = [(s.stage, f[0], f[1], f[2]) for s in summary.stages for f in s.failures]
-    state = f" (Prefect state {summary.state})" if summary.state else ""
-    print(f"\nrun {summary.run_id}: {summary.status}{state}: {summary.computed} outputs computed, {summary.failed} failed, "
-          f"{summary.incomplete} left for a later run")
-    for stage, iid, etype, err in failures[:20]:
-        print(f"  {stage} {iid}: {etype}: {err}")
-    if len(failures) > 20:
-        print(f"  ... {len(failures) - 20} more (see `ovseg runs --failures {summary.run_id}`)")
-    if summary.report:
-        print(f"report: {summary.report}")
+    print_run(summary)
     return summary.exit_code
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from tasks.stages import get_stage
-
-    get_stage(args.name)
+    get_stage(args.name)  # before the experiment file is read
     return cmd_run(args, only=[args.name])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.serve import serve_experiment
+    from flows.serve import serve_experiment  # Prefect
 
     serve_experiment(args.experiment, cron=args.cron, interval=args.interval, overrides=args.overrides,
                      store=args.store, name=args.name, report_dir=args.report, max_failed=args.max_failed,
@@ -75,8 +44,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from flows.export import export_predictions
-
     exp = load_exp(args)
     result = export_predictions(exp, args.out, datasets=args.dataset or None, methods=args.method or None,
                                 fmt=args.format, progress=args.verbosity >= 0)

@@ -12,15 +12,17 @@ import sys
 import time
 from collections.abc import Sequence
 
-from flows.commands.common import human, print_table, read_only_store
+from flows.commands.common import human, read_only_store
 from flows.key_view import shown_params
+from flows.summary import print_table, stage_legend
+from storage.journal import KeepSet, newest_per_experiment
+from storage.keys import canonical_json
+from storage.maintenance import evict, gc, list_stages, verify
+from storage.tables import read_table
+from tasks.stages import STAGE_ORDER, get_stage
 
 
 def cmd_cache_ls(args: argparse.Namespace) -> int:
-    from storage.keys import canonical_json
-    from storage.maintenance import list_stages
-    from tasks.stages import STAGE_ORDER
-
     store = read_only_store(args.store)
     infos = sorted(list_stages(store, with_bytes=True),
                    key=lambda i: (STAGE_ORDER.index(i.stage) if i.stage in STAGE_ORDER else 99, i.key))
@@ -36,22 +38,18 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     for i in infos:
         for path in i.damaged_files:
             print(f"  damaged: {path} (ovseg cache verify --repair)")
+    print("what each stage computes:\n" + "\n".join(stage_legend(i.stage for i in infos)))
     print(f"store: {store.location}")
     return 0
 
 
 def plan_keys(exp_paths: Sequence[str], overrides: Sequence[str] = ()) -> set[tuple[str, str]]:
     """Every ``(stage, key)`` of the given experiment files (the stage graph is imported only when there are some)."""
-    keys: set[tuple[str, str]] = set()
     if not exp_paths:
-        return keys
-    from flows.config import load_experiment
-    from flows.graph import build_plan
+        return set()
+    from flows.graph import experiment_keys  # torch (backbone geometry): only when experiment files are given
 
-    for exp_path in exp_paths:
-        for plan in build_plan(load_experiment(exp_path, overrides=overrides)):
-            keys.update(plan.nodes)
-    return keys
+    return experiment_keys(exp_paths, overrides)
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -75,9 +73,6 @@ def parse_duration(text: str) -> float:
 
 
 def cmd_cache_gc(args: argparse.Namespace) -> int:
-    from storage.journal import KeepSet, newest_per_experiment
-    from storage.maintenance import evict, gc
-
     store = read_only_store(args.store)
     runs, damaged = store.runs()
     for path, err in damaged:
@@ -123,16 +118,12 @@ def _n(count: int, noun: str) -> str:
 
 
 def cmd_cache_verify(args: argparse.Namespace) -> int:
-    from storage.maintenance import verify
-
     store = read_only_store(args.store)
     sets = store.stage_sets()
     if args.experiment:
         wanted = plan_keys([args.experiment])
         sets = [s for s in sets if s in wanted]
     if args.stage:
-        from tasks.stages import get_stage
-
         get_stage(args.stage)
         sets = [s for s in sets if s[0] == args.stage]
     reports = verify(store, sets, checksums=not args.sizes_only, repair=args.repair)
@@ -153,8 +144,6 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from storage.tables import read_table
-
     store = read_only_store(args.store)
     if args.failures:
         known = store.table_names("failures")

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 
-from flows.commands.common import print_table, read_only_store
+from flows.commands.common import read_only_store
+from flows.emptiness import empty_dataset_error
+from flows.report import write_report
+from flows.summary import print_table
+from ovseg_core.datasets import class_lines, get_dataset
+from ovseg_core.names import did_you_mean
+from storage.ingest import ingest
+from storage.store import Store
+from storage.tables import read_table, write_table
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from flows.emptiness import empty_dataset_error
-    from ovseg_core.datasets import class_lines, get_dataset
-    from storage.ingest import ingest
-    from storage.store import Store
-    from storage.tables import write_table
-
     rows = ingest(args.root, args.layout, dataset=args.dataset, split=args.split, gt_dir=args.gt_dir,
                   progress=args.verbosity >= 0)
     if not rows:
@@ -48,7 +50,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from ovseg_core.backbones import list_backbones, official_weight_file
+    from ovseg_core.backbones import list_backbones, official_weight_file  # torch, open_clip (its weight registry)
 
     for name in list_backbones():
         try:
@@ -61,25 +63,18 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 def stored_experiments(store) -> list[str]:
     """Names of the experiments with scores in the store (the metrics table), sorted."""
-    from storage.tables import read_table
-
     if not store.table_names("metrics"):
         return []
     return sorted(set(read_table(store, "metrics").column("experiment").to_pylist()))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from flows.report import write_report
-
     store = read_only_store(args.store)
     if args.experiment:
         have = stored_experiments(store)
         missing = [e for e in args.experiment if e not in have]
         if missing:
-            import difflib
-
-            hints = [f"{e!r} (did you mean {difflib.get_close_matches(e, have, n=1)[0]!r}?)"
-                     if difflib.get_close_matches(e, have, n=1) else repr(e) for e in missing]
+            hints = [f"{e!r}{did_you_mean(e, have)}" for e in missing]
             raise ValueError(f"no scores of experiment {', '.join(hints)} in {store.location}; experiments with "
                              f"scores: {', '.join(have) if have else 'none yet (run `ovseg run EXP.yaml`)'}")
     path = write_report(store.location, args.out, experiments=args.experiment or None, samples=args.samples)
@@ -88,7 +83,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from flows.segment import segment_image
+    from flows.segment import segment_image  # torch (the stage graph and the models)
 
     res = segment_image(args.image, args.classes, method=args.method, out=args.out, store=args.store,
                         clip=args.clip, dino=args.dino, sam=args.sam, regions=args.regions,
@@ -101,6 +96,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import run_demo
+    from flows.demo import run_demo  # torch, Prefect
 
     return run_demo(store=args.store, out=args.out, progress=args.verbosity >= 0, orchestrate=not args.no_prefect)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import DBSCAN
 
 from ovseg_core.corrclip.config import CorrCLIPConfig
 
@@ -98,6 +97,8 @@ def _dbscan_labels(qk: torch.Tensor, inverse: torch.Tensor, num_regions: int, cf
     feats = F.normalize(sums / counts[:, None], dim=-1)
     sim = feats @ feats.T
     distance = (sim.max() - sim).clamp_min(0).double().cpu().numpy()
+    from sklearn.cluster import DBSCAN  # scikit-learn + SciPy take ~1 s to import: only where clustering runs
+
     return DBSCAN(eps=cfg.dbscan_eps, min_samples=cfg.dbscan_min_samples, metric="precomputed").fit_predict(distance)
 
 

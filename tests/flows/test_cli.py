@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 
 from flows.cli import main
+from storage.maintenance import list_stages
 from storage.store import Store
 from tests.flows.conftest import SAMPLE, tiny_experiment
 
@@ -62,7 +63,7 @@ def test_run_stage_cache_ls_gc_and_runs(tmp_path, capsys):
     # one stage alone
     assert main(["stage", "clip_layers", str(exp_file), "-q"]) == 0
     st = Store(store)
-    assert [i.stage for i in st.list_stages()] == ["clip_layers"]
+    assert [i.stage for i in list_stages(st)] == ["clip_layers"]
     # dry run shows what is left
     assert main(["run", str(exp_file), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -83,9 +84,9 @@ def test_run_stage_cache_ls_gc_and_runs(tmp_path, capsys):
     other_file = tmp_path / "other.yaml"
     other_file.write_text(yaml.safe_dump(other.model_dump(mode="json")))
     assert main(["stage", "clip_layers", str(other_file), "-q"]) == 0
-    before = {(i.stage, i.key) for i in st.list_stages()}
+    before = {(i.stage, i.key) for i in list_stages(st)}
     assert main(["cache", "gc", str(exp_file), "--only-experiments", "--store", str(store)]) == 0
-    after = {(i.stage, i.key) for i in st.list_stages()}
+    after = {(i.stage, i.key) for i in list_stages(st)}
     assert len(before - after) == 1 and next(iter(before - after))[0] == "clip_layers"
 
 
@@ -120,7 +121,7 @@ def test_segment_an_image_outside_any_dataset(tmp_path, capsys):
     assert rc == 0
     assert np.asarray(Image.open(out.with_name("overlay_labels.png"))).max() < 2
     by_stage: dict[str, int] = {}
-    for info in Store(tmp_path / "store").list_stages():
+    for info in list_stages(Store(tmp_path / "store")):
         by_stage[info.stage] = by_stage.get(info.stage, 0) + 1
     # the image features are shared by both vocabularies; only text and what depends on it is new
     assert by_stage["sam_masks"] == by_stage["dino_features"] == by_stage["clip_layers"] == 1
@@ -137,12 +138,12 @@ def test_gc_keeps_the_newest_run_of_each_experiment(tmp_path, capsys):
         files[-1].write_text(yaml.safe_dump(exp.model_dump(mode="json")))
         assert main(["run", str(files[-1]), "-q"]) == 0
     st = Store(store)
-    clip_keys = {i.key for i in st.list_stages() if i.stage == "clip_layers"}
+    clip_keys = {i.key for i in list_stages(st) if i.stage == "clip_layers"}
     assert len(clip_keys) == 2
     assert main(["cache", "gc", "--all-runs", "--store", str(store)]) == 0
-    assert {i.key for i in st.list_stages() if i.stage == "clip_layers"} == clip_keys
+    assert {i.key for i in list_stages(st) if i.stage == "clip_layers"} == clip_keys
     assert main(["cache", "gc", "--store", str(store)]) == 0  # the first parameter set is no longer referenced
-    left = {i.key for i in st.list_stages() if i.stage == "clip_layers"}
+    left = {i.key for i in list_stages(st) if i.stage == "clip_layers"}
     assert len(left) == 1 and left < clip_keys
     capsys.readouterr()
     assert main(["run", str(files[1]), "--dry-run"]) == 0

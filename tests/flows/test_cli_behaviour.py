@@ -4,6 +4,7 @@ that create nothing and never start Prefect, dry runs that write nothing, journa
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 
 from flows.cli import build_parser, main
 from storage.store import Store
+from tasks.stages import STAGES
 from tests.flows.conftest import SAMPLE, tiny_experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -60,6 +62,52 @@ def test_read_only_commands_on_a_missing_store_exit_2_and_create_nothing(tmp_pat
     assert rc == 2
     assert f"no ovseg store at {typo}" in capsys.readouterr().err
     assert not typo.exists() and not (tmp_path / "r").exists()
+
+
+HEAVY = ("torch", "prefect", "open_clip", "zarr")
+
+
+@pytest.mark.slow
+def test_read_only_commands_import_no_torch_prefect_open_clip_or_zarr(done, tmp_path):
+    """Each read-only command in a fresh interpreter: what it imported (issue 21: seconds of imports before anything
+    happened). ``export`` needs the stage graph, whose keys hold backbone geometry (torch, open_clip): no Prefect, no
+    scikit-learn (CorrCLIP's clustering imports it where it runs)."""
+    exp_file, store = done
+    commands = {"help": (["--help"], HEAVY), "export-help": (["export", "--help"], HEAVY),
+                "stage-help": (["stage", "--help"], HEAVY),
+                "runs": (["runs", "--store", str(store)], HEAVY), "ls": (["cache", "ls", "--store", str(store)], HEAVY),
+                "verify": (["cache", "verify", "--store", str(store)], HEAVY),
+                "gc": (["cache", "gc", "--dry-run", "--store", str(store)], HEAVY),
+                "report": (["report", "--store", str(store), "--out", str(tmp_path / "r"), "--samples", "1"], HEAVY),
+                "export": (["export", str(exp_file), "--out", str(tmp_path / "x"), "-q"],
+                           ("prefect", "zarr", "sklearn"))}
+    script = """
+import sys
+from flows.cli import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as e:
+    rc = e.code
+print("RC", rc, "MODULES", " ".join(sorted({m.split(".")[0] for m in sys.modules})), file=sys.stderr)
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": "http://127.0.0.1:9/api",
+           "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    for name, (argv, absent) in commands.items():
+        proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("RC ")]
+        rc, modules = line.split()[1], set(line.split(" MODULES ")[1].split())
+        assert rc == "0", (name, proc.stderr[-3000:])
+        assert not modules & set(absent), (name, sorted(modules & set(absent)))
+
+
+def test_stage_help_lists_every_stage_with_what_it_computes(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["stage", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for stage in STAGES.values():
+        assert re.search(rf"^  {stage.name} +{re.escape(stage.description)}$", out, flags=re.M), stage.name
 
 
 @pytest.mark.slow

@@ -30,6 +30,10 @@ def custom(classes) -> dict:
         (dict(RAW, methods=[{"name": "a", "method": "corrclip", "windw": {}}]), r"methods\.0\.windw: unknown key \(did you mean 'window'\?\)"),
         (dict(RAW, methods=[{"name": "a", "method": "corrclip", "tau": 3}]),
          r"methods\.0\.tau: unknown key \(method parameters go under params: methods\.0\.params\.tau\)"),
+        # map correction is set in one place, the method's params (a CorrCLIPConfig field)
+        (dict(RAW, methods=[{"name": "a", "method": "corrclip", "map_correction": False}]),
+         r"methods\.0\.map_correction: unknown key \(method parameters go under params: "
+         r"methods\.0\.params\.map_correction\)"),
         (dict(RAW, methods=[{"name": "a", "method": "sc-clip"}]),
          r"methods\.0\.method: .*unknown method 'sc-clip' \(did you mean 'scclip'\?\); valid methods: corrclip, scclip"),
         (dict(RAW, methods=[{"name": "a", "method": "corrclip", "classes": "scclp"}]),

@@ -59,9 +59,9 @@ def test_choices_match_the_registries() -> None:
     def choices(model: type[BaseModel], key: str) -> tuple:
         return get_args(model.model_fields[key].annotation)
 
-    from storage.ingest import LAYOUTS
+    from storage.layouts import LAYOUT_NAMES
 
-    assert choices(DatasetEntry, "layout") == LAYOUTS  # the experiment file offers exactly what ingest reads
+    assert choices(DatasetEntry, "layout") == LAYOUT_NAMES  # the experiment file offers exactly what ingest reads
     assert set(choices(Experiment, "text_templates")) == set(TEMPLATE_SETS)
 
 

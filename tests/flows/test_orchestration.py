@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flows.orchestration import failed_images, final_state, run_tags, slug
-from flows.pipeline import RunSummary, StageReport
+from flows.summary import RunSummary, StageReport
 from tests.flows.conftest import tiny_experiment
 
 

@@ -8,6 +8,7 @@ import pytest
 from flows.config import ExperimentError
 from flows.graph import build_plan
 from flows.pipeline import run_experiment
+from storage.maintenance import list_stages
 from storage.store import Store
 from tests.flows.conftest import computed, tiny_experiment
 
@@ -61,7 +62,7 @@ def test_gc_storage_budget_evicts_least_recently_used_sets(tmp_path, capsys):
         files[-1].write_text(yaml.safe_dump(exp.model_dump(mode="json")))
         assert main(["run", str(files[-1]), "-q"]) == 0
     st = Store(store)
-    sizes = {(i.stage, i.key): i.nbytes for i in st.list_stages()}
+    sizes = {(i.stage, i.key): i.nbytes for i in list_stages(st)}
     first = {(n.stage, n.key) for n in build_plan(tiny_experiment(store, name="e0", methods=[
         {"name": "clip", "method": "clip", "window": {"stride": 112}}]))[0].nodes.values()}
     only_first = {k for k in first if k in sizes} - {(n.stage, n.key) for n in build_plan(tiny_experiment(

@@ -106,9 +106,11 @@ def test_failed_image_makes_a_failed_flow_run_with_parameters_tags_logs_and_arti
     # 1 of 2 images failed: 50 % > the default max_failed of 10 %
     assert run.state.type.value == "FAILED" and summary.state == "Failed"
     assert "1 of 2 image(s) failed (50.0 %)" in run.state.message and "max_failed=0.1" in run.state.message
+    # the flow receives what it uses as plain data: the experiment itself (config) and the run's options
     assert run.parameters == {"experiment": "broken", "experiment_file": str(exp_file), "store": str(base / "store"),
                               "run_id": summary.run_id, "overrides": ["runner.batch_size=4"], "force": [],
-                              "only_stages": None, "max_failed": 0.1}
+                              "only_stages": None, "max_failed": 0.1, "config": exp.model_dump(mode="json"),
+                              "report_dir": None, "wait": True, "progress": False}
     assert set(run.tags) == {"ovseg", "experiment:broken", "dataset:voc", "method:scclip", "set:runner.batch_size=4"}
     logs = _logs(run.id)
     text = [(lg.level, lg.name, lg.message) for lg in logs]
@@ -117,7 +119,7 @@ def test_failed_image_makes_a_failed_flow_run_with_parameters_tags_logs_and_arti
     assert any(m.startswith("voc:reconstruction[scclip] stage ") and "1 computed" in m for _, _, m in text)
     assert any(lvl == logging.INFO for lvl, _, _ in text) and not any(lvl == logging.DEBUG for lvl, _, _ in text)
     names = _task_names(run.id)
-    assert "reconstruction[voc] batch 1/1" in names and "scoring[voc] batch 1/1" in names
+    assert "voc:reconstruction[scclip] batch 1/1" in names and "voc:scoring[scclip] batch 1/1" in names
     assert _task_tags(run.id) == [set()]  # untagged: no concurrency-slot round trip per task run
     arts = _artifacts(run.id)
     assert set(arts) == {"ovseg-scores-broken", "ovseg-failures-broken"}
@@ -140,7 +142,7 @@ def test_cli_partial_state_report_artifact_and_verbose_run_logs(broken_voc, tmp_
     err = capfd.readouterr().err
     assert rc == 1  # failed images: exit 1 whatever the Prefect state
     # -v: ovseg's debug lines, libraries stay at WARNING
-    assert "DEBUG ovseg.flows: scoring[voc] batch 1/1: 1 item(s) submitted" in err
+    assert "DEBUG ovseg.flows: voc:scoring[scclip] batch 1/1: 1 item(s) submitted" in err
     assert not [ln for ln in err.splitlines() if ln.startswith(("DEBUG httpcore", "DEBUG httpx", "DEBUG numcodecs",
                                                                   "DEBUG websockets", "DEBUG asyncio", "INFO httpx"))]
     (run_id,) = _run_ids(base / "store") - before
@@ -150,8 +152,28 @@ def test_cli_partial_state_report_artifact_and_verbose_run_logs(broken_voc, tmp_
     logs = _logs(run.id)
     assert any(lg.level == logging.DEBUG and "1 item(s) submitted" in lg.message for lg in logs)
     arts = _artifacts(run.id)
-    assert "ovseg-report-broken" in arts and str((report / "index.html").resolve()) in arts["ovseg-report-broken"].data
+    text = arts["ovseg-report-broken"].data
+    # the UI shows the scores and the report's path as text; it cannot open a file:// link
+    assert arts["ovseg-report-broken"].type == "markdown" and "file://" not in text
+    assert f"    {(report / 'index.html').resolve()}\n" in text
+    assert "| dataset | method | mIoU | aAcc | images scored |" in text and "| voc | scclip |" in text
+    assert "**Random-weight backbones: these scores are NOT method results.**" in text
     assert (report / "index.html").is_file()
+
+
+def test_task_runs_of_one_stage_are_named_by_dataset_stage_and_methods(tmp_path):
+    exp = tiny_experiment(tmp_path / "store", name="names", text_templates="single",
+                          methods=[{"name": "scclip", "method": "scclip"}, {"name": "clip", "method": "clip"},
+                                   {"name": "maskclip", "method": "maskclip"}])
+    summary = run_experiment(exp, progress=False)
+    assert summary.exit_code == 0
+    names = _task_names(_flow_run(f"names {summary.run_id}").id)
+    # one scoring batch per method, each saying whose it is (they used to read "scoring[voc] batch 1/1" thrice)
+    assert [n for n in names if ":scoring[" in n] == ["voc:scoring[clip] batch 1/1", "voc:scoring[maskclip] batch 1/1",
+                                                      "voc:scoring[scclip] batch 1/1"]
+    # a stage output shared by the three methods is one node, named with all of them
+    assert "voc:clip_layers[clip,maskclip,scclip] batch 1/1" in names
+    assert len(names) == len(set(names))
 
 
 def test_quiet_run_sends_only_warnings_to_the_run_logs(broken_voc):

@@ -21,7 +21,7 @@ from PIL import Image
 
 from flows.report import RANDOM_BANNER, RANDOM_TAG, write_report
 from ovseg_core.datasets import class_lines
-from ovseg_core.features.text import parse_class_lines
+from ovseg_core.vocabulary import parse_class_lines
 from storage.images import load_label
 from storage.keys import StageKey, canonical_json
 from storage.store import Store

@@ -52,6 +52,21 @@ def _flow_run(name: str):
         return run
 
 
+def _task_runs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as c:
+        return c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def _all_flow_runs() -> list:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        return c.read_flow_runs()
+
+
 def _newest_journal(store: Path) -> dict:
     runs, _ = Store(store).runs()
     return max(runs, key=lambda r: r.run_id).data
@@ -92,12 +107,16 @@ def test_served_deployment_runs_on_trigger_and_computes_only_an_added_image(tmp_
 
         first = run_deployment("ovseg-scheduled/servetest", timeout=900)
         assert first.state.is_completed(), first.state
-        assert first.name.startswith("scheduled nightly ")
         journal = _newest_journal(tmp_path / "store")
         assert _done(journal) == {"text_embeddings": 1, "clip_layers": 2, "reconstruction": 2}
-        work = _flow_run(f"nightly {journal['run_id']}")  # the run's own flow run, inside the scheduled one
-        assert work.parent_task_run_id is not None and work.state.name == "Completed"
-        assert {"experiment:nightly", "dataset:photos", "method:scclip"} <= set(work.tags)
+        # a scheduled run is one flow run: named like any run, holding the work's task runs, no sub-flow run
+        assert first.name == f"nightly {journal['run_id']}" and first.parent_task_run_id is None
+        assert first.state.name == "Completed"
+        assert {"experiment:nightly", "dataset:photos", "method:scclip"} <= set(first.tags)
+        tasks = _task_runs(first.id)
+        assert "photos:reconstruction[scclip] batch 1/1" in {t.name for t in tasks}
+        assert not [r for r in _all_flow_runs() if r.parent_task_run_id in {t.id for t in tasks}]
+        assert _flow_run(f"nightly {journal['run_id']}").id == first.id
         # a new image arrives (mirrored, so its content and id are new)
         img = np.asarray(Image.open(JPEGS / "val_crop_0008.jpg"))[:, ::-1]
         Image.fromarray(img).save(photos / "new.png")

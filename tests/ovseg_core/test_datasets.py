@@ -17,7 +17,7 @@ from ovseg_core.datasets import (
     class_lines,
     get_dataset,
 )
-from ovseg_core.features.text import parse_class_lines
+from ovseg_core.vocabulary import parse_class_lines
 
 STUFF_WORDS = (
     "sky; wall; tree; wood; grass; road; sea; river; mountain; sands; desk; bed; building; cloud; lamp; "

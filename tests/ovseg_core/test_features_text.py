@@ -9,13 +9,8 @@ import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from ovseg_core.features.text import (
-    IMAGENET_TEMPLATES,
-    Vocabulary,
-    parse_class_lines,
-    parse_vocabulary_string,
-    text_embeddings,
-)
+from ovseg_core.features.text import IMAGENET_TEMPLATES, text_embeddings
+from ovseg_core.vocabulary import Vocabulary, parse_class_lines, parse_vocabulary_string
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import zarr
 
 from storage.keys import StageKey, canonical_json
+from storage.maintenance import list_stages
 from storage.store import DamagedOutputError, MissingOutputError, Store, StoreError, StoreNotFoundError
 from storage.tables import MANIFEST_SCHEMA, read_table, write_table
 
@@ -138,7 +139,7 @@ def test_unreadable_record_and_stage_metadata_do_not_stop_anything(tmp_path: Pat
     fresh = Store(tmp_path / "st")
     assert fresh.complete_items(k1.stage, k1.key) == set()  # that record's items are incomplete
     assert any(str(rec) in r.getMessage() for r in caplog.records)
-    infos = {i.key: i for i in fresh.list_stages()}
+    infos = {i.key: i for i in list_stages(fresh)}
     assert str(rec) in infos[k1.key].damaged_files[0]
     assert "stage.json is unreadable" in infos[k2.key].attrs["damaged"] and "rerun" in infos[k2.key].attrs["damaged"]
     assert fresh.read_item(k2.stage, k2.key, "a")["x"].tolist() == [0, 1, 2]  # the data itself is fine

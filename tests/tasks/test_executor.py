@@ -43,8 +43,9 @@ class Probe:
         self.groups: list[int] = []
 
     def stage(self, windows: bool = False) -> Stage:
-        return Stage("synthetic", "test", "image", (), Params, "1", lambda ctx: "model", self.load, self.compute,
-                     (lambda inp: 1) if windows else None)
+        return Stage("synthetic", "test", "image", inputs=(), params=Params, code_version="1",
+                     models=lambda ctx: "model", load=self.load, compute=self.compute, arrays=("x",),
+                     windows=(lambda inp: 1) if windows else None)
 
     def load(self, ctx, row):
         if row["image_id"] in self.bad_load:

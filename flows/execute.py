@@ -1,0 +1,239 @@
+"""The work of a run: journal, ingest, then per stage output set the missing items in batches, scores,
+report, run record.
+
+``execute`` does it for a ``RunRequest`` (plain, picklable data: the experiment and the run's
+options) and the validated plan, submitting each batch through the ``submit`` it is given: a
+Prefect task run inside the run's flow run (``flows.orchestration``) or a local thread
+(``flows.pipeline``, ``--no-prefect``). Both run the same code, so both give the same outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+
+from flows.batches import available, submit_all, wait_for
+from flows.config import Experiment
+from flows.emptiness import empty_dataset_error
+from flows.graph import DatasetPlan, build_plan, check_device, descendants, method_users
+from flows.logs import progress_bar
+from flows.ingest import ingest_dataset
+from flows.records import write_run_record
+from flows.report import write_report
+from flows.scores import aggregate_scores
+from flows.summary import RunSummary, StageReport
+from storage.store import Store
+from tasks.runtime import RunSettings, StageContext, open_store
+from tasks.stages import STAGES, get_stage
+
+log = logging.getLogger("ovseg.flows")
+
+COMPACT_AFTER = 32  # completion records not yet in the stage's index that trigger a compaction
+
+
+Submit = Callable[[StageContext, list[dict[str, Any]], str], Any]  # (ctx, rows, name) -> future of a BatchResult
+
+
+def run_id_at(when: datetime, token: str) -> str:
+    """A run id: ``<UTC time>-<6 hex>`` (``20261206T195544Z-9e00b8``), sortable by start time."""
+    return when.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + token[:6]
+
+
+def new_run_id() -> str:
+    return run_id_at(datetime.now(timezone.utc), uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a run does, as plain data (picklable; the Prefect flow run receives it as parameters).
+
+    Attributes:
+        experiment: the validated experiment (with its provenance: files read, overrides).
+        run_id: the run's id (journal, tables, leases, flow run name).
+        force: stages recomputed with their dependants.
+        only: the stages run (``ovseg stage``), None for all.
+        wait: wait for items another live run holds (False: report them, the run is incomplete).
+        progress: progress bars on the terminal.
+        report_dir: folder for the HTML report written at the end, None for none.
+        experiment_file: the experiment file, "" when the experiment was built in memory.
+    """
+
+    experiment: Experiment
+    run_id: str
+    force: tuple[str, ...] = ()
+    only: tuple[str, ...] | None = None
+    wait: bool = True
+    progress: bool = True
+    report_dir: str | None = None
+    experiment_file: str = ""
+
+
+def execute(request: RunRequest, plans: Sequence[DatasetPlan], submit: Submit
+            ) -> tuple[RunSummary, dict[str, list[dict[str, Any]]]]:
+    """Run ``request`` on its validated ``plans``; returns the summary and the manifests ingested.
+
+    The run journal is written first (status ``running``, the whole plan) and finished last with
+    the outcome, followed by the run record, whatever happened in between (an interrupted run
+    gets no run record). An exception (e.g. a dataset without images) is re-raised.
+    """
+    exp, run_id = request.experiment, request.run_id
+    force, only = list(request.force), (list(request.only) if request.only is not None else None)
+    summary = RunSummary(run_id, exp.name, "", started=time.time())
+    summary.random_weights = any(n.random_weights for p in plans for n in p.nodes.values())
+    store = open_store(Store(exp.store, lease_ttl=exp.runner.lease_ttl).location, exp.runner.lease_ttl)
+    store.forget_fresh()  # another process may have changed the store since this process last looked
+    summary.store = store.location
+    plan_rows = [{"dataset": p.dataset.name, "stage": n.stage, "key": n.key,
+                  "methods": sorted(method_users(p).get(n.ident, ()))} for p in plans for n in p.ordered()]
+    journal = store.journal(run_id, {"experiment": exp.name, "experiment_file": request.experiment_file,
+                                     "experiment_files": list(exp.provenance.files),
+                                     "overrides": list(exp.provenance.overrides),
+                                     "store": store.location, "plan": plan_rows, "force": force, "only_stages": only,
+                                     "random_weights": summary.random_weights}).start()
+    settings = RunSettings(store.location, exp.device, exp.window_batch, exp.models.weights_dir, run_id,
+                           exp.runner.lease_ttl)
+    status = "failed"
+    try:
+        manifests = _ingest_all(store, plans, summary, request.progress)
+        for plan in plans:
+            _run_dataset(exp, store, plan, manifests[plan.dataset.name], settings, force, only, summary,
+                         request.progress, request.wait, journal, submit)
+        if request.report_dir is not None:
+            summary.report = str(write_report(store.location, request.report_dir, experiments=[exp.name]))
+        status = summary.status
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        summary.ended = time.time()
+        journal.finish(status, {"complete": 0, "incomplete": 3, "failed": 1, "interrupted": 130}[status],
+                       counts={"computed": summary.computed, "failed": summary.failed, "incomplete": summary.incomplete})
+        if status != "interrupted":
+            write_run_record(store, exp, plans, summary, status)
+    return summary, manifests
+
+
+def validate(exp: Experiment, force: Iterable[str] = (), only_stages: Iterable[str] | None = None,
+             missing: list[str] | None = None) -> list[DatasetPlan]:
+    """Build and check the whole plan before anything is written (raises ``ValueError`` naming the problem).
+
+    ``missing``: collect missing weight files there instead of raising (dry runs).
+    """
+    for name in [*force, *(only_stages or ())]:
+        get_stage(name)
+    check_device(exp.device, remote=exp.runner.kind == "dask" and bool(exp.runner.address))
+    return build_plan(exp, missing)
+
+
+def _ingest_all(store: Store, plans: Sequence[DatasetPlan], summary: RunSummary, progress: bool
+                ) -> dict[str, list[dict[str, Any]]]:
+    """Ingest every dataset; a dataset without images raises ``EmptyDatasetError`` naming what its root holds."""
+    manifests = {}
+    for p in plans:
+        rows = ingest_dataset(store, p, progress=progress)
+        if not rows:
+            raise empty_dataset_error(p.dataset.name, p.dataset.root, p.dataset.layout)
+        manifests[p.dataset.name] = rows
+        summary.images[p.dataset.name] = len(rows)
+        bad = [r for r in rows if r.get("status", "ok") != "ok"]
+        log.info("%s: %d images (%d unreadable) from %s", p.dataset.name, len(rows), len(bad), p.dataset.root)
+        for r in bad:
+            log.warning("%s: image %s is skipped: %s", p.dataset.name, r.get("rel_path") or r["image_id"], r["error"])
+    return manifests
+
+
+def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Sequence[Mapping[str, Any]],
+                 settings: RunSettings, force: Sequence[str], only: Sequence[str] | None, summary: RunSummary,
+                 progress: bool, wait: bool, journal, submit: Submit) -> None:
+    ok_rows = [dict(r) for r in manifest if r.get("status", "ok") == "ok"]
+    bad_rows = [r for r in manifest if r.get("status", "ok") != "ok"]
+    if bad_rows:
+        rep = StageReport(plan.dataset.name, "ingest", "-", total=len(manifest), failed=len(bad_rows))
+        rep.failures = [(r["image_id"], "ImageError", r["error"]) for r in bad_rows]
+        summary.stages.append(rep)
+    forced = descendants(plan, set(force))
+    users = method_users(plan)
+    failed_here: dict[tuple[str, str], set[str]] = {}  # items that failed in this run, per node
+    nodes = [n for n in plan.ordered() if (only is None or n.stage in only) and n.persist]  # others: on demand
+    for k, node in enumerate(nodes, 1):
+        label = f"{plan.dataset.name}:{node.stage}[{','.join(sorted(users.get(node.ident, ())))}]"
+        rep = StageReport(plan.dataset.name, node.stage, node.key, started=time.time(),
+                          methods=",".join(sorted(users.get(node.ident, ()))))
+        ctx = StageContext(node, settings, plan.dataset.name)
+        store.register_stage(node.stage_key, random_weights=node.random_weights)  # also rewrites a damaged stage.json
+        store.touch(node.stage, node.key, summary.run_id)  # the storage budget evicts least recently used sets
+        repaired = store.check_presence(node.stage, node.key)
+        if repaired:
+            summary.notes.append(f"{plan.dataset.name}:{node.stage} {node.key}: {len(repaired)} stored outputs were "
+                                 f"missing or truncated ({repaired[0][1]}, ...): recomputed now")
+        _run_node(exp, store, ctx, STAGES[node.stage].items(ok_rows), node.ident in forced, rep, failed_here, progress, wait,
+                  f"{label} ({k}/{len(nodes)})", submit)
+        state = store.state(node.stage, node.key)  # one listing: what the workers wrote
+        store.mark_fresh(node.stage, node.key)  # downstream checks in this run need no other listing
+        if state.uncovered_records() >= COMPACT_AFTER:  # later runs read one index instead of many records
+            state.compact()
+        rep.ended = time.time()
+        log.info("%s stage %d/%d (key %s): %d computed, %d cached, %d failed, %d not done, %.1f s of compute",
+                 label, k, len(nodes), node.key, rep.done, rep.cached, rep.failed, rep.skipped + rep.busy, rep.seconds)
+        summary.stages.append(rep)
+        journal.stage(f"{plan.dataset.name}/{node.stage}/{node.key}", done=rep.done, cached=rep.cached,
+                      failed=rep.failed, skipped=rep.skipped, busy=rep.busy, total=rep.total, ended=rep.ended)
+    if only is None or "scoring" in only:
+        rows, notes, damaged = aggregate_scores(store, exp.name, plan, manifest, summary.run_id)
+        summary.metrics.extend(rows)
+        summary.notes.extend(notes)
+        summary.damaged += damaged
+
+
+def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict[str, Any]], forced: bool,
+              rep: StageReport, failed_here: dict[tuple[str, str], set[str]], progress: bool, wait: bool,
+              label: str, submit: Submit) -> None:
+    node = ctx.node
+    rep.total = len(items)
+    state = store.state(node.stage, node.key)
+    if forced:
+        store.drop_items(node.stage, node.key, [it["image_id"] for it in items], reason="--force")
+    ready = items
+    for role, up in node.upstream.items():
+        up_done = available(store, up)
+        up_failed = failed_here.get(up.ident, set())
+        keep = []
+        for it in ready:
+            iid = STAGES[up.stage].item_of(it)
+            if up_done is None or iid in up_done:
+                keep.append(it)
+                continue
+            rep.skipped += 1
+            why = (f"its {up.stage} output failed in this run" if iid in up_failed
+                   else f"its {up.stage} output is missing (run `ovseg run`, or the {up.stage} stage first)")
+            rep.failures.append((it["image_id"], "SkippedUpstream", why))
+            failed_here.setdefault(node.ident, set()).add(it["image_id"])
+        ready = keep
+    done = state.complete()
+    todo = [it for it in ready if it["image_id"] not in done]
+    rep.cached = len(ready) - len(todo)
+    if not todo:
+        return
+    bar = progress_bar(len(todo), label, enabled=progress, leave=True, dynamic_ncols=True)
+    pending = todo
+    poll = min(2.0, exp.runner.lease_ttl / 10)
+    try:
+        while pending:
+            busy = submit_all(exp, ctx, pending, rep, failed_here, bar, submit)
+            pending = []
+            if not busy:
+                break
+            if not wait:
+                rep.busy += len(busy)
+                rep.failures += [(iid, "Busy", why) for iid, why in busy.items()]
+                break
+            by_id = {it["image_id"]: it for it in todo}
+            pending = [by_id[i] for i in wait_for(store, ctx, busy, rep, bar, poll)]
+    finally:
+        bar.close()
