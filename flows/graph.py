@@ -20,15 +20,15 @@ from typing import Any
 import torch
 
 from flows.config import DatasetEntry, Experiment, MethodEntry, load_experiment
+from flows.dataset_specs import class_names, dataset_spec
 from flows.experiment_files import parse_override
 from ovseg_core.backbones import num_blocks, patch_size
 from ovseg_core.backbones import weights_identity as backbone_weights_identity
-from ovseg_core.datasets import CLASS_SEPARATORS, DatasetSpec, class_lines, get_dataset
+from ovseg_core.datasets import CLASS_SEPARATORS, DatasetSpec, class_lines
 from ovseg_core.features.region_files import RegionFileConfig
 from ovseg_core.features.regions import SamRegionConfig, SuperpixelConfig
 from ovseg_core.features.sam2_regions import Sam2RegionConfig
 from ovseg_core.methods import Method, get_method
-from ovseg_core.vocabulary import parse_class_lines
 from tasks import params as P
 from tasks.runtime import StageNode
 from tasks.stages import STAGE_ORDER, STAGES, Stage
@@ -79,17 +79,6 @@ def make_node(stage: str, params: Any, upstream: Mapping[str, StageNode] | None 
                      (persist or {}).get(stage, True))
 
 
-def dataset_spec(ds: DatasetEntry) -> DatasetSpec:
-    """The dataset's spec; with a custom vocabulary, the spec's presets (default VOC20's) with its class count."""
-    base = get_dataset(ds.spec or "VOC20")
-    if not ds.classes:
-        return base
-    presets = {k: dataclasses.replace(p, prob_thd=p.prob_thd if ds.background else None,
-                                      area_thd=p.area_thd if ds.background else None) for k, p in base.presets.items()}
-    return DatasetSpec(name=ds.spec or "custom", num_classes=len(ds.classes), has_background=ds.background,
-                       reduce_zero_label=False, presets=presets, class_files=dict(base.class_files), label_conversion="none")
-
-
 def weights_identity(name: str, weights_dir: str | None, missing: list[str] | None = None) -> dict[str, Any]:
     """Identity of a backbone's weights for stage keys, without building the model.
 
@@ -108,14 +97,6 @@ def weights_identity(name: str, weights_dir: str | None, missing: list[str] | No
 
 def _geometry(name: str) -> tuple[int, int]:
     return num_blocks(name), patch_size(name)
-
-
-def class_names(lines: list[str], separator: str, spec: DatasetSpec, custom: bool) -> tuple[str, ...]:
-    """Class names of a vocabulary; a benchmark's background class is named "background"."""
-    names = [n.strip() for n in parse_class_lines(lines, separator).class_names]
-    if spec.has_background and not custom and names:
-        names[0] = "background"
-    return tuple(names)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from flows.config import DatasetEntry
-from flows.graph import class_names, dataset_spec
+from flows.dataset_specs import class_names, dataset_spec
 from ovseg_core.datasets import CLASS_SEPARATORS, class_lines, get_dataset
-from ovseg_core.features.text import parse_class_lines
+from ovseg_core.vocabulary import parse_class_lines
 from storage.store import Store
 from storage.tables import read_table
 
