@@ -195,7 +195,10 @@ def _samples(store: Store, groups: Sequence[tuple[str, str, list[Prediction], bo
                     notes.append(f"{iid}: ground truth unavailable ({e})")
             panels.append(("ground truth", paint(rgb, gt, ignore, background, gt_present, notes, f"{iid}: ground truth"),
                            "no ground truth"))
+            records = []
             for m in members:
+                if (text := _window_record(store, m, iid)):
+                    records.append({"method": m.method, "text": text})
                 try:
                     pred = store.read_item(m.stage, m.key, iid, ["labels"])["labels"]
                     img = paint(rgb, pred.astype(np.int64), ignore, background, pred_present, notes,
@@ -210,10 +213,29 @@ def _samples(store: Store, groups: Sequence[tuple[str, str, list[Prediction], bo
             figures.append(path)
             gt_present.discard(ignore)
             pred_present.discard(ignore)
-            group["images"].append({"id": iid, "b64": b64, "has_gt": gt is not None,
+            group["images"].append({"id": iid, "b64": b64, "has_gt": gt is not None, "records": records,
                                     "gt": [_chip(i, names, ignore) for i in sorted(gt_present)],
                                     "pred": [_chip(i, names, ignore) for i in sorted(pred_present - gt_present)]})
     return out
+
+
+def _window_record(store: Store, m: Prediction, iid: str) -> str:
+    """What a method's options chose in this image's windows (SC-CLIP's design-document options store it as the
+    ``window_record`` attrs of its reconstruction items: ``{name: windows}``), as one line; "" when none."""
+    try:
+        attrs = store.item_attrs(m.stage, m.key, iid)
+    except Exception:  # noqa: BLE001 - a missing or damaged item is noted by the prediction panel
+        return ""
+    record, windows = attrs.get("window_record"), attrs.get("windows")
+    if not isinstance(record, dict) or not record:
+        return ""
+    of = f"/{windows}" if isinstance(windows, int) else ""
+    kept = [f"{k[5:]} {v}{of}" for k, v in sorted(record.items()) if k.startswith("kept:")]
+    paths = [f"{k[5:]} {v}" for k, v in record.items() if k.startswith("path:") and v]
+    other = [f"{k} {v}" for k, v in sorted(record.items()) if not k.startswith(("kept:", "path:"))]
+    parts = ([f"steps kept in windows: {', '.join(kept)}"] if kept else []) + \
+        ([f"paths: {', '.join(paths)}"] if paths else []) + other
+    return "; ".join(parts)
 
 
 def _template():

@@ -6,6 +6,7 @@ import pytest
 
 from flows.graph import build_plan
 from flows.pipeline import run_experiment
+from flows.report import write_report
 from storage.store import Store
 from storage.tables import read_table
 from tests.flows.conftest import tiny_experiment
@@ -16,13 +17,21 @@ GATED = {"progressive_calibration": True, "selective_calibration": True, "select
          "selective_full_from": 0.0}
 
 
-def test_kept_steps_and_paths_are_counted_per_image(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """One run of the paper path and a gated one (a whole flow: slow)."""
+    tmp_path = tmp_path_factory.mktemp("record")
     exp = tiny_experiment(tmp_path / "store", regions={"source": "slic", "params": {"n_segments": 40}}, methods=[
         {"name": "scclip", "method": "scclip"},
         {"name": "gated", "method": "scclip", "params": GATED},
     ])
-    summary = run_experiment(exp, progress=False)
-    assert summary.failed == 0
+    assert run_experiment(exp, progress=False).failed == 0
+    return tmp_path, exp
+
+
+@pytest.mark.slow
+def test_kept_steps_and_paths_are_counted_per_image(ran) -> None:
+    tmp_path, exp = ran
     st = Store(tmp_path / "store")
     (plan,) = build_plan(exp)
     ids = sorted(r["image_id"] for r in read_table(st, "manifests", ["voc"]).to_pylist())
@@ -40,3 +49,22 @@ def test_kept_steps_and_paths_are_counted_per_image(tmp_path) -> None:
         assert sorted(record) == sorted([f"path:{p}" for p in ("fast", "balanced", "full")] + [f"kept:{s}" for s in steps])
         assert all(0 <= record[f"kept:{s}"] <= windows for s in steps)
 
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_steps_kept_per_image(ran) -> None:
+    tmp_path, exp = ran
+    page = write_report(str(tmp_path / "store"), tmp_path / "report", samples=2).read_text()
+    st = Store(tmp_path / "store")
+    (plan,) = build_plan(exp)
+    key = {m.entry.name: m.prediction.key for m in plan.methods}["gated"]
+    ids = sorted(r["image_id"] for r in read_table(st, "manifests", ["voc"]).to_pylist())[:2]
+    lines = [ln for ln in page.splitlines() if 'class="meta record"' in ln]
+    assert len(lines) == len(ids)  # one line per sample image, for the gated method only (the paper path records none)
+    for image, line in zip(ids, lines):
+        attrs = st.item_attrs("reconstruction", key, image)
+        rec, windows = attrs["window_record"], attrs["windows"]
+        assert line.startswith('<p class="meta record">gated: steps kept in windows: ')
+        for step in ("anomaly_repair", "attention_enhancement", "multi_level_fusion", "self_adjusting"):
+            assert f"{step} {rec['kept:' + step]}/{windows}" in line
+        assert f"paths: full {windows}" in line
