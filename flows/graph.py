@@ -23,11 +23,12 @@ from flows.config import DatasetEntry, Experiment, MethodEntry, load_experiment
 from flows.experiment_files import parse_override
 from ovseg_core.backbones import num_blocks, patch_size
 from ovseg_core.backbones import weights_identity as backbone_weights_identity
-from ovseg_core.datasets import CLASS_SEPARATORS, DatasetSpec, class_lines, get_dataset
+from ovseg_core.datasets import CLASS_SEPARATORS, FAMILY_MODELS, DatasetSpec, class_lines, get_dataset
 from ovseg_core.features.region_files import RegionFileConfig
 from ovseg_core.features.regions import SamRegionConfig, SuperpixelConfig
 from ovseg_core.features.sam2_regions import Sam2RegionConfig
 from ovseg_core.methods import Method, get_method
+from ovseg_core.metrics import scoring_ignore_index
 from ovseg_core.vocabulary import parse_class_lines
 from tasks import params as P
 from tasks.runtime import StageNode
@@ -39,6 +40,9 @@ SCCLIP_VITL_PROB_THD: Mapping[str, float] = {"VOC21": 0.2, "COCO-Object": 0.25}
 # exactly; a CLIP /16 grid of a 56-multiple that is not a 16-multiple is rounded down as in the
 # reference (methods.md 2.1).
 CORRCLIP_PAD_MULTIPLE = 56
+# Families whose windows are padded to CORRCLIP_PAD_MULTIPLE (CorrCLIPv2 keeps v1's padding: its
+# ``forward_slide`` pads to 56 whatever the correlation grid).
+CORRCLIP_FAMILIES: tuple[str, ...] = ("corrclip", "corrclipv2")
 
 
 @dataclass(frozen=True)
@@ -123,25 +127,38 @@ class _Resolved:
     entry: MethodEntry
     method: Method
     clip: str
+    vfm: str | None  # the VFM of a method with the "vfm" correlation (CorrCLIPv2), else None
     window: P.WindowParams
     config: Any
     blocks: tuple[str, ...]
 
 
+def method_backbone(exp: Experiment, m: MethodEntry, method: Method, role: str) -> str:
+    """The backbone of ``role`` (``clip``, ``vfm``) a method runs with.
+
+    The method entry's own (``methods[].clip``), else the experiment's (``models.clip``), else the method
+    paper's (``Method.default_models``: CorrCLIPv2's MetaCLIP ViT-L/14 and C-RADIOv3-L), else CorrCLIP's
+    (``FAMILY_MODELS["corrclip"]``, the experiment default of every other method).
+    """
+    chosen = getattr(m, role, None) or getattr(exp.models, role, None) or method.default_models.get(role)
+    return chosen or str(getattr(FAMILY_MODELS["corrclip"], role))
+
+
 def _resolve(exp: Experiment, spec: DatasetSpec, m: MethodEntry) -> _Resolved:
     method = get_method(m.method)
-    clip_name = m.clip or exp.models.clip
+    clip_name = method_backbone(exp, m, method, "clip")
+    vfm_name = method_backbone(exp, m, method, "vfm") if method.correlation == "vfm" else None
     nb, patch = _geometry(clip_name)
     preset = spec.presets[method.family]
     window = P.WindowParams(m.window.short_side or preset.short_side, m.window.crop or preset.crop,
                             m.window.stride or preset.stride,
-                            CORRCLIP_PAD_MULTIPLE if method.family == "corrclip" else patch)
+                            CORRCLIP_PAD_MULTIPLE if method.family in CORRCLIP_FAMILIES else patch)
     try:
         cfg = method.build(m.params, nb)
     except ValueError as e:
         raise ValueError(f"methods[{m.name}].{e}{_override_hint(exp, ('methods', str(exp.methods.index(m)), 'params'))}"
                          ) from e
-    return _Resolved(m, method, clip_name, window, cfg, method.required_blocks(cfg, nb))
+    return _Resolved(m, method, clip_name, vfm_name, window, cfg, method.required_blocks(cfg, nb))
 
 
 def _override_hint(exp: Experiment, loc: tuple[str, ...]) -> str:
@@ -233,12 +250,19 @@ def _method_specs(exp: Experiment, ds: DatasetEntry, spec: DatasetSpec, r: _Reso
            "clip_layers": NodeSpec(P.ClipParams(r.clip, window, blocks, fdt, dt), clip_id)}
     if method.uses_regions:
         out["sam_masks"] = _sam_spec(exp, wd, missing)
-        dino_input = "from_clip" if method.corrclip_config(cfg).padding == "reference" else "imagenet"
-        out["dino_features"] = NodeSpec(P.DinoParams(exp.models.dino, window, fdt, dt, exp.models.dino_pos, dino_input),
-                                        {"dino": weights_identity(exp.models.dino, wd, missing)})
-        out["mask_clustering"] = NodeSpec(P.ClusteringParams(window, method.clustering_config(cfg)))
-        if method.semantic_branch(cfg):
-            out["mask_class_tokens"] = NodeSpec(P.SemanticParams(r.clip, window, fdt, dt), clip_id)
+        if method.correlation == "vfm":  # CorrCLIPv2: one VFM map per image; no DINO, no mask clustering stage
+            vfm = str(r.vfm)
+            out["vfm_features"] = NodeSpec(P.VfmParams(vfm, exp.models.vfm_max_side, fdt, dt),
+                                           {"vfm": weights_identity(vfm, wd, missing)})
+        else:
+            dino_input = "from_clip" if method.corrclip_config(cfg).padding == "reference" else "imagenet"
+            out["dino_features"] = NodeSpec(P.DinoParams(exp.models.dino, window, fdt, dt, exp.models.dino_pos,
+                                                         dino_input),
+                                            {"dino": weights_identity(exp.models.dino, wd, missing)})
+            out["mask_clustering"] = NodeSpec(P.ClusteringParams(window, method.clustering_config(cfg)))
+        if method.semantic_stage(cfg):  # v1: over mask_clustering; v2: over sam_masks relabelled (relabel_config)
+            out["mask_class_tokens"] = NodeSpec(P.SemanticParams(r.clip, window, fdt, dt,
+                                                                 method.relabel_config(cfg)), clip_id)
     preset = spec.presets[method.family]
     preset_thd = preset.prob_thd
     if method.family == "scclip" and _geometry(r.clip)[0] == 24 and spec.name in SCCLIP_VITL_PROB_THD:
@@ -250,9 +274,18 @@ def _method_specs(exp: Experiment, ds: DatasetEntry, spec: DatasetSpec, r: _Reso
         prob_thd, area_thd), clip_id)
     if method.map_correction(cfg):
         out["map_correction"] = NodeSpec(P.MapCorrectionParams(method.corrclip_config(cfg).m0_quirk))
-    out["scoring"] = NodeSpec(P.ScoringParams(spec.name, spec.num_classes, spec.label_conversion, spec.ignore_index,
-                                              ds.strict_labels))
+    out["scoring"] = NodeSpec(P.ScoringParams(spec.name, spec.num_classes, spec.label_conversion,
+                                              _scored_ignore_index(ds, spec), ds.strict_labels))
     return out
+
+
+def _scored_ignore_index(ds: DatasetEntry, spec: DatasetSpec) -> int:
+    """The ground-truth value scoring ignores under the dataset's ``ignore_mode`` (``metrics.scoring_ignore_index``)."""
+    if ds.ignore_mode == "unlabelled" and spec.unlabelled_index is None:
+        raise ValueError(f"datasets[{ds.name}].ignore_mode: 'unlabelled' needs a dataset whose unlabelled value is "
+                         f"not the evaluator's {spec.ignore_index} (ADE847, PC459); {spec.name} ignores "
+                         f"{spec.ignore_index} already: remove the key")
+    return scoring_ignore_index(spec.ignore_index, spec.unlabelled_index, ds.ignore_mode)
 
 
 def experiment_keys(paths: Sequence[str], overrides: Sequence[str] = ()) -> set[tuple[str, str]]:
