@@ -310,7 +310,14 @@ def _sam_spec(exp: Experiment, wd: str | None, missing: list[str] | None = None)
             if not folder:
                 raise ValueError("regions.params.dir: the folder of the pre-generated masks is required for source files")
             cfg = RegionFileConfig(**params)
-            return NodeSpec(P.RegionParams(src, None, cfg, None, mask_files_digest(folder, cfg)), inputs_dir=folder)
+            try:
+                digest = mask_files_digest(folder, cfg)
+            except FileNotFoundError as e:
+                if missing is None:
+                    raise
+                missing.append(f"regions: {e}")  # a dry run plans without the masks (a key no stored output has)
+                digest = "missing"
+            return NodeSpec(P.RegionParams(src, None, cfg, None, digest), inputs_dir=folder)
         cfg = SuperpixelConfig(method=src, **params)
     except TypeError as e:
         raise ValueError(f"regions.params: {e}") from e

@@ -3,13 +3,18 @@ direct computation from the image with the ``ovseg_core`` functions (tiny random
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from flows.config import parse_experiment
+from flows.cli import main
+from flows.config import load_experiment, parse_experiment
 from flows.graph import build_plan
 from flows.pipeline import run_experiment
 from ovseg_core.backbones import load_backbone
@@ -31,6 +36,7 @@ from tests.flows.conftest import SAMPLE, computed, tiny_experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
+REPO = Path(__file__).resolve().parents[2]
 CLIP, VFM = "clip:tiny@random:0", "vfm:tiny_radiov3@random:0"
 MODELS = {"clip": CLIP, "dino": "dino:tiny8@random:0", "sam": "sam:tiny@random:0", "vfm": VFM}
 # a 300 crop is zero-padded to 336 (the 56 multiple): padding, replicate-padded VFM features and the mask sentinel
@@ -44,7 +50,9 @@ METHODS = [{"name": "v1", "method": "corrclip", "window": WINDOW}, {"name": "v2"
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory):
     store = tmp_path_factory.mktemp("v2") / "store"
-    exp = tiny_experiment(store, methods=METHODS, models=MODELS, text_templates="single", feature_dtype="float32")
+    voc = {"name": "voc", "spec": "VOC21", "layout": "voc", "root": str(SAMPLE / "voc2012-sample"), "limit": 1}
+    exp = tiny_experiment(store, datasets=[voc], methods=METHODS, models=MODELS, text_templates="single",
+                          feature_dtype="float32")
     summary = run_experiment(exp, progress=False, orchestrate=False)
     assert summary.failed == 0
     return store, exp, summary
@@ -61,13 +69,13 @@ def _nodes(mp) -> dict[str, object]:
 
 def test_v1_and_v2_share_every_upstream_output_their_inputs_allow(ran):
     store, exp, summary = ran
-    # 2 images; hand-counted from which inputs the four methods have in common: one vocabulary (same CLIP, same
-    # class lines), one CLIP dump and one region map per image for all; one DINO + clustering (v1) and one VFM map
-    # (v2) per image; mask class tokens: v1's and one for the v2 methods without DBSCAN (tau does not change
-    # them; the DBSCAN variant computes its own in the reconstruction); everything else per method.
-    assert computed(summary) == {"text_embeddings": 1, "sam_masks": 2, "clip_layers": 2, "dino_features": 2,
-                                 "mask_clustering": 2, "vfm_features": 2, "mask_class_tokens": 4,
-                                 "reconstruction": 8, "map_correction": 8, "scoring": 8}
+    # one image; hand-counted from which inputs the four methods have in common: one vocabulary (same CLIP, same
+    # class lines), one CLIP dump and one region map for all; one DINO + clustering (v1) and one VFM map (v2);
+    # mask class tokens: v1's and one for the v2 methods without DBSCAN (tau does not change them; the DBSCAN
+    # variant computes its own in the reconstruction); everything else per method.
+    assert computed(summary) == {"text_embeddings": 1, "sam_masks": 1, "clip_layers": 1, "dino_features": 1,
+                                 "mask_clustering": 1, "vfm_features": 1, "mask_class_tokens": 2,
+                                 "reconstruction": 4, "map_correction": 4, "scoring": 4}
     (plan,) = build_plan(exp)
     nodes = {mp.entry.name: _nodes(mp) for mp in plan.methods}
     for stage in ("text_embeddings", "clip_layers", "sam_masks"):
@@ -229,3 +237,45 @@ def test_v2_reads_the_authors_mask_files_in_both_forms(tmp_path):
     painted[:100, :100] = 1
     painted[50:150, 50:150] = 2
     np.testing.assert_array_equal(st.read_item("sam_masks", sam.key, rows[stems[1]])["ids"], painted)
+
+
+def _clone(tmp_path: Path) -> Path:
+    """A fresh clone's files the sample experiment reads: the embedded data and the config."""
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO / "examples", clone / "examples")
+    (clone / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "first-corrclipv2.yaml", clone / "configs")
+    return clone
+
+
+def test_the_sample_corrclipv2_experiment_runs_through_the_cli(tmp_path, capsys):
+    clone = _clone(tmp_path)
+    exp_file = clone / "configs" / "first-corrclipv2.yaml"
+    assert main(["run", str(exp_file), "--no-prefect"]) == 0
+    assert "RANDOM" in capsys.readouterr().out.upper()
+    exp = load_experiment(exp_file)
+    st = Store(clone / "ovseg-store")
+    for plan in build_plan(exp):
+        rows = read_table(st, "manifests", [plan.dataset.name]).to_pylist()
+        for mp in plan.methods:
+            assert st.missing(mp.scoring.stage, mp.scoring.key, [r["image_id"] for r in rows]) == []
+    metrics = read_table(st, "metrics").to_pylist()
+    assert {(m["dataset"], m["method"]) for m in metrics} == {
+        (d, m) for d in ("voc21-sample", "ade20k-sample") for m in ("corrclipv2", "corrclip")}
+    assert all(m["random_weights"] for m in metrics)
+    assert main(["run", str(exp_file), "--no-prefect", "--dry-run"]) == 0
+    planned = [ln.split() for ln in capsys.readouterr().out.splitlines()]
+    assert all(int(r[3]) == 0 for r in planned if len(r) >= 5 and r[0] in ("voc21-sample", "ade20k-sample")
+               and r[3].isdigit())  # everything stored: nothing to compute
+
+
+@pytest.mark.slow  # a process of its own with a temporary Prefect server, as a user runs it
+def test_the_sample_corrclipv2_experiment_runs_as_a_command(tmp_path):
+    clone = _clone(tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run("ovseg run configs/first-corrclipv2.yaml", shell=True, cwd=clone, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert len(read_table(Store(clone / "ovseg-store"), "metrics").to_pylist()) == 2 * (2 + 21 + 150)
