@@ -104,13 +104,15 @@ def reconstruction_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[s
     corr_dtype = torch.float16 if half else torch.float32
     patch = patch_size(p.backbone)
 
+    cdt = next(visual.parameters()).dtype  # stored features enter the forward at the CLIP's dtype (run ``dtype``)
+
     def forward(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        blocks = {k[len(_BLOCK):]: v.float() for k, v in b.items() if k.startswith(_BLOCK)}
+        blocks = {k[len(_BLOCK):]: v.to(cdt) for k, v in b.items() if k.startswith(_BLOCK)}
         vfm = _vfm_windows(b[_AT], maps, [inp["plan"] for inp in inputs], patch, corr_dtype) if _AT in b else None
         extra = WindowInputs(qk=b["qk"].float() if "qk" in b else None, regions=b.get("regions"),
-                             merged=b.get("merged"), semantic=b["semantic"].float() if "semantic" in b else None,
+                             merged=b.get("merged"), semantic=b["semantic"].to(cdt) if "semantic" in b else None,
                              vfm=vfm, text=emb, logit_scale=float(p.logit_scale))
-        feats, record = method.features_and_record(visual, b["crops"], p.config, blocks, extra)
+        feats, record = method.features_and_record(visual, b["crops"].to(cdt), p.config, blocks, extra)
         logits = window_logits(feats.float(), emb, tuple(b["crops"].shape[-2:])).cpu()
         return {"logits": logits, **{_RECORD + k: v.cpu() for k, v in record.items()}}
 

@@ -34,8 +34,8 @@ def autocast_dtype(dtype: str) -> torch.dtype | None:
 
 
 def vfm_models(ctx: StageContext):
-    """The VFM in float32 (the reference upcasts nothing: RADIO's half checkpoint runs under autocast; ovseg
-    loads the weights exactly into float32 and autocasts with ``dtype``)."""
+    """The VFM with float32 weights (upcast exactly from the file); the run's ``dtype`` is the forward's autocast
+    dtype, as the reference runs its VFM under fp16 autocast."""
     return ctx.backbone(ctx.params.backbone, "float32")
 
 

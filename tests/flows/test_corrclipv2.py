@@ -279,3 +279,31 @@ def test_the_sample_corrclipv2_experiment_runs_as_a_command(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert len(read_table(Store(clone / "ovseg-store"), "metrics").to_pylist()) == 2 * (2 + 21 + 150)
+
+
+def test_backbones_command_lists_the_vfms_with_official_files_and_pages(capsys):
+    assert main(["backbones"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    # written out from the model releases (docs/backbones.md), not read from the registry
+    expected = {
+        "vfm:radiov3_l": ("c-radio-v3_l_half.pth.tar", "https://huggingface.co/nvidia/C-RADIOv3-L"),
+        "vfm:dinov2_l14_reg4": ("dinov2_vitl14_reg4_pretrain.pth", "https://github.com/facebookresearch/dinov2"),
+        "vfm:dinov3_l16": ("dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth", "https://github.com/facebookresearch/dinov3"),
+        "vfm:pe_spatial_l14_448": ("PE-Spatial-L14-448.pt", "https://huggingface.co/facebook/PE-Spatial-L14-448"),
+    }
+    for name, (file, page) in expected.items():
+        assert lines[name].split()[1] == file and f"(page: {page})" in lines[name]
+    assert "random / tiny only" in lines["vfm:tiny_radiov3"]
+
+
+def test_v2_runs_at_reduced_precision(tmp_path):
+    """``dtype: bfloat16`` (float16 needs CUDA): the VFM under autocast, CLIP in bfloat16, the stored features
+    entering the reconstruction at the CLIP's dtype (it failed with "mixed dtype" before), a float32 canvas."""
+    voc = {"name": "voc", "spec": "VOC21", "layout": "voc", "root": str(SAMPLE / "voc2012-sample"), "limit": 1}
+    exp = tiny_experiment(tmp_path / "store", datasets=[voc], methods=[{"name": "v2", "method": "corrclipv2"}],
+                          models=MODELS, text_templates="single", dtype="bfloat16")
+    summary = run_experiment(exp, progress=False, orchestrate=False)
+    assert summary.failed == 0 and computed(summary)["reconstruction"] == 1
+    (plan,) = build_plan(exp)
+    vfm = next(n for n in plan.nodes.values() if n.stage == "vfm_features")
+    assert vfm.params.dtype == "bfloat16"
