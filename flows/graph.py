@@ -5,7 +5,10 @@ scale, thresholds), the method (``ovseg_core.methods.METHODS``) and the backbone
 ``StageNode`` objects whose parameters are exactly what each stage reads
 (``tasks.params``). Identical keys are one node: a sweep over CorrCLIP's TAU shares its SAM
 masks, DINO features, CLIP dumps, clustering and mask class tokens, and an ablation of map
-correction shares its reconstruction. Stages and what they read: ``tasks.stages.STAGES``.
+correction shares its reconstruction; CorrCLIPv2 beside CorrCLIP shares the text embeddings,
+CLIP dumps and regions (its VFM map and mask class tokens are its own). Each method's backbones
+come from ``method_backbone`` (the entry's, the experiment's, else the method paper's). Stages
+and what they read: ``tasks.stages.STAGES``.
 """
 
 from __future__ import annotations
