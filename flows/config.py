@@ -36,6 +36,7 @@ from flows.experiment_files import (  # noqa: F401 - re-exported (tests, docs)
     resolve_paths,
 )
 from ovseg_core.datasets import DATASETS, FAMILY_MODELS, METHOD_VARIANTS
+from ovseg_core.metrics import IGNORE_MODES
 from ovseg_core.names import did_you_mean
 from ovseg_core.vocabulary import parse_vocabulary_string
 from storage.images import DEFAULT_MAX_PIXELS
@@ -80,7 +81,7 @@ class DatasetEntry(_Strict):
     """One dataset to process."""
 
     name: str = Field(description="label used in tables and reports, e.g. voc21-val")
-    spec: str | None = Field(default=None, description="dataset spec (classes, presets, label conversion): VOC21, VOC20, PC60, PC59, COCO-Object, COCO-Stuff, ADE20K, Cityscapes, CamVid (case-insensitive); None = custom vocabulary (classes)")
+    spec: str | None = Field(default=None, description="dataset spec (classes, presets, label conversion): VOC21, VOC20, PC60, PC59, COCO-Object, COCO-Stuff, ADE20K, Cityscapes, CamVid, ADE847, PC459 (case-insensitive); None = custom vocabulary (classes)")
     classes: list[str] | None = Field(default=None, description="custom vocabulary: a list (one class per entry, synonyms comma-separated) or one string 'cat; dog, puppy; grass'; stored as class lines 'dog, puppy' (overrides the spec's class file)")
     background: bool = Field(default=False, description="with a custom vocabulary: class 0 is background (enables prob_thd)")
     layout: Layout
@@ -91,6 +92,7 @@ class DatasetEntry(_Strict):
     max_pixels: int | None = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="images with more pixels are error rows of the manifest (null = no limit)")
     follow_symlinks: bool = Field(default=False, description="accept images and split entries whose real path leaves root (symlinks, ../)")
     strict_labels: bool = Field(default=False, description="ground-truth labels outside the class range are an error instead of being dropped as MMSegmentation does")
+    ignore_mode: Literal[IGNORE_MODES] = Field(default="reference", description="ground-truth value scoring ignores: 'reference' = 255 on every dataset, as the authors' evaluator (on ADE847 / PC459 real class 255 is dropped and unlabelled 65535 pixels count in the union); 'unlabelled' = the dataset's own unlabelled value (ADE847 / PC459: 65535; class 255 scored)")  # type: ignore[valid-type]
 
     @field_validator("name")
     @classmethod
@@ -121,9 +123,11 @@ class DatasetEntry(_Strict):
 class ModelsEntry(_Strict):
     """Backbones (see README 'Backbones'); '@random[:seed]' builds random weights (scores meaningless)."""
 
-    clip: str = FAMILY_MODELS["corrclip"].clip  # CorrCLIP's (the papers' backbones: ovseg_core.datasets)
+    clip: str | None = Field(default=None, description=f"CLIP of every method; None: each method's paper default, {FAMILY_MODELS['corrclip'].clip} (CorrCLIP's; SC-CLIP and the baselines too) or for corrclipv2 {FAMILY_MODELS['corrclipv2'].clip} (ovseg_core.datasets.FAMILY_MODELS)")
     dino: str = FAMILY_MODELS["corrclip"].dino
     sam: str = FAMILY_MODELS["corrclip"].sam
+    vfm: str | None = Field(default=None, description=f"VFM of CorrCLIPv2's correlation (vfm_features stage); None: {FAMILY_MODELS['corrclipv2'].vfm} (C-RADIOv3-L, the authors' default)")
+    vfm_max_side: int | None = Field(default=None, ge=1, description="cap on an image's longer side before the VFM's own resize (huge images); None: native resolution, as the reference")
     sam2: str = Field(default="sam2:hiera_l", description="SAM 2 backbone (regions.source: sam2); the CorrCLIP reference's on-the-fly generator is hiera_l")
     dino_pos: Literal["dino", "timm"] = Field(default="dino", description="DINO position-embedding interpolation: 'dino' = DINO's own (g + 0.1) / G bicubic rule (reference), 'timm' = timm's resize")
     weights_dir: str | None = Field(default=None, description="folder with checkpoints under their official names, relative to the experiment file (default $OVSEG_WEIGHTS)")
@@ -148,10 +152,11 @@ class MethodEntry(_Strict):
     """One method and parameter set."""
 
     name: str = Field(description="label of this method run in tables and reports")
-    method: str = Field(description="registered method (ovseg_core.methods.METHODS): corrclip, scclip, clip, maskclip, clearclip, corrclip+scclip")
+    method: str = Field(description="registered method (ovseg_core.methods.METHODS): corrclip, scclip, clip, maskclip, clearclip, corrclip+scclip, corrclipv2")
     params: dict[str, Any] = Field(default_factory=dict, description="method config fields (CorrCLIPConfig / SCCLIPConfig / CombinedConfig)")
-    classes: str | None = Field(default=None, description="class-file variant 'corrclip' | 'scclip' (default: the method's own)")
+    classes: str | None = Field(default=None, description="class-file variant 'corrclip' | 'scclip' | 'corrclipv2' (default: the method's own)")
     clip: str | None = Field(default=None, description="override models.clip for this method")
+    vfm: str | None = Field(default=None, description="override models.vfm for this method (corrclipv2)")
     window: WindowEntry = Field(default_factory=WindowEntry)
     logit_scale: float | None = Field(default=None, gt=0)
     prob_thd: float | None = Field(default=None, ge=0, le=1, description="None = preset; only used on datasets with background")

@@ -5,7 +5,10 @@ scale, thresholds), the method (``ovseg_core.methods.METHODS``) and the backbone
 ``StageNode`` objects whose parameters are exactly what each stage reads
 (``tasks.params``). Identical keys are one node: a sweep over CorrCLIP's TAU shares its SAM
 masks, DINO features, CLIP dumps, clustering and mask class tokens, and an ablation of map
-correction shares its reconstruction. Stages and what they read: ``tasks.stages.STAGES``.
+correction shares its reconstruction; CorrCLIPv2 beside CorrCLIP shares the text embeddings,
+CLIP dumps and regions (its VFM map and mask class tokens are its own). Each method's backbones
+come from ``method_backbone`` (the entry's, the experiment's, else the method paper's). Stages
+and what they read: ``tasks.stages.STAGES``.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from flows.dataset_specs import class_names, dataset_spec
 from flows.experiment_files import parse_override
 from ovseg_core.backbones import num_blocks, patch_size
 from ovseg_core.backbones import weights_identity as backbone_weights_identity
-from ovseg_core.datasets import CLASS_SEPARATORS, DatasetSpec, class_lines
+from ovseg_core.datasets import CLASS_SEPARATORS, FAMILY_MODELS, DatasetSpec, class_lines
 from ovseg_core.features.region_files import RegionFileConfig
 from ovseg_core.features.regions import SamRegionConfig, SuperpixelConfig
 from ovseg_core.features.sam2_regions import Sam2RegionConfig
 from ovseg_core.methods import Method, get_method
+from ovseg_core.metrics import scoring_ignore_index
 from tasks import params as P
 from tasks.runtime import StageNode
 from tasks.stages import STAGE_ORDER, STAGES, Stage
@@ -39,6 +43,9 @@ SCCLIP_VITL_PROB_THD: Mapping[str, float] = {"VOC21": 0.2, "COCO-Object": 0.25}
 # exactly; a CLIP /16 grid of a 56-multiple that is not a 16-multiple is rounded down as in the
 # reference (methods.md 2.1).
 CORRCLIP_PAD_MULTIPLE = 56
+# Families whose windows are padded to CORRCLIP_PAD_MULTIPLE (CorrCLIPv2 keeps v1's padding: its
+# ``forward_slide`` pads to 56 whatever the correlation grid).
+CORRCLIP_FAMILIES: tuple[str, ...] = ("corrclip", "corrclipv2")
 
 
 @dataclass(frozen=True)
@@ -104,25 +111,38 @@ class _Resolved:
     entry: MethodEntry
     method: Method
     clip: str
+    vfm: str | None  # the VFM of a method with the "vfm" correlation (CorrCLIPv2), else None
     window: P.WindowParams
     config: Any
     blocks: tuple[str, ...]
 
 
+def method_backbone(exp: Experiment, m: MethodEntry, method: Method, role: str) -> str:
+    """The backbone of ``role`` (``clip``, ``vfm``) a method runs with.
+
+    The method entry's own (``methods[].clip``), else the experiment's (``models.clip``), else the method
+    paper's (``Method.default_models``: CorrCLIPv2's MetaCLIP ViT-L/14 and C-RADIOv3-L), else CorrCLIP's
+    (``FAMILY_MODELS["corrclip"]``, the experiment default of every other method).
+    """
+    chosen = getattr(m, role, None) or getattr(exp.models, role, None) or method.default_models.get(role)
+    return chosen or str(getattr(FAMILY_MODELS["corrclip"], role))
+
+
 def _resolve(exp: Experiment, spec: DatasetSpec, m: MethodEntry) -> _Resolved:
     method = get_method(m.method)
-    clip_name = m.clip or exp.models.clip
+    clip_name = method_backbone(exp, m, method, "clip")
+    vfm_name = method_backbone(exp, m, method, "vfm") if method.correlation == "vfm" else None
     nb, patch = _geometry(clip_name)
     preset = spec.presets[method.family]
     window = P.WindowParams(m.window.short_side or preset.short_side, m.window.crop or preset.crop,
                             m.window.stride or preset.stride,
-                            CORRCLIP_PAD_MULTIPLE if method.family == "corrclip" else patch)
+                            CORRCLIP_PAD_MULTIPLE if method.family in CORRCLIP_FAMILIES else patch)
     try:
         cfg = method.build(m.params, nb)
     except ValueError as e:
         raise ValueError(f"methods[{m.name}].{e}{_override_hint(exp, ('methods', str(exp.methods.index(m)), 'params'))}"
                          ) from e
-    return _Resolved(m, method, clip_name, window, cfg, method.required_blocks(cfg, nb))
+    return _Resolved(m, method, clip_name, vfm_name, window, cfg, method.required_blocks(cfg, nb))
 
 
 def _override_hint(exp: Experiment, loc: tuple[str, ...]) -> str:
@@ -214,12 +234,19 @@ def _method_specs(exp: Experiment, ds: DatasetEntry, spec: DatasetSpec, r: _Reso
            "clip_layers": NodeSpec(P.ClipParams(r.clip, window, blocks, fdt, dt), clip_id)}
     if method.uses_regions:
         out["sam_masks"] = _sam_spec(exp, wd, missing)
-        dino_input = "from_clip" if method.corrclip_config(cfg).padding == "reference" else "imagenet"
-        out["dino_features"] = NodeSpec(P.DinoParams(exp.models.dino, window, fdt, dt, exp.models.dino_pos, dino_input),
-                                        {"dino": weights_identity(exp.models.dino, wd, missing)})
-        out["mask_clustering"] = NodeSpec(P.ClusteringParams(window, method.clustering_config(cfg)))
-        if method.semantic_branch(cfg):
-            out["mask_class_tokens"] = NodeSpec(P.SemanticParams(r.clip, window, fdt, dt), clip_id)
+        if method.correlation == "vfm":  # CorrCLIPv2: one VFM map per image; no DINO, no mask clustering stage
+            vfm = str(r.vfm)
+            out["vfm_features"] = NodeSpec(P.VfmParams(vfm, exp.models.vfm_max_side, fdt, dt),
+                                           {"vfm": weights_identity(vfm, wd, missing)})
+        else:
+            dino_input = "from_clip" if method.corrclip_config(cfg).padding == "reference" else "imagenet"
+            out["dino_features"] = NodeSpec(P.DinoParams(exp.models.dino, window, fdt, dt, exp.models.dino_pos,
+                                                         dino_input),
+                                            {"dino": weights_identity(exp.models.dino, wd, missing)})
+            out["mask_clustering"] = NodeSpec(P.ClusteringParams(window, method.clustering_config(cfg)))
+        if method.semantic_stage(cfg):  # v1: over mask_clustering; v2: over sam_masks relabelled (relabel_config)
+            out["mask_class_tokens"] = NodeSpec(P.SemanticParams(r.clip, window, fdt, dt,
+                                                                 method.relabel_config(cfg)), clip_id)
     preset = spec.presets[method.family]
     preset_thd = preset.prob_thd
     if method.family == "scclip" and _geometry(r.clip)[0] == 24 and spec.name in SCCLIP_VITL_PROB_THD:
@@ -231,9 +258,18 @@ def _method_specs(exp: Experiment, ds: DatasetEntry, spec: DatasetSpec, r: _Reso
         prob_thd, area_thd), clip_id)
     if method.map_correction(cfg):
         out["map_correction"] = NodeSpec(P.MapCorrectionParams(method.corrclip_config(cfg).m0_quirk))
-    out["scoring"] = NodeSpec(P.ScoringParams(spec.name, spec.num_classes, spec.label_conversion, spec.ignore_index,
-                                              ds.strict_labels))
+    out["scoring"] = NodeSpec(P.ScoringParams(spec.name, spec.num_classes, spec.label_conversion,
+                                              _scored_ignore_index(ds, spec), ds.strict_labels))
     return out
+
+
+def _scored_ignore_index(ds: DatasetEntry, spec: DatasetSpec) -> int:
+    """The ground-truth value scoring ignores under the dataset's ``ignore_mode`` (``metrics.scoring_ignore_index``)."""
+    if ds.ignore_mode == "unlabelled" and spec.unlabelled_index is None:
+        raise ValueError(f"datasets[{ds.name}].ignore_mode: 'unlabelled' needs a dataset whose unlabelled value is "
+                         f"not the evaluator's {spec.ignore_index} (ADE847, PC459); {spec.name} ignores "
+                         f"{spec.ignore_index} already: remove the key")
+    return scoring_ignore_index(spec.ignore_index, spec.unlabelled_index, ds.ignore_mode)
 
 
 def experiment_keys(paths: Sequence[str], overrides: Sequence[str] = ()) -> set[tuple[str, str]]:
@@ -258,7 +294,14 @@ def _sam_spec(exp: Experiment, wd: str | None, missing: list[str] | None = None)
             if not folder:
                 raise ValueError("regions.params.dir: the folder of the pre-generated masks is required for source files")
             cfg = RegionFileConfig(**params)
-            return NodeSpec(P.RegionParams(src, None, cfg, None, mask_files_digest(folder, cfg)), inputs_dir=folder)
+            try:
+                digest = mask_files_digest(folder, cfg)
+            except FileNotFoundError as e:
+                if missing is None:
+                    raise
+                missing.append(f"regions: {e}")  # a dry run plans without the masks (a key no stored output has)
+                digest = "missing"
+            return NodeSpec(P.RegionParams(src, None, cfg, None, digest), inputs_dir=folder)
         cfg = SuperpixelConfig(method=src, **params)
     except TypeError as e:
         raise ValueError(f"regions.params: {e}") from e

@@ -27,6 +27,7 @@ from ovseg_core.combined import CombinedConfig, combined_required_blocks, combin
 from ovseg_core.corrclip.config import CorrCLIPConfig
 from ovseg_core.corrclip.config import required_blocks as corrclip_required_blocks
 from ovseg_core.corrclip.pipeline import corrclip_window_features
+from ovseg_core.datasets import FAMILY_MODELS
 from ovseg_core.names import did_you_mean
 from ovseg_core.scclip.config import SCCLIPConfig
 from ovseg_core.scclip.pipeline import required_blocks as scclip_required_blocks
@@ -141,6 +142,32 @@ class Method:
             return None
         return CorrCLIPConfig(**{f: getattr(c, f) for f in CLUSTERING_FIELDS})
 
+    def relabel_config(self, cfg: Any) -> CorrCLIPConfig | None:
+        """The config of the region relabelling the ``vfm`` correlation's semantic branch pools over.
+
+        Without DBSCAN (CorrCLIPv2's default) the merged map of a window is the region map on the
+        correlation grid renumbered by ``cluster_masks(None, ...)``, which reads ``m0_quirk`` and
+        ``padding`` only: the mask class tokens are then a stage of their own over ``sam_masks``,
+        keyed by these two fields (other fields at their defaults). None for the ``dino_qk``
+        correlation (its tokens read the ``mask_clustering`` stage), without the semantic branch, and
+        with ``mask_clustering=True`` (the DBSCAN option reads the VFM features: the reconstruction
+        computes the tokens itself).
+        """
+        c = self.corrclip_config(cfg)
+        if c is None or self.correlation != "vfm" or not c.semantic_branch or c.mask_clustering:
+            return None
+        return CorrCLIPConfig(mask_clustering=False, m0_quirk=c.m0_quirk, padding=c.padding)
+
+    def semantic_stage(self, cfg: Any) -> bool:
+        """The semantic branch reads its tokens from the ``mask_class_tokens`` stage.
+
+        True for the ``dino_qk`` correlation with the branch on, and for ``vfm`` without DBSCAN
+        (:meth:`relabel_config`); ``vfm`` with ``mask_clustering=True`` computes them in the reconstruction.
+        """
+        if not self.semantic_branch(cfg):
+            return False
+        return self.correlation == "dino_qk" or self.relabel_config(cfg) is not None
+
     def reconstruction_config(self, cfg: Any) -> Any:
         """The config with the fields reconstruction does not read reset to their defaults.
 
@@ -197,10 +224,10 @@ def _build_none(name: str) -> Callable[[Mapping[str, Any], int], None]:
 # CorrCLIPv2 defaults that differ from CorrCLIPConfig's (v1) defaults: no DBSCAN mask merging
 # (commented out in CorrCLIPv2/open_clip/transformer.py), the correlation from a VFM.
 CORRCLIPV2_DEFAULTS: Mapping[str, Any] = MappingProxyType({"mask_clustering": False, "similarity": "vfm"})
-# Backbones of CorrCLIPv2's defaults (CorrCLIPv2/configs/base_config.py: MetaCLIP ViT-L/14-quickgelu
-# ``metaclip_fullcc``, ``vfm_type='radiov3'``).
-CORRCLIPV2_MODELS: Mapping[str, str] = MappingProxyType({"clip": "clip:ViT-L-14-quickgelu@metaclip_fullcc",
-                                                         "vfm": "vfm:radiov3_l"})
+# The backbones CorrCLIPv2's paper sets differently from the experiment's (CorrCLIP's) defaults, by role;
+# the names are FAMILY_MODELS["corrclipv2"]'s (ovseg_core.datasets: the one table of the papers' backbones).
+CORRCLIPV2_MODELS: Mapping[str, str] = MappingProxyType({role: str(getattr(FAMILY_MODELS["corrclipv2"], role))
+                                                         for role in ("clip", "vfm")})
 
 
 def _build_corrclipv2(params: Mapping[str, Any], num_blocks: int) -> CorrCLIPConfig:

@@ -24,7 +24,9 @@ from ovseg_core.window_plan import Window, WindowPlan, _check_hw, plan_windows, 
 
 __all__ = [
     "accumulate_window_logits",
+    "average_windows",
     "finish_merge",
+    "to_original_size",
     "window_counts",
     "Window",
     "WindowPlan",
@@ -159,16 +161,28 @@ def accumulate_window_logits(canvas: torch.Tensor, logits: torch.Tensor, plan: W
         canvas[:, win.y1 : win.y2, win.x1 : win.x2] += window.to(canvas.dtype)
 
 
+def average_windows(canvas: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+    """A summed canvas divided by the per-pixel window count: ``(Q, h, w)`` at the resized size.
+
+    Computed in the canvas dtype (the count is cast to it, as the reference's half-precision
+    ``count_mat``). CorrCLIPv2 fuses its memory-bank logits here, before the resize.
+    """
+    return canvas / window_counts(plan, canvas.device).to(canvas.dtype)
+
+
+def to_original_size(logits: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+    """``(Q, h, w)`` logits at the resized size bilinearly resized to the original size (same dtype)."""
+    if plan.resized_hw != plan.orig_hw:
+        logits = F.interpolate(logits.unsqueeze(0), size=plan.orig_hw, mode="bilinear", align_corners=False)[0]
+    return logits
+
+
 def finish_merge(canvas: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
     """Average a summed canvas by the window count and resize it to the original size (bilinear).
 
-    Computed in the canvas dtype (the count is cast to it, as the reference's half-precision
-    ``count_mat``); returns that dtype.
+    ``to_original_size(average_windows(canvas, plan), plan)``: computed in the canvas dtype; returns that dtype.
     """
-    canvas = canvas / window_counts(plan, canvas.device).to(canvas.dtype)
-    if plan.resized_hw != plan.orig_hw:
-        canvas = F.interpolate(canvas.unsqueeze(0), size=plan.orig_hw, mode="bilinear", align_corners=False)[0]
-    return canvas
+    return to_original_size(average_windows(canvas, plan), plan)
 
 
 def merge_window_logits(logits: torch.Tensor, plan: WindowPlan) -> torch.Tensor:

@@ -148,6 +148,24 @@ def _ade20k(root: Path, split: str) -> _Listing:
     return base, [Candidate(p, _rel(p, base), ann_dir / f"{p.stem}.png") for p in img_dir.glob("*.jpg")]
 
 
+def _ade847(root: Path, split: str) -> _Listing:
+    """CAT-Seg's ADE20K-full layout (CorrCLIPv2's ADE-847): 16-bit ``.tif`` labels beside detectron2 images."""
+    base = _find_base(root, ("", "ADE20K_2021_17_01"), "images_detectron2", "ade847")
+    s = {"val": "validation", "train": "training"}.get(split, split)
+    img_dir = _require_dir(base / "images_detectron2" / s, "ade847")
+    ann_dir = _require_dir(base / "annotations_detectron2" / s, "ade847")
+    return base, [Candidate(p, _rel(p, base), ann_dir / f"{p.stem}.tif") for p in img_dir.glob("*.jpg")]
+
+
+def _pc459(root: Path, split: str) -> _Listing:
+    """VOC2010 images and split list with CAT-Seg's PASCAL Context-459 labels (``annotations_detectron2/pc459_<split>``)."""
+    base = _find_base(root, ("", "VOC2010", "VOCdevkit/VOC2010"), "JPEGImages", "pc459")
+    ids = _split_ids(base / "ImageSets" / "SegmentationContext" / f"{split}.txt", "pc459")
+    ann_dir = base / "annotations_detectron2" / f"pc459_{split}"
+    return base, [Candidate(base / "JPEGImages" / f"{i}.jpg", _rel(base / "JPEGImages" / f"{i}.jpg", base),
+                            ann_dir / f"{i}.tif") for i in ids]
+
+
 def _cityscapes(root: Path, split: str) -> _Listing:
     base = _find_base(root, ("", "cityscapes"), "leftImg8bit", "cityscapes")
     img_dir = _require_dir(base / "leftImg8bit" / split, "cityscapes")
@@ -279,6 +297,12 @@ LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
            lambda top, split, gt, follow: _cityscapes(top, split)),
     Layout("camvid", "<split>/*.png, <split>annot/<stem>.png", ("CamVid",),
            lambda top, split, gt, follow: _camvid(top, split)),
+    Layout("ade847", "ADE20K_2021_17_01 (CAT-Seg): images_detectron2/validation/*.jpg, "
+           "annotations_detectron2/validation/<stem>.tif (16-bit labels 0..846, unlabelled 65535)", ("ADE847",),
+           lambda top, split, gt, follow: _ade847(top, split)),
+    Layout("pc459", "VOCdevkit/VOC2010: JPEGImages/<id>.jpg, annotations_detectron2/pc459_<split>/<id>.tif "
+           "(CAT-Seg, 16-bit labels 0..458, unlabelled 65535), ids from ImageSets/SegmentationContext/<split>.txt",
+           ("PC459",), lambda top, split, gt, follow: _pc459(top, split)),
 )}
 LAYOUT_NAMES: tuple[str, ...] = tuple(LAYOUTS)
 

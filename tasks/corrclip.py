@@ -1,4 +1,4 @@
-"""CorrCLIP stages: ``mask_clustering``, ``mask_class_tokens``, ``map_correction``."""
+"""CorrCLIP stages: ``mask_clustering``, ``mask_class_tokens``, ``map_correction`` (v1 and CorrCLIPv2)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import numpy as np
 import torch
 
 from ovseg_core import clip_ops
+from ovseg_core.backbones import patch_size
 from ovseg_core.corrclip.config import CorrCLIPConfig
 from ovseg_core.corrclip.map_correction import map_correction
 from ovseg_core.corrclip.mask_class_tokens import mask_class_tokens
 from ovseg_core.corrclip.mask_clustering import cluster_masks, resize_regions
+from ovseg_core.corrclip.vfm_correlation import correlation_grid
 from ovseg_core.features.clip import normalize_clip
+from ovseg_core.windows import WindowPlan
 from tasks.common import (
     image_tensor,
     image_windows,
@@ -50,9 +53,26 @@ def semantic_models(ctx: StageContext):
 
 
 def semantic_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
-    crops, plan = image_windows(image_tensor(row), ctx.params.window, normalize_clip)
-    merged = torch.from_numpy(ctx.read_upstream("mask_clustering", row, ["merged"])["merged"]).long()
+    p = ctx.params
+    crops, plan = image_windows(image_tensor(row), p.window, normalize_clip)
+    if p.relabel is None:  # v1: the mask_clustering stage's merged map (on the DINO grid)
+        merged = torch.from_numpy(ctx.read_upstream("mask_clustering", row, ["merged"])["merged"]).long()
+    else:  # CorrCLIPv2: the sam_masks regions on the correlation grid, renumbered (m0 rule) as its reconstruction does
+        merged = relabelled_regions(ctx.read_upstream("mask_clustering", row, ["ids"])["ids"], plan,
+                                    patch_size(p.backbone), p.relabel)
     return {"win": {"crops": crops, "merged": merged}, "plan": plan}
+
+
+def relabelled_regions(ids: np.ndarray, plan: WindowPlan, clip_patch: int, cfg: CorrCLIPConfig) -> torch.Tensor:
+    """CorrCLIPv2's merged map without DBSCAN: ``(n_win, hc, wc) int64`` on the correlation grid.
+
+    The region ids at original resolution, nearest-resized to the network input and cropped per window
+    (``-1`` padding), nearest-resized to twice the CLIP grid (``correlation_grid``) and renumbered by
+    ``cluster_masks(None, ..., cfg)`` (``cfg.mask_clustering`` is False): what ``corrclip_window_features``
+    computes from the same regions, so its mask class tokens equal the ones it would compute.
+    """
+    regions = region_windows(ids, plan)
+    return cluster_masks(None, resize_regions(regions, correlation_grid(plan.padded_hw, clip_patch)), cfg)
 
 
 def semantic_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ovseg_core.options import later_option
 from ovseg_core.window_plan import WindowPlan, plan_windows
 
 if TYPE_CHECKING:  # importing the parameter classes must not import torch (``ovseg cache ls`` reads the stage table)
@@ -107,6 +108,21 @@ class ClusteringParams:
 
 
 @dataclass(frozen=True)
+class VfmParams:
+    """``vfm_features``: one VFM forward over the whole original image, its map at the VFM's token grid."""
+
+    backbone: str  # the VFM (``vfm:radiov3_l``, ...)
+    max_side: int | None  # cap on the image's longer side before the VFM's own resize; None: native (reference)
+    feature_dtype: str  # dtype of the stored map
+    dtype: str  # the forward's autocast dtype ("float32": none; the reference: float16 autocast on CUDA)
+
+    def __post_init__(self) -> None:
+        if self.max_side is not None and (isinstance(self.max_side, bool) or not isinstance(self.max_side, int)
+                                          or self.max_side < 1):
+            raise ValueError(f"models.vfm_max_side must be None or an int >= 1, got {self.max_side!r}")
+
+
+@dataclass(frozen=True)
 class SemanticParams:
     """``mask_class_tokens``: CorrCLIP's semantic-branch tokens."""
 
@@ -114,6 +130,10 @@ class SemanticParams:
     window: WindowParams
     feature_dtype: str
     dtype: str
+    # CorrCLIPv2 (``Method.relabel_config``): the tokens pool over the ``sam_masks`` regions on the correlation
+    # grid (twice the CLIP grid) renumbered with this config's ``m0_quirk`` and ``padding``; None (v1): over the
+    # ``mask_clustering`` stage's merged map. A later option: v1 keys do not move.
+    relabel: "CorrCLIPConfig | None" = later_option(None)
 
 
 @dataclass(frozen=True)

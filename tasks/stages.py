@@ -171,18 +171,28 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           inputs=(), params=P.ClipParams, code_version="1",
           models=Step("tasks.features:clip_models"), load=Step("tasks.features:clip_load"),
           compute=Step("tasks.features:clip_compute"), arrays=P.ClipParams.array_names, windows=WINDOWS),
+    Stage("vfm_features", "a VFM's dense map of the whole original image at its token grid (CorrCLIPv2)", "image",
+          inputs=(), params=P.VfmParams, code_version="1",
+          models=Step("tasks.vfm:vfm_models"), load=Step("tasks.vfm:vfm_load"),
+          compute=Step("tasks.vfm:vfm_compute"), arrays=("features",)),
     Stage("mask_clustering", "DBSCAN-merged region ids per window on the DINO grid", "image",
           inputs=(Input("dino_features"), Input("sam_masks")), params=P.ClusteringParams, code_version="2",
           models=no_models, load=Step("tasks.corrclip:clustering_load"),
           compute=Step("tasks.corrclip:clustering_compute"), arrays=("merged",)),
     Stage("mask_class_tokens", "CorrCLIP semantic-branch tokens per window", "image",
-          inputs=(Input("mask_clustering"),), params=P.SemanticParams, code_version="1",
+          # the regions the tokens pool over: v1 the merged map of mask_clustering; CorrCLIPv2 (no such
+          # stage) sam_masks, relabelled on the correlation grid (SemanticParams.relabel). One role, so v1's
+          # keys (which hash the role name) stay.
+          inputs=(Input("mask_clustering", ("mask_clustering", "sam_masks")),), params=P.SemanticParams,
+          code_version="1",
           models=Step("tasks.corrclip:semantic_models"), load=Step("tasks.corrclip:semantic_load"),
           compute=Step("tasks.corrclip:semantic_compute"), arrays=("semantic",), windows=WINDOWS),
     Stage("reconstruction", "a method's label map and winning probability", "image",
           inputs=(Input("text_embeddings"), Input("clip_layers"),
-                  # CorrCLIP's inputs: wired for the methods whose graph holds them (Method.uses_regions)
-                  Input("dino_features", required=False), Input("sam_masks", required=False),
+                  # CorrCLIP's inputs: wired for the methods whose graph holds them (Method.uses_regions;
+                  # vfm_features for Method.correlation == "vfm", dino_features / mask_clustering for "dino_qk")
+                  Input("dino_features", required=False), Input("vfm_features", required=False),
+                  Input("sam_masks", required=False),
                   Input("mask_clustering", required=False),
                   Input("mask_class_tokens", required=False)),  # the semantic branch
           params=P.ReconstructionParams, code_version="2",

@@ -50,14 +50,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from ovseg_core.backbones import list_backbones, official_weight_file  # torch, open_clip (its weight registry)
+    from ovseg_core.backbones import VFM_ARCHS, list_backbones, official_weight_file, parse_backbone  # torch, open_clip
 
     for name in list_backbones():
         try:
             fname, where = official_weight_file(name)
         except (ValueError, KeyError):
             fname, where = "-", "random / tiny only"
-        print(f"{name:45s} {fname:40s} {where}")
+        spec = parse_backbone(name)
+        page = VFM_ARCHS[spec.arch].page if spec.family == "vfm" and spec.arch in VFM_ARCHS else None
+        print(f"{name:45s} {fname:40s} {where}" + (f"  (page: {page})" if page else ""))
     return 0
 
 

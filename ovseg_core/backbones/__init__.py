@@ -62,9 +62,11 @@ MiB), not a full sha256: hashing multi-GB files on every load is too slow.
 
 from .factory import Backbone, load_backbone, num_blocks, official_weight_file, patch_size, weights_identity
 from .spec import BackboneSpec, list_backbones, parse_backbone
+from .vfm_archs import VFM_ARCHS
 from .weights import WEIGHTS_ENV
 
 __all__ = [
+    "VFM_ARCHS",
     "WEIGHTS_ENV",
     "Backbone",
     "BackboneSpec",

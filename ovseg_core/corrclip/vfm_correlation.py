@@ -104,7 +104,8 @@ def vfm_window_features(
             resized to; windows padded to ``plan.padded_hw``).
         clip_patch: the CLIP patch size (the correlation grid is twice the CLIP token grid).
         start, stop: window range (default: every window).
-        dtype: computation dtype (float32 default; float16 follows the reference's half precision).
+        dtype: computation dtype (float32 default; float16 follows the reference's half precision). The
+            computation runs on ``vfm_map``'s device.
     Returns:
         ``(n, hc, wc, C)`` in ``dtype``, every vector of unit L2 norm (the ``qk`` input of
         ``corrclip_window_features``), ``(hc, wc) = correlation_grid(plan.padded_hw, clip_patch)``.
@@ -126,10 +127,10 @@ def vfm_window_features(
         rows_h, wgt_h = _window_taps(full_h, win.y1, win.y2 - win.y1, top, hp, hc)
         rows_w, wgt_w = _window_taps(full_w, win.x1, win.x2 - win.x1, left, wp, wc)
         # step 1 on the lines read: (C, kh, kw) pixels of the resized map, normalised per pixel
-        pixels = rows_h.to(dtype) @ x @ rows_w.to(dtype).T
+        pixels = rows_h.to(x.device, dtype) @ x @ rows_w.to(x.device, dtype).T
         pixels = F.normalize(pixels, dim=0, eps=_EPS)
         # step 3: resize inside the padded window, normalise per token
-        tokens = wgt_h.to(dtype) @ pixels @ wgt_w.to(dtype).T  # (C, hc, wc)
+        tokens = wgt_h.to(x.device, dtype) @ pixels @ wgt_w.to(x.device, dtype).T  # (C, hc, wc)
         out.append(F.normalize(tokens, dim=0, eps=_EPS).permute(1, 2, 0))
     if not out:
         return x.new_zeros((0, hc, wc, c))

@@ -14,6 +14,15 @@ becomes 0 even when it labels a real segment covering part of the image; the ref
 as unsegmented too. Region ids keep the file's order (the reference does not re-sort by area), so
 ``areas`` (visible pixel counts) need not be ascending; ``scores`` are 1.0 (files carry none).
 
+CorrCLIPv2's authors publish their EntitySeg masks in the same format (``instance_mask.zip``: one
+``<stem>.npz``, ``instance_mask`` a 2-D integer map, 0 = unsegmented); their evaluation loader is
+the same ``np.load(...)['instance_mask'].astype(int)``. Their memory-bank builder also accepts a
+3-D bool stack ``[n, H, W]`` (one mask per region, possibly overlapping), which that evaluation
+loader cannot use (its nearest resize takes a 2-D map). ``RegionFileConfig.stacked`` decides:
+``"error"`` (default) refuses such a file naming the fix, ``"paint"`` paints the stack into a 2-D
+map (:func:`paint_stack`: mask ``i`` gets id ``i + 1``, later masks over earlier ones, 0 where no
+mask is, the generators' painting order).
+
 File I/O belongs to the storage layer: it reads the bytes of ``RegionFileConfig.file_name(stem)``
 in the configured directory and calls :func:`decode_label_map` then :func:`regions_from_label_map`.
 """
@@ -27,15 +36,19 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ovseg_core.options import later_option
 from .region_painting import RegionMap
 
-__all__ = ["FILE_FORMATS", "RegionFileConfig", "decode_label_map", "regions_from_label_map"]
+__all__ = ["FILE_FORMATS", "STACKED_MODES", "RegionFileConfig", "decode_label_map", "paint_stack",
+           "regions_from_label_map"]
 
 # Accepted mask file suffixes: NumPy .npz archives (the reference's format) and PNG label maps.
 FILE_FORMATS: tuple[str, ...] = (".npz", ".png")
 # PIL modes of single-channel integer PNGs: 8-bit grey, palette indices, 32-bit int, 16-bit grey.
 _PNG_LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 _STEM_FIELD = "{stem}"
+# How a 3-D [n, H, W] mask stack in an .npz is read: refused (default) or painted into one map.
+STACKED_MODES: tuple[str, ...] = ("error", "paint")
 
 
 @dataclass(frozen=True)
@@ -44,8 +57,13 @@ class RegionFileConfig:
 
     pattern: str = "{stem}.npz"  # file name relative to the mask directory; {stem} = image file stem; .npz or .png; reference "{stem}.npz"
     key: str = "instance_mask"  # array name inside .npz files (unused for .png); reference "instance_mask"
+    # A 3-D [n, H, W] mask stack (the bank builder's other form): "error" refuses it (the reference's
+    # evaluation loader cannot read it), "paint" paints it into a 2-D map (paint_stack). A later option.
+    stacked: str = later_option("error")
 
     def __post_init__(self) -> None:
+        if self.stacked not in STACKED_MODES:
+            raise ValueError(f"RegionFileConfig.stacked must be one of {STACKED_MODES}, got {self.stacked!r}")
         if self.pattern.count(_STEM_FIELD) != 1:
             raise ValueError(f"RegionFileConfig.pattern must contain {_STEM_FIELD} exactly once, got {self.pattern!r}")
         if not self.pattern.lower().endswith(FILE_FORMATS):
@@ -71,9 +89,11 @@ def decode_label_map(data: bytes, cfg: RegionFileConfig) -> np.ndarray:
         cfg: format (from the pattern's suffix) and ``.npz`` array name.
     Returns:
         the stored ``(H, W)`` array as it is (any integer or bool dtype; checked by
-        :func:`regions_from_label_map`).
+        :func:`regions_from_label_map`); a 3-D ``[n, H, W]`` stack painted by :func:`paint_stack`
+        with ``cfg.stacked == "paint"``.
     Raises:
-        ValueError: unreadable file, missing ``key``, or a PNG that is not a single-channel label map.
+        ValueError: unreadable file, missing ``key``, a 3-D stack with ``cfg.stacked == "error"``, or a
+            PNG that is not a single-channel label map.
     """
     if cfg.file_format == ".npz":
         try:
@@ -89,9 +109,17 @@ def decode_label_map(data: bytes, cfg: RegionFileConfig) -> np.ndarray:
                     "set regions.params.key to one of those"
                 )
             try:
-                return archive[cfg.key]
+                labels = archive[cfg.key]
             except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
                 raise ValueError(f"cannot read array {cfg.key!r} of the .npz mask file: {type(e).__name__}: {e}") from e
+        if labels.ndim == 3:
+            if cfg.stacked != "paint":
+                raise ValueError(
+                    f"mask array {cfg.key!r} is a stack of {labels.shape[0]} masks {tuple(labels.shape)}, not an (H, W) "
+                    "label map (the reference's evaluation loader cannot read it); set regions.params.stacked: paint "
+                    "to paint the masks into one map (mask i -> id i + 1, later masks over earlier ones)")
+            return paint_stack(labels)
+        return labels
     try:
         with Image.open(io.BytesIO(data)) as png:
             if png.mode not in _PNG_LABEL_MODES:
@@ -102,6 +130,20 @@ def decode_label_map(data: bytes, cfg: RegionFileConfig) -> np.ndarray:
             return np.asarray(png)
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"cannot read the mask file as PNG: {type(e).__name__}: {e}") from e
+
+
+def paint_stack(masks: np.ndarray) -> np.ndarray:
+    """A ``[n, H, W]`` mask stack painted into one ``(H, W) int32`` map.
+
+    Mask ``i`` (any nonzero value counts) gets id ``i + 1``, painted in stack order so later masks
+    cover earlier ones where they overlap; pixels of no mask are 0 (unsegmented).
+    """
+    if masks.ndim != 3:
+        raise ValueError(f"a mask stack is [n, H, W], got shape {masks.shape}")
+    out = np.zeros(masks.shape[1:], dtype=np.int32)
+    for i in range(masks.shape[0]):
+        out[masks[i] != 0] = i + 1
+    return out
 
 
 def regions_from_label_map(labels: np.ndarray, image_hw: tuple[int, int]) -> RegionMap:

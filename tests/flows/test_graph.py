@@ -15,16 +15,20 @@ from tests.flows.conftest import SAMPLE
 # output each method's prediction is computed from, and the stage that holds its final labels.
 FEATURES = {"text_embeddings", "clip_layers", "reconstruction", "scoring"}
 CORRCLIP = FEATURES | {"sam_masks", "dino_features", "mask_clustering", "mask_class_tokens", "map_correction"}
+# CorrCLIPv2: a VFM map instead of DINO q+k, no mask clustering stage; its mask class tokens pool over sam_masks
+CORRCLIPV2 = FEATURES | {"sam_masks", "vfm_features", "mask_class_tokens", "map_correction"}
 EXPECTED = {"corrclip": (CORRCLIP, "map_correction"), "corrclip+scclip": (CORRCLIP, "map_correction"),
             "scclip": (FEATURES, "reconstruction"), "clip": (FEATURES, "reconstruction"),
-            "maskclip": (FEATURES, "reconstruction"), "clearclip": (FEATURES, "reconstruction")}
+            "maskclip": (FEATURES, "reconstruction"), "clearclip": (FEATURES, "reconstruction"),
+            "corrclipv2": (CORRCLIPV2, "map_correction")}
 
 
 def _experiment(methods: list[dict]):
     return parse_experiment({
         "name": "graph", "store": "unused",
         "datasets": [{"name": "voc", "spec": "VOC21", "layout": "voc", "root": str(SAMPLE / "voc2012-sample")}],
-        "models": {"clip": "clip:tiny@random:0", "dino": "dino:tiny8@random:0", "sam": "sam:tiny@random:0"},
+        "models": {"clip": "clip:tiny@random:0", "dino": "dino:tiny8@random:0", "sam": "sam:tiny@random:0",
+                   "vfm": "vfm:tiny_radiov3@random:0"},
         "regions": {"source": "slic"}, "methods": methods})
 
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from ovseg_core.features.region_files import RegionFileConfig, decode_label_map, regions_from_label_map
+from storage.keys import to_jsonable
 
 VOC_SEG = Path("voc2012-sample/VOCdevkit/VOC2012/SegmentationClass")
 
@@ -111,3 +112,40 @@ def test_label_map_errors() -> None:
         regions_from_label_map(np.zeros((2, 2), np.float32), (2, 2))
     with pytest.raises(ValueError, match=r"region mask must be a non-empty 2-D \(H, W\) label array, got \(2, 2, 1\)"):
         regions_from_label_map(np.zeros((2, 2, 1), np.int32), (2, 2))
+
+
+def test_authors_entityseg_npz_2d_int32_reads_as_their_loader() -> None:
+    """CorrCLIPv2's released masks: ``np.savez_compressed(instance_mask=...)`` of a 2-D int32 map (EntitySeg paints
+    kept masks in ascending score order, id = index + 1 in its kept list, so ids need not be dense), read by the
+    authors as ``np.load(path)['instance_mask'].astype(int)``: ovseg's regions are its monotone relabelling."""
+    raw = np.array([[0, 0, 5, 5, 5], [2, 2, 5, 5, 0], [2, 9, 9, 0, 0]], dtype=np.int32)
+    data = npz_bytes(instance_mask=raw)
+    authors = np.load(io.BytesIO(data))["instance_mask"].astype(int)
+    regions = regions_from_label_map(decode_label_map(data, RegionFileConfig()), authors.shape)
+    # hand-written: 0 -> 0 (unsegmented), 2 -> 1, 5 -> 2, 9 -> 3
+    assert np.array_equal(regions.ids, [[0, 0, 2, 2, 2], [1, 1, 2, 2, 0], [1, 3, 3, 0, 0]])
+    assert_monotone_dense(authors, regions.ids)
+    np.testing.assert_array_equal(regions.areas, [3, 5, 2])
+
+
+def test_a_3d_mask_stack_is_refused_by_default_and_painted_on_request() -> None:
+    """The bank builder's other form, a bool ``[n, H, W]`` stack (overlapping masks), which the authors' evaluation
+    loader cannot use: refused naming the option; ``stacked: paint`` paints mask i as id i + 1 in stack order."""
+    stack = np.zeros((3, 3, 4), dtype=bool)
+    stack[0, :2, :2] = True
+    stack[1, 1:, 1:3] = True  # overlaps mask 0 at (1, 1): painted later, it wins
+    stack[2, 0, 3] = True
+    data = npz_bytes(instance_mask=stack)
+    with pytest.raises(ValueError, match=r"stack of 3 masks \(3, 3, 4\), not an \(H, W\) label map .* set "
+                                         r"regions.params.stacked: paint"):
+        decode_label_map(data, RegionFileConfig())
+    painted = decode_label_map(data, RegionFileConfig(stacked="paint"))
+    assert np.array_equal(painted, [[1, 1, 0, 3], [1, 2, 2, 0], [0, 2, 2, 0]])
+    assert regions_from_label_map(painted, (3, 4)).num_regions == 3
+    with pytest.raises(ValueError, match=r"stacked must be one of \('error', 'paint'\), got 'merge'"):
+        RegionFileConfig(stacked="merge")
+
+
+def test_the_stack_option_moves_no_existing_key() -> None:
+    assert to_jsonable(RegionFileConfig()) == {"pattern": "{stem}.npz", "key": "instance_mask"}
+    assert to_jsonable(RegionFileConfig(stacked="paint"))["stacked"] == "paint"

@@ -206,7 +206,7 @@ def test_bad_arguments(sample_dir: Path, tmp_path: Path) -> None:
         ingest(sample_dir / "ade20k-sample", "ade20k", split="train")
     with pytest.raises(FileNotFoundError, match="expected the directory"):
         ingest(tmp_path / "nope", "folder")
-    assert "camvid" in LAYOUTS and len(LAYOUTS) == 8
+    assert "camvid" in LAYOUTS and len(LAYOUTS) == 10  # folder, 7 MMSegmentation layouts, ade847, pc459
 
 
 class _Terminal(io.StringIO):

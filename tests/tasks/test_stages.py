@@ -45,11 +45,13 @@ def test_each_steps_reads_are_exactly_its_declared_inputs():
 def test_declared_inputs_as_the_methods_need_them():
     # written out by hand from the method descriptions (docs/design.md), not read from the table
     expected = {
-        "text_embeddings": {}, "sam_masks": {}, "dino_features": {}, "clip_layers": {},
+        "text_embeddings": {}, "sam_masks": {}, "dino_features": {}, "vfm_features": {}, "clip_layers": {},
         "mask_clustering": {"dino_features": (("dino_features",), True), "sam_masks": (("sam_masks",), True)},
-        "mask_class_tokens": {"mask_clustering": (("mask_clustering",), True)},
+        # v1 pools the tokens over the clustered map, CorrCLIPv2 (no clustering stage) over sam_masks
+        "mask_class_tokens": {"mask_clustering": (("mask_clustering", "sam_masks"), True)},
         "reconstruction": {"text_embeddings": (("text_embeddings",), True), "clip_layers": (("clip_layers",), True),
                            "dino_features": (("dino_features",), False), "sam_masks": (("sam_masks",), False),
+                           "vfm_features": (("vfm_features",), False),
                            "mask_clustering": (("mask_clustering",), False),
                            "mask_class_tokens": (("mask_class_tokens",), False)},
         "map_correction": {"reconstruction": (("reconstruction",), True), "sam_masks": (("sam_masks",), True)},
