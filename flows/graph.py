@@ -98,7 +98,7 @@ def weights_identity(name: str, weights_dir: str | None, missing: list[str] | No
     except FileNotFoundError as e:
         if missing is None:
             raise
-        missing.append(f"{name}: {e}")
+        missing.append(f"weights of {name}: {e}")
         return {"name": name, "missing": True}
 
 

@@ -71,7 +71,7 @@ def run_experiment(exp: Experiment, force: Iterable[str] = (), dry_run: bool = F
     if dry_run:
         summary = RunSummary(request.run_id, exp.name, "")
         summary.random_weights = any(n.random_weights for p in plans for n in p.nodes.values())
-        summary.notes += [f"weights missing: {m}; a run needs them (the plan shows what it would compute)"
+        summary.notes += [f"missing: {m}; a run needs it (the plan shows what it would compute)"
                           for m in dict.fromkeys(missing or [])]
         return plan_status(exp, plans, force, summary)
     if orchestrate:

@@ -190,7 +190,7 @@ def test_dry_run_does_not_need_weight_files(done, tmp_path, capsys):
     exp_file, _ = done
     assert main(["run", str(exp_file), "--dry-run", "--set", "models.clip=clip:ViT-B-16@openai",
                  "--set", f"models.weights_dir={tmp_path}"]) == 0
-    assert "weights missing" in capsys.readouterr().out
+    assert "missing: weights of clip:ViT-B-16@openai" in capsys.readouterr().out
 
 
 def test_runs_lists_wall_time_and_overrides_from_the_journal(done, capsys):
