@@ -97,7 +97,7 @@ def _check_weights(exp: Any, weights_dir: str | None) -> None:
         return
     files = []
     for entry in dict.fromkeys(missing):
-        name = entry.split(": ", 1)[0]
+        name = entry.split(": ", 1)[0].removeprefix("weights of ")
         try:
             file, url = official_weight_file(name)
             files.append(f"{file} ({name}, {url})")
