@@ -61,11 +61,11 @@ def baseline_window_features(
     num = clip_ops.num_blocks(visual)
     (name,) = baseline_required_blocks(method, num)
     named, (gh, gw) = resolve_block_inputs(visual, crops, (name,), blocks)
-    tokens = named[name].float()
+    block = clip_ops.blocks_of(visual)[num - 1]
+    tokens = named[name].to(block.ln_1.weight.dtype)  # the tower's dtype: float32 unless run at float16 / bfloat16
     if method == "clip":
         x = tokens[:, 1:]
     else:
-        block = clip_ops.blocks_of(visual)[num - 1]
         q, _, v = clip_ops.qkv(block, block.ln_1(tokens))
         if method == "maskclip":
             x = clip_ops.out_proj(block, clip_ops.merge_heads(v))[:, 1:]

@@ -186,8 +186,11 @@ def attend(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def project(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``ln_post(x) @ proj``: tokens ``(..., D)`` into the joint embedding space ``(..., E)``."""
-    x = visual.ln_post(x)
+    """``ln_post(x) @ proj``: tokens ``(..., D)`` into the joint embedding space ``(..., E)``.
+
+    ``x`` enters at the tower's weight dtype (float32 tokens of a float16 / bfloat16 tower are cast).
+    """
+    x = visual.ln_post(x.to(visual.ln_post.weight.dtype))
     if visual.proj is not None:
         x = x @ visual.proj
     return x

@@ -110,6 +110,7 @@ def self_adjusted_attention(
     """
     if x.ndim != 3 or cls.shape != (x.shape[0], x.shape[2]):
         raise ValueError(f"x must be (B, N, D) and cls (B, D); got {tuple(x.shape)} and {tuple(cls.shape)}")
-    _, k, v = clip_ops.qkv(block, block.ln_1(x))
+    # the block runs at its weights' dtype (float16 / bfloat16 towers); the result returns at x's dtype
+    _, k, v = clip_ops.qkv(block, block.ln_1(x.to(block.ln_1.weight.dtype)))
     attn = enhanced_attention(k, mid_sim, attn_scale, windows)
-    return clip_ops.out_proj(block, clip_ops.attend(attn, v)) + res_cls * cls[:, None, :]
+    return clip_ops.out_proj(block, clip_ops.attend(attn, v)).to(x.dtype) + res_cls * cls[:, None, :]
