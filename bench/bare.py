@@ -20,7 +20,7 @@ from tasks.executor import Grouper
 from tasks.runtime import StageContext
 from tasks.stages import STAGES
 
-MODEL_STAGES = ("sam_masks", "dino_features", "clip_layers", "mask_class_tokens", "reconstruction")
+MODEL_STAGES = ("sam_masks", "dino_features", "vfm_features", "clip_layers", "mask_class_tokens", "reconstruction")
 
 
 @dataclass(frozen=True)
