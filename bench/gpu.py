@@ -184,23 +184,31 @@ def _run_executor(exp) -> list[dict[str, Any]]:
 
 
 def kernel_seconds(exp, mode: str, clock: Clock) -> dict[str, Any]:
-    """A cold run under ``torch.profiler`` (CUDA activity): its wall, the union of its kernels' device intervals
-    and the summed time of its copies (host <-> device, memset)."""
+    """A cold run under ``torch.profiler``: its wall, its GPU kernel time and its copies' time (``device_busy``)."""
+    run, busy = device_busy(lambda: cold_run(exp, mode, clock), "CUDA")
+    return {"wall_seconds": run["wall_seconds"], **busy}
+
+
+def device_busy(fn: Callable[[], Any], device_type: str = "CUDA") -> tuple[Any, dict[str, Any]]:
+    """``fn()`` under ``torch.profiler`` recording ``device_type`` activity (``CUDA``; ``CPU`` for tests).
+
+    Returns its result and ``{"kernel_seconds": union of the intervals of that device's events other than
+    copies, "copy_seconds": summed time of its copies (memcpy, memset), "kernels": events counted}``.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run = cold_run(exp, mode, clock)
+    with profile(activities=[getattr(ProfilerActivity, device_type)]) as prof:
+        result = fn()
     kernels, copies = [], 0.0
     for e in prof.events():
-        if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
+        if str(getattr(e, "device_type", "")).split(".")[-1] != device_type:
             continue
-        start, end = e.time_range.start, e.time_range.end
+        start, end = e.time_range.start, e.time_range.end  # microseconds
         if e.name.lower().startswith(COPY_PREFIXES):
             copies += (end - start) / 1e6
         else:
             kernels.append((start, end))
-    return {"wall_seconds": run["wall_seconds"], "kernel_seconds": covered(kernels) / 1e6, "copy_seconds": copies,
-            "kernels": len(kernels)}
+    return result, {"kernel_seconds": covered(kernels) / 1e6, "copy_seconds": copies, "kernels": len(kernels)}
 
 
 def covered(intervals: Sequence[tuple[float, float]]) -> float:

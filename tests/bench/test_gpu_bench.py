@@ -64,3 +64,24 @@ def test_gpu_sh_runs_on_cpu_in_quick_mode(tmp_path):
     assert 0 < run["compute_share"] < 1.5  # bare passes after a warm-up can be a little slower on a loaded machine
     assert run["profiled_run"] is None and "kernel_share" not in run  # no CUDA: no profiler run
     assert "| reconstruction | scclip |" in proc.stdout and "| float32 |" in proc.stdout
+
+
+@pytest.mark.slow  # the profiler's start-up alone takes ~7 s on a machine without CUDA
+def test_device_busy_reads_the_profilers_intervals(gpu):
+    """The profiler path of the kernel share, on CPU events (a CUDA machine records CUDA kernels the same way)."""
+    import time
+
+    import torch
+
+    a = torch.randn(256, 256)
+
+    def work() -> float:
+        t0 = time.perf_counter()
+        for _ in range(20):
+            torch.mm(a, a)
+        return time.perf_counter() - t0
+
+    wall, busy = gpu.device_busy(work, "CPU")
+    assert busy["kernels"] >= 20  # one aten::mm per call at least
+    assert 0 < busy["kernel_seconds"] <= wall * 1.05  # nested CPU ops are counted once: never more than the wall
+    assert busy["copy_seconds"] == 0.0
