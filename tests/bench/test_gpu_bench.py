@@ -85,3 +85,17 @@ def test_device_busy_reads_the_profilers_intervals(gpu):
     assert busy["kernels"] >= 20  # one aten::mm per call at least
     assert 0 < busy["kernel_seconds"] <= wall * 1.05  # nested CPU ops are counted once: never more than the wall
     assert busy["copy_seconds"] == 0.0
+
+
+# what bench/gpu.sh runs where only PyTorch, timm, numpy, pyarrow and scikit-learn (+ the wheelhouse) are installed
+ABSENT_ON_GPU_MACHINE = ("skimage", "prefect", "zarr", "sam2", "matplotlib", "faiss")
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch
+def test_the_benchmarked_pipeline_imports_without_the_packages_the_gpu_machine_lacks():
+    code = (f"import sys; sys.modules.update(dict.fromkeys({ABSENT_ON_GPU_MACHINE!r}))\n"  # None: import fails
+            "import flows.graph, flows.ingest, tasks.executor, tasks.features, tasks.corrclip, tasks.reconstruction, "
+            "tasks.scoring, tasks.vfm, storage.tables")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
