@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install chromium test test-fast test-s3 s3-requests demo bench clean
+.PHONY: install chromium test test-fast test-s3 s3-requests demo bench wheelhouse clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,22 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Wheels of the packages the GPU benchmark (bench/gpu.sh) needs beyond PyTorch, timm, numpy, pyarrow and
+# scikit-learn, for each CPython version in WHEEL_PYTHONS (3.12: the lent GPU machines' python3; add
+# this machine's to try gpu.sh here). Pure-Python wheels are shared; compiled ones are per version.
+WHEEL_PYTHONS ?= 3.12 $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+WHEELHOUSE ?= bench/out/wheels
+
+wheelhouse:
+	@mkdir -p $(WHEELHOUSE)
+	@for v in $(sort $(WHEEL_PYTHONS)); do \
+	  $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $$v --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64 \
+	    --platform manylinux1_x86_64 -d $(WHEELHOUSE) -r bench/gpu-requirements.txt || exit 1; \
+	done
+	@du -sh $(WHEELHOUSE)
 
 clean:
 	rm -rf ovseg-store demo-out .pytest_cache labels report overlay.png overlay_labels.png

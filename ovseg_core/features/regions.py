@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
-from skimage.segmentation import felzenszwalb, slic
 from torch import nn
 
 from .automatic_masks import AutomaticMaskConfig, generate_masks
@@ -177,6 +176,9 @@ def superpixel_regions(image: np.ndarray, cfg: SuperpixelConfig) -> RegionMap:
         image: ``(H, W, 3) uint8`` RGB.
         cfg: method and parameters.
     """
+    # scikit-image only for superpixel regions: the SAM pipeline (and the GPU benchmark's machine) runs without it
+    from skimage.segmentation import felzenszwalb, slic
+
     check_rgb_image(image)
     if cfg.method == "slic":
         labels = slic(
