@@ -200,7 +200,9 @@ def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict
     if forced:
         store.drop_items(node.stage, node.key, [it["image_id"] for it in items], reason="--force")
     ready = items
-    for role, up in node.upstream.items():
+    # a whole-bank item (bank_index) reads what its images have; an image whose upstream failed is reported there
+    whole = STAGES[node.stage].per == "bank"
+    for role, up in ({} if whole else node.upstream).items():
         up_done = available(store, up)
         up_failed = failed_here.get(up.ident, set())
         keep = []

@@ -1,0 +1,165 @@
+"""``bank_index`` (one item per bank) and the retrieval + fusion a ``reconstruction`` with a bank applies.
+
+``bank_index``: the keys of every image of the bank (``bank_keys`` items), region ids from the
+bank's append-only registry (``storage.bank``: new images appended sorted by image id, ids never
+renumbered), then ``ovseg_core.bank.index.build_index`` with the bank's ``IndexConfig`` (the
+authors': ``IndexIDMap2(IndexIVFPQ)``, nlist = 8 sqrt N, m 32, 8 bits, their metric quirk; an
+exact flat index below 256 keys, or ``kind: flat`` / ``hnsw``). The item stores the serialised
+index, the indexed region ids and the registry's ``(first id, count)`` per image; its attrs name
+the images in registry order (how retrieval finds a region's ``bank_values`` item), the models
+and settings. The index is rebuilt from all keys whenever the set of images changes (its key
+hashes the set): ``IndexConfig.extension`` ("add" without retraining) is not applied yet.
+
+An image of the bank whose keys are missing (its stage failed in this run or earlier) fails the
+item with the images named: a bank never leaves an image out silently. Unreadable files are
+reported at ingest and are not bank images.
+
+Retrieval (``BankServing``, once per worker and index): the index read with
+``index_from_bytes(reverse_map=False)``, the value rows read by id from the images' items
+(``storage.bank.StoreRows``: only the retrieved rows' items, never a whole store), DMCE's
+auxiliary values through the same ids and scored against the auxiliary CLIP's own text
+embeddings. ``fuse_with_bank`` is the reconstruction's hook (``tasks.reconstruction._finish``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ovseg_core.bank.index import build_index, index_from_bytes, index_to_bytes
+from ovseg_core.bank.retrieval import BankSupport, ValueStore, retrieve_and_fuse
+from ovseg_core.features.regions import resize_regions_nearest
+from storage.bank import Registry, StoreRows, read_registry, write_registry
+from tasks.bank_params import BANK_ITEM
+from tasks.runtime import StageContext, open_store
+
+log = logging.getLogger("ovseg.tasks")
+Output = tuple[dict[str, np.ndarray], dict[str, Any]]
+
+
+class BankImagesMissing(RuntimeError):
+    """Images of a bank have no keys: the index would leave them out."""
+
+
+def _regions_key(ctx: StageContext) -> str:
+    return ctx.input_node("bank_keys").upstream["sam_masks"].key
+
+
+def index_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of every image of the bank (``row["images"]``), checked; missing ones are named."""
+    store = ctx.store()
+    node = ctx.input_node("bank_keys")
+    done = store.state(node.stage, node.key).complete()
+    images = list(row["images"])
+    missing = [i for i in images if i not in done]
+    if missing:
+        raise BankImagesMissing(f"bank {ctx.params.bank!r}: {len(missing)} of {len(images)} images have no bank_keys "
+                                f"output ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); their stages "
+                                "failed (see the run's failures): fix or remove those images, then rerun")
+    keys = {i: store.read_item(node.stage, node.key, i, ["keys"])["keys"] for i in images}
+    return {"images": images, "keys": keys}
+
+
+def index_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
+    """``index`` (FAISS bytes, uint8), ``region_ids (N,) int64``, ``registry (n_images, 2) int64`` (first id, count)."""
+    p = ctx.params
+    (inp,) = inputs
+    store = ctx.store()
+    regions_key = _regions_key(ctx)
+    keys = inp["keys"]
+    reg = read_registry(store, p.bank, regions_key).extended({i: int(k.shape[0]) for i, k in keys.items()})
+    models = _models(ctx)
+    write_registry(store, p.bank, regions_key, reg, {"models": models})
+    pos = reg.position()
+    order = sorted(keys, key=pos.__getitem__)  # registry order: ids ascending
+    ids = np.concatenate([np.arange(reg.first[pos[i]], reg.first[pos[i]] + reg.count[pos[i]], dtype=np.int64)
+                          for i in order]) if order else np.empty(0, np.int64)
+    dim = next((int(k.shape[1]) for k in keys.values()), 0)
+    stacked = np.concatenate([keys[i] for i in order]) if order else np.empty((0, dim), np.float16)
+    if stacked.shape[0] == 0:
+        raise ValueError(f"bank {p.bank!r}: its {len(order)} images have no region (every pixel unsegmented)")
+    bank = build_index(stacked, ids, p.index)
+    attrs = {"bank": p.bank, "images": list(reg.images), "regions": int(ids.size), "registry_regions": reg.n_regions,
+             "kind": bank.kind, "metric": bank.metric, "nlist": bank.nlist, "ntotal": bank.ntotal,
+             "n_trained": int(ids.size) if bank.kind == "ivfpq" else 0, "models": models, "regions_key": regions_key}
+    log.info("bank %s: index %s over %d regions of %d images", p.bank, bank.kind, bank.ntotal, len(order))
+    blob = np.frombuffer(index_to_bytes(bank), dtype=np.uint8)
+    return [({"index": blob, "region_ids": ids, "registry": reg.to_array()}, attrs)]
+
+
+def _models(ctx: StageContext) -> dict[str, Any]:
+    vals = {role: ctx.node.upstream[role].params.backbone for role in ("bank_values", "bank_aux_values")
+            if role in ctx.node.upstream}
+    keys = ctx.input_node("bank_keys").upstream["vfm_features"].params.backbone
+    return {"values": vals.get("bank_values"), "aux_values": vals.get("bank_aux_values"), "keys": keys}
+
+
+# ----------------------------------------------------------------------------- retrieval + fusion
+@dataclass
+class BankServing:
+    """What a worker holds to retrieve from one bank: the index (the only bank structure in RAM) and row readers."""
+
+    index: Any  # ovseg_core.bank.index.BankIndex
+    values: StoreRows
+    aux_values: StoreRows | None
+    lock: threading.Lock  # a BankIndex search is not thread-safe
+
+
+def _rows(ctx: StageContext, store: Any, role: str, images: Sequence[str], registry: np.ndarray) -> StoreRows | None:
+    node = ctx.input_node("bank_index").upstream.get(role)
+    if node is None:
+        return None
+    first = next((i for i, c in enumerate(registry[:, 1]) if c > 0), None)
+    dim = store.read_item(node.stage, node.key, images[first], ["values"])["values"].shape[1] if first is not None else 0
+    return StoreRows(store, node.stage, node.key, images, registry[:, 0], registry[:, 1], dim)
+
+
+_SERVING: dict[tuple[str, str], BankServing] = {}  # one per worker process, store and index key
+_SERVING_LOCK = threading.Lock()
+
+
+def bank_serving(ctx: StageContext) -> BankServing:
+    """The worker's ``BankServing`` of the node's ``bank_index`` input (read once per process)."""
+    key = ctx.input_node("bank_index").key
+    with _SERVING_LOCK:
+        got = _SERVING.get((ctx.settings.store_location, key))
+        if got is None:
+            store = open_store(ctx.settings.store_location, ctx.settings.lease_ttl)
+            arrays = store.read_item("bank_index", key, BANK_ITEM)
+            images = list(store.item_attrs("bank_index", key, BANK_ITEM)["images"])
+            index = index_from_bytes(arrays["index"].tobytes(), reverse_map=False)
+            got = BankServing(index, _rows(ctx, store, "bank_values", images, arrays["registry"]),
+                              _rows(ctx, store, "bank_aux_values", images, arrays["registry"]), threading.Lock())
+            _SERVING[(ctx.settings.store_location, key)] = got
+    return got
+
+
+def fuse_with_bank(ctx: StageContext, own: torch.Tensor, region_ids: np.ndarray, vfm_map: torch.Tensor,
+                   text: torch.Tensor, aux_text: torch.Tensor | None) -> tuple[torch.Tensor, BankSupport]:
+    """CorrCLIPv2's VISR (+ DMCE) on one image's window-averaged cosine logits ``own (Q, h, w)``.
+
+    ``region_ids``: the image's region map at original size (nearest-resized to ``(h, w)`` here, every id a
+    query, the unsegmented one included); ``vfm_map``: its VFM map ``(C, gh, gw)``; ``text`` / ``aux_text``:
+    ``(Q, D)`` unit text embeddings of the method's CLIP and of DMCE's auxiliary CLIP (None: no DMCE).
+    """
+    use = ctx.params.bank
+    serving = bank_serving(ctx)
+    stores = [ValueStore(serving.values, text.float().cpu())]
+    if serving.aux_values is not None and aux_text is not None:
+        stores.append(ValueStore(serving.aux_values, aux_text.float().cpu()))
+    region_map = np.asarray(resize_regions_nearest(np.asarray(region_ids), tuple(own.shape[-2:])))
+    with serving.lock:
+        return retrieve_and_fuse(own.cpu(), region_map, vfm_map.float().cpu(), serving.index, stores, use.search,
+                                 use.fusion)
+
+
+def registry_of(arrays: Mapping[str, np.ndarray], images: Sequence[str]) -> Registry:
+    """The registry stored with an index item (``ovseg bank ls``, tests)."""
+    reg = arrays["registry"]
+    return Registry(tuple(images), tuple(int(v) for v in reg[:, 0]), tuple(int(v) for v in reg[:, 1]))
