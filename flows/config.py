@@ -233,10 +233,10 @@ class Experiment(_Strict):
 
     name: str
     store: str | None = Field(default=None, description="store path or fsspec URL, relative to the experiment file (default $OVSEG_STORE or ./ovseg-store)")
-    datasets: list[DatasetEntry] = Field(default_factory=list, description="at least one, unless the file builds banks only")
+    datasets: list[DatasetEntry] = Field(description="at least one; [] (or left out) only in a file that builds banks only")
     models: ModelsEntry = Field(default_factory=ModelsEntry)
     regions: RegionsEntry = Field(default_factory=RegionsEntry)
-    methods: list[MethodEntry] = Field(default_factory=list, description="at least one with datasets")
+    methods: list[MethodEntry] = Field(description="at least one with datasets")
     banks: list[BankEntry] = Field(default_factory=list, description="memory banks built by this experiment (docs/banks.md)")
     runner: RunnerEntry = Field(default_factory=RunnerEntry)
     device: str = Field(default="cpu", description="cpu, cuda, cuda:N, mps, or auto (each worker binds one GPU round-robin when there are GPUs, else the CPU, said once)")
@@ -258,6 +258,13 @@ class Experiment(_Strict):
                                  f"stages that may be computed on demand: "
                                  f"{', '.join(s for s, st in STAGES.items() if st.per == 'image' and s != 'scoring')}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _banks_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("banks") and "datasets" not in data and "methods" not in data:
+            return {**data, "datasets": [], "methods": []}  # a file that builds banks only
+        return data
 
     @model_validator(mode="after")
     def _work_and_banks(self) -> "Experiment":

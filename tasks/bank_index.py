@@ -6,8 +6,8 @@ renumbered), then ``ovseg_core.bank.index.build_index`` with the bank's ``IndexC
 authors': ``IndexIDMap2(IndexIVFPQ)``, nlist = 8 sqrt N, m 32, 8 bits, their metric quirk; an
 exact flat index below 256 keys, or ``kind: flat`` / ``hnsw``). The item stores the serialised
 index, the indexed region ids and the registry's ``(first id, count)`` per image; its attrs name
-the images in registry order (how retrieval finds a region's ``bank_values`` item), the models
-and settings. The index is rebuilt from all keys whenever the set of images changes (its key
+and the registry's image ids in registry order (``images``: how retrieval finds a region's
+``bank_values`` item); its attrs the models and settings. The index is rebuilt from all keys whenever the set of images changes (its key
 hashes the set): ``IndexConfig.extension`` ("add" without retraining) is not applied yet.
 
 An image of the bank whose keys are missing (its stage failed in this run or earlier) fails the
@@ -52,17 +52,28 @@ def _regions_key(ctx: StageContext) -> str:
 
 
 def index_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
-    """The keys of every image of the bank (``row["images"]``), checked; missing ones are named."""
+    """The keys of every image of the bank (``row["images"]``), checked against its values; missing ones are named."""
     store = ctx.store()
-    node = ctx.input_node("bank_keys")
-    done = store.state(node.stage, node.key).complete()
     images = list(row["images"])
-    missing = [i for i in images if i not in done]
+    missing = []
+    for role in ("bank_keys", "bank_values", "bank_aux_values"):
+        node = ctx.node.upstream.get(role)
+        done = store.state(node.stage, node.key).complete() if node is not None else set(images)
+        missing += [i for i in images if i not in done and i not in missing]
     if missing:
         raise BankImagesMissing(f"bank {ctx.params.bank!r}: {len(missing)} of {len(images)} images have no bank_keys "
-                                f"output ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); their stages "
-                                "failed (see the run's failures): fix or remove those images, then rerun")
-    keys = {i: store.read_item(node.stage, node.key, i, ["keys"])["keys"] for i in images}
+                                f"or bank_values output ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
+                                "their stages failed (see the run's failures): fix or remove those images, then rerun")
+    keys = {}
+    for i in images:
+        got = ctx.read_upstream("bank_keys", {"image_id": i}, ["keys", "mask_ids"])
+        values = [ctx.read_upstream("bank_values", {"image_id": i}, ["mask_ids"])["mask_ids"]]
+        if "bank_aux_values" in ctx.node.upstream:
+            values.append(ctx.read_upstream("bank_aux_values", {"image_id": i}, ["mask_ids"])["mask_ids"])
+        if any(not np.array_equal(v, got["mask_ids"]) for v in values):  # the authors' region-count check
+            raise ValueError(f"bank {ctx.params.bank!r}: image {i}: its values and keys pool other regions "
+                             f"({[len(v) for v in values]} vs {len(got['mask_ids'])}); recompute with --force bank_values")
+        keys[i] = got["keys"]
     return {"images": images, "keys": keys}
 
 
@@ -85,12 +96,13 @@ def index_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, Any]
     if stacked.shape[0] == 0:
         raise ValueError(f"bank {p.bank!r}: its {len(order)} images have no region (every pixel unsegmented)")
     bank = build_index(stacked, ids, p.index)
-    attrs = {"bank": p.bank, "images": list(reg.images), "regions": int(ids.size), "registry_regions": reg.n_regions,
+    attrs = {"bank": p.bank, "images": len(order), "regions": int(ids.size), "registry_regions": reg.n_regions,
              "kind": bank.kind, "metric": bank.metric, "nlist": bank.nlist, "ntotal": bank.ntotal,
              "n_trained": int(ids.size) if bank.kind == "ivfpq" else 0, "models": models, "regions_key": regions_key}
     log.info("bank %s: index %s over %d regions of %d images", p.bank, bank.kind, bank.ntotal, len(order))
     blob = np.frombuffer(index_to_bytes(bank), dtype=np.uint8)
-    return [({"index": blob, "region_ids": ids, "registry": reg.to_array()}, attrs)]
+    names = np.frombuffer("\n".join(reg.images).encode(), dtype=np.uint8)  # registry order (no string arrays)
+    return [({"index": blob, "region_ids": ids, "registry": reg.to_array(), "images": names}, attrs)]
 
 
 def _models(ctx: StageContext) -> dict[str, Any]:
@@ -124,15 +136,14 @@ _SERVING: dict[tuple[str, str], BankServing] = {}  # one per worker process, sto
 _SERVING_LOCK = threading.Lock()
 
 
-def bank_serving(ctx: StageContext) -> BankServing:
-    """The worker's ``BankServing`` of the node's ``bank_index`` input (read once per process)."""
+def bank_serving(ctx: StageContext, arrays: Mapping[str, np.ndarray]) -> BankServing:
+    """The worker's ``BankServing`` of the node's ``bank_index`` input (``arrays``: its item), made once per process."""
     key = ctx.input_node("bank_index").key
     with _SERVING_LOCK:
         got = _SERVING.get((ctx.settings.store_location, key))
         if got is None:
             store = open_store(ctx.settings.store_location, ctx.settings.lease_ttl)
-            arrays = store.read_item("bank_index", key, BANK_ITEM)
-            images = list(store.item_attrs("bank_index", key, BANK_ITEM)["images"])
+            images = image_names(arrays)
             index = index_from_bytes(arrays["index"].tobytes(), reverse_map=False)
             got = BankServing(index, _rows(ctx, store, "bank_values", images, arrays["registry"]),
                               _rows(ctx, store, "bank_aux_values", images, arrays["registry"]), threading.Lock())
@@ -140,16 +151,24 @@ def bank_serving(ctx: StageContext) -> BankServing:
     return got
 
 
-def fuse_with_bank(ctx: StageContext, own: torch.Tensor, region_ids: np.ndarray, vfm_map: torch.Tensor,
-                   text: torch.Tensor, aux_text: torch.Tensor | None) -> tuple[torch.Tensor, BankSupport]:
+def image_names(arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """The registry's image ids of an index item, in registry order."""
+    raw = arrays["images"].tobytes().decode()
+    return raw.split("\n") if raw else []
+
+
+def fuse_with_bank(ctx: StageContext, bank: Mapping[str, np.ndarray], own: torch.Tensor, region_ids: np.ndarray,
+                   vfm_map: torch.Tensor, text: torch.Tensor, aux_text: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, BankSupport]:
     """CorrCLIPv2's VISR (+ DMCE) on one image's window-averaged cosine logits ``own (Q, h, w)``.
 
+    ``bank``: the ``bank_index`` item (``ctx.read_shared("bank_index", BANK_ITEM)``).
     ``region_ids``: the image's region map at original size (nearest-resized to ``(h, w)`` here, every id a
     query, the unsegmented one included); ``vfm_map``: its VFM map ``(C, gh, gw)``; ``text`` / ``aux_text``:
     ``(Q, D)`` unit text embeddings of the method's CLIP and of DMCE's auxiliary CLIP (None: no DMCE).
     """
     use = ctx.params.bank
-    serving = bank_serving(ctx)
+    serving = bank_serving(ctx, bank)
     stores = [ValueStore(serving.values, text.float().cpu())]
     if serving.aux_values is not None and aux_text is not None:
         stores.append(ValueStore(serving.aux_values, aux_text.float().cpu()))
@@ -159,7 +178,7 @@ def fuse_with_bank(ctx: StageContext, own: torch.Tensor, region_ids: np.ndarray,
                                  use.fusion)
 
 
-def registry_of(arrays: Mapping[str, np.ndarray], images: Sequence[str]) -> Registry:
+def registry_of(arrays: Mapping[str, np.ndarray]) -> Registry:
     """The registry stored with an index item (``ovseg bank ls``, tests)."""
     reg = arrays["registry"]
-    return Registry(tuple(images), tuple(int(v) for v in reg[:, 0]), tuple(int(v) for v in reg[:, 1]))
+    return Registry(tuple(image_names(arrays)), tuple(int(v) for v in reg[:, 0]), tuple(int(v) for v in reg[:, 1]))

@@ -50,6 +50,7 @@ from tasks.common import (
     shape_only_crops,
 )
 from tasks.bank_index import fuse_with_bank
+from tasks.bank_params import BANK_ITEM
 from tasks.params import array_name
 from tasks.runtime import StageContext
 
@@ -101,8 +102,9 @@ def reconstruction_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[s
     text = ctx.read_shared("text_embeddings")
     emb = torch.from_numpy(text["embeddings"]).float().to(ctx.device)
     q2c = torch.from_numpy(text["query_to_class"]).long()
+    bank = ctx.read_shared("bank_index", BANK_ITEM) if p.bank is not None else None  # the index, once per worker
     aux_text = (torch.from_numpy(ctx.read_shared("aux_text_embeddings")["embeddings"]).float()
-                if p.bank is not None and "aux_text_embeddings" in ctx.node.upstream else None)
+                if bank is not None and "aux_text_embeddings" in ctx.node.upstream else None)
     half = method.correlation == "vfm" and p.dtype == "float16"  # CorrCLIPv2's reference merges in fp16
     canvases = [torch.zeros((emb.shape[0], *inp["plan"].resized_hw), dtype=torch.float16 if half else torch.float32)
                 for inp in inputs]
@@ -135,8 +137,8 @@ def reconstruction_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[s
         out = []
         for canvas, inp, record in zip(canvases, inputs, records):
             averaged, attrs = average_windows(canvas, inp["plan"]), {"windows": len(inp["plan"].windows), "method": p.method}
-            if p.bank is not None:  # VISR (+ DMCE) before the resize: facts section 3 step 7
-                averaged, support = fuse_with_bank(ctx, averaged, inp["region_ids"], inp["vfm"], emb, aux_text)
+            if bank is not None:  # VISR (+ DMCE) before the resize: facts section 3 step 7
+                averaged, support = fuse_with_bank(ctx, bank, averaged, inp["region_ids"], inp["vfm"], emb, aux_text)
                 attrs["bank"] = {"name": p.bank.bank, "regions": int(support.found.size),
                                  "without_support": int((~support.found).sum())}
             labels, prob = _finish(averaged, inp["plan"], q2c, p)

@@ -209,10 +209,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           arrays=("keys", "mask_ids", "areas")),
     Stage("bank_index", "a memory bank's FAISS index over every region key, and its region registry", "bank",
           # values: read by the methods that retrieve (through this node: its key covers them)
-          inputs=(Input("bank_keys"), Input("bank_values"), Input("bank_aux_values", ("bank_values",), required=False, explicit=True)),
+          inputs=(Input("bank_keys"), Input("bank_values"),
+                  Input("bank_aux_values", ("bank_values",), required=False, explicit=True)),
           params=BP.BankIndexParams, code_version="1",
           models=no_models, load=Step("tasks.bank_index:index_load"), compute=Step("tasks.bank_index:index_compute"),
-          arrays=("index", "region_ids", "registry")),
+          arrays=("index", "region_ids", "registry", "images")),
     Stage("reconstruction", "a method's label map and winning probability", "image",
           inputs=(Input("text_embeddings"), Input("clip_layers"),
                   # CorrCLIP's inputs: wired for the methods whose graph holds them (Method.uses_regions;
