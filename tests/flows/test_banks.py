@@ -93,6 +93,12 @@ def test_a_bank_of_the_sample_builds_from_the_cli_and_the_unreadable_image_fails
         assert (np.linalg.norm(keys["keys"].astype(np.float32), axis=1) <= 1.0 + 1e-3).all()
     assert read_registry(store, "sample", keys_node.upstream["sam_masks"].key) == reg
     assert store.stage_attrs("bank_index", node.key)["random_weights"] is True
+    capsys.readouterr()
+    assert main(["bank", "ls", "--store", str(tmp / "store")]) == 0
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("sample ")]
+    assert " 2 " in line and f" {reg.n_regions} " in line and "flat/inner_product" in line
+    assert "values=clip:tiny@random:0" in line and "keys=vfm:tiny_radiov3@random:0" in line and "random-weight" in out
 
 
 def _queries(vfm: np.ndarray, region_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
