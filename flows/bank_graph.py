@@ -28,6 +28,7 @@ from storage.layouts import list_layout
 from tasks import bank_params as BP
 from tasks import params as P
 from tasks.runtime import StageNode
+from tasks.stages import STAGES
 
 BANK_DATASET_PREFIX = "bank-"  # a bank's dataset name in manifests, tables and the run summary
 BANK_WINDOW_PAD = 56  # CorrCLIP's window padding (the DINO /8 and CLIP /14 grids)
@@ -162,6 +163,35 @@ def index_params(b: BankEntry, missing: list[str] | None = None) -> BP.BankIndex
     except (TypeError, ValueError) as e:
         raise ValueError(f"banks[{b.name}].index: {e}") from e
     return BP.BankIndexParams(b.name, cfg, images_digest(b, missing))
+
+
+IMPORT_CHUNK_ROWS = 1024  # rows per bank_values item of an imported store (1.5 MB of 768-d fp16)
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's name, size and mtime (the import's key; the content hash is its provenance)."""
+    st = Path(path).stat()
+    return hashlib.sha256(f"{Path(path).name}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+
+
+def imported_index_node(exp: Experiment, b: BankEntry) -> StageNode:
+    """The ``bank_index`` node of an imported bank and its ``bank_values`` nodes (row chunks of the ``.pt`` stores),
+    keyed by the files (name, size, mtime): ``ovseg bank import`` writes exactly these outputs."""
+    assert b.imported is not None
+    clips = bank_models(exp, b)[0]
+    if len(clips) != len(b.imported.values):
+        raise ValueError(f"banks[{b.name}]: {len(b.imported.values)} value stores but clips lists {len(clips)} CLIP(s); "
+                         "name the CLIP of each store in order (clips: [main, auxiliary])")
+    try:
+        values = [StageNode("bank_values", BP.ImportedValuesParams("authors_pt", Path(f).name, file_digest(f), clip,
+                                                                   IMPORT_CHUNK_ROWS), STAGES["bank_values"].code_version)
+                  for f, clip in zip(b.imported.values, clips)]
+        digest = "import:" + file_digest(b.imported.index)
+    except OSError as e:
+        raise ValueError(f"banks[{b.name}].imported: {e}") from e
+    upstream = {"bank_values": values[0], **({"bank_aux_values": values[1]} if len(values) > 1 else {})}
+    return StageNode("bank_index", BP.BankIndexParams(b.name, IndexConfig(), digest), STAGES["bank_index"].code_version,
+                     upstream)
 
 
 def check_bank_user(m: MethodEntry, use: BP.BankUse, clip: str, index_node: StageNode) -> None:

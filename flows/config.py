@@ -186,11 +186,18 @@ class MethodEntry(_Strict):
         return v
 
 
+class ImportedBank(_Strict):
+    """The authors' prebuilt bank files (``ovseg bank import EXPERIMENT``)."""
+    values: list[str] = Field(min_length=1, max_length=2, description="{bank}_{encoder}.pt stores: main CLIP, optionally DMCE's auxiliary")
+    index: str = Field(description="{bank}_{vfm}.faiss")
+
+
 class BankEntry(_Strict):
     """A memory bank (CorrCLIPv2 VISR): unlabeled images whose regions get CLIP values and VFM keys (docs/banks.md)."""
 
-    name: str = Field(description="the bank's name; a corrclipv2 method uses it with params.bank")
-    root: str = Field(description="folder of the bank's images (relative paths are relative to the experiment file)")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="the bank's name (letters, digits, - and _); a corrclipv2 method uses it with params.bank")
+    root: str | None = Field(default=None, description="folder of the bank's images (relative to the experiment file)")
+    imported: ImportedBank | None = Field(default=None, description="the authors' files instead of images (ovseg bank import)")
     layout: Layout = "folder"
     split: str = "train"
     limit: int | None = Field(default=None, ge=1, description="only the first N images (sorted by path)")
@@ -202,12 +209,11 @@ class BankEntry(_Strict):
     index: dict[str, Any] = Field(default_factory=dict, description="ovseg_core.bank.config.IndexConfig fields (kind: ivfpq | flat | hnsw, nlist_factor, pq_m, ...; checked by flows.bank_graph)")
     empty_region: Literal["nan", "zero"] = Field(default="nan", description="an empty region's rows: NaN (reference) or zero")
 
-    @field_validator("name")
-    @classmethod
-    def _bank_name_ok(cls, v: str) -> str:
-        if not v or not v.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"bank name {v!r} must be letters, digits, '-' or '_'")
-        return v
+    @model_validator(mode="after")
+    def _root_or_imported(self) -> "BankEntry":
+        if (self.root is None) == (self.imported is None):
+            raise ValueError(f"bank {self.name!r}: give root (a folder of images) or imported (the authors' files)")
+        return self
 
 
 class RunnerEntry(_Strict):
@@ -268,10 +274,8 @@ class Experiment(_Strict):
 
     @model_validator(mode="after")
     def _work_and_banks(self) -> "Experiment":
-        if not self.banks and not (self.datasets and self.methods):
-            raise ValueError("datasets and methods: list at least one of each (or only banks: to build memory banks)")
-        if bool(self.datasets) != bool(self.methods):
-            raise ValueError("datasets and methods go together: list at least one of each, or neither (banks only)")
+        if not (self.datasets and self.methods) and (self.datasets or self.methods or not self.banks):
+            raise ValueError("datasets and methods: list at least one of each (or neither, and banks: to build banks)")
         names = [b.name for b in self.banks]
         for m in self.methods:
             bank = m.params.get("bank")

@@ -78,6 +78,11 @@ def _bank_paths(bank: Mapping[str, Any], base_dir: str | os.PathLike | None) -> 
         out["root"] = _fix_path(out["root"], None if base_dir is None else Path(base_dir).expanduser())
     if isinstance(out.get("regions"), Mapping):
         out["regions"] = resolve_paths({"regions": out["regions"]}, base_dir)["regions"]
+    imported = out.get("imported")
+    if isinstance(imported, Mapping):
+        base = None if base_dir is None else Path(base_dir).expanduser()
+        out["imported"] = {k: ([_fix_path(p, base) for p in v] if k == "values" and isinstance(v, list)
+                               else _fix_path(v, base) if k == "index" else v) for k, v in imported.items()}
     return out
 
 

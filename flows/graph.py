@@ -199,6 +199,9 @@ def build_plan(exp: Experiment, missing: list[str] | None = None) -> list[Datase
     """
     plans, index_nodes = [], {}  # banks first: the datasets' methods read their index
     for index, b in enumerate(exp.banks):
+        if b.imported is not None:  # the authors' files, written by `ovseg bank import`: nothing to run
+            index_nodes[b.name] = bank_graph.imported_index_node(exp, b)
+            continue
         bank_plan, index_nodes[b.name] = _bank_plan(exp, b, index, missing)
         plans.append(bank_plan)
     for index, ds in enumerate(exp.datasets):

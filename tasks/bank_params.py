@@ -34,6 +34,20 @@ class BankValuesParams:
 
 
 @dataclass(frozen=True)
+class ImportedValuesParams:
+    """``bank_values`` of an imported bank: rows of the authors' ``{bank}_{encoder}.pt`` store (``ovseg bank import``).
+
+    Items are row chunks (``rows-<first row>``), not images: the registry maps region id = row.
+    """
+
+    source: str  # "authors_pt"
+    file: str  # the store file's name
+    digest: str  # sha256 of (name, size, mtime): what the experiment can compute without reading the file
+    backbone: str  # the CLIP whose values these are (the using method's, or DMCE's auxiliary CLIP)
+    chunk_rows: int  # rows per item
+
+
+@dataclass(frozen=True)
 class BankKeysParams:
     """``bank_keys``: each region's mean of the per-pixel unit VFM vectors (not re-normalised)."""
 

@@ -1,4 +1,4 @@
-"""``ovseg bank ls``: the memory banks of a store (regions, images, bytes, models, settings); never starts Prefect."""
+"""``ovseg bank ls`` (the store's memory banks: regions, images, bytes, models, settings) and ``ovseg bank import``."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import argparse
 from typing import Any
 
 from flows.commands.common import human, read_only_store
+from flows.config import load_experiment
 from flows.summary import print_table
 from storage.keys import canonical_json
 from storage.store import Store
 from tasks.bank_params import BANK_ITEM
+from tasks.stages import Step
+
+IMPORT_BANK = Step("flows.bank_import:import_bank")  # imported on first call: faiss and torch only for this command
 
 
 def _bytes(store: Store, stage: str, key: str) -> int:
@@ -34,6 +38,21 @@ def bank_rows(store: Store) -> list[dict[str, Any]]:
                      "settings": index, "random_weights": bool(store.stage_attrs(stage, key).get("random_weights")),
                      "imported": attrs.get("imported")})
     return sorted(rows, key=lambda r: (r["bank"], r["key"]))
+
+
+def cmd_bank_import(args: argparse.Namespace) -> int:
+    exp = load_experiment(args.experiment, overrides=args.overrides)
+    banks = [b for b in exp.banks if b.imported is not None and (args.bank is None or b.name == args.bank)]
+    if not banks:
+        raise ValueError(f"{args.experiment}: no bank with imported: files{' named ' + args.bank if args.bank else ''}; "
+                         "declare banks: [{name: ..., imported: {values: [...], index: ...}, clips: [...]}]")
+    store = Store(args.store or exp.store)
+    for b in banks:
+        attrs = IMPORT_BANK(exp, b, store)
+        print(f"bank {b.name}: {attrs['regions']} regions, index {attrs['kind']}/{attrs['metric']}, "
+              f"files {', '.join(f['file'] for f in attrs['imported'])} (sha256 recorded)")
+    print(f"store: {store.location}")
+    return 0
 
 
 def cmd_bank_ls(args: argparse.Namespace) -> int:
