@@ -315,8 +315,21 @@ def experiment_keys(paths: Sequence[str], overrides: Sequence[str] = ()) -> set[
     keys: set[tuple[str, str]] = set()
     for path in paths:
         for plan in build_plan(load_experiment(path, overrides=overrides)):
-            keys.update(plan.nodes)
+            keys.update(n.ident for n in read_nodes(plan))
     return keys
+
+
+def read_nodes(plan: DatasetPlan) -> list[StageNode]:
+    """The plan's nodes in order, then the nodes outside it that they read (an imported bank's index and values)."""
+    nodes, seen = plan.ordered(), set(plan.nodes)
+    stack = [u for n in nodes for u in n.upstream.values()]
+    while stack:
+        n = stack.pop()
+        if n.ident not in seen:
+            seen.add(n.ident)
+            nodes.append(n)
+            stack.extend(n.upstream.values())
+    return nodes
 
 
 def _sam_spec(exp: Experiment, wd: str | None, missing: list[str] | None = None) -> NodeSpec:

@@ -96,6 +96,10 @@ def test_an_authors_bank_imports_streamed_and_checked_and_serves_their_neighbour
     assert store.item_attrs("reconstruction", rec.key, item)["bank"]["name"] == "synth"
     assert main(["bank", "ls", "--store", str(tmp_path / "store")]) == 0
     assert "synth" in capsys.readouterr().out
+    # gc keeps what the newest run read: the imported bank (outside every plan) included
+    assert main(["cache", "gc", "--store", str(tmp_path / "store")]) == 0
+    assert BANK_ITEM in Store(tmp_path / "store").complete_items("bank_index", node.key)
+    assert len(Store(tmp_path / "store").complete_items("bank_values", node.upstream["bank_values"].key)) == len(chunks)
 
 
 @pytest.mark.slow
