@@ -5,10 +5,12 @@ bank's append-only registry (``storage.bank``: new images appended sorted by ima
 renumbered), then ``ovseg_core.bank.index.build_index`` with the bank's ``IndexConfig`` (the
 authors': ``IndexIDMap2(IndexIVFPQ)``, nlist = 8 sqrt N, m 32, 8 bits, their metric quirk; an
 exact flat index below 256 keys, or ``kind: flat`` / ``hnsw``). The item stores the serialised
-index, the indexed region ids and the registry's ``(first id, count)`` per image; its attrs name
-and the registry's image ids in registry order (``images``: how retrieval finds a region's
-``bank_values`` item); its attrs the models and settings. The index is rebuilt from all keys whenever the set of images changes (its key
-hashes the set): ``IndexConfig.extension`` ("add" without retraining) is not applied yet.
+index, the indexed region ids, the registry's ``(first id, count)`` per image and its image ids
+in registry order (``images``: how retrieval finds a region's ``bank_values`` item); its attrs
+the models and settings. A grown bank is a new index (its key hashes the set of images): with
+``IndexConfig.extension == "add"`` (the reference, the default) the largest earlier index of the
+bank with the same keys and settings gets the new keys added without retraining (``_extend``);
+otherwise (``retrain``, a tiny flat bank reaching 256 keys, removed images) it is trained on all keys.
 
 An image of the bank whose keys are missing (its stage failed in this run or earlier) fails the
 item with the images named: a bank never leaves an image out silently. Unreadable files are
@@ -32,10 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ovseg_core.bank.index import build_index, index_from_bytes, index_to_bytes
+from ovseg_core.bank.index import add_keys, build_index, index_from_bytes, index_to_bytes, plan_extension
 from ovseg_core.bank.retrieval import BankSupport, ValueStore, retrieve_and_fuse
 from ovseg_core.features.regions import resize_regions_nearest
 from storage.bank import Registry, StoreRows, read_registry, write_registry
+from storage.keys import to_jsonable
 from tasks.bank_params import BANK_ITEM
 from tasks.runtime import StageContext, open_store
 
@@ -95,14 +98,46 @@ def index_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, Any]
     stacked = np.concatenate([keys[i] for i in order]) if order else np.empty((0, dim), np.float16)
     if stacked.shape[0] == 0:
         raise ValueError(f"bank {p.bank!r}: its {len(order)} images have no region (every pixel unsegmented)")
-    bank = build_index(stacked, ids, p.index)
+    bank, n_trained, built = _extend(ctx, store, stacked, ids)
+    if bank is None:
+        bank, n_trained, built = build_index(stacked, ids, p.index), int(ids.size), "trained on all keys"
     attrs = {"bank": p.bank, "images": len(order), "regions": int(ids.size), "registry_regions": reg.n_regions,
              "kind": bank.kind, "metric": bank.metric, "nlist": bank.nlist, "ntotal": bank.ntotal,
-             "n_trained": int(ids.size) if bank.kind == "ivfpq" else 0, "models": models, "regions_key": regions_key}
+             "n_trained": n_trained, "built": built, "models": models, "regions_key": regions_key}
     log.info("bank %s: index %s over %d regions of %d images", p.bank, bank.kind, bank.ntotal, len(order))
     blob = np.frombuffer(index_to_bytes(bank), dtype=np.uint8)
     names = np.frombuffer("\n".join(reg.images).encode(), dtype=np.uint8)  # registry order (no string arrays)
     return [({"index": blob, "region_ids": ids, "registry": reg.to_array(), "images": names}, attrs)]
+
+
+def _extend(ctx: StageContext, store: Any, keys: np.ndarray, ids: np.ndarray) -> tuple[Any, int, str]:
+    """The reference's growth (``IndexConfig.extension == "add"``): the largest earlier index of this bank with the
+    same keys and index settings whose regions are all still in the bank, with the new keys added (no retraining);
+    ``(None, 0, "")`` when there is none or ``plan_extension`` says "rebuild" (a tiny flat bank reaching 256 keys,
+    ``extension: retrain``)."""
+    p, keys_key = ctx.params, ctx.input_node("bank_keys").key
+    best = None
+    for stage, key in store.stage_sets():
+        if stage != "bank_index" or key == ctx.key or BANK_ITEM not in store.complete_items(stage, key):
+            continue
+        sk = store.stage_attrs(stage, key).get("stage_key", {})
+        if sk.get("upstream", {}).get("bank_keys") != keys_key or sk.get("params", {}).get("bank") != p.bank \
+                or sk.get("params", {}).get("index") != to_jsonable(p.index):
+            continue
+        n = int(store.item_attrs(stage, key, BANK_ITEM).get("regions", 0))
+        if best is None or n > best[1]:
+            best = (key, n)
+    if best is None:
+        return None, 0, ""
+    arrays = store.read_item("bank_index", best[0], BANK_ITEM, ["index", "region_ids"])
+    old = arrays["region_ids"]
+    n_trained = int(store.item_attrs("bank_index", best[0], BANK_ITEM).get("n_trained", old.size))
+    bank = index_from_bytes(arrays["index"].tobytes())
+    if not np.isin(old, ids).all() or plan_extension(bank, n_trained, int(ids.size), p.index) != "add":
+        return None, 0, ""
+    new = ~np.isin(ids, old)
+    add_keys(bank, keys[new], ids[new])
+    return bank, n_trained, f"{int(new.sum())} keys added to index {best[0]} (not retrained)"
 
 
 def _models(ctx: StageContext) -> dict[str, Any]:

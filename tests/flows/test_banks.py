@@ -178,6 +178,9 @@ def test_extending_a_bank_computes_only_the_new_images_and_keeps_the_old_ids(tmp
                          "mask_clustering": 1, "mask_class_tokens": 1, "bank_values": 1, "bank_keys": 1}
     assert computed(grown)["bank_index"] == 1  # a new image set: a new index
     new = registry_of(store.read_item("bank_index", _index_node(exp).key, BANK_ITEM))
+    attrs = store.item_attrs("bank_index", _index_node(exp).key, BANK_ITEM)  # the reference's growth: added, not retrained
+    added = new.n_regions - old.n_regions
+    assert attrs["built"].startswith(f"{added} keys added") and attrs["n_trained"] == old.n_regions == attrs["regions"] - added
     assert new.images[:2] == old.images and new.first[:2] == old.first and new.count[:2] == old.count
     assert new.first[2] == old.n_regions  # appended after every old id
     assert main(["cache", "verify", "--store", str(tmp_path / "store")]) == 0
