@@ -4,7 +4,12 @@ Random weights: every number here checks the machinery, none is a method result.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,7 @@ from storage.store import Store
 from tasks.bank_index import fuse_with_bank, image_names, registry_of
 from tasks.bank_params import BANK_ITEM
 from tasks.runtime import RunSettings, StageContext
-from tests.flows.conftest import SAMPLE, computed
+from tests.flows.conftest import SAMPLE, assert_same_outputs, computed, store_snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -225,3 +230,41 @@ def test_changing_k_or_alpha_moves_only_the_reconstruction_and_what_follows(tmp_
     assert {s for s in plans["k20"] if plans["k20"][s] != plans["alpha"][s]} == moved
     # with and without a bank: the same upstream (its keys before banks existed: tests/flows/test_key_stability.py)
     assert {s for s in plans["k20"] if plans["k20"][s] != plans["plain"][s]} == moved
+
+
+@pytest.mark.slow
+def test_a_sigkill_during_the_value_stage_then_a_rerun_gives_the_bank_of_an_uninterrupted_build(tmp_path):
+    folder = _folder(tmp_path, BANK_IMAGES)
+    data = _experiment(tmp_path, folder, index={"kind": "flat"})
+    data["runner"] = {"kind": "local", "workers": 1, "batch_size": 1, "lease_ttl": 6.0}
+    reference = tmp_path / "reference"
+    exp = parse_experiment({**data, "store": str(reference)}, source="test")
+    assert run_experiment(exp, progress=False, orchestrate=False).failed == 0
+    exp_file = _write(data, tmp_path / "bank.yaml")
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(exp_file), "--no-prefect", "-q"], cwd=repo,
+                            env=dict(os.environ, PYTHONPATH=str(repo)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    store, killed = tmp_path / "store", False
+    try:
+        end = time.time() + 300
+        while time.time() < end and proc.poll() is None and not killed:
+            if (store / "ovseg-store.json").exists():
+                st = Store(store)
+                if any(len(st.complete_items(s, k)) for s, k in st.stage_sets() if s == "bank_values"):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    killed = True
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert killed, "the run ended before one bank value was stored"
+    partial = store_snapshot(store)
+    assert not any(s == "bank_index" for s, _, _ in partial)
+    time.sleep(6.5)  # the dead run's leases expire
+    summary = run_experiment(parse_experiment(data, source="test"), progress=False, orchestrate=False)
+    assert summary.failed == 0 and computed(summary)["bank_values"] < len(BANK_IMAGES)  # done work is kept
+    assert_same_outputs(store_snapshot(store), store_snapshot(reference))
+    key = _index_node(exp).upstream["bank_keys"].upstream["sam_masks"].key
+    assert read_registry(Store(store), "sample", key) == read_registry(Store(reference), "sample", key)
