@@ -60,7 +60,8 @@ def bank_use(m: MethodEntry, bank_params: Mapping[str, Any]) -> BP.BankUse | Non
     p = {**BANK_USE_PARAMS, **bank_params}
     try:
         return BP.BankUse(str(p["bank"]),
-                          SearchConfig(k=int(p["bank_k"]), nprobe_max=int(p["bank_nprobe"]), rerank=bool(p["bank_rerank"])),
+                          SearchConfig(k=int(p["bank_k"]), nprobe_max=int(p["bank_nprobe"]),
+                                       rerank=bool(p["bank_rerank"])),
                           FusionConfig(alpha=float(p["bank_alpha"]), aux_weight=float(p["bank_aux_weight"])))
     except (TypeError, ValueError) as e:
         raise ValueError(f"methods[{m.name}].params: bank parameters: {e}") from e
@@ -130,12 +131,14 @@ def bank_node_specs(exp: Experiment, b: BankEntry, sam: Any, ident: Callable[[st
             P.DinoParams(dino, window, fdt, dt, exp.models.dino_pos, "from_clip"), {"dino": ident(dino)})))
         out.setdefault("clip_layers", []).append((chain, Spec(
             P.ClipParams(clip, window, tuple(sorted(method.required_blocks(cfg, nb))), fdt, dt), clip_id)))
-        out.setdefault("mask_clustering", []).append((chain, Spec(P.ClusteringParams(window, method.clustering_config(cfg)))))
+        out.setdefault("mask_clustering", []).append(
+            (chain, Spec(P.ClusteringParams(window, method.clustering_config(cfg)))))
         if method.semantic_stage(cfg):
             out.setdefault("mask_class_tokens", []).append((chain, Spec(
                 P.SemanticParams(clip, window, fdt, dt, method.relabel_config(cfg)), clip_id)))
         out.setdefault("bank_values", []).append((chain, Spec(
-            BP.BankValuesParams("corrclip", method.reconstruction_config(cfg), clip, window, dt, b.empty_region), clip_id)))
+            BP.BankValuesParams("corrclip", method.reconstruction_config(cfg), clip, window, dt, b.empty_region),
+            clip_id)))
     out.setdefault("sam_masks", []).append(("keys", sam_spec))
     out["vfm_features"] = [("keys", Spec(P.VfmParams(vfm, exp.models.vfm_max_side, fdt, dt), {"vfm": ident(vfm)}))]
     out["bank_keys"] = [("keys", Spec(BP.BankKeysParams(b.empty_region)))]

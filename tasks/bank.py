@@ -37,7 +37,8 @@ _BLOCK = "block/"
 
 
 def _pooled(pooled: Any, name: str) -> Output:
-    return ({name: pooled.features, "mask_ids": pooled.mask_ids.astype(np.int64), "areas": pooled.areas.astype(np.int64)},
+    return ({name: pooled.features, "mask_ids": pooled.mask_ids.astype(np.int64),
+             "areas": pooled.areas.astype(np.int64)},
             {"regions": int(pooled.features.shape[0])})
 
 

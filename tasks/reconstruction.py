@@ -136,7 +136,8 @@ def reconstruction_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[s
                     sink, ctx.device)
         out = []
         for canvas, inp, record in zip(canvases, inputs, records):
-            averaged, attrs = average_windows(canvas, inp["plan"]), {"windows": len(inp["plan"].windows), "method": p.method}
+            averaged = average_windows(canvas, inp["plan"])
+            attrs = {"windows": len(inp["plan"].windows), "method": p.method}
             if bank is not None:  # VISR (+ DMCE) before the resize: facts section 3 step 7
                 averaged, support = fuse_with_bank(ctx, bank, averaged, inp["region_ids"], inp["vfm"], emb, aux_text)
                 attrs["bank"] = {"name": p.bank.bank, "regions": int(support.found.size),
