@@ -1,6 +1,6 @@
 """The ``ovseg`` command line: the parser and ``main``; the commands live in ``flows.commands``.
 
-Commands: ``run``, ``stage``, ``serve``, ``export``, ``ingest``, ``cache ls|verify|gc``,
+Commands: ``run``, ``stage``, ``serve``, ``export``, ``ingest``, ``cache ls|verify|gc``, ``bank ls|import``,
 ``runs``, ``report``, ``segment``, ``backbones``, ``demo``. ``-v`` / ``-q`` work on every
 command, before or after its name. Exit codes: 0 done, 1 failed images (or damage found by
 ``cache verify``), 2 usage or input error (the message names the bad value and the fix),
@@ -16,6 +16,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from flows.commands import bank as B
 from flows.commands import run as R
 from flows.commands import store as S
 from flows.commands import tools as T
@@ -164,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stage", default=None, help="only this stage")
     sp.add_argument("--repair", action="store_true", help="un-mark damaged items so the next run recomputes them")
     sp.add_argument("--sizes-only", action="store_true", help="check presence and sizes, not checksums (fast)")
+    _store(sp)
+
+    bsub = sub.add_parser("bank", help="memory banks (CorrCLIPv2): list, import").add_subparsers(
+        dest="bank_command", required=True, metavar="BANK_COMMAND")
+    sp = command(bsub, "ls", "memory banks of the store: regions, images, bytes, models, index settings",
+                 B.cmd_bank_ls)
+    _store(sp)
+    sp = command(bsub, "import", "the authors' prebuilt bank files (.pt stores, .faiss index) of an experiment's "
+                 "banks[].imported into the store, streamed and checked", B.cmd_bank_import)
+    sp.add_argument("experiment", help="experiment file declaring banks: [{name, imported: {values, index}, clips}]")
+    sp.add_argument("--bank", default=None, help="only this bank")
+    _overrides(sp)
     _store(sp)
 
     sp = command(sub, "runs", "list runs (status, wall time, counts, overrides)", S.cmd_runs)

@@ -186,6 +186,36 @@ class MethodEntry(_Strict):
         return v
 
 
+class ImportedBank(_Strict):
+    """The authors' prebuilt bank files (``ovseg bank import EXPERIMENT``)."""
+    values: list[str] = Field(min_length=1, max_length=2, description="{bank}_{encoder}.pt stores: main CLIP, optionally DMCE's auxiliary")
+    index: str = Field(description="{bank}_{vfm}.faiss")
+
+
+class BankEntry(_Strict):
+    """A memory bank (CorrCLIPv2 VISR): unlabeled images whose regions get CLIP values and VFM keys (docs/banks.md)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="the bank's name (letters, digits, - and _); a corrclipv2 method uses it with params.bank")
+    root: str | None = Field(default=None, description="folder of the bank's images (relative to the experiment file)")
+    imported: ImportedBank | None = Field(default=None, description="the authors' files instead of images (ovseg bank import)")
+    layout: Layout = "folder"
+    split: str = "train"
+    limit: int | None = Field(default=None, ge=1, description="only the first N images (sorted by path)")
+    max_pixels: int | None = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    regions: RegionsEntry | None = Field(default=None, description="region source of the bank's images; None: the experiment's regions")
+    clips: list[str] | None = Field(default=None, min_length=1, max_length=2, description="value stores: the main CLIP, optionally DMCE's auxiliary CLIP (the authors': DFN2B ViT-B/16); None: models.clip or CorrCLIPv2's")
+    vfm: str | None = Field(default=None, description="VFM of the keys; None: models.vfm or CorrCLIPv2's")
+    window: WindowEntry = Field(default_factory=lambda: WindowEntry(short_side=448, crop=336, stride=112), description="the values' CorrCLIP windows (the authors' bank: 448 / 336 / 112)")
+    index: dict[str, Any] = Field(default_factory=dict, description="ovseg_core.bank.config.IndexConfig fields (kind: ivfpq | flat | hnsw, nlist_factor, pq_m, ...; checked by flows.bank_graph)")
+    empty_region: Literal["nan", "zero"] = Field(default="nan", description="an empty region's rows: NaN (reference) or zero")
+
+    @model_validator(mode="after")
+    def _root_or_imported(self) -> "BankEntry":
+        if (self.root is None) == (self.imported is None):
+            raise ValueError(f"bank {self.name!r}: give root (a folder of images) or imported (the authors' files)")
+        return self
+
+
 class RunnerEntry(_Strict):
     """Where tasks run."""
 
@@ -209,10 +239,11 @@ class Experiment(_Strict):
 
     name: str
     store: str | None = Field(default=None, description="store path or fsspec URL, relative to the experiment file (default $OVSEG_STORE or ./ovseg-store)")
-    datasets: list[DatasetEntry] = Field(min_length=1)
+    datasets: list[DatasetEntry] = Field(description="at least one; [] (or left out) only in a file that builds banks only")
     models: ModelsEntry = Field(default_factory=ModelsEntry)
     regions: RegionsEntry = Field(default_factory=RegionsEntry)
-    methods: list[MethodEntry] = Field(min_length=1)
+    methods: list[MethodEntry] = Field(description="at least one with datasets")
+    banks: list[BankEntry] = Field(default_factory=list, description="memory banks built by this experiment (docs/banks.md)")
     runner: RunnerEntry = Field(default_factory=RunnerEntry)
     device: str = Field(default="cpu", description="cpu, cuda, cuda:N, mps, or auto (each worker binds one GPU round-robin when there are GPUs, else the CPU, said once)")
     dtype: Literal[COMPUTE_DTYPES] = "float32"  # type: ignore[valid-type]
@@ -234,7 +265,30 @@ class Experiment(_Strict):
                                  f"{', '.join(s for s, st in STAGES.items() if st.per == 'image' and s != 'scoring')}")
         return v
 
-    @field_validator("methods", "datasets")
+    @model_validator(mode="before")
+    @classmethod
+    def _banks_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("banks") and "datasets" not in data and "methods" not in data:
+            return {**data, "datasets": [], "methods": []}  # a file that builds banks only
+        return data
+
+    @model_validator(mode="after")
+    def _work_and_banks(self) -> "Experiment":
+        if not (self.datasets and self.methods) and (self.datasets or self.methods or not self.banks):
+            raise ValueError("datasets and methods: list at least one of each (or neither, and banks: to build banks)")
+        names = [b.name for b in self.banks]
+        for m in self.methods:
+            bank = m.params.get("bank")
+            if bank is None:
+                continue
+            if m.method != "corrclipv2":
+                raise ValueError(f"methods[{m.name}].params.bank: only corrclipv2 retrieves from a memory bank")
+            if bank not in names:
+                raise ValueError(f"methods[{m.name}].params.bank: unknown bank {bank!r}{did_you_mean(str(bank), names)}; "
+                                 f"banks: {', '.join(names) or 'none (declare it under banks:)'}")
+        return self
+
+    @field_validator("methods", "datasets", "banks")
     @classmethod
     def _unique_names(cls, v: list, info) -> list:
         names = [entry.name for entry in v]

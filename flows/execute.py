@@ -21,7 +21,7 @@ from typing import Any
 from flows.batches import available, submit_all, wait_for
 from flows.config import Experiment
 from flows.emptiness import empty_dataset_error
-from flows.graph import DatasetPlan, build_plan, check_device, descendants, method_users
+from flows.graph import DatasetPlan, build_plan, check_device, descendants, method_users, read_nodes
 from flows.logs import progress_bar
 from flows.ingest import ingest_dataset
 from flows.records import write_run_record
@@ -90,7 +90,7 @@ def execute(request: RunRequest, plans: Sequence[DatasetPlan], submit: Submit
     store.forget_fresh()  # another process may have changed the store since this process last looked
     summary.store = store.location
     plan_rows = [{"dataset": p.dataset.name, "stage": n.stage, "key": n.key,
-                  "methods": sorted(method_users(p).get(n.ident, ()))} for p in plans for n in p.ordered()]
+                  "methods": sorted(method_users(p).get(n.ident, ()))} for p in plans for n in read_nodes(p)]
     journal = store.journal(run_id, {"experiment": exp.name, "experiment_file": request.experiment_file,
                                      "experiment_files": list(exp.provenance.files),
                                      "overrides": list(exp.provenance.overrides),
@@ -200,7 +200,9 @@ def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict
     if forced:
         store.drop_items(node.stage, node.key, [it["image_id"] for it in items], reason="--force")
     ready = items
-    for role, up in node.upstream.items():
+    # a whole-bank item (bank_index) reads what its images have; an image whose upstream failed is reported there
+    whole = STAGES[node.stage].per == "bank"
+    for role, up in ({} if whole else node.upstream).items():
         up_done = available(store, up)
         up_failed = failed_here.get(up.ident, set())
         keep = []

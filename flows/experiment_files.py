@@ -67,6 +67,22 @@ def resolve_paths(data: Mapping[str, Any], base_dir: str | os.PathLike | None) -
             {k: (_fix_path(v, base) if k in ("root", "gt_dir") else v) for k, v in d.items()} if isinstance(d, Mapping) else d
             for d in out["datasets"]
         ]
+    if isinstance(out.get("banks"), list):  # banks[*].root and banks[*].regions.params.dir
+        out["banks"] = [_bank_paths(b, base_dir) if isinstance(b, Mapping) else b for b in out["banks"]]
+    return out
+
+
+def _bank_paths(bank: Mapping[str, Any], base_dir: str | os.PathLike | None) -> dict[str, Any]:
+    out = dict(bank)
+    if "root" in out:
+        out["root"] = _fix_path(out["root"], None if base_dir is None else Path(base_dir).expanduser())
+    if isinstance(out.get("regions"), Mapping):
+        out["regions"] = resolve_paths({"regions": out["regions"]}, base_dir)["regions"]
+    imported = out.get("imported")
+    if isinstance(imported, Mapping):
+        base = None if base_dir is None else Path(base_dir).expanduser()
+        out["imported"] = {k: ([_fix_path(p, base) for p in v] if k == "values" and isinstance(v, list)
+                               else _fix_path(v, base) if k == "index" else v) for k, v in imported.items()}
     return out
 
 

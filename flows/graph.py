@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from flows.config import DatasetEntry, Experiment, MethodEntry, load_experiment
+from flows import bank_graph
+from flows.config import BankEntry, DatasetEntry, Experiment, MethodEntry, load_experiment
 from flows.dataset_specs import class_names, dataset_spec
+from flows.devices import check_device  # noqa: F401 - re-exported (flows.execute)
 from flows.experiment_files import parse_override
 from ovseg_core.backbones import num_blocks, patch_size
 from ovseg_core.backbones import weights_identity as backbone_weights_identity
@@ -115,6 +115,7 @@ class _Resolved:
     window: P.WindowParams
     config: Any
     blocks: tuple[str, ...]
+    bank: Any = None  # tasks.bank_params.BankUse of a method with params.bank, else None
 
 
 def method_backbone(exp: Experiment, m: MethodEntry, method: Method, role: str) -> str:
@@ -130,6 +131,7 @@ def method_backbone(exp: Experiment, m: MethodEntry, method: Method, role: str) 
 
 def _resolve(exp: Experiment, spec: DatasetSpec, m: MethodEntry) -> _Resolved:
     method = get_method(m.method)
+    params, bank_params = bank_graph.split_bank_params(m)
     clip_name = method_backbone(exp, m, method, "clip")
     vfm_name = method_backbone(exp, m, method, "vfm") if method.correlation == "vfm" else None
     nb, patch = _geometry(clip_name)
@@ -138,11 +140,12 @@ def _resolve(exp: Experiment, spec: DatasetSpec, m: MethodEntry) -> _Resolved:
                             m.window.stride or preset.stride,
                             CORRCLIP_PAD_MULTIPLE if method.family in CORRCLIP_FAMILIES else patch)
     try:
-        cfg = method.build(m.params, nb)
+        cfg = method.build(params, nb)
     except ValueError as e:
         raise ValueError(f"methods[{m.name}].{e}{_override_hint(exp, ('methods', str(exp.methods.index(m)), 'params'))}"
                          ) from e
-    return _Resolved(m, method, clip_name, vfm_name, window, cfg, method.required_blocks(cfg, nb))
+    return _Resolved(m, method, clip_name, vfm_name, window, cfg, method.required_blocks(cfg, nb),
+                     bank_graph.bank_use(m, bank_params))
 
 
 def _override_hint(exp: Experiment, loc: tuple[str, ...]) -> str:
@@ -175,6 +178,8 @@ def wire(stage: Stage, chain: Mapping[str, StageNode]) -> dict[str, StageNode]:
     """
     upstream: dict[str, StageNode] = {}
     for inp in stage.inputs:
+        if inp.explicit:  # set by the graph builder (flows.bank_graph), never from the chain
+            continue
         node = next((chain[s] for s in inp.sources if s in chain), None)
         if node is not None:
             upstream[inp.role] = node
@@ -192,7 +197,13 @@ def build_plan(exp: Experiment, missing: list[str] | None = None) -> list[Datase
     (``wire``). ``missing``: collect missing weight files there instead of raising (see
     ``weights_identity``).
     """
-    plans = []
+    plans, index_nodes = [], {}  # banks first: the datasets' methods read their index
+    for index, b in enumerate(exp.banks):
+        if b.imported is not None:  # the authors' files, written by `ovseg bank import`: nothing to run
+            index_nodes[b.name] = bank_graph.imported_index_node(exp, b)
+            continue
+        bank_plan, index_nodes[b.name] = _bank_plan(exp, b, index, missing)
+        plans.append(bank_plan)
     for index, ds in enumerate(exp.datasets):
         spec = dataset_spec(ds)
         plan = DatasetPlan(ds, spec, index=index)
@@ -207,10 +218,21 @@ def build_plan(exp: Experiment, missing: list[str] | None = None) -> list[Datase
             specs = _method_specs(exp, ds, spec, r, tuple(sorted(union[(r.clip, r.window)])), lines, separator,
                                   missing)
             chain: dict[str, StageNode] = {}
+            explicit: dict[str, dict[str, StageNode]] = {}  # upstream the chain cannot give (Input.explicit)
+            if r.bank is not None:  # the bank's index node (in the bank's plan) wires into the reconstruction
+                chain["bank_index"] = index_nodes[r.bank.bank]
+                bank_graph.check_bank_user(r.entry, r.bank, r.clip, chain["bank_index"])
+                aux = bank_graph.aux_clip(chain["bank_index"])
+                if aux is not None:  # DMCE: the auxiliary CLIP's embeddings of the same vocabulary
+                    text = specs["text_embeddings"].params
+                    explicit["reconstruction"] = {"aux_text_embeddings": plan.add(make_node(
+                        "text_embeddings", dataclasses.replace(text, backbone=aux),
+                        weights={"clip": weights_identity(aux, exp.models.weights_dir, missing)}))}
             for name in STAGE_ORDER:
                 if name in specs:
                     ns = specs[name]
-                    node = make_node(name, ns.params, wire(STAGES[name], chain), ns.weights, exp.persist)
+                    upstream = {**wire(STAGES[name], chain), **explicit.get(name, {})}
+                    node = make_node(name, ns.params, upstream, ns.weights, exp.persist)
                     if ns.inputs_dir is not None:
                         node = dataclasses.replace(node, inputs_dir=ns.inputs_dir)
                     chain[name] = plan.add(node)
@@ -219,6 +241,22 @@ def build_plan(exp: Experiment, missing: list[str] | None = None) -> list[Datase
                                            class_names(list(lines), separator, spec, bool(ds.classes))))
         plans.append(plan)
     return plans
+
+
+def _bank_plan(exp: Experiment, b: BankEntry, index: int, missing: list[str] | None) -> tuple[DatasetPlan, StageNode]:
+    """A bank's plan (``flows.bank_graph``: its images' stages, one chain per CLIP) and its ``bank_index`` node."""
+    wd = exp.models.weights_dir
+    sam = _sam_spec(exp.model_copy(update={"regions": b.regions}) if b.regions else exp, wd, missing)
+    specs = bank_graph.bank_node_specs(exp, b, sam, lambda name: weights_identity(name, wd, missing))
+    ds = bank_graph.bank_dataset(b)
+    plan, chains = DatasetPlan(ds, dataset_spec(ds), index=index), {}
+    for name in STAGE_ORDER:  # table order: every input is made before its readers
+        for chain_name, ns in specs.get(name, ()):
+            chain = chains.setdefault(chain_name, {})
+            node = make_node(name, ns.params, wire(STAGES[name], chain), ns.weights, exp.persist)
+            chain[name] = plan.add(dataclasses.replace(node, inputs_dir=ns.inputs_dir))
+    upstream = bank_graph.index_upstream(exp, b, chains)
+    return plan, plan.add(make_node("bank_index", bank_graph.index_params(b, missing), upstream, None, exp.persist))
 
 
 def _method_specs(exp: Experiment, ds: DatasetEntry, spec: DatasetSpec, r: _Resolved, blocks: tuple[str, ...],
@@ -255,7 +293,7 @@ def _method_specs(exp: Experiment, ds: DatasetEntry, spec: DatasetSpec, r: _Reso
     area_thd = (m.area_thd if m.area_thd is not None else preset.area_thd) if spec.has_background else None
     out["reconstruction"] = NodeSpec(P.ReconstructionParams(
         method.name, method.reconstruction_config(cfg), r.clip, window, dt, float(m.logit_scale or preset.logit_scale),
-        prob_thd, area_thd), clip_id)
+        prob_thd, area_thd, r.bank), clip_id)
     if method.map_correction(cfg):
         out["map_correction"] = NodeSpec(P.MapCorrectionParams(method.corrclip_config(cfg).m0_quirk))
     out["scoring"] = NodeSpec(P.ScoringParams(spec.name, spec.num_classes, spec.label_conversion,
@@ -277,8 +315,21 @@ def experiment_keys(paths: Sequence[str], overrides: Sequence[str] = ()) -> set[
     keys: set[tuple[str, str]] = set()
     for path in paths:
         for plan in build_plan(load_experiment(path, overrides=overrides)):
-            keys.update(plan.nodes)
+            keys.update(n.ident for n in read_nodes(plan))
     return keys
+
+
+def read_nodes(plan: DatasetPlan) -> list[StageNode]:
+    """The plan's nodes in order, then the nodes outside it that they read (an imported bank's index and values)."""
+    nodes, seen = plan.ordered(), set(plan.nodes)
+    stack = [u for n in nodes for u in n.upstream.values()]
+    while stack:
+        n = stack.pop()
+        if n.ident not in seen:
+            seen.add(n.ident)
+            nodes.append(n)
+            stack.extend(n.upstream.values())
+    return nodes
 
 
 def _sam_spec(exp: Experiment, wd: str | None, missing: list[str] | None = None) -> NodeSpec:
@@ -341,31 +392,3 @@ def method_users(plan: DatasetPlan) -> dict[tuple[str, str], set[str]]:
             users[n.ident].add(mp.entry.name)
             stack.extend(n.upstream.values())
     return users
-
-
-def check_device(device: str, remote: bool = False) -> None:
-    """Fail before anything runs when the device does not exist here.
-
-    ``auto`` (one GPU per worker when there are GPUs, else the CPU, said once per worker) is
-    always valid. With ``remote`` (an existing Dask cluster) only the device string is checked:
-    the workers, not this machine, must have it.
-    """
-    if device == "auto":
-        return
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device: {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from e
-    if remote:
-        if dev.type not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"device: {device!r} is not supported; use auto, cpu, cuda or cuda:N")
-        return
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} but CUDA is not available on this machine; use device: cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device: {device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device: {device!r} but MPS is not available on this machine; use device: cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device: {device!r} is not supported; use cpu, cuda or cuda:N")

@@ -148,6 +148,9 @@ class ReconstructionParams:
     logit_scale: float
     prob_thd: float | None  # None: no background threshold (datasets without background)
     area_thd: float | None
+    # CorrCLIPv2's memory bank (``tasks.bank_params.BankUse``: which bank, k, fusion weight); None: no bank. A later
+    # option: keys of reconstructions without a bank do not move.
+    bank: Any = later_option(None)
 
 
 @dataclass(frozen=True)

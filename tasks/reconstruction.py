@@ -21,8 +21,10 @@ half ``preds`` / ``count_mat``), and computes its correlation features in float1
 
 Memory-bank hook (CorrCLIPv2's VISR, ``corrclipv2.md`` section 3 step 7): ``_finish`` receives the
 window-averaged cosine logits ``(Q, h, w)`` at the network-input size, before the resize to the
-original size, the logit scale, the softmax and the thresholds: the fusion
-``alpha * own + (1 - alpha) * support`` goes there.
+original size, the logit scale, the softmax and the thresholds: with ``ReconstructionParams.bank``
+they are first fused ``alpha * own + (1 - alpha) * support`` (``tasks.bank_index.fuse_with_bank``;
+item attrs ``bank``: its name, the regions queried and those without any retrieved neighbour, which
+keep their own logits).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from tasks.common import (
     run_windows,
     shape_only_crops,
 )
+from tasks.bank_index import fuse_with_bank
+from tasks.bank_params import BANK_ITEM
 from tasks.params import array_name
 from tasks.runtime import StageContext
 
@@ -74,6 +78,8 @@ def reconstruction_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, 
         win["regions"] = region_windows(ctx.read_upstream("sam_masks", row, ["ids"])["ids"], plan)
         if method.correlation == "vfm":  # the image's map; each window's features are made in the forward
             out["vfm"] = torch.from_numpy(ctx.read_upstream("vfm_features", row, ["features"])["features"])
+            if p.bank is not None:  # CorrCLIPv2's memory bank: the region map is also the retrieval's
+                out["region_ids"] = ctx.read_upstream("sam_masks", row, ["ids"])["ids"]
             win[_WINDOW] = torch.arange(len(plan.windows))
         else:
             win["qk"] = torch.from_numpy(ctx.read_upstream("dino_features", row, ["qk"])["qk"])
@@ -96,6 +102,9 @@ def reconstruction_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[s
     text = ctx.read_shared("text_embeddings")
     emb = torch.from_numpy(text["embeddings"]).float().to(ctx.device)
     q2c = torch.from_numpy(text["query_to_class"]).long()
+    bank = ctx.read_shared("bank_index", BANK_ITEM) if p.bank is not None else None  # the index, once per worker
+    aux_text = (torch.from_numpy(ctx.read_shared("aux_text_embeddings")["embeddings"]).float()
+                if bank is not None and "aux_text_embeddings" in ctx.node.upstream else None)
     half = method.correlation == "vfm" and p.dtype == "float16"  # CorrCLIPv2's reference merges in fp16
     canvases = [torch.zeros((emb.shape[0], *inp["plan"].resized_hw), dtype=torch.float16 if half else torch.float32)
                 for inp in inputs]
@@ -127,9 +136,14 @@ def reconstruction_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[s
                     sink, ctx.device)
         out = []
         for canvas, inp, record in zip(canvases, inputs, records):
-            labels, prob = _finish(average_windows(canvas, inp["plan"]), inp["plan"], q2c, p)
-            dtype = np.uint16 if int(q2c.max()) < 65535 else np.int32
+            averaged = average_windows(canvas, inp["plan"])
             attrs = {"windows": len(inp["plan"].windows), "method": p.method}
+            if bank is not None:  # VISR (+ DMCE) before the resize: facts section 3 step 7
+                averaged, support = fuse_with_bank(ctx, bank, averaged, inp["region_ids"], inp["vfm"], emb, aux_text)
+                attrs["bank"] = {"name": p.bank.bank, "regions": int(support.found.size),
+                                 "without_support": int((~support.found).sum())}
+            labels, prob = _finish(averaged, inp["plan"], q2c, p)
+            dtype = np.uint16 if int(q2c.max()) < 65535 else np.int32
             if record:  # e.g. SC-CLIP's {"kept:self_adjusting": windows that kept the step, ...}
                 attrs["window_record"] = dict(sorted(record.items()))
             out.append(({"labels": labels.numpy().astype(dtype), "prob": prob.numpy().astype(np.float16)}, attrs))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ovseg_core.names import did_you_mean
+from tasks import bank_params as BP
 from tasks import params as P
 
 VOCAB_ITEM = "vocab"  # the one item of a per-vocabulary stage
@@ -66,11 +67,14 @@ class Input:
             first of them the method's graph holds (default: the stage named like the role).
         required: every node of the stage has it; False: wired only when the method's graph holds
             one of ``sources`` (reconstruction reads CorrCLIP's inputs only for CorrCLIP methods).
+        explicit: never wired from the chain: the graph builder sets it (a second node of a stage the chain
+            already holds for another role: DMCE's auxiliary CLIP vocabulary and values).
     """
 
     role: str
     sources: tuple[str, ...] = ()
     required: bool = True
+    explicit: bool = False
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -96,7 +100,8 @@ class Stage:
     Attributes:
         name: stage name (store folder, CLI choice, report label).
         description: one line for ``--help``, dry-run, ``cache ls`` and docs.
-        per: ``"image"`` (one item per image) or ``"vocabulary"`` (one item, id ``VOCAB_ITEM``).
+        per: ``"image"`` (one item per image), ``"vocabulary"`` (one item, id ``VOCAB_ITEM``) or ``"bank"``
+            (one item per bank, id ``BANK_ITEM``, whose row lists the bank's readable images: ``bank_index``).
         inputs: the upstream outputs it reads, by role (see ``Input``).
         params: its typed parameter class (hashed into its key).
         code_version: bumped when its output for the same inputs changes.
@@ -143,12 +148,16 @@ class Stage:
         """The stage's items among a dataset's manifest rows (images that can be read)."""
         if self.per == "vocabulary":
             return [{"image_id": VOCAB_ITEM}]
+        if self.per == "bank":
+            return [{"image_id": BP.BANK_ITEM, "images": sorted(str(r["image_id"]) for r in rows)}]
         if self.scored_only:  # images without ground truth are predicted, not scored
             return [dict(r) for r in rows if r.get("gt_path")]
         return [dict(r) for r in rows]
 
     def item_of(self, row: Mapping[str, Any]) -> str:
         """The id of this stage's item that an image's row needs (``VOCAB_ITEM`` for a per-vocabulary stage)."""
+        if self.per == "bank":
+            return BP.BANK_ITEM
         return VOCAB_ITEM if self.per == "vocabulary" else str(row["image_id"])
 
 
@@ -187,6 +196,24 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           code_version="1",
           models=Step("tasks.corrclip:semantic_models"), load=Step("tasks.corrclip:semantic_load"),
           compute=Step("tasks.corrclip:semantic_compute"), arrays=("semantic",), windows=WINDOWS),
+    # memory banks (CorrCLIPv2 VISR + DMCE; flows.bank_graph): per bank image, then the whole bank
+    Stage("bank_values", "a memory bank's per-region CorrCLIP values of one image (one node per CLIP)", "image",
+          inputs=(Input("clip_layers"), Input("dino_features"), Input("sam_masks"), Input("mask_clustering"),
+                  Input("mask_class_tokens", required=False)),
+          params=BP.BankValuesParams, code_version="1",
+          models=Step("tasks.bank:values_models"), load=Step("tasks.bank:values_load"),
+          compute=Step("tasks.bank:values_compute"), arrays=("values", "mask_ids", "areas"), windows=WINDOWS),
+    Stage("bank_keys", "a memory bank's per-region VFM keys of one image", "image",
+          inputs=(Input("vfm_features"), Input("sam_masks")), params=BP.BankKeysParams, code_version="1",
+          models=no_models, load=Step("tasks.bank:keys_load"), compute=Step("tasks.bank:keys_compute"),
+          arrays=("keys", "mask_ids", "areas")),
+    Stage("bank_index", "a memory bank's FAISS index over every region key, and its region registry", "bank",
+          # values: read by the methods that retrieve (through this node: its key covers them)
+          inputs=(Input("bank_keys"), Input("bank_values"),
+                  Input("bank_aux_values", ("bank_values",), required=False, explicit=True)),
+          params=BP.BankIndexParams, code_version="1",
+          models=no_models, load=Step("tasks.bank_index:index_load"), compute=Step("tasks.bank_index:index_compute"),
+          arrays=("index", "region_ids", "registry", "images")),
     Stage("reconstruction", "a method's label map and winning probability", "image",
           inputs=(Input("text_embeddings"), Input("clip_layers"),
                   # CorrCLIP's inputs: wired for the methods whose graph holds them (Method.uses_regions;
@@ -194,7 +221,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                   Input("dino_features", required=False), Input("vfm_features", required=False),
                   Input("sam_masks", required=False),
                   Input("mask_clustering", required=False),
-                  Input("mask_class_tokens", required=False)),  # the semantic branch
+                  Input("mask_class_tokens", required=False),  # the semantic branch
+                  # CorrCLIPv2's memory bank (ReconstructionParams.bank) and DMCE's auxiliary CLIP vocabulary
+                  Input("bank_index", required=False),
+                  Input("aux_text_embeddings", ("text_embeddings",), required=False, explicit=True)),
           params=P.ReconstructionParams, code_version="2",
           models=Step("tasks.reconstruction:reconstruction_models"),
           load=Step("tasks.reconstruction:reconstruction_load"),

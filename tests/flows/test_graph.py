@@ -60,7 +60,9 @@ def test_table_and_graph_agree_for_every_method(method):
         assert set(node.upstream) <= set(declared), node.stage
         for role, inp in declared.items():
             held = [s for s in inp.sources if s in nodes]
-            if held:  # wired to the first source the method's graph holds
+            if inp.explicit:  # set by the graph builder (DMCE's second vocabulary), never from the chain
+                assert role not in node.upstream or node.upstream[role] is not nodes.get(held[0] if held else ""), role
+            elif held:  # wired to the first source the method's graph holds
                 assert node.upstream[role] is nodes[held[0]], (node.stage, role)
             else:
                 assert not inp.required and role not in node.upstream, (node.stage, role)

@@ -53,7 +53,17 @@ def test_declared_inputs_as_the_methods_need_them():
                            "dino_features": (("dino_features",), False), "sam_masks": (("sam_masks",), False),
                            "vfm_features": (("vfm_features",), False),
                            "mask_clustering": (("mask_clustering",), False),
-                           "mask_class_tokens": (("mask_class_tokens",), False)},
+                           "mask_class_tokens": (("mask_class_tokens",), False),
+                           # CorrCLIPv2's memory bank, and DMCE's auxiliary vocabulary (set by the graph builder)
+                           "bank_index": (("bank_index",), False),
+                           "aux_text_embeddings": (("text_embeddings",), False)},
+        # a bank (docs/banks.md): the authors' builder's CorrCLIP v1 inputs per CLIP, the VFM map, the regions
+        "bank_values": {"clip_layers": (("clip_layers",), True), "dino_features": (("dino_features",), True),
+                        "sam_masks": (("sam_masks",), True), "mask_clustering": (("mask_clustering",), True),
+                        "mask_class_tokens": (("mask_class_tokens",), False)},
+        "bank_keys": {"vfm_features": (("vfm_features",), True), "sam_masks": (("sam_masks",), True)},
+        "bank_index": {"bank_keys": (("bank_keys",), True), "bank_values": (("bank_values",), True),
+                       "bank_aux_values": (("bank_values",), False)},
         "map_correction": {"reconstruction": (("reconstruction",), True), "sam_masks": (("sam_masks",), True)},
         "scoring": {"prediction": (("map_correction", "reconstruction"), True)},
     }

@@ -1,0 +1,115 @@
+"""``ovseg bank import EXPERIMENT``: the authors' prebuilt bank files into the store, streamed and checked.
+
+For each ``banks[]`` entry with ``imported: {values: [...], index: ...}``:
+
+1. every ``{bank}_{encoder}.pt`` value store: ``read_pt_layout`` (``torch.load(weights_only=True,
+   map_location="meta")``: the pickle only, no tensor bytes), ``check_pt_layout`` (one ``[N, D]`` fp16
+   tensor, the same N for every store), then rows streamed by positioned reads (``iter_pt_rows``) into
+   ``bank_values`` items of ``IMPORT_CHUNK_ROWS`` rows (``rows-<first row>``; region id = row), one pack per
+   64 items: nothing holds a whole store; a rerun after a kill skips the chunks already complete;
+2. the ``{bank}_{vfm}.faiss`` index: ``index_from_file``, ``check_id_coverage`` (every row 0..N-1 indexed
+   exactly once), then one ``bank_index`` item: the index bytes, its ids, the chunk registry and the
+   provenance (file names, sizes, sha256, the CLIPs named by the experiment) in its attrs.
+
+The outputs are those of the experiment's nodes (``flows.bank_graph.imported_index_node``), so a
+``corrclipv2`` method with ``params.bank`` reads them like a built bank's (``tasks.bank_index``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flows.bank_graph import IMPORT_CHUNK_ROWS, imported_index_node
+from flows.config import BankEntry, Experiment
+from ovseg_core.bank.authors_format import check_id_coverage, check_pt_layout, iter_pt_rows, read_pt_layout
+from ovseg_core.bank.index import index_from_file
+from storage.store import Store
+from tasks.bank_params import BANK_ITEM
+from tasks.runtime import StageNode
+
+log = logging.getLogger("ovseg.flows")
+ITEMS_PER_PACK = 64
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _chunk(first: int) -> str:
+    return f"rows-{first:010d}"
+
+
+def import_values(store: Store, node: StageNode, path: str, rows: int | None) -> tuple[int, int]:
+    """Stream one ``.pt`` store into ``node``'s items; returns ``(N, D)``. ``rows``: N the other stores have."""
+    with open(path, "rb") as f:
+        layout = read_pt_layout(f)
+        check_pt_layout(layout, rows=rows)
+        done = store.complete_items(node.stage, node.key)
+        pack = None
+        try:
+            for first, chunk in iter_pt_rows(f, layout, IMPORT_CHUNK_ROWS):
+                if _chunk(first) in done:
+                    continue
+                pack = pack or store.open_pack(node.stage_key, {"source": Path(path).name})
+                ids = np.arange(first, first + chunk.shape[0], dtype=np.int64)
+                pack.add(_chunk(first), {"values": np.ascontiguousarray(chunk), "mask_ids": ids,
+                                         "areas": np.full(ids.shape, -1, np.int64)}, {})
+                if len(pack.entries) == ITEMS_PER_PACK:  # one atomic pack per 64 chunks: a kill loses one pack
+                    pack.commit()
+                    pack = None
+        except BaseException:
+            if pack is not None:
+                pack.abort()
+            raise
+        if pack is not None:
+            pack.commit()
+    return layout.rows, layout.dim
+
+
+def import_bank(exp: Experiment, b: BankEntry, store: Store) -> dict[str, Any]:
+    """Import one bank's files into ``store`` (see the module docstring); returns the index item's attrs."""
+    if b.imported is None:
+        raise ValueError(f"banks[{b.name}] has no imported: files; it is built from its images by ovseg run")
+    node = imported_index_node(exp, b)
+    if BANK_ITEM in store.complete_items(node.stage, node.key):
+        log.info("bank %s: already imported (key %s)", b.name, node.key)
+        return store.item_attrs(node.stage, node.key, BANK_ITEM)
+    value_nodes = [node.upstream[r] for r in ("bank_values", "bank_aux_values") if r in node.upstream]
+    n_rows, files = None, []
+    for vnode, path in zip(value_nodes, b.imported.values):
+        n_rows, dim = import_values(store, vnode, path, n_rows)
+        files.append({"file": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": _sha256(path),
+                      "rows": n_rows, "dim": dim, "clip": vnode.params.backbone})
+        log.info("bank %s: %s imported (%d rows of %d)", b.name, Path(path).name, n_rows, dim)
+    with open(b.imported.index, "rb") as f:
+        bank = index_from_file(f)
+    coverage = check_id_coverage(bank.ids(), int(n_rows or 0))
+    if not coverage.complete:
+        raise ValueError(f"banks[{b.name}].imported.index {b.imported.index}: its ids do not cover the {n_rows} store "
+                         f"rows exactly once ({coverage.missing} rows missing, {coverage.duplicated} duplicated, "
+                         f"{coverage.out_of_range} out of range); the files are not one bank")
+    files.append({"file": Path(b.imported.index).name, "bytes": Path(b.imported.index).stat().st_size,
+                  "sha256": _sha256(b.imported.index), "ntotal": bank.ntotal, "dim": bank.dim})
+    firsts = np.arange(0, int(n_rows), IMPORT_CHUNK_ROWS, dtype=np.int64)
+    registry = np.stack([firsts, np.minimum(IMPORT_CHUNK_ROWS, int(n_rows) - firsts)], axis=1)
+    names = np.frombuffer("\n".join(_chunk(int(v)) for v in firsts).encode(), dtype=np.uint8)
+    blob = np.frombuffer(Path(b.imported.index).read_bytes(), dtype=np.uint8)
+    attrs = {"bank": b.name, "images": 0, "regions": int(n_rows), "registry_regions": int(n_rows), "kind": bank.kind,
+             "metric": bank.metric, "nlist": bank.nlist, "ntotal": bank.ntotal, "imported": files,
+             "models": {"values": value_nodes[0].params.backbone,
+                        "aux_values": value_nodes[1].params.backbone if len(value_nodes) > 1 else None,
+                        "keys": f"(authors' {Path(b.imported.index).name})"}}
+    store.write_item(node.stage_key, BANK_ITEM, {"index": blob, "region_ids": bank.ids(), "registry": registry,
+                                                 "images": names}, attrs)
+    log.info("bank %s: index %s/%s over %d regions imported (key %s)", b.name, bank.kind, bank.metric, bank.ntotal,
+             node.key)
+    return attrs

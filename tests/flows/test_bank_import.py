@@ -1,0 +1,123 @@
+"""``ovseg bank import``: a synthetic bank in the authors' format (built here with torch and faiss as their builder
+does) into the store, checked, then used by a corrclipv2 method with DMCE (tiny random models: machinery only)."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from flows.bank_graph import IMPORT_CHUNK_ROWS
+from flows.cli import main
+from flows.config import load_experiment
+from flows.graph import build_plan
+from flows.pipeline import run_experiment
+from ovseg_core.bank.config import SearchConfig
+from ovseg_core.bank.index import index_from_bytes
+from ovseg_core.bank.search import search_index
+from storage.store import Store
+from tasks.bank_index import image_names
+from tasks.bank_params import BANK_ITEM
+from tests.flows.conftest import SAMPLE, computed
+from tests.ovseg_core.test_bank_authors_format import _authors_index, _authors_search
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+N, D_KEY, D_VALUE = 2500, 64, 32  # the tiny VFM's and tiny CLIP's dimensions; more rows than one chunk
+CLIPS = ["clip:tiny@random:0", "clip:tiny@random:1"]  # main and DMCE's auxiliary (random: not DFN2B)
+
+
+def _files(root):
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((30, D_KEY))
+    keys = centres[rng.integers(0, 30, N)] + 0.8 * rng.standard_normal((N, D_KEY))
+    keys = (keys / np.linalg.norm(keys, axis=1, keepdims=True) * 0.8).astype(np.float16)
+    main_values = rng.standard_normal((N, D_VALUE)).astype(np.float16)
+    aux_values = rng.standard_normal((N, D_VALUE)).astype(np.float16)
+    torch.save(torch.from_numpy(main_values), root / "synth_metaclip_b.pt")
+    torch.save(torch.from_numpy(aux_values), root / "synth_dfnclip_b.pt")
+    index = _authors_index(keys)
+    faiss.write_index(index, str(root / "synth_radiov3.faiss"))
+    return keys, main_values, aux_values, index
+
+
+def _experiment(tmp, values, index):
+    data = {"name": "imported", "store": str(tmp / "store"),
+            "models": {"clip": CLIPS[0], "dino": "dino:tiny8@random:0", "vfm": "vfm:tiny_radiov3@random:0"},
+            "regions": {"source": "slic"}, "text_templates": "single", "feature_dtype": "float32",
+            "banks": [{"name": "synth", "imported": {"values": [str(v) for v in values], "index": str(index)},
+                       "clips": CLIPS}],
+            "datasets": [{"name": "voc", "spec": "VOC21", "layout": "voc", "root": str(SAMPLE / "voc2012-sample"),
+                          "limit": 1}],
+            "methods": [{"name": "v2bank", "method": "corrclipv2", "params": {"bank": "synth"}}]}
+    path = tmp / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+def test_an_authors_bank_imports_streamed_and_checked_and_serves_their_neighbours(tmp_path, capsys):
+    faiss.omp_set_num_threads(1)
+    keys, main_values, aux_values, index = _files(tmp_path)
+    exp_file = _experiment(tmp_path, [tmp_path / "synth_metaclip_b.pt", tmp_path / "synth_dfnclip_b.pt"],
+                           tmp_path / "synth_radiov3.faiss")
+    assert main(["bank", "import", str(exp_file)]) == 0
+    assert "2500 regions" in capsys.readouterr().out
+    exp = load_experiment(exp_file)
+    (plan,) = build_plan(exp)  # an imported bank has nothing to run: only the dataset's plan
+    node = plan.methods[0].prediction.upstream["reconstruction"].upstream["bank_index"]
+    store = Store(tmp_path / "store")
+    arrays = store.read_item("bank_index", node.key, BANK_ITEM)
+    attrs = store.item_attrs("bank_index", node.key, BANK_ITEM)
+    assert [f["file"] for f in attrs["imported"]] == ["synth_metaclip_b.pt", "synth_dfnclip_b.pt", "synth_radiov3.faiss"]
+    assert all(len(f["sha256"]) == 64 for f in attrs["imported"]) and (attrs["kind"], attrs["metric"]) == ("ivfpq", "reference")
+    # every row, bit for bit, in chunks of IMPORT_CHUNK_ROWS
+    chunks = image_names(arrays)
+    assert len(chunks) == -(-N // IMPORT_CHUNK_ROWS)
+    for role, expected in (("bank_values", main_values), ("bank_aux_values", aux_values)):
+        vnode = node.upstream[role]
+        got = np.concatenate([store.read_item("bank_values", vnode.key, c)["values"] for c in chunks])
+        np.testing.assert_array_equal(got, expected)
+    # the imported index returns the authors' search's neighbours
+    rng = np.random.default_rng(1)
+    queries = keys[rng.integers(0, N, 10)].astype(np.float32) + 0.05 * rng.standard_normal((10, D_KEY)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    bank = index_from_bytes(arrays["index"].tobytes(), reverse_map=False)
+    np.testing.assert_array_equal(search_index(bank, queries, SearchConfig(k=20)), _authors_search(index, queries, 20))
+    # a second import is a no-op; the experiment then uses the bank (DMCE: the auxiliary CLIP's own vocabulary)
+    assert main(["bank", "import", str(exp_file)]) == 0
+    summary = run_experiment(exp, progress=False, orchestrate=False)
+    assert summary.failed == 0 and computed(summary)["text_embeddings"] == 2  # main and auxiliary CLIP
+    rec = plan.methods[0].prediction.upstream["reconstruction"]
+    assert {"bank_index", "aux_text_embeddings"} <= set(rec.upstream)
+    (item,) = store.complete_items("reconstruction", rec.key)
+    assert store.item_attrs("reconstruction", rec.key, item)["bank"]["name"] == "synth"
+    assert main(["bank", "ls", "--store", str(tmp_path / "store")]) == 0
+    assert "synth" in capsys.readouterr().out
+    # gc keeps what the newest run read: the imported bank (outside every plan) included
+    assert main(["cache", "gc", "--store", str(tmp_path / "store")]) == 0
+    assert BANK_ITEM in Store(tmp_path / "store").complete_items("bank_index", node.key)
+    assert len(Store(tmp_path / "store").complete_items("bank_values", node.upstream["bank_values"].key)) == len(chunks)
+
+
+@pytest.mark.slow
+def test_files_that_are_not_one_bank_are_refused(tmp_path, capsys):
+    keys, main_values, _, index = _files(tmp_path)
+    torch.save(torch.from_numpy(main_values[:-5]), tmp_path / "short_metaclip_b.pt")  # 5 rows fewer than indexed
+    exp_file = _experiment(tmp_path, [tmp_path / "short_metaclip_b.pt", tmp_path / "synth_dfnclip_b.pt"],
+                           tmp_path / "synth_radiov3.faiss")
+    assert main(["bank", "import", str(exp_file)]) == 2
+    assert "2500 rows, expected 2495" in capsys.readouterr().err  # the auxiliary store has another N
+    torch.save(torch.from_numpy(main_values[:-5]), tmp_path / "short_dfnclip_b.pt")
+    exp_file = _experiment(tmp_path, [tmp_path / "short_metaclip_b.pt", tmp_path / "short_dfnclip_b.pt"],
+                           tmp_path / "synth_radiov3.faiss")
+    assert main(["bank", "import", str(exp_file)]) == 2
+    assert "out of range" in capsys.readouterr().err  # the index holds ids the stores lack
+    torch.save({"not": "a tensor"}, tmp_path / "dict_metaclip_b.pt")
+    exp_file = _experiment(tmp_path, [tmp_path / "dict_metaclip_b.pt"], tmp_path / "synth_radiov3.faiss")
+    data = yaml.safe_load(exp_file.read_text())
+    data["banks"][0]["clips"] = CLIPS[:1]
+    exp_file.write_text(yaml.safe_dump(data))
+    assert main(["bank", "import", str(exp_file)]) == 2
