@@ -1,4 +1,4 @@
-"""Helpers shared by the stages' loaders and computations: images, windows, batching across images."""
+"""Helpers shared by the stages' loaders and computations: images, windows, window batches."""
 
 from __future__ import annotations
 
