@@ -2,8 +2,8 @@
 
 For one stage node of a finished run, every image's inputs are loaded untimed with the stage's
 own ``load`` (image decode, windows, upstream outputs read from the store), grouped as the
-executor groups them (``tasks.executor.Grouper``: windows of several images up to
-``window_batch``), then only the stage's ``compute`` calls are timed, with the same cached model
+executor groups them (``tasks.executor.Grouper``: items whose windows fill ``window_batch``; each
+forward holds one image's windows), then only the stage's ``compute`` calls are timed, with the same cached model
 objects (``Stage.models`` -> ``tasks.runtime.get_backbone``). Nothing is re-implemented here.
 """
 

@@ -248,7 +248,7 @@ class Experiment(_Strict):
     device: str = Field(default="cpu", description="cpu, cuda, cuda:N, mps, or auto (each worker binds one GPU round-robin when there are GPUs, else the CPU, said once)")
     dtype: Literal[COMPUTE_DTYPES] = "float32"  # type: ignore[valid-type]
     feature_dtype: Literal[FEATURE_DTYPES] = Field(default="float16", description="dtype of stored features")  # type: ignore[valid-type]
-    window_batch: int = Field(default=4, ge=1, description="windows per backbone forward (memory bound)")
+    window_batch: int = Field(default=4, ge=1, description="windows of one image per backbone forward (memory bound)")
     persist: dict[str, bool] = Field(default_factory=dict, description="per stage: false = never written, computed on demand inside its consumers (storage budget); default true")
     text_templates: Literal["imagenet80", "single"] = Field(
         default="imagenet80", description="prompt templates: the papers' 80 ImageNet templates, or one (cheap CPU smoke runs only)")

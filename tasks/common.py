@@ -1,4 +1,4 @@
-"""Helpers shared by the stages' loaders and computations: images, windows, batching across images."""
+"""Helpers shared by the stages' loaders and computations: images, windows, window batches."""
 
 from __future__ import annotations
 
@@ -61,39 +61,26 @@ def region_windows(ids: np.ndarray, plan: WindowPlan) -> torch.Tensor:
 
 def run_windows(inputs: Sequence[Tensors], fn: Callable[[dict[str, torch.Tensor]], Any], window_batch: int,
                 sink: Callable[[int, int, Any], None], device: str = "cpu") -> None:
-    """Run ``fn`` over the windows of several images, ``window_batch`` windows per call.
+    """Run ``fn`` over the windows of several images, at most ``window_batch`` windows of ONE image per call.
 
-    ``inputs[i]`` maps names to per-window tensors of image ``i`` (same leading size). Windows
-    of consecutive images are concatenated into one call when their shapes agree; ``fn``
-    receives ``{name: (b, ...)}`` on ``device`` and returns a tensor (or dict of tensors) with
-    leading size ``b``; ``sink(i, start, part)`` receives, per image, the outputs of its
-    windows ``start .. start + len(part)`` in order.
+    ``inputs[i]`` maps names to per-window tensors of image ``i`` (same leading size). Each image's
+    windows are cut into the same calls whatever images come before or after it (windows
+    ``0 .. window_batch - 1``, then the next ``window_batch``, ...): a call never mixes images, so
+    an image's outputs are a function of that image alone, bit for bit. (BLAS picks its kernels and
+    blocking by the batch's shape, and the mask class tokens pad a batch to its largest region
+    count: windows of a neighbouring image in the same call would move the last bits.) ``fn``
+    receives ``{name: (b, ...)}`` (contiguous, on ``device``) and returns a tensor (or dict of
+    tensors) with leading size ``b``; ``sink(i, start, part)`` receives, per image, the outputs
+    of its windows ``start .. start + len(part)`` in order.
     """
-    units = [(i, w) for i, inp in enumerate(inputs) for w in range(_count(inp))]
-    pos = 0
+    if window_batch < 1:
+        raise ValueError(f"window_batch must be >= 1, got {window_batch}")
     non_blocking = device.startswith("cuda")
-    while pos < len(units):
-        first_i = units[pos][0]
-        sig = _signature(inputs[first_i])
-        end = pos
-        while end < len(units) and end - pos < window_batch and _signature(inputs[units[end][0]]) == sig:
-            end += 1
-        runs: list[tuple[int, int, int]] = []  # (image, first window, count)
-        for i, w in units[pos:end]:
-            if runs and runs[-1][0] == i:
-                runs[-1] = (i, runs[-1][1], runs[-1][2] + 1)
-            else:
-                runs.append((i, w, 1))
-        batch = {name: torch.cat([inputs[i][name][w : w + n] for i, w, n in runs]).to(device, non_blocking=non_blocking)
-                 for name in inputs[first_i]}
-        out = fn(batch)
-        offset = 0
-        for i, w, n in runs:
-            part = ({k: v[offset : offset + n] for k, v in out.items()} if isinstance(out, Mapping)
-                    else out[offset : offset + n])
-            sink(i, w, part)
-            offset += n
-        pos = end
+    for i, inp in enumerate(inputs):
+        for start in range(0, _count(inp), window_batch):
+            batch = {name: t[start : start + window_batch].contiguous().to(device, non_blocking=non_blocking)
+                     for name, t in inp.items()}
+            sink(i, start, fn(batch))
 
 
 def _count(inp: Tensors) -> int:
@@ -101,10 +88,6 @@ def _count(inp: Tensors) -> int:
     if len(sizes) != 1:
         raise ValueError(f"per-window inputs disagree on the window count: { {k: tuple(v.shape) for k, v in inp.items()} }")
     return sizes.pop()
-
-
-def _signature(inp: Tensors) -> tuple:
-    return tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(inp.items()))
 
 
 def to_store(x: torch.Tensor, feature_dtype: str) -> np.ndarray:

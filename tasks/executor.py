@@ -7,8 +7,9 @@ For a batch of items of one stage output set (one Prefect task):
 2. a loader thread decodes each image once and reads the upstream outputs, ``prefetch`` items
    ahead (pinned memory on CUDA);
 3. the calling thread runs the stage's pure compute, on groups of items whose windows fill
-   ``window_batch`` (one network forward spans several images) for stages that batch windows;
-   a group that fails is retried item by item, so one bad image fails alone;
+   ``window_batch`` for stages with windows (one call per group; each network forward holds the
+   windows of one image only, ``tasks.common.run_windows``, so an item's outputs do not depend on
+   its group); a group that fails is retried item by item, so one bad image fails alone;
 4. a writer thread appends each computed item to the batch's pack through a bounded queue;
    the pack and then its completion record are written when the batch ends. A writer error
    fails the items it concerns, never the run.
@@ -166,7 +167,8 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
 class Grouper:
     """Forms compute groups: items accumulate until their windows reach ``window_batch``.
 
-    Stages without a window count (``Stage.windows`` None) compute one item at a time. The
+    Stages without a window count (``Stage.windows`` None) compute one item at a time. A group
+    is one ``compute`` call; its forwards never mix images (``tasks.common.run_windows``). The
     benchmark forms its groups with the same class, so it times exactly the pipeline's calls.
     """
 

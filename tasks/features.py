@@ -2,7 +2,7 @@
 
 Each stage is ``models`` (loaded once per worker) -> ``load`` (one item's inputs: I/O only)
 -> ``compute`` (pure ``ovseg_core`` calls over a group of items) -> arrays the executor writes.
-``dino_features`` and ``clip_layers`` batch windows across images.
+``dino_features`` and ``clip_layers`` batch each image's windows (``window_batch`` per forward, one image per forward).
 """
 
 from __future__ import annotations

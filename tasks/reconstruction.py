@@ -9,8 +9,8 @@ image's VFM map inside the forward (``vfm_window_features``, only for the window
 and the regions are relabelled there (``merged`` is not an input: no DBSCAN, or with
 ``mask_clustering: true`` DBSCAN on the VFM features). The image is not decoded (every input is
 cached, only the windows' shape is needed), except for CorrCLIPv2 with DBSCAN and the semantic
-branch, whose mask class tokens are computed here from the windows. Windows of several images
-share one forward. Outputs are compact: the label map ``(H, W) uint16`` and the winning
+branch, whose mask class tokens are computed here from the windows. A forward holds the windows
+of one image (``tasks.common.run_windows``). Outputs are compact: the label map ``(H, W) uint16`` and the winning
 probability ``(H, W) float16``. Item attrs: ``windows``, ``method`` and, for a method that records
 per-window choices (SC-CLIP's design-document options), ``window_record``: ``{name: count over
 the image's windows}``.

@@ -75,7 +75,7 @@ class RunSettings:
 
     store_location: str
     device: str = "cpu"
-    window_batch: int = 4  # windows per network forward (across images)
+    window_batch: int = 4  # windows per network forward (of one image: tasks.common.run_windows)
     weights_dir: str | None = None
     run_id: str = ""
     lease_ttl: float = 120.0

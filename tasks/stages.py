@@ -110,7 +110,7 @@ class Stage:
         compute: ``(ctx, models, [inputs]) -> [(arrays, attrs)]`` (pure ovseg_core calls).
         arrays: the names of the arrays each item stores, or ``params -> names`` when its
             parameters name them (clip_layers: one per block aggregate).
-        windows: ``inputs -> window count`` for stages that batch windows across images.
+        windows: ``inputs -> window count`` for stages that batch windows (the executor's groups).
         scored_only: only images with ground truth are items.
     """
 

@@ -115,7 +115,7 @@ def test_a_pack_that_cannot_be_stored_fails_its_items_not_the_run(tmp_path):
     assert Store(store).complete_items("synthetic", key) == set()
 
 
-def test_run_windows_groups_images_and_returns_each_its_windows_in_order():
+def test_run_windows_returns_each_image_its_windows_in_order():
     inputs = [{"x": torch.arange(n * 2, dtype=torch.float32).reshape(n, 2) + 100 * i} for i, n in enumerate((3, 1, 2))]
     inputs.append({"x": torch.zeros(2, 5)})  # another window shape: never in the same call
     calls: list[int] = []
@@ -126,7 +126,7 @@ def test_run_windows_groups_images_and_returns_each_its_windows_in_order():
         return b["x"] * 2
 
     run_windows(inputs, fn, 4, lambda i, start, part: got.setdefault(i, []).append((start, part)))
-    assert calls == [4, 2, 2]  # images 0+1 share a call, 2 fills the rest, 3 has another shape
+    assert calls == [3, 1, 2, 2]  # one image per call (tests/tasks/test_group_independence.py)
     for i, inp in enumerate(inputs):
         parts = sorted(got[i], key=lambda p: p[0])
         torch.testing.assert_close(torch.cat([p for _, p in parts]), inp["x"] * 2, rtol=0, atol=0)
