@@ -2,9 +2,14 @@
 
 Part 1, real runs: synthetic 160x120 images with ground truth, tiny random models (``clip:tiny``,
 ``dino:tiny8``), SLIC regions, CorrCLIP + SC-CLIP with 112-pixel windows (two per image), at each
-``--sizes`` N: a cold run (per stage:
-wall, compute, fixed cost per image = (wall - compute) / images), files and bytes per image in the
-store, peak RSS, planning time and a no-op rerun.
+``--sizes`` N and for each of ``--modes`` (``fused``: ``runner.fuse: true``, the default;
+``staged``: stage by stage), ``--repeat`` times, the modes alternating within each repetition so
+their ratio is taken under the same machine load: a cold run (per stage: wall, compute, fixed cost
+per image = (wall - compute) / images; a fused stage's wall is its share of the chain batches),
+image decodes per image (counted in the real decode functions: ingest, and the stages' image and
+ground-truth reads), files and bytes per image in the store, peak RSS, planning time and a no-op
+rerun. Figures are medians over the repetitions; ratios fused / staged are medians of the
+per-repetition ratios.
 
 Part 2, ``--simulate N`` (default 100k): the bookkeeping alone. N image files (8x8 PNGs) and a
 store holding every stage output of the same experiment for all N images, written by the store's
@@ -46,11 +51,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000], help="image counts of the real runs")
     p.add_argument("--simulate", type=int, default=100000, help="image count of the bookkeeping simulation (0: skip)")
     p.add_argument("--batch-size", type=int, default=8, help="runner.batch_size (images per task and per pack)")
+    p.add_argument("--modes", nargs="*", default=["fused", "staged"], choices=["fused", "staged"],
+                   help="execution modes of the real runs (runner.fuse true / false), alternating per repetition")
+    p.add_argument("--repeat", type=int, default=1, help="repetitions of each real run (figures: medians)")
     p.add_argument("--out", default=str(REPO / "bench" / "out"))
     p.add_argument("--workdir", default=None, help="parent of the temporary images and stores (deleted at the end)")
     args = p.parse_args(argv)
-    if any(n < 1 for n in args.sizes) or args.simulate < 0 or args.batch_size < 1:
-        p.error("sizes and --batch-size must be >= 1, --simulate >= 0")
+    if any(n < 1 for n in args.sizes) or args.simulate < 0 or args.batch_size < 1 or args.repeat < 1:
+        p.error("sizes, --batch-size and --repeat must be >= 1, --simulate >= 0")
     return args
 
 
@@ -83,7 +91,7 @@ def make_tiny_files(root: Path, n: int) -> tuple[Path, Path]:
     return img_dir, gt_dir
 
 
-def experiment(store: Path, img_dir: Path, gt_dir: Path, batch_size: int):
+def experiment(store: Path, img_dir: Path, gt_dir: Path, batch_size: int, fuse: bool = True):
     from flows.config import parse_experiment
 
     return parse_experiment({
@@ -94,7 +102,7 @@ def experiment(store: Path, img_dir: Path, gt_dir: Path, batch_size: int):
         "regions": {"source": "slic", "params": {"n_segments": 40}},
         "methods": [{"name": "corrclip", "method": "corrclip", "window": WINDOW},
                     {"name": "scclip", "method": "scclip", "window": WINDOW}],
-        "runner": {"kind": "local", "workers": 1, "batch_size": batch_size},
+        "runner": {"kind": "local", "workers": 1, "batch_size": batch_size, "fuse": fuse},
         "text_templates": "single",
     }, source="bench/scale.py")
 
@@ -121,20 +129,51 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def real_run(n: int, work: Path, batch_size: int) -> dict[str, Any]:
+class DecodeCounter:
+    """Counts the calls of the real decode functions while active: ingest's image and ground-truth reads and the
+    stages' (``tasks.common.load_rgb``: every stage's image; ``tasks.scoring.load_label``: the ground truth)."""
+
+    PLACES = (("storage.ingest", "load_rgb", "ingest_image"), ("storage.ingest", "load_label", "ingest_gt"),
+              ("tasks.common", "load_rgb", "stage_image"), ("tasks.scoring", "load_label", "stage_gt"))
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys((tag for _, _, tag in self.PLACES), 0)
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> "DecodeCounter":
+        import importlib
+
+        for mod_name, fn, tag in self.PLACES:
+            mod = importlib.import_module(mod_name)
+            real = getattr(mod, fn)
+
+            def counted(*args, _real=real, _tag=tag, **kwargs):
+                self.counts[_tag] += 1
+                return _real(*args, **kwargs)
+
+            self._saved.append((mod, fn, real))
+            setattr(mod, fn, counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for mod, fn, real in self._saved:
+            setattr(mod, fn, real)
+
+
+def real_run(n: int, work: Path, batch_size: int, fuse: bool = True) -> dict[str, Any]:
     from measure import RssSampler, wait_quiet
 
     from flows.graph import build_plan
     from flows.pipeline import run_experiment
 
-    log.info("%d images: generating", n)
+    log.info("%d images (%s): generating", n, "fused" if fuse else "staged")
     img_dir, gt_dir = make_images(work / f"data-{n}", n)
     store = work / f"store-{n}"
-    exp = experiment(store, img_dir, gt_dir, batch_size)
+    exp = experiment(store, img_dir, gt_dir, batch_size, fuse)
     _, plan_s = timed(lambda: build_plan(exp))
     wait_quiet()
     log.info("%d images: cold run", n)
-    with RssSampler() as rss:
+    with RssSampler() as rss, DecodeCounter() as decodes:
         summary, cold_s = timed(lambda: run_experiment(exp, progress=False))
     if summary.status != "complete":
         raise RuntimeError(f"the cold run ended {summary.status}: {[f for s in summary.stages for f in s.failures][:3]}")
@@ -157,7 +196,8 @@ def real_run(n: int, work: Path, batch_size: int) -> dict[str, Any]:
     shutil.rmtree(work / f"data-{n}", ignore_errors=True)
     shutil.rmtree(store, ignore_errors=True)
     per_image = [x for x in stages if x["stage"] != "text_embeddings"]  # one item per vocabulary, not per image
-    return {"images": n, "plan_seconds": plan_s, "cold_seconds": cold_s, "noop_rerun_seconds": noop_s,
+    return {"images": n, "mode": "fused" if fuse else "staged", "plan_seconds": plan_s, "cold_seconds": cold_s,
+            "noop_rerun_seconds": noop_s, "decodes_per_image": {k: v / n for k, v in decodes.counts.items()},
             "stage_seconds_per_image": sum(x["wall_seconds"] for x in per_image) / n,
             "fixed_seconds_per_image": sum(max(x["wall_seconds"] - x["compute_seconds"], 0.0) for x in per_image) / n,
             "text_embeddings_seconds": sum(x["wall_seconds"] for x in stages if x["stage"] == "text_embeddings"),
@@ -228,22 +268,65 @@ def simulate(n: int, work: Path, batch_size: int) -> dict[str, Any]:
             "peak_rss_bytes": rss.peak(), "ingest_failed": ingest.failed if ingest else 0}
 
 
+def median_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The medians over repetitions of one (size, mode): every figure, per stage and per decode kind."""
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    first = runs[0]
+    out = {k: med([r[k] for r in runs]) for k in first if isinstance(first[k], (int, float)) and k != "images"}
+    out.update(images=first["images"], mode=first["mode"], repeats=len(runs),
+               decodes_per_image={k: med([r["decodes_per_image"][k] for r in runs]) for k in first["decodes_per_image"]},
+               cold_seconds_all=[r["cold_seconds"] for r in runs])
+    out["stages"] = [{**s, **{k: med([r["stages"][i][k] for r in runs]) for k in ("wall_seconds", "compute_seconds",
+                                                                                  "ms_per_image", "fixed_ms_per_image")}}
+                     for i, s in enumerate(first["stages"])]
+    return out
+
+
+def summarise(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Medians per (size, mode) and, per size, the medians of the per-repetition ratios fused / staged."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["images"], r["mode"]), []).append(r)
+    real = [median_runs(g) for g in groups.values()]
+    ratios = []
+    for n in dict.fromkeys(r["images"] for r in runs):
+        fused, staged = groups.get((n, "fused"), []), groups.get((n, "staged"), [])
+        pairs = list(zip(fused, staged))  # same repetition: the modes ran back to back
+        if pairs:
+            ratios.append({"images": n, "pairs": len(pairs), **{
+                k: float(np.median([f[k] / s[k] for f, s in pairs]))
+                for k in ("cold_seconds", "stage_seconds_per_image", "fixed_seconds_per_image")}})
+    return real, ratios
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Command: `{results['command']}`  ", f"Machine: {results['machine']}", ""]
     real = results["real"]
     if real:
-        lines += ["| images | cold run s | stage time per image ms (all stages) | of which fixed (wall - compute) ms | "
-                  "files / image | KiB / image | plan s | no-op rerun s | peak RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| images | mode | runs | cold run s (median) | stage time per image ms (all stages) | "
+                  "of which fixed (wall - compute) ms | largest fixed ms per stage and image | image decodes "
+                  "per image: ingest + stages (GT: ingest + stages) | files / image | KiB / image | plan s | "
+                  "no-op rerun s | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in real:
-            lines.append(f"| {r['images']} | {r['cold_seconds']:.1f} | {1000 * r['stage_seconds_per_image']:.1f} | "
-                         f"{1000 * r['fixed_seconds_per_image']:.1f} | "
+            d = r["decodes_per_image"]
+            per_image = [t for t in r["stages"] if t["stage"] != "text_embeddings"]
+            lines.append(f"| {r['images']} | {r['mode']} | {r['repeats']} | {r['cold_seconds']:.1f} | "
+                         f"{1000 * r['stage_seconds_per_image']:.1f} | {1000 * r['fixed_seconds_per_image']:.1f} | "
+                         f"{max(t['fixed_ms_per_image'] for t in per_image):.1f} | "
+                         f"{d['ingest_image']:.2f} + {d['stage_image']:.2f} ({d['ingest_gt']:.2f} + {d['stage_gt']:.2f}) | "
                          f"{r['files_per_image']:.2f} | {r['bytes_per_image'] / 1024:.1f} | {r['plan_seconds']:.2f} | "
                          f"{r['noop_rerun_seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
+        for q in results.get("ratios", []):
+            lines += ["", f"Fused / staged, {q['images']} images, median of {q['pairs']} back-to-back pair(s): cold run "
+                          f"{q['cold_seconds']:.2f}x, stage time per image {q['stage_seconds_per_image']:.2f}x, fixed "
+                          f"part {q['fixed_seconds_per_image']:.2f}x"]
         lines += ["", "Text embeddings (one item per vocabulary, model load included) are not in the per-image "
                       "figures. Per stage (ms per image; in brackets the fixed part = wall - compute, which also "
-                      "holds each stage's one-time model load; files and KiB per image):", "",
-                  "| stage | " + " | ".join(f"{r['images']} imgs ms (fixed)" for r in real) + " | files / image | KiB / image |",
+                      "holds each stage's one-time model load; a fused stage's wall is its share of the chain "
+                      "batches; files and KiB per image):", "",
+                  "| stage | " + " | ".join(f"{r['images']} {r['mode']} ms (fixed)" for r in real)
+                  + " | files / image | KiB / image |",
                   "|---|" + "---|" * len(real) + "---|---|"]
         for i, s in enumerate(real[0]["stages"]):
             cells = []
@@ -252,10 +335,6 @@ def markdown(results: dict[str, Any]) -> str:
                 cells.append(f"{t['ms_per_image']:.1f} ({t['fixed_ms_per_image']:.1f})")
             lines.append(f"| {s['stage']} `{s['key'][:6]}` | " + " | ".join(cells)
                          + f" | {s['files_per_image']:.3f} | {s['bytes_per_image'] / 1024:.2f} |")
-        if len(real) > 1:
-            a, b = real[0], real[-1]
-            lines += ["", f"Per-image stage time, {b['images']} vs {a['images']} images: "
-                          f"{b['stage_seconds_per_image'] / a['stage_seconds_per_image']:.3f}x"]
     sim = results.get("simulation")
     if sim:
         lines += ["", f"Bookkeeping simulation, {sim['images']} images, every stage output complete "
@@ -293,8 +372,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "real": [], "simulation": None}
     try:
         results["prefect_startup_seconds"] = prefect_startup_seconds()
+        runs = []
         for n in args.sizes:
-            results["real"].append(real_run(n, work, args.batch_size))
+            for _ in range(args.repeat):
+                for mode in args.modes:
+                    runs.append(real_run(n, work, args.batch_size, fuse=mode == "fused"))
+        results["runs"] = runs
+        results["real"], results["ratios"] = summarise(runs)
         if args.simulate:
             results["simulation"] = simulate(args.simulate, work, args.batch_size)
     finally:

@@ -195,6 +195,9 @@ class RunnerEntry(_Strict):
     batch_size: int = Field(default=8, ge=1, description="images per Prefect task (one task per batch, never per image)")
     lease_ttl: float = Field(default=120.0, gt=0, le=3600, description="seconds without a heartbeat after which a "
                              "dead run's claim on its items expires (reruns never wait longer)")
+    fuse: bool = Field(default=True, description="run a dataset's per-image stages as one chain per batch of images "
+                       "(each image decoded once, outputs passed in memory and stored as stage by stage); false: "
+                       "stage by stage, one batch task per stage")
 
 
 class Provenance(_Strict):
