@@ -73,8 +73,8 @@ def _blocked(ctx: StageContext, row: Mapping[str, Any], outcome: Mapping[tuple[s
     iid = str(row["image_id"])
     for up in ctx.node.upstream.values():
         got = outcome.get(up.ident, {}).get(STAGES[up.stage].item_of(row))
-        if got is None or got.status == "done":
-            continue  # not the chain's to compute (stored before), or computed now
+        if got is None or got.status in ("done", "cached"):
+            continue  # not the chain's to compute (stored before), computed now, or found stored by its batch
         if got.status == "busy":
             return ItemResult(iid, "busy", error=f"its {up.stage} output {got.error}")
         return ItemResult(iid, "failed", 0.0, "SkippedUpstream", f"its {up.stage} output failed in this run")

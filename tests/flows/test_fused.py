@@ -6,14 +6,16 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import storage.ingest
 import tasks.common
 import tasks.scoring
 from flows.pipeline import run_experiment
 from storage.store import Store
-from tests.flows.conftest import assert_same_outputs, computed, store_snapshot, tiny_experiment
+from tests.flows.conftest import SAMPLE, assert_same_outputs, computed, store_snapshot, tiny_experiment
 
 METHODS = [{"name": "corrclip", "method": "corrclip"}, {"name": "scclip", "method": "scclip"}]
 STAGE_BY_STAGE = {"kind": "local", "workers": 1, "batch_size": 8, "fuse": False}
@@ -99,3 +101,30 @@ def test_cold_corrclip_run_decodes_each_image_once_in_its_stages(tmp_path, monke
     assert {f: counts[("stage image", f)] for f in images} == {f: 1 for f in images}
     assert {f: counts[("stage gt", f)] for f in gts} == {f: 1 for f in gts}
     assert {f: counts[("ingest image", f)] for f in images} == {f: 1 for f in images}  # the readability check
+
+
+@pytest.mark.slow
+def test_a_failed_item_is_skipped_downstream_in_the_chain_as_stage_by_stage(tmp_path):
+    voc = SAMPLE / "voc2012-sample" / "VOCdevkit" / "VOC2012"
+    stems = sorted(p.stem for p in (voc / "JPEGImages").glob("*.jpg"))[:2]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    gt = np.asarray(Image.open(voc / "SegmentationClass" / f"{stems[1]}.png")).astype(np.int64)
+    np.savez(masks / f"{stems[1]}.npz", instance_mask=np.where(gt == 255, 0, gt + 7))  # none for stems[0]
+    regions = {"source": "files", "params": {"dir": str(masks), "pattern": "{stem}.npz"}}
+    corrclip = [{"name": "corrclip", "method": "corrclip"}]
+    fused = run_experiment(tiny_experiment(tmp_path / "fused", methods=corrclip, regions=regions),
+                           progress=False, orchestrate=False)
+    plain = run_experiment(tiny_experiment(tmp_path / "plain", methods=corrclip, regions=regions,
+                                           runner=STAGE_BY_STAGE), progress=False, orchestrate=False)
+
+    def outcome(summary):
+        return [(s.stage, s.done, s.failed, s.skipped, sorted(s.failures)) for s in summary.stages]
+
+    assert fused.status == plain.status == "failed"
+    assert outcome(fused) == outcome(plain)
+    by_stage = {s.stage: s for s in fused.stages}
+    assert by_stage["sam_masks"].failed == 1 and by_stage["dino_features"].done == 2  # the other stages go on
+    assert by_stage["mask_clustering"].skipped == 1 and by_stage["scoring"].skipped == 1
+    assert "its sam_masks output failed in this run" in by_stage["mask_clustering"].failures[0][2]
+    assert_same_outputs(store_snapshot(tmp_path / "fused"), store_snapshot(tmp_path / "plain"))
