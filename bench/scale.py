@@ -54,6 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="*", default=["fused", "staged"], choices=["fused", "staged"],
                    help="execution modes of the real runs (runner.fuse true / false), alternating per repetition")
     p.add_argument("--repeat", type=int, default=1, help="repetitions of each real run (figures: medians)")
+    p.add_argument("--summarise", default=None, metavar="RUNS_JSON", help="only summarise the runs an earlier "
+                   "(maybe unfinished) call saved in <out>/scale-runs.json")
     p.add_argument("--out", default=str(REPO / "bench" / "out"))
     p.add_argument("--workdir", default=None, help="parent of the temporary images and stores (deleted at the end)")
     args = p.parse_args(argv)
@@ -65,8 +67,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def make_images(root: Path, n: int, size: tuple[int, int] = (160, 120), seed: int = 0) -> tuple[Path, Path]:
     """``n`` synthetic RGB JPEGs (smooth random colour fields) and 4-class PNG ground truths."""
     img_dir, gt_dir = root / "images", root / "gt"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    gt_dir.mkdir(parents=True, exist_ok=True)
+    for d in (img_dir, gt_dir):
+        d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     w, h = size
     for i in range(n):
@@ -80,8 +82,8 @@ def make_images(root: Path, n: int, size: tuple[int, int] = (160, 120), seed: in
 def make_tiny_files(root: Path, n: int) -> tuple[Path, Path]:
     """``n`` 8x8 images and ground truths with identical bytes (ids still differ: they hash the path too)."""
     img_dir, gt_dir = root / "images", root / "gt"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    gt_dir.mkdir(parents=True, exist_ok=True)
+    for d in (img_dir, gt_dir):
+        d.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / "one.png")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "one-gt.png")
     img, gt = (root / "one.png").read_bytes(), (root / "one-gt.png").read_bytes()
@@ -125,13 +127,11 @@ def stage_files(store: Path, stage: str, key: str) -> tuple[int, int]:
 
 def timed(fn):
     t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+    return fn(), time.perf_counter() - t0
 
 
 class DecodeCounter:
-    """Counts the calls of the real decode functions while active: ingest's image and ground-truth reads and the
-    stages' (``tasks.common.load_rgb``: every stage's image; ``tasks.scoring.load_label``: the ground truth)."""
+    """Counts calls of the real decode functions: ingest's and the stages' image and ground-truth reads."""
 
     PLACES = (("storage.ingest", "load_rgb", "ingest_image"), ("storage.ingest", "load_label", "ingest_gt"),
               ("tasks.common", "load_rgb", "stage_image"), ("tasks.scoring", "load_label", "stage_gt"))
@@ -270,15 +270,12 @@ def simulate(n: int, work: Path, batch_size: int) -> dict[str, Any]:
 
 def median_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The medians over repetitions of one (size, mode): every figure, per stage and per decode kind."""
-    med = lambda xs: float(np.median(xs))  # noqa: E731
-    first = runs[0]
+    first, med = runs[0], lambda xs: float(np.median(xs))  # noqa: E731
     out = {k: med([r[k] for r in runs]) for k in first if isinstance(first[k], (int, float)) and k != "images"}
-    out.update(images=first["images"], mode=first["mode"], repeats=len(runs),
-               decodes_per_image={k: med([r["decodes_per_image"][k] for r in runs]) for k in first["decodes_per_image"]},
-               cold_seconds_all=[r["cold_seconds"] for r in runs])
-    out["stages"] = [{**s, **{k: med([r["stages"][i][k] for r in runs]) for k in ("wall_seconds", "compute_seconds",
-                                                                                  "ms_per_image", "fixed_ms_per_image")}}
-                     for i, s in enumerate(first["stages"])]
+    out.update(images=first["images"], mode=first["mode"], repeats=len(runs), cold_seconds_all=[r["cold_seconds"] for r in runs],
+               decodes_per_image={k: med([r["decodes_per_image"][k] for r in runs]) for k in first["decodes_per_image"]})
+    keys = ("wall_seconds", "compute_seconds", "ms_per_image", "fixed_ms_per_image")
+    out["stages"] = [{**s, **{k: med([r["stages"][i][k] for r in runs]) for k in keys}} for i, s in enumerate(first["stages"])]
     return out
 
 
@@ -353,6 +350,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summarise:
+        return write_results(json.loads(Path(args.summarise).read_text()), Path(args.out))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     sys.path.insert(0, str(REPO / "bench"))
@@ -372,18 +371,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "real": [], "simulation": None}
     try:
         results["prefect_startup_seconds"] = prefect_startup_seconds()
-        runs = []
+        runs = results["runs"] = []
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         for n in args.sizes:
             for _ in range(args.repeat):
                 for mode in args.modes:
                     runs.append(real_run(n, work, args.batch_size, fuse=mode == "fused"))
-        results["runs"] = runs
-        results["real"], results["ratios"] = summarise(runs)
+                    (Path(args.out) / "scale-runs.json").write_text(json.dumps(results, indent=2, default=str))
         if args.simulate:
             results["simulation"] = simulate(args.simulate, work, args.batch_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = Path(args.out)
+    return write_results(results, Path(args.out))
+
+
+def write_results(results: dict[str, Any], out: Path) -> int:
+    """``scale.json`` and ``scale.md`` (printed) from the runs: medians per size and mode, ratios."""
+    if results.get("runs"):
+        results["real"], results["ratios"] = summarise(results["runs"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(results, indent=2, default=str))
     md = markdown(results)
