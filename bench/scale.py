@@ -23,6 +23,7 @@ before anything is timed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -141,8 +142,6 @@ class DecodeCounter:
         self._saved: list[tuple[Any, str, Any]] = []
 
     def __enter__(self) -> "DecodeCounter":
-        import importlib
-
         for mod_name, fn, tag in self.PLACES:
             mod = importlib.import_module(mod_name)
             real = getattr(mod, fn)
