@@ -23,7 +23,6 @@ before anything is timed.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -131,36 +130,8 @@ def timed(fn):
     return fn(), time.perf_counter() - t0
 
 
-class DecodeCounter:
-    """Counts calls of the real decode functions: ingest's and the stages' image and ground-truth reads."""
-
-    PLACES = (("storage.ingest", "load_rgb", "ingest_image"), ("storage.ingest", "load_label", "ingest_gt"),
-              ("tasks.common", "load_rgb", "stage_image"), ("tasks.scoring", "load_label", "stage_gt"))
-
-    def __init__(self) -> None:
-        self.counts = dict.fromkeys((tag for _, _, tag in self.PLACES), 0)
-        self._saved: list[tuple[Any, str, Any]] = []
-
-    def __enter__(self) -> "DecodeCounter":
-        for mod_name, fn, tag in self.PLACES:
-            mod = importlib.import_module(mod_name)
-            real = getattr(mod, fn)
-
-            def counted(*args, _real=real, _tag=tag, **kwargs):
-                self.counts[_tag] += 1
-                return _real(*args, **kwargs)
-
-            self._saved.append((mod, fn, real))
-            setattr(mod, fn, counted)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for mod, fn, real in self._saved:
-            setattr(mod, fn, real)
-
-
 def real_run(n: int, work: Path, batch_size: int, fuse: bool = True) -> dict[str, Any]:
-    from measure import RssSampler, wait_quiet
+    from measure import DecodeCounter, RssSampler, wait_quiet
 
     from flows.graph import build_plan
     from flows.pipeline import run_experiment
@@ -172,8 +143,10 @@ def real_run(n: int, work: Path, batch_size: int, fuse: bool = True) -> dict[str
     _, plan_s = timed(lambda: build_plan(exp))
     wait_quiet()
     log.info("%d images: cold run", n)
+    cpu0 = time.process_time()  # CPU seconds of this process (all threads): less sensitive to other load than wall
     with RssSampler() as rss, DecodeCounter() as decodes:
         summary, cold_s = timed(lambda: run_experiment(exp, progress=False))
+    cold_cpu = time.process_time() - cpu0
     if summary.status != "complete":
         raise RuntimeError(f"the cold run ended {summary.status}: {[f for s in summary.stages for f in s.failures][:3]}")
     stages = []
@@ -196,7 +169,7 @@ def real_run(n: int, work: Path, batch_size: int, fuse: bool = True) -> dict[str
     shutil.rmtree(store, ignore_errors=True)
     per_image = [x for x in stages if x["stage"] != "text_embeddings"]  # one item per vocabulary, not per image
     return {"images": n, "mode": "fused" if fuse else "staged", "plan_seconds": plan_s, "cold_seconds": cold_s,
-            "noop_rerun_seconds": noop_s, "decodes_per_image": {k: v / n for k, v in decodes.counts.items()},
+            "noop_rerun_seconds": noop_s, "cold_cpu_seconds_per_image": cold_cpu / n, "decodes_per_image": {k: v / n for k, v in decodes.counts.items()},
             "stage_seconds_per_image": sum(x["wall_seconds"] for x in per_image) / n,
             "fixed_seconds_per_image": sum(max(x["wall_seconds"] - x["compute_seconds"], 0.0) for x in per_image) / n,
             "text_embeddings_seconds": sum(x["wall_seconds"] for x in stages if x["stage"] == "text_embeddings"),
@@ -291,7 +264,8 @@ def summarise(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
         if pairs:
             ratios.append({"images": n, "pairs": len(pairs), **{
                 k: float(np.median([f[k] / s[k] for f, s in pairs]))
-                for k in ("cold_seconds", "stage_seconds_per_image", "fixed_seconds_per_image")}})
+                for k in ("cold_seconds", "cold_cpu_seconds_per_image", "stage_seconds_per_image",
+                          "fixed_seconds_per_image")}})
     return real, ratios
 
 
@@ -299,15 +273,16 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"Command: `{results['command']}`  ", f"Machine: {results['machine']}", ""]
     real = results["real"]
     if real:
-        lines += ["| images | mode | runs | cold run s (median) | stage time per image ms (all stages) | "
+        lines += ["| images | mode | runs | cold run s (median) | cold run CPU ms per image | stage time per image ms (all stages) | "
                   "of which fixed (wall - compute) ms | largest fixed ms per stage and image | image decodes "
                   "per image: ingest + stages (GT: ingest + stages) | files / image | KiB / image | plan s | "
                   "no-op rerun s | peak RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in real:
             d = r["decodes_per_image"]
             per_image = [t for t in r["stages"] if t["stage"] != "text_embeddings"]
             lines.append(f"| {r['images']} | {r['mode']} | {r['repeats']} | {r['cold_seconds']:.1f} | "
+                         f"{1000 * r['cold_cpu_seconds_per_image']:.1f} | "
                          f"{1000 * r['stage_seconds_per_image']:.1f} | {1000 * r['fixed_seconds_per_image']:.1f} | "
                          f"{max(t['fixed_ms_per_image'] for t in per_image):.1f} | "
                          f"{d['ingest_image']:.2f} + {d['stage_image']:.2f} ({d['ingest_gt']:.2f} + {d['stage_gt']:.2f}) | "
@@ -315,8 +290,8 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{r['noop_rerun_seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
         for q in results.get("ratios", []):
             lines += ["", f"Fused / staged, {q['images']} images, median of {q['pairs']} back-to-back pair(s): cold run "
-                          f"{q['cold_seconds']:.2f}x, stage time per image {q['stage_seconds_per_image']:.2f}x, fixed "
-                          f"part {q['fixed_seconds_per_image']:.2f}x"]
+                          f"{q['cold_seconds']:.2f}x (its CPU seconds {q['cold_cpu_seconds_per_image']:.2f}x), stage time "
+                          f"per image {q['stage_seconds_per_image']:.2f}x, fixed part {q['fixed_seconds_per_image']:.2f}x"]
         lines += ["", "Text embeddings (one item per vocabulary, model load included) are not in the per-image "
                       "figures. Per stage (ms per image; in brackets the fixed part = wall - compute, which also "
                       "holds each stage's one-time model load; a fused stage's wall is its share of the chain "

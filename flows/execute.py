@@ -272,13 +272,12 @@ def _todo(store: Store, node, items: list[dict[str, Any]], forced: bool, rep: St
         store.drop_items(node.stage, node.key, [it["image_id"] for it in items], reason="--force")
     ready = items
     for role, up in node.upstream.items():
-        up_done = available(store, up)
-        up_coming = coming.get(up.ident, set())
+        up_done = _available(store, up, coming)
         up_failed = failed_here.get(up.ident, set())
         keep = []
         for it in ready:
             iid = STAGES[up.stage].item_of(it)
-            if up_done is None or iid in up_done or iid in up_coming:
+            if up_done is None or iid in up_done:
                 keep.append(it)
                 continue
             rep.skipped += 1
@@ -291,6 +290,21 @@ def _todo(store: Store, node, items: list[dict[str, Any]], forced: bool, rep: St
     todo = [it for it in ready if it["image_id"] not in done]
     rep.cached += len(ready) - len(todo)
     return todo
+
+
+def _available(store: Store, node, coming: Mapping[tuple[str, str], set[str]]) -> set[str] | None:
+    """``flows.batches.available`` counting the items a chain computes before its reader (``coming``): a node that
+    is not persisted can be computed on demand where its per-image inputs will be there (None: every item)."""
+    got = available(store, node)
+    if not coming or got is None:
+        return got
+    if node.persist:
+        return got | coming.get(node.ident, set())
+    out: set[str] | None = None
+    for up in node.upstream.values():
+        if STAGES[up.stage].per == "image" and (more := _available(store, up, coming)) is not None:
+            out = more if out is None else out & more
+    return None if out is None else got | out
 
 
 def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict[str, Any]], forced: bool,
