@@ -1,13 +1,15 @@
-"""Measurement helpers of the benchmark: RSS sampling, machine facts, matmul rate, FLOP counts."""
+"""Measurement helpers of the benchmark: RSS sampling, machine facts, matmul rate, FLOP counts, decode counts."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import torch
@@ -183,3 +185,31 @@ def median(values: Sequence[float | None]) -> float | None:
         return None
     mid = len(vals) // 2
     return float(vals[mid]) if len(vals) % 2 else float(0.5 * (vals[mid - 1] + vals[mid]))
+
+
+class DecodeCounter:
+    """Counts calls of the real decode functions: ingest's and the stages' image and ground-truth reads."""
+
+    PLACES = (("storage.ingest", "load_rgb", "ingest_image"), ("storage.ingest", "load_label", "ingest_gt"),
+              ("tasks.common", "load_rgb", "stage_image"), ("tasks.scoring", "load_label", "stage_gt"))
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys((tag for _, _, tag in self.PLACES), 0)
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> "DecodeCounter":
+        for mod_name, fn, tag in self.PLACES:
+            mod = importlib.import_module(mod_name)
+            real = getattr(mod, fn)
+
+            def counted(*args, _real=real, _tag=tag, **kwargs):
+                self.counts[_tag] += 1
+                return _real(*args, **kwargs)
+
+            self._saved.append((mod, fn, real))
+            setattr(mod, fn, counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for mod, fn, real in self._saved:
+            setattr(mod, fn, real)

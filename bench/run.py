@@ -98,7 +98,9 @@ def experiment(name: str, store: Path, datasets: list[dict[str, Any]], models: M
 
     return parse_experiment({
         "name": name, "store": str(store), "datasets": datasets, "models": dict(models),
-        "regions": {"source": "sam"}, "methods": methods, "runner": {"kind": "local", "workers": 1},
+        # stage by stage: each stage's wall, peak RSS and CPU seconds are measured over its own time span (a fused
+        # run interleaves the stages of a batch; bench/scale.py compares the two modes)
+        "regions": {"source": "sam"}, "methods": methods, "runner": {"kind": "local", "workers": 1, "fuse": False},
         "window_batch": window_batch,
     }, source=f"bench:{name}")
 

@@ -2,9 +2,14 @@
 
 Part 1, real runs: synthetic 160x120 images with ground truth, tiny random models (``clip:tiny``,
 ``dino:tiny8``), SLIC regions, CorrCLIP + SC-CLIP with 112-pixel windows (two per image), at each
-``--sizes`` N: a cold run (per stage:
-wall, compute, fixed cost per image = (wall - compute) / images), files and bytes per image in the
-store, peak RSS, planning time and a no-op rerun.
+``--sizes`` N and for each of ``--modes`` (``fused``: ``runner.fuse: true``, the default;
+``staged``: stage by stage), ``--repeat`` times, the modes alternating within each repetition so
+their ratio is taken under the same machine load: a cold run (per stage: wall, compute, fixed cost
+per image = (wall - compute) / images; a fused stage's wall is its share of the chain batches),
+image decodes per image (counted in the real decode functions: ingest, and the stages' image and
+ground-truth reads), files and bytes per image in the store, peak RSS, planning time and a no-op
+rerun. Figures are medians over the repetitions; ratios fused / staged are medians of the
+per-repetition ratios.
 
 Part 2, ``--simulate N`` (default 100k): the bookkeeping alone. N image files (8x8 PNGs) and a
 store holding every stage output of the same experiment for all N images, written by the store's
@@ -46,19 +51,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000], help="image counts of the real runs")
     p.add_argument("--simulate", type=int, default=100000, help="image count of the bookkeeping simulation (0: skip)")
     p.add_argument("--batch-size", type=int, default=8, help="runner.batch_size (images per task and per pack)")
+    p.add_argument("--modes", nargs="*", default=["fused", "staged"], choices=["fused", "staged"],
+                   help="execution modes of the real runs (runner.fuse true / false), alternating per repetition")
+    p.add_argument("--repeat", type=int, default=1, help="repetitions of each real run (figures: medians)")
+    p.add_argument("--summarise", default=None, metavar="RUNS_JSON", help="only summarise the runs an earlier "
+                   "(maybe unfinished) call saved in <out>/scale-runs.json")
     p.add_argument("--out", default=str(REPO / "bench" / "out"))
     p.add_argument("--workdir", default=None, help="parent of the temporary images and stores (deleted at the end)")
     args = p.parse_args(argv)
-    if any(n < 1 for n in args.sizes) or args.simulate < 0 or args.batch_size < 1:
-        p.error("sizes and --batch-size must be >= 1, --simulate >= 0")
+    if any(n < 1 for n in args.sizes) or args.simulate < 0 or args.batch_size < 1 or args.repeat < 1:
+        p.error("sizes, --batch-size and --repeat must be >= 1, --simulate >= 0")
     return args
 
 
 def make_images(root: Path, n: int, size: tuple[int, int] = (160, 120), seed: int = 0) -> tuple[Path, Path]:
     """``n`` synthetic RGB JPEGs (smooth random colour fields) and 4-class PNG ground truths."""
     img_dir, gt_dir = root / "images", root / "gt"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    gt_dir.mkdir(parents=True, exist_ok=True)
+    for d in (img_dir, gt_dir):
+        d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     w, h = size
     for i in range(n):
@@ -72,8 +82,8 @@ def make_images(root: Path, n: int, size: tuple[int, int] = (160, 120), seed: in
 def make_tiny_files(root: Path, n: int) -> tuple[Path, Path]:
     """``n`` 8x8 images and ground truths with identical bytes (ids still differ: they hash the path too)."""
     img_dir, gt_dir = root / "images", root / "gt"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    gt_dir.mkdir(parents=True, exist_ok=True)
+    for d in (img_dir, gt_dir):
+        d.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / "one.png")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "one-gt.png")
     img, gt = (root / "one.png").read_bytes(), (root / "one-gt.png").read_bytes()
@@ -83,7 +93,7 @@ def make_tiny_files(root: Path, n: int) -> tuple[Path, Path]:
     return img_dir, gt_dir
 
 
-def experiment(store: Path, img_dir: Path, gt_dir: Path, batch_size: int):
+def experiment(store: Path, img_dir: Path, gt_dir: Path, batch_size: int, fuse: bool = True):
     from flows.config import parse_experiment
 
     return parse_experiment({
@@ -94,7 +104,7 @@ def experiment(store: Path, img_dir: Path, gt_dir: Path, batch_size: int):
         "regions": {"source": "slic", "params": {"n_segments": 40}},
         "methods": [{"name": "corrclip", "method": "corrclip", "window": WINDOW},
                     {"name": "scclip", "method": "scclip", "window": WINDOW}],
-        "runner": {"kind": "local", "workers": 1, "batch_size": batch_size},
+        "runner": {"kind": "local", "workers": 1, "batch_size": batch_size, "fuse": fuse},
         "text_templates": "single",
     }, source="bench/scale.py")
 
@@ -117,25 +127,26 @@ def stage_files(store: Path, stage: str, key: str) -> tuple[int, int]:
 
 def timed(fn):
     t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+    return fn(), time.perf_counter() - t0
 
 
-def real_run(n: int, work: Path, batch_size: int) -> dict[str, Any]:
-    from measure import RssSampler, wait_quiet
+def real_run(n: int, work: Path, batch_size: int, fuse: bool = True) -> dict[str, Any]:
+    from measure import DecodeCounter, RssSampler, wait_quiet
 
     from flows.graph import build_plan
     from flows.pipeline import run_experiment
 
-    log.info("%d images: generating", n)
+    log.info("%d images (%s): generating", n, "fused" if fuse else "staged")
     img_dir, gt_dir = make_images(work / f"data-{n}", n)
     store = work / f"store-{n}"
-    exp = experiment(store, img_dir, gt_dir, batch_size)
+    exp = experiment(store, img_dir, gt_dir, batch_size, fuse)
     _, plan_s = timed(lambda: build_plan(exp))
     wait_quiet()
     log.info("%d images: cold run", n)
-    with RssSampler() as rss:
+    cpu0 = time.process_time()  # CPU seconds of this process (all threads): less sensitive to other load than wall
+    with RssSampler() as rss, DecodeCounter() as decodes:
         summary, cold_s = timed(lambda: run_experiment(exp, progress=False))
+    cold_cpu = time.process_time() - cpu0
     if summary.status != "complete":
         raise RuntimeError(f"the cold run ended {summary.status}: {[f for s in summary.stages for f in s.failures][:3]}")
     stages = []
@@ -157,7 +168,8 @@ def real_run(n: int, work: Path, batch_size: int) -> dict[str, Any]:
     shutil.rmtree(work / f"data-{n}", ignore_errors=True)
     shutil.rmtree(store, ignore_errors=True)
     per_image = [x for x in stages if x["stage"] != "text_embeddings"]  # one item per vocabulary, not per image
-    return {"images": n, "plan_seconds": plan_s, "cold_seconds": cold_s, "noop_rerun_seconds": noop_s,
+    return {"images": n, "mode": "fused" if fuse else "staged", "plan_seconds": plan_s, "cold_seconds": cold_s,
+            "noop_rerun_seconds": noop_s, "cold_cpu_seconds_per_image": cold_cpu / n, "decodes_per_image": {k: v / n for k, v in decodes.counts.items()},
             "stage_seconds_per_image": sum(x["wall_seconds"] for x in per_image) / n,
             "fixed_seconds_per_image": sum(max(x["wall_seconds"] - x["compute_seconds"], 0.0) for x in per_image) / n,
             "text_embeddings_seconds": sum(x["wall_seconds"] for x in stages if x["stage"] == "text_embeddings"),
@@ -228,22 +240,64 @@ def simulate(n: int, work: Path, batch_size: int) -> dict[str, Any]:
             "peak_rss_bytes": rss.peak(), "ingest_failed": ingest.failed if ingest else 0}
 
 
+def median_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The medians over repetitions of one (size, mode): every figure, per stage and per decode kind."""
+    first, med = runs[0], lambda xs: float(np.median(xs))  # noqa: E731
+    out = {k: med([r[k] for r in runs]) for k in first if isinstance(first[k], (int, float)) and k != "images"}
+    out.update(images=first["images"], mode=first["mode"], repeats=len(runs), cold_seconds_all=[r["cold_seconds"] for r in runs],
+               decodes_per_image={k: med([r["decodes_per_image"][k] for r in runs]) for k in first["decodes_per_image"]})
+    keys = ("wall_seconds", "compute_seconds", "ms_per_image", "fixed_ms_per_image")
+    out["stages"] = [{**s, **{k: med([r["stages"][i][k] for r in runs]) for k in keys}} for i, s in enumerate(first["stages"])]
+    return out
+
+
+def summarise(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Medians per (size, mode) and, per size, the medians of the per-repetition ratios fused / staged."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["images"], r["mode"]), []).append(r)
+    real = [median_runs(g) for g in groups.values()]
+    ratios = []
+    for n in dict.fromkeys(r["images"] for r in runs):
+        fused, staged = groups.get((n, "fused"), []), groups.get((n, "staged"), [])
+        pairs = list(zip(fused, staged))  # same repetition: the modes ran back to back
+        if pairs:
+            ratios.append({"images": n, "pairs": len(pairs), **{
+                k: float(np.median([f[k] / s[k] for f, s in pairs]))
+                for k in ("cold_seconds", "cold_cpu_seconds_per_image", "stage_seconds_per_image",
+                          "fixed_seconds_per_image")}})
+    return real, ratios
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Command: `{results['command']}`  ", f"Machine: {results['machine']}", ""]
     real = results["real"]
     if real:
-        lines += ["| images | cold run s | stage time per image ms (all stages) | of which fixed (wall - compute) ms | "
-                  "files / image | KiB / image | plan s | no-op rerun s | peak RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| images | mode | runs | cold run s (median) | cold run CPU ms per image | stage time per image ms (all stages) | "
+                  "of which fixed (wall - compute) ms | largest fixed ms per stage and image | image decodes "
+                  "per image: ingest + stages (GT: ingest + stages) | files / image | KiB / image | plan s | "
+                  "no-op rerun s | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in real:
-            lines.append(f"| {r['images']} | {r['cold_seconds']:.1f} | {1000 * r['stage_seconds_per_image']:.1f} | "
-                         f"{1000 * r['fixed_seconds_per_image']:.1f} | "
+            d = r["decodes_per_image"]
+            per_image = [t for t in r["stages"] if t["stage"] != "text_embeddings"]
+            lines.append(f"| {r['images']} | {r['mode']} | {r['repeats']} | {r['cold_seconds']:.1f} | "
+                         f"{1000 * r['cold_cpu_seconds_per_image']:.1f} | "
+                         f"{1000 * r['stage_seconds_per_image']:.1f} | {1000 * r['fixed_seconds_per_image']:.1f} | "
+                         f"{max(t['fixed_ms_per_image'] for t in per_image):.1f} | "
+                         f"{d['ingest_image']:.2f} + {d['stage_image']:.2f} ({d['ingest_gt']:.2f} + {d['stage_gt']:.2f}) | "
                          f"{r['files_per_image']:.2f} | {r['bytes_per_image'] / 1024:.1f} | {r['plan_seconds']:.2f} | "
                          f"{r['noop_rerun_seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
+        for q in results.get("ratios", []):
+            lines += ["", f"Fused / staged, {q['images']} images, median of {q['pairs']} back-to-back pair(s): cold run "
+                          f"{q['cold_seconds']:.2f}x (its CPU seconds {q['cold_cpu_seconds_per_image']:.2f}x), stage time "
+                          f"per image {q['stage_seconds_per_image']:.2f}x, fixed part {q['fixed_seconds_per_image']:.2f}x"]
         lines += ["", "Text embeddings (one item per vocabulary, model load included) are not in the per-image "
                       "figures. Per stage (ms per image; in brackets the fixed part = wall - compute, which also "
-                      "holds each stage's one-time model load; files and KiB per image):", "",
-                  "| stage | " + " | ".join(f"{r['images']} imgs ms (fixed)" for r in real) + " | files / image | KiB / image |",
+                      "holds each stage's one-time model load; a fused stage's wall is its share of the chain "
+                      "batches; files and KiB per image):", "",
+                  "| stage | " + " | ".join(f"{r['images']} {r['mode']} ms (fixed)" for r in real)
+                  + " | files / image | KiB / image |",
                   "|---|" + "---|" * len(real) + "---|---|"]
         for i, s in enumerate(real[0]["stages"]):
             cells = []
@@ -252,10 +306,6 @@ def markdown(results: dict[str, Any]) -> str:
                 cells.append(f"{t['ms_per_image']:.1f} ({t['fixed_ms_per_image']:.1f})")
             lines.append(f"| {s['stage']} `{s['key'][:6]}` | " + " | ".join(cells)
                          + f" | {s['files_per_image']:.3f} | {s['bytes_per_image'] / 1024:.2f} |")
-        if len(real) > 1:
-            a, b = real[0], real[-1]
-            lines += ["", f"Per-image stage time, {b['images']} vs {a['images']} images: "
-                          f"{b['stage_seconds_per_image'] / a['stage_seconds_per_image']:.3f}x"]
     sim = results.get("simulation")
     if sim:
         lines += ["", f"Bookkeeping simulation, {sim['images']} images, every stage output complete "
@@ -274,6 +324,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summarise:
+        return write_results(json.loads(Path(args.summarise).read_text()), Path(args.out))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     sys.path.insert(0, str(REPO / "bench"))
@@ -293,13 +345,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "real": [], "simulation": None}
     try:
         results["prefect_startup_seconds"] = prefect_startup_seconds()
+        runs = results["runs"] = []
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         for n in args.sizes:
-            results["real"].append(real_run(n, work, args.batch_size))
+            for _ in range(args.repeat):
+                for mode in args.modes:
+                    runs.append(real_run(n, work, args.batch_size, fuse=mode == "fused"))
+                    (Path(args.out) / "scale-runs.json").write_text(json.dumps(results, indent=2, default=str))
         if args.simulate:
             results["simulation"] = simulate(args.simulate, work, args.batch_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = Path(args.out)
+    return write_results(results, Path(args.out))
+
+
+def write_results(results: dict[str, Any], out: Path) -> int:
+    """``scale.json`` and ``scale.md`` (printed) from the runs: medians per size and mode, ratios."""
+    if results.get("runs"):
+        results["real"], results["ratios"] = summarise(results["runs"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(results, indent=2, default=str))
     md = markdown(results)

@@ -72,19 +72,19 @@ def submit_all(exp: Experiment, ctx: StageContext, todo: list[dict[str, Any]], r
                                   for it in batch])
         fatal = fatal or result.fatal
         for r in result.items:
-            _count(r, rep, failed_here.setdefault(ctx.node.ident, set()), busy)
+            count_result(r, rep, failed_here.setdefault(ctx.node.ident, set()), busy)
         bar.update(len(result.items))
         if fatal and batches:  # the stage cannot run here: fail the rest once, without attempting them
             for b in batches:
                 for it in b:
-                    _count(ItemResult(it["image_id"], "failed", 0.0, "BackboneLoadError", f"not attempted: {fatal}"),
+                    count_result(ItemResult(it["image_id"], "failed", 0.0, "BackboneLoadError", f"not attempted: {fatal}"),
                            rep, failed_here[ctx.node.ident], busy)
                 bar.update(len(b))
             batches.clear()
     return busy
 
 
-def _count(r: ItemResult, rep: StageReport, failed: set[str], busy: dict[str, str]) -> None:
+def count_result(r: ItemResult, rep: StageReport, failed: set[str], busy: dict[str, str]) -> None:
     if r.status == "done":
         rep.done += 1
     elif r.status == "cached":

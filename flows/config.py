@@ -17,15 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from flows.experiment_files import (  # noqa: F401 - re-exported (tests, docs)
     EXTENDS_KEY,
@@ -225,6 +217,9 @@ class RunnerEntry(_Strict):
     batch_size: int = Field(default=8, ge=1, description="images per Prefect task (one task per batch, never per image)")
     lease_ttl: float = Field(default=120.0, gt=0, le=3600, description="seconds without a heartbeat after which a "
                              "dead run's claim on its items expires (reruns never wait longer)")
+    fuse: bool = Field(default=True, description="run a dataset's per-image stages as one chain per batch of images "
+                       "(each image decoded once, outputs passed in memory and stored as stage by stage); false: "
+                       "stage by stage, one batch task per stage")
 
 
 class Provenance(_Strict):

@@ -21,6 +21,7 @@ from typing import Any
 from flows.batches import available, submit_all, wait_for
 from flows.config import Experiment
 from flows.emptiness import empty_dataset_error
+from flows.fused import SubmitChain, chain_of, run_chains
 from flows.graph import DatasetPlan, build_plan, check_device, descendants, method_users, read_nodes
 from flows.logs import progress_bar
 from flows.ingest import ingest_dataset
@@ -74,13 +75,16 @@ class RunRequest:
     experiment_file: str = ""
 
 
-def execute(request: RunRequest, plans: Sequence[DatasetPlan], submit: Submit
+def execute(request: RunRequest, plans: Sequence[DatasetPlan], submit: Submit, submit_chain: SubmitChain | None = None
             ) -> tuple[RunSummary, dict[str, list[dict[str, Any]]]]:
     """Run ``request`` on its validated ``plans``; returns the summary and the manifests ingested.
 
     The run journal is written first (status ``running``, the whole plan) and finished last with
     the outcome, followed by the run record, whatever happened in between (an interrupted run
     gets no run record). An exception (e.g. a dataset without images) is re-raised.
+
+    ``submit_chain`` starts a fused chain batch (``flows.fused``); with ``runner.fuse`` (the default) the
+    per-image stages of a dataset run as chains through it; None: every stage batch by batch through ``submit``.
     """
     exp, run_id = request.experiment, request.run_id
     force, only = list(request.force), (list(request.only) if request.only is not None else None)
@@ -103,7 +107,7 @@ def execute(request: RunRequest, plans: Sequence[DatasetPlan], submit: Submit
         manifests = _ingest_all(store, plans, summary, request.progress)
         for plan in plans:
             _run_dataset(exp, store, plan, manifests[plan.dataset.name], settings, force, only, summary,
-                         request.progress, request.wait, journal, submit)
+                         request.progress, request.wait, journal, submit, submit_chain)
         if request.report_dir is not None:
             summary.report = str(write_report(store.location, request.report_dir, experiments=[exp.name]))
         status = summary.status
@@ -150,7 +154,7 @@ def _ingest_all(store: Store, plans: Sequence[DatasetPlan], summary: RunSummary,
 
 def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Sequence[Mapping[str, Any]],
                  settings: RunSettings, force: Sequence[str], only: Sequence[str] | None, summary: RunSummary,
-                 progress: bool, wait: bool, journal, submit: Submit) -> None:
+                 progress: bool, wait: bool, journal, submit: Submit, submit_chain: SubmitChain | None) -> None:
     ok_rows = [dict(r) for r in manifest if r.get("status", "ok") == "ok"]
     bad_rows = [r for r in manifest if r.get("status", "ok") != "ok"]
     if bad_rows:
@@ -161,29 +165,19 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
     users = method_users(plan)
     failed_here: dict[tuple[str, str], set[str]] = {}  # items that failed in this run, per node
     nodes = [n for n in plan.ordered() if (only is None or n.stage in only) and n.persist]  # others: on demand
-    for k, node in enumerate(nodes, 1):
-        label = f"{plan.dataset.name}:{node.stage}[{','.join(sorted(users.get(node.ident, ())))}]"
-        rep = StageReport(plan.dataset.name, node.stage, node.key, started=time.time(),
-                          methods=",".join(sorted(users.get(node.ident, ()))))
-        ctx = StageContext(node, settings, plan.dataset.name)
-        store.register_stage(node.stage_key, random_weights=node.random_weights)  # also rewrites a damaged stage.json
-        store.touch(node.stage, node.key, summary.run_id)  # the storage budget evicts least recently used sets
-        repaired = store.check_presence(node.stage, node.key)
-        if repaired:
-            summary.notes.append(f"{plan.dataset.name}:{node.stage} {node.key}: {len(repaired)} stored outputs were "
-                                 f"missing or truncated ({repaired[0][1]}, ...): recomputed now")
-        _run_node(exp, store, ctx, STAGES[node.stage].items(ok_rows), node.ident in forced, rep, failed_here, progress, wait,
-                  f"{label} ({k}/{len(nodes)})", submit)
-        state = store.state(node.stage, node.key)  # one listing: what the workers wrote
-        store.mark_fresh(node.stage, node.key)  # downstream checks in this run need no other listing
-        if state.uncovered_records() >= COMPACT_AFTER:  # later runs read one index instead of many records
-            state.compact()
-        rep.ended = time.time()
-        log.info("%s stage %d/%d (key %s): %d computed, %d cached, %d failed, %d not done, %.1f s of compute",
-                 label, k, len(nodes), node.key, rep.done, rep.cached, rep.failed, rep.skipped + rep.busy, rep.seconds)
-        summary.stages.append(rep)
-        journal.stage(f"{plan.dataset.name}/{node.stage}/{node.key}", done=rep.done, cached=rep.cached,
-                      failed=rep.failed, skipped=rep.skipped, busy=rep.busy, total=rep.total, ended=rep.ended)
+    ctxs = [StageContext(n, settings, plan.dataset.name) for n in nodes]
+    chain = chain_of(ctxs, {s: STAGES[s].per for s in STAGES}) if exp.runner.fuse and submit_chain else []
+    n = len(nodes)
+    for k, ctx in enumerate(ctxs, 1):  # stage by stage: the nodes outside the chain (per vocabulary), or all
+        if ctx in chain:
+            continue
+        rep, label = _begin_node(store, plan, ctx.node, users, summary)
+        _run_node(exp, store, ctx, STAGES[ctx.stage].items(ok_rows), ctx.node.ident in forced, rep, failed_here,
+                  progress, wait, f"{label} ({k}/{n})", submit)
+        _end_node(store, ctx.node, rep, f"{label} stage {k}/{n}", summary, journal)
+    if chain:
+        _run_chain(exp, store, plan, chain, ok_rows, forced, users, summary, failed_here, progress, wait, journal,
+                   submit, submit_chain, [ctxs.index(c) + 1 for c in chain], n)
     if only is None or "scoring" in only:
         rows, notes, damaged = aggregate_scores(store, exp.name, plan, manifest, summary.run_id)
         summary.metrics.extend(rows)
@@ -191,10 +185,87 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
         summary.damaged += damaged
 
 
-def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict[str, Any]], forced: bool,
-              rep: StageReport, failed_here: dict[tuple[str, str], set[str]], progress: bool, wait: bool,
-              label: str, submit: Submit) -> None:
-    node = ctx.node
+def _run_chain(exp: Experiment, store: Store, plan: DatasetPlan, chain: Sequence[StageContext],
+               ok_rows: list[dict[str, Any]], forced: set, users: Mapping, summary: RunSummary,
+               failed_here: dict[tuple[str, str], set[str]], progress: bool, wait: bool, journal, submit: Submit,
+               submit_chain: SubmitChain, positions: Sequence[int], n: int) -> None:
+    """The chain's nodes fused (``flows.fused``): per node its missing items, whose inputs are stored or come
+    earlier in the chain; then the chain batches; then, stage by stage, the items that were busy.
+
+    A fused node's report spans its share of the chain: ``ended - started`` is the wall time of its parts of
+    the chain batches (plus its stage-by-stage rest), so per-stage wall and fixed cost stay comparable."""
+    reps, labels, todos = [], [], []
+    coming: dict[tuple[str, str], set[str]] = {}  # node -> items the chain computes
+    for ctx, k in zip(chain, positions):
+        rep, label = _begin_node(store, plan, ctx.node, users, summary)
+        todo = _todo(store, ctx.node, STAGES[ctx.stage].items(ok_rows), ctx.node.ident in forced, rep, failed_here,
+                     coming)
+        coming[ctx.node.ident] = {STAGES[ctx.stage].item_of(it) for it in todo}
+        reps.append(rep)
+        labels.append(label)
+        todos.append(todo)
+    active = [i for i, todo in enumerate(todos) if todo]  # an incremental run fuses only the stages it computes
+    busy: dict[int, dict[str, str]] = {}
+    if len(active) > 1:
+        for i in active:
+            reps[i].ended = reps[i].started  # its share of the chain's wall time is added per chain batch
+        methods = ",".join(sorted({m for i in active for m in users.get(chain[i].node.ident, ())}))
+        held = run_chains(exp, [chain[i] for i in active], [todos[i] for i in active], [reps[i] for i in active],
+                          failed_here, progress, submit_chain, methods)
+        busy = {i: h for i, h in zip(active, held) if h}
+    for i, (ctx, rep, label, todo, k) in enumerate(zip(chain, reps, labels, todos, positions)):
+        if len(active) <= 1:  # nothing to fuse: stage by stage
+            _submit_todo(exp, store, ctx, todo, rep, failed_here, progress, wait, f"{label} ({k}/{n})", submit)
+        elif busy.get(i):  # held by another live run (or waiting on an input that is): stage by stage
+            t0 = time.time()
+            by_id = {str(it["image_id"]): it for it in todo}
+            rest = StageReport(rep.dataset, rep.stage, rep.key)
+            _run_node(exp, store, ctx, [by_id[iid] for iid in busy[i]], False, rest, failed_here, progress, wait,
+                      f"{label} ({k}/{n})", submit)
+            for f in ("done", "cached", "skipped", "busy", "failed", "seconds"):
+                setattr(rep, f, getattr(rep, f) + getattr(rest, f))
+            rep.failures += rest.failures
+            rep.ended += time.time() - t0
+        _end_node(store, ctx.node, rep, f"{label} stage {k}/{n}", summary, journal,
+                  ended=rep.ended if i in active and len(active) > 1 else None)
+
+
+def _begin_node(store: Store, plan: DatasetPlan, node, users: Mapping, summary: RunSummary
+                ) -> tuple[StageReport, str]:
+    """A node's report and label; its stage registered, touched and its stored outputs checked."""
+    methods = ",".join(sorted(users.get(node.ident, ())))
+    label = f"{plan.dataset.name}:{node.stage}[{methods}]"
+    rep = StageReport(plan.dataset.name, node.stage, node.key, started=time.time(), methods=methods)
+    store.register_stage(node.stage_key, random_weights=node.random_weights)  # also rewrites a damaged stage.json
+    store.touch(node.stage, node.key, summary.run_id)  # the storage budget evicts least recently used sets
+    repaired = store.check_presence(node.stage, node.key)
+    if repaired:
+        summary.notes.append(f"{plan.dataset.name}:{node.stage} {node.key}: {len(repaired)} stored outputs were "
+                             f"missing or truncated ({repaired[0][1]}, ...): recomputed now")
+    return rep, label
+
+
+def _end_node(store: Store, node, rep: StageReport, label: str, summary: RunSummary, journal,
+              ended: float | None = None) -> None:
+    """A node's completion state listed once (fresh for this run's later checks, compacted when due); reported."""
+    state = store.state(node.stage, node.key)  # one listing: what the workers wrote
+    store.mark_fresh(node.stage, node.key)  # downstream checks in this run need no other listing
+    if state.uncovered_records() >= COMPACT_AFTER:  # later runs read one index instead of many records
+        state.compact()
+    rep.ended = time.time() if ended is None else ended
+    log.info("%s (key %s): %d computed, %d cached, %d failed, %d not done, %.1f s of compute",
+             label, node.key, rep.done, rep.cached, rep.failed, rep.skipped + rep.busy, rep.seconds)
+    summary.stages.append(rep)
+    journal.stage(f"{rep.dataset}/{node.stage}/{node.key}", done=rep.done, cached=rep.cached,
+                  failed=rep.failed, skipped=rep.skipped, busy=rep.busy, total=rep.total, ended=rep.ended)
+
+
+def _todo(store: Store, node, items: list[dict[str, Any]], forced: bool, rep: StageReport,
+          failed_here: dict[tuple[str, str], set[str]], coming: Mapping[tuple[str, str], set[str]] | None = None
+          ) -> list[dict[str, Any]]:
+    """The node's items to compute: not complete, every input available (stored, or in ``coming``: computed
+    earlier in the same chain); the others are counted (cached, or skipped naming the missing input)."""
+    coming = coming or {}
     rep.total = len(items)
     state = store.state(node.stage, node.key)
     if forced:
@@ -203,7 +274,7 @@ def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict
     # a whole-bank item (bank_index) reads what its images have; an image whose upstream failed is reported there
     whole = STAGES[node.stage].per == "bank"
     for role, up in ({} if whole else node.upstream).items():
-        up_done = available(store, up)
+        up_done = _available(store, up, coming)
         up_failed = failed_here.get(up.ident, set())
         keep = []
         for it in ready:
@@ -219,7 +290,36 @@ def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict
         ready = keep
     done = state.complete()
     todo = [it for it in ready if it["image_id"] not in done]
-    rep.cached = len(ready) - len(todo)
+    rep.cached += len(ready) - len(todo)
+    return todo
+
+
+def _available(store: Store, node, coming: Mapping[tuple[str, str], set[str]]) -> set[str] | None:
+    """``flows.batches.available`` counting the items a chain computes before its reader (``coming``): a node that
+    is not persisted can be computed on demand where its per-image inputs will be there (None: every item)."""
+    got = available(store, node)
+    if not coming or got is None:
+        return got
+    if node.persist:
+        return got | coming.get(node.ident, set())
+    out: set[str] | None = None
+    for up in node.upstream.values():
+        if STAGES[up.stage].per == "image" and (more := _available(store, up, coming)) is not None:
+            out = more if out is None else out & more
+    return None if out is None else got | out
+
+
+def _run_node(exp: Experiment, store: Store, ctx: StageContext, items: list[dict[str, Any]], forced: bool,
+              rep: StageReport, failed_here: dict[tuple[str, str], set[str]], progress: bool, wait: bool,
+              label: str, submit: Submit) -> None:
+    _submit_todo(exp, store, ctx, _todo(store, ctx.node, items, forced, rep, failed_here), rep, failed_here, progress,
+                 wait, label, submit)
+
+
+def _submit_todo(exp: Experiment, store: Store, ctx: StageContext, todo: list[dict[str, Any]], rep: StageReport,
+                 failed_here: dict[tuple[str, str], set[str]], progress: bool, wait: bool, label: str,
+                 submit: Submit) -> None:
+    """The node's ``todo`` in batches, waiting for (or reporting) the items another live run holds."""
     if not todo:
         return
     bar = progress_bar(len(todo), label, enabled=progress, leave=True, dynamic_ncols=True)

@@ -13,7 +13,8 @@ serves it as a deployment (``flows.serve``), so a scheduled run is one flow run 
   ``progress``; tags ``ovseg``, ``experiment:<name>``, ``dataset:<name>`` per dataset,
   ``method:<name>`` per method;
 - task runs ``<dataset>:<stage>[<methods>] batch i/n`` (one per batch; the methods whose
-  results depend on the stage output);
+  results depend on the stage output), and with ``runner.fuse`` (default) for a dataset's
+  per-image stages ``<dataset>:<stage>+<stage>+...[<methods>] batch i/n`` (one fused chain batch per batch of images);
 - ovseg's log lines in the run's logs, at the CLI's verbosity (``flows.logs``);
 - artifacts (keys end with the experiment name, so the Artifacts page keeps one history per
   experiment): ``ovseg-scores-<experiment>`` (mIoU / aAcc per dataset and method),
@@ -62,7 +63,7 @@ from flows.logs import forward_to_run_logs
 from flows.runners import make_task_runner
 from flows.summary import DEFAULT_MAX_FAILED, RunSummary
 from storage.paths import resolve_location
-from tasks.prefect_tasks import stage_batch
+from tasks.prefect_tasks import chain_batch, stage_batch
 
 log = logging.getLogger("ovseg.flows")
 
@@ -203,7 +204,7 @@ def ovseg_run(experiment: str = "", experiment_file: str = "", store: str | None
     with forward_to_run_logs(), experiment_task_runner(exp):
         log.info("run %s of experiment %s (%s) on store %s", run_id, exp.name, experiment_file or "no file",
                  resolve_location(exp.store))
-        summary, manifests = execute(request, plans, _submit_task)
+        summary, manifests = execute(request, plans, _submit_task, _submit_chain_task)
         publish_artifacts(summary, manifests)
         state = final_state(summary, max_failed)
         (log.warning if state.is_failed() or state.name == "Partial" else log.info)(
@@ -259,3 +260,10 @@ def _submit_task(ctx, rows, name: str):
         return stage_batch.with_options(task_run_name=name).submit(ctx, rows)
 
 
+
+
+def _submit_chain_task(ctxs, rows, name: str):
+    """One fused chain batch (``flows.fused``) as a Prefect task run named ``name``; returns its future (no tags,
+    as ``_submit_task``)."""
+    with TagsContext(current_tags=set()):
+        return chain_batch.with_options(task_run_name=name).submit(ctxs, rows)

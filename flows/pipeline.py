@@ -40,6 +40,7 @@ from flows.summary import (
     RunSummary,
     StageReport,
 )
+from tasks.chain import run_chain
 from tasks.executor import run_batch
 from tasks.stages import STAGE_ORDER
 
@@ -79,7 +80,8 @@ def run_experiment(exp: Experiment, force: Iterable[str] = (), dry_run: bool = F
 
         return run_in_flow(request, max_failed)
     with ThreadPoolExecutor(max_workers=exp.runner.workers, thread_name_prefix="ovseg-batch") as pool:
-        summary, _ = execute(request, plans, lambda ctx, rows, name: pool.submit(run_batch, ctx, rows))
+        summary, _ = execute(request, plans, lambda ctx, rows, name: pool.submit(run_batch, ctx, rows),
+                             lambda ctxs, rows, name: pool.submit(run_chain, ctxs, rows))
     return summary
 
 

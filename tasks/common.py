@@ -26,10 +26,37 @@ def row_plan(window: WindowParams, row: Mapping[str, Any]) -> WindowPlan:
     return window.plan((int(row["height"]), int(row["width"])))
 
 
-def image_tensor(row: Mapping[str, Any]) -> torch.Tensor:
+def made(ctx: Any, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, or in a fused chain batch the value its memory holds under ``key`` (made once per batch)."""
+    memory = getattr(ctx, "memory", None)
+    return make() if memory is None else memory.made(key, make)
+
+
+def decoded_rgb(ctx: Any, row: Mapping[str, Any]) -> np.ndarray:
+    """The row's image as ``(H, W, 3) uint8`` (``storage.images.load_rgb``); once per chain batch. Do not modify it."""
+    # the manifest applied the dataset's pixel limit
+    return made(ctx, ("rgb", str(row["image_id"])), lambda: load_rgb(row["abs_path"], max_pixels=None))
+
+
+def image_tensor(row: Mapping[str, Any], ctx: Any = None) -> torch.Tensor:
     """The row's image as ``(3, H, W) float32`` in 0..255 (decoded once, normalised by ``storage.images``)."""
-    rgb = load_rgb(row["abs_path"], max_pixels=None)  # the manifest applied the dataset's pixel limit
-    return torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)
+    return made(ctx, ("image", str(row["image_id"])),
+                lambda: torch.from_numpy(np.array(decoded_rgb(ctx, row), dtype=np.float32)).permute(2, 0, 1))
+
+
+def row_windows(ctx: Any, row: Mapping[str, Any], window: WindowParams,
+                normalize: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, WindowPlan]:
+    """``image_windows`` of the row's image; in a fused chain batch once per window geometry and normalisation."""
+    return made(ctx, ("windows", str(row["image_id"]), window, normalize),
+                lambda: image_windows(image_tensor(row, ctx), window, normalize))
+
+
+def row_region_windows(ctx: Any, row: Mapping[str, Any], role: str, plan: WindowPlan) -> torch.Tensor:
+    """``region_windows`` of the region ids the declared input ``role`` holds for the row (``ids``), on ``plan``;
+    in a fused chain batch once per region output and plan."""
+    node = ctx.input_node(role)
+    return made(ctx, ("regions", str(row["image_id"]), node.ident, plan),
+                lambda: region_windows(ctx.read_upstream(role, row, ["ids"])["ids"], plan))
 
 
 def image_windows(img: torch.Tensor, window: WindowParams, normalize: Callable[[torch.Tensor], torch.Tensor]

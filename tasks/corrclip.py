@@ -17,14 +17,7 @@ from ovseg_core.corrclip.mask_clustering import cluster_masks, resize_regions
 from ovseg_core.corrclip.vfm_correlation import correlation_grid
 from ovseg_core.features.clip import normalize_clip
 from ovseg_core.windows import WindowPlan
-from tasks.common import (
-    image_tensor,
-    image_windows,
-    region_windows,
-    row_plan,
-    run_windows,
-    to_store,
-)
+from tasks.common import region_windows, row_plan, row_region_windows, row_windows, run_windows, to_store
 from tasks.runtime import StageContext
 
 Output = tuple[dict[str, np.ndarray], dict[str, Any]]
@@ -34,7 +27,7 @@ Output = tuple[dict[str, np.ndarray], dict[str, Any]]
 def clustering_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
     plan = row_plan(ctx.params.window, row)
     return {"qk": torch.from_numpy(ctx.read_upstream("dino_features", row, ["qk"])["qk"]).float(),
-            "regions": region_windows(ctx.read_upstream("sam_masks", row, ["ids"])["ids"], plan), "plan": plan}
+            "regions": row_region_windows(ctx, row, "sam_masks", plan), "plan": plan}
 
 
 def clustering_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
@@ -54,7 +47,7 @@ def semantic_models(ctx: StageContext):
 
 def semantic_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
     p = ctx.params
-    crops, plan = image_windows(image_tensor(row), p.window, normalize_clip)
+    crops, plan = row_windows(ctx, row, p.window, normalize_clip)
     if p.relabel is None:  # v1: the mask_clustering stage's merged map (on the DINO grid)
         merged = torch.from_numpy(ctx.read_upstream("mask_clustering", row, ["merged"])["merged"]).long()
     else:  # CorrCLIPv2: the sam_masks regions on the correlation grid, renumbered (m0 rule) as its reconstruction does

@@ -140,6 +140,8 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
                                      f"{sorted(declared)} (Stage.arrays in tasks/stages.py); nothing of it is stored")
                 session.add(iid, arrays, {**attrs, "seconds": seconds, "random_weights": ctx.node.random_weights})
                 added.append(iid)
+                if ctx.memory is not None:  # a fused chain: the next stage reads what was stored from memory
+                    ctx.memory.keep(ctx.node.ident, iid, arrays)
                 results[iid] = ItemResult(iid, "done", seconds)
             except Exception as e:  # noqa: BLE001 - a writer error fails that item, never the run
                 _fail(results, iid, e, seconds)
@@ -151,6 +153,8 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
             session.abort()
             for iid in added:
                 _fail(results, iid, e, results[iid].seconds)
+                if ctx.memory is not None:
+                    ctx.memory.drop(ctx.node.ident, iid)
 
     loader = threading.Thread(target=load_all, name=f"ovseg-load-{ctx.stage}", daemon=True)
     writer = threading.Thread(target=write_all, name=f"ovseg-write-{ctx.stage}", daemon=True)

@@ -24,8 +24,7 @@ from ovseg_core.features.region_files import decode_label_map, regions_from_labe
 from ovseg_core.features.regions import region_map
 from ovseg_core.features.text import TEMPLATE_SETS, text_embeddings
 from ovseg_core.vocabulary import parse_class_lines
-from storage.images import load_rgb
-from tasks.common import image_tensor, image_windows, run_windows, to_store
+from tasks.common import decoded_rgb, row_windows, run_windows, to_store
 from tasks.params import array_name
 from tasks.runtime import StageContext
 
@@ -68,7 +67,7 @@ def sam_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
             raise FileNotFoundError(f"no region mask for image {stem!r}: {path} does not exist "
                                     "(check regions.params.dir and pattern)")
         return {"mask": path.read_bytes(), "hw": (int(row["height"]), int(row["width"]))}
-    return {"image": load_rgb(row["abs_path"], max_pixels=None)}  # the manifest applied the dataset's pixel limit
+    return {"image": decoded_rgb(ctx, row)}
 
 
 def sam_compute(ctx: StageContext, model, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
@@ -92,10 +91,10 @@ def dino_models(ctx: StageContext):
 
 def dino_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
     if ctx.params.input == "from_clip":  # the reference pads the CLIP-normalised crop, then converts it
-        crops, plan = image_windows(image_tensor(row), ctx.params.window, normalize_clip)
+        crops, plan = row_windows(ctx, row, ctx.params.window, normalize_clip)
         crops = dino_input_from_clip(crops)
     else:
-        crops, plan = image_windows(image_tensor(row), ctx.params.window, normalize_imagenet)
+        crops, plan = row_windows(ctx, row, ctx.params.window, normalize_imagenet)
     return {"win": {"crops": crops}, "plan": plan}
 
 
@@ -122,7 +121,7 @@ def clip_models(ctx: StageContext):
 
 
 def clip_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
-    crops, plan = image_windows(image_tensor(row), ctx.params.window, normalize_clip)
+    crops, plan = row_windows(ctx, row, ctx.params.window, normalize_clip)
     return {"win": {"crops": crops}, "plan": plan}
 
 

@@ -1,4 +1,5 @@
-"""The one Prefect task of the pipeline: a batch of one stage output set (never one task per image)."""
+"""The Prefect tasks of the pipeline: a batch of one stage output set, or a fused chain batch of several
+(never one task per image)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.chain import run_chain
 from tasks.executor import run_batch
 from tasks.runtime import BatchResult, StageContext
 
@@ -15,3 +17,9 @@ from tasks.runtime import BatchResult, StageContext
 def stage_batch(ctx: StageContext, rows: list[dict[str, Any]]) -> BatchResult:
     """One batch of one stage output set: ``tasks.executor.run_batch`` on a worker."""
     return run_batch(ctx, rows)
+
+
+@task(name="chain-batch", cache_policy=NO_CACHE)
+def chain_batch(ctxs: list[StageContext], rows: list[list[dict[str, Any]]]) -> list[BatchResult]:
+    """One batch of images through several stage output sets on one worker: ``tasks.chain.run_chain``."""
+    return run_chain(ctxs, rows)

@@ -41,16 +41,9 @@ from ovseg_core.features.clip import normalize_clip
 from ovseg_core.methods import WindowInputs, get_method
 from ovseg_core.postprocess import predict, window_logits
 from ovseg_core.windows import WindowPlan, accumulate_window_logits, average_windows, to_original_size
-from tasks.common import (
-    image_tensor,
-    image_windows,
-    region_windows,
-    row_plan,
-    run_windows,
-    shape_only_crops,
-)
 from tasks.bank_index import fuse_with_bank
 from tasks.bank_params import BANK_ITEM
+from tasks.common import row_plan, row_region_windows, row_windows, run_windows, shape_only_crops
 from tasks.params import array_name
 from tasks.runtime import StageContext
 
@@ -75,7 +68,7 @@ def reconstruction_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, 
     win.update({_BLOCK + n: torch.from_numpy(cached[array_name(n)]) for n in names})
     out: dict[str, Any] = {"win": win, "plan": plan}
     if method.uses_regions:
-        win["regions"] = region_windows(ctx.read_upstream("sam_masks", row, ["ids"])["ids"], plan)
+        win["regions"] = row_region_windows(ctx, row, "sam_masks", plan)
         if method.correlation == "vfm":  # the image's map; each window's features are made in the forward
             out["vfm"] = torch.from_numpy(ctx.read_upstream("vfm_features", row, ["features"])["features"])
             if p.bank is not None:  # CorrCLIPv2's memory bank: the region map is also the retrieval's
@@ -87,7 +80,7 @@ def reconstruction_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, 
         if method.semantic_stage(p.config):
             win["semantic"] = torch.from_numpy(ctx.read_upstream("mask_class_tokens", row, ["semantic"])["semantic"])
         elif method.semantic_branch(p.config):  # CorrCLIPv2 with DBSCAN: its tokens pool over the clustered map
-            win["crops"], _ = image_windows(image_tensor(row), p.window, normalize_clip)
+            win["crops"], _ = row_windows(ctx, row, p.window, normalize_clip)
     return out
 
 

@@ -90,6 +90,9 @@ class StageContext:
     node: StageNode
     settings: RunSettings
     dataset: str = ""
+    # a fused chain batch's ``tasks.memory.ChainMemory`` (set on the worker by ``tasks.chain``; None otherwise):
+    # decoded images and the outputs the chain just stored, read from memory instead of the store
+    memory: Any = field(default=None, compare=False, repr=False)
 
     @property
     def stage(self) -> str:
@@ -133,13 +136,17 @@ class StageContext:
     def read_upstream(self, role: str, row: Mapping[str, Any], arrays: Sequence[str] | None = None
                       ) -> dict[str, np.ndarray]:
         """A declared upstream output of one item (manifest ``row``): read, checked against its completion record,
-        or, for a stage that is not persisted and has no stored copy, computed here by the stage's own steps."""
+        or, for a stage that is not persisted and has no stored copy, computed here by the stage's own steps.
+
+        In a fused chain the output the chain just stored comes from memory: the same arrays the writer stored."""
         up = self.input_node(role)
-        store = self.store()
         iid = str(row["image_id"])
+        if self.memory is not None and (kept := self.memory.output(up.ident, iid, arrays)) is not None:
+            return kept
+        store = self.store()
         if up.persist or store.state(up.stage, up.key, refresh=False).pack_of(iid) is not None:
             return store.read_item(up.stage, up.key, iid, arrays)
-        stage, ctx = STAGES[up.stage], StageContext(up, self.settings, self.dataset)
+        stage, ctx = STAGES[up.stage], StageContext(up, self.settings, self.dataset, self.memory)
         (out, _), = stage.compute(ctx, stage.models(ctx), [stage.load(ctx, row)])
         return {k: out[k] for k in arrays} if arrays is not None else dict(out)
 
@@ -171,6 +178,7 @@ class BatchResult:
 
     items: list[ItemResult]
     fatal: str = ""
+    seconds: float = 0.0  # wall time of a fused chain node's part of its chain batch (0: not measured)
 
 
 @lru_cache(maxsize=8)

@@ -9,6 +9,7 @@ import numpy as np
 
 from ovseg_core.metrics import confusion_matrix, convert_labels
 from storage.images import load_label
+from tasks.common import made
 from tasks.runtime import StageContext
 
 Output = tuple[dict[str, np.ndarray], dict[str, Any]]
@@ -17,8 +18,8 @@ Output = tuple[dict[str, np.ndarray], dict[str, Any]]
 def scoring_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
     if not row.get("gt_path"):
         raise FileNotFoundError(f"image {row['image_id']} has no ground truth; scoring needs the dataset's GT files")
-    return {"pred": ctx.read_upstream("prediction", row, ["labels"])["labels"],
-            "gt": load_label(row["gt_path"], max_pixels=None), "gt_path": row["gt_path"]}
+    gt = made(ctx, ("gt", str(row["image_id"])), lambda: load_label(row["gt_path"], max_pixels=None))  # once per chain
+    return {"pred": ctx.read_upstream("prediction", row, ["labels"])["labels"], "gt": gt, "gt_path": row["gt_path"]}
 
 
 def scoring_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:

@@ -21,8 +21,7 @@ import torch
 from ovseg_core.backbones.vfm_archs import vfm_arch
 from ovseg_core.features.vfm import vfm_dense_features
 from ovseg_core.features.vfm_preprocess import capped_size, vfm_input_size
-from storage.images import load_rgb
-from tasks.common import to_store
+from tasks.common import decoded_rgb, to_store
 from tasks.runtime import StageContext
 
 Output = tuple[dict[str, np.ndarray], dict[str, Any]]
@@ -40,7 +39,7 @@ def vfm_models(ctx: StageContext):
 
 
 def vfm_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
-    rgb = load_rgb(row["abs_path"], max_pixels=None)  # no EXIF rotation; the manifest applied the pixel limit
+    rgb = decoded_rgb(ctx, row)  # no EXIF rotation; the manifest applied the pixel limit
     return {"image": torch.from_numpy(np.array(rgb)).permute(2, 0, 1)}  # a writable copy
 
 

@@ -164,10 +164,16 @@ def test_scale_benchmark_small_sizes(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "scale.json").read_text())
-    (real,) = results["real"]
-    assert real["images"] == 6 and real["files_per_image"] <= 12
-    assert {s["stage"] for s in real["stages"]} >= {"sam_masks", "reconstruction", "scoring"}
-    assert all(s["fixed_ms_per_image"] >= 0 for s in real["stages"])
+    fused, staged = results["real"]  # both modes by default, fused first
+    assert (fused["mode"], staged["mode"]) == ("fused", "staged")
+    for real in (fused, staged):
+        assert real["images"] == 6 and real["files_per_image"] <= 12
+        assert {s["stage"] for s in real["stages"]} >= {"sam_masks", "reconstruction", "scoring"}
+        assert all(s["fixed_ms_per_image"] >= 0 for s in real["stages"])
+    # counted in the real decode functions: fused, each image once in the stages (SLIC, DINO, 2 CLIPs, tokens staged)
+    assert fused["decodes_per_image"]["stage_image"] == 1 and staged["decodes_per_image"]["stage_image"] == 5
+    assert fused["decodes_per_image"]["stage_gt"] == 1 and fused["decodes_per_image"]["ingest_image"] == 1
+    assert results["ratios"][0]["pairs"] == 1
     sim = results["simulation"]
     assert sim["images"] == 40 and sim["noop_rerun_seconds"] > 0 and sim["files_per_image"] <= 12
     assert "Bookkeeping simulation, 40 images" in (tmp_path / "out" / "scale.md").read_text()

@@ -119,7 +119,8 @@ def test_failed_image_makes_a_failed_flow_run_with_parameters_tags_logs_and_arti
     assert any(m.startswith("voc:reconstruction[scclip] stage ") and "1 computed" in m for _, _, m in text)
     assert any(lvl == logging.INFO for lvl, _, _ in text) and not any(lvl == logging.DEBUG for lvl, _, _ in text)
     names = _task_names(run.id)
-    assert "voc:reconstruction[scclip] batch 1/1" in names and "voc:scoring[scclip] batch 1/1" in names
+    # a cold run: the per-image stages of a batch of images as one fused chain task run (runner.fuse)
+    assert "voc:clip_layers+reconstruction+scoring[scclip] batch 1/1" in names
     assert _task_tags(run.id) == [set()]  # untagged: no concurrency-slot round trip per task run
     arts = _artifacts(run.id)
     assert set(arts) == {"ovseg-scores-broken", "ovseg-failures-broken"}
@@ -164,7 +165,8 @@ def test_cli_partial_state_report_artifact_and_verbose_run_logs(broken_voc, tmp_
 def test_task_runs_of_one_stage_are_named_by_dataset_stage_and_methods(tmp_path):
     exp = tiny_experiment(tmp_path / "store", name="names", text_templates="single",
                           methods=[{"name": "scclip", "method": "scclip"}, {"name": "clip", "method": "clip"},
-                                   {"name": "maskclip", "method": "maskclip"}])
+                                   {"name": "maskclip", "method": "maskclip"}],
+                          runner={"kind": "local", "workers": 1, "batch_size": 8, "fuse": False})  # stage by stage
     summary = run_experiment(exp, progress=False)
     assert summary.exit_code == 0
     names = _task_names(_flow_run(f"names {summary.run_id}").id)

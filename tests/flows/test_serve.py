@@ -114,7 +114,7 @@ def test_served_deployment_runs_on_trigger_and_computes_only_an_added_image(tmp_
         assert first.state.name == "Completed"
         assert {"experiment:nightly", "dataset:photos", "method:scclip"} <= set(first.tags)
         tasks = _task_runs(first.id)
-        assert "photos:reconstruction[scclip] batch 1/1" in {t.name for t in tasks}
+        assert "photos:clip_layers+reconstruction[scclip] batch 1/1" in {t.name for t in tasks}  # one fused chain
         assert not [r for r in _all_flow_runs() if r.parent_task_run_id in {t.id for t in tasks}]
         assert _flow_run(f"nightly {journal['run_id']}").id == first.id
         # a new image arrives (mirrored, so its content and id are new)

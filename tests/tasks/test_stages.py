@@ -22,15 +22,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _reads(fn) -> set[str]:
-    """Roles a step function reads: the first argument of its ``ctx.read_upstream`` / ``ctx.read_shared`` calls."""
+    """Roles a step function reads: the first argument of its ``ctx.read_upstream`` / ``ctx.read_shared`` calls,
+    the third of its ``row_region_windows(ctx, row, role, plan)`` calls (``tasks.common``: reads ``role``'s ids)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     roles = set()
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr in ("read_upstream", "read_shared")):
+        if not isinstance(node, ast.Call):
+            continue
+        if isinstance(node.func, ast.Attribute) and node.func.attr in ("read_upstream", "read_shared"):
             arg = node.args[0]
-            assert isinstance(arg, ast.Constant), f"{fn.__qualname__} reads a role that is not a literal"
-            roles.add(arg.value)
+        elif isinstance(node.func, ast.Name) and node.func.id == "row_region_windows":
+            arg = node.args[2]
+        else:
+            continue
+        assert isinstance(arg, ast.Constant), f"{fn.__qualname__} reads a role that is not a literal"
+        roles.add(arg.value)
     return roles
 
 
