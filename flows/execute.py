@@ -168,16 +168,25 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
     ctxs = [StageContext(n, settings, plan.dataset.name) for n in nodes]
     chain = chain_of(ctxs, {s: STAGES[s].per for s in STAGES}) if exp.runner.fuse and submit_chain else []
     n = len(nodes)
-    for k, ctx in enumerate(ctxs, 1):  # stage by stage: the nodes outside the chain (per vocabulary), or all
-        if ctx in chain:
-            continue
-        rep, label = _begin_node(store, plan, ctx.node, users, summary)
-        _run_node(exp, store, ctx, STAGES[ctx.stage].items(ok_rows), ctx.node.ident in forced, rep, failed_here,
-                  progress, wait, f"{label} ({k}/{n})", submit)
-        _end_node(store, ctx.node, rep, f"{label} stage {k}/{n}", summary, journal)
+    in_chain = {c.node.ident for c in chain}
+
+    def after_chain(node) -> bool:  # reads a chain node's outputs, directly or through others (bank_index)
+        return any(u.ident in in_chain or after_chain(u) for u in node.upstream.values())
+
+    def stage_by_stage(later: bool) -> None:  # the nodes outside the chain (per vocabulary, per bank), or all
+        for k, ctx in enumerate(ctxs, 1):
+            if ctx in chain or after_chain(ctx.node) != later:
+                continue
+            rep, label = _begin_node(store, plan, ctx.node, users, summary)
+            _run_node(exp, store, ctx, STAGES[ctx.stage].items(ok_rows), ctx.node.ident in forced, rep, failed_here,
+                      progress, wait, f"{label} ({k}/{n})", submit)
+            _end_node(store, ctx.node, rep, f"{label} stage {k}/{n}", summary, journal)
+
+    stage_by_stage(later=False)
     if chain:
         _run_chain(exp, store, plan, chain, ok_rows, forced, users, summary, failed_here, progress, wait, journal,
                    submit, submit_chain, [ctxs.index(c) + 1 for c in chain], n)
+        stage_by_stage(later=True)
     if only is None or "scoring" in only:
         rows, notes, damaged = aggregate_scores(store, exp.name, plan, manifest, summary.run_id)
         summary.metrics.extend(rows)
