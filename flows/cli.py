@@ -4,7 +4,8 @@ Commands: ``run``, ``stage``, ``serve``, ``export``, ``ingest``, ``cache ls|veri
 ``runs``, ``report``, ``segment``, ``backbones``, ``demo``. ``-v`` / ``-q`` work on every
 command, before or after its name. Exit codes: 0 done, 1 failed images (or damage found by
 ``cache verify``), 2 usage or input error (the message names the bad value and the fix),
-3 incomplete (items left for a later run, predictions missing for ``export``), 130
+3 incomplete (items left for a later run, predictions missing for ``export``), 4 the store
+cannot be written (disk full, read-only, permissions; completed outputs are kept), 130
 interrupted. Only ``run``, ``stage``, ``serve`` and ``demo`` use Prefect (``segment`` only
 when a Prefect API is configured); the other commands never import its server.
 """
@@ -22,7 +23,8 @@ from flows.commands import tools as T
 from flows.export import FORMATS as EXPORT_FORMATS
 from flows.logs import configure_logging, verbosity
 from flows.prefect_settings import configure_prefect
-from flows.summary import stage_legend
+from flows.summary import EXIT_STORAGE, stage_legend
+from storage.fserrors import StoreWriteError
 from storage.layouts import LAYOUT_NAMES, LAYOUTS
 from tasks.stages import STAGE_ORDER
 
@@ -213,6 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: completed outputs are kept; rerun the same command to continue", file=sys.stderr)
         return 130
+    except StoreWriteError as e:  # disk full, read-only, permissions: not the user's input
+        if args.verbosity > 0:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as e:
         if args.verbosity > 0:
             traceback.print_exc()

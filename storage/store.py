@@ -78,6 +78,9 @@ class Store(StoreReader):
                 raise StoreError(f"cannot open the store {self.location}: {type(e).__name__}: {e}; check the "
                                  "endpoint and credentials (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID and "
                                  "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, FSSPEC_S3: docs/object-stores.md)") from e
+            if isinstance(e, OSError):  # not a damaged marker: the path cannot hold a store (a file on it, rights)
+                raise StoreError(f"cannot open the store {self.location}: {type(e).__name__}: {e}; point --store / "
+                                 "OVSEG_STORE at a folder (a part of this path is a file, or not readable)") from e
             log.warning("%s is unreadable (%s); rewriting it", marker, e)
             self.backend.put_atomic(marker, json.dumps({"format": STORE_FORMAT, "created": time.time()}).encode())
             return

@@ -20,8 +20,6 @@ files instead, so a listing command can show the rest and warn.
 from __future__ import annotations
 
 import io
-import os
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -165,20 +163,7 @@ def write_table(store: Store, table: str, name: str, rows: Sequence[Mapping[str,
     path = store.table_path(table, name)
     buf = io.BytesIO()
     pq.write_table(tbl, buf, write_page_checksum=True)
-    if store.is_local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # unique per writer (process and thread)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buf.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
-        store.fs.pipe(path, buf.getvalue())
+    store.backend.put_atomic(path, buf.getvalue())  # all or nothing; a failed write leaves no temporary file
     return path
 
 

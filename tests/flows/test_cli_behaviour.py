@@ -258,3 +258,30 @@ print("RC", rc, sorted(m for m in sys.modules if m.startswith(("prefect.server",
     assert 0 < stages < total, line
     assert (tmp_path / "overlay_labels.png").is_file()
     assert not list(tmp_path.glob("prefect-home/*.db"))
+
+
+def test_a_missing_dataset_root_is_a_usage_error_naming_it_and_creates_no_store(tmp_path, capsys):
+    gone = tmp_path / "no-such-data"
+    base = tiny_experiment(tmp_path / "store")
+    exp = tiny_experiment(tmp_path / "store", datasets=[{**base.datasets[0].model_dump(), "root": str(gone)}])
+    exp_file = tmp_path / "e.yaml"
+    exp_file.write_text(yaml.safe_dump(exp.model_dump(mode="json")))
+    for argv in (["--no-prefect"], [], ["--dry-run"]):  # without Prefect, as a flow run, and its dry run
+        assert main(["run", str(exp_file), "-q", *argv]) == 2
+        err = capsys.readouterr().err
+        assert f"dataset 'voc' (datasets[0].root = {gone}): the dataset root does not exist" in err
+        assert "Fix datasets[0].root in the experiment file, or pass --set datasets.0.root=PATH" in err
+        assert "Traceback" not in err
+        assert not (tmp_path / "store").exists()  # a bad plan touches no store
+
+
+def test_a_store_path_under_a_file_fails_cleanly_without_rewriting_anything(tmp_path, capsys, caplog):
+    (tmp_path / "afile").write_text("not a folder")
+    exp = tiny_experiment(tmp_path / "afile" / "store")
+    exp_file = tmp_path / "e.yaml"
+    exp_file.write_text(yaml.safe_dump(exp.model_dump(mode="json")))
+    assert main(["run", str(exp_file), "--no-prefect", "-q"]) == 2
+    err = capsys.readouterr().err + caplog.text
+    assert f"cannot open the store {tmp_path / 'afile' / 'store'}: NotADirectoryError" in err
+    assert "unreadable" not in err and "rewriting" not in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "not a folder"
