@@ -154,9 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the keys of every recorded run (default: of the newest run of each experiment)")
     sp.add_argument("--max-bytes", type=S.parse_size, default=None, metavar="SIZE",
                     help="storage budget: evict whole output sets, least recently used first, until the stage outputs "
-                         "total at most SIZE (e.g. 500G, 20M, 123456); live runs' outputs are never evicted")
+                         "total at most SIZE (e.g. 500G, 20M, 123456); never those of live runs, of the given "
+                         "experiment files and of the newest run of each experiment (every run with --all-runs; "
+                         "with --only-experiments only live runs and the given files are kept)")
     sp.add_argument("--older-than", type=S.parse_duration, default=None, metavar="AGE",
-                    help="evict output sets no run has used for AGE (e.g. 30d, 12h, 90m, 3600)")
+                    help="evict output sets no run has used for AGE (e.g. 30d, 12h, 90m, 3600); keeps what "
+                         "--max-bytes keeps")
     sp.add_argument("--dry-run", action="store_true")
     sp.add_argument("--force", action="store_true", help="run even while a run is live (its outputs are kept)")
     _store(sp)

@@ -195,6 +195,9 @@ def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Seq
                   f"{label} ({k}/{len(nodes)})", submit)
         state = store.state(node.stage, node.key)  # one listing: what the workers wrote
         store.mark_fresh(node.stage, node.key)  # downstream checks in this run need no other listing
+        if state.damaged and not (rep.failed or rep.skipped or rep.busy):  # its items are complete again
+            for path in store.remove_damaged_records(node.stage, node.key):
+                summary.notes.append(f"removed the unreadable completion record {path}: its items are complete again")
         if state.uncovered_records() >= COMPACT_AFTER:  # later runs read one index instead of many records
             state.compact()
         rep.ended = time.time()

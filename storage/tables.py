@@ -249,3 +249,20 @@ def read_table(
     if not parts:
         return schema.empty_table()
     return pa.concat_tables(parts)
+
+
+def verify_tables(store: Store, repair: bool = False) -> dict[str, tuple[int, list[TableDamagedError]]]:
+    """Read every file of every table: ``{table: (files checked, damaged files)}``.
+
+    With ``repair`` the damaged files are deleted: a run rebuilds manifests (re-ingest) and
+    metrics (from the stored per-image matrices); a runs or failures file is the record of one
+    past run, whose journal still lists it."""
+    out = {}
+    for table in SCHEMAS:
+        damaged: list[TableDamagedError] = []
+        read_table(store, table, on_damaged=damaged.append)
+        if repair:
+            for e in damaged:
+                store.backend.delete(store.table_path(table, e.name))
+        out[table] = (len(store.table_names(table)), damaged)
+    return out

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,7 @@ def test_read_only_commands_import_no_torch_prefect_open_clip_or_zarr(done, tmp_
                            ("prefect", "zarr", "sklearn"))}
     script = """
 import sys
+import time
 from flows.cli import main
 try:
     rc = main(sys.argv[1:])
@@ -242,6 +244,7 @@ def test_segment_without_a_prefect_server_starts_none_and_reports_its_overhead(t
     img = SAMPLE / "ade20k-sample" / "ADEChallengeData2016" / "images" / "validation" / "ADE_val_00000001.jpg"
     script = f"""
 import sys
+import time
 from flows.cli import main
 rc = main(["segment", {str(img)!r}, "--classes", "sky; building, house; tree; road", "--clip", "clip:tiny@random:0",
            "--dino", "dino:tiny8@random:0", "--regions", "slic", "--store", {str(tmp_path / "store")!r},
@@ -285,3 +288,19 @@ def test_a_store_path_under_a_file_fails_cleanly_without_rewriting_anything(tmp_
     assert f"cannot open the store {tmp_path / 'afile' / 'store'}: NotADirectoryError" in err
     assert "unreadable" not in err and "rewriting" not in err and "Traceback" not in err
     assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_gc_budget_and_age_without_experiment_files_keep_the_newest_run(done, tmp_path, capsys):
+    import shutil
+
+    _, store = done
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    sets = set(Store(copy).stage_sets())
+    time.sleep(1.1)  # every set was last used more than 1 s ago
+    for argv in (["--max-bytes", "1"], ["--older-than", "1"]):
+        assert main(["cache", "gc", "--store", str(copy), *argv]) == 0
+        assert set(Store(copy).stage_sets()) == sets  # the newest run of the experiment keeps all of its outputs
+    assert "over the budget of 1 B" in capsys.readouterr().out
+    assert main(["cache", "gc", "--store", str(copy), "--older-than", "1", "--only-experiments"]) == 0
+    assert Store(copy).stage_sets() == []  # asked for explicitly: nothing but live runs is protected
