@@ -6,7 +6,8 @@ refreshed every TTL/4 by a background thread, and per-stage progress. Status goe
 ``running`` -> ``complete`` | ``incomplete`` | ``failed`` | ``interrupted``; a ``running`` run
 whose heartbeat is older than its TTL is ``dead`` (killed, or its machine gone). ``ovseg runs``
 lists journals; ``ovseg cache gc`` keeps every key in the plan of a live run and of the newest
-run of each experiment.
+run of each experiment. The file carries ``RESERVE`` bytes of trailing spaces (valid JSON), so
+that on a full disk the final write still fits in place and the run does not look ``running``.
 """
 
 from __future__ import annotations

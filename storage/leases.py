@@ -12,7 +12,9 @@ write the lease (atomic create), list again; where another live lease with a sma
 earlier claim) overlaps, give those items up. Two claimants that both see each other never both
 keep an item; the only way both keep one is that neither saw the other's lease, which the
 second listing rules out unless the clocks disagree by more than the time between two claims.
-Duplicated work is harmless: both write whole packs, and the newest copy is the one read.
+Duplicated work is harmless: both write whole packs, and the newest copy is the one read. A lease
+says nothing about completion: the executor reads completion again after a claim, so an item
+another run completed and released meanwhile is not computed twice (``tasks.executor``).
 """
 
 from __future__ import annotations
