@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # two who
 
 def test_two_runs_at_once_compute_each_output_exactly_once(tmp_path):
     store = tmp_path / "store"
-    exp = experiment(store)
+    exp = experiment(store, ttl=60.0)  # a lease outlives any stall of a loaded machine: no take-over, no excuse
     procs = [spawn(write_yaml(exp, tmp_path / name / "exp.yaml")) for name in ("a", "b")]
     outs = [finish(p) for p in procs]
     for rc, out in outs:
