@@ -113,8 +113,10 @@ def wait_for(store: Store, ctx: StageContext, busy: dict[str, str], rep: StageRe
     waiting = set(busy)
     while waiting:
         time.sleep(poll)
-        state = store.state(ctx.stage, ctx.key)
+        # leases first, then completion: a holder writes an item's record before it releases the item, so an
+        # item not held at the first read is either never held or already complete at the second
         held = store.leases.busy_items(ctx.stage, ctx.key)
+        state = store.state(ctx.stage, ctx.key)
         for iid in sorted(waiting):
             if state.pack_of(iid) is not None:
                 rep.cached += 1

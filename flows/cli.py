@@ -4,7 +4,8 @@ Commands: ``run``, ``stage``, ``serve``, ``export``, ``ingest``, ``cache ls|veri
 ``runs``, ``report``, ``segment``, ``backbones``, ``demo``. ``-v`` / ``-q`` work on every
 command, before or after its name. Exit codes: 0 done, 1 failed images (or damage found by
 ``cache verify``), 2 usage or input error (the message names the bad value and the fix),
-3 incomplete (items left for a later run, predictions missing for ``export``), 130
+3 incomplete (items left for a later run, predictions missing for ``export``), 4 the store
+cannot be written (disk full, read-only, permissions; completed outputs are kept), 130
 interrupted. Only ``run``, ``stage``, ``serve`` and ``demo`` use Prefect (``segment`` only
 when a Prefect API is configured); the other commands never import its server.
 """
@@ -23,7 +24,8 @@ from flows.commands import tools as T
 from flows.export import FORMATS as EXPORT_FORMATS
 from flows.logs import configure_logging, verbosity
 from flows.prefect_settings import configure_prefect
-from flows.summary import stage_legend
+from flows.summary import EXIT_STORAGE, stage_legend
+from storage.fserrors import StoreWriteError
 from storage.layouts import LAYOUT_NAMES, LAYOUTS
 from tasks.stages import STAGE_ORDER
 
@@ -153,9 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the keys of every recorded run (default: of the newest run of each experiment)")
     sp.add_argument("--max-bytes", type=S.parse_size, default=None, metavar="SIZE",
                     help="storage budget: evict whole output sets, least recently used first, until the stage outputs "
-                         "total at most SIZE (e.g. 500G, 20M, 123456); live runs' outputs are never evicted")
+                         "total at most SIZE (e.g. 500G, 20M, 123456); never those of live runs, of the given "
+                         "experiment files and of the newest run of each experiment (every run with --all-runs; "
+                         "with --only-experiments only live runs and the given files are kept)")
     sp.add_argument("--older-than", type=S.parse_duration, default=None, metavar="AGE",
-                    help="evict output sets no run has used for AGE (e.g. 30d, 12h, 90m, 3600)")
+                    help="evict output sets no run has used for AGE (e.g. 30d, 12h, 90m, 3600); keeps what "
+                         "--max-bytes keeps")
     sp.add_argument("--dry-run", action="store_true")
     sp.add_argument("--force", action="store_true", help="run even while a run is live (its outputs are kept)")
     _store(sp)
@@ -226,6 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: completed outputs are kept; rerun the same command to continue", file=sys.stderr)
         return 130
+    except StoreWriteError as e:  # disk full, read-only, permissions: not the user's input
+        if args.verbosity > 0:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as e:
         if args.verbosity > 0:
             traceback.print_exc()

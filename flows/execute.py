@@ -15,12 +15,13 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 
 from flows.batches import available, submit_all, wait_for
 from flows.config import Experiment
-from flows.emptiness import empty_dataset_error
+from flows.emptiness import empty_dataset_error, root_error
 from flows.fused import SubmitChain, chain_of, run_chains
 from flows.graph import DatasetPlan, build_plan, check_device, descendants, method_users, read_nodes
 from flows.logs import progress_bar
@@ -28,7 +29,8 @@ from flows.ingest import ingest_dataset
 from flows.records import write_run_record
 from flows.report import write_report
 from flows.scores import aggregate_scores
-from flows.summary import RunSummary, StageReport
+from flows.summary import EXIT_STORAGE, RunSummary, StageReport
+from storage.fserrors import StoreWriteError
 from storage.store import Store
 from tasks.runtime import RunSettings, StageContext, open_store
 from tasks.stages import STAGES, get_stage
@@ -36,6 +38,10 @@ from tasks.stages import STAGES, get_stage
 log = logging.getLogger("ovseg.flows")
 
 COMPACT_AFTER = 32  # completion records not yet in the stage's index that trigger a compaction
+
+
+class RunStorageError(StoreWriteError):
+    """A run stopped because the store could not be written (disk full, read-only ...): exit 4."""
 
 
 Submit = Callable[[StageContext, list[dict[str, Any]], str], Any]  # (ctx, rows, name) -> future of a BatchResult
@@ -102,7 +108,7 @@ def execute(request: RunRequest, plans: Sequence[DatasetPlan], submit: Submit, s
                                      "random_weights": summary.random_weights}).start()
     settings = RunSettings(store.location, exp.device, exp.window_batch, exp.models.weights_dir, run_id,
                            exp.runner.lease_ttl)
-    status = "failed"
+    status, exit_code = "failed", None
     try:
         manifests = _ingest_all(store, plans, summary, request.progress)
         for plan in plans:
@@ -114,12 +120,22 @@ def execute(request: RunRequest, plans: Sequence[DatasetPlan], submit: Submit, s
     except KeyboardInterrupt:
         status = "interrupted"
         raise
+    except StoreWriteError as e:  # the run's own bookkeeping cannot be written: the run stops, its outputs stay
+        exit_code = EXIT_STORAGE
+        raise RunStorageError(f"the store {store.location} cannot be written ({e}); the run stopped, its completed "
+                              "outputs are kept: free space (`ovseg cache gc`, `--max-bytes`) or fix the store, "
+                              "then rerun the same command") from e
     finally:
         summary.ended = time.time()
-        journal.finish(status, {"complete": 0, "incomplete": 3, "failed": 1, "interrupted": 130}[status],
+        journal.finish(status, exit_code or {"complete": 0, "incomplete": 3, "failed": 1, "interrupted": 130}[status],
                        counts={"computed": summary.computed, "failed": summary.failed, "incomplete": summary.incomplete})
         if status != "interrupted":
-            write_run_record(store, exp, plans, summary, status)
+            try:
+                write_run_record(store, exp, plans, summary, status)
+            except StoreWriteError as e:
+                if exit_code is None:
+                    raise
+                log.warning("the run record was not written: %s", e)
     return summary, manifests
 
 
@@ -131,6 +147,9 @@ def validate(exp: Experiment, force: Iterable[str] = (), only_stages: Iterable[s
     """
     for name in [*force, *(only_stages or ())]:
         get_stage(name)
+    for i, ds in enumerate(exp.datasets):  # before the store is opened: a bad plan touches no store
+        if not Path(ds.root).exists():
+            raise root_error(ds.name, ds.root, i, "the dataset root does not exist")
     check_device(exp.device, remote=exp.runner.kind == "dask" and bool(exp.runner.address))
     return build_plan(exp, missing)
 
@@ -259,6 +278,9 @@ def _end_node(store: Store, node, rep: StageReport, label: str, summary: RunSumm
     """A node's completion state listed once (fresh for this run's later checks, compacted when due); reported."""
     state = store.state(node.stage, node.key)  # one listing: what the workers wrote
     store.mark_fresh(node.stage, node.key)  # downstream checks in this run need no other listing
+    if state.damaged and not (rep.failed or rep.skipped or rep.busy):  # its items are complete again
+        for path in store.remove_damaged_records(node.stage, node.key):
+            summary.notes.append(f"removed the unreadable completion record {path}: its items are complete again")
     if state.uncovered_records() >= COMPACT_AFTER:  # later runs read one index instead of many records
         state.compact()
     rep.ended = time.time() if ended is None else ended

@@ -64,6 +64,7 @@ from flows.runners import make_task_runner
 from flows.summary import DEFAULT_MAX_FAILED, RunSummary
 from storage.paths import resolve_location
 from tasks.prefect_tasks import chain_batch, stage_batch
+from tasks.stages import STAGES
 
 log = logging.getLogger("ovseg.flows")
 
@@ -83,9 +84,22 @@ def run_tags(exp: Experiment) -> list[str]:
             + [f"method:{m.name}" for m in exp.methods] + [f"set:{o}" for o in exp.provenance.overrides])
 
 
+def _per_image(stage: str) -> bool:
+    return stage not in STAGES or STAGES[stage].per == "image"  # "ingest" reports images too
+
+
 def failed_images(summary) -> set[tuple[str, str]]:
-    """``(dataset, image_id)`` of every image that failed (or was skipped after a failure) in the run."""
-    return {(s.dataset, iid) for s in summary.stages for iid, kind, _ in s.failures if kind not in NOT_FAILURES}
+    """``(dataset, image_id)`` of every image that failed (or was skipped after a failure) in the run.
+
+    The item of a per-vocabulary stage (``text_embeddings``) is not an image: see :func:`failed_vocabularies`."""
+    return {(s.dataset, iid) for s in summary.stages if _per_image(s.stage)
+            for iid, kind, _ in s.failures if kind not in NOT_FAILURES}
+
+
+def failed_vocabularies(summary) -> set[str]:
+    """Datasets whose vocabulary item failed in the run (none of their images can be scored)."""
+    return {s.dataset for s in summary.stages if not _per_image(s.stage)
+            for _, kind, _ in s.failures if kind not in NOT_FAILURES}
 
 
 def final_state(summary: RunSummary, max_failed: float = DEFAULT_MAX_FAILED) -> State:
@@ -100,8 +114,11 @@ def final_state(summary: RunSummary, max_failed: float = DEFAULT_MAX_FAILED) -> 
                                                     "(busy elsewhere, missing inputs or damaged outputs)")
     bad = len(failed_images(summary))
     total = max(1, sum(summary.images.values()))
+    vocab = sorted(failed_vocabularies(summary))
     text = (f"{bad} of {total} image(s) failed ({100 * bad / total:.1f} %); {counts}; "
             f"see the ovseg-failures-{slug(summary.experiment)} artifact or `ovseg runs --failures {summary.run_id}`")
+    if vocab:
+        return Failed(message=f"the vocabulary of {', '.join(vocab)} failed (no image of it can be scored); {text}")
     if bad / total > max_failed:
         return Failed(message=f"{text}; more than max_failed={max_failed:g} of the images")
     return Completed(name="Partial", message=text)

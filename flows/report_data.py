@@ -146,11 +146,13 @@ def _json(text: Any, default: Any) -> Any:
 def load_runs(store: Store, notes: list[str]) -> dict[str, RunInfo]:
     """Every run the store records (journals and the runs table), by run id."""
     runs: dict[str, RunInfo] = {}
-    try:
-        rows = read_table(store, "runs").to_pylist()
-    except Exception as e:  # a damaged run table costs the run dates of runs without a journal, nothing more
+    damaged: list = []
+    try:  # a damaged file of the runs table costs that run's rows, nothing more
+        rows = read_table(store, "runs", on_damaged=damaged.append).to_pylist()
+    except Exception as e:  # noqa: BLE001 - the folder itself cannot be read: runs are shown from their journals
         notes.append(f"run records unreadable ({e}); runs without a journal are shown without their date")
         rows = []
+    notes += [f"{e}; that run is shown from its journal" for e in damaged]
     for r in sorted(rows, key=lambda r: r["run_id"]):
         info = runs.setdefault(r["run_id"], RunInfo(r["run_id"], r["experiment"], from_table=True))
         info.started = r["started"] if info.started is None else min(info.started, r["started"])

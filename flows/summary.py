@@ -9,7 +9,7 @@ from typing import Any
 
 from tasks.stages import STAGE_ORDER, STAGES
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_STORAGE = 0, 1, 2, 3, 4
 DEFAULT_MAX_FAILED = 0.1  # fraction of a run's images that may fail while its flow run stays Completed ("Partial")
 
 

@@ -26,23 +26,24 @@ upload is written to the local temporary folder and appears in the store whole, 
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import functools
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from storage.fserrors import remote_io, s3_error, store_write
+
 log = logging.getLogger("ovseg.storage")
-T = TypeVar("T")
 
 TMP_PREFIX = ".tmp-"
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -51,31 +52,6 @@ _CONFLICT_RETRIES = 5  # S3 answers 409 ConditionalRequestConflict to racing con
 
 def _tmp_name(name: str) -> str:
     return f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}"
-
-
-def s3_error(e: BaseException) -> tuple[str, int]:
-    """The S3 error code and HTTP status behind an exception s3fs raised (``("", 0)`` if none)."""
-    resp = getattr(e.__cause__, "response", None) or getattr(e, "response", None) or {}
-    return str(resp.get("Error", {}).get("Code", "")), int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def _io(method: Callable[..., T]) -> Callable[..., T]:
-    """Raise the connection and protocol failures of a remote store as ``OSError``, as local ones are.
-
-    botocore's and aiohttp's own exceptions (an unreachable endpoint, a dropped connection) are
-    not ``OSError``; callers that tolerate I/O failures (heartbeats, journals) catch ``OSError``.
-    """
-
-    @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        try:
-            return method(*args, **kwargs)
-        except (OSError, ValueError, TypeError, NotImplementedError):
-            raise
-        except Exception as e:  # noqa: BLE001 - translated, with the original chained
-            raise OSError(errno.EIO, f"{type(e).__name__}: {e}") from e
-
-    return wrapper
 
 
 @dataclass(frozen=True)
@@ -112,7 +88,7 @@ class Backend:
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    @_io
+    @remote_io
     def exists(self, path: str) -> bool:
         """Whether a file or a non-empty folder exists."""
         if self.is_local:
@@ -123,7 +99,8 @@ class Backend:
         return self.fs.exists(path)
 
     # ------------------------------------------------------------------ writes
-    @_io
+    @store_write
+    @remote_io
     def put_atomic(self, path: str, data: bytes) -> None:
         """Replace ``path`` with ``data`` so that readers see all or nothing."""
         if self.is_local:
@@ -132,7 +109,8 @@ class Backend:
         else:
             self.fs.pipe_file(path, data)
 
-    @_io
+    @store_write
+    @remote_io
     def put_if_absent(self, path: str, data: bytes) -> bool:
         """Create ``path`` with ``data`` unless it exists; True if this call created it."""
         if self.is_local:
@@ -179,7 +157,8 @@ class Backend:
                             "partial one; see docs/object-stores.md)", self.location, e)
                 return None
 
-    @_io
+    @store_write
+    @remote_io
     def put_file(self, local_path: str, path: str) -> None:
         """Move (local) or upload (remote) a complete local file to ``path`` atomically."""
         if self.is_local:
@@ -202,14 +181,37 @@ class Backend:
     def _local_tmp(self, path: str, data: bytes) -> str:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = os.path.join(os.path.dirname(path), _tmp_name(os.path.basename(path)))
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # a full disk leaves no partial temporary file behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         return tmp
 
+    def overwrite_in_place(self, path: str, data: bytes) -> bool:
+        """Local stores: write ``data`` over the existing ``path`` padded with spaces to its size, in the
+        blocks it already holds (needs no free space; not atomic). False if the file is missing or smaller,
+        or the store is remote. For the last write of a run journal on a full disk."""
+        if not self.is_local:
+            return False
+        try:
+            with open(path, "r+b") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < len(data):
+                    return False
+                f.write(data + b" " * (size - len(data)))
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        except OSError:
+            return False
+
     # ------------------------------------------------------------------ reads
-    @_io
+    @remote_io
     def get(self, path: str) -> bytes:
         if self.is_local:
             with open(path, "rb") as f:
@@ -218,7 +220,7 @@ class Backend:
             return self.fs.cat_file(path, max_concurrency=1)
         return self.fs.cat_file(path)
 
-    @_io
+    @remote_io
     def get_range(self, path: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a file (fewer if the file is shorter)."""
         if self.is_local:
@@ -232,7 +234,7 @@ class Backend:
                 return b""
             raise
 
-    @_io
+    @remote_io
     def size(self, path: str) -> int | None:
         """Size in bytes, or None if the file is missing."""
         if self.is_s3:  # one HEAD; a folder of that name is not a file; other errors are errors
@@ -246,7 +248,7 @@ class Backend:
         except (FileNotFoundError, OSError):
             return None
 
-    @_io
+    @remote_io
     def _s3_list(self, folder: str, recursive: bool = False, max_keys: int | None = None
                  ) -> tuple[list[dict[str, Any]], list[str]]:
         """Objects (ListObjectsV2 ``Contents``) and sub-folder names under ``folder``; empty if none."""
@@ -268,7 +270,7 @@ class Backend:
                 return files, dirs
             kwargs["ContinuationToken"] = resp["NextContinuationToken"]
 
-    @_io
+    @remote_io
     def listdir(self, folder: str) -> list[str]:
         """Names (not paths) in ``folder``; empty if it does not exist."""
         if self.is_local:
@@ -284,7 +286,7 @@ class Backend:
         except FileNotFoundError:
             return []
 
-    @_io
+    @remote_io
     def list_entries(self, folder: str) -> list[Entry]:
         """Files in ``folder`` with size and modification time (seconds since the epoch)."""
         if self.is_local:
@@ -317,7 +319,7 @@ class Backend:
             out.append(Entry(info["name"].rstrip("/").rsplit("/", 1)[-1], int(info.get("size") or 0), float(mtime)))
         return out
 
-    @_io
+    @remote_io
     def subfolders(self, folder: str) -> list[str]:
         """Names of the sub-folders of ``folder``."""
         if self.is_local:
@@ -356,7 +358,7 @@ class Backend:
             yield p, int(info.get("size") or 0)
 
     # ------------------------------------------------------------------ deletes
-    @_io
+    @remote_io
     def delete(self, path: str) -> bool:
         """Remove one file; True if it existed (S3: True unless the DELETE failed; deletes are idempotent)."""
         try:
@@ -368,7 +370,7 @@ class Backend:
         except FileNotFoundError:
             return False
 
-    @_io
+    @remote_io
     def delete_tree(self, folder: str) -> None:
         """Remove a folder and everything under it (S3: one DeleteObjects request per 1000 objects)."""
         if self.is_local:

@@ -6,7 +6,8 @@ refreshed every TTL/4 by a background thread, and per-stage progress. Status goe
 ``running`` -> ``complete`` | ``incomplete`` | ``failed`` | ``interrupted``; a ``running`` run
 whose heartbeat is older than its TTL is ``dead`` (killed, or its machine gone). ``ovseg runs``
 lists journals; ``ovseg cache gc`` keeps every key in the plan of a live run and of the newest
-run of each experiment.
+run of each experiment. The file carries ``RESERVE`` bytes of trailing spaces (valid JSON), so
+that on a full disk the final write still fits in place and the run does not look ``running``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ log = logging.getLogger("ovseg.storage")
 
 JOURNAL = "journal"
 FINAL = ("complete", "incomplete", "failed", "interrupted")
+RESERVE = 4096  # bytes of padding kept in the journal file: its final write fits there when the disk is full
 
 
 @dataclass(frozen=True)
@@ -103,19 +105,27 @@ class RunJournal:
         self._stop.set()
         with self._lock:
             self._data.update(status=status, exit_code=exit_code, ended=time.time(), heartbeat=time.time(), **extra)
-        self._write()
+        if self._thread is not None:
+            self._thread.join()  # no heartbeat write after the final one
+        self._write(final=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             self._write()
 
-    def _write(self) -> None:
+    def _write(self, final: bool = False) -> None:
         with self._lock:
             self._data["heartbeat"] = time.time()
             data = json.dumps(self._data, default=str).encode()
+            compact = json.dumps({**self._data, "stages": {}, "stages_lost": True}, default=str).encode()
         try:
-            self.backend.put_atomic(self.path, data)
-        except OSError as e:  # a full disk must not stop the run; the journal then looks dead
+            # trailing spaces (valid JSON) reserve room for the final write on a full disk
+            self.backend.put_atomic(self.path, data + b" " * RESERVE)
+        except OSError as e:  # a full disk must not stop the run
+            if final and (self.backend.overwrite_in_place(self.path, data)
+                          or self.backend.overwrite_in_place(self.path, compact)):
+                log.warning("the run journal %s was finished in place: %s", self.path, e)
+                return
             log.warning("cannot update the run journal %s: %s", self.path, e)
 
 

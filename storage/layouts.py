@@ -216,7 +216,14 @@ def _folder(root: Path, gt_dir: Path | None, follow_symlinks: bool) -> _Listing:
                 continue
             p = Path(entry.path)
             rel = _rel(p, root)
-            if entry.is_dir():
+            try:
+                is_dir = entry.is_dir()
+            except OSError as e:  # a link loop (ELOOP), a name too long ...: that entry's error row, not the run's
+                if not p.suffix or p.suffix.lower() in IMAGE_EXTENSIONS or p.suffix.lower() in UNUSABLE_EXTENSIONS:
+                    out.append(Candidate(p, rel, None, f"{p}: cannot tell whether it is a file or a folder ({e}); "
+                                                        "fix or remove this link"))
+                continue
+            if is_dir:
                 if entry.is_symlink():
                     if _inside(p, (root_real,)):
                         continue  # its files are listed at their real path inside the root

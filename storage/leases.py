@@ -9,10 +9,16 @@ machine that lost power), and is taken over. Hosts must agree on the time to wit
 
 Claiming (``LeaseManager.claim``): list the live leases, take the items none of them holds,
 write the lease (atomic create), list again; where another live lease with a smaller id (an
-earlier claim) overlaps, give those items up. Two claimants that both see each other never both
-keep an item; the only way both keep one is that neither saw the other's lease, which the
-second listing rules out unless the clocks disagree by more than the time between two claims.
-Duplicated work is harmless: both write whole packs, and the newest copy is the one read.
+earlier claim) overlaps, give those items up. An overlapping lease with a larger id may have
+been written by a claimant whose own second listing came before this lease was written (a
+claimant descheduled between taking its id and writing its lease): an item it still lists is
+kept only once it drops it (it does, when its listing sees this smaller id), re-listing after
+``SETTLE_WAITS``, and given up otherwise. So two claimants never both keep an item: the later
+writer's listing sees the earlier lease, and the earlier one waits for the later one's decision
+(both giving an item up is possible under extreme delays and costs a retry, never a duplicate).
+Duplicated work is harmless: both write whole packs, and the newest copy is the one read. A lease
+says nothing about completion: the executor reads completion again after a claim, so an item
+another run completed and released meanwhile is not computed twice (``tasks.executor``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ log = logging.getLogger("ovseg.storage")
 
 LEASES = "leases"
 DEFAULT_TTL = 120.0
+SETTLE_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8)  # seconds between looks while a later overlapping lease still lists items
 
 
 class LeaseError(RuntimeError):
@@ -157,11 +164,21 @@ class LeaseManager:
         with self._lock:
             self._held[lease_id] = (path, content)
         self._ensure_thread()
-        # second look: an earlier claim (smaller id) that overlaps keeps its items
+        # second look: an earlier claim (smaller id) that overlaps keeps its items. A later one (larger id) that
+        # still lists an item may have looked before this lease was written and kept it: keep such an item only
+        # once that lease has dropped it (it gives it up when its own look sees this lease), else give it up
         lost: dict[str, LeaseInfo] = {}
-        for info in self.live(stage, key, exclude=lease_id):
-            if info.lease_id < lease_id and info.lease_id not in self._held:
-                lost.update({i: info for i in info.items if i in mine})
+        for look in range(len(SETTLE_WAITS) + 1):
+            lost, contested = {}, {}
+            for info in self.live(stage, key, exclude=lease_id):
+                if info.lease_id not in self._held:
+                    for i in info.items:
+                        if i in mine:
+                            (lost if info.lease_id < lease_id else contested)[i] = info
+            if not contested or look == len(SETTLE_WAITS):
+                break
+            time.sleep(SETTLE_WAITS[look])
+        lost.update(contested)
         if lost:
             mine = [i for i in mine if i not in lost]
             claim.busy.update(lost)

@@ -99,13 +99,9 @@ def verify(store: Store, sets: Iterable[tuple[str, str]] | None = None, checksum
         if repair:
             bad = [i for i, _ in rep.damaged]
             rep.repaired = store.drop_items(stage, key, bad, reason="cache verify --repair")
+            rep.repaired += len(store.remove_damaged_records(stage, key))
             for path, _ in rep.damaged_files:
-                if f"/{RECORDS}/" in path:
-                    pack = path.rsplit("/", 1)[-1][: -len(".json")]
-                    store.backend.delete(path)
-                    store.backend.delete(f"{store.stage_dir(stage, key)}/{PACKS}/{pack}.zip")
-                    rep.repaired += 1
-                elif f"/{INDEX}/" in path or f"/{DROPS}/" in path:
+                if f"/{INDEX}/" in path or f"/{DROPS}/" in path:
                     store.backend.delete(path)  # its content is rebuilt from the records by the next compaction
                     rep.repaired += 1
         reports.append(rep)
@@ -124,6 +120,7 @@ class GcReport:
     leases: int = 0
     nbytes: int = 0
     paths: list[str] = field(default_factory=list)
+    remaining: int = 0  # ``evict``: bytes of the stage outputs left (or that would be left)
 
 
 def gc(store: Store, keep: Iterable[tuple[str, str]], dry_run: bool = False, stale_after: float | None = None
@@ -201,6 +198,7 @@ def evict(store: Store, protect: Iterable[tuple[str, str]], max_bytes: int | Non
         if not dry_run:
             store.backend.delete_tree(base)
             store.backend.delete_tree(store.backend.path(LEASES, info.stage, info.key))
+    rep.remaining = total
     return rep
 
 

@@ -32,6 +32,14 @@ class DamagedOutputError(MissingOutputError):
     """A stored output does not match its completion record; it was un-marked and will be recomputed."""
 
 
+def metadata_members(entry: ItemEntry, names: Iterable[str], whole: bool) -> list:
+    """The Zarr metadata members (``zarr.json``) of the arrays ``names`` of an item, and of its group when
+    the ``whole`` item is read: each array's sits right before its chunk, so checking them costs a few
+    hundred bytes per read, and a read never returns an item whose pack a Zarr reader would see altered."""
+    wanted = {f"{entry.item}/{n}/zarr.json" for n in names} | ({f"{entry.item}/zarr.json"} if whole else set())
+    return [m for m in entry.members if m.name in wanted]
+
+
 class StoreReader:
     """The read path of ``Store`` (mixed into it; see the module docstring)."""
 
@@ -69,13 +77,15 @@ class StoreReader:
         missing = [n for n in wanted if n not in entry.arrays]
         if missing:
             raise MissingOutputError(f"{where} has no array {missing[0]!r} (has {sorted(entry.arrays)})")
-        members = [m for m in entry.members if m.name in {entry.arrays[n].chunk for n in wanted}]
+        meta = metadata_members(entry, wanted, whole=names is None)
+        members = [m for m in entry.members if m.name in {entry.arrays[n].chunk for n in wanted}] + meta
         if not members:
             return decode_arrays(b"", 0, entry, wanted, where)
         lo, hi = min(m.offset for m in members), max(m.offset + m.size for m in members)
         path = f"{self.stage_dir(stage, key)}/{PACKS}/{pack}.zip"
         try:
             data = self.backend.get_range(path, lo, hi)
+            verify_members(data, lo, meta, f"{path} ({item})")  # Zarr readers of the pack read these
             return decode_arrays(data, lo, entry, wanted, f"{path} ({item})")
         except FileNotFoundError as e:
             if not retried and self.state(stage, key).pack_of(item) != pack:  # recomputed elsewhere meanwhile
@@ -100,8 +110,11 @@ class StoreReader:
                 entries = []
             if len(entries) > 1:
                 wanted = {i: list(e.arrays) if names is None else list(names) for i, e in zip(group, entries)}
+                metas = {i: metadata_members(e, [n for n in wanted[i] if n in e.arrays], whole=names is None)
+                         for i, e in zip(group, entries)}
                 chunks = [m for i, e in zip(group, entries) for m in e.members
                           if m.name in {e.arrays[n].chunk for n in wanted[i] if n in e.arrays}]
+                chunks += [m for ms in metas.values() for m in ms]
                 if chunks:
                     lo, hi = min(m.offset for m in chunks), max(m.offset + m.size for m in chunks)
                     path = f"{self.stage_dir(stage, key)}/{PACKS}/{pack}.zip"
@@ -112,6 +125,7 @@ class StoreReader:
                     if data is not None:
                         for i, e in zip(group, entries):
                             try:
+                                verify_members(data, lo, metas[i], f"{path} ({i})")
                                 out[i] = decode_arrays(data, lo, e, wanted[i], f"{path} ({i})")
                             except (PackDamagedError, KeyError, ValueError):
                                 pass  # read alone below: the error path un-marks it

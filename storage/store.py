@@ -26,7 +26,7 @@ from storage.keys import StageKey
 from storage.leases import DEFAULT_TTL, LeaseManager
 from storage.paths import MARKER, STAGES, STORE_FORMAT, TABLES, check_name, resolve_location
 from storage.reading import DamagedOutputError, MissingOutputError, StoreReader
-from storage.records import PACKS, StageState, write_drops
+from storage.records import PACKS, RECORDS, StageState, write_drops
 from storage.writing import PackSession
 
 __all__ = ["DamagedOutputError", "MissingOutputError", "Store", "StoreError", "StoreNotFoundError"]
@@ -78,6 +78,9 @@ class Store(StoreReader):
                 raise StoreError(f"cannot open the store {self.location}: {type(e).__name__}: {e}; check the "
                                  "endpoint and credentials (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID and "
                                  "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, FSSPEC_S3: docs/object-stores.md)") from e
+            if isinstance(e, OSError):  # not a damaged marker: the path cannot hold a store (a file on it, rights)
+                raise StoreError(f"cannot open the store {self.location}: {type(e).__name__}: {e}; point --store / "
+                                 "OVSEG_STORE at a folder (a part of this path is a file, or not readable)") from e
             log.warning("%s is unreadable (%s); rewriting it", marker, e)
             self.backend.put_atomic(marker, json.dumps({"format": STORE_FORMAT, "created": time.time()}).encode())
             return
@@ -198,6 +201,22 @@ class Store(StoreReader):
         pairs = st.items_in(bad)
         self.drop_items(stage, key, [], reason="pack missing or truncated", pairs=pairs)
         return [(i, f"pack {p}.zip is {bad[p]}") for i, p in pairs]
+
+    def remove_damaged_records(self, stage: str, key: str) -> list[str]:
+        """Delete the unreadable completion records of the set, with their packs; returns their paths.
+
+        Such a record marks nothing complete (its items count as incomplete and are recomputed), so
+        removing it loses nothing; a run does this once its items are complete again, and
+        ``cache verify --repair`` at once."""
+        st = self.state(stage, key)
+        removed = []
+        for path in [p for p in st.damaged if f"/{RECORDS}/" in p]:
+            pack = path.rsplit("/", 1)[-1][: -len(".json")]
+            self.backend.delete(path)
+            self.backend.delete(f"{self.stage_dir(stage, key)}/{PACKS}/{pack}.zip")
+            st.damaged.pop(path, None)
+            removed.append(path)
+        return removed
 
     def missing(self, stage: str, key: str, items: Iterable[str]) -> list[str]:
         done = self.complete_items(stage, key)

@@ -20,8 +20,6 @@ files instead, so a listing command can show the rest and warn.
 from __future__ import annotations
 
 import io
-import os
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -165,20 +163,7 @@ def write_table(store: Store, table: str, name: str, rows: Sequence[Mapping[str,
     path = store.table_path(table, name)
     buf = io.BytesIO()
     pq.write_table(tbl, buf, write_page_checksum=True)
-    if store.is_local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # unique per writer (process and thread)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buf.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
-        store.fs.pipe(path, buf.getvalue())
+    store.backend.put_atomic(path, buf.getvalue())  # all or nothing; a failed write leaves no temporary file
     return path
 
 
@@ -264,3 +249,20 @@ def read_table(
     if not parts:
         return schema.empty_table()
     return pa.concat_tables(parts)
+
+
+def verify_tables(store: Store, repair: bool = False) -> dict[str, tuple[int, list[TableDamagedError]]]:
+    """Read every file of every table: ``{table: (files checked, damaged files)}``.
+
+    With ``repair`` the damaged files are deleted: a run rebuilds manifests (re-ingest) and
+    metrics (from the stored per-image matrices); a runs or failures file is the record of one
+    past run, whose journal still lists it."""
+    out = {}
+    for table in SCHEMAS:
+        damaged: list[TableDamagedError] = []
+        read_table(store, table, on_damaged=damaged.append)
+        if repair:
+            for e in damaged:
+                store.backend.delete(store.table_path(table, e.name))
+        out[table] = (len(store.table_names(table)), damaged)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping
@@ -55,7 +56,12 @@ class PackSession:
         size = os.path.getsize(self._tmp)
         self.store.backend.put_file(self._tmp, self.path)
         rec = Record(self.pack_id, size, time.time(), dict(self.entries), self.meta)
-        self.store.backend.put_if_absent(self.record_path, rec.to_bytes())
+        try:
+            self.store.backend.put_if_absent(self.record_path, rec.to_bytes())
+        except BaseException:  # no record (disk full ...): the pack is not left behind without one
+            with contextlib.suppress(OSError):
+                self.store.backend.delete(self.path)
+            raise
         self.store.state(self.stage_key.stage, self.stage_key.key, refresh=False).add_record(rec)
         return list(self.entries)
 

@@ -3,7 +3,9 @@
 For a batch of items of one stage output set (one Prefect task):
 
 1. the items (those the flow found incomplete) are claimed with ONE lease (items another live
-   process holds are ``busy``: the flow waits for them or reports them);
+   process holds are ``busy``: the flow waits for them or reports them); completion is read
+   again after the claim, so an item another run completed and released in between is
+   ``cached``, never computed twice (a run writes an item's record before it releases the item);
 2. a loader thread decodes each image once and reads the upstream outputs, ``prefetch`` items
    ahead (pinned memory on CUDA);
 3. the calling thread runs the stage's pure compute, on groups of items whose windows fill
@@ -73,6 +75,11 @@ def _run_claimed(ctx: StageContext, stage, rows: list[Mapping[str, Any]], result
         for iid, info in claim.busy.items():
             results[iid] = ItemResult(iid, "busy", error=f"being computed by {info.describe()}")
         mine = set(claim.mine)
+        if mine:  # another run may have completed (and released) an item since the flow found it incomplete
+            state = store.state(ctx.stage, ctx.key)
+            for iid in sorted(i for i in mine if state.pack_of(i) is not None):
+                results[iid] = ItemResult(iid, "cached")
+                mine.discard(iid)
         mine_rows = [r for r in rows if str(r["image_id"]) in mine]
         if not mine_rows:
             return

@@ -17,8 +17,8 @@ from flows.key_view import shown_params
 from flows.summary import print_table, stage_legend
 from storage.journal import KeepSet, newest_per_experiment
 from storage.keys import canonical_json
-from storage.maintenance import evict, gc, list_stages, verify
-from storage.tables import read_table
+from storage.maintenance import SetReport, evict, gc, list_stages, verify
+from storage.tables import read_table, verify_tables
 from tasks.stages import STAGE_ORDER, get_stage
 
 
@@ -87,6 +87,10 @@ def cmd_cache_gc(args: argparse.Namespace) -> int:
     for r in keep.live_runs:
         keep.add(r.plan_keys(), f"live run {r.run_id}")
     keep.add(plan_keys(args.experiments), "experiment files")
+    if not args.only_experiments:  # the budget too keeps these: the newest results of each experiment stay
+        chosen = runs if args.all_runs else list(newest_per_experiment(runs).values())
+        for r in chosen:
+            keep.add(r.plan_keys(), f"run {r.run_id} ({r.experiment})")
     verb = "would remove" if args.dry_run else "removed"
     if args.max_bytes is not None or args.older_than is not None:  # the storage budget: least recently used first
         budget = evict(store, keep.keys, max_bytes=args.max_bytes, older_than=args.older_than, dry_run=args.dry_run)
@@ -94,11 +98,11 @@ def cmd_cache_gc(args: argparse.Namespace) -> int:
             print(f"{verb} {stage}/{key}: {_n(items, 'item')}, {human(nbytes)} (least recently used)")
         print(f"{verb} {_n(len(budget.sets), 'output set')} ({_n(budget.items, 'item')}): {human(budget.nbytes)} freed "
               "by the storage budget")
+        if args.max_bytes is not None and budget.remaining > args.max_bytes:
+            print(f"the kept output sets still total {human(budget.remaining)}, over the budget of "
+                  f"{human(args.max_bytes)}: they belong to live runs, the given experiment files or the newest run of "
+                  "each experiment; pass --only-experiments to evict the newest runs' outputs too")
         keep.add(set(store.stage_sets()), "kept by the budget")  # then only leftovers of dead writers go
-    elif not args.only_experiments:
-        chosen = runs if args.all_runs else list(newest_per_experiment(runs).values())
-        for r in chosen:
-            keep.add(r.plan_keys(), f"run {r.run_id} ({r.experiment})")
     rep = gc(store, keep.keys, dry_run=args.dry_run)
     for stage, key, items, nbytes in rep.sets:
         print(f"{verb} {stage}/{key}: {_n(items, 'item')}, {human(nbytes)}")
@@ -127,6 +131,10 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
         get_stage(args.stage)
         sets = [s for s in sets if s[0] == args.stage]
     reports = verify(store, sets, checksums=not args.sizes_only, repair=args.repair)
+    if not args.stage and not args.experiment:  # the store's tables: every file must parse as its table
+        for table, (files, damaged) in verify_tables(store, repair=args.repair).items():
+            reports.append(SetReport("table", table, files, damaged_files=[(e.path, e.problem) for e in damaged],
+                                     repaired=len(damaged) if args.repair else 0))
     rows = [(r.stage, r.key, r.checked, len(r.damaged), len(r.damaged_files), r.repaired if args.repair else "-")
             for r in reports]
     print_table(rows, ["stage", "key", "items checked", "damaged items", "damaged files", "repaired"])
@@ -137,7 +145,8 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
         for path, why in r.damaged_files:
             print(f"  {path}: {why}")
     if bad and args.repair:
-        print("damaged items were un-marked: the next `ovseg run` recomputes exactly those")
+        print("damaged items were un-marked and unreadable files removed: the next `ovseg run` recomputes exactly "
+              "those (and rebuilds manifests and metrics)")
     elif bad:
         print("run `ovseg cache verify --repair` to un-mark them (the next run recomputes exactly those)")
     return 1 if bad else 0

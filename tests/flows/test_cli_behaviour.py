@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,7 @@ def test_read_only_commands_import_no_torch_prefect_open_clip_or_zarr(done, tmp_
                            ("prefect", "zarr", "sklearn"))}
     script = """
 import sys
+import time
 from flows.cli import main
 try:
     rc = main(sys.argv[1:])
@@ -242,6 +244,7 @@ def test_segment_without_a_prefect_server_starts_none_and_reports_its_overhead(t
     img = SAMPLE / "ade20k-sample" / "ADEChallengeData2016" / "images" / "validation" / "ADE_val_00000001.jpg"
     script = f"""
 import sys
+import time
 from flows.cli import main
 rc = main(["segment", {str(img)!r}, "--classes", "sky; building, house; tree; road", "--clip", "clip:tiny@random:0",
            "--dino", "dino:tiny8@random:0", "--regions", "slic", "--store", {str(tmp_path / "store")!r},
@@ -258,3 +261,46 @@ print("RC", rc, sorted(m for m in sys.modules if m.startswith(("prefect.server",
     assert 0 < stages < total, line
     assert (tmp_path / "overlay_labels.png").is_file()
     assert not list(tmp_path.glob("prefect-home/*.db"))
+
+
+def test_a_missing_dataset_root_is_a_usage_error_naming_it_and_creates_no_store(tmp_path, capsys):
+    gone = tmp_path / "no-such-data"
+    base = tiny_experiment(tmp_path / "store")
+    exp = tiny_experiment(tmp_path / "store", datasets=[{**base.datasets[0].model_dump(), "root": str(gone)}])
+    exp_file = tmp_path / "e.yaml"
+    exp_file.write_text(yaml.safe_dump(exp.model_dump(mode="json")))
+    for argv in (["--no-prefect"], [], ["--dry-run"]):  # without Prefect, as a flow run, and its dry run
+        assert main(["run", str(exp_file), "-q", *argv]) == 2
+        err = capsys.readouterr().err
+        assert f"dataset 'voc' (datasets[0].root = {gone}): the dataset root does not exist" in err
+        assert "Fix datasets[0].root in the experiment file, or pass --set datasets.0.root=PATH" in err
+        assert "Traceback" not in err
+        assert not (tmp_path / "store").exists()  # a bad plan touches no store
+
+
+def test_a_store_path_under_a_file_fails_cleanly_without_rewriting_anything(tmp_path, capsys, caplog):
+    (tmp_path / "afile").write_text("not a folder")
+    exp = tiny_experiment(tmp_path / "afile" / "store")
+    exp_file = tmp_path / "e.yaml"
+    exp_file.write_text(yaml.safe_dump(exp.model_dump(mode="json")))
+    assert main(["run", str(exp_file), "--no-prefect", "-q"]) == 2
+    err = capsys.readouterr().err + caplog.text
+    assert f"cannot open the store {tmp_path / 'afile' / 'store'}: NotADirectoryError" in err
+    assert "unreadable" not in err and "rewriting" not in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_gc_budget_and_age_without_experiment_files_keep_the_newest_run(done, tmp_path, capsys):
+    import shutil
+
+    _, store = done
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    sets = set(Store(copy).stage_sets())
+    time.sleep(1.1)  # every set was last used more than 1 s ago
+    for argv in (["--max-bytes", "1"], ["--older-than", "1"]):
+        assert main(["cache", "gc", "--store", str(copy), *argv]) == 0
+        assert set(Store(copy).stage_sets()) == sets  # the newest run of the experiment keeps all of its outputs
+    assert "over the budget of 1 B" in capsys.readouterr().out
+    assert main(["cache", "gc", "--store", str(copy), "--older-than", "1", "--only-experiments"]) == 0
+    assert Store(copy).stage_sets() == []  # asked for explicitly: nothing but live runs is protected

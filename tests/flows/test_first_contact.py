@@ -105,7 +105,7 @@ def test_shown_reconstruction_fields_follow_the_correlation_source():
 
 def test_gc_budget_dry_run_prints_one_consistent_summary(ran, capsys):
     base, _, _ = ran
-    assert main(["cache", "gc", "--store", str(base / "store"), "--max-bytes", "1", "--dry-run"]) == 0
+    assert main(["cache", "gc", "--store", str(base / "store"), "--max-bytes", "1", "--dry-run", "--only-experiments"]) == 0
     out = capsys.readouterr().out.splitlines()
     totals = [ln for ln in out if ln.startswith("would remove") and "output set" in ln and "/" not in ln.split(":")[0]]
     assert len(totals) == 1 and "freed by the storage budget" in totals[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.orchestration import failed_images, final_state, run_tags, slug
+from flows.orchestration import failed_images, failed_vocabularies, final_state, run_tags, slug
 from flows.summary import RunSummary, StageReport
 from tests.flows.conftest import tiny_experiment
 
@@ -63,3 +63,18 @@ def test_artifact_keys_and_tags():
     assert slug("***") == "run"
     exp = tiny_experiment("/tmp/unused-store")
     assert run_tags(exp) == ["ovseg", "experiment:tiny", "dataset:voc", "method:corrclip", "method:scclip"]
+
+
+def test_the_vocabulary_item_is_not_counted_as_an_image():
+    # an unreadable CLIP checkpoint: the vocabulary item fails, then each of the 8 images is skipped downstream
+    failures = [("text_embeddings", "vocab", "BackboneLoadError")]
+    failures += [("reconstruction", f"img{i}", "SkippedUpstream") for i in range(8)]
+    s = _summary(8, failures)
+    assert failed_images(s) == {("voc", f"img{i}") for i in range(8)}
+    assert failed_vocabularies(s) == {"voc"}
+    state = final_state(s, max_failed=1.0)  # even a run that tolerates every image failing has nothing to score
+    assert state.type.value == "FAILED" and "8 of 8 image(s) failed (100.0 %)" in state.message
+    assert state.message.startswith("the vocabulary of voc failed")
+    # one image failed, and the vocabulary of the dataset too: 1 of 20, not 2 of 20
+    s = _summary(20, [("text_embeddings", "vocab", "RuntimeError"), ("clip_layers", "img1", "RuntimeError")])
+    assert failed_images(s) == {("voc", "img1")} and "1 of 20 image(s) failed (5.0 %)" in final_state(s).message

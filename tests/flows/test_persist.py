@@ -70,13 +70,16 @@ def test_gc_storage_budget_evicts_least_recently_used_sets(tmp_path, capsys):
     assert only_first  # e0's clip dump, reconstruction and scores are used by e0 only, and longer ago
     budget = sum(sizes.values()) - 1
     capsys.readouterr()
-    assert main(["cache", "gc", "--store", str(store), "--max-bytes", str(budget), "--dry-run"]) == 0
+    assert main(["cache", "gc", "--store", str(store), "--max-bytes", str(budget), "--dry-run", "--only-experiments"]) == 0
     assert "least recently used" in capsys.readouterr().out and set(Store(store).stage_sets()) == set(sizes)
     assert main(["cache", "gc", "--store", str(store), "--older-than", "30d"]) == 0
     assert set(Store(store).stage_sets()) == set(sizes)  # everything was used today
     assert main(["cache", "gc", "--store", str(store), "--max-bytes", str(budget)]) == 0
+    assert set(Store(store).stage_sets()) == set(sizes)  # the newest run of each experiment is kept
+    assert "pass --only-experiments to evict the newest runs' outputs too" in capsys.readouterr().out
+    assert main(["cache", "gc", "--store", str(store), "--max-bytes", str(budget), "--only-experiments"]) == 0
     left = set(Store(store).stage_sets())
     evicted = set(sizes) - left
     assert evicted and evicted <= only_first  # the least recently used sets went first
-    assert main(["cache", "gc", "--store", str(store), "--max-bytes", "1G"]) == 0
+    assert main(["cache", "gc", "--store", str(store), "--max-bytes", "1G", "--only-experiments"]) == 0
     assert set(Store(store).stage_sets()) == left

@@ -165,6 +165,19 @@ def test_damaged_record_stage_metadata_and_tables_name_the_file_and_runs_continu
     assert read_table(Store(store), "metrics", ["tiny--voc"]).num_rows == 2 * 22  # rebuilt
     assert main(["runs", "--store", str(store)]) == 0  # the journals still list every run
     assert run_file.stem in capsys.readouterr().out
+    assert not record.exists()  # the stale unreadable record went once its items were complete again
+    from flows.report_data import load_runs
+
+    notes: list[str] = []
+    runs = load_runs(Store(store), notes)  # the other runs keep their rows: only the garbage file is skipped
+    assert "voc" in runs[summary.run_id].datasets  # read from this run's runs-table file (journals lack it)
+    assert any(str(run_file) in n and "that run is shown from its journal" in n for n in notes)
+    assert main(["cache", "verify", "--store", str(store)]) == 1  # verify checks the tables too
+    out = capsys.readouterr().out
+    assert str(run_file) in out and str(record) not in out
+    assert main(["cache", "verify", "--store", str(store), "--repair"]) == 1
+    assert not run_file.exists()
+    assert main(["cache", "verify", "--store", str(store)]) == 0
 
 
 # 5. gc never deletes what a live run or the newest run of an experiment needs

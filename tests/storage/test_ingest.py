@@ -442,3 +442,20 @@ def test_a_folder_turned_into_an_outside_link_between_ingests_is_refused(sample_
     again = ingest(root, "voc", previous=first)
     assert len(again) == len(first)
     assert all(r.status == "error" and "outside the dataset root" in r.error for r in again), again[0]
+
+
+def test_a_symlink_loop_is_that_entrys_error_row(sample_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(_voc_jpg(sample_dir, 0), root / "good.jpg")
+    (root / "self.jpg").symlink_to(root / "self.jpg")  # ELOOP on every stat that follows links
+    (root / "a.png").symlink_to(root / "b.png")
+    (root / "b.png").symlink_to(root / "a.png")
+    (root / "loopdir").symlink_to(root / "loopdir")
+    (root / "notes.txt").symlink_to(root / "notes.txt")  # not image-like: not listed
+    rows = {r.rel_path: r for r in ingest(root, "folder")}
+    assert set(rows) == {"good.jpg", "self.jpg", "a.png", "b.png", "loopdir"}
+    assert rows["good.jpg"].status == "ok"
+    for k in ("self.jpg", "a.png", "b.png", "loopdir"):
+        assert rows[k].status == "error" and "symbolic links" in rows[k].error, rows[k].error
+        assert rows[k].error.startswith(str(root / k)) and "fix or remove this link" in rows[k].error

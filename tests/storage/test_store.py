@@ -264,3 +264,20 @@ def test_tables_written_with_an_older_schema_stay_readable(tmp_path: Path):
     path.parent.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist([row], schema=old), path)
     assert read_table(s, "manifests").to_pylist() == [{**row, "file_stat": ""}]
+
+
+def test_an_altered_zarr_metadata_member_is_never_read_as_data(tmp_path):
+    """A pack's ``zarr.json`` members are what Zarr readers of the pack see: a read checks them too."""
+    s = Store(tmp_path / "s")
+    sk = StageKey("dino_features", {"v": 1}, {}, "1")
+    s.write_item(sk, "img1", {"qk": np.arange(12, dtype=np.float32).reshape(3, 4)}, {})
+    st = s.state(sk.stage, sk.key)
+    pack = st.pack_of("img1")
+    (meta,) = [m for m in st.record(pack).items["img1"].members if m.name == "img1/qk/zarr.json"]
+    path = tmp_path / "s" / "stages" / sk.stage / sk.key / "packs" / f"{pack}.zip"
+    data = bytearray(path.read_bytes())
+    data[meta.offset + 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedOutputError, match="img1/qk/zarr.json fails its CRC-32 check"):
+        s.read_item(sk.stage, sk.key, "img1")
+    assert s.complete_items(sk.stage, sk.key) == set()  # un-marked: the next run recomputes it
