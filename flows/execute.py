@@ -243,6 +243,7 @@ def _run_chain(exp: Experiment, store: Store, plan: DatasetPlan, chain: Sequence
         busy = {i: h for i, h in zip(active, held) if h}
     for i, (ctx, rep, label, todo, k) in enumerate(zip(chain, reps, labels, todos, positions)):
         if len(active) <= 1:  # nothing to fuse: stage by stage
+            rep.started = time.time()  # its span is its own run, not also the nodes run before it
             _submit_todo(exp, store, ctx, todo, rep, failed_here, progress, wait, f"{label} ({k}/{n})", submit)
         elif busy.get(i):  # held by another live run (or waiting on an input that is): stage by stage
             t0 = time.time()
@@ -254,8 +255,9 @@ def _run_chain(exp: Experiment, store: Store, plan: DatasetPlan, chain: Sequence
                 setattr(rep, f, getattr(rep, f) + getattr(rest, f))
             rep.failures += rest.failures
             rep.ended += time.time() - t0
+        fused = len(active) > 1  # a fused node's span is its share of the chains; a node with nothing to do has none
         _end_node(store, ctx.node, rep, f"{label} stage {k}/{n}", summary, journal,
-                  ended=rep.ended if i in active and len(active) > 1 else None)
+                  ended=(rep.ended if i in active else rep.started) if fused else None)
 
 
 def _begin_node(store: Store, plan: DatasetPlan, node, users: Mapping, summary: RunSummary
