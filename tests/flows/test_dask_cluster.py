@@ -305,7 +305,9 @@ def test_worker_joining_mid_run_is_given_batches(tmp_path, cluster, reference, c
     client = cluster.client()
     since = time.time()
     store = tmp_path / "store"
-    run = _Run(_exp(store, kind="dask", address=cluster.address, workers=3))
+    # stage by stage: many small batches, so some are still waiting when the third worker joins (fused, the three
+    # images' chain batches are all submitted at once)
+    run = _Run(_exp(store, kind="dask", address=cluster.address, workers=3, fuse=False))
     with caplog.at_level(logging.INFO, logger="ovseg"):
         run.start()
         while run.is_alive() and not list(store.glob("stages/*/*/records/*.json")):
