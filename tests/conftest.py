@@ -23,3 +23,19 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (only the embedded sample is available)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _thread_count_restored():
+    """Every test leaves torch's thread count as it found it.
+
+    ``faiss.omp_set_num_threads`` (the bank tests) sets the OpenMP thread count of the whole process, torch's
+    included (one libgomp); a later test comparing in-process outputs with a subprocess's then ran at another
+    thread count and differed in the last bits (seen in CI: the S3 kill test after the bank tests).
+    """
+    import torch  # noqa: PLC0415 - here, not at the top: collecting the tests must not wait for torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)

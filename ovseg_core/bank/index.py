@@ -24,10 +24,10 @@ import io
 import math
 from typing import BinaryIO
 
-import faiss
 import numpy as np
 
 from ovseg_core.bank.config import IndexConfig
+from ovseg_core.bank.faiss_import import faiss
 
 __all__ = [
     "BankIndex",

@@ -22,10 +22,10 @@ switches the IVF-PQ's ``use_precomputed_table`` on for the call and off again, s
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
 from ovseg_core.bank.config import SearchConfig
+from ovseg_core.bank.faiss_import import faiss
 from ovseg_core.bank.index import BankIndex, normalize_keys
 from ovseg_core.bank.rows import RowReader
 
