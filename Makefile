@@ -53,7 +53,7 @@ test-fast: $(STAMP)
 # for bit at any thread count (docs/design.md, "An item's outputs depend on that item alone").
 # Not here: tests/tasks/test_group_independence.py and tests/flows/test_rerun_grouping.py set 1 and 2
 # threads themselves, and the Dask test's workers always run with one thread (all in `make test`).
-# About 8 min on 2 busy shared cores; CI (.ci/run) runs it after `make test`.
+# About 2.5 min on 2 cores (8 min while they were busy); CI (.ci/run) runs it after `make test`.
 ONE_THREAD_TESTS := tests/storage tests/flows/test_trustworthy.py tests/flows/test_crash_and_runners.py \
 	--deselect tests/flows/test_crash_and_runners.py::test_dask_local_cluster_gives_the_same_outputs
 test-1thread: $(STAMP)
