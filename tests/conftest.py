@@ -30,8 +30,8 @@ def _thread_count_restored():
     """Every test leaves torch's thread count as it found it.
 
     ``faiss.omp_set_num_threads`` (the bank tests) sets the OpenMP thread count of the whole process, torch's
-    included (one libgomp); a later test comparing in-process outputs with a subprocess's then ran at another
-    thread count and differed in the last bits (seen in CI: the S3 kill test after the bank tests).
+    included (one libgomp); a later test computing in this process would run at another thread count than its
+    reference and differ in the last bits.
     """
     import torch  # noqa: PLC0415 - here, not at the top: collecting the tests must not wait for torch
 
