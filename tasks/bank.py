@@ -43,10 +43,6 @@ def _pooled(pooled: Any, name: str) -> Output:
 
 
 # ----------------------------------------------------------------------------- bank_values
-def values_models(ctx: StageContext):
-    return ctx.backbone(ctx.params.backbone, ctx.params.dtype).model.visual
-
-
 def values_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
     """The window inputs of CorrCLIP v1's features (as ``tasks.reconstruction``), and the region map to pool over."""
     p = ctx.params

@@ -201,7 +201,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           inputs=(Input("clip_layers"), Input("dino_features"), Input("sam_masks"), Input("mask_clustering"),
                   Input("mask_class_tokens", required=False)),
           params=BP.BankValuesParams, code_version="1",
-          models=Step("tasks.bank:values_models"), load=Step("tasks.bank:values_load"),
+          models=Step("tasks.reconstruction:reconstruction_models"), load=Step("tasks.bank:values_load"),
           compute=Step("tasks.bank:values_compute"), arrays=("values", "mask_ids", "areas"), windows=WINDOWS),
     Stage("bank_keys", "a memory bank's per-region VFM keys of one image", "image",
           inputs=(Input("vfm_features"), Input("sam_masks")), params=BP.BankKeysParams, code_version="1",
