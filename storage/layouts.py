@@ -140,21 +140,23 @@ def _coco(root: Path, split: str, layout: str) -> _Listing:
     return base, [Candidate(p, _rel(p, base), ann_dir / f"{p.stem}_labelTrainIds.png") for p in img_dir.glob("*.jpg")]
 
 
-def _ade20k(root: Path, split: str) -> _Listing:
-    base = _find_base(root, ("", "ADEChallengeData2016"), "images", "ade20k")
-    s = {"val": "validation", "train": "training"}.get(split, split)
-    img_dir = _require_dir(base / "images" / s, "ade20k")
-    ann_dir = _require_dir(base / "annotations" / s, "ade20k")
-    return base, [Candidate(p, _rel(p, base), ann_dir / f"{p.stem}.png") for p in img_dir.glob("*.jpg")]
+# ADE20K-style layouts: <dataset folder>/<images>/<split>/*.jpg beside <annotations>/<split>/<stem><ext>, the split
+# named "validation" / "training" ("val" / "train" accepted). layout -> (dataset folder, images, annotations, ext)
+_ADE_LIKE: dict[str, tuple[str, str, str, str]] = {
+    "ade20k": ("ADEChallengeData2016", "images", "annotations", ".png"),
+    # CAT-Seg's ADE20K-full layout (CorrCLIPv2's ADE-847): 16-bit .tif labels beside detectron2 images
+    "ade847": ("ADE20K_2021_17_01", "images_detectron2", "annotations_detectron2", ".tif"),
+}
 
 
-def _ade847(root: Path, split: str) -> _Listing:
-    """CAT-Seg's ADE20K-full layout (CorrCLIPv2's ADE-847): 16-bit ``.tif`` labels beside detectron2 images."""
-    base = _find_base(root, ("", "ADE20K_2021_17_01"), "images_detectron2", "ade847")
+def _ade_like(root: Path, split: str, layout: str) -> _Listing:
+    """The images and ground truth of an ADE20K-style layout (``_ADE_LIKE``)."""
+    folder, images, annotations, gt_ext = _ADE_LIKE[layout]
+    base = _find_base(root, ("", folder), images, layout)
     s = {"val": "validation", "train": "training"}.get(split, split)
-    img_dir = _require_dir(base / "images_detectron2" / s, "ade847")
-    ann_dir = _require_dir(base / "annotations_detectron2" / s, "ade847")
-    return base, [Candidate(p, _rel(p, base), ann_dir / f"{p.stem}.tif") for p in img_dir.glob("*.jpg")]
+    img_dir = _require_dir(base / images / s, layout)
+    ann_dir = _require_dir(base / annotations / s, layout)
+    return base, [Candidate(p, _rel(p, base), ann_dir / f"{p.stem}{gt_ext}") for p in img_dir.glob("*.jpg")]
 
 
 def _pc459(root: Path, split: str) -> _Listing:
@@ -298,7 +300,7 @@ LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
     Layout("coco_stuff", "coco_stuff164k: images/<split>2017/*.jpg, annotations/<split>2017/<stem>_labelTrainIds.png",
            ("COCO-Stuff",), lambda top, split, gt, follow: _coco(top, split, "coco_stuff")),
     Layout("ade20k", "ADEChallengeData2016: images/validation/*.jpg, annotations/validation/<stem>.png", ("ADE20K",),
-           lambda top, split, gt, follow: _ade20k(top, split)),
+           lambda top, split, gt, follow: _ade_like(top, split, "ade20k")),
     Layout("cityscapes", "leftImg8bit/<split>/<city>/<x>_leftImg8bit.png, "
            "gtFine/<split>/<city>/<x>_gtFine_labelTrainIds.png", ("Cityscapes",),
            lambda top, split, gt, follow: _cityscapes(top, split)),
@@ -306,7 +308,7 @@ LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
            lambda top, split, gt, follow: _camvid(top, split)),
     Layout("ade847", "ADE20K_2021_17_01 (CAT-Seg): images_detectron2/validation/*.jpg, "
            "annotations_detectron2/validation/<stem>.tif (16-bit labels 0..846, unlabelled 65535)", ("ADE847",),
-           lambda top, split, gt, follow: _ade847(top, split)),
+           lambda top, split, gt, follow: _ade_like(top, split, "ade847")),
     Layout("pc459", "VOCdevkit/VOC2010: JPEGImages/<id>.jpg, annotations_detectron2/pc459_<split>/<id>.tif "
            "(CAT-Seg, 16-bit labels 0..458, unlabelled 65535), ids from ImageSets/SegmentationContext/<split>.txt",
            ("PC459",), lambda top, split, gt, follow: _pc459(top, split)),
