@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ovseg_core import clip_ops
 from ovseg_core.features.regions import resize_regions_nearest
 from ovseg_core.windows import (
     WindowPlan,
@@ -59,6 +60,17 @@ def row_region_windows(ctx: Any, row: Mapping[str, Any], role: str, plan: Window
                 lambda: region_windows(ctx.read_upstream(role, row, ["ids"])["ids"], plan))
 
 
+def embedded_windows(ctx: Any, image_id: str, window: WindowParams, start: int, visual: Any,
+                     crops: torch.Tensor) -> torch.Tensor:
+    """``clip_ops.embed_tokens(visual, crops)`` tokens ``(b, 1 + gh*gw, D)`` of the CLIP-normalised windows
+    ``start .. start + b - 1`` of image ``image_id`` on ``window`` (``row_windows(..., normalize_clip)``, cast to the
+    forward's dtype and device): in a fused chain batch made once per image, window geometry, model, dtype and window
+    batch (``clip_layers`` makes them, ``mask_class_tokens`` takes them), outside a chain each time. Do not modify them.
+    """
+    key = ("tokens", image_id, window, start, tuple(crops.shape), crops.dtype, str(crops.device), visual)
+    return made(ctx, key, lambda: clip_ops.embed_tokens(visual, crops)[0])
+
+
 def image_windows(img: torch.Tensor, window: WindowParams, normalize: Callable[[torch.Tensor], torch.Tensor]
                   ) -> tuple[torch.Tensor, WindowPlan]:
     """Resize, normalise and crop+pad every window of a ``(3, H, W)`` 0..255 image.
@@ -100,6 +112,12 @@ def run_windows(inputs: Sequence[Tensors], fn: Callable[[dict[str, torch.Tensor]
     tensors) with leading size ``b``; ``sink(i, start, part)`` receives, per image, the outputs
     of its windows ``start .. start + len(part)`` in order.
     """
+    run_windows_at(inputs, lambda i, start, batch: fn(batch), window_batch, sink, device)
+
+
+def run_windows_at(inputs: Sequence[Tensors], fn: Callable[[int, int, dict[str, torch.Tensor]], Any],
+                   window_batch: int, sink: Callable[[int, int, Any], None], device: str = "cpu") -> None:
+    """``run_windows`` whose ``fn(i, start, batch)`` also learns which image and windows the batch holds."""
     if window_batch < 1:
         raise ValueError(f"window_batch must be >= 1, got {window_batch}")
     non_blocking = device.startswith("cuda")
@@ -107,7 +125,7 @@ def run_windows(inputs: Sequence[Tensors], fn: Callable[[dict[str, torch.Tensor]
         for start in range(0, _count(inp), window_batch):
             batch = {name: t[start : start + window_batch].contiguous().to(device, non_blocking=non_blocking)
                      for name, t in inp.items()}
-            sink(i, start, fn(batch))
+            sink(i, start, fn(i, start, batch))
 
 
 def _count(inp: Tensors) -> int:

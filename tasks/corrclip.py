@@ -17,7 +17,15 @@ from ovseg_core.corrclip.mask_clustering import cluster_masks, resize_regions
 from ovseg_core.corrclip.vfm_correlation import correlation_grid
 from ovseg_core.features.clip import normalize_clip
 from ovseg_core.windows import WindowPlan
-from tasks.common import region_windows, row_plan, row_region_windows, row_windows, run_windows, to_store
+from tasks.common import (
+    embedded_windows,
+    region_windows,
+    row_plan,
+    row_region_windows,
+    row_windows,
+    run_windows_at,
+    to_store,
+)
 from tasks.runtime import StageContext
 
 Output = tuple[dict[str, np.ndarray], dict[str, Any]]
@@ -53,7 +61,7 @@ def semantic_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
     else:  # CorrCLIPv2: the sam_masks regions on the correlation grid, renumbered (m0 rule) as its reconstruction does
         merged = relabelled_regions(ctx.read_upstream("mask_clustering", row, ["ids"])["ids"], plan,
                                     patch_size(p.backbone), p.relabel)
-    return {"win": {"crops": crops, "merged": merged}, "plan": plan}
+    return {"win": {"crops": crops, "merged": merged}, "plan": plan, "image_id": str(row["image_id"])}
 
 
 def relabelled_regions(ids: np.ndarray, plan: WindowPlan, clip_patch: int, cfg: CorrCLIPConfig) -> torch.Tensor:
@@ -74,15 +82,16 @@ def semantic_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[str, An
     cfg = CorrCLIPConfig()
     parts: list[list[torch.Tensor]] = [[] for _ in inputs]
 
-    def forward(b: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(i: int, start: int, b: dict[str, torch.Tensor]) -> torch.Tensor:
         crops = b["crops"].to(dtype)
         grid = clip_ops.token_grid(visual, crops.shape[-2], crops.shape[-1])
-        tokens_in, _ = clip_ops.embed_tokens(visual, crops)
+        # in a fused chain: the tokens clip_layers embedded for the same windows and model (computed here otherwise)
+        tokens_in = embedded_windows(ctx, inputs[i]["image_id"], ctx.params.window, start, visual, crops)
         return mask_class_tokens(visual, tokens_in, resize_regions(b["merged"], grid), cfg).float().cpu()
 
     with torch.inference_mode():
-        run_windows([i["win"] for i in inputs], forward, ctx.settings.window_batch,
-                    lambda i, start, x: parts[i].append(x), ctx.device)
+        run_windows_at([i["win"] for i in inputs], forward, ctx.settings.window_batch,
+                       lambda i, start, x: parts[i].append(x), ctx.device)
     return [({"semantic": to_store(torch.cat(p), ctx.params.feature_dtype)}, {"windows": len(inp["plan"].windows)})
             for p, inp in zip(parts, inputs)]
 

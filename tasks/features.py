@@ -24,7 +24,7 @@ from ovseg_core.features.region_files import decode_label_map, regions_from_labe
 from ovseg_core.features.regions import region_map
 from ovseg_core.features.text import TEMPLATE_SETS, text_embeddings
 from ovseg_core.vocabulary import parse_class_lines
-from tasks.common import decoded_rgb, row_windows, run_windows, to_store
+from tasks.common import decoded_rgb, embedded_windows, row_windows, run_windows, run_windows_at, to_store
 from tasks.params import array_name
 from tasks.runtime import StageContext
 
@@ -122,7 +122,7 @@ def clip_models(ctx: StageContext):
 
 def clip_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
     crops, plan = row_windows(ctx, row, ctx.params.window, normalize_clip)
-    return {"win": {"crops": crops}, "plan": plan}
+    return {"win": {"crops": crops}, "plan": plan, "image_id": str(row["image_id"])}
 
 
 def clip_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
@@ -131,8 +131,11 @@ def clip_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[str, Any]])
     dtype = getattr(torch, ctx.params.dtype)
     parts: list[dict[str, list[torch.Tensor]]] = [{n: [] for n in names} for _ in inputs]
 
-    def forward(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        res = clip_block_outputs(visual, b["crops"].to(dtype), names)
+    def forward(i: int, start: int, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        crops = b["crops"].to(dtype)
+        # in a fused chain the embedded windows stay in memory for mask_class_tokens (same model, windows, calls)
+        tokens = embedded_windows(ctx, inputs[i]["image_id"], ctx.params.window, start, visual, crops)
+        res = clip_block_outputs(visual, crops, names, tokens)
         return {n: res[n].float().cpu() for n in names}
 
     def sink(i: int, start: int, x: dict[str, torch.Tensor]) -> None:
@@ -140,7 +143,7 @@ def clip_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[str, Any]])
             parts[i][n].append(x[n])
 
     with torch.inference_mode():
-        run_windows([i["win"] for i in inputs], forward, ctx.settings.window_batch, sink, ctx.device)
+        run_windows_at([i["win"] for i in inputs], forward, ctx.settings.window_batch, sink, ctx.device)
     return [({array_name(n): to_store(torch.cat(p[n]), ctx.params.feature_dtype) for n in names},
              {"windows": len(inp["plan"].windows), "resized_hw": list(inp["plan"].resized_hw), "blocks": names})
             for p, inp in zip(parts, inputs)]

@@ -121,7 +121,8 @@ def parse_aggregate(name: str, num_blocks: int | None = None) -> Aggregate:
 
 
 @torch.no_grad()
-def clip_block_outputs(visual: nn.Module, crops: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+def clip_block_outputs(visual: nn.Module, crops: torch.Tensor, names: Sequence[str],
+                       tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Named aggregates of block outputs, computed in one pass over the tower.
 
     The positional embedding is resized to the crop's token grid as the reference codes do
@@ -132,6 +133,8 @@ def clip_block_outputs(visual: nn.Module, crops: torch.Tensor, names: Sequence[s
         crops: ``(B, 3, H, W)`` CLIP-normalised crops (see :func:`normalize_clip`); H and W
             multiples of the patch size.
         names: aggregate names (see :func:`parse_aggregate`); duplicates are allowed.
+        tokens: ``clip_ops.embed_tokens(visual, crops)[0]`` when the caller has it already (``(B, 1 + gh*gw, D)``);
+            None: embedded here.
     Returns:
         ``{name: (B, 1 + gh*gw, D) float32}`` (CLS first, patches row-major), keyed by the
         names exactly as given.
@@ -143,7 +146,8 @@ def clip_block_outputs(visual: nn.Module, crops: torch.Tensor, names: Sequence[s
     needed = frozenset(b for agg in aggs.values() for b in agg.blocks)
     last = max(needed)
 
-    tokens, _ = clip_ops.embed_tokens(visual, crops)
+    if tokens is None:
+        tokens, _ = clip_ops.embed_tokens(visual, crops)
     outputs: dict[int, torch.Tensor] = {0: tokens}
     if last >= 1:
         _, kept = clip_ops.run_blocks(visual, tokens, 1, last, keep=needed)

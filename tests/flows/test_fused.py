@@ -3,13 +3,16 @@ stages on a rerun, and each image decoded once by a cold run's stages."""
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import ovseg_core.clip_ops
 import storage.ingest
 import tasks.common
 import tasks.scoring
@@ -128,3 +131,39 @@ def test_a_failed_item_is_skipped_downstream_in_the_chain_as_stage_by_stage(tmp_
     assert by_stage["mask_clustering"].skipped == 1 and by_stage["scoring"].skipped == 1
     assert "its sam_masks output failed in this run" in by_stage["mask_clustering"].failures[0][2]
     assert_same_outputs(store_snapshot(tmp_path / "fused"), store_snapshot(tmp_path / "plain"))
+
+
+def _counting_embeddings(monkeypatch, counts: dict[str, Counter]) -> None:
+    """Count in ``counts["now"]``, per window content (crop side, bytes of the normalised crop), the windows the
+    real ``clip_ops.embed_tokens`` embeds, and still run it."""
+    real = ovseg_core.clip_ops.embed_tokens
+
+    def counted(visual, images):
+        for w in images.detach().float().cpu():
+            counts["now"][(int(w.shape[-1]), hashlib.sha1(w.numpy().tobytes()).hexdigest())] += 1
+        return real(visual, images)
+
+    monkeypatch.setattr(ovseg_core.clip_ops, "embed_tokens", counted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [None, 1])
+def test_fused_run_embeds_each_clip_window_once_and_matches_stage_by_stage(tmp_path, monkeypatch, threads):
+    if threads is not None:
+        torch.set_num_threads(threads)  # restored by tests/conftest.py
+    counts = {"now": Counter()}
+    _counting_embeddings(monkeypatch, counts)
+    fused = run_experiment(tiny_experiment(tmp_path / "fused", methods=METHODS), progress=False, orchestrate=False)
+    fused_counts, counts["now"] = counts["now"], Counter()
+    plain = run_experiment(tiny_experiment(tmp_path / "plain", methods=METHODS, runner=STAGE_BY_STAGE),
+                           progress=False, orchestrate=False)
+    plain_counts = counts["now"]
+    assert fused.status == plain.status == "complete"
+    assert computed(fused) == computed(plain) and computed(fused)["mask_class_tokens"] == 2
+    assert_same_outputs(store_snapshot(tmp_path / "fused"), store_snapshot(tmp_path / "plain"))
+    assert _attrs(tmp_path / "fused") == _attrs(tmp_path / "plain")
+    # VOC21 presets: CorrCLIP 336-pixel windows (clip_layers and mask_class_tokens), SC-CLIP 224 (clip_layers only)
+    assert set(fused_counts) == set(plain_counts) and {side for side, _ in fused_counts} == {336, 224}
+    assert sum(side == 336 for side, _ in fused_counts) >= 2  # at least one window of each image
+    assert set(fused_counts.values()) == {1}  # fused: each window embedded once, mask_class_tokens reused it
+    assert {(side, n) for (side, _), n in plain_counts.items()} == {(336, 2), (224, 1)}  # stage by stage: 336 twice
