@@ -34,6 +34,7 @@ from ovseg_core.vocabulary import parse_vocabulary_string
 from storage.images import DEFAULT_MAX_PIXELS
 from storage.layouts import LAYOUT_NAMES
 from tasks.params import COMPUTE_DTYPES, FEATURE_DTYPES
+from tasks.progress import PLAIN_PROGRESS_SECONDS
 from tasks.stages import STAGES, get_stage
 
 Layout = Literal[LAYOUT_NAMES]  # type: ignore[valid-type] - the names of storage.layouts.LAYOUTS
@@ -220,6 +221,10 @@ class RunnerEntry(_Strict):
     fuse: bool = Field(default=True, description="run a dataset's per-image stages as one chain per batch of images "
                        "(each image decoded once, outputs passed in memory and stored as stage by stage); false: "
                        "stage by stage, one batch task per stage")
+    progress_seconds: float = Field(default=PLAIN_PROGRESS_SECONDS, ge=0, le=86400,
+                                    description="seconds between the progress lines (done / total, rate, elapsed, "
+                                    "time left, ETA) of a stage or a fused chain when stderr is not a terminal (a log "
+                                    "file); 0: after every batch")
 
 
 class Provenance(_Strict):
