@@ -196,7 +196,7 @@ class BankEntry(_Strict):
     limit: int | None = Field(default=None, ge=1, description="only the first N images (sorted by path)")
     max_pixels: int | None = Field(default=DEFAULT_MAX_PIXELS, ge=1)
     regions: RegionsEntry | None = Field(default=None, description="region source of the bank's images; None: the experiment's regions")
-    clips: list[str] | None = Field(default=None, min_length=1, max_length=2, description="value stores: the main CLIP, optionally DMCE's auxiliary CLIP (the authors': DFN2B ViT-B/16); None: models.clip or CorrCLIPv2's")
+    clips: list[str] | None = Field(default=None, min_length=1, max_length=2, description="value stores: the main CLIP, optionally DMCE's auxiliary CLIP (the authors': clip:ViT-B-16@dfn2b, DFN2B-CLIP ViT-B/16); None: [models.clip], else the authors' pair (CorrCLIPv2's CLIP and DFN2B)")
     vfm: str | None = Field(default=None, description="VFM of the keys; None: models.vfm or CorrCLIPv2's")
     window: WindowEntry = Field(default_factory=lambda: WindowEntry(short_side=448, crop=336, stride=112), description="the values' CorrCLIP windows (the authors' bank: 448 / 336 / 112)")
     index: dict[str, Any] = Field(default_factory=dict, description="ovseg_core.bank.config.IndexConfig fields (kind: ivfpq | flat | hnsw, nlist_factor, pq_m, ...; checked by flows.bank_graph)")
