@@ -36,10 +36,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from tasks.progress import PLAIN_PROGRESS_SECONDS, PlainProgress
-
-__all__ = ["PLAIN_PROGRESS_SECONDS", "PlainProgress", "configure_logging", "forward_to_run_logs", "progress_bar",
-           "verbosity"]
+from tasks.progress import PLAIN_PROGRESS_SECONDS, PlainProgress  # noqa: F401 - PlainProgress re-exported
 
 OVSEG = "ovseg"
 # ovseg's loggers: "ovseg.*", and the package names for modules that log under ``__name__``
