@@ -39,6 +39,7 @@ class BankUsed:
     queried: int = 0  # regions queried, over the images whose attrs were read
     without_support: int = 0  # of them, regions without any neighbour (own logits kept)
     images_read: int = 0  # reconstruction items whose bank attrs were read
+    imported: bool = False  # the authors' prebuilt files (``ovseg bank import``): no images, rows only
 
     @property
     def share_without_support(self) -> float | None:
@@ -47,6 +48,7 @@ class BankUsed:
     def summary(self) -> str:
         """One line for the scores table."""
         size = ("index unreadable" if self.images is None
+                else f"imported, {self.regions} regions" if self.imported
                 else f"{self.images} images, {self.regions} regions")
         aux = f"aux {self.aux_weight:g} ({self.aux_clip})" if self.aux_clip else "no DMCE"
         share = self.share_without_support
@@ -88,15 +90,16 @@ def bank_used(store: Store, stage: str, key: str, items: Iterable[str] | None = 
     search, fusion = use.get("search") or {}, use.get("fusion") or {}
     try:
         attrs = store.item_attrs("bank_index", index_key, BANK_ITEM)
-        images, regions = int(attrs["images"]), int(attrs["regions"])
+        images, regions, imported = int(attrs["images"]), int(attrs["regions"]), bool(attrs.get("imported"))
     except Exception:  # noqa: BLE001 - a removed or damaged index: the settings are still known
         images = regions = None
+        imported = False
     aux_key = (_stage_key(store, "bank_index", index_key).get("upstream") or {}).get("bank_aux_values")
     aux_clip = (_stage_key(store, "bank_values", aux_key).get("params") or {}).get("backbone") if aux_key else None
     out = BankUsed(str(use.get("bank")), index_key, images, regions, int(search.get("k", SearchConfig.k)),
                    float(fusion.get("alpha", FusionConfig.alpha)),
                    float(fusion.get("aux_weight", FusionConfig.aux_weight)),
-                   aux_clip or (str(aux_key)[:12] if aux_key else None))
+                   aux_clip or (str(aux_key)[:12] if aux_key else None), imported=imported)
     try:
         ids = sorted(store.complete_items("reconstruction", rec)) if items is None else list(items)
     except Exception:  # noqa: BLE001 - unreadable completion records: no support counts

@@ -14,6 +14,7 @@ import pytest
 from flows.config import parse_experiment
 from flows.pipeline import run_experiment
 from flows.report import write_report
+from flows.report_banks import BankUsed
 from storage.store import Store
 from tests.flows.conftest import SAMPLE
 
@@ -80,3 +81,10 @@ def test_the_scores_table_shows_the_bank_and_its_support_from_the_store(reported
     for iid, (q, w) in per_image.items():
         assert f"v2bank: bank sample: {w} of {q} regions without support ({100.0 * w / q:.1f}%)" in page, iid
     assert "v2plain: bank" not in page
+
+
+def test_an_imported_bank_is_shown_by_its_regions_not_as_zero_images():
+    bank = BankUsed("coco", "0123456789abcdef", 0, 2_940_000, 20, 0.5, 0.5, "clip:ViT-B-16@dfn2b", 25, 1, 1,
+                    imported=True)
+    assert bank.summary() == ("coco (imported, 2940000 regions; index 0123456789ab) · K 20 · α 0.5 · "
+                              "aux 0.5 (clip:ViT-B-16@dfn2b) · without support 4.0% (1/25 regions, 1 images)")
