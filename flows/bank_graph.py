@@ -68,8 +68,18 @@ def bank_use(m: MethodEntry, bank_params: Mapping[str, Any]) -> BP.BankUse | Non
 
 
 def bank_models(exp: Experiment, b: BankEntry) -> tuple[list[str], str, str]:
-    """``(clips, vfm, dino)`` of a bank: its own, else the experiment's, else CorrCLIPv2's / CorrCLIP's."""
-    clips = list(b.clips or [exp.models.clip or str(FAMILY_MODELS["corrclipv2"].clip)])
+    """``(clips, vfm, dino)`` of a bank: its own, else the experiment's, else CorrCLIPv2's / CorrCLIP's.
+
+    Without ``clips``: ``[models.clip]`` when the experiment names a CLIP, else the authors' pair, MetaCLIP
+    ViT-L/14 and DMCE's auxiliary DFN2B-CLIP ViT-B/16 (an imported bank: one per ``imported.values`` file).
+    """
+    v2 = FAMILY_MODELS["corrclipv2"]
+    if b.clips:
+        clips = list(b.clips)
+    elif exp.models.clip:
+        clips = [exp.models.clip]
+    else:
+        clips = [str(v2.clip), str(v2.aux_clip)][: len(b.imported.values) if b.imported is not None else 2]
     vfm = b.vfm or exp.models.vfm or str(FAMILY_MODELS["corrclipv2"].vfm)
     return clips, vfm, exp.models.dino
 

@@ -34,6 +34,7 @@ from ovseg_core.vocabulary import parse_vocabulary_string
 from storage.images import DEFAULT_MAX_PIXELS
 from storage.layouts import LAYOUT_NAMES
 from tasks.params import COMPUTE_DTYPES, FEATURE_DTYPES
+from tasks.progress import PLAIN_PROGRESS_SECONDS
 from tasks.stages import STAGES, get_stage
 
 Layout = Literal[LAYOUT_NAMES]  # type: ignore[valid-type] - the names of storage.layouts.LAYOUTS
@@ -195,7 +196,7 @@ class BankEntry(_Strict):
     limit: int | None = Field(default=None, ge=1, description="only the first N images (sorted by path)")
     max_pixels: int | None = Field(default=DEFAULT_MAX_PIXELS, ge=1)
     regions: RegionsEntry | None = Field(default=None, description="region source of the bank's images; None: the experiment's regions")
-    clips: list[str] | None = Field(default=None, min_length=1, max_length=2, description="value stores: the main CLIP, optionally DMCE's auxiliary CLIP (the authors': DFN2B ViT-B/16); None: models.clip or CorrCLIPv2's")
+    clips: list[str] | None = Field(default=None, min_length=1, max_length=2, description="value stores: the main CLIP, optionally DMCE's auxiliary CLIP (the authors': clip:ViT-B-16@dfn2b, DFN2B-CLIP ViT-B/16); None: [models.clip], else the authors' pair (CorrCLIPv2's CLIP and DFN2B)")
     vfm: str | None = Field(default=None, description="VFM of the keys; None: models.vfm or CorrCLIPv2's")
     window: WindowEntry = Field(default_factory=lambda: WindowEntry(short_side=448, crop=336, stride=112), description="the values' CorrCLIP windows (the authors' bank: 448 / 336 / 112)")
     index: dict[str, Any] = Field(default_factory=dict, description="ovseg_core.bank.config.IndexConfig fields (kind: ivfpq | flat | hnsw, nlist_factor, pq_m, ...; checked by flows.bank_graph)")
@@ -220,6 +221,10 @@ class RunnerEntry(_Strict):
     fuse: bool = Field(default=True, description="run a dataset's per-image stages as one chain per batch of images "
                        "(each image decoded once, outputs passed in memory and stored as stage by stage); false: "
                        "stage by stage, one batch task per stage")
+    progress_seconds: float = Field(default=PLAIN_PROGRESS_SECONDS, ge=0, le=86400,
+                                    description="seconds between the progress lines (done / total, rate, elapsed, "
+                                    "time left, ETA) of a stage or a fused chain when stderr is not a terminal (a log "
+                                    "file); 0: after every batch")
 
 
 class Provenance(_Strict):

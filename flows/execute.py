@@ -107,7 +107,7 @@ def execute(request: RunRequest, plans: Sequence[DatasetPlan], submit: Submit, s
                                      "store": store.location, "plan": plan_rows, "force": force, "only_stages": only,
                                      "random_weights": summary.random_weights}).start()
     settings = RunSettings(store.location, exp.device, exp.window_batch, exp.models.weights_dir, run_id,
-                           exp.runner.lease_ttl)
+                           exp.runner.lease_ttl, progress_seconds=exp.runner.progress_seconds)
     status, exit_code = "failed", None
     try:
         manifests = _ingest_all(store, plans, summary, request.progress)
@@ -355,7 +355,8 @@ def _submit_todo(exp: Experiment, store: Store, ctx: StageContext, todo: list[di
     """The node's ``todo`` in batches, waiting for (or reporting) the items another live run holds."""
     if not todo:
         return
-    bar = progress_bar(len(todo), label, enabled=progress, leave=True, dynamic_ncols=True)
+    bar = progress_bar(len(todo), label, enabled=progress, interval=exp.runner.progress_seconds, leave=True,
+                       dynamic_ncols=True)
     pending = todo
     poll = min(2.0, exp.runner.lease_ttl / 10)
     try:

@@ -46,8 +46,8 @@ def run_chains(exp: Experiment, ctxs: Sequence[StageContext], todos: Sequence[Se
     busy: list[dict[str, str]] = [{} for _ in ctxs]
     fatal: list[str] = ["" for _ in ctxs]
     in_flight: deque = deque()
-    bar = progress_bar(len(order), f"{name0} ({len(ctxs)} stages fused)", enabled=progress, leave=True,
-                       dynamic_ncols=True)
+    bar = progress_bar(len(order), f"{name0} ({len(ctxs)} stages fused)", enabled=progress,
+                       interval=exp.runner.progress_seconds, leave=True, dynamic_ncols=True)
     i = 0
     try:
         while batches or in_flight:

@@ -16,9 +16,10 @@ every verbosity. Terminal lines are written through ``tqdm.write`` so they never
 progress bar. Prefect's "Still processing items" warnings (its event and log services
 draining at exit; nothing is lost) are dropped.
 
-Progress (:func:`progress_bar`): a tqdm bar when stderr is a terminal; otherwise (output
-redirected to a log file, a pipe, a scheduler) no bar and no carriage returns, but a plain
-``INFO ovseg.progress`` line every ``PLAIN_PROGRESS_SECONDS`` while a stage works.
+Progress (:func:`progress_bar`): a tqdm bar when stderr is a terminal (done / total, rate, elapsed and
+remaining time); otherwise (output redirected to a log file, a pipe, a scheduler) no bar and no carriage
+returns, but a plain ``INFO ovseg.progress`` line with the same figures and the expected end (UTC) every
+``runner.progress_seconds`` (default ``PLAIN_PROGRESS_SECONDS``) while a stage or a fused chain works.
 
 Inside a flow run, :func:`forward_to_run_logs` sends the records of ovseg's loggers
 (``OVSEG_LOGGERS``) to Prefect's API log handler, attached to the flow run (and to the task
@@ -32,9 +33,10 @@ import contextlib
 import copy
 import logging
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
+
+from tasks.progress import PLAIN_PROGRESS_SECONDS, PlainProgress  # noqa: F401 - PlainProgress re-exported
 
 OVSEG = "ovseg"
 # ovseg's loggers: "ovseg.*", and the package names for modules that log under ``__name__``
@@ -42,8 +44,6 @@ OVSEG_LOGGERS = (OVSEG, "ovseg_core", "storage", "tasks", "flows")
 LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}  # verbosity -> ovseg logger level
 LIBRARY_LEVEL = logging.WARNING  # every other logger, at every verbosity
 CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
-PLAIN_PROGRESS_SECONDS = 60.0  # without a terminal: one progress line per stage at most this often
-progress_log = logging.getLogger("ovseg.progress")
 
 
 class _QuietLibraryNoise(logging.Filter):
@@ -156,48 +156,8 @@ def forward_to_run_logs() -> Iterator[None]:
         handler.flush()
 
 
-class PlainProgress:
-    """Progress as plain log lines, for output that is not a terminal (no ``\\r``, no bar).
-
-    Same calls as the part of tqdm ovseg uses: ``update(n)``, ``close()``, a context manager.
-    A line ``<desc>: <done>/<total> img (<pct>%), <rate> img/s, about <eta> left`` is logged at
-    INFO on ``ovseg.progress`` at most every ``interval`` seconds (never for work that ends
-    sooner: the stage's own summary line follows it).
-    """
-
-    def __init__(self, total: int, desc: str, unit: str = "img", interval: float = PLAIN_PROGRESS_SECONDS):
-        self.total, self.desc, self.unit, self.interval = int(total), desc, unit, float(interval)
-        self.n = 0
-        self.start = self.last = time.monotonic()
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.monotonic()
-        if now - self.last >= self.interval and self.n < self.total:
-            self.last = now
-            rate = self.n / max(now - self.start, 1e-9)
-            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-            progress_log.info("%s: %d/%d %s (%.0f%%), %.2f %s/s, about %s left", self.desc, self.n, self.total,
-                              self.unit, 100.0 * self.n / max(self.total, 1), rate, self.unit, _duration(eta))
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "PlainProgress":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _duration(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "img", **tqdm_options: Any):
+def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "img",
+                 interval: float = PLAIN_PROGRESS_SECONDS, **tqdm_options: Any):
     """A tqdm bar on a terminal, a :class:`PlainProgress` elsewhere, a disabled bar when not ``enabled``.
 
     Args:
@@ -205,12 +165,13 @@ def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "img",
         desc: what is being done (the stage label).
         enabled: False for ``-q`` and library calls with ``progress=False``.
         unit: item unit shown.
+        interval: seconds between the plain progress lines (not a terminal; ``runner.progress_seconds``).
         tqdm_options: more tqdm arguments (terminal only).
     """
     from tqdm.auto import tqdm
 
     if enabled and not _stderr_is_terminal():
-        return PlainProgress(total, desc, unit)
+        return PlainProgress(total, desc, unit, interval)
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, **tqdm_options)
 
 

@@ -11,7 +11,8 @@ Sections:
 1. Scores: one row per experiment / dataset / method (the newest run of each; run ids start
    with their UTC start time, so they sort by time): mIoU, aAcc (%), images scored (of the
    dataset's total where the metrics table records it, incomplete rows flagged), run id, run
-   date and the run's ``--set`` overrides; then the datasets without scores (no ground truth).
+   date, the run's ``--set`` overrides and the memory bank the predictions used (``flows.report_banks``); then
+   the datasets without scores (no ground truth).
 2. Per-class IoU: one bar chart per dataset, wrapped into rows of at most
    ``CHART_ROW_CLASSES`` classes so that it fits the page (title and legend always in view),
    and a class table (colour, index, name, IoU per method) as HTML text.
@@ -21,7 +22,8 @@ Sections:
 4. Samples: the first ``samples`` image ids (sorted) of each dataset: input, ground truth
    (converted as the scores were: ``reduce_zero_label`` for ADE20K, ...) and each method's
    prediction overlaid, with the classes present listed as HTML text (colour swatch, index,
-   name) below each figure. Datasets without ground truth show their predictions and a note.
+   name) below each figure, and a line per method recording per-window choices or its bank's support.
+   Datasets without ground truth show their predictions and a note.
 
 Runs with random-weight backbones are flagged in every section and every figure. Missing
 inputs (no metrics yet, a moved image, a missing prediction) become notes on the page.
@@ -42,6 +44,7 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from flows.overlay import CLASS0_COLOR, IGNORE_COLOR, class_color, has_background
+from flows.report_banks import bank_used, sample_record
 from flows.report_data import (
     RANDOM_TAG,
     DatasetView,
@@ -81,17 +84,19 @@ def _chip(i: int, names: Sequence[str], ignore: int) -> dict[str, Any]:
     return {"index": i, "name": names[i] if i < len(names) else str(i), "color": _css(color)}
 
 
-def _score_rows(scores: Sequence[MethodScores], runs: Mapping[str, RunInfo]) -> list[dict[str, Any]]:
+def _score_rows(store: Store, scores: Sequence[MethodScores], runs: Mapping[str, RunInfo]) -> list[dict[str, Any]]:
     exp_order = {e: i for i, e in enumerate(dict.fromkeys(s.experiment for s in scores))}
     ds_order = {d: i for i, d in enumerate(dict.fromkeys(s.dataset for s in scores))}
     rows = []
     for s in sorted(scores, key=lambda s: (exp_order[s.experiment], ds_order[s.dataset])):  # methods keep table order
         incomplete = s.images_total > 0 and (s.images < s.images_total or s.complete is False)
         info = runs.get(s.run_id)
+        bank = bank_used(store, s.prediction_stage, s.prediction_key)
         rows.append({"experiment": s.experiment, "dataset": s.dataset, "method": s.method, "random": s.random_weights,
                      "miou": _pct(s.miou), "aacc": _pct(s.aacc), "images": s.images,
                      "total": s.images_total or None, "incomplete": incomplete, "run_id": s.run_id,
-                     "date": run_date(s.run_id, runs), "overrides": list(info.overrides) if info else []})
+                     "date": run_date(s.run_id, runs), "overrides": list(info.overrides) if info else [],
+                     "bank": bank.summary() if bank is not None else "–"})
     return rows
 
 
@@ -197,8 +202,9 @@ def _samples(store: Store, groups: Sequence[tuple[str, str, list[Prediction], bo
                            "no ground truth"))
             records = []
             for m in members:
-                if (text := _window_record(store, m, iid)):
-                    records.append({"method": m.method, "text": text})
+                for text in (_window_record(store, m, iid), sample_record(store, m.stage, m.key, iid)):
+                    if text:
+                        records.append({"method": m.method, "text": text})
                 try:
                     pred = store.read_item(m.stage, m.key, iid, ["labels"])["labels"]
                     img = paint(rgb, pred.astype(np.int64), ignore, background, pred_present, notes,
@@ -284,7 +290,7 @@ def write_report(store: str | None, out: str | os.PathLike, experiments: list[st
     page: dict[str, Any] = {
         "store": st.location, "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "random": any(m.random_weights for *_, preds, _ in groups for m in preds), "notes": notes,
-        "scores": _score_rows(scores, runs), "datasets": [], "ablations": _ablations(st, scores), "unscored": [],
+        "scores": _score_rows(st, scores, runs), "datasets": [], "ablations": _ablations(st, scores), "unscored": [],
         "sample_count": samples, "alpha": OVERLAY_ALPHA, "banner": RANDOM_BANNER, "tag": RANDOM_TAG,
         "ignore_color": _css(IGNORE_COLOR), "class0_color": _css(CLASS0_COLOR), "row_classes": CHART_ROW_CLASSES,
     }

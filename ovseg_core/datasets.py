@@ -69,6 +69,7 @@ class FamilyModels:
     dino: str  # DINO for CorrCLIP's scope reconstruction (methods.md 2.1)
     sam: str  # SAM for CorrCLIP's regions
     vfm: str | None = None  # VFM of CorrCLIPv2's correlation (corrclipv2.md section 5); None: not read
+    aux_clip: str | None = None  # CorrCLIPv2's DMCE auxiliary CLIP of the bank (corrclipv2.md section 3); None: none
 
 
 # The papers' backbones per method family, the only table of them (methods.md; corrclipv2.md section 1):
@@ -76,12 +77,14 @@ class FamilyModels:
 # SAM; the CorrCLIP ones are named for combinations); CorrCLIPv2 MetaCLIP ViT-L/14-quickgelu
 # (``CorrCLIPv2/configs/base_config.py`` ``_clip_scale='large'``) + C-RADIOv3-L (``vfm_type='radiov3'``), its
 # regions the authors' pre-generated EntitySeg masks (``regions: {source: files}``; SAM ViT-B named for
-# on-the-fly masks). The experiment's ``models`` defaults are CorrCLIP's; ``Method.default_models`` takes the
+# on-the-fly masks), its bank's DMCE auxiliary CLIP DFN2B-CLIP ViT-B/16 (``aux_model_type=
+# 'hf-hub:apple/DFN2B-CLIP-ViT-B-16'``, for the -B and -L models alike). The experiment's ``models`` defaults are CorrCLIP's; ``Method.default_models`` takes the
 # roles a method's own paper sets differently from here (corrclipv2: clip and vfm).
 FAMILY_MODELS: Mapping[str, FamilyModels] = MappingProxyType({
     "corrclip": FamilyModels("clip:ViT-B-16-quickgelu@metaclip_fullcc", "dino:vitb8", "sam:vit_b"),
     "scclip": FamilyModels("clip:ViT-B-16@openai", "dino:vitb8", "sam:vit_b"),
-    "corrclipv2": FamilyModels("clip:ViT-L-14-quickgelu@metaclip_fullcc", "dino:vitb8", "sam:vit_b", "vfm:radiov3_l"),
+    "corrclipv2": FamilyModels("clip:ViT-L-14-quickgelu@metaclip_fullcc", "dino:vitb8", "sam:vit_b", "vfm:radiov3_l",
+                               "clip:ViT-B-16@dfn2b"),
 })
 
 

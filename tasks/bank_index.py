@@ -40,6 +40,7 @@ from ovseg_core.features.regions import resize_regions_nearest
 from storage.bank import Registry, StoreRows, read_registry, write_registry
 from storage.keys import to_jsonable
 from tasks.bank_params import BANK_ITEM
+from tasks.progress import PlainProgress
 from tasks.runtime import StageContext, open_store
 
 log = logging.getLogger("ovseg.tasks")
@@ -68,6 +69,8 @@ def index_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
                                 f"or bank_values output ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
                                 "their stages failed (see the run's failures): fix or remove those images, then rerun")
     keys = {}
+    bar = PlainProgress(len(images), f"bank {ctx.params.bank}: bank_index reading keys",
+                        interval=ctx.settings.progress_seconds)
     for i in images:
         got = ctx.read_upstream("bank_keys", {"image_id": i}, ["keys", "mask_ids"])
         values = [ctx.read_upstream("bank_values", {"image_id": i}, ["mask_ids"])["mask_ids"]]
@@ -77,6 +80,7 @@ def index_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"bank {ctx.params.bank!r}: image {i}: its values and keys pool other regions "
                              f"({[len(v) for v in values]} vs {len(got['mask_ids'])}); recompute with --force bank_values")
         keys[i] = got["keys"]
+        bar.update(1)
     return {"images": images, "keys": keys}
 
 
@@ -98,6 +102,7 @@ def index_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, Any]
     stacked = np.concatenate([keys[i] for i in order]) if order else np.empty((0, dim), np.float16)
     if stacked.shape[0] == 0:
         raise ValueError(f"bank {p.bank!r}: its {len(order)} images have no region (every pixel unsegmented)")
+    log.info("bank %s: indexing %d regions of %d images (%s)", p.bank, ids.size, len(order), p.index.kind)
     bank, n_trained, built = _extend(ctx, store, stacked, ids)
     if bank is None:
         bank, n_trained, built = build_index(stacked, ids, p.index), int(ids.size), "trained on all keys"

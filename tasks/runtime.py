@@ -25,6 +25,7 @@ import torch
 from ovseg_core.backbones import load_backbone
 from storage.keys import StageKey
 from storage.store import Store
+from tasks.progress import PLAIN_PROGRESS_SECONDS
 from tasks.stages import STAGES, VOCAB_ITEM, InputError, get_stage
 
 log = logging.getLogger("ovseg.tasks")
@@ -81,6 +82,7 @@ class RunSettings:
     lease_ttl: float = 120.0
     prefetch: int = 4  # items decoded ahead of the computation
     write_queue: int = 4  # computed items waiting to be written
+    progress_seconds: float = PLAIN_PROGRESS_SECONDS  # between two progress lines of a long loop (tasks.progress)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ variable; :func:`official_weight_file` gives the same table programmatically):
 - ``clip:ViT-H-14@laion2b_s32b_b79k``: ``CLIP-ViT-H-14-laion2B-s32B-b79K/open_clip_pytorch_model.bin``
   (or ``open_clip_model.safetensors`` in that sub-directory),
   https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K
+- ``clip:ViT-B-16@dfn2b`` (DFN2B-CLIP ViT-B/16, CorrCLIPv2's DMCE auxiliary CLIP; QuickGELU, 512-d):
+  ``DFN2B-CLIP-ViT-B-16/open_clip_pytorch_model.bin`` (or ``open_clip_model.safetensors`` in that
+  sub-directory), https://huggingface.co/apple/DFN2B-CLIP-ViT-B-16
 - ``dino:vitb8``: ``dino_vitbase8_pretrain.pth``,
   https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth
 - ``dino:vits8``: ``dino_deitsmall8_pretrain.pth``,

@@ -26,6 +26,7 @@ from .vfm_archs import TINY_VFM_ARCHS, VFM_ARCHS
 
 __all__ = [
     "CLIP_ARCHS",
+    "CLIP_EXTRA_TAGS",
     "DINO_ARCHS",
     "FAMILIES",
     "OFFICIAL",
@@ -52,6 +53,14 @@ CLIP_ARCHS: dict[str, str] = {
     "ViT-L-14": "openai",
     "ViT-L-14-quickgelu": "metaclip_fullcc",
     "ViT-H-14": "laion2b_s32b_b79k",
+}
+
+# More pretrained tags a method's paper uses besides an architecture's default (open_clip arch -> tags), listed by
+# ``list_backbones`` / ``ovseg backbones`` with their official files. ``ViT-B-16@dfn2b``: DFN2B-CLIP ViT-B/16
+# (Apple, hf-hub ``apple/DFN2B-CLIP-ViT-B-16``, QuickGELU, 512-d), CorrCLIPv2's DMCE auxiliary CLIP
+# (``aux_model_type='hf-hub:apple/DFN2B-CLIP-ViT-B-16'``, bank store ``{bank}_dfnclip_b.pt``).
+CLIP_EXTRA_TAGS: dict[str, tuple[str, ...]] = {
+    "ViT-B-16": ("dfn2b",),
 }
 
 # our DINO name -> (timm architecture, official file stem in facebookresearch/dino).
@@ -114,6 +123,7 @@ def list_backbones() -> list[str]:
     names accept any open_clip pretrained tag of their architecture.
     """
     names = [f"clip:{arch}@{tag}" for arch, tag in CLIP_ARCHS.items()]
+    names += [f"clip:{arch}@{tag}" for arch, tags in CLIP_EXTRA_TAGS.items() for tag in tags]
     names += [f"dino:{arch}" for arch in DINO_ARCHS]
     names += [f"sam:{arch}" for arch in SAM_ARCHS]
     names += [f"sam2:{arch}" for arch in SAM2_ARCHS]

@@ -368,7 +368,7 @@ def test_scores_table_has_run_id_and_date(pipeline_store, tmp_path):
     rows = _table(text, "scores", "<h2>1. Scores")
     header, body = rows[0], rows[1:]
     assert header == ["experiment", "dataset", "method", "mIoU", "aAcc", "images scored", "run id", "run date",
-                      "overrides"]
+                      "overrides", "memory bank"]
     assert [(r[0], r[1], r[2]) for r in body] == [("tiny-report", "ade", f"scclip {RANDOM_TAG}"),
                                                    ("tiny-report", "voc", f"scclip {RANDOM_TAG}")]
     started = datetime.strptime(run_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
@@ -378,6 +378,7 @@ def test_scores_table_has_run_id_and_date(pipeline_store, tmp_path):
         assert abs((shown - started).total_seconds()) < 120
         assert r[5] == "1 / 1"  # scored / images of the dataset
         assert r[8] == "—"  # no overrides
+        assert r[9] == "–"  # no memory bank (SC-CLIP)
     assert 'class="rnd incomplete"' not in text and "rnd" in text
 
 
