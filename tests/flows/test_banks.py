@@ -4,11 +4,7 @@ Random weights: every number here checks the machinery, none is a method result.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +23,7 @@ from storage.store import Store
 from tasks.bank_index import fuse_with_bank, image_names, registry_of
 from tasks.bank_params import BANK_ITEM
 from tasks.runtime import RunSettings, StageContext
+from tests.flows.concurrent_runs import has_complete_item, kill_when, spawn
 from tests.flows.conftest import SAMPLE, assert_same_outputs, computed, store_snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -241,25 +238,9 @@ def test_a_sigkill_during_the_value_stage_then_a_rerun_gives_the_bank_of_an_unin
     exp = parse_experiment({**data, "store": str(reference)}, source="test")
     assert run_experiment(exp, progress=False, orchestrate=False).failed == 0
     exp_file = _write(data, tmp_path / "bank.yaml")
-    repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(exp_file), "--no-prefect", "-q"], cwd=repo,
-                            env=dict(os.environ, PYTHONPATH=str(repo)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    store, killed = tmp_path / "store", False
-    try:
-        end = time.time() + 300
-        while time.time() < end and proc.poll() is None and not killed:
-            if (store / "ovseg-store.json").exists():
-                st = Store(store)
-                if any(len(st.complete_items(s, k)) for s, k in st.stage_sets() if s == "bank_values"):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    killed = True
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    assert killed, "the run ended before one bank value was stored"
+    proc = spawn(exp_file)
+    store = tmp_path / "store"
+    kill_when(proc, has_complete_item(store, "bank_values"))  # fails if the run ends before one value is stored
     partial = store_snapshot(store)
     assert not any(s == "bank_index" for s, _, _ in partial)
     time.sleep(6.5)  # the dead run's leases expire
@@ -268,3 +249,4 @@ def test_a_sigkill_during_the_value_stage_then_a_rerun_gives_the_bank_of_an_unin
     assert_same_outputs(store_snapshot(store), store_snapshot(reference))
     key = _index_node(exp).upstream["bank_keys"].upstream["sam_masks"].key
     assert read_registry(Store(store), "sample", key) == read_registry(Store(reference), "sample", key)
+
