@@ -36,11 +36,13 @@ def write_yaml(exp, path: Path) -> Path:
     return path
 
 
-def spawn(exp_file: Path, *extra: str) -> subprocess.Popen:
+def spawn(exp_file: Path, *extra: str, kill_point: str | None = None) -> subprocess.Popen:
     """``ovseg run --no-prefect`` in a new process (its own process group); the AWS variables of this process
-    (the local S3 endpoint) are inherited."""
+    (the local S3 endpoint) are inherited. ``kill_point``: the process SIGKILLs itself there
+    (``tests.flows.kill_point``)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(exp_file), "-q", "--no-prefect", *extra],
+    entry = ["-m", "tests.flows.kill_point", kill_point] if kill_point else ["-m", "flows.cli"]
+    return subprocess.Popen([sys.executable, *entry, "run", str(exp_file), "-q", "--no-prefect", *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
