@@ -312,3 +312,26 @@ def test_a_sigkill_during_the_index_stage_then_a_rerun_gives_the_index_of_an_uni
     assert read_registry(st, "sample", key) == read_registry(ref, "sample", key)
     _assert_same_neighbours(st, ref, node)
 
+
+@pytest.mark.slow
+def test_a_damaged_index_is_found_by_cache_verify_and_rebuilt_identical(tmp_path, ivfpq_reference, capsys):
+    data, reference = ivfpq_reference
+    store = tmp_path / "store"
+    shutil.copytree(reference, store)
+    data = {**data, "store": str(store)}
+    node = _index_node(parse_experiment(data, source="test"))
+    (pack,) = (store / "stages" / "bank_index" / node.key / "packs").glob("*.zip")
+    damaged = bytearray(pack.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # inside the index bytes (most of the pack)
+    pack.write_bytes(bytes(damaged))
+    capsys.readouterr()
+    assert main(["cache", "verify", "--store", str(store)]) == 1
+    assert f"bank_index/{node.key}/{BANK_ITEM}:" in capsys.readouterr().out
+    assert BANK_ITEM in Store(store).complete_items("bank_index", node.key)  # verify alone changes nothing
+    assert main(["cache", "verify", "--repair", "--store", str(store)]) == 1
+    assert BANK_ITEM not in Store(store).complete_items("bank_index", node.key)  # un-marked: the next run rebuilds it
+    summary = run_experiment(parse_experiment(data, source="test"), progress=False, orchestrate=False)
+    assert summary.failed == 0 and computed(summary) == {"bank_index": 1}  # only the index, every key reused
+    assert main(["cache", "verify", "--store", str(store)]) == 0
+    assert_same_outputs(store_snapshot(store), store_snapshot(reference))
+    _assert_same_neighbours(Store(store), Store(reference), node)
