@@ -178,7 +178,7 @@ def index_params(b: BankEntry, missing: list[str] | None = None) -> BP.BankIndex
     return BP.BankIndexParams(b.name, cfg, images_digest(b, missing))
 
 
-IMPORT_CHUNK_ROWS = 1024  # rows per bank_values item of an imported store (1.5 MB of 768-d fp16)
+IMPORTED_LAYOUT = "row_file"  # an imported store's rows: one contiguous file (storage.row_files)
 
 
 def file_digest(path: str) -> str:
@@ -188,7 +188,7 @@ def file_digest(path: str) -> str:
 
 
 def imported_index_node(exp: Experiment, b: BankEntry) -> StageNode:
-    """The ``bank_index`` node of an imported bank and its ``bank_values`` nodes (row chunks of the ``.pt`` stores),
+    """The ``bank_index`` node of an imported bank and its ``bank_values`` nodes (row files of the ``.pt`` stores),
     keyed by the files (name, size, mtime): ``ovseg bank import`` writes exactly these outputs."""
     assert b.imported is not None
     clips = bank_models(exp, b)[0]
@@ -197,7 +197,7 @@ def imported_index_node(exp: Experiment, b: BankEntry) -> StageNode:
                          "name the CLIP of each store in order (clips: [main, auxiliary])")
     try:
         values = [StageNode("bank_values", BP.ImportedValuesParams("authors_pt", Path(f).name, file_digest(f), clip,
-                                                                   IMPORT_CHUNK_ROWS), STAGES["bank_values"].code_version)
+                                                                   IMPORTED_LAYOUT), STAGES["bank_values"].code_version)
                   for f, clip in zip(b.imported.values, clips)]
         digest = "import:" + file_digest(b.imported.index)
     except OSError as e:

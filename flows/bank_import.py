@@ -4,11 +4,12 @@ For each ``banks[]`` entry with ``imported: {values: [...], index: ...}``:
 
 1. every ``{bank}_{encoder}.pt`` value store: ``read_pt_layout`` (``torch.load(weights_only=True,
    map_location="meta")``: the pickle only, no tensor bytes), ``check_pt_layout`` (one ``[N, D]`` fp16
-   tensor, the same N for every store), then rows streamed by positioned reads (``iter_pt_rows``) into
-   ``bank_values`` items of ``IMPORT_CHUNK_ROWS`` rows (``rows-<first row>``; region id = row), one pack per
-   64 items: nothing holds a whole store; a rerun after a kill skips the chunks already complete;
+   tensor, the same N for every store), then rows streamed by positioned reads (``iter_pt_rows``, 64k-row
+   chunks) into the ``bank_values`` output's row file (``storage.row_files.write_row_file``: one contiguous
+   file and an item ``rows`` with each row's CRC-32; region id = row): nothing holds a whole store; a rerun
+   after a kill skips the stores already complete and copies the interrupted one again;
 2. the ``{bank}_{vfm}.faiss`` index: ``index_from_file``, ``check_id_coverage`` (every row 0..N-1 indexed
-   exactly once), then one ``bank_index`` item: the index bytes, its ids, the chunk registry and the
+   exactly once), then one ``bank_index`` item: the index bytes, its ids, the registry (one entry) and the
    provenance (file names, sizes, sha256, the CLIPs named by the experiment) in its attrs.
 
 The outputs are those of the experiment's nodes (``flows.bank_graph.imported_index_node``), so a
@@ -24,16 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from flows.bank_graph import IMPORT_CHUNK_ROWS, imported_index_node
+from flows.bank_graph import imported_index_node
 from flows.config import BankEntry, Experiment
 from ovseg_core.bank.authors_format import check_id_coverage, check_pt_layout, iter_pt_rows, read_pt_layout
 from ovseg_core.bank.index import index_from_file
+from storage.row_files import ROWS, write_row_file
 from storage.store import Store
 from tasks.bank_params import BANK_ITEM
 from tasks.runtime import StageNode
 
 log = logging.getLogger("ovseg.flows")
-ITEMS_PER_PACK = 64
 
 
 def _sha256(path: str) -> str:
@@ -44,34 +45,15 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _chunk(first: int) -> str:
-    return f"rows-{first:010d}"
-
-
 def import_values(store: Store, node: StageNode, path: str, rows: int | None) -> tuple[int, int]:
-    """Stream one ``.pt`` store into ``node``'s items; returns ``(N, D)``. ``rows``: N the other stores have."""
+    """Stream one ``.pt`` store into ``node``'s row file; returns ``(N, D)``. ``rows``: N the other stores have."""
     with open(path, "rb") as f:
         layout = read_pt_layout(f)
         check_pt_layout(layout, rows=rows)
-        done = store.complete_items(node.stage, node.key)
-        pack = None
-        try:
-            for first, chunk in iter_pt_rows(f, layout, IMPORT_CHUNK_ROWS):
-                if _chunk(first) in done:
-                    continue
-                pack = pack or store.open_pack(node.stage_key, {"source": Path(path).name})
-                ids = np.arange(first, first + chunk.shape[0], dtype=np.int64)
-                pack.add(_chunk(first), {"values": np.ascontiguousarray(chunk), "mask_ids": ids,
-                                         "areas": np.full(ids.shape, -1, np.int64)}, {})
-                if len(pack.entries) == ITEMS_PER_PACK:  # one atomic pack per 64 chunks: a kill loses one pack
-                    pack.commit()
-                    pack = None
-        except BaseException:
-            if pack is not None:
-                pack.abort()
-            raise
-        if pack is not None:
-            pack.commit()
+        if ROWS in store.complete_items(node.stage, node.key):
+            return layout.rows, layout.dim
+        write_row_file(store, node.stage_key, (chunk for _, chunk in iter_pt_rows(f, layout)),
+                       {"source": Path(path).name})
     return layout.rows, layout.dim
 
 
@@ -80,16 +62,19 @@ def import_bank(exp: Experiment, b: BankEntry, store: Store) -> dict[str, Any]:
     if b.imported is None:
         raise ValueError(f"banks[{b.name}] has no imported: files; it is built from its images by ovseg run")
     node = imported_index_node(exp, b)
-    if BANK_ITEM in store.complete_items(node.stage, node.key):
+    value_nodes = [node.upstream[r] for r in ("bank_values", "bank_aux_values") if r in node.upstream]
+    if BANK_ITEM in store.complete_items(node.stage, node.key) and all(
+            ROWS in store.complete_items(v.stage, v.key) for v in value_nodes):
         log.info("bank %s: already imported (key %s)", b.name, node.key)
         return store.item_attrs(node.stage, node.key, BANK_ITEM)
-    value_nodes = [node.upstream[r] for r in ("bank_values", "bank_aux_values") if r in node.upstream]
     n_rows, files = None, []
     for vnode, path in zip(value_nodes, b.imported.values):
         n_rows, dim = import_values(store, vnode, path, n_rows)
         files.append({"file": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": _sha256(path),
                       "rows": n_rows, "dim": dim, "clip": vnode.params.backbone})
         log.info("bank %s: %s imported (%d rows of %d)", b.name, Path(path).name, n_rows, dim)
+    if BANK_ITEM in store.complete_items(node.stage, node.key):  # a value store was written again (damaged)
+        return store.item_attrs(node.stage, node.key, BANK_ITEM)
     with open(b.imported.index, "rb") as f:
         bank = index_from_file(f)
     coverage = check_id_coverage(bank.ids(), int(n_rows or 0))
@@ -99,9 +84,8 @@ def import_bank(exp: Experiment, b: BankEntry, store: Store) -> dict[str, Any]:
                          f"{coverage.out_of_range} out of range); the files are not one bank")
     files.append({"file": Path(b.imported.index).name, "bytes": Path(b.imported.index).stat().st_size,
                   "sha256": _sha256(b.imported.index), "ntotal": bank.ntotal, "dim": bank.dim})
-    firsts = np.arange(0, int(n_rows), IMPORT_CHUNK_ROWS, dtype=np.int64)
-    registry = np.stack([firsts, np.minimum(IMPORT_CHUNK_ROWS, int(n_rows) - firsts)], axis=1)
-    names = np.frombuffer("\n".join(_chunk(int(v)) for v in firsts).encode(), dtype=np.uint8)
+    registry = np.array([[0, int(n_rows)]], dtype=np.int64)  # one entry: region id = row of the row file
+    names = np.frombuffer(ROWS.encode(), dtype=np.uint8)
     blob = np.frombuffer(Path(b.imported.index).read_bytes(), dtype=np.uint8)
     attrs = {"bank": b.name, "images": 0, "regions": int(n_rows), "registry_regions": int(n_rows), "kind": bank.kind,
              "metric": bank.metric, "nlist": bank.nlist, "ntotal": bank.ntotal, "imported": files,

@@ -15,6 +15,7 @@ from storage.leases import LEASES
 from storage.paths import TABLES
 from storage.reading import DamagedOutputError, MissingOutputError
 from storage.records import DROPS, INDEX, PACKS, RECORDS
+from storage.row_files import ROWS, verify_row_file
 
 if TYPE_CHECKING:  # the store calls none of this module: a type only
     from storage.store import Store
@@ -94,6 +95,8 @@ def verify(store: Store, sets: Iterable[tuple[str, str]] | None = None, checksum
             rep.checked += 1
             try:
                 store.verify_item(stage, key, item, checksums=checksums)
+                if stage == "bank_values" and item == ROWS and checksums:
+                    verify_row_file(store, stage, key)  # an imported value store's rows (storage.row_files)
             except (DamagedOutputError, MissingOutputError) as e:
                 rep.damaged.append((item, str(e)))
         if repair:
@@ -243,7 +246,7 @@ def _temp_folders(store: Store) -> list[str]:
         out.append(b.path(TABLES, table))
     for stage, key in store.stage_sets():
         base = store.stage_dir(stage, key)
-        out += [base, f"{base}/{PACKS}", f"{base}/{RECORDS}", f"{base}/{DROPS}", f"{base}/{INDEX}"]
+        out += [base, f"{base}/{PACKS}", f"{base}/{RECORDS}", f"{base}/{DROPS}", f"{base}/{INDEX}", f"{base}/{ROWS}"]
     for stage in b.subfolders(b.path(LEASES)):
         out += [b.path(LEASES, stage, key) for key in b.subfolders(b.path(LEASES, stage))]
     return out

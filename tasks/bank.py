@@ -23,17 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovseg_core.backbones import num_blocks
 from ovseg_core.bank.config import PoolingConfig
 from ovseg_core.bank.pooling import pool_keys, pool_values
 from ovseg_core.methods import WindowInputs, get_method
 from ovseg_core.windows import accumulate_window_logits, average_windows
-from tasks.common import region_windows, row_plan, run_windows, shape_only_crops
-from tasks.params import array_name
+from tasks.common import run_windows
+from tasks.reconstruction import BLOCK, reconstruction_load
 from tasks.runtime import StageContext
 
 Output = tuple[dict[str, np.ndarray], dict[str, Any]]
-_BLOCK = "block/"
 
 
 def _pooled(pooled: Any, name: str) -> Output:
@@ -44,20 +42,9 @@ def _pooled(pooled: Any, name: str) -> Output:
 
 # ----------------------------------------------------------------------------- bank_values
 def values_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, Any]:
-    """The window inputs of CorrCLIP v1's features (as ``tasks.reconstruction``), and the region map to pool over."""
-    p = ctx.params
-    method = get_method(p.method)
-    plan = row_plan(p.window, row)
-    cached = ctx.read_upstream("clip_layers", row)
-    ids = ctx.read_upstream("sam_masks", row, ["ids"])["ids"]
-    win = {"crops": shape_only_crops(plan), "regions": region_windows(ids, plan),
-           "qk": torch.from_numpy(ctx.read_upstream("dino_features", row, ["qk"])["qk"]),
-           "merged": torch.from_numpy(ctx.read_upstream("mask_clustering", row, ["merged"])["merged"]).long()}
-    win.update({_BLOCK + n: torch.from_numpy(cached[array_name(n)])
-                for n in method.required_blocks(p.config, num_blocks(p.backbone))})
-    if method.semantic_stage(p.config):
-        win["semantic"] = torch.from_numpy(ctx.read_upstream("mask_class_tokens", row, ["semantic"])["semantic"])
-    return {"win": win, "plan": plan, "ids": ids}
+    """The reconstruction's window inputs of CorrCLIP v1 (``tasks.reconstruction.reconstruction_load``: plan,
+    cached blocks, region windows, q+k, merged map, semantic tokens), and the region map to pool over."""
+    return {**reconstruction_load(ctx, row), "ids": ctx.read_upstream("sam_masks", row, ["ids"])["ids"]}
 
 
 def values_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[str, Any]]) -> list[Output]:
@@ -68,7 +55,7 @@ def values_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[str, Any]
     canvases: list[torch.Tensor | None] = [None] * len(inputs)
 
     def forward(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        blocks = {k[len(_BLOCK):]: v.to(cdt) for k, v in b.items() if k.startswith(_BLOCK)}
+        blocks = {k[len(BLOCK):]: v.to(cdt) for k, v in b.items() if k.startswith(BLOCK)}
         extra = WindowInputs(qk=b["qk"].float(), regions=b["regions"], merged=b["merged"],
                              semantic=b["semantic"].to(cdt) if "semantic" in b else None)
         feats, _ = method.features_and_record(visual, b["crops"].to(cdt), p.config, blocks, extra)

@@ -18,7 +18,8 @@ reported at ingest and are not bank images.
 
 Retrieval (``BankServing``, once per worker and index): the index read with
 ``index_from_bytes(reverse_map=False)``, the value rows read by id from the images' items
-(``storage.bank.StoreRows``: only the retrieved rows' items, never a whole store), DMCE's
+(``storage.bank.StoreRows``: only the retrieved rows' items, never a whole store; an imported store's
+``storage.row_files.FileRows``: positioned reads of the retrieved rows), DMCE's
 auxiliary values through the same ids and scored against the auxiliary CLIP's own text
 embeddings. ``fuse_with_bank`` is the reconstruction's hook (``tasks.reconstruction._finish``).
 """
@@ -38,8 +39,9 @@ from ovseg_core.bank.index import add_keys, build_index, index_from_bytes, index
 from ovseg_core.bank.retrieval import BankSupport, ValueStore, retrieve_and_fuse
 from ovseg_core.features.regions import resize_regions_nearest
 from storage.bank import Registry, StoreRows, read_registry, write_registry
+from storage.row_files import FileRows
 from storage.keys import to_jsonable
-from tasks.bank_params import BANK_ITEM
+from tasks.bank_params import BANK_ITEM, ImportedValuesParams
 from tasks.progress import PlainProgress
 from tasks.runtime import StageContext, open_store
 
@@ -158,15 +160,18 @@ class BankServing:
     """What a worker holds to retrieve from one bank: the index (the only bank structure in RAM) and row readers."""
 
     index: Any  # ovseg_core.bank.index.BankIndex
-    values: StoreRows
-    aux_values: StoreRows | None
+    values: StoreRows | FileRows
+    aux_values: StoreRows | FileRows | None
     lock: threading.Lock  # a BankIndex search is not thread-safe
 
 
-def _rows(ctx: StageContext, store: Any, role: str, images: Sequence[str], registry: np.ndarray) -> StoreRows | None:
+def _rows(ctx: StageContext, store: Any, role: str, images: Sequence[str], registry: np.ndarray
+          ) -> StoreRows | FileRows | None:
     node = ctx.input_node("bank_index").upstream.get(role)
     if node is None:
         return None
+    if isinstance(node.params, ImportedValuesParams):  # one row file (``ovseg bank import``)
+        return FileRows(store, node.stage, node.key)
     first = next((i for i, c in enumerate(registry[:, 1]) if c > 0), None)
     dim = store.read_item(node.stage, node.key, images[first], ["values"])["values"].shape[1] if first is not None else 0
     return StoreRows(store, node.stage, node.key, images, registry[:, 0], registry[:, 1], dim)

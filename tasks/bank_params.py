@@ -37,14 +37,15 @@ class BankValuesParams:
 class ImportedValuesParams:
     """``bank_values`` of an imported bank: rows of the authors' ``{bank}_{encoder}.pt`` store (``ovseg bank import``).
 
-    Items are row chunks (``rows-<first row>``), not images: the registry maps region id = row.
+    One row file (``storage.row_files``: the store's rows, read by positioned reads) and its item ``rows`` (the
+    rows' CRC-32), not images: the registry holds one entry, region id = row.
     """
 
     source: str  # "authors_pt"
     file: str  # the store file's name
     digest: str  # sha256 of (name, size, mtime): what the experiment can compute without reading the file
     backbone: str  # the CLIP whose values these are (the using method's, or DMCE's auxiliary CLIP)
-    chunk_rows: int  # rows per item
+    layout: str  # "row_file": how the rows are stored (``storage.row_files``; 1,024-row items before)
 
 
 @dataclass(frozen=True)

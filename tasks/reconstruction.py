@@ -48,7 +48,7 @@ from tasks.params import array_name
 from tasks.runtime import StageContext
 
 Output = tuple[dict[str, np.ndarray], dict[str, Any]]
-_BLOCK = "block/"
+BLOCK = "block/"  # window-input prefix of a cached CLIP block's output (also read by tasks.bank)
 _RECORD = "record/"
 _WINDOW = "window"  # per-window index (CorrCLIPv2: which window's correlation features to make)
 _AT = "at"  # per-window (image, window) index in a forward's batch
@@ -65,7 +65,7 @@ def reconstruction_load(ctx: StageContext, row: Mapping[str, Any]) -> dict[str, 
     cached = ctx.read_upstream("clip_layers", row)
     names = method.required_blocks(p.config, _num_blocks(ctx))
     win = {"crops": shape_only_crops(plan)}
-    win.update({_BLOCK + n: torch.from_numpy(cached[array_name(n)]) for n in names})
+    win.update({BLOCK + n: torch.from_numpy(cached[array_name(n)]) for n in names})
     out: dict[str, Any] = {"win": win, "plan": plan}
     if method.uses_regions:
         win["regions"] = row_region_windows(ctx, row, "sam_masks", plan)
@@ -109,7 +109,7 @@ def reconstruction_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[s
     cdt = next(visual.parameters()).dtype  # stored features enter the forward at the CLIP's dtype (run ``dtype``)
 
     def forward(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        blocks = {k[len(_BLOCK):]: v.to(cdt) for k, v in b.items() if k.startswith(_BLOCK)}
+        blocks = {k[len(BLOCK):]: v.to(cdt) for k, v in b.items() if k.startswith(BLOCK)}
         vfm = _vfm_windows(b[_AT], maps, [inp["plan"] for inp in inputs], patch, corr_dtype) if _AT in b else None
         extra = WindowInputs(qk=b["qk"].float() if "qk" in b else None, regions=b.get("regions"),
                              merged=b.get("merged"), semantic=b["semantic"].to(cdt) if "semantic" in b else None,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -35,11 +36,13 @@ def write_yaml(exp, path: Path) -> Path:
     return path
 
 
-def spawn(exp_file: Path, *extra: str) -> subprocess.Popen:
+def spawn(exp_file: Path, *extra: str, kill_point: str | None = None) -> subprocess.Popen:
     """``ovseg run --no-prefect`` in a new process (its own process group); the AWS variables of this process
-    (the local S3 endpoint) are inherited."""
+    (the local S3 endpoint) are inherited. ``kill_point``: the process SIGKILLs itself there
+    (``tests.flows.kill_point``)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(exp_file), "-q", "--no-prefect", *extra],
+    entry = ["-m", "tests.flows.kill_point", kill_point] if kill_point else ["-m", "flows.cli"]
+    return subprocess.Popen([sys.executable, *entry, "run", str(exp_file), "-q", "--no-prefect", *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -62,18 +65,17 @@ def records_per_item(location: str | Path) -> Counter:
     return counts
 
 
-def kill_during_write(proc: subprocess.Popen, location: str | Path, stage: str, deadline: float = 300) -> None:
-    """SIGKILL ``proc`` (its whole group) as soon as ``stage`` has one complete item: the run is then writing."""
-    st = None
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], deadline: float = 300) -> None:
+    """SIGKILL ``proc`` (its whole group) as soon as ``ready()`` (polled every 50 ms; a ``FileNotFoundError``
+    there means "not yet": the store is not created yet); fails when the run ends or ``deadline`` passes first."""
     end = time.time() + deadline
     try:
         while time.time() < end and proc.poll() is None:
             try:
-                st = st or Store(location, create=False)
-                if any(len(st.complete_items(s, k)) for s, k in st.stage_sets() if s == stage):
+                if ready():
                     os.killpg(proc.pid, signal.SIGKILL)
                     return
-            except FileNotFoundError:  # not created yet
+            except FileNotFoundError:
                 pass
             time.sleep(0.05)
     finally:
@@ -82,3 +84,21 @@ def kill_during_write(proc: subprocess.Popen, location: str | Path, stage: str, 
         proc.wait(30)
     out = proc.stdout.read().decode() if proc.stdout else ""
     raise AssertionError(f"the run finished or stalled before the kill point:\n{out[-2000:]}")
+
+
+def has_complete_item(location: str | Path, stage: str) -> Callable[[], bool]:
+    """A ``kill_when`` condition: ``stage`` has one complete item in the store at ``location`` (the run is then
+    writing)."""
+    opened: list[Store] = []  # opened once it exists
+
+    def ready() -> bool:
+        if not opened:
+            opened.append(Store(location, create=False))
+        return any(len(opened[0].complete_items(s, k)) for s, k in opened[0].stage_sets() if s == stage)
+
+    return ready
+
+
+def kill_during_write(proc: subprocess.Popen, location: str | Path, stage: str, deadline: float = 300) -> None:
+    """SIGKILL ``proc`` (its whole group) as soon as ``stage`` has one complete item: the run is then writing."""
+    kill_when(proc, has_complete_item(location, stage), deadline)

@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 
-from flows.bank_graph import IMPORT_CHUNK_ROWS
 from flows.cli import main
 from flows.config import load_experiment
 from flows.graph import build_plan
@@ -17,6 +16,8 @@ from flows.pipeline import run_experiment
 from ovseg_core.bank.config import SearchConfig
 from ovseg_core.bank.index import index_from_bytes
 from ovseg_core.bank.search import search_index
+from storage.reading import DamagedOutputError
+from storage.row_files import ROW_FILE, ROWS, FileRows
 from storage.store import Store
 from tasks.bank_index import image_names
 from tasks.bank_params import BANK_ITEM
@@ -73,13 +74,15 @@ def test_an_authors_bank_imports_streamed_and_checked_and_serves_their_neighbour
     attrs = store.item_attrs("bank_index", node.key, BANK_ITEM)
     assert [f["file"] for f in attrs["imported"]] == ["synth_metaclip_b.pt", "synth_dfnclip_b.pt", "synth_radiov3.faiss"]
     assert all(len(f["sha256"]) == 64 for f in attrs["imported"]) and (attrs["kind"], attrs["metric"]) == ("ivfpq", "reference")
-    # every row, bit for bit, in chunks of IMPORT_CHUNK_ROWS
-    chunks = image_names(arrays)
-    assert len(chunks) == -(-N // IMPORT_CHUNK_ROWS)
+    # every row, bit for bit, in one row file per store, read back in any order (repeats included)
+    assert image_names(arrays) == [ROWS]
+    order = np.random.default_rng(2).integers(0, N, 3 * N)
     for role, expected in (("bank_values", main_values), ("bank_aux_values", aux_values)):
         vnode = node.upstream[role]
-        got = np.concatenate([store.read_item("bank_values", vnode.key, c)["values"] for c in chunks])
-        np.testing.assert_array_equal(got, expected)
+        assert store.complete_items("bank_values", vnode.key) == {ROWS}
+        rows = FileRows(store, "bank_values", vnode.key)
+        np.testing.assert_array_equal(rows.rows(np.arange(N)), expected)
+        np.testing.assert_array_equal(rows.rows(order), expected[order])
     # the imported index returns the authors' search's neighbours
     rng = np.random.default_rng(1)
     queries = keys[rng.integers(0, N, 10)].astype(np.float32) + 0.05 * rng.standard_normal((10, D_KEY)).astype(np.float32)
@@ -99,7 +102,21 @@ def test_an_authors_bank_imports_streamed_and_checked_and_serves_their_neighbour
     # gc keeps what the newest run read: the imported bank (outside every plan) included
     assert main(["cache", "gc", "--store", str(tmp_path / "store")]) == 0
     assert BANK_ITEM in Store(tmp_path / "store").complete_items("bank_index", node.key)
-    assert len(Store(tmp_path / "store").complete_items("bank_values", node.upstream["bank_values"].key)) == len(chunks)
+    values_key = node.upstream["bank_values"].key
+    assert Store(tmp_path / "store").complete_items("bank_values", values_key) == {ROWS}
+    # a damaged row is found by cache verify and never returned (the read un-marks the store: imported again)
+    path = tmp_path / "store" / "stages" / "bank_values" / values_key / ROW_FILE
+    data = bytearray(path.read_bytes())
+    data[777 * 2 * D_VALUE + 5] ^= 0xFF  # row 777
+    path.write_bytes(bytes(data))
+    assert main(["cache", "verify", "--store", str(tmp_path / "store")]) == 1
+    assert "row 777 does not match its CRC-32" in capsys.readouterr().out
+    with pytest.raises(DamagedOutputError, match="row 777 does not match"):
+        FileRows(Store(tmp_path / "store"), "bank_values", values_key).rows(np.array([3, 777, 2000]))
+    assert main(["bank", "import", str(exp_file)]) == 0
+    assert main(["cache", "verify", "--store", str(tmp_path / "store")]) == 0
+    np.testing.assert_array_equal(FileRows(Store(tmp_path / "store"), "bank_values", values_key).rows(np.arange(N)),
+                                  main_values)
 
 
 @pytest.mark.slow

@@ -4,11 +4,8 @@ Random weights: every number here checks the machinery, none is a method result.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,11 +19,16 @@ from flows.cli import main
 from flows.config import ExperimentError, load_experiment, parse_experiment
 from flows.graph import build_plan
 from flows.pipeline import run_experiment
+from ovseg_core.bank.config import SearchConfig
+from ovseg_core.bank.index import index_from_bytes
+from ovseg_core.bank.search import search_index
 from storage.bank import read_registry
 from storage.store import Store
 from tasks.bank_index import fuse_with_bank, image_names, registry_of
 from tasks.bank_params import BANK_ITEM
 from tasks.runtime import RunSettings, StageContext
+from tests.flows.concurrent_runs import finish, has_complete_item, kill_when, records_per_item, spawn
+from tests.flows.kill_point import POINTS
 from tests.flows.conftest import SAMPLE, assert_same_outputs, computed, store_snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -241,25 +243,9 @@ def test_a_sigkill_during_the_value_stage_then_a_rerun_gives_the_bank_of_an_unin
     exp = parse_experiment({**data, "store": str(reference)}, source="test")
     assert run_experiment(exp, progress=False, orchestrate=False).failed == 0
     exp_file = _write(data, tmp_path / "bank.yaml")
-    repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(exp_file), "--no-prefect", "-q"], cwd=repo,
-                            env=dict(os.environ, PYTHONPATH=str(repo)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    store, killed = tmp_path / "store", False
-    try:
-        end = time.time() + 300
-        while time.time() < end and proc.poll() is None and not killed:
-            if (store / "ovseg-store.json").exists():
-                st = Store(store)
-                if any(len(st.complete_items(s, k)) for s, k in st.stage_sets() if s == "bank_values"):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    killed = True
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    assert killed, "the run ended before one bank value was stored"
+    proc = spawn(exp_file)
+    store = tmp_path / "store"
+    kill_when(proc, has_complete_item(store, "bank_values"))  # fails if the run ends before one value is stored
     partial = store_snapshot(store)
     assert not any(s == "bank_index" for s, _, _ in partial)
     time.sleep(6.5)  # the dead run's leases expire
@@ -268,3 +254,84 @@ def test_a_sigkill_during_the_value_stage_then_a_rerun_gives_the_bank_of_an_unin
     assert_same_outputs(store_snapshot(store), store_snapshot(reference))
     key = _index_node(exp).upstream["bank_keys"].upstream["sam_masks"].key
     assert read_registry(Store(store), "sample", key) == read_registry(Store(reference), "sample", key)
+
+
+def _assert_same_neighbours(st: Store, ref: Store, node) -> None:
+    """Both stores' index items of ``node`` return the same 5 neighbours for every stored key as a query (equal
+    bytes imply it; searched to show the stored index loads and answers)."""
+    keys_node = node.upstream["bank_keys"]
+    reg = registry_of(st.read_item("bank_index", node.key, BANK_ITEM))
+    queries = np.concatenate([st.read_item("bank_keys", keys_node.key, i)["keys"] for i in reg.images]).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    found = [search_index(index_from_bytes(s.read_item("bank_index", node.key, BANK_ITEM)["index"].tobytes()), queries,
+                          SearchConfig(k=5)) for s in (st, ref)]
+    np.testing.assert_array_equal(found[0], found[1])
+
+
+@pytest.fixture(scope="module")
+def ivfpq_reference(tmp_path_factory):
+    """An IVF-PQ bank (FAISS training, not only a flat index) of the three sample images, built uninterrupted by a
+    fresh ``ovseg run`` process; the kill tests build into other stores from the same image folder."""
+    tmp = tmp_path_factory.mktemp("ivfpq")
+    folder = _folder(tmp, BANK_IMAGES)
+    # 4-bit codes and nlist = sqrt(N): a few hundred regions train an IVF-PQ (the default needs >= 256 keys)
+    data = _experiment(tmp, folder, index={"kind": "ivfpq", "pq_m": 8, "pq_nbits": 4, "nlist_factor": 1.0})
+    data["runner"] = {"kind": "local", "workers": 1, "batch_size": 1, "lease_ttl": 6.0}
+    code, out = finish(spawn(_write(data, tmp / "reference.yaml")))
+    assert code == 0, out[-2000:]
+    return data, tmp / "store"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", POINTS)
+def test_a_sigkill_during_the_index_stage_then_a_rerun_gives_the_index_of_an_uninterrupted_build(
+        tmp_path, ivfpq_reference, point):
+    """Killed after the registry is replaced, with the index pack's temporary complete, or with the pack in
+    place before its record: the index is not complete, the rerun computes it once more (nothing else) and
+    stores the reference's bytes, registry and search results."""
+    data, reference = ivfpq_reference
+    store = tmp_path / "store"
+    data = {**data, "store": str(store)}
+    exp_file = _write(data, tmp_path / "bank.yaml")
+    code, out = finish(spawn(exp_file, kill_point=point))
+    assert code == -signal.SIGKILL, f"the run ended before the kill point {point!r} (exit {code}):\n{out[-2000:]}"
+    exp = parse_experiment(data, source="test")
+    node = _index_node(exp)
+    assert BANK_ITEM not in Store(store).complete_items("bank_index", node.key)  # a half-written index is not done
+    time.sleep(6.5)  # the dead run's leases expire
+    code, out = finish(spawn(exp_file))
+    assert code == 0, out[-2000:]
+    records = records_per_item(store)
+    assert records[("bank_index", node.key, BANK_ITEM)] == 1
+    assert set(records.values()) == {1}  # nothing the killed run finished was computed again
+    assert_same_outputs(store_snapshot(store), store_snapshot(reference))
+    st, ref = Store(store), Store(reference)
+    attrs = st.item_attrs("bank_index", node.key, BANK_ITEM)
+    assert attrs["kind"] == "ivfpq" and attrs["built"] == "trained on all keys"
+    key = node.upstream["bank_keys"].upstream["sam_masks"].key
+    assert read_registry(st, "sample", key) == read_registry(ref, "sample", key)
+    _assert_same_neighbours(st, ref, node)
+
+
+@pytest.mark.slow
+def test_a_damaged_index_is_found_by_cache_verify_and_rebuilt_identical(tmp_path, ivfpq_reference, capsys):
+    data, reference = ivfpq_reference
+    store = tmp_path / "store"
+    shutil.copytree(reference, store)
+    data = {**data, "store": str(store)}
+    node = _index_node(parse_experiment(data, source="test"))
+    (pack,) = (store / "stages" / "bank_index" / node.key / "packs").glob("*.zip")
+    damaged = bytearray(pack.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # inside the index bytes (most of the pack)
+    pack.write_bytes(bytes(damaged))
+    capsys.readouterr()
+    assert main(["cache", "verify", "--store", str(store)]) == 1
+    assert f"bank_index/{node.key}/{BANK_ITEM}:" in capsys.readouterr().out
+    assert BANK_ITEM in Store(store).complete_items("bank_index", node.key)  # verify alone changes nothing
+    assert main(["cache", "verify", "--repair", "--store", str(store)]) == 1
+    assert BANK_ITEM not in Store(store).complete_items("bank_index", node.key)  # un-marked: the next run rebuilds it
+    summary = run_experiment(parse_experiment(data, source="test"), progress=False, orchestrate=False)
+    assert summary.failed == 0 and computed(summary) == {"bank_index": 1}  # only the index, every key reused
+    assert main(["cache", "verify", "--store", str(store)]) == 0
+    assert_same_outputs(store_snapshot(store), store_snapshot(reference))
+    _assert_same_neighbours(Store(store), Store(reference), node)

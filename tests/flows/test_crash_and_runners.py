@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import yaml
 
 from flows.pipeline import run_experiment
 from storage.store import Store
+from tests.flows.concurrent_runs import kill_during_write
 from tests.flows.conftest import assert_same_outputs, computed, store_snapshot, tiny_experiment
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # whole flows through the pipeline and Prefect
@@ -67,32 +67,12 @@ def reference(tmp_path_factory):
     return store_snapshot(store)
 
 
-def _kill_during(proc: subprocess.Popen, store: Path, stage: str, deadline: float = 300) -> dict[str, int]:
-    st = None
-    end = time.time() + deadline
-    try:
-        while time.time() < end and proc.poll() is None:
-            if (store / "ovseg-store.json").exists():
-                st = st or Store(store)
-                done = {s: len(st.complete_items(s, k)) for s, k in st.stage_sets()}
-                if done.get(stage, 0) >= 1:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    return done
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    raise AssertionError(f"the run finished or stalled before the kill point:\n{out[-2000:]}")
-
-
 def test_sigkill_in_another_hostname_then_a_plain_rerun_gives_identical_outputs(tmp_path, reference):
     store = tmp_path / "store"
     exp = _exp(store)
     other_host = "another-container" if _can_unshare() else None
     proc = _spawn(_write_yaml(exp, tmp_path / "exp.yaml"), hostname=other_host)
-    _kill_during(proc, store, "mask_class_tokens")
+    kill_during_write(proc, store, "mask_class_tokens")
     killed_at = time.time()
     partial = store_snapshot(store)
     assert 0 < len(partial) < len(reference)
