@@ -98,8 +98,9 @@ def nanny_environment() -> dict[str, str | None]:
     """This process's values (None: unset) of the variables a Dask nanny started here sets in it before spawning its
     worker (``distributed.nanny.pre-spawn-environ``, and ``PYTHONHASHSEED``, which the nanny adds)."""
     import dask
+    import distributed  # noqa: F401 - puts its defaults (the nanny's variables) into dask.config
 
-    names = [*dask.config.get("distributed.nanny.pre-spawn-environ", {}), "PYTHONHASHSEED"]
+    names = [*dask.config.get("distributed.nanny.pre-spawn-environ"), "PYTHONHASHSEED"]
     return {k: os.environ.get(k) for k in names}
 
 
