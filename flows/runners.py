@@ -20,13 +20,21 @@ The Dask runner (``OvsegDaskTaskRunner``) adds to prefect-dask's:
   Dask gives up on a batch (every worker that ran it died: usually the batch itself exhausts
   memory), its Prefect task run is marked Crashed and the future raises ``WorkerLostError``;
 - ``capacity()``: the threads of the workers connected now (workers that joined count);
-  ``parallelism(runner.workers)`` reads it from inside the flow (for its bound on batches in flight).
+  ``parallelism(runner.workers)`` reads it from inside the flow (for its bound on batches in flight);
+- this process's environment is given back: a temporary cluster's nannies run here and, before
+  spawning each worker, set ``distributed.nanny.pre-spawn-environ`` (``OMP_NUM_THREADS=1``,
+  ``MKL_NUM_THREADS=1``, ...) in this process's ``os.environ`` and never unset it, so every
+  process started from here afterwards (an ``ovseg run`` child of a long-lived process or of a
+  test) would run torch at one thread, and store other bits than a fresh process
+  (``nanny_environment`` / ``restore_environment``; docs/design.md, determinism).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from flows.config import Experiment
@@ -86,6 +94,25 @@ def quiet_dask_logs() -> None:
         nanny.addFilter(_ShutdownNoise())
 
 
+def nanny_environment() -> dict[str, str | None]:
+    """This process's values (None: unset) of the variables a Dask nanny started here sets in it before spawning its
+    worker (``distributed.nanny.pre-spawn-environ``, and ``PYTHONHASHSEED``, which the nanny adds)."""
+    import dask
+    import distributed  # noqa: F401 - puts its defaults (the nanny's variables) into dask.config
+
+    names = [*dask.config.get("distributed.nanny.pre-spawn-environ"), "PYTHONHASHSEED"]
+    return {k: os.environ.get(k) for k in names}
+
+
+def restore_environment(saved: Mapping[str, str | None]) -> None:
+    """Set the variables of ``saved`` (from :func:`nanny_environment`) back in ``os.environ``: unset where None."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        elif os.environ.get(k) != v:
+            os.environ[k] = v
+
+
 _RUNNER_CLASS: type | None = None
 
 
@@ -132,6 +159,26 @@ def _define_runner_class() -> type:
 
         _announced = False
         _capacity: tuple[float, int] = (0.0, 0)
+        _environment: Mapping[str, str | None] = {}
+
+        def __enter__(self):
+            self._environment = nanny_environment()
+            return super().__enter__()
+
+        def __exit__(self, *args: Any) -> None:
+            try:
+                super().__exit__(*args)
+            finally:
+                restore_environment(self._environment)  # a worker restarted during the run set them again
+
+        @property
+        def client(self):
+            """prefect-dask's client; a temporary cluster started here gives the process environment back."""
+            started = not self._client
+            client = DaskTaskRunner.client.fget(self)
+            if started:
+                restore_environment(self._environment)
+            return client
 
         def submit(self, task, parameters: dict[str, Any], wait_for=None, dependencies=None) -> OvsegDaskFuture:
             flow_ctx = FlowRunContext.get()
