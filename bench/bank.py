@@ -264,13 +264,13 @@ def report(res: dict) -> str:
              "", "| figure | target | measured |", "|---|---|---|"]
     for reader, out in s.items():
         ms, cpu = out["ms"], out["cpu_ms"]
-        lines.append(f"| retrieval + fusion per image ({reader} reader), wall / CPU ms | <= 5 ms | {ms['total']:.1f} / "
+        lines.append(f"| retrieval + fusion per image (reader: {reader}), wall / CPU ms | <= 5 ms | {ms['total']:.1f} / "
                      f"{cpu['total']:.1f}: query pooling {ms['query_pooling']:.1f} / {cpu['query_pooling']:.1f}, search "
                      f"{ms['search']:.1f} / {cpu['search']:.1f}, values + logits + DMCE {ms['values_and_logits']:.1f} / "
                      f"{cpu['values_and_logits']:.1f}, fusion {ms['fusion']:.1f} / {cpu['fusion']:.1f} |")
     for reader, out in s.items():
         mem, start = out["memory"]["served"], out["memory"]["start"]
-        lines.append(f"| RSS serving, two value stores, {reader} reader, after {out['images']} images | <= 1.5 GiB | "
+        lines.append(f"| RSS serving, two value stores, reader: {reader}, after {out['images']} images | <= 1.5 GiB | "
                      f"{mem['VmRSS'] / GIB:.2f} GiB, of which the bank {(mem['VmRSS'] - start['VmRSS']) / GIB:.2f} "
                      f"(anon {(mem['RssAnon'] - start['RssAnon']) / GIB:.2f}, file {(mem['RssFile'] - start['RssFile']) / GIB:.2f}); "
                      f"before the bank (imports, test inputs) {start['VmRSS'] / GIB:.2f} |")
