@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -35,8 +36,17 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import bank_standin as standin  # noqa: E402
 
+import ovseg_core.bank.search as bank_search  # noqa: E402
 from ovseg_core.bank.config import IndexConfig, SearchConfig  # noqa: E402
-from ovseg_core.bank.index import BankIndex, add_keys, build_index, index_from_file, index_to_bytes  # noqa: E402
+from ovseg_core.bank.index import (  # noqa: E402
+    BankIndex,
+    add_keys,
+    build_index,
+    index_from_bytes,
+    index_from_file,
+    index_to_bytes,
+    use_hnsw_coarse,
+)
 from ovseg_core.bank.rows import NpyRows  # noqa: E402
 from ovseg_core.bank.search import search_index  # noqa: E402
 
@@ -54,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--regions-per-image", type=int, default=25)
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--nprobe", type=int, default=256)
+    p.add_argument("--serve-hnsw", type=int, nargs=2, default=(16, 64), metavar=("NPROBE", "EF"),
+                   help="also serve with the HNSW coarse quantizer at this nprobe and efSearch (pread reader)")
     p.add_argument("--classes", type=int, default=171, help="text queries Q (COCO-Stuff: 171)")
     p.add_argument("--size", type=int, nargs=2, default=(448, 448), help="network-input H W")
     p.add_argument("--dims", type=int, nargs=3, default=(1024, 768, 512), metavar=("KEY", "MAIN", "AUX"))
@@ -98,6 +110,33 @@ def load_or_build(folder: Path, spec: standin.Spec, build: str) -> tuple[BankInd
     return bank, info
 
 
+def hnsw_variant(bank: BankIndex, path: Path) -> tuple[BankIndex, float]:
+    """The same index with an HNSW coarse quantizer (``IndexConfig.coarse="hnsw"``, FAISS defaults M 32, efC 40),
+    cached beside it; returns it and its build seconds (0 when cached)."""
+    if path.exists():
+        with open(path, "rb") as f:
+            return index_from_file(f), 0.0
+    t0 = time.time()
+    hnsw = use_hnsw_coarse(index_from_bytes(index_to_bytes(bank)))
+    seconds = time.time() - t0
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(index_to_bytes(hnsw))
+    os.replace(tmp, path)
+    return hnsw, seconds
+
+
+class _FaissFlatCoarse:
+    """Within the block the precomputed path's coarse step is FAISS's own flat-quantizer search (the path before
+    2026-12-07: FAISS's non-BLAS loop for fewer than ``distance_compute_blas_threshold`` queries)."""
+
+    def __enter__(self) -> None:
+        self.saved = bank_search.coarse_lists
+        bank_search.coarse_lists = lambda bank, queries, probes, cfg=None: bank.inner.quantizer.search(queries, probes)
+
+    def __exit__(self, *exc: object) -> None:
+        bank_search.coarse_lists = self.saved
+
+
 def cached(path: Path, make) -> np.ndarray:
     if path.exists():
         return np.load(path)
@@ -106,7 +145,8 @@ def cached(path: Path, make) -> np.ndarray:
     return arr
 
 
-def option_table(bank: BankIndex, folder: Path, q: np.ndarray, exact: np.ndarray, a: argparse.Namespace) -> list[dict]:
+def option_table(bank: BankIndex, hnsw: BankIndex, folder: Path, q: np.ndarray, exact: np.ndarray,
+                 a: argparse.Namespace) -> list[dict]:
     """Recall@k and search time per image (R queries, one thread) for each search option."""
     faiss.omp_set_num_threads(1)
     r = a.regions_per_image
@@ -114,43 +154,55 @@ def option_table(bank: BankIndex, folder: Path, q: np.ndarray, exact: np.ndarray
     rows: list[dict] = []
     with open(folder / "keys.npy", "rb") as f:
         keys = NpyRows(f)
-        options = [  # (name, config, images per search call, at most this many images)
-            (f"IVF-PQ nprobe {a.nprobe} (default)", default, 1, None),
-            (f"IVF-PQ nprobe {a.nprobe}, 8 images per search call", default, 8, None),
-            (f"IVF-PQ nprobe {a.nprobe}, FAISS's own CPU search", SearchConfig(k=a.k, nprobe_max=a.nprobe, search="faiss"), 1, 3),
-            ("IVF-PQ nprobe 64", SearchConfig(k=a.k, nprobe_max=64), 1, None),
-            ("IVF-PQ nprobe 16", SearchConfig(k=a.k, nprobe_max=16), 1, None),
-            (f"IVF-PQ nprobe {a.nprobe} + exact re-rank of 100", SearchConfig(k=a.k, nprobe_max=a.nprobe, rerank=True), 1, None),
-            ("IVF-PQ nprobe 16 + exact re-rank of 100", SearchConfig(k=a.k, nprobe_max=16, rerank=True), 1, None),
+        s = SearchConfig
+        options = [  # (name, index, config, images per search call, at most this many images, context)
+            (f"IVF-PQ nprobe {a.nprobe} (default)", bank, default, 1, None, None),
+            (f"IVF-PQ nprobe {a.nprobe}, 8 images per search call", bank, default, 8, None, None),
+            (f"IVF-PQ nprobe {a.nprobe}, coarse step by FAISS's flat search (before)", bank, default, 1, None, _FaissFlatCoarse),
+            (f"IVF-PQ nprobe {a.nprobe}, FAISS's own CPU search", bank, s(k=a.k, nprobe_max=a.nprobe, search="faiss"), 1, 3, None),
+            ("IVF-PQ nprobe 64", bank, s(k=a.k, nprobe_max=64), 1, None, None),
+            ("IVF-PQ nprobe 16", bank, s(k=a.k, nprobe_max=16), 1, None, None),
+            ("IVF-PQ nprobe 16, 8 images per search call", bank, s(k=a.k, nprobe_max=16), 8, None, None),
+            (f"HNSW coarse, nprobe {a.nprobe} (efSearch {a.nprobe})", hnsw, default, 1, None, None),
+            ("HNSW coarse, nprobe 64 (efSearch 64)", hnsw, s(k=a.k, nprobe_max=64), 1, None, None),
+            ("HNSW coarse, nprobe 16, efSearch 64", hnsw, s(k=a.k, nprobe_max=16, coarse_ef_search=64), 1, None, None),
+            ("HNSW coarse, nprobe 16 (efSearch 16)", hnsw, s(k=a.k, nprobe_max=16), 1, None, None),
+            ("HNSW coarse, nprobe 8, efSearch 32", hnsw, s(k=a.k, nprobe_max=8, coarse_ef_search=32), 1, None, None),
+            ("HNSW coarse, nprobe 16, efSearch 64, 8 images per search call", hnsw, s(k=a.k, nprobe_max=16, coarse_ef_search=64), 8, None, None),
+            (f"IVF-PQ nprobe {a.nprobe} + exact re-rank of 100", bank, s(k=a.k, nprobe_max=a.nprobe, rerank=True), 1, None, None),
+            ("IVF-PQ nprobe 16 + exact re-rank of 100", bank, s(k=a.k, nprobe_max=16, rerank=True), 1, None, None),
         ]
-        search_index(bank, q[:r], default)  # the search table, once
+        search_index(bank, q[:r], default)  # the search tables, once
+        search_index(hnsw, q[:r], default)
         n_all = q.shape[0] // r
-        for name, cfg, batch, max_images in options:
+        for name, index, cfg, batch, max_images, context in options:
             n_img = n_all if max_images is None else min(max_images, n_all)
             found, wall, cpu = [], [], []
             for i in range(0, n_img, batch):
                 j = min(i + batch, n_img)
-                t0, c0 = time.perf_counter(), time.process_time()
-                found.append(search_index(bank, q[i * r : j * r], cfg, keys))
-                wall.append((time.perf_counter() - t0) / (j - i))
-                cpu.append((time.process_time() - c0) / (j - i))
+                with context() if context else nullcontext():
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    found.append(search_index(index, q[i * r : j * r], cfg, keys))
+                    wall.append((time.perf_counter() - t0) / (j - i))
+                    cpu.append((time.process_time() - c0) / (j - i))
             found = np.concatenate(found)
             rows.append({"option": name, "images": n_img, "ms_per_image": 1000 * median(wall),
                          "cpu_ms_per_image": 1000 * median(cpu), "recall": recall(found, exact[: n_img * r])})
             if len(rows) == 1:
                 default_found = found
-            elif cfg.nprobe_max == a.nprobe and not cfg.rerank:  # the same neighbours as the default?
+            elif index is bank and cfg.nprobe_max == a.nprobe and not cfg.rerank:  # the same neighbours as the default?
                 rows[-1]["same_neighbours_as_default"] = bool((found == default_found[: n_img * r]).all())
             log.info("%s: %.1f ms/image (CPU %.1f), recall@%d %.3f", name, rows[-1]["ms_per_image"],
                      rows[-1]["cpu_ms_per_image"], a.k, rows[-1]["recall"])
     return rows
 
 
-def serve(folder: Path, index_path: Path, queries_path: Path, reader: str, a: argparse.Namespace) -> dict:
+def serve(folder: Path, index_path: Path, queries_path: Path, reader: str, a: argparse.Namespace,
+          nprobe: int | None = None, coarse_ef: int | None = None) -> dict:
     cmd = [sys.executable, str(REPO / "bench" / "bank_serve.py"), str(folder), str(index_path), "--reader", reader,
            "--images", str(a.images), "--queries", str(queries_path), "--regions-per-image", str(a.regions_per_image),
-           "--k", str(a.k), "--nprobe", str(a.nprobe), "--classes", str(a.classes), "--size", *map(str, a.size),
-           "--vfm-grid", str(a.size[0] // 16), str(a.size[1] // 16)]
+           "--k", str(a.k), "--nprobe", str(nprobe or a.nprobe), "--classes", str(a.classes), "--size", *map(str, a.size),
+           "--vfm-grid", str(a.size[0] // 16), str(a.size[1] // 16)] + (["--coarse-ef", str(coarse_ef)] if coarse_ef else [])
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
     if done.returncode:
         raise RuntimeError(f"serving process ({reader}) failed: {done.stderr[-2000:]}")
@@ -212,13 +264,13 @@ def report(res: dict) -> str:
              "", "| figure | target | measured |", "|---|---|---|"]
     for reader, out in s.items():
         ms, cpu = out["ms"], out["cpu_ms"]
-        lines.append(f"| retrieval + fusion per image ({reader} reader), wall / CPU ms | <= 5 ms | {ms['total']:.1f} / "
+        lines.append(f"| retrieval + fusion per image (reader: {reader}), wall / CPU ms | <= 5 ms | {ms['total']:.1f} / "
                      f"{cpu['total']:.1f}: query pooling {ms['query_pooling']:.1f} / {cpu['query_pooling']:.1f}, search "
                      f"{ms['search']:.1f} / {cpu['search']:.1f}, values + logits + DMCE {ms['values_and_logits']:.1f} / "
                      f"{cpu['values_and_logits']:.1f}, fusion {ms['fusion']:.1f} / {cpu['fusion']:.1f} |")
     for reader, out in s.items():
         mem, start = out["memory"]["served"], out["memory"]["start"]
-        lines.append(f"| RSS serving, two value stores, {reader} reader, after {out['images']} images | <= 1.5 GiB | "
+        lines.append(f"| RSS serving, two value stores, reader: {reader}, after {out['images']} images | <= 1.5 GiB | "
                      f"{mem['VmRSS'] / GIB:.2f} GiB, of which the bank {(mem['VmRSS'] - start['VmRSS']) / GIB:.2f} "
                      f"(anon {(mem['RssAnon'] - start['RssAnon']) / GIB:.2f}, file {(mem['RssFile'] - start['RssFile']) / GIB:.2f}); "
                      f"before the bank (imports, test inputs) {start['VmRSS'] / GIB:.2f} |")
@@ -260,7 +312,10 @@ def main(argv: list[str] | None = None) -> dict:
     res: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                            "index": info, "index_nlist": bank.nlist,
                            "machine": f"{os.cpu_count()} logical CPUs, load {os.getloadavg()[0]:.1f} at start, faiss {faiss.__version__}"}
-    res["options"] = option_table(bank, folder, q_recall, exact, a)
+    hnsw, hnsw_seconds = hnsw_variant(bank, folder / f"index-{build}-hnsw.faiss")
+    res["hnsw_build_seconds"] = hnsw_seconds
+    res["options"] = option_table(bank, hnsw, folder, q_recall, exact, a)
+    del hnsw
     res["serving"] = {}
     store_bytes = (folder / "main.npy").stat().st_size + (folder / "aux.npy").stat().st_size
     for reader in a.readers:
@@ -269,6 +324,11 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         log.info("serving %d images with the %s reader", a.images, reader)
         res["serving"][reader] = serve(folder, folder / f"index-{build}.faiss", serve_q, reader, a)
+    if a.serve_hnsw:
+        npb, ef = a.serve_hnsw
+        log.info("serving %d images with the pread reader, HNSW coarse, nprobe %d, efSearch %d", a.images, npb, ef)
+        res["serving"][f"pread, HNSW coarse nprobe {npb} ef {ef}"] = serve(
+            folder, folder / f"index-{build}-hnsw.faiss", serve_q, "pread", a, npb, ef)
     if a.extension == "yes" or (a.extension == "auto" and build == "train"):
         res["extension"] = extension_study(folder, spec, q_recall, exact, a, bank)
     (a.out / f"bank-n{a.regions}.json").write_text(json.dumps(res, indent=1))

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--regions-per-image", type=int, default=25)
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--nprobe", type=int, default=256)
+    p.add_argument("--coarse-ef", type=int, default=None, help="efSearch of an HNSW coarse quantizer (default: nprobe)")
     p.add_argument("--classes", type=int, default=171)
     p.add_argument("--size", type=int, nargs=2, default=(448, 448))
     p.add_argument("--vfm-grid", type=int, nargs=2, default=(28, 28))
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         ValueStore(main_rows, torch.nn.functional.normalize(torch.randn(a.classes, main_rows.dim), dim=1)),
         ValueStore(aux_rows, torch.nn.functional.normalize(torch.randn(a.classes, aux_rows.dim), dim=1)),
     ]
-    search_cfg, fusion_cfg = SearchConfig(k=a.k, nprobe_max=a.nprobe), FusionConfig()
+    search_cfg, fusion_cfg = SearchConfig(k=a.k, nprobe_max=a.nprobe, coarse_ef_search=a.coarse_ef), FusionConfig()
     search_index(bank, qs[0], search_cfg)  # builds the search table once (not timed)
     mem["first_search"] = memory()
     times = {s: [] for s in STEPS}
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             cpu[step].append(marks[j + 1][1] - marks[j][1])
     mem["served"] = memory()
     print(json.dumps({"reader": a.reader, "images": a.images, "times": times, "cpu": cpu, "memory": mem,
-                      "index": {"kind": bank.kind, "metric": bank.metric, "nlist": bank.nlist, "ntotal": bank.ntotal}}))
+                      "index": {"kind": bank.kind, "metric": bank.metric, "coarse": bank.coarse, "nlist": bank.nlist, "ntotal": bank.ntotal}}))
 
 
 if __name__ == "__main__":

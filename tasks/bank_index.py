@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from ovseg_core.bank.index import add_keys, build_index, index_from_bytes, index_to_bytes, plan_extension
-from ovseg_core.bank.retrieval import BankSupport, ValueStore, retrieve_and_fuse
+from ovseg_core.bank.pooling import region_queries
+from ovseg_core.bank.retrieval import BankSupport, ValueStore, fuse_support, search_images
 from ovseg_core.features.regions import resize_regions_nearest
 from storage.bank import Registry, StoreRows, read_registry, write_registry
 from storage.row_files import FileRows
@@ -202,25 +203,48 @@ def image_names(arrays: Mapping[str, np.ndarray]) -> list[str]:
     return raw.split("\n") if raw else []
 
 
-def fuse_with_bank(ctx: StageContext, bank: Mapping[str, np.ndarray], own: torch.Tensor, region_ids: np.ndarray,
-                   vfm_map: torch.Tensor, text: torch.Tensor, aux_text: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, BankSupport]:
+@dataclass(frozen=True)
+class Retrieved:
+    """One image's regions and their retrieved bank regions (VISR steps 1-2)."""
+
+    region_ids: np.ndarray  # (R,) int64 ids of the region map at the network-input size, ascending
+    labels: np.ndarray  # (h, w) int64 index into region_ids of each pixel
+    neighbours: np.ndarray  # (R, K) int64 bank region ids, nearest first, -1 = none
+
+
+def retrieve_batch(ctx: StageContext, bank: Mapping[str, np.ndarray],
+                   images: Sequence[tuple[tuple[int, int], np.ndarray, torch.Tensor]]) -> list[Retrieved]:
+    """CorrCLIPv2's retrieval for a stage batch: each image's region queries, all searched in one call.
+
+    ``images``: per image ``(hw, region_ids, vfm_map)``: the network-input size ``(h, w)``, its region map at
+    original size (nearest-resized to ``hw``, every id a query, the unsegmented one included) and its VFM map
+    ``(C, gh, gw)``. One search call reads the index's centroids once per batch; every image gets the neighbours
+    a search of its own regions returns.
+    """
+    serving = bank_serving(ctx, bank)
+    pooled = [region_queries(vfm_map.float().cpu(), np.asarray(resize_regions_nearest(np.asarray(ids), hw)))
+              for hw, ids, vfm_map in images]
+    with serving.lock:
+        found = search_images([q for _, _, q in pooled], serving.index, ctx.params.bank.search)
+    return [Retrieved(ids, labels, n) for (ids, labels, _), n in zip(pooled, found)]
+
+
+def fuse_with_bank(ctx: StageContext, bank: Mapping[str, np.ndarray], own: torch.Tensor, retrieved: Retrieved,
+                   text: torch.Tensor, aux_text: torch.Tensor | None) -> tuple[torch.Tensor, BankSupport]:
     """CorrCLIPv2's VISR (+ DMCE) on one image's window-averaged cosine logits ``own (Q, h, w)``.
 
-    ``bank``: the ``bank_index`` item (``ctx.read_shared("bank_index", BANK_ITEM)``).
-    ``region_ids``: the image's region map at original size (nearest-resized to ``(h, w)`` here, every id a
-    query, the unsegmented one included); ``vfm_map``: its VFM map ``(C, gh, gw)``; ``text`` / ``aux_text``:
-    ``(Q, D)`` unit text embeddings of the method's CLIP and of DMCE's auxiliary CLIP (None: no DMCE).
+    ``bank``: the ``bank_index`` item (``ctx.read_shared("bank_index", BANK_ITEM)``); ``retrieved``: the image's
+    :func:`retrieve_batch` entry; ``text`` / ``aux_text``: ``(Q, D)`` unit text embeddings of the method's CLIP
+    and of DMCE's auxiliary CLIP (None: no DMCE).
     """
     use = ctx.params.bank
     serving = bank_serving(ctx, bank)
     stores = [ValueStore(serving.values, text.float().cpu())]
     if serving.aux_values is not None and aux_text is not None:
         stores.append(ValueStore(serving.aux_values, aux_text.float().cpu()))
-    region_map = np.asarray(resize_regions_nearest(np.asarray(region_ids), tuple(own.shape[-2:])))
     with serving.lock:
-        return retrieve_and_fuse(own.cpu(), region_map, vfm_map.float().cpu(), serving.index, stores, use.search,
-                                 use.fusion)
+        return fuse_support(own.cpu(), retrieved.region_ids, retrieved.labels, retrieved.neighbours, stores,
+                            use.fusion)
 
 
 def registry_of(arrays: Mapping[str, np.ndarray]) -> Registry:

@@ -22,7 +22,8 @@ half ``preds`` / ``count_mat``), and computes its correlation features in float1
 Memory-bank hook (CorrCLIPv2's VISR, ``corrclipv2.md`` section 3 step 7): ``_finish`` receives the
 window-averaged cosine logits ``(Q, h, w)`` at the network-input size, before the resize to the
 original size, the logit scale, the softmax and the thresholds: with ``ReconstructionParams.bank``
-they are first fused ``alpha * own + (1 - alpha) * support`` (``tasks.bank_index.fuse_with_bank``;
+they are first fused ``alpha * own + (1 - alpha) * support`` (``tasks.bank_index.fuse_with_bank``, the
+regions of the whole batch retrieved in one search call by ``retrieve_batch``;
 item attrs ``bank``: its name, the regions queried and those without any retrieved neighbour, which
 keep their own logits).
 """
@@ -41,7 +42,7 @@ from ovseg_core.features.clip import normalize_clip
 from ovseg_core.methods import WindowInputs, get_method
 from ovseg_core.postprocess import predict, window_logits
 from ovseg_core.windows import WindowPlan, accumulate_window_logits, average_windows, to_original_size
-from tasks.bank_index import fuse_with_bank
+from tasks.bank_index import fuse_with_bank, retrieve_batch
 from tasks.bank_params import BANK_ITEM
 from tasks.common import row_plan, row_region_windows, row_windows, run_windows, shape_only_crops
 from tasks.params import array_name
@@ -128,11 +129,14 @@ def reconstruction_compute(ctx: StageContext, visual, inputs: Sequence[Mapping[s
         run_windows([_indexed(i, inp["win"]) for i, inp in enumerate(inputs)], forward, ctx.settings.window_batch,
                     sink, ctx.device)
         out = []
-        for canvas, inp, record in zip(canvases, inputs, records):
+        # VISR's retrieval: the regions of every image of the batch in one search call
+        retrieved = (retrieve_batch(ctx, bank, [(inp["plan"].resized_hw, inp["region_ids"], inp["vfm"]) for inp in inputs])
+                     if bank is not None else [None] * len(inputs))
+        for canvas, inp, record, got in zip(canvases, inputs, records, retrieved):
             averaged = average_windows(canvas, inp["plan"])
             attrs = {"windows": len(inp["plan"].windows), "method": p.method}
-            if bank is not None:  # VISR (+ DMCE) before the resize: facts section 3 step 7
-                averaged, support = fuse_with_bank(ctx, bank, averaged, inp["region_ids"], inp["vfm"], emb, aux_text)
+            if got is not None:  # VISR (+ DMCE) before the resize: facts section 3 step 7
+                averaged, support = fuse_with_bank(ctx, bank, averaged, got, emb, aux_text)
                 attrs["bank"] = {"name": p.bank.bank, "regions": int(support.found.size),
                                  "without_support": int((~support.found).sum())}
             labels, prob = _finish(averaged, inp["plan"], q2c, p)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ovseg_core.options import later_option
+
 __all__ = [
+    "COARSE_KINDS",
     "EMPTY_REGION_MODES",
     "EXTENSION_MODES",
     "INDEX_KINDS",
@@ -41,6 +44,11 @@ INDEX_METRICS: tuple[str, ...] = ("reference", "inner_product")
 # one 1024-d residual table per probed list (FAISS turns its own precomputed tables off for an
 # inner-product quantizer); "faiss" = FAISS's own search (slow on CPUs, no table).
 SEARCH_MODES: tuple[str, ...] = ("precomputed", "faiss")
+# Coarse quantizer of an IVF-PQ (which lists a query probes): "flat" = the reference's exact
+# inner-product scan of every centroid (nlist x D multiply-adds per query); "hnsw" = an HNSW graph
+# (IndexHNSWFlat, inner product) over the same centroids, built after training and adding, so the
+# lists and codes are the flat build's; its search finds the top nprobe centroids approximately.
+COARSE_KINDS: tuple[str, ...] = ("flat", "hnsw")
 # How an index follows a growing bank: "add" = the reference (new keys are encoded with the
 # centroids and codebooks of the first build); "retrain" = rebuild from all stored keys (nlist
 # recomputed from the new N) once the bank has grown by more than ``retrain_growth``.
@@ -96,6 +104,12 @@ class IndexConfig:
     extension: str = "add"
     # With extension "retrain": rebuild once N > (1 + retrain_growth) * N at the last training.
     retrain_growth: float = 0.0
+    # Coarse quantizer of an IVF-PQ, see COARSE_KINDS. Reference: "flat".
+    coarse: str = later_option("flat")
+    # HNSW graph degree of the coarse quantizer (coarse "hnsw").
+    coarse_hnsw_m: int = later_option(32)
+    # HNSW construction beam of the coarse quantizer (coarse "hnsw"). FAISS default: 40.
+    coarse_hnsw_ef_construction: int = later_option(40)
 
     def __post_init__(self) -> None:
         _check_choice("IndexConfig.kind", self.kind, INDEX_KINDS)
@@ -116,6 +130,13 @@ class IndexConfig:
             raise ValueError(f"IndexConfig.train_size must be None (all keys) or >= 1, got {self.train_size}")
         if self.retrain_growth < 0:
             raise ValueError(f"IndexConfig.retrain_growth must be >= 0, got {self.retrain_growth}")
+        _check_choice("IndexConfig.coarse", self.coarse, COARSE_KINDS)
+        if self.coarse != "flat" and self.kind != "ivfpq":
+            raise ValueError(f"IndexConfig.coarse={self.coarse!r} needs kind 'ivfpq' (an IVF index), got kind {self.kind!r}")
+        if self.coarse_hnsw_m < 2:
+            raise ValueError(f"IndexConfig.coarse_hnsw_m must be >= 2, got {self.coarse_hnsw_m}")
+        if self.coarse_hnsw_ef_construction < 1:
+            raise ValueError(f"IndexConfig.coarse_hnsw_ef_construction must be >= 1, got {self.coarse_hnsw_ef_construction}")
 
     @property
     def min_ivfpq_regions(self) -> int:
@@ -146,6 +167,9 @@ class SearchConfig:
     rerank_candidates: int = 100
     # HNSW search beam (index kind "hnsw"; raised to the number of neighbours asked when smaller).
     hnsw_ef_search: int = 128
+    # Search beam of an HNSW coarse quantizer (IndexConfig.coarse "hnsw"): efSearch =
+    # max(coarse_ef_search, nprobe); None = nprobe. Unused by a flat coarse quantizer.
+    coarse_ef_search: int | None = later_option(None)
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -157,6 +181,8 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.rerank_candidates must be >= 1, got {self.rerank_candidates}")
         if self.hnsw_ef_search < 1:
             raise ValueError(f"SearchConfig.hnsw_ef_search must be >= 1, got {self.hnsw_ef_search}")
+        if self.coarse_ef_search is not None and self.coarse_ef_search < 1:
+            raise ValueError(f"SearchConfig.coarse_ef_search must be None (= nprobe) or >= 1, got {self.coarse_ef_search}")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,11 @@ product but keeps plain (unnormalised) centroids, lists are probed by inner prod
 ranked by squared L2 of the residual. On unit vectors L2 order = IP order for exact distances,
 so the quirk changes which lists are probed and the PQ training, not the notion of "near".
 
+``IndexConfig.coarse = "hnsw"``: the same IVF-PQ (trained and filled with the flat quantizer, so
+the same lists and codes) whose coarse quantizer is then replaced by an HNSW graph over the same
+centroids (:func:`use_hnsw_coarse`): a query probes its approximately nearest ``nprobe`` lists
+without scanning all nlist centroids. Keys added later are still assigned by exact search.
+
 Extension: the reference adds new ids to the existing index without retraining; ``extension =
 "retrain"`` rebuilds from all keys once the bank has grown by ``retrain_growth``
 (:func:`plan_extension`). Tiny banks: see ``IndexConfig.min_ivfpq_regions``.
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
 import numpy as np
@@ -33,6 +40,7 @@ __all__ = [
     "BankIndex",
     "add_keys",
     "build_index",
+    "use_hnsw_coarse",
     "index_from_bytes",
     "index_from_file",
     "index_to_bytes",
@@ -54,8 +62,9 @@ _ADD_CHUNK = 65536
 class BankIndex:
     """A FAISS ``IndexIDMap2`` (or ``IndexIDMap``) and what searching it needs (``ovseg_core.bank.search``).
 
-    ``kind`` is "ivfpq", "flat" or "hnsw"; ``metric`` ("reference" or "inner_product") is read
-    from the FAISS objects, so an imported index describes itself.
+    ``kind`` is "ivfpq", "flat" or "hnsw"; ``metric`` ("reference" or "inner_product") and
+    ``coarse`` ("flat" or "hnsw" for an IVF-PQ, else None) are read from the FAISS objects, so an
+    imported index describes itself.
     """
 
     def __init__(self, index: faiss.Index) -> None:
@@ -80,6 +89,15 @@ class BankIndex:
             self.kind, self.metric = "hnsw", _metric_name(self.inner.metric_type)
         else:
             raise ValueError(f"unsupported inner index {type(self.inner).__name__}; expected IndexIVFPQ, IndexFlat or IndexHNSW")
+        self.coarse: str | None = None
+        if self.kind == "ivfpq":
+            quantizer = faiss.downcast_index(self.inner.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):
+                self.coarse = "hnsw"
+            elif isinstance(quantizer, faiss.IndexFlat):
+                self.coarse = "flat"
+            else:
+                raise ValueError(f"unsupported coarse quantizer {type(quantizer).__name__}; expected IndexFlat or IndexHNSW")
         self._id_map: np.ndarray | None = None
         self._centroid_norms: np.ndarray | None = None
 
@@ -108,11 +126,19 @@ class BankIndex:
             self._id_map = view
         return self._id_map
 
+    def centroids(self) -> np.ndarray:
+        """``(nlist, D) float32`` IVF centroids: a read-only view of the coarse quantizer's own storage (no copy)."""
+        quantizer = faiss.downcast_index(self.inner.quantizer)
+        flat = faiss.downcast_index(quantizer.storage) if isinstance(quantizer, faiss.IndexHNSW) else quantizer
+        n, d = int(flat.ntotal), int(flat.d)
+        view = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d) if n else np.empty((0, d), np.float32)
+        view.flags.writeable = False
+        return view
+
     def centroid_norms(self) -> np.ndarray:
         """``(nlist,) float32`` squared norms of the IVF centroids (cached)."""
         if self._centroid_norms is None:
-            centroids = self.inner.quantizer.reconstruct_n(0, self.inner.nlist)
-            self._centroid_norms = (centroids.astype(np.float32) ** 2).sum(axis=1)
+            self._centroid_norms = (self.centroids() ** 2).sum(axis=1, dtype=np.float32)
         return self._centroid_norms
 
     def invalidate(self) -> None:
@@ -231,6 +257,29 @@ def add_keys(bank: BankIndex, keys: np.ndarray, ids: np.ndarray) -> int:
         raise ValueError("region ids must be non-negative and distinct")
     if bank.ntotal and np.isin(ids, bank.id_map()).any():
         raise ValueError(f"{int(np.isin(ids, bank.id_map()).sum())} of these region ids are already in the index")
+    with _exact_assignment(bank):
+        added = _add_chunks(bank, keys, ids)
+    bank.invalidate()
+    return added
+
+
+@contextmanager
+def _exact_assignment(bank: BankIndex) -> Iterator[None]:
+    """Within the block an HNSW coarse quantizer is swapped for a flat one over the same centroids
+    (new keys go to their nearest list exactly, as in a flat build; the graph does not change)."""
+    saved = bank.inner.quantizer if bank.coarse == "hnsw" else None
+    if saved is not None:
+        flat = faiss.IndexFlatIP(bank.dim)
+        flat.add(np.array(bank.centroids()))
+        bank.inner.quantizer = flat
+    try:
+        yield
+    finally:
+        if saved is not None:
+            bank.inner.quantizer = saved
+
+
+def _add_chunks(bank: BankIndex, keys: np.ndarray, ids: np.ndarray) -> int:
     added = 0
     for start in range(0, keys.shape[0], _ADD_CHUNK):
         chunk = np.asarray(keys[start : start + _ADD_CHUNK])
@@ -239,8 +288,36 @@ def add_keys(bank: BankIndex, keys: np.ndarray, ids: np.ndarray) -> int:
         if keep.any():
             bank.index.add_with_ids(np.ascontiguousarray(vecs[keep]), np.ascontiguousarray(ids[start : start + _ADD_CHUNK][keep]))
             added += int(keep.sum())
-    bank.invalidate()
     return added
+
+
+def use_hnsw_coarse(bank: BankIndex, m: int = 32, ef_construction: int = 40) -> BankIndex:
+    """The same IVF-PQ with an HNSW graph (inner product) over its centroids as coarse quantizer.
+
+    Lists, codes and ids are shared with ``bank`` (which must not be used afterwards: its FAISS
+    object now holds the HNSW quantizer). The graph is built on one thread, so the same centroids
+    give the same graph (FAISS's multi-threaded HNSW insertion depends on thread timing).
+
+    Raises:
+        ValueError: ``bank`` is not an IVF-PQ with a flat coarse quantizer.
+    """
+    if bank.kind != "ivfpq" or bank.coarse != "flat":
+        raise ValueError(f"use_hnsw_coarse needs an IVF-PQ with a flat coarse quantizer, got kind {bank.kind!r}, coarse {bank.coarse!r}")
+    hnsw = faiss.IndexHNSWFlat(bank.dim, m, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = ef_construction
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        hnsw.add(np.array(bank.centroids()))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    inner, old = bank.inner, bank.inner.quantizer
+    if inner.own_fields:
+        old.this.acquire()  # Python frees the flat quantizer with its last reference
+    inner.quantizer = hnsw
+    hnsw.this.disown()  # the IVF owns the graph from now on (freed and serialised with the index)
+    inner.own_fields = True
+    return BankIndex(bank._owner)  # the FAISS object that owns the index (``bank.index`` may be a non-owning proxy)
 
 
 def build_index(keys: np.ndarray, ids: np.ndarray | None = None, cfg: IndexConfig = IndexConfig()) -> BankIndex:
@@ -257,6 +334,8 @@ def build_index(keys: np.ndarray, ids: np.ndarray | None = None, cfg: IndexConfi
     if bank.kind == "ivfpq":
         train_index(bank, np.asarray(keys[training_ids(n, cfg)]))
     add_keys(bank, keys, ids)
+    if bank.kind == "ivfpq" and cfg.coarse == "hnsw":
+        bank = use_hnsw_coarse(bank, cfg.coarse_hnsw_m, cfg.coarse_hnsw_ef_construction)
     return bank
 
 

@@ -34,7 +34,16 @@ from ovseg_core.bank.pooling import region_queries
 from ovseg_core.bank.rows import RowReader
 from ovseg_core.bank.search import search_index
 
-__all__ = ["BankSupport", "ValueStore", "fuse", "retrieve_and_fuse", "support_features", "support_logits"]
+__all__ = [
+    "BankSupport",
+    "ValueStore",
+    "fuse",
+    "fuse_support",
+    "retrieve_and_fuse",
+    "search_images",
+    "support_features",
+    "support_logits",
+]
 
 _NORM_EPS = 1e-12
 # Rows per band in fuse (a (Q, rows, W) gather at a time).
@@ -156,6 +165,36 @@ def fuse(
     return out
 
 
+def search_images(
+    queries: Sequence[np.ndarray], bank: BankIndex, search: SearchConfig = SearchConfig(), key_rows: RowReader | None = None
+) -> list[np.ndarray]:
+    """Step 2 for several images in one search call: ``(R_i, K) int64`` neighbours per image.
+
+    ``queries``: each image's ``(R_i, D) float32`` region queries. One call reads the coarse
+    quantizer's centroids once for every region of the batch; each query's neighbours are those of
+    a search of its image alone (queries are searched independently).
+    """
+    if not queries:
+        return []
+    found = search_index(bank, np.concatenate(queries), search, key_rows)
+    return np.split(found, np.cumsum([q.shape[0] for q in queries])[:-1])
+
+
+def fuse_support(
+    own: torch.Tensor,
+    region_ids: np.ndarray,
+    labels: np.ndarray,
+    neighbours: np.ndarray,
+    stores: Sequence[ValueStore],
+    fusion: FusionConfig = FusionConfig(),
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, BankSupport]:
+    """Steps 3-6 for one image whose neighbours were retrieved (:func:`search_images`)."""
+    logits, found = support_logits(neighbours, stores, fusion)
+    fused = fuse(own, logits, labels, found, fusion, out=out)
+    return fused, BankSupport(region_ids, labels, neighbours, logits, found)
+
+
 def retrieve_and_fuse(
     own: torch.Tensor,
     region_map: np.ndarray | torch.Tensor,
@@ -184,7 +223,5 @@ def retrieve_and_fuse(
         fused ``(Q, H, W)`` logits and the :class:`BankSupport` record.
     """
     region_ids, labels, queries = region_queries(vfm_map, region_map)
-    neighbours = search_index(bank, queries, search, key_rows)
-    logits, found = support_logits(neighbours, stores, fusion)
-    fused = fuse(own, logits, labels, found, fusion, out=out)
-    return fused, BankSupport(region_ids, labels, neighbours, logits, found)
+    (neighbours,) = search_images([queries], bank, search, key_rows)
+    return fuse_support(own, region_ids, labels, neighbours, stores, fusion, out=out)

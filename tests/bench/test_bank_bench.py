@@ -70,11 +70,16 @@ def test_tiny_benchmark_run_prints_the_table(bench, tmp_path, capsys):
                      "--size", "48", "48", "--classes", "7", "--readers", "mmap", "pread", "--build", "structured",
                      "--build-threads", "1", "--out", str(tmp_path)])
     text = capsys.readouterr().out
-    assert "| retrieval + fusion per image (mmap reader), wall / CPU ms | <= 5 ms |" in text
-    assert set(res["serving"]) == {"mmap", "pread"}
-    for out in res["serving"].values():
-        assert out["index"] == {"kind": "ivfpq", "metric": "reference", "nlist": int(8 * np.sqrt(3000)), "ntotal": 3000}
+    assert "| retrieval + fusion per image (reader: mmap), wall / CPU ms | <= 5 ms |" in text
+    hnsw = "pread, HNSW coarse nprobe 16 ef 64"
+    assert set(res["serving"]) == {"mmap", "pread", hnsw}
+    for reader, out in res["serving"].items():
+        coarse = "hnsw" if reader == hnsw else "flat"
+        assert out["index"] == {"kind": "ivfpq", "metric": "reference", "coarse": coarse, "nlist": int(8 * np.sqrt(3000)),
+                                "ntotal": 3000}
         assert out["ms"]["total"] > 0 and out["cpu_ms"]["retrieval"] > 0 and out["memory"]["served"]["VmRSS"] > 0
     assert all(0.0 <= o["recall"] <= 1.0 for o in res["options"])
+    assert any(o["option"].startswith("HNSW coarse") for o in res["options"])
+    assert next(o for o in res["options"] if "(before)" in o["option"])["same_neighbours_as_default"] is True
     assert json.loads((tmp_path / "bank-n3000.json").read_text())["args"]["regions"] == 3000
     assert (tmp_path / "bank-n3000.md").read_text().startswith("# Memory-bank benchmark")

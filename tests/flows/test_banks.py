@@ -24,7 +24,7 @@ from ovseg_core.bank.index import index_from_bytes
 from ovseg_core.bank.search import search_index
 from storage.bank import read_registry
 from storage.store import Store
-from tasks.bank_index import fuse_with_bank, image_names, registry_of
+from tasks.bank_index import fuse_with_bank, image_names, registry_of, retrieve_batch
 from tasks.bank_params import BANK_ITEM
 from tasks.runtime import RunSettings, StageContext
 from tests.flows.concurrent_runs import finish, has_complete_item, kill_when, records_per_item, spawn
@@ -143,7 +143,8 @@ def test_retrieval_equals_a_numpy_brute_force_over_the_stored_keys(built):
     hw = rec.params.window.plan(ids_map.shape).resized_hw
     own = torch.zeros((text.shape[0], *hw))
     arrays = ctx.read_shared("bank_index", BANK_ITEM)
-    fused, support = fuse_with_bank(ctx, arrays, own, ids_map, torch.from_numpy(vfm), text, None)
+    (got,) = retrieve_batch(ctx, arrays, [(hw, ids_map, torch.from_numpy(vfm))])
+    fused, support = fuse_with_bank(ctx, arrays, own, got, text, None)
     # independently: every stored key, unit-normalised, exact inner products, top 7
     index = rec.upstream["bank_index"]
     reg = registry_of(arrays)
@@ -216,6 +217,13 @@ def test_a_method_names_a_bank_that_exists_and_bank_parameters_are_checked(tmp_p
                  "methods": [{"name": "m", "method": "corrclipv2", "params": {"bank": "sample"}}]}
     with pytest.raises(ValueError, match=r"banks\[sample\].index.knd: unknown key \(did you mean 'kind'\?\)"):
         build_plan(parse_experiment(bad_index))
+    bad_ef = {**base, "methods": [{"name": "m", "method": "corrclipv2", "params": {"bank": "sample", "bank_coarse_ef": 0}}]}
+    with pytest.raises(ValueError, match="SearchConfig.coarse_ef_search must be None"):
+        build_plan(parse_experiment(bad_ef))
+    bad_coarse = {**base, "banks": [{"name": "sample", "root": str(VOC), "index": {"kind": "flat", "coarse": "hnsw"}}],
+                  "methods": [{"name": "m", "method": "corrclipv2", "params": {"bank": "sample"}}]}
+    with pytest.raises(ValueError, match="IndexConfig.coarse='hnsw' needs kind 'ivfpq'"):
+        build_plan(parse_experiment(bad_coarse))
 
 
 def test_changing_k_or_alpha_moves_only_the_reconstruction_and_what_follows(tmp_path):
@@ -224,12 +232,14 @@ def test_changing_k_or_alpha_moves_only_the_reconstruction_and_what_follows(tmp_
             "datasets": [{"name": "voc", "spec": "VOC21", "layout": "voc", "root": str(SAMPLE / "voc2012-sample")}]}
     plans = {}
     for name, params in {"plain": {}, "k20": {"bank": "sample"}, "k5": {"bank": "sample", "bank_k": 5},
-                         "alpha": {"bank": "sample", "bank_alpha": 0.3}}.items():
+                         "alpha": {"bank": "sample", "bank_alpha": 0.3},
+                         "coarse_ef": {"bank": "sample", "bank_coarse_ef": 64}}.items():
         exp = parse_experiment({**base, "methods": [{"name": "m", "method": "corrclipv2", "params": params}]})
         plans[name] = {n.stage: n.key for p in build_plan(exp) for n in p.nodes.values() if p.dataset.name == "voc"}
     moved = {s for s in plans["k20"] if plans["k20"][s] != plans["k5"][s]}
     assert moved == {"reconstruction", "map_correction", "scoring"}
     assert {s for s in plans["k20"] if plans["k20"][s] != plans["alpha"][s]} == moved
+    assert {s for s in plans["k20"] if plans["k20"][s] != plans["coarse_ef"][s]} == moved
     # with and without a bank: the same upstream (its keys before banks existed: tests/flows/test_key_stability.py)
     assert {s for s in plans["k20"] if plans["k20"][s] != plans["plain"][s]} == moved
 

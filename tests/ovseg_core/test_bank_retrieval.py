@@ -11,7 +11,16 @@ import torch.nn.functional as F
 
 from ovseg_core.bank.config import FusionConfig, IndexConfig, SearchConfig
 from ovseg_core.bank.index import build_index
-from ovseg_core.bank.retrieval import ValueStore, fuse, retrieve_and_fuse, support_features, support_logits
+from ovseg_core.bank.pooling import region_queries
+from ovseg_core.bank.retrieval import (
+    ValueStore,
+    fuse,
+    fuse_support,
+    retrieve_and_fuse,
+    search_images,
+    support_features,
+    support_logits,
+)
 from ovseg_core.bank.rows import ArrayRows, NpyRows, PreadRows
 
 S2 = math.sqrt(0.5)
@@ -98,6 +107,26 @@ def test_retrieve_and_fuse_equals_a_direct_computation_with_exact_search():
     np.testing.assert_array_equal(support.neighbours, nn)
     np.testing.assert_allclose(fused.numpy(), expected, atol=1e-5)
     assert support.region_ids.tolist() == [0, 1, 2, 3] and support.found.all()
+
+
+def test_a_batch_searched_in_one_call_equals_each_image_searched_alone_bit_for_bit():
+    """The pipeline searches every region of a stage batch in one call (search_images)."""
+    rng = np.random.default_rng(3)
+    c, q = 64, 4
+    keys = rng.standard_normal((2000, c)).astype(np.float16)
+    store = ValueStore(ArrayRows(rng.standard_normal((2000, 16)).astype(np.float16)), F.normalize(torch.randn(q, 16), dim=1))
+    bank = build_index(keys)  # the reference IVF-PQ (nlist 357, nprobe 256)
+    images = [(rng.integers(0, r, (20, 26)), torch.randn(c, 5, 7), torch.randn(q, 20, 26)) for r in (3, 9, 30)]
+    for search in (SearchConfig(), SearchConfig(nprobe_max=8, k=5)):
+        alone = [retrieve_and_fuse(own.clone(), m, v, bank, [store], search) for m, v, own in images]
+        pooled = [region_queries(v, m) for m, v, _ in images]
+        batch = search_images([p[2] for p in pooled], bank, search)
+        assert [n.shape[0] for n in batch] == [len(np.unique(m)) for m, _, _ in images]
+        for (fused, support), (ids, labels, _), neighbours, (_, _, own) in zip(alone, pooled, batch, images):
+            np.testing.assert_array_equal(neighbours, support.neighbours)
+            got, _ = fuse_support(own.clone(), ids, labels, neighbours, [store])
+            assert torch.equal(got, fused)
+    assert search_images([], bank) == []
 
 
 def test_a_region_with_no_neighbour_keeps_its_own_logits():
