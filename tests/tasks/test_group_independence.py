@@ -57,7 +57,8 @@ def _semantic_inputs(rows: list[dict]) -> list[dict]:
         crops, plan = image_windows(image_tensor(row), WINDOW, normalize_clip)
         n = crops.shape[0]
         cells = torch.arange(n * 7 * 7).reshape(n, 7, 7)
-        out.append({"win": {"crops": crops, "merged": (cells * 7919 % (2 + 3 * k)).long()}, "plan": plan})
+        out.append({"win": {"crops": crops, "merged": (cells * 7919 % (2 + 3 * k)).long()}, "plan": plan,
+                    "image_id": str(row["image_id"])})
     return out
 
 
