@@ -1,0 +1,133 @@
+"""Bank build benchmark (``python bench/bank_build.py``): a memory-bank build's wall vs its stages' compute.
+
+Issue 22's target "bank build wall / the bank stages' own compute (tiny models, 1k images) <= 1.05".
+The experiment holds one bank (``banks:``) and nothing else, over ``--images`` synthetic 160x120
+images (``scale.make_images``), with the tiny random models of ``tests/flows/test_banks.py``
+(``clip:tiny``, ``dino:tiny8``, ``vfm:tiny_radiov3``), SLIC regions, 112-pixel windows and an
+``--index`` of kind ``ivfpq`` (small PQ, as the test's IVF-PQ bank) or ``flat``. One cold build
+through ``run_experiment`` (Prefect unless ``--no-prefect``), then a no-op rerun. Per stage: wall
+(the stage's interval) and compute (the stage's own seconds, ``StageRun.seconds``); the ratio is
+cold-run wall (ingest, planning and every stage included) / the sum of the stages' compute.
+Writes ``<out>/bank-build.json`` and prints the same as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from scale import WINDOW, make_images, stage_files, timed  # noqa: E402
+
+MODELS = {"clip": "clip:tiny@random:0", "dino": "dino:tiny8@random:0", "vfm": "vfm:tiny_radiov3@random:0"}
+INDEX = {"ivfpq": {"kind": "ivfpq", "pq_m": 8, "pq_nbits": 4, "nlist_factor": 1.0}, "flat": {"kind": "flat"}}
+log = logging.getLogger("ovseg.bench.bank_build")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=1000, help="synthetic bank images (default 1000)")
+    p.add_argument("--index", choices=sorted(INDEX), default="ivfpq", help="bank index kind (default ivfpq)")
+    p.add_argument("--batch-size", type=int, default=8, help="runner.batch_size (images per task and per pack)")
+    p.add_argument("--no-prefect", action="store_true", help="run in local threads without Prefect")
+    p.add_argument("--out", default=str(REPO / "bench" / "out"))
+    p.add_argument("--workdir", default=None, help="parent of the temporary images and store (deleted at the end)")
+    args = p.parse_args(argv)
+    if args.images < 1 or args.batch_size < 1:
+        p.error("--images and --batch-size must be >= 1")
+    return args
+
+
+def experiment(store: Path, img_dir: Path, index: str, batch_size: int):
+    from flows.config import parse_experiment
+
+    return parse_experiment({
+        "name": "bankbuild", "store": str(store), "models": MODELS,
+        "regions": {"source": "slic", "params": {"n_segments": 40}},
+        "banks": [{"name": "synth", "root": str(img_dir), "window": WINDOW, "index": INDEX[index]}],
+        "runner": {"kind": "local", "workers": 1, "batch_size": batch_size},
+        "text_templates": "single", "feature_dtype": "float32",
+    }, source="bench/bank_build.py")
+
+
+def build(n: int, work: Path, index: str, batch_size: int, orchestrate: bool) -> dict[str, Any]:
+    from flows.pipeline import run_experiment
+
+    log.info("%d images: generating", n)
+    img_dir, _ = make_images(work / "data", n)
+    store = work / "store"
+    exp = experiment(store, img_dir, index, batch_size)
+    log.info("%d images: cold build", n)
+    summary, cold_s = timed(lambda: run_experiment(exp, progress=False, orchestrate=orchestrate))
+    if summary.status != "complete":
+        raise RuntimeError(f"the cold build ended {summary.status}: {[f for s in summary.stages for f in s.failures][:3]}")
+    stages = []
+    for s in summary.stages:
+        if s.stage == "ingest":
+            continue
+        files, nbytes = stage_files(store, s.stage, s.key)
+        stages.append({"stage": s.stage, "key": s.key, "items": s.done, "wall_seconds": s.ended - s.started,
+                       "compute_seconds": s.seconds, "files": files, "bytes": nbytes})
+    log.info("%d images: no-op rerun", n)
+    again, noop_s = timed(lambda: run_experiment(exp, progress=False, orchestrate=orchestrate))
+    if again.computed or again.status != "complete":
+        raise RuntimeError(f"the no-op rerun computed {again.computed} outputs ({again.status})")
+    compute = sum(s["compute_seconds"] for s in stages)
+    return {"images": n, "index": index, "prefect": orchestrate, "cold_seconds": cold_s, "compute_seconds": compute,
+            "wall_over_compute": cold_s / compute, "stage_wall_seconds": sum(s["wall_seconds"] for s in stages),
+            "noop_rerun_seconds": noop_s, "stages": stages}
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [f"Command: `{r['command']}`  ", f"Load average (1, 5, 15 min) at start {r['load_start']}, at end {r['load_end']}",
+             "", f"Bank build, {r['images']} images, index {r['index']}, Prefect {'on' if r['prefect'] else 'off'}: "
+             f"cold-run wall {r['cold_seconds']:.1f} s, bank stages' compute {r['compute_seconds']:.1f} s, "
+             f"wall / compute {r['wall_over_compute']:.3f}; no-op rerun {r['noop_rerun_seconds']:.1f} s", "",
+             "| stage | key | items | wall s | compute s | wall / compute | files | KiB |", "|---|---|---|---|---|---|---|---|"]
+    for s in r["stages"]:
+        ratio = s["wall_seconds"] / s["compute_seconds"] if s["compute_seconds"] > 0 else float("nan")
+        lines.append(f"| {s['stage']} | `{s['key'][:6]}` | {s['items']} | {s['wall_seconds']:.2f} | "
+                     f"{s['compute_seconds']:.2f} | {ratio:.3f} | {s['files']} | {s['bytes'] / 1024:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+    work = Path(tempfile.mkdtemp(prefix="ovseg-bankbuild-", dir=args.workdir))
+    os.environ.setdefault("PREFECT_HOME", str(work / "prefect-home"))
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    try:
+        if not args.no_prefect:
+            from flows.cli import configure_prefect
+            from run import prefect_startup_seconds
+
+            configure_prefect()
+            prefect_startup_seconds()  # the server start-up, before anything is timed
+        result = build(args.images, work, args.index, args.batch_size, not args.no_prefect)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result.update(command=" ".join(["python", "bench/bank_build.py", *(sys.argv[1:] if argv is None else argv)]),
+                  load_start=load_start, load_end=[round(x, 2) for x in os.getloadavg()],
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bank-build.json").write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
