@@ -11,21 +11,7 @@ import pytest
 from ovseg_core.bank.config import IndexConfig, SearchConfig
 from ovseg_core.bank.index import add_keys, build_index, index_from_bytes, index_to_bytes, use_hnsw_coarse
 from ovseg_core.bank.search import coarse_lists, search_index
-
-D = 64
-
-
-def _keys(n: int, seed: int = 0, clusters: int = 40) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, D))
-    x = centres[rng.integers(0, clusters, n)] + 0.7 * rng.standard_normal((n, D))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return (x * rng.uniform(0.5, 1.0, (n, 1))).astype(np.float16)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32)
-    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+from tests.ovseg_core.bank_keys import clustered_keys, unit_rows
 
 
 def _lists(bank) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -42,9 +28,9 @@ def _lists(bank) -> list[tuple[np.ndarray, np.ndarray]]:
 def data():
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
-    keys = _keys(3000)
+    keys = clustered_keys(3000)
     ids = np.arange(3000, dtype=np.int64) * 2 + 5
-    yield keys, ids, _unit(_keys(100, seed=7)), build_index(keys, ids)
+    yield keys, ids, unit_rows(clustered_keys(100, seed=7)), build_index(keys, ids)
     faiss.omp_set_num_threads(before)
 
 

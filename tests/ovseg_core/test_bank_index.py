@@ -25,27 +25,12 @@ from ovseg_core.bank.index import (
 )
 from ovseg_core.bank.rows import ArrayRows
 from ovseg_core.bank.search import nprobe, search_index
-
-D = 64  # divisible by pq_m = 32
-
-
-def _keys(n: int, seed: int = 0, clusters: int = 40) -> np.ndarray:
-    """Clustered fp16 keys of norm < 1 (means of unit vectors, like the reference's keys)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, D))
-    x = centres[rng.integers(0, clusters, n)] + 0.7 * rng.standard_normal((n, D))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return (x * rng.uniform(0.5, 1.0, (n, 1))).astype(np.float16)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32)
-    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+from tests.ovseg_core.bank_keys import D, clustered_keys, unit_rows
 
 
 def _brute_force(keys: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact top-k by inner product of unit keys (numpy; ties broken by position)."""
-    sims = queries @ _unit(keys).T
+    sims = queries @ unit_rows(keys).T
     return ids[np.argsort(-sims, axis=1, kind="stable")[:, :k]]
 
 
@@ -60,9 +45,9 @@ def one_faiss_thread():
 
 @pytest.fixture(scope="module")
 def bank_data(one_faiss_thread):
-    keys = _keys(3000)
+    keys = clustered_keys(3000)
     ids = np.arange(3000, dtype=np.int64) * 3 + 11  # region ids need not be row numbers
-    queries = _unit(_keys(12, seed=5))
+    queries = unit_rows(clustered_keys(12, seed=5))
     return keys, ids, queries, build_index(keys, ids)
 
 
@@ -138,14 +123,14 @@ def test_inner_product_and_hnsw_options(bank_data):
 
 
 def test_tiny_bank_falls_back_to_exact_flat_search():
-    keys = _keys(255)
+    keys = clustered_keys(255)
     cfg = IndexConfig()
     assert cfg.min_ivfpq_regions == 256
     bank = build_index(keys, cfg=cfg)
     assert bank.kind == "flat"
-    queries = _unit(_keys(4, seed=3))
+    queries = unit_rows(clustered_keys(4, seed=3))
     np.testing.assert_array_equal(search_index(bank, queries, SearchConfig(k=20)), _brute_force(keys, np.arange(255), queries, 20))
-    assert build_index(_keys(256), cfg=cfg).kind == "ivfpq"
+    assert build_index(clustered_keys(256), cfg=cfg).kind == "ivfpq"
     # a grown tiny bank is rebuilt as the configured kind
     assert plan_extension(bank, n_trained=255, n_total=300, cfg=cfg) == "rebuild"
 
@@ -204,9 +189,9 @@ def test_training_sample_and_config_errors():
         new_index(48, 1000, IndexConfig(pq_m=32))
     bank = new_index(D, 5000, IndexConfig())
     with pytest.raises(ValueError, match="train_size"):
-        train_index(bank, _keys(300))
+        train_index(bank, clustered_keys(300))
     with pytest.raises(ValueError, match="not trained"):
-        add_keys(bank, _keys(3), np.arange(3))
+        add_keys(bank, clustered_keys(3), np.arange(3))
     with pytest.raises(ValueError, match="IndexConfig.kind"):
         IndexConfig(kind="lsh")
     with pytest.raises(ValueError, match="SearchConfig.k"):
