@@ -54,6 +54,11 @@ def _ensure_table(bank: BankIndex) -> None:
             inner.use_precomputed_table = 0
 
 
+def _coarse_hnsw_params(cfg: SearchConfig, probes: int) -> "faiss.SearchParametersHNSW":
+    """An HNSW coarse quantizer's search parameters: efSearch = max(``cfg.coarse_ef_search``, nprobe)."""
+    return faiss.SearchParametersHNSW(efSearch=max(cfg.coarse_ef_search or probes, probes))
+
+
 def coarse_lists(bank: BankIndex, queries: np.ndarray, probes: int, cfg: SearchConfig = SearchConfig()) -> tuple[np.ndarray, np.ndarray]:
     """``(sims, lists)``, each ``(R, probes)``: the lists an IVF query probes, highest inner product first.
 
@@ -62,8 +67,7 @@ def coarse_lists(bank: BankIndex, queries: np.ndarray, probes: int, cfg: SearchC
     (lists -1 where the graph returned fewer).
     """
     if bank.coarse == "hnsw":
-        ef = max(cfg.coarse_ef_search or probes, probes)
-        return bank.inner.quantizer.search(queries, probes, params=faiss.SearchParametersHNSW(efSearch=ef))
+        return bank.inner.quantizer.search(queries, probes, params=_coarse_hnsw_params(cfg, probes))
     sims = queries @ bank.centroids().T
     if probes < sims.shape[1]:
         top = np.sort(np.argpartition(-sims, probes - 1, axis=1)[:, :probes], axis=1)
@@ -103,7 +107,7 @@ def _search_raw(bank: BankIndex, queries: np.ndarray, k: int, cfg: SearchConfig)
     if bank.kind == "ivfpq" and bank.metric == "reference" and bank.inner.by_residual and cfg.search == "precomputed":
         return _ids_from_positions(bank, _search_reference_precomputed(bank, queries, k, probes, cfg))
     if bank.kind == "ivfpq":
-        coarse_params = faiss.SearchParametersHNSW(efSearch=max(cfg.coarse_ef_search or probes, probes)) if bank.coarse == "hnsw" else None
+        coarse_params = _coarse_hnsw_params(cfg, probes) if bank.coarse == "hnsw" else None
         params = faiss.SearchParametersIVF(nprobe=probes, quantizer_params=coarse_params)
     elif bank.kind == "hnsw":
         params = faiss.SearchParametersHNSW(efSearch=max(cfg.hnsw_ef_search, k))
