@@ -163,7 +163,7 @@ class BankServing:
     index: Any  # ovseg_core.bank.index.BankIndex
     values: StoreRows | FileRows
     aux_values: StoreRows | FileRows | None
-    lock: threading.Lock  # a BankIndex search is not thread-safe
+    lock: threading.Lock  # a BankIndex search is not thread-safe (held by retrieve_batch only)
 
 
 def _rows(ctx: StageContext, store: Any, role: str, images: Sequence[str], registry: np.ndarray
@@ -242,9 +242,8 @@ def fuse_with_bank(ctx: StageContext, bank: Mapping[str, np.ndarray], own: torch
     stores = [ValueStore(serving.values, text.float().cpu())]
     if serving.aux_values is not None and aux_text is not None:
         stores.append(ValueStore(serving.aux_values, aux_text.float().cpu()))
-    with serving.lock:
-        return fuse_support(own.cpu(), retrieved.region_ids, retrieved.labels, retrieved.neighbours, stores,
-                            use.fusion)
+    # no lock: the search is done (retrieve_batch); value reads are positioned or checked store reads
+    return fuse_support(own.cpu(), retrieved.region_ids, retrieved.labels, retrieved.neighbours, stores, use.fusion)
 
 
 def registry_of(arrays: Mapping[str, np.ndarray]) -> Registry:
