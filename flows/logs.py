@@ -36,7 +36,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from tasks.progress import PLAIN_PROGRESS_SECONDS, PlainProgress  # noqa: F401 - PlainProgress re-exported
+from tasks.progress import PLAIN_PROGRESS_SECONDS, PlainProgress
 
 OVSEG = "ovseg"
 # ovseg's loggers: "ovseg.*", and the package names for modules that log under ``__name__``
