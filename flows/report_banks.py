@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from flows.report_data import stage_attrs_or_empty, stage_key_of
 from ovseg_core.bank.config import FusionConfig, SearchConfig
 from storage.store import Store
 from tasks.bank_params import BANK_ITEM
@@ -60,11 +61,7 @@ class BankUsed:
 
 
 def _stage_key(store: Store, stage: str, key: str) -> dict[str, Any]:
-    try:
-        sk = store.stage_attrs(stage, key).get("stage_key")
-    except Exception:  # noqa: BLE001 - a damaged stage folder: the fact is unknown
-        return {}
-    return sk if isinstance(sk, dict) else {}
+    return stage_key_of(stage_attrs_or_empty(store, stage, key))
 
 
 def reconstruction_key(store: Store, stage: str, key: str) -> str | None:

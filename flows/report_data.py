@@ -194,6 +194,20 @@ def run_date(run_id: str, runs: Mapping[str, RunInfo]) -> str:
 
 
 # ----------------------------------------------------------------------------- dataset views
+def stage_attrs_or_empty(store: Store, stage: str, key: str) -> dict[str, Any]:
+    """A stage output set's ``stage.json`` payload; ``{}`` when it cannot be read (the report shows what it can)."""
+    try:
+        return store.stage_attrs(stage, key)
+    except Exception:  # noqa: BLE001 - a damaged stage folder leaves that fact unknown
+        return {}
+
+
+def stage_key_of(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``stage_key`` dict (params, upstream keys, ...) of a ``stage.json`` payload; ``{}`` when absent."""
+    sk = attrs.get("stage_key")
+    return sk if isinstance(sk, dict) else {}
+
+
 class _Attrs:
     """``stage.json`` payloads read once each."""
 
@@ -202,10 +216,7 @@ class _Attrs:
 
     def __call__(self, stage: str, key: str) -> dict[str, Any]:
         if (stage, key) not in self.cache:
-            try:
-                self.cache[(stage, key)] = self.store.stage_attrs(stage, key)
-            except Exception:  # noqa: BLE001 - a damaged stage folder leaves that fact unknown
-                self.cache[(stage, key)] = {}
+            self.cache[(stage, key)] = stage_attrs_or_empty(self.store, stage, key)
         return self.cache[(stage, key)]
 
 
@@ -214,7 +225,7 @@ def _node_params(node: Mapping[str, Any], attrs: _Attrs) -> tuple[dict[str, Any]
     if "params" in node:
         return node["params"], node["upstream"], node["random_weights"]
     a = attrs(node["stage"], node["key"])
-    sk = a.get("stage_key") if isinstance(a.get("stage_key"), dict) else {}
+    sk = stage_key_of(a)
     return sk.get("params") or {}, sk.get("upstream") or {}, bool(a.get("random_weights"))
 
 
