@@ -24,6 +24,13 @@ class StoreWriteError(OSError):
     run's own bookkeeping does not: such a run ends with ``EXIT_STORAGE`` (4)."""
 
 
+def write_error(e: OSError, path: str) -> StoreWriteError:
+    """The ``StoreWriteError`` for a failed write of the store path ``path`` (``e`` itself if it is one)."""
+    if isinstance(e, StoreWriteError):
+        return e
+    return StoreWriteError(e.errno, f"cannot write {path}: {e.strerror or e}")
+
+
 def store_write(method: Callable[..., T]) -> Callable[..., T]:
     """Raise a failed write as ``StoreWriteError`` naming the store path written (the argument ``path``)."""
 
@@ -31,11 +38,12 @@ def store_write(method: Callable[..., T]) -> Callable[..., T]:
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
         try:
             return method(self, *args, **kwargs)
-        except StoreWriteError:
-            raise
         except OSError as e:
             path = kwargs.get("path") or args[1 if method.__name__ == "put_file" else 0]
-            raise StoreWriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+            err = write_error(e, path)
+            if err is e:
+                raise
+            raise err from e
 
     return wrapper
 

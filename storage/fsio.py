@@ -19,6 +19,8 @@ listing. The endpoint and credentials come from the standard places every proces
 itself: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
 ``AWS_PROFILE`` (botocore), ``FSSPEC_S3`` (fsspec), or ``storage_options``.
 
+Files are written through a temporary file (``storage.fstemp.StoreTemporary``: a full disk, a quota or a
+read-only file system is a ``StoreWriteError`` naming the store path, and leaves no partial temporary).
 Temporary files are named ``.tmp-<host>-<pid>-<random>-<name>``; ``storage.maintenance.stale_temporaries`` finds
 those left by dead writers so ``ovseg cache gc`` can remove them (object stores get none: an
 upload is written to the local temporary folder and appears in the store whole, or not at all).
@@ -26,7 +28,6 @@ upload is written to the local temporary folder and appears in the store whole, 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -42,6 +43,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.fserrors import remote_io, s3_error, store_write
+from storage.fstemp import StoreTemporary
 
 log = logging.getLogger("ovseg.storage")
 
@@ -179,18 +181,10 @@ class Backend:
         return os.path.join(tempfile.gettempdir(), name)
 
     def _local_tmp(self, path: str, data: bytes) -> str:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), _tmp_name(os.path.basename(path)))
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:  # a full disk leaves no partial temporary file behind
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-        return tmp
+        with StoreTemporary(self, path) as tmp:  # a full disk leaves no partial temporary file behind
+            tmp.write(data)
+            tmp.close()
+        return tmp.tmp
 
     def overwrite_in_place(self, path: str, data: bytes) -> bool:
         """Local stores: write ``data`` over the existing ``path`` padded with spaces to its size, in the

@@ -17,7 +17,6 @@ here it costs its own 1.5 kB (docs/banks.md section 6 has the figures).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import zlib
 from collections.abc import Iterable, Mapping
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from storage.fstemp import StoreTemporary
 from storage.keys import StageKey
 from storage.reading import DamagedOutputError
 from storage.store import Store
@@ -52,23 +52,15 @@ def write_row_file(store: Store, stage_key: StageKey, chunks: Iterable[np.ndarra
     temporary file (removed by ``cache gc``) and no complete output.
     """
     path = row_file_path(store, stage_key.stage, stage_key.key)
-    tmp = store.backend.tmp_path_for(path)
     crcs, n, dim = [], 0, 0
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                if chunk.dtype != _DTYPE or chunk.ndim != 2:
-                    raise ValueError(f"row chunks must be (n, D) float16, got {chunk.dtype} {chunk.shape}")
-                f.write(np.ascontiguousarray(chunk).tobytes())
-                crcs.append(_crcs(chunk))
-                n, dim = n + chunk.shape[0], chunk.shape[1]
-            f.flush()
-            os.fsync(f.fileno())
-        store.backend.put_file(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    with StoreTemporary(store.backend, path) as f:  # a full disk: StoreWriteError, no temporary left
+        for chunk in chunks:
+            if chunk.dtype != _DTYPE or chunk.ndim != 2:
+                raise ValueError(f"row chunks must be (n, D) float16, got {chunk.dtype} {chunk.shape}")
+            f.write(np.ascontiguousarray(chunk).tobytes())
+            crcs.append(_crcs(chunk))
+            n, dim = n + chunk.shape[0], chunk.shape[1]
+        f.commit()
     crc = np.concatenate(crcs) if crcs else np.empty(0, np.uint32)
     store.write_item(stage_key, ROWS, {"crc": crc},
                      {**dict(attrs or {}), "rows": n, "dim": dim, "dtype": _DTYPE.name, "file": ROW_FILE})

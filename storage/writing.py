@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from storage.fstemp import StoreTemporary
 from storage.keys import StageKey, to_jsonable
 from storage.packs import ItemEntry, PackWriter
 from storage.paths import check_name
@@ -22,9 +22,10 @@ if TYPE_CHECKING:
 class PackSession:
     """One pack being written by one process: ``add`` items, then ``commit`` (or use ``with``).
 
-    The pack is written to a temporary file and moved into place whole; its record is created
-    after it. Until then nothing of it is visible as complete; a crash leaves a temporary file
-    that ``cache gc`` removes.
+    The pack is written to a temporary file (``storage.fstemp.StoreTemporary``) and moved into
+    place whole; its record is created after it. Until then nothing of it is visible as complete;
+    a full disk raises ``StoreWriteError`` and removes the temporary file, a crash leaves one that
+    ``cache gc`` removes.
     """
 
     def __init__(self, store: Store, stage_key: StageKey, meta: dict[str, Any]):
@@ -35,8 +36,7 @@ class PackSession:
         base = store.stage_dir(stage_key.stage, stage_key.key)
         self.path = f"{base}/{PACKS}/{self.pack_id}.zip"
         self.record_path = f"{base}/{RECORDS}/{self.pack_id}.json"
-        self._tmp = store.backend.tmp_path_for(self.path)
-        self._file = open(self._tmp, "w+b")
+        self._file = StoreTemporary(store.backend, self.path)  # a full disk: StoreWriteError, no temporary left
         self._writer = PackWriter(self._file, {"stage": stage_key.stage, "key": stage_key.key, "pack": self.pack_id})
         self.entries: dict[str, ItemEntry] = {}
 
@@ -51,10 +51,12 @@ class PackSession:
         if not self.entries:
             self.abort()
             return []
-        self._writer.close()
-        self._file.close()
-        size = os.path.getsize(self._tmp)
-        self.store.backend.put_file(self._tmp, self.path)
+        try:
+            self._writer.close()
+        except BaseException:
+            self.abort()
+            raise
+        size = self._file.commit()
         rec = Record(self.pack_id, size, time.time(), dict(self.entries), self.meta)
         try:
             self.store.backend.put_if_absent(self.record_path, rec.to_bytes())
@@ -67,13 +69,7 @@ class PackSession:
 
     def abort(self) -> None:
         self._writer.abandon()
-        try:
-            self._file.close()
-        finally:
-            try:
-                os.remove(self._tmp)
-            except FileNotFoundError:
-                pass
+        self._file.discard()
 
     def __enter__(self) -> "PackSession":
         return self

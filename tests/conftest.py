@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,31 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (only the embedded sample is available)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def small_disk(tmp_path, request) -> Path:
+    """A tmpfs mounted for the test, 64 MiB unless parametrized (``indirect=True``) with another ``size=``
+    (skipped where mounting is not allowed)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    size = getattr(request, "param", "64m")
+    got = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                         text=True)
+    if got.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {got.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_disk(path: Path, leave: int = 0) -> None:
+    """Take the free space of ``path``'s file system but ``leave`` bytes (a file ``filler`` in ``path``)."""
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    with open(path / "filler", "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ from typing import Any
 from flows.commands.common import human, read_only_store
 from flows.config import load_experiment
 from flows.summary import print_table
+from storage.fserrors import StoreWriteError
 from storage.keys import canonical_json
 from storage.store import Store
 from tasks.bank_params import BANK_ITEM
@@ -48,7 +49,12 @@ def cmd_bank_import(args: argparse.Namespace) -> int:
                          "declare banks: [{name: ..., imported: {values: [...], index: ...}, clips: [...]}]")
     store = Store(args.store or exp.store)
     for b in banks:
-        attrs = IMPORT_BANK(exp, b, store)
+        try:
+            attrs = IMPORT_BANK(exp, b, store)
+        except StoreWriteError as e:  # a full disk, a quota, a read-only store: exit 4 (flows.cli)
+            raise StoreWriteError(f"the store {store.location} cannot be written ({e}); the import of bank {b.name} "
+                                  "stopped, the value stores already imported are kept: free space (`ovseg cache "
+                                  "gc`) or fix the store, then rerun the same command") from e
         print(f"bank {b.name}: {attrs['regions']} regions, index {attrs['kind']}/{attrs['metric']}, "
               f"files {', '.join(f['file'] for f in attrs['imported'])} (sha256 recorded)")
     print(f"store: {store.location}")

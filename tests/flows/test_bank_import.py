@@ -3,6 +3,8 @@ does) into the store, checked, then used by a corrclipv2 method with DMCE (tiny 
 
 from __future__ import annotations
 
+import os
+
 import faiss
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from storage.row_files import ROW_FILE, ROWS, FileRows
 from storage.store import Store
 from tasks.bank_index import image_names
 from tasks.bank_params import BANK_ITEM
+from tests.conftest import fill_disk
 from tests.flows.conftest import SAMPLE, computed
 from tests.ovseg_core.test_bank_authors_format import _authors_index, _authors_search
 
@@ -138,3 +141,22 @@ def test_files_that_are_not_one_bank_are_refused(tmp_path, capsys):
     data["banks"][0]["clips"] = CLIPS[:1]
     exp_file.write_text(yaml.safe_dump(data))
     assert main(["bank", "import", str(exp_file)]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("small_disk", ["2m"], indirect=True)
+def test_an_import_onto_a_full_disk_exits_4_naming_the_store_and_leaves_no_temporary(tmp_path, small_disk, capsys):
+    _files(tmp_path)
+    exp_file = _experiment(tmp_path, [tmp_path / "synth_metaclip_b.pt", tmp_path / "synth_dfnclip_b.pt"],
+                           tmp_path / "synth_radiov3.faiss")
+    store = small_disk / "store"
+    exp_file.write_text(exp_file.read_text().replace(str(tmp_path / "store"), str(store)))
+    fill_disk(small_disk, leave=96 * 1024)  # room for the stage folders, not for a 160 kB row file
+    assert main(["bank", "import", str(exp_file)]) == 4  # 2 before: a raw OSError, reported as bad input
+    err = capsys.readouterr().err
+    assert f"error: the store {store} cannot be written" in err and "No space left on device" in err, err
+    assert "then rerun the same command" in err and "Traceback" not in err
+    assert not list(store.rglob(".tmp-*")) and not list(store.rglob("values.f16"))
+    os.remove(small_disk / "filler")
+    assert main(["bank", "import", str(exp_file)]) == 0  # with room again, the same command completes
+    assert main(["cache", "verify", "--store", str(store)]) == 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 import threading
 import time
 import uuid
@@ -19,20 +18,6 @@ import pytest
 from tests.flows.concurrent_runs import experiment, finish, spawn, write_yaml
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # two runs of 2 images: about 90 s
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 MiB tmpfs mounted for the test (skipped where mounting is not allowed)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    got = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if got.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {got.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(path: Path, stop: threading.Event) -> None:

@@ -3,9 +3,12 @@ checked against its CRC-32; damage is found by the read and by ``cache verify``.
 
 from __future__ import annotations
 
+import errno
+
 import numpy as np
 import pytest
 
+from storage.fserrors import StoreWriteError
 from storage.keys import StageKey
 from storage.maintenance import verify
 from storage.reading import DamagedOutputError
@@ -59,3 +62,16 @@ def test_a_truncated_file_is_found(tmp_path):
     assert not rep.ok and "read" in rep.damaged[0][1]
     with pytest.raises(DamagedOutputError, match="rows 995..995: read 0 of 48 bytes"):
         FileRows(store, SK.stage, SK.key).rows(np.array([995]))
+
+
+@pytest.mark.parametrize("small_disk", ["1m"], indirect=True)
+def test_a_full_disk_is_a_store_write_error_and_leaves_no_temporary(small_disk):
+    store = Store(small_disk / "store")
+    rows = np.random.default_rng(1).standard_normal((1000, 1024)).astype(np.float16)  # 2 MB on a 1 MB disk
+    with pytest.raises(StoreWriteError, match=r"cannot write .*/rows/values\.f16: No space left on device") as got:
+        write_row_file(store, SK, (rows[i:i + 100] for i in range(0, 1000, 100)))
+    assert got.value.errno == errno.ENOSPC  # a raw OSError before: the CLI's exit 2, as for bad input
+    assert not list(small_disk.rglob(".tmp-*")) and not list(small_disk.rglob("values.f16"))
+    assert ROWS not in store.complete_items(SK.stage, SK.key)
+    assert write_row_file(store, SK, [rows[:200]]) == (200, 1024)  # the space is free again: the write completes
+    assert verify(store, [(SK.stage, SK.key)])[0].ok

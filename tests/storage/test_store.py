@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing as mp
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
+from storage.fserrors import StoreWriteError
 from storage.keys import StageKey, canonical_json
 from storage.maintenance import list_stages
 from storage.store import DamagedOutputError, MissingOutputError, Store, StoreError, StoreNotFoundError
@@ -281,3 +283,20 @@ def test_an_altered_zarr_metadata_member_is_never_read_as_data(tmp_path):
     with pytest.raises(DamagedOutputError, match="img1/qk/zarr.json fails its CRC-32 check"):
         s.read_item(sk.stage, sk.key, "img1")
     assert s.complete_items(sk.stage, sk.key) == set()  # un-marked: the next run recomputes it
+
+
+@pytest.mark.parametrize("small_disk", ["1m"], indirect=True)
+def test_a_pack_onto_a_full_disk_is_a_store_write_error_and_leaves_nothing_behind(small_disk: Path):
+    s = Store(small_disk / "st")
+    k = _key()
+    s.register_stage(k)
+    big = np.random.default_rng(1).standard_normal((300, 1024)).astype(np.float32)  # 1.2 MB, incompressible
+    with pytest.raises(StoreWriteError, match=r"cannot write .*/packs/.*\.zip: No space left on device") as got:
+        with s.open_pack(k) as pack:
+            pack.add("a", {"x": big[:10]}, {})
+            pack.add("b", {"x": big}, {})  # raw OSError(ENOSPC) before: the CLI's exit 2, a "bad input" error
+    assert got.value.errno == errno.ENOSPC
+    assert not list(small_disk.rglob(".tmp-*")) and not _files(small_disk / "st", k, "packs")
+    assert s.complete_items(k.stage, k.key) == set()
+    s.write_item(k, "a", {"x": big[:10]})  # the space is free again: the same store takes a pack
+    np.testing.assert_array_equal(Store(small_disk / "st").read_item(k.stage, k.key, "a")["x"], big[:10])
