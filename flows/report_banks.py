@@ -2,7 +2,8 @@
 
 Read-only, from the store alone (issue 22, docs/report.md "Memory banks"):
 
-- the ``reconstruction`` stage key of a prediction (followed from ``map_correction``): its
+- the ``reconstruction`` stage key of a prediction (``flows.report_data.reconstruction_key``, the walk the
+  method config column follows too): its
   ``params.bank`` (``tasks.bank_params.BankUse``: bank name, K, alpha, DMCE weight) and its
   ``bank_index`` upstream key;
 - the ``bank_index`` item's attrs (images and regions indexed, index kind) and the stage key of
@@ -19,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flows.report_data import stage_attrs_or_empty, stage_key_of
+from flows.report_data import reconstruction_key, stage_attrs_or_empty, stage_key_of
 from ovseg_core.bank.config import FusionConfig, SearchConfig
 from storage.store import Store
 from tasks.bank_params import BANK_ITEM
@@ -62,15 +63,6 @@ class BankUsed:
 
 def _stage_key(store: Store, stage: str, key: str) -> dict[str, Any]:
     return stage_key_of(stage_attrs_or_empty(store, stage, key))
-
-
-def reconstruction_key(store: Store, stage: str, key: str) -> str | None:
-    """The ``reconstruction`` key a prediction stage output was made from (itself for ``reconstruction``)."""
-    if stage == "reconstruction":
-        return key
-    up = _stage_key(store, stage, key).get("upstream") or {}
-    rec = up.get("reconstruction")
-    return rec if isinstance(rec, str) else None
 
 
 def bank_used(store: Store, stage: str, key: str, items: Iterable[str] | None = None) -> BankUsed | None:

@@ -208,6 +208,17 @@ def stage_key_of(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return sk if isinstance(sk, dict) else {}
 
 
+def reconstruction_key(store: Store, stage: str, key: str, stage_key: Mapping[str, Any] | None = None) -> str | None:
+    """The ``reconstruction`` key a prediction stage output was made from (itself for ``reconstruction``; for
+    ``map_correction`` its upstream); None when it has none. ``stage_key``: the prediction's stage key when the
+    caller holds it (the metrics table's ``params_json``), else read from its ``stage.json``."""
+    if stage == "reconstruction":
+        return key
+    sk = stage_key_of(stage_attrs_or_empty(store, stage, key)) if stage_key is None else stage_key
+    rec = (sk.get("upstream") or {}).get("reconstruction")
+    return rec if isinstance(rec, str) else None
+
+
 class _Attrs:
     """``stage.json`` payloads read once each."""
 
@@ -318,12 +329,12 @@ def name_background(scores: Sequence[MethodScores], views: Mapping[tuple[str, st
 # ----------------------------------------------------------------------------- ablations
 def method_config(store: Store, ms: MethodScores) -> dict[str, Any]:
     """The method config of the prediction stage key (followed to ``reconstruction`` for ``map_correction``)."""
-    payload = ms.params
-    params = payload.get("params", {}) if isinstance(payload, dict) else {}
+    payload = ms.params if isinstance(ms.params, dict) else {}
+    params = payload.get("params", {})
     if "config" not in params:
-        rec_key = (payload.get("upstream") or {}).get("reconstruction") if isinstance(payload, dict) else None
-        if rec_key:
-            params = store.stage_attrs("reconstruction", rec_key).get("stage_key", {}).get("params", {})
+        rec_key = reconstruction_key(store, ms.prediction_stage, ms.prediction_key, payload)
+        if rec_key is not None and ms.prediction_stage != "reconstruction":
+            params = stage_key_of(stage_attrs_or_empty(store, "reconstruction", rec_key)).get("params", {})
     out: dict[str, Any] = {}
     _flatten(params.get("config"), "", out)
     return {"method": params.get("method"), "switches": {k: v for k, v in out.items() if isinstance(v, bool)},

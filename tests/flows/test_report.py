@@ -510,3 +510,18 @@ def test_report_renders_in_headless_chromium(pipeline_store, tmp_path, written_b
     assert a.shape[1] == 1400 and a.shape[0] == page.height
     red = (a[..., 0] > 180) & (a[..., 1] < 70) & (a[..., 2] < 70)
     assert red.sum() > 1000  # the random-weights banners are drawn
+
+
+def test_the_ablations_survive_an_unreadable_reconstruction_stage_json(voc_store, tmp_path):
+    """``corr-mc``'s config is found through its map_correction's reconstruction (``report_data.reconstruction_key``,
+    the walk the bank column takes too); a read error on that reconstruction's ``stage.json`` leaves its config
+    unknown (the row is no ablation) instead of stopping the report."""
+    store, _, _ = voc_store
+    k_nosp = StageKey("reconstruction", {"method": "corrclip", "config": {**CORR_CFG, "spatial_branch": False},
+                                         "prob_thd": 0.2}, weights={"clip": {"name": "clip:tiny", "random": True}})
+    path = Path(store.stage_dir("reconstruction", k_nosp.key)) / "stage.json"
+    assert json.loads(path.read_text())["stage_key"]["params"]["config"]["spatial_branch"] is False
+    path.unlink()
+    path.mkdir()  # reading it is an OSError (IsADirectoryError), as an I/O error would be
+    abl = _section(write_report(store.location, tmp_path / "out", samples=1).read_text(), "3. Ablations")
+    assert "corr-mc" not in abl and "no-spatial" in abl  # no-spatial's own key still holds its config
