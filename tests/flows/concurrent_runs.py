@@ -40,11 +40,15 @@ def spawn(exp_file: Path, *extra: str, kill_point: str | None = None) -> subproc
     """``ovseg run --no-prefect`` in a new process (its own process group); the AWS variables of this process
     (the local S3 endpoint) are inherited. ``kill_point``: the process SIGKILLs itself there
     (``tests.flows.kill_point``)."""
+    return spawn_cli("run", str(exp_file), "-q", "--no-prefect", *extra, kill_point=kill_point)
+
+
+def spawn_cli(*args: str, kill_point: str | None = None) -> subprocess.Popen:
+    """``ovseg ARGS`` in a new process (its own process group), as ``spawn``."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     entry = ["-m", "tests.flows.kill_point", kill_point] if kill_point else ["-m", "flows.cli"]
-    return subprocess.Popen([sys.executable, *entry, "run", str(exp_file), "-q", "--no-prefect", *extra],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen([sys.executable, *entry, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:

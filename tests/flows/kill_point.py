@@ -1,5 +1,5 @@
 """``python -m tests.flows.kill_point POINT ovseg-args...``: ``ovseg`` in this process, SIGKILLed by itself at one
-exact point of the ``bank_index`` item's write, which a polling parent cannot hit (the bank's one item is written in
+exact point of the ``bank_index`` item's write (or of ``ovseg bank import``'s), which a polling parent cannot hit (the bank's one item is written in
 milliseconds). The pipeline runs unchanged; only the store backend's write calls are wrapped to kill the process
 beside them (a real SIGKILL: no ``finally``, no atexit, no flush).
 
@@ -8,6 +8,13 @@ POINT (in the order the index stage reaches them):
 - ``registry``: the bank's registry was just replaced (``storage.bank.write_registry``), the index not yet built;
 - ``pack``: the index pack's temporary file is complete, not yet moved into place;
 - ``record``: the pack is in place, its completion record not yet written.
+
+``ovseg bank import`` (``flows.bank_import``) reaches ``pack`` and ``record`` when it writes the ``bank_index`` item,
+after ``IMPORT_POINTS``' own (in order):
+
+- ``rows``: half of a row file's rows are in its temporary (``storage.fstemp.StoreTemporary``), not yet moved;
+- ``rows_moved``: the first row file is in place, its ``rows`` item (the CRCs) not yet written;
+- ``values``: the first value store is complete (its ``rows`` record written), the second not yet started.
 """
 
 from __future__ import annotations
@@ -20,9 +27,12 @@ from typing import Any
 
 from flows.cli import main
 from storage.fsio import Backend
+from storage.fstemp import StoreTemporary
 
 POINTS = ("registry", "pack", "record")
+IMPORT_POINTS = ("rows", "rows_moved", "values", "pack", "record")
 _INDEX_DIR = "/stages/bank_index/"
+_ROW_FILE = "/rows/values.f16"
 
 
 def _die() -> None:
@@ -31,9 +41,10 @@ def _die() -> None:
 
 def arm(point: str) -> None:
     """Wrap ``Backend``'s writes so that this process SIGKILLs itself at ``point`` (one of ``POINTS``)."""
-    if point not in POINTS:
-        raise ValueError(f"kill point must be one of {POINTS}, got {point!r}")
+    if point not in POINTS + IMPORT_POINTS:
+        raise ValueError(f"kill point must be one of {POINTS + IMPORT_POINTS}, got {point!r}")
     put_atomic, put_file, put_if_absent = Backend.put_atomic, Backend.put_file, Backend.put_if_absent
+    write = StoreTemporary.write
 
     def after_registry(self: Backend, path: str, data: bytes) -> None:
         put_atomic(self, path, data)
@@ -50,11 +61,30 @@ def arm(point: str) -> None:
             _die()
         return put_if_absent(self, path, data)
 
-    wrappers: dict[str, tuple[str, Callable[..., Any]]] = {
-        "registry": ("put_atomic", after_registry), "pack": ("put_file", before_move),
-        "record": ("put_if_absent", before_record)}
-    name, fn = wrappers[point]
-    setattr(Backend, name, fn)
+    def half_rows(self: StoreTemporary, data: bytes) -> int:
+        if self.path.endswith(_ROW_FILE):
+            write(self, data[: len(data) // 2])
+            self._f.flush()  # in the page cache: what a SIGKILL leaves of the file
+            _die()
+        return write(self, data)
+
+    def after_row_file(self: Backend, local_path: str, path: str) -> None:
+        put_file(self, local_path, path)
+        if path.endswith(_ROW_FILE):
+            _die()
+
+    def after_values_record(self: Backend, path: str, data: bytes) -> Any:
+        created = put_if_absent(self, path, data)
+        if "/stages/bank_values/" in path and "/records/" in path:
+            _die()
+        return created
+
+    wrappers: dict[str, tuple[type, str, Callable[..., Any]]] = {
+        "registry": (Backend, "put_atomic", after_registry), "pack": (Backend, "put_file", before_move),
+        "record": (Backend, "put_if_absent", before_record), "rows": (StoreTemporary, "write", half_rows),
+        "rows_moved": (Backend, "put_file", after_row_file), "values": (Backend, "put_if_absent", after_values_record)}
+    cls, name, fn = wrappers[point]
+    setattr(cls, name, fn)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ does) into the store, checked, then used by a corrclipv2 method with DMCE (tiny 
 from __future__ import annotations
 
 import os
+import signal
 
 import faiss
 import numpy as np
@@ -24,7 +25,9 @@ from storage.store import Store
 from tasks.bank_index import image_names
 from tasks.bank_params import BANK_ITEM
 from tests.conftest import fill_disk
-from tests.flows.conftest import SAMPLE, computed
+from tests.flows.concurrent_runs import finish, records_per_item, spawn_cli
+from tests.flows.conftest import SAMPLE, assert_same_outputs, computed, store_snapshot
+from tests.flows.kill_point import IMPORT_POINTS
 from tests.ovseg_core.test_bank_authors_format import _authors_index, _authors_search
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -159,4 +162,62 @@ def test_an_import_onto_a_full_disk_exits_4_naming_the_store_and_leaves_no_tempo
     assert not list(store.rglob(".tmp-*")) and not list(store.rglob("values.f16"))
     os.remove(small_disk / "filler")
     assert main(["bank", "import", str(exp_file)]) == 0  # with room again, the same command completes
+    assert main(["cache", "verify", "--store", str(store)]) == 0
+
+
+@pytest.fixture(scope="module")
+def imported_reference(tmp_path_factory):
+    """The synthetic authors' files and a store they were imported into without interruption."""
+    tmp = tmp_path_factory.mktemp("import-reference")
+    _files(tmp)
+    exp_file = _experiment(tmp, [tmp / "synth_metaclip_b.pt", tmp / "synth_dfnclip_b.pt"], tmp / "synth_radiov3.faiss")
+    assert main(["bank", "import", str(exp_file)]) == 0
+    return exp_file, tmp / "store"
+
+
+def _row_files(store) -> dict[str, bytes]:
+    return {p.parent.parent.name: p.read_bytes() for p in (store / "stages" / "bank_values").glob(f"*/{ROW_FILE}")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", IMPORT_POINTS)
+def test_a_sigkill_during_an_import_then_a_rerun_gives_the_store_of_an_uninterrupted_import(
+        tmp_path, imported_reference, point, capsys):
+    """Killed with half a row file in its temporary, with the row file in place before its ``rows`` item, with
+    one value store complete, with the index pack's temporary complete, or with the pack in place before its
+    record: no half-written row file or index counts as complete (``cache verify`` is clean), and a rerun gives
+    the reference's items, row files and provenance, writing again only what the killed import had not
+    completed."""
+    ref_exp, reference = imported_reference
+    store = tmp_path / "store"
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(ref_exp.read_text().replace(str(reference), str(store)))
+    code, out = finish(spawn_cli("bank", "import", str(exp_file), "-q", kill_point=point))
+    assert code == -signal.SIGKILL, f"the import ended before the kill point {point!r} (exit {code}):\n{out[-2000:]}"
+    killed = records_per_item(store)
+    values_done = {"rows": 0, "rows_moved": 0, "values": 1, "pack": 2, "record": 2}[point]
+    assert sorted(k[0] for k in killed) == ["bank_values"] * values_done, killed  # no index item: not imported
+    if point == "rows":  # half the first store's rows in a temporary, never moved into place
+        (tmp,) = store.glob(f"stages/bank_values/*/rows/.tmp-*{ROW_FILE.rsplit('/', 1)[-1]}")
+        assert tmp.stat().st_size == N * D_VALUE  # half of N rows of D fp16 values
+        assert not list(store.glob(f"stages/bank_values/*/{ROW_FILE}"))
+    if point == "rows_moved":  # the whole row file in place, without the item of its CRCs: not complete
+        (moved,) = store.glob(f"stages/bank_values/*/{ROW_FILE}")
+        assert moved.stat().st_size == 2 * N * D_VALUE
+        assert ROWS not in Store(store).complete_items("bank_values", moved.parent.parent.name)
+    assert main(["cache", "verify", "--store", str(store)]) == 0  # nothing half-written is marked complete
+    for stage, key, item in killed:  # what is complete reads back as the reference's
+        np.testing.assert_array_equal(Store(store).read_item(stage, key, item)["crc"],
+                                      Store(reference).read_item(stage, key, item)["crc"])
+    capsys.readouterr()
+    assert main(["bank", "import", str(exp_file)]) == 0
+    assert "2500 regions" in capsys.readouterr().out
+    assert_same_outputs(store_snapshot(store), store_snapshot(reference))
+    assert _row_files(store) == _row_files(reference) and len(_row_files(store)) == 2
+    index = [(s, k) for s, k in Store(store).stage_sets() if s == "bank_index"]
+    assert index and all(Store(store).item_attrs(s, k, BANK_ITEM) == Store(reference).item_attrs(s, k, BANK_ITEM)
+                         for s, k in index)
+    records = records_per_item(store)
+    assert set(records.values()) == {1}  # every item written once: the value stores the killed import completed
+    assert {k: 1 for k in killed} == {k: records[k] for k in killed}  # were not copied again
     assert main(["cache", "verify", "--store", str(store)]) == 0
