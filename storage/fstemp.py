@@ -27,7 +27,7 @@ class StoreTemporary:
     for ``zipfile`` (``write``, ``tell``, ``seek``, ``flush``; no ``fileno``: ``commit`` syncs)."""
 
     def __init__(self, backend: Backend, path: str):
-        self.backend, self.path, self.tmp = backend, path, ""
+        self.backend, self.path = backend, path
         try:
             self.tmp = backend.tmp_path_for(path)
             self._f = open(self.tmp, "w+b")

@@ -64,7 +64,7 @@ def arm(point: str) -> None:
     def half_rows(self: StoreTemporary, data: bytes) -> int:
         if self.path.endswith(_ROW_FILE):
             write(self, data[: len(data) // 2])
-            self._f.flush()  # in the page cache: what a SIGKILL leaves of the file
+            self.flush()  # in the page cache: what a SIGKILL leaves of the file
             _die()
         return write(self, data)
 
