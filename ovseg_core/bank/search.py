@@ -30,10 +30,11 @@ switches the IVF-PQ's ``use_precomputed_table`` on for the call and off again, s
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ovseg_core.bank.config import SearchConfig
 from ovseg_core.bank.faiss_import import faiss
-from ovseg_core.bank.index import BankIndex, normalize_keys
+from ovseg_core.bank.index_object import BankIndex, normalize_keys
 from ovseg_core.bank.rows import RowReader
 
 __all__ = ["coarse_lists", "nprobe", "rerank", "search_index"]
@@ -46,7 +47,7 @@ def nprobe(bank: BankIndex, cfg: SearchConfig) -> int | None:
 
 def _ensure_table(bank: BankIndex) -> None:
     inner = bank.inner
-    if inner.precomputed_table.size() == 0:
+    if inner.by_residual and inner.metric_type == faiss.METRIC_L2 and inner.precomputed_table.size() == 0:
         inner.use_precomputed_table = 1  # forced: FAISS picks 0 (no table) for an inner-product quantizer
         try:
             inner.precompute_table()
@@ -68,6 +69,8 @@ def coarse_lists(bank: BankIndex, queries: np.ndarray, probes: int, cfg: SearchC
     """
     if bank.coarse == "hnsw":
         return bank.inner.quantizer.search(queries, probes, params=_coarse_hnsw_params(cfg, probes))
+    if cfg.coarse_dtype == "bfloat16":
+        return _coarse_lists_bf16(bank, queries, probes, cfg.coarse_refine)
     sims = queries @ bank.centroids().T
     if probes < sims.shape[1]:
         top = np.sort(np.argpartition(-sims, probes - 1, axis=1)[:, :probes], axis=1)
@@ -78,16 +81,52 @@ def coarse_lists(bank: BankIndex, queries: np.ndarray, probes: int, cfg: SearchC
     return np.take_along_axis(top_sims, order, axis=1), np.take_along_axis(top, order, axis=1).astype(np.int64)
 
 
-def _search_reference_precomputed(bank: BankIndex, queries: np.ndarray, k: int, probes: int, cfg: SearchConfig) -> np.ndarray:
-    """Positions (internal ids) of the k nearest codes, as FAISS's own search of this IVF-PQ returns."""
+def _coarse_lists_bf16(bank: BankIndex, queries: np.ndarray, probes: int, refine: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`coarse_lists` from a bfloat16 product (``SearchConfig.coarse_dtype``), re-scored in float32.
+
+    The best ``refine * probes`` lists by ``bf16(queries) @ bf16(centroids).T`` (torch; float32
+    accumulation, bfloat16 result) are re-scored by float32 inner products with their centroids and
+    the best ``probes`` of them kept (ties by list number); ``refine = 0`` keeps the bfloat16 top
+    ``probes`` and their bfloat16 scores. A list whose float32 score is among the true top ``probes``
+    is missed only when the bfloat16 rounding (~2**-8 relative) moves it below the candidates.
+    """
+    nlist = bank.nlist
+    with torch.no_grad():
+        approx = (torch.from_numpy(queries).to(torch.bfloat16) @ bank.centroids_bf16().T).float()
+        cand = min(max(refine, 1) * probes, nlist)
+        top_sims, top = torch.topk(approx, cand, dim=1, sorted=not refine)
+    top = top.numpy().astype(np.int64)
+    if not refine:
+        return top_sims.numpy(), top
+    top.sort(axis=1)  # list number order, so that the stable sort below breaks ties by list number
+    centroids = bank.centroids()
+    sims = np.stack([centroids[lists] @ q for q, lists in zip(queries, top)])  # one gemv per query: no (R, C, D) copy
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :probes]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(top, order, axis=1)
+
+
+def _coarse_distances(bank: BankIndex, queries: np.ndarray, sims: np.ndarray, lists: np.ndarray) -> np.ndarray:
+    """The coarse term FAISS starts a list's code distances from: squared L2 ||q - c||^2 for an L2 IVF
+    (the reference's metric), the inner product <q, c> for an inner-product IVF; +-inf where a list is -1."""
+    if bank.inner.metric_type == faiss.METRIC_INNER_PRODUCT:
+        return np.where(lists < 0, np.float32(-np.inf), sims).astype(np.float32)
+    norms = bank.centroid_norms()
+    coarse = (queries**2).sum(axis=1, keepdims=True) + norms[np.maximum(lists, 0)] - 2.0 * sims
+    return np.where(lists < 0, np.float32(np.inf), coarse).astype(np.float32)
+
+
+def _search_preassigned(bank: BankIndex, queries: np.ndarray, k: int, probes: int, cfg: SearchConfig) -> np.ndarray:
+    """Positions (internal ids) of the k nearest codes, as FAISS's own search of this IVF-PQ returns.
+
+    The lists come from :func:`coarse_lists`; an L2 IVF by residual ranks codes with the forced
+    precomputed table (module doc), an inner-product one with FAISS's query tables.
+    """
     _ensure_table(bank)
     inner = bank.inner
     sims, lists = coarse_lists(bank, queries, probes, cfg)
-    norms = bank.centroid_norms()
-    coarse = (queries**2).sum(axis=1, keepdims=True) + norms[np.maximum(lists, 0)] - 2.0 * sims
-    coarse = np.where(lists < 0, np.float32(np.inf), coarse).astype(np.float32)
+    coarse = _coarse_distances(bank, queries, sims, lists)
     inner.nprobe = probes  # the wrapper checks the assignment's width against it (the reference sets it too)
-    inner.use_precomputed_table = 1
+    inner.use_precomputed_table = int(inner.precomputed_table.size() > 0)
     try:
         _, positions = inner.search_preassigned(queries, k, lists, coarse)
     finally:
@@ -104,8 +143,17 @@ def _search_raw(bank: BankIndex, queries: np.ndarray, k: int, cfg: SearchConfig)
     if bank.ntotal == 0:
         return np.full((queries.shape[0], k), -1, dtype=np.int64)
     probes = nprobe(bank, cfg)
-    if bank.kind == "ivfpq" and bank.metric == "reference" and bank.inner.by_residual and cfg.search == "precomputed":
-        return _ids_from_positions(bank, _search_reference_precomputed(bank, queries, k, probes, cfg))
+    if bank.kind == "ivfpq_fastscan" or (
+        bank.kind == "ivfpq" and bank.metric == "reference" and bank.inner.by_residual and cfg.search == "precomputed"
+    ):
+        if cfg.coarse_dtype != "float32" and bank.coarse != "flat":
+            raise ValueError(f"SearchConfig.coarse_dtype={cfg.coarse_dtype!r} needs a flat coarse quantizer, got {bank.coarse!r}")
+        return _ids_from_positions(bank, _search_preassigned(bank, queries, k, probes, cfg))
+    if cfg.coarse_dtype != "float32":
+        raise ValueError(
+            f"SearchConfig.coarse_dtype={cfg.coarse_dtype!r} needs an IVF-PQ searched with search='precomputed' "
+            f"(or an 'ivfpq_fastscan' index), got kind {bank.kind!r}, metric {bank.metric!r}, search {cfg.search!r}"
+        )
     if bank.kind == "ivfpq":
         coarse_params = _coarse_hnsw_params(cfg, probes) if bank.coarse == "hnsw" else None
         params = faiss.SearchParametersIVF(nprobe=probes, quantizer_params=coarse_params)
