@@ -113,13 +113,13 @@ def load_or_build(folder: Path, spec: standin.Spec, build: str) -> tuple[BankInd
     return bank, info
 
 
-def fastscan_variant(bank: BankIndex, folder: Path, path: Path, m: int) -> tuple[BankIndex, float]:
+def fastscan_variant(bank: BankIndex, folder: Path, path: Path, m: int, metric: int) -> tuple[BankIndex, float]:
     """The 4-bit FastScan index over the same lists (``bank_standin.fastscan_from``), cached beside it."""
     if path.exists():
         with open(path, "rb") as f:
             return index_from_file(f), 0.0
     t0 = time.time()
-    index, _ = standin.fastscan_from(bank.inner, folder, m, log=log.info)
+    index, _ = standin.fastscan_from(bank.inner, folder, m, log=log.info, metric=metric)
     fast = BankIndex(index)
     seconds = time.time() - t0
     tmp = path.with_suffix(".tmp")
@@ -174,8 +174,8 @@ def cached(path: Path, make) -> np.ndarray:
     return arr
 
 
-def option_table(bank: BankIndex, hnsw: BankIndex, fast: BankIndex, folder: Path, q: np.ndarray, exact: np.ndarray,
-                 a: argparse.Namespace) -> list[dict]:
+def option_table(bank: BankIndex, hnsw: BankIndex, fast: BankIndex, fast_l2: BankIndex, folder: Path, q: np.ndarray,
+                 exact: np.ndarray, a: argparse.Namespace) -> list[dict]:
     """Recall@k and search time per image (R queries, one thread) for each search option."""
     faiss.omp_set_num_threads(1)
     r = a.regions_per_image
@@ -184,7 +184,7 @@ def option_table(bank: BankIndex, hnsw: BankIndex, fast: BankIndex, folder: Path
     with open(folder / "keys.npy", "rb") as f:
         keys = PreadRows(f)
         s = SearchConfig
-        bf16, fs = s(k=a.k, nprobe_max=a.nprobe, coarse_dtype="bfloat16"), f"FastScan 4-bit m {a.fastscan_m}, nprobe {a.nprobe}"
+        bf16, fs = s(k=a.k, nprobe_max=a.nprobe, coarse_dtype="bfloat16"), f"FastScan 4-bit m {a.fastscan_m} IP, nprobe {a.nprobe}"
         fast_cfg = {c: s(k=a.k, nprobe_max=a.nprobe, coarse_dtype="bfloat16", coarse_refine=0, rerank=c > 0, rerank_candidates=max(c, 1))
                     for c in (0, 20, 40, 100)}
         options = [  # (name, index, config, images per search call, at most this many images, context)
@@ -205,6 +205,7 @@ def option_table(bank: BankIndex, hnsw: BankIndex, fast: BankIndex, folder: Path
             ("IVF-PQ nprobe 16 + exact re-rank of 100", bank, s(k=a.k, nprobe_max=16, rerank=True), 1, None, None),
             (f"IVF-PQ nprobe {a.nprobe}, bfloat16 coarse step + float32 re-score of 2 x nprobe lists", bank, bf16, 1, None, None),
             (f"IVF-PQ nprobe {a.nprobe}, bfloat16 coarse step, no re-score", bank, fast_cfg[0], 1, None, None),
+            (f"FastScan 4-bit m {a.fastscan_m} with the reference's L2 code metric, nprobe {a.nprobe}", fast_l2, default, 1, None, None),
             (fs, fast, default, 1, None, None),
             (f"{fs}, bfloat16 coarse step (no re-score)", fast, fast_cfg[0], 1, None, None),
             (f"{fs}, bfloat16 coarse step + exact re-rank of 20", fast, fast_cfg[20], 1, None, None),
@@ -215,6 +216,7 @@ def option_table(bank: BankIndex, hnsw: BankIndex, fast: BankIndex, folder: Path
         search_index(bank, q[:r], default)  # the search tables, once
         search_index(hnsw, q[:r], default)
         search_index(fast, q[:r], default)
+        search_index(fast_l2, q[:r], default)
         n_all = q.shape[0] // r
         for name, index, cfg, batch, max_images, context in options:
             n_img = n_all if max_images is None else min(max_images, n_all)
@@ -357,12 +359,13 @@ def main(argv: list[str] | None = None) -> dict:
                            "machine": f"{os.cpu_count()} logical CPUs, load {os.getloadavg()[0]:.1f} at start, faiss {faiss.__version__}"}
     hnsw, hnsw_seconds = hnsw_variant(bank, folder / f"index-{build}-hnsw.faiss")
     res["hnsw_build_seconds"] = hnsw_seconds
-    fast_path = folder / f"index-{build}-fastscan-m{a.fastscan_m}.faiss"
-    fast, res["fastscan_build_seconds"] = fastscan_variant(bank, folder, fast_path, a.fastscan_m)
+    fast_path = folder / f"index-{build}-fastscan-ip-m{a.fastscan_m}.faiss"
+    fast, res["fastscan_build_seconds"] = fastscan_variant(bank, folder, fast_path, a.fastscan_m, faiss.METRIC_INNER_PRODUCT)
+    fast_l2, _ = fastscan_variant(bank, folder, folder / f"index-{build}-fastscan-m{a.fastscan_m}.faiss", a.fastscan_m, faiss.METRIC_L2)
     res["fastscan_bytes"] = fast_path.stat().st_size
     res["bf16_same_lists"] = same_lists(bank, q_recall, a)
-    res["options"] = option_table(bank, hnsw, fast, folder, q_recall, exact, a)
-    del hnsw, fast
+    res["options"] = option_table(bank, hnsw, fast, fast_l2, folder, q_recall, exact, a)
+    del hnsw, fast, fast_l2
     res["serving"] = {}
     store_bytes = (folder / "main.npy").stat().st_size + (folder / "aux.npy").stat().st_size
     for reader in a.readers:
@@ -377,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["serving"][f"pread, HNSW coarse nprobe {npb} ef {ef}"] = serve(
             folder, folder / f"index-{build}-hnsw.faiss", serve_q, "pread", a, npb, ef)
     if a.serve_fast:
-        name = f"pread, FastScan m {a.fastscan_m}, bfloat16 coarse, exact re-rank of {a.serve_fast}"
+        name = f"pread, FastScan m {a.fastscan_m} IP, bfloat16 coarse, exact re-rank of {a.serve_fast}"
         log.info("serving %d images: %s", a.images, name)
         res["serving"][name] = serve(folder, fast_path, serve_q, "pread", a,
                                      extra=("--coarse-dtype", "bfloat16", "--coarse-refine", "0", "--rerank", str(a.serve_fast)))

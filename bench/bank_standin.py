@@ -175,8 +175,11 @@ def structured_index(folder: Path, spec: Spec, chunk: int = 100000, log: Callabl
 
 
 def fastscan_from(ivf: faiss.IndexIVFPQ, folder: Path, m: int, seed: int = 0, chunk: int = 100000,
-                  log: Callable[[str], None] = print) -> tuple[faiss.Index, dict]:
+                  log: Callable[[str], None] = print, metric: int | None = None) -> tuple[faiss.Index, dict]:
     """``IndexIDMap2(IndexIVFPQFastScan)`` with 4-bit codes, ``m`` sub-vectors, over the same lists as ``ivf``.
+
+    ``metric``: the code metric (default ``ivf``'s; ``faiss.METRIC_INNER_PRODUCT`` = ``IndexConfig.metric
+    "inner_product"``, whose query tables are shared by all lists of a query).
 
     The coarse quantizer (centroids) and every key's list are taken from ``ivf`` (an IVF-PQ built by
     ``bench/bank.py``, whose ids are the rows of ``keys.npy``), so the two indexes probe the same
@@ -195,7 +198,7 @@ def fastscan_from(ivf: faiss.IndexIVFPQ, folder: Path, m: int, seed: int = 0, ch
         raise ValueError(f"{int((list_of_row < 0).sum())} keys are in no list of the source index")
     quantizer = faiss.IndexFlatIP(d)
     quantizer.add(faiss.rev_swig_ptr(faiss.downcast_index(ivf.quantizer).get_xb(), ivf.nlist * d).reshape(ivf.nlist, d).copy())
-    pq4 = faiss.IndexIVFPQ(quantizer, d, ivf.nlist, m, 4, ivf.metric_type)
+    pq4 = faiss.IndexIVFPQ(quantizer, d, ivf.nlist, m, 4, ivf.metric_type if metric is None else metric)
     rng = np.random.default_rng([seed, 6])
     sample = np.sort(rng.choice(n, size=min(PQ_TRAIN, n), replace=False))
     train = keys[sample].astype(np.float32)
@@ -222,4 +225,4 @@ def fastscan_from(ivf: faiss.IndexIVFPQ, folder: Path, m: int, seed: int = 0, ch
     faiss.copy_array_to_vector(np.arange(n, dtype=np.int64), index.id_map)
     index.ntotal, index.is_trained = n, True
     index.construct_rev_map()
-    return index, {"seconds": time.time() - t0, "m": m}
+    return index, {"seconds": time.time() - t0, "m": m, "metric": int(pq4.metric_type)}

@@ -71,7 +71,11 @@ def coarse_lists(bank: BankIndex, queries: np.ndarray, probes: int, cfg: SearchC
         return bank.inner.quantizer.search(queries, probes, params=_coarse_hnsw_params(cfg, probes))
     if cfg.coarse_dtype == "bfloat16":
         return _coarse_lists_bf16(bank, queries, probes, cfg.coarse_refine)
-    sims = queries @ bank.centroids().T
+    return _top_lists(queries @ bank.centroids().T, probes)
+
+
+def _top_lists(sims: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sims, lists)`` of the ``probes`` highest of ``sims`` ``(R, n)`` per row, highest first, ties by column."""
     if probes < sims.shape[1]:
         top = np.sort(np.argpartition(-sims, probes - 1, axis=1)[:, :probes], axis=1)
     else:
@@ -90,19 +94,16 @@ def _coarse_lists_bf16(bank: BankIndex, queries: np.ndarray, probes: int, refine
     ``probes`` and their bfloat16 scores. A list whose float32 score is among the true top ``probes``
     is missed only when the bfloat16 rounding (~2**-8 relative) moves it below the candidates.
     """
-    nlist = bank.nlist
     with torch.no_grad():
-        approx = (torch.from_numpy(queries).to(torch.bfloat16) @ bank.centroids_bf16().T).float()
-        cand = min(max(refine, 1) * probes, nlist)
-        top_sims, top = torch.topk(approx, cand, dim=1, sorted=not refine)
-    top = top.numpy().astype(np.int64)
+        approx = (torch.from_numpy(queries).to(torch.bfloat16) @ bank.centroids_bf16().T).float().numpy()
     if not refine:
-        return top_sims.numpy(), top
-    top.sort(axis=1)  # list number order, so that the stable sort below breaks ties by list number
+        return _top_lists(approx, probes)
+    _, cand = _top_lists(approx, min(refine * probes, approx.shape[1]))
+    cand.sort(axis=1)  # list number order: the float32 selection below breaks ties by list number
     centroids = bank.centroids()
-    sims = np.stack([centroids[lists] @ q for q, lists in zip(queries, top)])  # one gemv per query: no (R, C, D) copy
-    order = np.argsort(-sims, axis=1, kind="stable")[:, :probes]
-    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(top, order, axis=1)
+    sims = np.stack([centroids[lists] @ q for q, lists in zip(queries, cand)])  # one gemv per query: no (R, C, D) copy
+    top_sims, pos = _top_lists(sims, probes)
+    return top_sims, np.take_along_axis(cand, pos, axis=1)
 
 
 def _coarse_distances(bank: BankIndex, queries: np.ndarray, sims: np.ndarray, lists: np.ndarray) -> np.ndarray:

@@ -94,12 +94,12 @@ def test_tiny_benchmark_run_prints_the_table(bench, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| retrieval + fusion per image (reader: mmap), wall / CPU ms | <= 5 ms |" in text
     hnsw = "pread, HNSW coarse nprobe 16 ef 64"
-    fast = "pread, FastScan m 64, bfloat16 coarse, exact re-rank of 40"
+    fast = "pread, FastScan m 64 IP, bfloat16 coarse, exact re-rank of 40"
     assert set(res["serving"]) == {"mmap", "pread", hnsw, fast}
     for reader, out in res["serving"].items():
         coarse = "hnsw" if reader == hnsw else "flat"
-        kind = "ivfpq_fastscan" if reader == fast else "ivfpq"
-        assert out["index"] == {"kind": kind, "metric": "reference", "coarse": coarse, "nlist": int(8 * np.sqrt(3000)),
+        kind, metric = ("ivfpq_fastscan", "inner_product") if reader == fast else ("ivfpq", "reference")
+        assert out["index"] == {"kind": kind, "metric": metric, "coarse": coarse, "nlist": int(8 * np.sqrt(3000)),
                                 "ntotal": 3000}
         assert out["ms"]["total"] > 0 and out["cpu_ms"]["retrieval"] > 0 and out["memory"]["served"]["VmRSS"] > 0
     assert all(0.0 <= o["recall"] <= 1.0 for o in res["options"])

@@ -88,13 +88,14 @@ def test_fastscan_index_search_equals_faiss_own_and_survives_serialisation(data,
     np.testing.assert_array_equal(search_index(again, queries, SearchConfig(nprobe_max=32)), ours)
 
 
-def test_fastscan_with_exact_reranking_of_every_probed_code_is_exact_search(data):
+@pytest.mark.parametrize("metric", ["reference", "inner_product"])
+def test_fastscan_with_exact_reranking_of_every_probed_code_is_exact_search(data, metric):
     """All lists probed and every code a candidate: the re-ranked result is the brute-force top k by cosine."""
     keys, ids, queries, _ = data
-    fs = build_index(keys, ids, IndexConfig(kind="ivfpq_fastscan", pq_nbits=4))
+    fs = build_index(keys, ids, IndexConfig(kind="ivfpq_fastscan", pq_nbits=4, metric=metric))
     store = np.zeros((int(ids.max()) + 1, keys.shape[1]), np.float16)
     store[ids] = keys
-    cfg = SearchConfig(nprobe_max=fs.nlist, rerank=True, rerank_candidates=3000)
+    cfg = SearchConfig(nprobe_max=fs.nlist, rerank=True, rerank_candidates=3000, coarse_dtype="bfloat16", coarse_refine=0)
     found = search_index(fs, queries, cfg, ArrayRows(store))
     top, _ = _exact_top(queries, unit_rows(keys), 20)
     np.testing.assert_array_equal(found, ids[top])
