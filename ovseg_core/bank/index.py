@@ -14,6 +14,9 @@ the same lists and codes) whose coarse quantizer is then replaced by an HNSW gra
 centroids (:func:`use_hnsw_coarse`): a query probes its approximately nearest ``nprobe`` lists
 without scanning all nlist centroids. Keys added later are still assigned by exact search.
 
+``IndexConfig.kind = "ivfpq_fastscan"`` (not in the reference): the same IVF with FAISS's
+``IndexIVFPQFastScan`` (4-bit codes in SIMD-friendly blocks), trained and added the same way.
+
 Extension: the reference adds new ids to the existing index without retraining; ``extension =
 "retrain"`` rebuilds from all keys once the bank has grown by ``retrain_growth``
 (:func:`plan_extension`). Tiny banks: see ``IndexConfig.min_ivfpq_regions``.

@@ -11,9 +11,9 @@ import torch
 from ovseg_core.bank.config import IVF_KINDS
 from ovseg_core.bank.faiss_import import faiss
 
-__all__ = ["BankIndex", "normalize_keys"]
+__all__ = ["KEY_EPS", "BankIndex", "normalize_keys"]
 # The reference's normalisation: v / (||v|| + 1e-12) (not F.normalize's max(||v||, eps)).
-_KEY_EPS = 1e-12
+KEY_EPS = 1e-12
 
 
 class BankIndex:
@@ -133,4 +133,4 @@ def normalize_keys(keys: np.ndarray) -> np.ndarray:
             "pooled with PoolingConfig.empty_region='nan' (the reference); pool with empty_region='zero' or leave "
             "those ids out of the index"
         )
-    return vecs / (np.linalg.norm(vecs, axis=1, keepdims=True) + _KEY_EPS)
+    return vecs / (np.linalg.norm(vecs, axis=1, keepdims=True) + KEY_EPS)

@@ -22,6 +22,12 @@ queries with a view of the quantizer's centroids, then the top ``nprobe`` per qu
 queries x 13,623 centroids; the two differ only in float rounding of the inner products. An HNSW
 coarse quantizer (``IndexConfig.coarse``) is searched with efSearch = max(coarse_ef_search, nprobe).
 
+Deviations for speed (off by default; docs/banks.md section 2): ``SearchConfig.coarse_dtype =
+"bfloat16"`` computes the coarse step's product in bfloat16 (torch) and re-scores the best
+``coarse_refine * nprobe`` lists in float32 (:func:`_coarse_lists_bf16`); an ``"ivfpq_fastscan"``
+index (4-bit codes) is searched through the same preassigned path, with the precomputed table for
+L2 codes and FAISS's per-query tables for inner-product codes.
+
 The table costs nlist * m * 2**nbits float32 (446 MB for the 2.9M-region COCO bank). The path
 switches the IVF-PQ's ``use_precomputed_table`` on for the call and off again, so one
 :class:`BankIndex` must not be searched from two threads at once.
@@ -34,7 +40,7 @@ import torch
 
 from ovseg_core.bank.config import SearchConfig
 from ovseg_core.bank.faiss_import import faiss
-from ovseg_core.bank.index_object import BankIndex, normalize_keys
+from ovseg_core.bank.index_object import KEY_EPS, BankIndex, normalize_keys
 from ovseg_core.bank.rows import RowReader
 
 __all__ = ["coarse_lists", "nprobe", "rerank", "search_index"]
@@ -183,9 +189,13 @@ def rerank(queries: np.ndarray, candidates: np.ndarray, key_rows: RowReader, k: 
     flat = candidates[valid]
     scores = np.full((r, c), -np.inf, dtype=np.float32)
     if flat.size:
-        keys = normalize_keys(key_rows.rows(flat))
+        keys = np.asarray(key_rows.rows(flat), dtype=np.float32)
+        norms = np.sqrt(np.einsum("nd,nd->n", keys, keys))
+        if not np.isfinite(norms).all():
+            normalize_keys(keys)  # raises, naming the NaN/Inf rows
         rows = np.repeat(np.arange(r), valid.sum(axis=1))
-        scores[valid] = np.einsum("nd,nd->n", keys, queries[rows])
+        # <q, k / (||k|| + 1e-12)> as the index normalises keys, without a normalised copy of the rows
+        scores[valid] = np.einsum("nd,nd->n", keys, queries[rows]) / (norms + np.float32(KEY_EPS))
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     out = np.take_along_axis(candidates, order, axis=1)
     out[np.take_along_axis(scores, order, axis=1) == -np.inf] = -1
