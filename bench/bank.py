@@ -184,7 +184,7 @@ def option_table(bank: BankIndex, hnsw: BankIndex, fast: BankIndex, fast_l2: Ban
     with open(folder / "keys.npy", "rb") as f:
         keys = PreadRows(f)
         s = SearchConfig
-        bf16, fs = s(k=a.k, nprobe_max=a.nprobe, coarse_dtype="bfloat16"), f"FastScan 4-bit m {a.fastscan_m} IP, nprobe {a.nprobe}"
+        bf16, fs = s(k=a.k, nprobe_max=a.nprobe, coarse_dtype="bfloat16", coarse_refine=2), f"FastScan 4-bit m {a.fastscan_m} IP, nprobe {a.nprobe}"
         fast_cfg = {c: s(k=a.k, nprobe_max=a.nprobe, coarse_dtype="bfloat16", coarse_refine=0, rerank=c > 0, rerank_candidates=max(c, 1))
                     for c in (0, 20, 40, 100)}
         options = [  # (name, index, config, images per search call, at most this many images, context)

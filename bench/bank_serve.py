@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nprobe", type=int, default=256)
     p.add_argument("--coarse-ef", type=int, default=None, help="efSearch of an HNSW coarse quantizer (default: nprobe)")
     p.add_argument("--coarse-dtype", choices=("float32", "bfloat16"), default="float32", help="SearchConfig.coarse_dtype")
-    p.add_argument("--coarse-refine", type=int, default=2, help="SearchConfig.coarse_refine (with --coarse-dtype bfloat16)")
+    p.add_argument("--coarse-refine", type=int, default=0, help="SearchConfig.coarse_refine (with --coarse-dtype bfloat16)")
     p.add_argument("--rerank", type=int, default=0, metavar="CANDIDATES",
                    help="exact re-ranking of this many candidates with the stored keys (keys.npy, same reader); 0 = off")
     p.add_argument("--classes", type=int, default=171)

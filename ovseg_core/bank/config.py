@@ -41,7 +41,7 @@ INDEX_KINDS: tuple[str, ...] = ("ivfpq", "flat", "hnsw", "ivfpq_fastscan")
 IVF_KINDS: tuple[str, ...] = ("ivfpq", "ivfpq_fastscan")
 # Arithmetic of the coarse step of a flat coarse quantizer (R x nlist inner products): "float32" =
 # the reference (one BLAS product); "bfloat16" = queries and a bfloat16 copy of the centroids
-# multiplied by torch (AMX / AVX512-BF16 kernels where the CPU has them), then the best
+# multiplied by torch (AMX / AVX512-BF16 kernels where the CPU has them), optionally the best
 # ``coarse_refine * nprobe`` lists re-scored in float32 (not in the reference).
 COARSE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 # Metric of the IVF-PQ: "reference" = the authors' construction without a metric argument, i.e. an
@@ -186,9 +186,10 @@ class SearchConfig:
     # Arithmetic of the flat coarse step, see COARSE_DTYPES. Reference: "float32".
     coarse_dtype: str = later_option("float32")
     # With coarse_dtype "bfloat16": the best coarse_refine * nprobe lists by the bfloat16 product are
-    # re-scored in float32 and the best nprobe of those probed (with their float32 inner products);
-    # 0 = probe the bfloat16 top nprobe with their bfloat16 inner products.
-    coarse_refine: int = later_option(2)
+    # re-scored in float32 and the best nprobe of those probed (with their float32 inner products;
+    # 2 probed the float32 step's lists for every stand-in query measured, docs/banks.md);
+    # 0 = probe the bfloat16 top nprobe with their bfloat16 inner products (the fast choice).
+    coarse_refine: int = later_option(0)
 
     def __post_init__(self) -> None:
         if self.k < 1:

@@ -35,7 +35,7 @@ def test_bfloat16_coarse_step_with_refinement_probes_the_exact_lists(data):
     centroids = bank.inner.quantizer.reconstruct_n(0, bank.nlist)
     for probes in (8, 64):
         expected, expected_sims = _exact_top(queries, centroids, probes)
-        sims, lists = coarse_lists(bank, queries, probes, SearchConfig(coarse_dtype="bfloat16"))
+        sims, lists = coarse_lists(bank, queries, probes, SearchConfig(coarse_dtype="bfloat16", coarse_refine=2))
         np.testing.assert_array_equal(lists, expected)
         np.testing.assert_allclose(sims, expected_sims, rtol=1e-5, atol=1e-6)
 
@@ -43,7 +43,7 @@ def test_bfloat16_coarse_step_with_refinement_probes_the_exact_lists(data):
 def test_bfloat16_coarse_step_without_refinement_is_within_bfloat16_rounding(data):
     _, _, queries, bank = data
     centroids = bank.inner.quantizer.reconstruct_n(0, bank.nlist)
-    sims, lists = coarse_lists(bank, queries, 64, SearchConfig(coarse_dtype="bfloat16", coarse_refine=0))
+    sims, lists = coarse_lists(bank, queries, 64, SearchConfig(coarse_dtype="bfloat16"))  # coarse_refine 0 by default
     exact = np.take_along_axis(queries.astype(np.float64) @ centroids.astype(np.float64).T, lists, axis=1)
     bound = 2.0**-7 * np.linalg.norm(centroids, axis=1)[lists]  # inputs and result rounded to 8 significant bits
     assert (np.abs(sims - exact) <= bound).all()
@@ -57,7 +57,7 @@ def test_bfloat16_coarse_search_returns_the_default_neighbours(data):
     _, _, queries, bank = data
     for probes in (16, 256):
         default = search_index(bank, queries, SearchConfig(nprobe_max=probes))
-        fast = search_index(bank, queries, SearchConfig(nprobe_max=probes, coarse_dtype="bfloat16"))
+        fast = search_index(bank, queries, SearchConfig(nprobe_max=probes, coarse_dtype="bfloat16", coarse_refine=2))
         np.testing.assert_array_equal(fast, default)
 
 
@@ -81,7 +81,7 @@ def test_fastscan_index_search_equals_faiss_own_and_survives_serialisation(data,
         _, own = fs.index.search(queries, 20, params=faiss.SearchParametersIVF(nprobe=probes))
         np.testing.assert_array_equal(ours, own)
         assert np.isin(ours[ours >= 0], ids).all() and (ours[:, 0] >= 0).all()
-        bf16 = search_index(fs, queries, SearchConfig(nprobe_max=probes, coarse_dtype="bfloat16"))
+        bf16 = search_index(fs, queries, SearchConfig(nprobe_max=probes, coarse_dtype="bfloat16", coarse_refine=2))
         np.testing.assert_array_equal(bf16, ours)
     again = index_from_bytes(index_to_bytes(fs))
     assert again.kind == "ivfpq_fastscan"
