@@ -50,7 +50,7 @@ def test_bfloat16_coarse_step_without_refinement_is_within_bfloat16_rounding(dat
     assert (np.diff(sims, axis=1) <= 0).all()
     expected, _ = _exact_top(queries, centroids, 64)
     overlap = np.mean([len(set(a) & set(b)) / 64 for a, b in zip(lists, expected)])
-    assert 0.9 < overlap < 1.0  # without re-scoring, lists near the boundary change
+    assert overlap > 0.9  # lists near the boundary may change (how many depends on torch's bfloat16 kernel)
 
 
 def test_bfloat16_coarse_search_returns_the_default_neighbours(data):
