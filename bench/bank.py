@@ -47,7 +47,7 @@ from ovseg_core.bank.index import (  # noqa: E402
     index_to_bytes,
     use_hnsw_coarse,
 )
-from ovseg_core.bank.rows import NpyRows  # noqa: E402
+from ovseg_core.bank.rows import PreadRows  # noqa: E402
 from ovseg_core.bank.search import search_index  # noqa: E402
 
 log = logging.getLogger("ovseg.bench.bank")
@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nprobe", type=int, default=256)
     p.add_argument("--serve-hnsw", type=int, nargs=2, default=(16, 64), metavar=("NPROBE", "EF"),
                    help="also serve with the HNSW coarse quantizer at this nprobe and efSearch (pread reader)")
+    p.add_argument("--fastscan-m", type=int, default=64, help="sub-vectors of the 4-bit FastScan variant (IndexConfig.kind ivfpq_fastscan)")
+    p.add_argument("--serve-fast", type=int, default=40, metavar="CANDIDATES",
+                   help="also serve with the fast option: FastScan, bfloat16 coarse step, exact re-rank of this many (0: skip)")
     p.add_argument("--classes", type=int, default=171, help="text queries Q (COCO-Stuff: 171)")
     p.add_argument("--size", type=int, nargs=2, default=(448, 448), help="network-input H W")
     p.add_argument("--dims", type=int, nargs=3, default=(1024, 768, 512), metavar=("KEY", "MAIN", "AUX"))
@@ -110,6 +113,32 @@ def load_or_build(folder: Path, spec: standin.Spec, build: str) -> tuple[BankInd
     return bank, info
 
 
+def fastscan_variant(bank: BankIndex, folder: Path, path: Path, m: int, metric: int) -> tuple[BankIndex, float]:
+    """The 4-bit FastScan index over the same lists (``bank_standin.fastscan_from``), cached beside it."""
+    if path.exists():
+        with open(path, "rb") as f:
+            return index_from_file(f), 0.0
+    t0 = time.time()
+    index, _ = standin.fastscan_from(bank.inner, folder, m, log=log.info, metric=metric)
+    fast = BankIndex(index)
+    seconds = time.time() - t0
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(index_to_bytes(fast))
+    os.replace(tmp, path)
+    return fast, seconds
+
+
+def same_lists(bank: BankIndex, q: np.ndarray, a: argparse.Namespace) -> dict[str, float]:
+    """Fraction of queries whose bfloat16 coarse step probes the same set of lists as the float32 one."""
+    _, ref = bank_search.coarse_lists(bank, q, min(a.nprobe, bank.nlist))
+    out = {}
+    for refine in (0, 1, 2):
+        cfg = SearchConfig(nprobe_max=a.nprobe, coarse_dtype="bfloat16", coarse_refine=refine)
+        _, got = bank_search.coarse_lists(bank, q, min(a.nprobe, bank.nlist), cfg)
+        out[f"refine {refine}"] = float(np.mean([set(x.tolist()) == set(y.tolist()) for x, y in zip(ref, got)]))
+    return out
+
+
 def hnsw_variant(bank: BankIndex, path: Path) -> tuple[BankIndex, float]:
     """The same index with an HNSW coarse quantizer (``IndexConfig.coarse="hnsw"``, FAISS defaults M 32, efC 40),
     cached beside it; returns it and its build seconds (0 when cached)."""
@@ -145,16 +174,19 @@ def cached(path: Path, make) -> np.ndarray:
     return arr
 
 
-def option_table(bank: BankIndex, hnsw: BankIndex, folder: Path, q: np.ndarray, exact: np.ndarray,
-                 a: argparse.Namespace) -> list[dict]:
+def option_table(bank: BankIndex, hnsw: BankIndex, fast: BankIndex, fast_l2: BankIndex, folder: Path, q: np.ndarray,
+                 exact: np.ndarray, a: argparse.Namespace) -> list[dict]:
     """Recall@k and search time per image (R queries, one thread) for each search option."""
     faiss.omp_set_num_threads(1)
     r = a.regions_per_image
     default = SearchConfig(k=a.k, nprobe_max=a.nprobe)
     rows: list[dict] = []
     with open(folder / "keys.npy", "rb") as f:
-        keys = NpyRows(f)
+        keys = PreadRows(f)
         s = SearchConfig
+        bf16, fs = s(k=a.k, nprobe_max=a.nprobe, coarse_dtype="bfloat16", coarse_refine=2), f"FastScan 4-bit m {a.fastscan_m} IP, nprobe {a.nprobe}"
+        fast_cfg = {c: s(k=a.k, nprobe_max=a.nprobe, coarse_dtype="bfloat16", coarse_refine=0, rerank=c > 0, rerank_candidates=max(c, 1))
+                    for c in (0, 20, 40, 100)}
         options = [  # (name, index, config, images per search call, at most this many images, context)
             (f"IVF-PQ nprobe {a.nprobe} (default)", bank, default, 1, None, None),
             (f"IVF-PQ nprobe {a.nprobe}, 8 images per search call", bank, default, 8, None, None),
@@ -171,9 +203,20 @@ def option_table(bank: BankIndex, hnsw: BankIndex, folder: Path, q: np.ndarray, 
             ("HNSW coarse, nprobe 16, efSearch 64, 8 images per search call", hnsw, s(k=a.k, nprobe_max=16, coarse_ef_search=64), 8, None, None),
             (f"IVF-PQ nprobe {a.nprobe} + exact re-rank of 100", bank, s(k=a.k, nprobe_max=a.nprobe, rerank=True), 1, None, None),
             ("IVF-PQ nprobe 16 + exact re-rank of 100", bank, s(k=a.k, nprobe_max=16, rerank=True), 1, None, None),
+            (f"IVF-PQ nprobe {a.nprobe}, bfloat16 coarse step + float32 re-score of 2 x nprobe lists", bank, bf16, 1, None, None),
+            (f"IVF-PQ nprobe {a.nprobe}, bfloat16 coarse step, no re-score", bank, fast_cfg[0], 1, None, None),
+            (f"FastScan 4-bit m {a.fastscan_m} with the reference's L2 code metric, nprobe {a.nprobe}", fast_l2, default, 1, None, None),
+            (fs, fast, default, 1, None, None),
+            (f"{fs}, bfloat16 coarse step (no re-score)", fast, fast_cfg[0], 1, None, None),
+            (f"{fs}, bfloat16 coarse step + exact re-rank of 20", fast, fast_cfg[20], 1, None, None),
+            (f"{fs}, bfloat16 coarse step + exact re-rank of 40", fast, fast_cfg[40], 1, None, None),
+            (f"{fs}, bfloat16 coarse step + exact re-rank of 40, 8 images per call", fast, fast_cfg[40], 8, None, None),
+            (f"{fs}, bfloat16 coarse step + exact re-rank of 100", fast, fast_cfg[100], 1, None, None),
         ]
         search_index(bank, q[:r], default)  # the search tables, once
         search_index(hnsw, q[:r], default)
+        search_index(fast, q[:r], default)
+        search_index(fast_l2, q[:r], default)
         n_all = q.shape[0] // r
         for name, index, cfg, batch, max_images, context in options:
             n_img = n_all if max_images is None else min(max_images, n_all)
@@ -198,11 +241,11 @@ def option_table(bank: BankIndex, hnsw: BankIndex, folder: Path, q: np.ndarray, 
 
 
 def serve(folder: Path, index_path: Path, queries_path: Path, reader: str, a: argparse.Namespace,
-          nprobe: int | None = None, coarse_ef: int | None = None) -> dict:
+          nprobe: int | None = None, coarse_ef: int | None = None, extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, str(REPO / "bench" / "bank_serve.py"), str(folder), str(index_path), "--reader", reader,
            "--images", str(a.images), "--queries", str(queries_path), "--regions-per-image", str(a.regions_per_image),
            "--k", str(a.k), "--nprobe", str(nprobe or a.nprobe), "--classes", str(a.classes), "--size", *map(str, a.size),
-           "--vfm-grid", str(a.size[0] // 16), str(a.size[1] // 16)] + (["--coarse-ef", str(coarse_ef)] if coarse_ef else [])
+           "--vfm-grid", str(a.size[0] // 16), str(a.size[1] // 16)] + (["--coarse-ef", str(coarse_ef)] if coarse_ef else []) + list(extra)
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
     if done.returncode:
         raise RuntimeError(f"serving process ({reader}) failed: {done.stderr[-2000:]}")
@@ -289,7 +332,9 @@ def report(res: dict) -> str:
               + ("" if "same_neighbours_as_default" not in o else
                  f" (same neighbours as the default on these images: {o['same_neighbours_as_default']})") + " |"
               for o in res["options"]]
-    lines += ["", f"Machine: {res['machine']}"]
+    same = ", ".join(f"{k} {v:.3f}" for k, v in res["bf16_same_lists"].items())
+    lines += ["", f"bfloat16 coarse step, fraction of queries probing the float32 step's lists (coarse_refine): {same}",
+              f"FastScan index: {res['fastscan_bytes'] / 2**20:.0f} MiB on disk", "", f"Machine: {res['machine']}"]
     return "\n".join(lines)
 
 
@@ -314,8 +359,13 @@ def main(argv: list[str] | None = None) -> dict:
                            "machine": f"{os.cpu_count()} logical CPUs, load {os.getloadavg()[0]:.1f} at start, faiss {faiss.__version__}"}
     hnsw, hnsw_seconds = hnsw_variant(bank, folder / f"index-{build}-hnsw.faiss")
     res["hnsw_build_seconds"] = hnsw_seconds
-    res["options"] = option_table(bank, hnsw, folder, q_recall, exact, a)
-    del hnsw
+    fast_path = folder / f"index-{build}-fastscan-ip-m{a.fastscan_m}.faiss"
+    fast, res["fastscan_build_seconds"] = fastscan_variant(bank, folder, fast_path, a.fastscan_m, faiss.METRIC_INNER_PRODUCT)
+    fast_l2, _ = fastscan_variant(bank, folder, folder / f"index-{build}-fastscan-m{a.fastscan_m}.faiss", a.fastscan_m, faiss.METRIC_L2)
+    res["fastscan_bytes"] = fast_path.stat().st_size
+    res["bf16_same_lists"] = same_lists(bank, q_recall, a)
+    res["options"] = option_table(bank, hnsw, fast, fast_l2, folder, q_recall, exact, a)
+    del hnsw, fast, fast_l2
     res["serving"] = {}
     store_bytes = (folder / "main.npy").stat().st_size + (folder / "aux.npy").stat().st_size
     for reader in a.readers:
@@ -329,6 +379,11 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("serving %d images with the pread reader, HNSW coarse, nprobe %d, efSearch %d", a.images, npb, ef)
         res["serving"][f"pread, HNSW coarse nprobe {npb} ef {ef}"] = serve(
             folder, folder / f"index-{build}-hnsw.faiss", serve_q, "pread", a, npb, ef)
+    if a.serve_fast:
+        name = f"pread, FastScan m {a.fastscan_m} IP, bfloat16 coarse, exact re-rank of {a.serve_fast}"
+        log.info("serving %d images: %s", a.images, name)
+        res["serving"][name] = serve(folder, fast_path, serve_q, "pread", a,
+                                     extra=("--coarse-dtype", "bfloat16", "--coarse-refine", "0", "--rerank", str(a.serve_fast)))
     if a.extension == "yes" or (a.extension == "auto" and build == "train"):
         res["extension"] = extension_study(folder, spec, q_recall, exact, a, bank)
     (a.out / f"bank-n{a.regions}.json").write_text(json.dumps(res, indent=1))

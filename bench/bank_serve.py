@@ -5,7 +5,8 @@ index (the only bank structure in RAM) and opens the two value stores, then runs
 bank step of CorrCLIPv2 on N stand-in images, one CPU thread, and prints one JSON line: per-step
 wall and CPU times per image (CPU time: this process's own, robust to a busy machine) and the
 process's memory (VmRSS, RssAnon, RssFile, VmHWM from /proc) at each
-phase. ``ram`` is the authors' loader: both value stores read whole into RAM.
+phase. ``ram`` is the authors' loader: both value stores read whole into RAM. ``--rerank`` also opens
+the key store (``keys.npy``) with the same reader for exact re-ranking.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--nprobe", type=int, default=256)
     p.add_argument("--coarse-ef", type=int, default=None, help="efSearch of an HNSW coarse quantizer (default: nprobe)")
+    p.add_argument("--coarse-dtype", choices=("float32", "bfloat16"), default="float32", help="SearchConfig.coarse_dtype")
+    p.add_argument("--coarse-refine", type=int, default=0, help="SearchConfig.coarse_refine (with --coarse-dtype bfloat16)")
+    p.add_argument("--rerank", type=int, default=0, metavar="CANDIDATES",
+                   help="exact re-ranking of this many candidates with the stored keys (keys.npy, same reader); 0 = off")
     p.add_argument("--classes", type=int, default=171)
     p.add_argument("--size", type=int, nargs=2, default=(448, 448))
     p.add_argument("--vfm-grid", type=int, nargs=2, default=(28, 28))
@@ -94,13 +99,16 @@ def main(argv: list[str] | None = None) -> None:
     files: list = []
     main_rows = open_store(a.folder / "main.npy", a.reader, files)
     aux_rows = open_store(a.folder / "aux.npy", a.reader, files)
+    key_rows = open_store(a.folder / "keys.npy", a.reader, files) if a.rerank else None
     mem["stores_opened"] = memory()
     stores = [
         ValueStore(main_rows, torch.nn.functional.normalize(torch.randn(a.classes, main_rows.dim), dim=1)),
         ValueStore(aux_rows, torch.nn.functional.normalize(torch.randn(a.classes, aux_rows.dim), dim=1)),
     ]
-    search_cfg, fusion_cfg = SearchConfig(k=a.k, nprobe_max=a.nprobe, coarse_ef_search=a.coarse_ef), FusionConfig()
-    search_index(bank, qs[0], search_cfg)  # builds the search table once (not timed)
+    search_cfg = SearchConfig(k=a.k, nprobe_max=a.nprobe, coarse_ef_search=a.coarse_ef, coarse_dtype=a.coarse_dtype,
+                              coarse_refine=a.coarse_refine, rerank=a.rerank > 0, rerank_candidates=max(a.rerank, 1))
+    fusion_cfg = FusionConfig()
+    search_index(bank, qs[0], search_cfg, key_rows)  # builds the search table once (not timed)
     mem["first_search"] = memory()
     times = {s: [] for s in STEPS}
     cpu = {s: [] for s in STEPS}
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         marks = [(time.perf_counter(), time.process_time())]
         _, labels, _ = region_queries(vfm[i % len(vfm)], region_map)
         marks.append((time.perf_counter(), time.process_time()))
-        neighbours = search_index(bank, qs[i % qs.shape[0]], search_cfg)
+        neighbours = search_index(bank, qs[i % qs.shape[0]], search_cfg, key_rows)
         marks.append((time.perf_counter(), time.process_time()))
         logits, found = support_logits(neighbours, stores, fusion_cfg)
         marks.append((time.perf_counter(), time.process_time()))

@@ -172,3 +172,57 @@ def structured_index(folder: Path, spec: Spec, chunk: int = 100000, log: Callabl
     index.ntotal, index.is_trained = spec.regions, True
     index.construct_rev_map()
     return index, {"list_agreement": agree, "seconds": time.time() - t0}
+
+
+def fastscan_from(ivf: faiss.IndexIVFPQ, folder: Path, m: int, seed: int = 0, chunk: int = 100000,
+                  log: Callable[[str], None] = print, metric: int | None = None) -> tuple[faiss.Index, dict]:
+    """``IndexIDMap2(IndexIVFPQFastScan)`` with 4-bit codes, ``m`` sub-vectors, over the same lists as ``ivf``.
+
+    ``metric``: the code metric (default ``ivf``'s; ``faiss.METRIC_INNER_PRODUCT`` = ``IndexConfig.metric
+    "inner_product"``, whose query tables are shared by all lists of a query).
+
+    The coarse quantizer (centroids) and every key's list are taken from ``ivf`` (an IVF-PQ built by
+    ``bench/bank.py``, whose ids are the rows of ``keys.npy``), so the two indexes probe the same
+    lists and differ only in the codes. The 4-bit PQ is trained by FAISS on 65,536 residuals; the
+    keys are encoded into a 4-bit ``IndexIVFPQ`` with their known lists and converted to FastScan's
+    block layout (what ``IndexConfig(kind="ivfpq_fastscan", pq_nbits=4)`` builds with its own k-means).
+    """
+    keys = np.load(folder / "keys.npy", mmap_mode="r")
+    n, d = keys.shape
+    list_of_row = np.full(n, -1, dtype=np.int64)
+    for lst in range(ivf.nlist):
+        size = ivf.invlists.list_size(lst)
+        if size:
+            list_of_row[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size)] = lst
+    if (list_of_row < 0).any():
+        raise ValueError(f"{int((list_of_row < 0).sum())} keys are in no list of the source index")
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(faiss.rev_swig_ptr(faiss.downcast_index(ivf.quantizer).get_xb(), ivf.nlist * d).reshape(ivf.nlist, d).copy())
+    pq4 = faiss.IndexIVFPQ(quantizer, d, ivf.nlist, m, 4, ivf.metric_type if metric is None else metric)
+    rng = np.random.default_rng([seed, 6])
+    sample = np.sort(rng.choice(n, size=min(PQ_TRAIN, n), replace=False))
+    train = keys[sample].astype(np.float32)
+    train /= np.linalg.norm(train, axis=1, keepdims=True) + 1e-12
+    t0 = time.time()
+    pq4.train(train)  # the quantizer is full: FAISS trains only the PQ, on the residuals
+    for r0 in range(0, n, chunk):
+        x = keys[r0 : r0 + chunk].astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
+        ids = np.arange(r0, r0 + x.shape[0], dtype=np.int64)
+        assign = np.ascontiguousarray(list_of_row[r0 : r0 + chunk])
+        pq4.add_core(x.shape[0], faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
+        if (r0 // chunk) % 5 == 4:
+            log(f"fastscan index: {r0 + x.shape[0]}/{n} encoded ({time.time() - t0:.0f} s)")
+    fast = faiss.IndexIVFPQFastScan(pq4)  # shares pq4's quantizer: own it from here on
+    fast.quantizer = quantizer
+    quantizer.this.disown()
+    fast.own_fields = True
+    fast.ntotal = 0  # IndexIDMap2 wraps only an empty index; the lists hold ids = rows, so id_map is the identity
+    index = faiss.IndexIDMap2(fast)
+    fast.ntotal = n
+    fast.this.disown()
+    index.own_fields = True
+    faiss.copy_array_to_vector(np.arange(n, dtype=np.int64), index.id_map)
+    index.ntotal, index.is_trained = n, True
+    index.construct_rev_map()
+    return index, {"seconds": time.time() - t0, "m": m, "metric": int(pq4.metric_type)}

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from ovseg_core.options import later_option
 
 __all__ = [
+    "COARSE_DTYPES",
     "COARSE_KINDS",
     "EMPTY_REGION_MODES",
     "EXTENSION_MODES",
     "INDEX_KINDS",
     "INDEX_METRICS",
+    "IVF_KINDS",
     "SEARCH_MODES",
     "IndexConfig",
     "FusionConfig",
@@ -31,8 +33,17 @@ __all__ = [
 # would not change the direction of a support mean anyway).
 EMPTY_REGION_MODES: tuple[str, ...] = ("nan", "zero")
 # Index structures: "ivfpq" = the authors' IndexIDMap2(IndexIVFPQ(IndexFlatIP)); "flat" = exact
-# inner-product search (IndexIDMap2(IndexFlatIP)); "hnsw" = IndexIDMap2(IndexHNSWFlat, inner product).
-INDEX_KINDS: tuple[str, ...] = ("ivfpq", "flat", "hnsw")
+# inner-product search (IndexIDMap2(IndexFlatIP)); "hnsw" = IndexIDMap2(IndexHNSWFlat, inner product);
+# "ivfpq_fastscan" = the same IVF structure with FAISS's IndexIVFPQFastScan (4-bit codes, pq_nbits
+# must be 4, scanned with SIMD register look-ups; not in the reference: pair it with SearchConfig.rerank).
+INDEX_KINDS: tuple[str, ...] = ("ivfpq", "flat", "hnsw", "ivfpq_fastscan")
+# Index kinds with inverted lists and a coarse quantizer (nprobe, IndexConfig.coarse apply).
+IVF_KINDS: tuple[str, ...] = ("ivfpq", "ivfpq_fastscan")
+# Arithmetic of the coarse step of a flat coarse quantizer (R x nlist inner products): "float32" =
+# the reference (one BLAS product); "bfloat16" = queries and a bfloat16 copy of the centroids
+# multiplied by torch (AMX / AVX512-BF16 kernels where the CPU has them), optionally the best
+# ``coarse_refine * nprobe`` lists re-scored in float32 (not in the reference).
+COARSE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 # Metric of the IVF-PQ: "reference" = the authors' construction without a metric argument, i.e. an
 # L2 IVF-PQ over an inner-product coarse quantizer (lists probed by inner product, codes ranked by
 # squared L2 on the residuals, plain k-means centroids); "inner_product" = both inner product
@@ -131,8 +142,10 @@ class IndexConfig:
         if self.retrain_growth < 0:
             raise ValueError(f"IndexConfig.retrain_growth must be >= 0, got {self.retrain_growth}")
         _check_choice("IndexConfig.coarse", self.coarse, COARSE_KINDS)
-        if self.coarse != "flat" and self.kind != "ivfpq":
-            raise ValueError(f"IndexConfig.coarse={self.coarse!r} needs kind 'ivfpq' (an IVF index), got kind {self.kind!r}")
+        if self.coarse != "flat" and self.kind not in IVF_KINDS:
+            raise ValueError(f"IndexConfig.coarse={self.coarse!r} needs kind 'ivfpq' or 'ivfpq_fastscan' (an IVF index), got kind {self.kind!r}")
+        if self.kind == "ivfpq_fastscan" and self.pq_nbits != 4:
+            raise ValueError(f"IndexConfig.kind='ivfpq_fastscan' needs pq_nbits=4 (FastScan codes are 4-bit), got {self.pq_nbits}")
         if self.coarse_hnsw_m < 2:
             raise ValueError(f"IndexConfig.coarse_hnsw_m must be >= 2, got {self.coarse_hnsw_m}")
         if self.coarse_hnsw_ef_construction < 1:
@@ -140,7 +153,7 @@ class IndexConfig:
 
     @property
     def min_ivfpq_regions(self) -> int:
-        """The tiny-bank rule: below this many keys an "ivfpq" index is built as "flat".
+        """The tiny-bank rule: below this many keys an IVF index ("ivfpq", "ivfpq_fastscan") is built as "flat".
 
         FAISS cannot train a product quantizer on fewer vectors than it has codes per sub-vector
         (2**pq_nbits: the reference's training raises there); exact search over so few keys is
@@ -170,6 +183,13 @@ class SearchConfig:
     # Search beam of an HNSW coarse quantizer (IndexConfig.coarse "hnsw"): efSearch =
     # max(coarse_ef_search, nprobe); None = nprobe. Unused by a flat coarse quantizer.
     coarse_ef_search: int | None = later_option(None)
+    # Arithmetic of the flat coarse step, see COARSE_DTYPES. Reference: "float32".
+    coarse_dtype: str = later_option("float32")
+    # With coarse_dtype "bfloat16": the best coarse_refine * nprobe lists by the bfloat16 product are
+    # re-scored in float32 and the best nprobe of those probed (with their float32 inner products;
+    # 2 probed the float32 step's lists for every stand-in query measured, docs/banks.md);
+    # 0 = probe the bfloat16 top nprobe with their bfloat16 inner products (the fast choice).
+    coarse_refine: int = later_option(0)
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -183,6 +203,9 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.hnsw_ef_search must be >= 1, got {self.hnsw_ef_search}")
         if self.coarse_ef_search is not None and self.coarse_ef_search < 1:
             raise ValueError(f"SearchConfig.coarse_ef_search must be None (= nprobe) or >= 1, got {self.coarse_ef_search}")
+        _check_choice("SearchConfig.coarse_dtype", self.coarse_dtype, COARSE_DTYPES)
+        if self.coarse_refine < 0:
+            raise ValueError(f"SearchConfig.coarse_refine must be >= 0 (0 = no float32 re-scoring), got {self.coarse_refine}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ the same lists and codes) whose coarse quantizer is then replaced by an HNSW gra
 centroids (:func:`use_hnsw_coarse`): a query probes its approximately nearest ``nprobe`` lists
 without scanning all nlist centroids. Keys added later are still assigned by exact search.
 
+``IndexConfig.kind = "ivfpq_fastscan"`` (not in the reference): the same IVF with FAISS's
+``IndexIVFPQFastScan`` (4-bit codes in SIMD-friendly blocks), trained and added the same way.
+
 Extension: the reference adds new ids to the existing index without retraining; ``extension =
 "retrain"`` rebuilds from all keys once the bank has grown by ``retrain_growth``
 (:func:`plan_extension`). Tiny banks: see ``IndexConfig.min_ivfpq_regions``.
@@ -33,8 +36,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ovseg_core.bank.config import IndexConfig
+from ovseg_core.bank.config import IVF_KINDS, IndexConfig
 from ovseg_core.bank.faiss_import import faiss
+from ovseg_core.bank.index_object import BankIndex, normalize_keys
 
 __all__ = [
     "BankIndex",
@@ -51,123 +55,10 @@ __all__ = [
     "train_index",
 ]
 
-# The reference's normalisation: v / (||v|| + 1e-12) (not F.normalize's max(||v||, eps)).
-_KEY_EPS = 1e-12
 # FAISS's serialisation tags of IndexIDMap2 and IndexIDMap.
 _IDMAP2_TAG, _IDMAP_TAG = b"IxM2", b"IxMp"
 # Rows per add_with_ids call when adding (bounds the float32 copy of the keys).
 _ADD_CHUNK = 65536
-
-
-class BankIndex:
-    """A FAISS ``IndexIDMap2`` (or ``IndexIDMap``) and what searching it needs (``ovseg_core.bank.search``).
-
-    ``kind`` is "ivfpq", "flat" or "hnsw"; ``metric`` ("reference" or "inner_product") and
-    ``coarse`` ("flat" or "hnsw" for an IVF-PQ, else None) are read from the FAISS objects, so an
-    imported index describes itself.
-    """
-
-    def __init__(self, index: faiss.Index) -> None:
-        self._owner = index  # keeps the object FAISS allocated alive behind any downcast proxy
-        index = faiss.downcast_index(index)
-        if not isinstance(index, (faiss.IndexIDMap2, faiss.IndexIDMap)):
-            raise ValueError(f"a bank index must be a FAISS IndexIDMap2 or IndexIDMap (ids = region ids), got {type(index).__name__}")
-        self.index = index
-        self.inner = faiss.downcast_index(index.index)
-        if isinstance(self.inner, faiss.IndexIVFPQ):
-            self.kind = "ivfpq"
-            quantizer_ip = self.inner.quantizer.metric_type == faiss.METRIC_INNER_PRODUCT
-            if self.inner.metric_type == faiss.METRIC_INNER_PRODUCT:
-                self.metric = "inner_product"
-            elif quantizer_ip:
-                self.metric = "reference"
-            else:
-                self.metric = "l2"
-        elif isinstance(self.inner, faiss.IndexFlat):
-            self.kind, self.metric = "flat", _metric_name(self.inner.metric_type)
-        elif isinstance(self.inner, faiss.IndexHNSW):
-            self.kind, self.metric = "hnsw", _metric_name(self.inner.metric_type)
-        else:
-            raise ValueError(f"unsupported inner index {type(self.inner).__name__}; expected IndexIVFPQ, IndexFlat or IndexHNSW")
-        self.coarse: str | None = None
-        if self.kind == "ivfpq":
-            quantizer = faiss.downcast_index(self.inner.quantizer)
-            if isinstance(quantizer, faiss.IndexHNSW):
-                self.coarse = "hnsw"
-            elif isinstance(quantizer, faiss.IndexFlat):
-                self.coarse = "flat"
-            else:
-                raise ValueError(f"unsupported coarse quantizer {type(quantizer).__name__}; expected IndexFlat or IndexHNSW")
-        self._id_map: np.ndarray | None = None
-        self._centroid_norms: np.ndarray | None = None
-
-    @property
-    def dim(self) -> int:
-        return int(self.index.d)
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    @property
-    def nlist(self) -> int | None:
-        """Inverted lists of an IVF index, else None."""
-        return int(self.inner.nlist) if self.kind == "ivfpq" else None
-
-    def ids(self) -> np.ndarray:
-        """``(ntotal,) int64``: the region id of each stored vector, in insertion order (a copy)."""
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
-
-    def id_map(self) -> np.ndarray:
-        """:meth:`ids` as a read-only view of FAISS's own vector (no copy; renewed after :func:`add_keys`)."""
-        if self._id_map is None or self._id_map.shape[0] != self.ntotal:
-            view = faiss.rev_swig_ptr(self.index.id_map.data(), self.index.id_map.size()) if self.ntotal else np.empty(0, np.int64)
-            view.flags.writeable = False
-            self._id_map = view
-        return self._id_map
-
-    def centroids(self) -> np.ndarray:
-        """``(nlist, D) float32`` IVF centroids: a read-only view of the coarse quantizer's own storage (no copy)."""
-        quantizer = faiss.downcast_index(self.inner.quantizer)
-        flat = faiss.downcast_index(quantizer.storage) if isinstance(quantizer, faiss.IndexHNSW) else quantizer
-        n, d = int(flat.ntotal), int(flat.d)
-        view = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d) if n else np.empty((0, d), np.float32)
-        view.flags.writeable = False
-        return view
-
-    def centroid_norms(self) -> np.ndarray:
-        """``(nlist,) float32`` squared norms of the IVF centroids (cached)."""
-        if self._centroid_norms is None:
-            self._centroid_norms = (self.centroids() ** 2).sum(axis=1, dtype=np.float32)
-        return self._centroid_norms
-
-    def invalidate(self) -> None:
-        """Forget cached search state (after vectors were added)."""
-        self._id_map = None
-
-
-def _metric_name(metric: int) -> str:
-    return "inner_product" if metric == faiss.METRIC_INNER_PRODUCT else "l2"
-
-
-def normalize_keys(keys: np.ndarray) -> np.ndarray:
-    """``(n, D) float32`` keys divided by ``(norm + 1e-12)``, as the reference does before indexing.
-
-    Raises:
-        ValueError: a key holds NaN or Inf (an empty region pooled with ``empty_region="nan"``;
-            FAISS training rejects them and adding them would corrupt the index).
-    """
-    vecs = np.ascontiguousarray(keys, dtype=np.float32)
-    if vecs.ndim != 2:
-        raise ValueError(f"keys must be (n, D), got shape {vecs.shape}")
-    bad = ~np.isfinite(vecs).all(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"{int(bad.sum())} key rows hold NaN/Inf (first rows {np.flatnonzero(bad)[:5].tolist()}): empty regions "
-            "pooled with PoolingConfig.empty_region='nan' (the reference); pool with empty_region='zero' or leave "
-            "those ids out of the index"
-        )
-    return vecs / (np.linalg.norm(vecs, axis=1, keepdims=True) + _KEY_EPS)
 
 
 def _nlist(n: int, cfg: IndexConfig) -> int:
@@ -175,8 +66,8 @@ def _nlist(n: int, cfg: IndexConfig) -> int:
 
 
 def built_kind(n_total: int, cfg: IndexConfig) -> str:
-    """The kind actually built for ``n_total`` keys (the tiny-bank rule: "ivfpq" -> "flat")."""
-    if cfg.kind == "ivfpq" and n_total < cfg.min_ivfpq_regions:
+    """The kind actually built for ``n_total`` keys (the tiny-bank rule: an IVF kind -> "flat")."""
+    if cfg.kind in IVF_KINDS and n_total < cfg.min_ivfpq_regions:
         return "flat"
     return cfg.kind
 
@@ -199,10 +90,10 @@ def new_index(dim: int, n_total: int, cfg: IndexConfig = IndexConfig()) -> BankI
         if dim % cfg.pq_m:
             raise ValueError(f"IndexConfig.pq_m={cfg.pq_m} does not divide the key dimension {dim}; pick a divisor")
         quantizer = faiss.IndexFlatIP(dim)
-        if cfg.metric == "reference":
-            inner = faiss.IndexIVFPQ(quantizer, dim, _nlist(n_total, cfg), cfg.pq_m, cfg.pq_nbits)
-        else:
-            inner = faiss.IndexIVFPQ(quantizer, dim, _nlist(n_total, cfg), cfg.pq_m, cfg.pq_nbits, faiss.METRIC_INNER_PRODUCT)
+        # no metric argument = L2 codes under the inner-product quantizer: the reference's quirk
+        metric = faiss.METRIC_L2 if cfg.metric == "reference" else faiss.METRIC_INNER_PRODUCT
+        ivf_class = faiss.IndexIVFPQ if kind == "ivfpq" else faiss.IndexIVFPQFastScan
+        inner = ivf_class(quantizer, dim, _nlist(n_total, cfg), cfg.pq_m, cfg.pq_nbits, metric)
         inner.cp.seed = cfg.train_seed
         inner.pq.cp.seed = cfg.train_seed
     return BankIndex(faiss.IndexIDMap2(inner))
@@ -221,12 +112,12 @@ def training_ids(n_total: int, cfg: IndexConfig = IndexConfig()) -> np.ndarray:
 
 
 def train_index(bank: BankIndex, keys: np.ndarray) -> None:
-    """Train an IVF-PQ on ``keys`` ``(n, D)`` (normalised here); a no-op for flat and HNSW.
+    """Train an IVF-PQ (or its FastScan variant) on ``keys`` ``(n, D)`` (normalised here); a no-op for flat and HNSW.
 
     Raises:
         ValueError: fewer training keys than the index needs (nlist centroids, 2**nbits PQ codes).
     """
-    if bank.kind != "ivfpq":
+    if bank.kind not in IVF_KINDS:
         return
     vecs = normalize_keys(keys)
     need = max(int(bank.inner.nlist), 2 ** int(bank.inner.pq.nbits))
@@ -301,7 +192,7 @@ def use_hnsw_coarse(bank: BankIndex, m: int = 32, ef_construction: int = 40) -> 
     Raises:
         ValueError: ``bank`` is not an IVF-PQ with a flat coarse quantizer.
     """
-    if bank.kind != "ivfpq" or bank.coarse != "flat":
+    if bank.kind not in IVF_KINDS or bank.coarse != "flat":
         raise ValueError(f"use_hnsw_coarse needs an IVF-PQ with a flat coarse quantizer, got kind {bank.kind!r}, coarse {bank.coarse!r}")
     hnsw = faiss.IndexHNSWFlat(bank.dim, m, faiss.METRIC_INNER_PRODUCT)
     hnsw.hnsw.efConstruction = ef_construction
@@ -331,10 +222,10 @@ def build_index(keys: np.ndarray, ids: np.ndarray | None = None, cfg: IndexConfi
     n = int(keys.shape[0])
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     bank = new_index(int(keys.shape[1]), n, cfg)
-    if bank.kind == "ivfpq":
+    if bank.kind in IVF_KINDS:
         train_index(bank, np.asarray(keys[training_ids(n, cfg)]))
     add_keys(bank, keys, ids)
-    if bank.kind == "ivfpq" and cfg.coarse == "hnsw":
+    if bank.kind in IVF_KINDS and cfg.coarse == "hnsw":
         bank = use_hnsw_coarse(bank, cfg.coarse_hnsw_m, cfg.coarse_hnsw_ef_construction)
     return bank
 

@@ -22,6 +22,12 @@ queries with a view of the quantizer's centroids, then the top ``nprobe`` per qu
 queries x 13,623 centroids; the two differ only in float rounding of the inner products. An HNSW
 coarse quantizer (``IndexConfig.coarse``) is searched with efSearch = max(coarse_ef_search, nprobe).
 
+Deviations for speed (off by default; docs/banks.md section 2): ``SearchConfig.coarse_dtype =
+"bfloat16"`` computes the coarse step's product in bfloat16 (torch) and re-scores the best
+``coarse_refine * nprobe`` lists in float32 (:func:`_coarse_lists_bf16`); an ``"ivfpq_fastscan"``
+index (4-bit codes) is searched through the same preassigned path, with the precomputed table for
+L2 codes and FAISS's per-query tables for inner-product codes.
+
 The table costs nlist * m * 2**nbits float32 (446 MB for the 2.9M-region COCO bank). The path
 switches the IVF-PQ's ``use_precomputed_table`` on for the call and off again, so one
 :class:`BankIndex` must not be searched from two threads at once.
@@ -30,10 +36,11 @@ switches the IVF-PQ's ``use_precomputed_table`` on for the call and off again, s
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ovseg_core.bank.config import SearchConfig
 from ovseg_core.bank.faiss_import import faiss
-from ovseg_core.bank.index import BankIndex, normalize_keys
+from ovseg_core.bank.index_object import KEY_EPS, BankIndex, normalize_keys
 from ovseg_core.bank.rows import RowReader
 
 __all__ = ["coarse_lists", "nprobe", "rerank", "search_index"]
@@ -46,7 +53,7 @@ def nprobe(bank: BankIndex, cfg: SearchConfig) -> int | None:
 
 def _ensure_table(bank: BankIndex) -> None:
     inner = bank.inner
-    if inner.precomputed_table.size() == 0:
+    if inner.by_residual and inner.metric_type == faiss.METRIC_L2 and inner.precomputed_table.size() == 0:
         inner.use_precomputed_table = 1  # forced: FAISS picks 0 (no table) for an inner-product quantizer
         try:
             inner.precompute_table()
@@ -68,7 +75,13 @@ def coarse_lists(bank: BankIndex, queries: np.ndarray, probes: int, cfg: SearchC
     """
     if bank.coarse == "hnsw":
         return bank.inner.quantizer.search(queries, probes, params=_coarse_hnsw_params(cfg, probes))
-    sims = queries @ bank.centroids().T
+    if cfg.coarse_dtype == "bfloat16":
+        return _coarse_lists_bf16(bank, queries, probes, cfg.coarse_refine)
+    return _top_lists(queries @ bank.centroids().T, probes)
+
+
+def _top_lists(sims: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sims, lists)`` of the ``probes`` highest of ``sims`` ``(R, n)`` per row, highest first, ties by column."""
     if probes < sims.shape[1]:
         top = np.sort(np.argpartition(-sims, probes - 1, axis=1)[:, :probes], axis=1)
     else:
@@ -78,16 +91,49 @@ def coarse_lists(bank: BankIndex, queries: np.ndarray, probes: int, cfg: SearchC
     return np.take_along_axis(top_sims, order, axis=1), np.take_along_axis(top, order, axis=1).astype(np.int64)
 
 
-def _search_reference_precomputed(bank: BankIndex, queries: np.ndarray, k: int, probes: int, cfg: SearchConfig) -> np.ndarray:
-    """Positions (internal ids) of the k nearest codes, as FAISS's own search of this IVF-PQ returns."""
+def _coarse_lists_bf16(bank: BankIndex, queries: np.ndarray, probes: int, refine: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`coarse_lists` from a bfloat16 product (``SearchConfig.coarse_dtype``), re-scored in float32.
+
+    The best ``refine * probes`` lists by ``bf16(queries) @ bf16(centroids).T`` (torch; float32
+    accumulation, bfloat16 result) are re-scored by float32 inner products with their centroids and
+    the best ``probes`` of them kept (ties by list number); ``refine = 0`` keeps the bfloat16 top
+    ``probes`` and their bfloat16 scores. A list whose float32 score is among the true top ``probes``
+    is missed only when the bfloat16 rounding (~2**-8 relative) moves it below the candidates.
+    """
+    with torch.no_grad():
+        approx = (torch.from_numpy(queries).to(torch.bfloat16) @ bank.centroids_bf16().T).float().numpy()
+    if not refine:
+        return _top_lists(approx, probes)
+    _, cand = _top_lists(approx, min(refine * probes, approx.shape[1]))
+    cand.sort(axis=1)  # list number order: the float32 selection below breaks ties by list number
+    centroids = bank.centroids()
+    sims = np.stack([centroids[lists] @ q for q, lists in zip(queries, cand)])  # one gemv per query: no (R, C, D) copy
+    top_sims, pos = _top_lists(sims, probes)
+    return top_sims, np.take_along_axis(cand, pos, axis=1)
+
+
+def _coarse_distances(bank: BankIndex, queries: np.ndarray, sims: np.ndarray, lists: np.ndarray) -> np.ndarray:
+    """The coarse term FAISS starts a list's code distances from: squared L2 ||q - c||^2 for an L2 IVF
+    (the reference's metric), the inner product <q, c> for an inner-product IVF; +-inf where a list is -1."""
+    if bank.inner.metric_type == faiss.METRIC_INNER_PRODUCT:
+        return np.where(lists < 0, np.float32(-np.inf), sims).astype(np.float32)
+    norms = bank.centroid_norms()
+    coarse = (queries**2).sum(axis=1, keepdims=True) + norms[np.maximum(lists, 0)] - 2.0 * sims
+    return np.where(lists < 0, np.float32(np.inf), coarse).astype(np.float32)
+
+
+def _search_preassigned(bank: BankIndex, queries: np.ndarray, k: int, probes: int, cfg: SearchConfig) -> np.ndarray:
+    """Positions (internal ids) of the k nearest codes, as FAISS's own search of this IVF-PQ returns.
+
+    The lists come from :func:`coarse_lists`; an L2 IVF by residual ranks codes with the forced
+    precomputed table (module doc), an inner-product one with FAISS's query tables.
+    """
     _ensure_table(bank)
     inner = bank.inner
     sims, lists = coarse_lists(bank, queries, probes, cfg)
-    norms = bank.centroid_norms()
-    coarse = (queries**2).sum(axis=1, keepdims=True) + norms[np.maximum(lists, 0)] - 2.0 * sims
-    coarse = np.where(lists < 0, np.float32(np.inf), coarse).astype(np.float32)
+    coarse = _coarse_distances(bank, queries, sims, lists)
     inner.nprobe = probes  # the wrapper checks the assignment's width against it (the reference sets it too)
-    inner.use_precomputed_table = 1
+    inner.use_precomputed_table = int(inner.precomputed_table.size() > 0)
     try:
         _, positions = inner.search_preassigned(queries, k, lists, coarse)
     finally:
@@ -104,8 +150,17 @@ def _search_raw(bank: BankIndex, queries: np.ndarray, k: int, cfg: SearchConfig)
     if bank.ntotal == 0:
         return np.full((queries.shape[0], k), -1, dtype=np.int64)
     probes = nprobe(bank, cfg)
-    if bank.kind == "ivfpq" and bank.metric == "reference" and bank.inner.by_residual and cfg.search == "precomputed":
-        return _ids_from_positions(bank, _search_reference_precomputed(bank, queries, k, probes, cfg))
+    if bank.kind == "ivfpq_fastscan" or (
+        bank.kind == "ivfpq" and bank.metric == "reference" and bank.inner.by_residual and cfg.search == "precomputed"
+    ):
+        if cfg.coarse_dtype != "float32" and bank.coarse != "flat":
+            raise ValueError(f"SearchConfig.coarse_dtype={cfg.coarse_dtype!r} needs a flat coarse quantizer, got {bank.coarse!r}")
+        return _ids_from_positions(bank, _search_preassigned(bank, queries, k, probes, cfg))
+    if cfg.coarse_dtype != "float32":
+        raise ValueError(
+            f"SearchConfig.coarse_dtype={cfg.coarse_dtype!r} needs an IVF-PQ searched with search='precomputed' "
+            f"(or an 'ivfpq_fastscan' index), got kind {bank.kind!r}, metric {bank.metric!r}, search {cfg.search!r}"
+        )
     if bank.kind == "ivfpq":
         coarse_params = _coarse_hnsw_params(cfg, probes) if bank.coarse == "hnsw" else None
         params = faiss.SearchParametersIVF(nprobe=probes, quantizer_params=coarse_params)
@@ -134,9 +189,13 @@ def rerank(queries: np.ndarray, candidates: np.ndarray, key_rows: RowReader, k: 
     flat = candidates[valid]
     scores = np.full((r, c), -np.inf, dtype=np.float32)
     if flat.size:
-        keys = normalize_keys(key_rows.rows(flat))
+        keys = np.asarray(key_rows.rows(flat), dtype=np.float32)
+        norms = np.sqrt(np.einsum("nd,nd->n", keys, keys))
+        if not np.isfinite(norms).all():
+            normalize_keys(keys)  # raises, naming the NaN/Inf rows
         rows = np.repeat(np.arange(r), valid.sum(axis=1))
-        scores[valid] = np.einsum("nd,nd->n", keys, queries[rows])
+        # <q, k / (||k|| + 1e-12)> as the index normalises keys, without a normalised copy of the rows
+        scores[valid] = np.einsum("nd,nd->n", keys, queries[rows]) / (norms + np.float32(KEY_EPS))
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     out = np.take_along_axis(candidates, order, axis=1)
     out[np.take_along_axis(scores, order, axis=1) == -np.inf] = -1

@@ -55,6 +55,28 @@ def test_structured_index_has_the_reference_structure_and_lists_match_nearest_ce
     assert faiss.vector_to_array(index.id_map).tolist() == list(range(4000))
 
 
+def test_fastscan_variant_keeps_every_key_in_its_list_of_the_source_index(bench, tmp_path):
+    _, standin = bench
+    spec = standin.Spec(4000, dim_key=64, dim_main=32, dim_aux=16)
+    folder = standin.generate(spec, tmp_path)
+    index, _ = standin.structured_index(folder, spec, chunk=1500)
+    source = faiss.downcast_index(index.index)
+    fast_map, info = standin.fastscan_from(source, folder, 32, chunk=1500)
+    fast = faiss.downcast_index(fast_map.index)
+    assert isinstance(fast, faiss.IndexIVFPQFastScan) and (fast.pq.M, fast.pq.nbits, fast.nlist) == (32, 4, source.nlist)
+    assert fast_map.ntotal == fast.ntotal == 4000 and faiss.vector_to_array(fast_map.id_map).tolist() == list(range(4000))
+    for lst in range(source.nlist):
+        n = source.invlists.list_size(lst)
+        assert fast.invlists.list_size(lst) == n
+        ids = sorted(faiss.rev_swig_ptr(source.invlists.get_ids(lst), n).tolist()) if n else []
+        got = sorted(faiss.rev_swig_ptr(fast.invlists.get_ids(lst), n).tolist()) if n else []
+        assert got == ids
+    q = standin.queries(folder, 20, seed=0)
+    fast.nprobe = source.nlist  # every list: the 4-bit codes still find the true nearest key of most queries
+    _, found = fast_map.search(q, 10)
+    assert np.mean([e in f for e, f in zip(standin.exact_topk(folder, q, 1)[:, 0], found)]) >= 0.8
+
+
 def test_recall_counts_the_exact_neighbours_found(bench):
     bank, _ = bench
     assert bank.recall(np.array([[1, 2, -1], [4, 5, 6]]), np.array([[2, 1, 3], [7, 8, 9]])) == pytest.approx(1 / 3)
@@ -72,14 +94,19 @@ def test_tiny_benchmark_run_prints_the_table(bench, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| retrieval + fusion per image (reader: mmap), wall / CPU ms | <= 5 ms |" in text
     hnsw = "pread, HNSW coarse nprobe 16 ef 64"
-    assert set(res["serving"]) == {"mmap", "pread", hnsw}
+    fast = "pread, FastScan m 64 IP, bfloat16 coarse, exact re-rank of 40"
+    assert set(res["serving"]) == {"mmap", "pread", hnsw, fast}
     for reader, out in res["serving"].items():
         coarse = "hnsw" if reader == hnsw else "flat"
-        assert out["index"] == {"kind": "ivfpq", "metric": "reference", "coarse": coarse, "nlist": int(8 * np.sqrt(3000)),
+        kind, metric = ("ivfpq_fastscan", "inner_product") if reader == fast else ("ivfpq", "reference")
+        assert out["index"] == {"kind": kind, "metric": metric, "coarse": coarse, "nlist": int(8 * np.sqrt(3000)),
                                 "ntotal": 3000}
         assert out["ms"]["total"] > 0 and out["cpu_ms"]["retrieval"] > 0 and out["memory"]["served"]["VmRSS"] > 0
     assert all(0.0 <= o["recall"] <= 1.0 for o in res["options"])
     assert any(o["option"].startswith("HNSW coarse") for o in res["options"])
     assert next(o for o in res["options"] if "(before)" in o["option"])["same_neighbours_as_default"] is True
+    assert next(o for o in res["options"] if "float32 re-score" in o["option"])["same_neighbours_as_default"] is True
+    assert set(res["bf16_same_lists"]) == {"refine 0", "refine 1", "refine 2"} and res["bf16_same_lists"]["refine 2"] == 1.0
+    assert "FastScan" in text and "bfloat16 coarse step, fraction of queries" in text
     assert json.loads((tmp_path / "bank-n3000.json").read_text())["args"]["regions"] == 3000
     assert (tmp_path / "bank-n3000.md").read_text().startswith("# Memory-bank benchmark")

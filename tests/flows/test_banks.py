@@ -220,6 +220,13 @@ def test_a_method_names_a_bank_that_exists_and_bank_parameters_are_checked(tmp_p
     bad_ef = {**base, "methods": [{"name": "m", "method": "corrclipv2", "params": {"bank": "sample", "bank_coarse_ef": 0}}]}
     with pytest.raises(ValueError, match="SearchConfig.coarse_ef_search must be None"):
         build_plan(parse_experiment(bad_ef))
+    bad_dtype = {**base, "methods": [{"name": "m", "method": "corrclipv2", "params": {"bank": "sample", "bank_coarse_dtype": "fp8"}}]}
+    with pytest.raises(ValueError, match="SearchConfig.coarse_dtype must be one of"):
+        build_plan(parse_experiment(bad_dtype))
+    bad_fastscan = {**base, "banks": [{"name": "sample", "root": str(VOC), "index": {"kind": "ivfpq_fastscan"}}],
+                    "methods": [{"name": "m", "method": "corrclipv2", "params": {"bank": "sample"}}]}
+    with pytest.raises(ValueError, match="kind='ivfpq_fastscan' needs pq_nbits=4"):
+        build_plan(parse_experiment(bad_fastscan))
     bad_coarse = {**base, "banks": [{"name": "sample", "root": str(VOC), "index": {"kind": "flat", "coarse": "hnsw"}}],
                   "methods": [{"name": "m", "method": "corrclipv2", "params": {"bank": "sample"}}]}
     with pytest.raises(ValueError, match="IndexConfig.coarse='hnsw' needs kind 'ivfpq'"):
@@ -233,13 +240,16 @@ def test_changing_k_or_alpha_moves_only_the_reconstruction_and_what_follows(tmp_
     plans = {}
     for name, params in {"plain": {}, "k20": {"bank": "sample"}, "k5": {"bank": "sample", "bank_k": 5},
                          "alpha": {"bank": "sample", "bank_alpha": 0.3},
-                         "coarse_ef": {"bank": "sample", "bank_coarse_ef": 64}}.items():
+                         "coarse_ef": {"bank": "sample", "bank_coarse_ef": 64},
+                         "fast": {"bank": "sample", "bank_coarse_dtype": "bfloat16", "bank_rerank": True,
+                                  "bank_rerank_candidates": 40}}.items():
         exp = parse_experiment({**base, "methods": [{"name": "m", "method": "corrclipv2", "params": params}]})
         plans[name] = {n.stage: n.key for p in build_plan(exp) for n in p.nodes.values() if p.dataset.name == "voc"}
     moved = {s for s in plans["k20"] if plans["k20"][s] != plans["k5"][s]}
     assert moved == {"reconstruction", "map_correction", "scoring"}
     assert {s for s in plans["k20"] if plans["k20"][s] != plans["alpha"][s]} == moved
     assert {s for s in plans["k20"] if plans["k20"][s] != plans["coarse_ef"][s]} == moved
+    assert {s for s in plans["k20"] if plans["k20"][s] != plans["fast"][s]} == moved
     # with and without a bank: the same upstream (its keys before banks existed: tests/flows/test_key_stability.py)
     assert {s for s in plans["k20"] if plans["k20"][s] != plans["plain"][s]} == moved
 
