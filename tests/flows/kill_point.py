@@ -6,6 +6,7 @@ beside them (a real SIGKILL: no ``finally``, no atexit, no flush).
 POINT (in the order the index stage reaches them):
 
 - ``registry``: the bank's registry was just replaced (``storage.bank.write_registry``), the index not yet built;
+- ``rows``: the first segment of the values in region-id order (``storage.bank_rows``) was just moved into place;
 - ``pack``: the index pack's temporary file is complete, not yet moved into place;
 - ``record``: the pack is in place, its completion record not yet written.
 """
@@ -21,7 +22,7 @@ from typing import Any
 from flows.cli import main
 from storage.fsio import Backend
 
-POINTS = ("registry", "pack", "record")
+POINTS = ("registry", "rows", "pack", "record")
 _INDEX_DIR = "/stages/bank_index/"
 
 
@@ -40,6 +41,11 @@ def arm(point: str) -> None:
         if "/banks/" in path and path.rsplit("/", 1)[-1].startswith("registry-"):
             _die()
 
+    def after_rows(self: Backend, local_path: str, path: str) -> None:
+        put_file(self, local_path, path)
+        if "/stages/bank_values/" in path and path.endswith(".rows"):
+            _die()
+
     def before_move(self: Backend, local_path: str, path: str) -> None:
         if _INDEX_DIR in path:
             _die()
@@ -51,7 +57,7 @@ def arm(point: str) -> None:
         return put_if_absent(self, path, data)
 
     wrappers: dict[str, tuple[str, Callable[..., Any]]] = {
-        "registry": ("put_atomic", after_registry), "pack": ("put_file", before_move),
+        "registry": ("put_atomic", after_registry), "rows": ("put_file", after_rows), "pack": ("put_file", before_move),
         "record": ("put_if_absent", before_record)}
     name, fn = wrappers[point]
     setattr(Backend, name, fn)
