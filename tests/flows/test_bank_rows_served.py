@@ -1,6 +1,6 @@
 """A built bank serves its values from the row segments its index item writes (``storage.bank_rows``): fused outputs
-bit-identical to the values read directly from the per-image items' packs with zarr; a grown bank appends its new
-regions' rows only; a damaged segment is found by ``cache verify`` and written again. A DMCE bank (two tiny random
+bit-identical to the values read directly from the per-image items' packs with zarr, and on an S3 store to a local
+store's; a grown bank appends its new regions' rows only; a damaged segment is found by ``cache verify`` and written again. A DMCE bank (two tiny random
 CLIPs) of sample images, a flat index. Random weights: the numbers check the machinery, none is a method result."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from storage.store import Store
 from tasks.bank_index import bank_serving, fuse_with_bank, image_names, retrieve_batch
 from tasks.bank_params import BANK_ITEM
 from tasks.runtime import RunSettings, StageContext
+from tests.s3server import shared_server
 from tests.flows.conftest import SAMPLE, computed
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -112,6 +113,29 @@ def test_retrieval_through_the_row_segments_equals_the_per_image_items_bit_for_b
                                          rec.params.bank.fusion)
     assert torch.equal(fused, expected) and torch.equal(support.logits, exp_support.logits)
     assert not torch.equal(fused, own)  # the bank changed the logits
+
+
+@pytest.mark.slow
+def test_on_an_s3_store_the_bank_serves_from_its_segments_the_local_outputs_bit_for_bit(served):
+    tmp, exp = served  # before the growth test: the same images, so the same keys
+    url = f"s3://{shared_server().create_bucket()}/st"
+    s3_exp = parse_experiment({**_experiment(tmp), "store": url}, source="test")
+    assert run_experiment(s3_exp, progress=False, orchestrate=False).failed == 0
+    local, remote = Store(tmp / "store"), Store(url)
+    node = _index_node(exp)
+    attrs = remote.item_attrs("bank_index", node.key, BANK_ITEM)
+    assert attrs["value_rows"] == local.item_attrs("bank_index", node.key, BANK_ITEM)["value_rows"]
+    for a in attrs["value_rows"].values():
+        rs = RowSegments.from_attrs(a)
+        assert [remote.backend.get(rs.path(remote, s)) for s in rs.segments] == [
+            Path(rs.path(local, s)).read_bytes() for s in rs.segments]
+    for stage in ("reconstruction", "map_correction", "bank_index"):
+        for key in {k for s, k in local.stage_sets() if s == stage}:
+            items = local.complete_items(stage, key)
+            assert items and remote.complete_items(stage, key) == items
+            for i in items:
+                a, b = local.read_item(stage, key, i), remote.read_item(stage, key, i)
+                assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a), (stage, i)
 
 
 @pytest.mark.slow
