@@ -244,18 +244,24 @@ class SegmentRows:
         return out[inverse]
 
 
-def verify_segments(store: Store, attrs: Mapping[str, Any], remove: bool = False) -> None:
-    """Check every row of every value store an index item's attrs list (``value_rows``) against its CRC-32 (``cache
-    verify``); raises ``DamagedOutputError`` naming the segment, which ``remove`` (``--repair``) deletes so that the
-    run that rebuilds the un-marked item writes it again."""
+def verify_segments(store: Store, attrs: Mapping[str, Any], remove: bool = False, checksums: bool = True) -> None:
+    """Check every segment of every value store an index item's attrs list (``value_rows``): its size, and with
+    ``checksums`` every row against its CRC-32 (``cache verify``); raises ``DamagedOutputError`` naming the segment,
+    which ``remove`` (``--repair``) deletes so that the run that rebuilds the un-marked item writes it again."""
     for a in (attrs.get("value_rows") or {}).values():
         rs = RowSegments.from_attrs(a)
         for seg in rs.segments:
+            path = rs.path(store, seg)
             try:
-                reader = SegmentRows(store, RowSegments(rs.stage, rs.key, rs.bank, rs.regions_key, rs.dim, (seg,)))
-                for lo in range(seg[0], seg[1], _VERIFY_ROWS):
-                    reader._read(0, lo, min(_VERIFY_ROWS, seg[1] - lo))
+                size = store.backend.size(path)
+                if not checksums and size != rs.nbytes(seg):
+                    raise DamagedOutputError(f"{path} is damaged ({size} bytes, a complete segment has "
+                                             f"{rs.nbytes(seg)})")
+                if checksums:
+                    reader = SegmentRows(store, RowSegments(rs.stage, rs.key, rs.bank, rs.regions_key, rs.dim, (seg,)))
+                    for lo in range(seg[0], seg[1], _VERIFY_ROWS):
+                        reader._read(0, lo, min(_VERIFY_ROWS, seg[1] - lo))
             except DamagedOutputError:
                 if remove:
-                    store.backend.delete(rs.path(store, seg))
+                    store.backend.delete(path)
                 raise

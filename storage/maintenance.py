@@ -98,8 +98,8 @@ def verify(store: Store, sets: Iterable[tuple[str, str]] | None = None, checksum
                 store.verify_item(stage, key, item, checksums=checksums)
                 if stage == "bank_values" and item == ROWS and checksums:
                     verify_row_file(store, stage, key)  # an imported value store's rows (storage.row_files)
-                if stage == "bank_index" and checksums:  # a built bank's values in region-id order (bank_rows)
-                    verify_segments(store, store.item_attrs(stage, key, item), remove=repair)
+                if stage == "bank_index":  # a built bank's values in region-id order (storage.bank_rows)
+                    verify_segments(store, store.item_attrs(stage, key, item), remove=repair, checksums=checksums)
             except (DamagedOutputError, MissingOutputError) as e:
                 rep.damaged.append((item, str(e)))
         if repair:
