@@ -1,5 +1,7 @@
 """Value-row reads from the store (``python bench/bank_store_rows.py``): a retrieval's K x R rows per image read
-through ``storage.bank.StoreRows`` from a built bank's per-image ``bank_values`` items and from an imported store
+through ``storage.bank.StoreRows`` from a built bank's per-image ``bank_values`` items, through the same bank's
+row segments in region-id order (``storage.bank_rows``: what a built bank's ``bank_index`` item writes and serving
+reads; consolidated here first for 90 % of the images, then grown to all, both timed) and from an imported store
 (``flows.bank_import.import_values`` of a synthetic authors' ``.pt``), on the same random fp16 unit rows.
 
 Stand-in: ``--regions`` rows of ``--dim`` (768: the -L bank's CLIP), ``--per-image`` regions per built image (COCO:
@@ -35,6 +37,10 @@ try:
     from storage.row_files import FileRows  # noqa: E402
 except ImportError:  # ovseg before the row file (before/after figures)
     FileRows = None
+try:
+    from storage.bank_rows import SegmentRows, consolidate_values  # noqa: E402
+except ImportError:  # ovseg before the row segments (before/after figures)
+    SegmentRows = consolidate_values = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,8 +93,17 @@ def readers(out: Path, n: int, dim: int, per_image: int) -> dict[str, Any]:
     items = sorted(store.complete_items(built.stage, built.key))
     counts = np.full(len(items), per_image, np.int64)
     counts[-1] = n - per_image * (len(items) - 1)
-    got: dict[str, Any] = {"built": StoreRows(store, built.stage, built.key, items, np.arange(len(items)) * per_image,
-                                              counts, dim)}
+    firsts = np.arange(len(items)) * per_image
+    got: dict[str, Any] = {"built": StoreRows(store, built.stage, built.key, items, firsts, counts, dim)}
+    if consolidate_values is not None:  # what the bank_index item writes: 90 % of the images, then the bank grown
+        for share in (0.9, 1.0):
+            part = items[: int(round(share * len(items)))]
+            t0 = time.perf_counter()
+            rs, written = consolidate_values(store, built.stage, built.key, "bench", "regions", items, firsts, counts,
+                                             part)
+            print(f"row segments of {share:.0%} of the images: {written} rows written in "
+                  f"{time.perf_counter() - t0:.1f} s, {len(rs.segments)} segment(s)")
+        got["built, row segments"] = SegmentRows(store, rs)
     imported = StageKey("bank_values", {"bench": "imported", "dim": dim})
     chunks = sorted(store.complete_items(imported.stage, imported.key))
     if FileRows is not None and chunks == ["rows"]:

@@ -15,7 +15,9 @@ the bank's lease.
 **Value rows** (``StoreRows``, an ``ovseg_core.bank.rows.RowReader``): the retrieved region ids
 are mapped to (image, row) through the registry and read from the images' ``bank_values`` items,
 one checked ranged read per image holding a retrieved row (the item's ``values`` array only): a
-serving process never loads a value store whole.
+serving process never loads a value store whole. Serving reads a built bank's row segments
+(``storage.bank_rows``, ~100x faster for scattered ids); this reader serves index items written
+before the segments existed.
 """
 
 from __future__ import annotations

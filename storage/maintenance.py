@@ -15,6 +15,7 @@ from storage.leases import LEASES
 from storage.paths import TABLES
 from storage.reading import DamagedOutputError, MissingOutputError
 from storage.records import DROPS, INDEX, PACKS, RECORDS
+from storage.bank_rows import segment_folders, verify_segments
 from storage.row_files import ROWS, verify_row_file
 
 if TYPE_CHECKING:  # the store calls none of this module: a type only
@@ -97,6 +98,8 @@ def verify(store: Store, sets: Iterable[tuple[str, str]] | None = None, checksum
                 store.verify_item(stage, key, item, checksums=checksums)
                 if stage == "bank_values" and item == ROWS and checksums:
                     verify_row_file(store, stage, key)  # an imported value store's rows (storage.row_files)
+                if stage == "bank_index":  # a built bank's values in region-id order (storage.bank_rows)
+                    verify_segments(store, store.item_attrs(stage, key, item), remove=repair, checksums=checksums)
             except (DamagedOutputError, MissingOutputError) as e:
                 rep.damaged.append((item, str(e)))
         if repair:
@@ -247,6 +250,7 @@ def _temp_folders(store: Store) -> list[str]:
     for stage, key in store.stage_sets():
         base = store.stage_dir(stage, key)
         out += [base, f"{base}/{PACKS}", f"{base}/{RECORDS}", f"{base}/{DROPS}", f"{base}/{INDEX}", f"{base}/{ROWS}"]
+        out += segment_folders(store, stage, key)
     for stage in b.subfolders(b.path(LEASES)):
         out += [b.path(LEASES, stage, key) for key in b.subfolders(b.path(LEASES, stage))]
     return out

@@ -39,7 +39,8 @@ def row_file_path(store: Store, stage: str, key: str) -> str:
     return f"{store.stage_dir(stage, key)}/{ROW_FILE}"
 
 
-def _crcs(rows: np.ndarray) -> np.ndarray:
+def row_crcs(rows: np.ndarray) -> np.ndarray:
+    """``(n,) uint32``: the CRC-32 of each row of an ``(n, D)`` array (its C-order bytes)."""
     raw = np.ascontiguousarray(rows).view(np.uint8).reshape(rows.shape[0], rows.shape[1] * rows.dtype.itemsize)
     return np.fromiter((zlib.crc32(r) for r in raw), dtype=np.uint32, count=raw.shape[0])
 
@@ -58,13 +59,25 @@ def write_row_file(store: Store, stage_key: StageKey, chunks: Iterable[np.ndarra
             if chunk.dtype != _DTYPE or chunk.ndim != 2:
                 raise ValueError(f"row chunks must be (n, D) float16, got {chunk.dtype} {chunk.shape}")
             f.write(np.ascontiguousarray(chunk).tobytes())
-            crcs.append(_crcs(chunk))
+            crcs.append(row_crcs(chunk))
             n, dim = n + chunk.shape[0], chunk.shape[1]
         f.commit()
     crc = np.concatenate(crcs) if crcs else np.empty(0, np.uint32)
     store.write_item(stage_key, ROWS, {"crc": crc},
                      {**dict(attrs or {}), "rows": n, "dim": dim, "dtype": _DTYPE.name, "file": ROW_FILE})
     return n, dim
+
+
+def adjacent_runs(uniq: np.ndarray, breaks: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """``[(start, end)]`` positions of the runs of adjacent ids in ascending unique ids ``(n,) int64``; a run also
+    ends before every position where ``breaks`` (``(n,) int64``, e.g. the file each id is in) changes."""
+    if not uniq.size:
+        return []
+    cut = np.diff(uniq, prepend=uniq[0] - 2) != 1
+    if breaks is not None:
+        cut |= np.diff(breaks, prepend=breaks[0] - 1) != 0
+    starts = np.flatnonzero(cut)
+    return list(zip(starts.tolist(), np.append(starts[1:], uniq.size).tolist()))
 
 
 class FileRows:
@@ -95,7 +108,7 @@ class FileRows:
         except FileNotFoundError:
             data = b""
         rows = np.frombuffer(data[: len(data) - len(data) % self._row_bytes], dtype=self.dtype).reshape(-1, self.dim)
-        bad = np.flatnonzero(_crcs(rows) != self.crc[first : first + rows.shape[0]])
+        bad = np.flatnonzero(row_crcs(rows) != self.crc[first : first + rows.shape[0]])
         if len(data) != size or bad.size:
             why = (f"rows {first}..{first + count - 1}: read {len(data)} of {size} bytes" if len(data) != size
                    else f"row {first + int(bad[0])} does not match its CRC-32")
@@ -112,11 +125,8 @@ class FileRows:
             raise ValueError(f"row ids must be a 1-D array in 0..{self.n_rows - 1}")
         uniq, inverse = np.unique(ids, return_inverse=True)  # ascending: runs of adjacent ids read at once
         out = np.empty((uniq.size, self.dim), dtype=self.dtype)
-        if uniq.size:
-            starts = np.flatnonzero(np.diff(uniq, prepend=uniq[0] - 2) != 1)
-            ends = np.append(starts[1:], uniq.size)
-            for s, e in zip(starts.tolist(), ends.tolist()):
-                out[s:e] = self._read(int(uniq[s]), e - s)
+        for s, e in adjacent_runs(uniq):
+            out[s:e] = self._read(int(uniq[s]), e - s)
         return out[inverse]
 
 

@@ -16,10 +16,15 @@ An image of the bank whose keys are missing (its stage failed in this run or ear
 item with the images named: a bank never leaves an image out silently. Unreadable files are
 reported at ingest and are not bank images.
 
+The item also writes each value store (main and DMCE's auxiliary) in region-id order (``_consolidate``,
+``storage.bank_rows``: append-only segments; a grown bank writes its new regions' rows only) and lists the
+segments in its attrs (``value_rows``).
+
 Retrieval (``BankServing``, once per worker and index): the index read with
-``index_from_bytes(reverse_map=False)``, the value rows read by id from the images' items
-(``storage.bank.StoreRows``: only the retrieved rows' items, never a whole store; an imported store's
-``storage.row_files.FileRows``: positioned reads of the retrieved rows), DMCE's
+``index_from_bytes(reverse_map=False)``, the value rows read by id, only the retrieved rows, never a whole store:
+a built bank's through its segments (``storage.bank_rows.SegmentRows``), an imported store's row file
+(``storage.row_files.FileRows``), both by positioned reads (an index item written before the segments: the
+images' items, ``storage.bank.StoreRows``), DMCE's
 auxiliary values through the same ids and scored against the auxiliary CLIP's own text
 embeddings. ``fuse_with_bank`` is the reconstruction's hook (``tasks.reconstruction._finish``).
 """
@@ -40,6 +45,7 @@ from ovseg_core.bank.pooling import region_queries
 from ovseg_core.bank.retrieval import BankSupport, ValueStore, fuse_support, search_images
 from ovseg_core.features.regions import resize_regions_nearest
 from storage.bank import Registry, StoreRows, read_registry, write_registry
+from storage.bank_rows import RowSegments, SegmentRows, consolidate_values
 from storage.row_files import FileRows
 from storage.keys import to_jsonable
 from tasks.bank_params import BANK_ITEM, ImportedValuesParams
@@ -113,6 +119,7 @@ def index_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, Any]
              "kind": bank.kind, "metric": bank.metric, "nlist": bank.nlist, "ntotal": bank.ntotal,
              "n_trained": n_trained, "built": built, "models": models, "regions_key": regions_key}
     log.info("bank %s: index %s over %d regions of %d images", p.bank, bank.kind, bank.ntotal, len(order))
+    attrs["value_rows"] = _consolidate(ctx, store, reg, order)
     blob = np.frombuffer(index_to_bytes(bank), dtype=np.uint8)
     names = np.frombuffer("\n".join(reg.images).encode(), dtype=np.uint8)  # registry order (no string arrays)
     return [({"index": blob, "region_ids": ids, "registry": reg.to_array(), "images": names}, attrs)]
@@ -148,6 +155,22 @@ def _extend(ctx: StageContext, store: Any, keys: np.ndarray, ids: np.ndarray) ->
     return bank, n_trained, f"{int(new.sum())} keys added to index {best[0]} (not retrained)"
 
 
+def _consolidate(ctx: StageContext, store: Any, reg: Registry, present: Sequence[str]) -> dict[str, Any]:
+    """Each value store of the bank in region-id order (``storage.bank_rows``): the segments already written are
+    kept, the ids they lack appended; ``{role: RowSegments attrs}`` for the index item."""
+    out = {}
+    for role in ("bank_values", "bank_aux_values"):
+        node = ctx.node.upstream.get(role)
+        if node is None:
+            continue
+        rs, written = consolidate_values(store, node.stage, node.key, ctx.params.bank, _regions_key(ctx), reg.images,
+                                         reg.first, reg.count, present)
+        log.info("bank %s: %s rows in region-id order: %d segment(s), %d rows written", ctx.params.bank, role,
+                 len(rs.segments), written)
+        out[role] = rs.to_attrs()
+    return out
+
+
 def _models(ctx: StageContext) -> dict[str, Any]:
     vals = {role: ctx.node.upstream[role].params.backbone for role in ("bank_values", "bank_aux_values")
             if role in ctx.node.upstream}
@@ -161,18 +184,23 @@ class BankServing:
     """What a worker holds to retrieve from one bank: the index (the only bank structure in RAM) and row readers."""
 
     index: Any  # ovseg_core.bank.index.BankIndex
-    values: StoreRows | FileRows
-    aux_values: StoreRows | FileRows | None
+    values: SegmentRows | FileRows | StoreRows
+    aux_values: SegmentRows | FileRows | StoreRows | None
     lock: threading.Lock  # a BankIndex search is not thread-safe (held by retrieve_batch only)
 
 
-def _rows(ctx: StageContext, store: Any, role: str, images: Sequence[str], registry: np.ndarray
-          ) -> StoreRows | FileRows | None:
-    node = ctx.input_node("bank_index").upstream.get(role)
+def _rows(ctx: StageContext, store: Any, role: str, images: Sequence[str], registry: np.ndarray,
+          attrs: Mapping[str, Any]) -> SegmentRows | FileRows | StoreRows | None:
+    index = ctx.input_node("bank_index")
+    node = index.upstream.get(role)
     if node is None:
         return None
     if isinstance(node.params, ImportedValuesParams):  # one row file (``ovseg bank import``)
         return FileRows(store, node.stage, node.key)
+    segments = (attrs.get("value_rows") or {}).get(role)
+    if segments is not None:  # the values in region-id order, written by the index item (``storage.bank_rows``)
+        return SegmentRows(store, RowSegments.from_attrs(segments), (index.stage, index.key, BANK_ITEM))
+    # an index item written before the row segments: the per-image items (``--force bank_index`` writes segments)
     first = next((i for i, c in enumerate(registry[:, 1]) if c > 0), None)
     dim = store.read_item(node.stage, node.key, images[first], ["values"])["values"].shape[1] if first is not None else 0
     return StoreRows(store, node.stage, node.key, images, registry[:, 0], registry[:, 1], dim)
@@ -191,8 +219,9 @@ def bank_serving(ctx: StageContext, arrays: Mapping[str, np.ndarray]) -> BankSer
             store = open_store(ctx.settings.store_location, ctx.settings.lease_ttl)
             images = image_names(arrays)
             index = index_from_bytes(arrays["index"].tobytes(), reverse_map=False)
-            got = BankServing(index, _rows(ctx, store, "bank_values", images, arrays["registry"]),
-                              _rows(ctx, store, "bank_aux_values", images, arrays["registry"]), threading.Lock())
+            attrs = store.item_attrs("bank_index", key, BANK_ITEM)
+            got = BankServing(index, _rows(ctx, store, "bank_values", images, arrays["registry"], attrs),
+                              _rows(ctx, store, "bank_aux_values", images, arrays["registry"], attrs), threading.Lock())
             _SERVING[(ctx.settings.store_location, key)] = got
     return got
 

@@ -207,7 +207,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           inputs=(Input("vfm_features"), Input("sam_masks")), params=BP.BankKeysParams, code_version="1",
           models=no_models, load=Step("tasks.bank:keys_load"), compute=Step("tasks.bank:keys_compute"),
           arrays=("keys", "mask_ids", "areas")),
-    Stage("bank_index", "a memory bank's FAISS index over every region key, and its region registry", "bank",
+    Stage("bank_index", "a memory bank's FAISS index over every region key, its region registry, and its values in "
+          "region-id order (row segments)", "bank",
           # values: read by the methods that retrieve (through this node: its key covers them)
           inputs=(Input("bank_keys"), Input("bank_values"),
                   Input("bank_aux_values", ("bank_values",), required=False, explicit=True)),

@@ -6,6 +6,7 @@ beside them (a real SIGKILL: no ``finally``, no atexit, no flush).
 POINT (in the order the index stage reaches them):
 
 - ``registry``: the bank's registry was just replaced (``storage.bank.write_registry``), the index not yet built;
+- ``segment``: the first segment of the values in region-id order (``storage.bank_rows``) was just moved into place;
 - ``pack``: the index pack's temporary file is complete, not yet moved into place;
 - ``record``: the pack is in place, its completion record not yet written.
 
@@ -29,7 +30,7 @@ from flows.cli import main
 from storage.fsio import Backend
 from storage.fstemp import StoreTemporary
 
-POINTS = ("registry", "pack", "record")
+POINTS = ("registry", "segment", "pack", "record")
 IMPORT_POINTS = ("rows", "rows_moved", "values", "pack", "record")
 _INDEX_DIR = "/stages/bank_index/"
 _ROW_FILE = "/rows/values.f16"
@@ -49,6 +50,11 @@ def arm(point: str) -> None:
     def after_registry(self: Backend, path: str, data: bytes) -> None:
         put_atomic(self, path, data)
         if "/banks/" in path and path.rsplit("/", 1)[-1].startswith("registry-"):
+            _die()
+
+    def after_rows(self: Backend, local_path: str, path: str) -> None:
+        put_file(self, local_path, path)
+        if "/stages/bank_values/" in path and path.endswith(".rows"):
             _die()
 
     def before_move(self: Backend, local_path: str, path: str) -> None:
@@ -79,9 +85,15 @@ def arm(point: str) -> None:
             _die()
         return created
 
+    def after_segment(self: Backend, local_path: str, path: str) -> None:
+        put_file(self, local_path, path)
+        if "/stages/bank_values/" in path and path.endswith(".rows"):
+            _die()
+
     wrappers: dict[str, tuple[type, str, Callable[..., Any]]] = {
         "registry": (Backend, "put_atomic", after_registry), "pack": (Backend, "put_file", before_move),
-        "record": (Backend, "put_if_absent", before_record), "rows": (StoreTemporary, "write", half_rows),
+        "record": (Backend, "put_if_absent", before_record),
+        "segment": (Backend, "put_file", after_segment), "rows": (StoreTemporary, "write", half_rows),
         "rows_moved": (Backend, "put_file", after_row_file), "values": (Backend, "put_if_absent", after_values_record)}
     cls, name, fn = wrappers[point]
     setattr(cls, name, fn)

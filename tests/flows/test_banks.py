@@ -23,6 +23,7 @@ from ovseg_core.bank.config import SearchConfig
 from ovseg_core.bank.index import index_from_bytes
 from ovseg_core.bank.search import search_index
 from storage.bank import read_registry
+from storage.bank_rows import SUFFIX
 from storage.store import Store
 from tasks.bank_index import fuse_with_bank, image_names, registry_of, retrieve_batch
 from tasks.bank_params import BANK_ITEM
@@ -288,6 +289,11 @@ def _assert_same_neighbours(st: Store, ref: Store, node) -> None:
     np.testing.assert_array_equal(found[0], found[1])
 
 
+def _segments(store: Path) -> list[Path]:
+    """The row segment files of every value store (``storage.bank_rows``)."""
+    return sorted((store / "stages" / "bank_values").glob(f"*/rows/*/*/*{SUFFIX}"))
+
+
 @pytest.fixture(scope="module")
 def ivfpq_reference(tmp_path_factory):
     """An IVF-PQ bank (FAISS training, not only a flat index) of the three sample images, built uninterrupted by a
@@ -318,9 +324,14 @@ def test_a_sigkill_during_the_index_stage_then_a_rerun_gives_the_index_of_an_uni
     exp = parse_experiment(data, source="test")
     node = _index_node(exp)
     assert BANK_ITEM not in Store(store).complete_items("bank_index", node.key)  # a half-written index is not done
+    kept = {p: p.stat().st_ino for p in _segments(store)}  # value rows in region-id order the killed run moved in
+    assert bool(kept) == (point in ("segment", "pack", "record"))
     time.sleep(6.5)  # the dead run's leases expire
     code, out = finish(spawn(exp_file))
     assert code == 0, out[-2000:]
+    assert {p: p.stat().st_ino for p in kept} == kept  # reused, not written again
+    assert {p.relative_to(store): p.read_bytes() for p in _segments(store)} == {
+        p.relative_to(reference): p.read_bytes() for p in _segments(reference)}
     records = records_per_item(store)
     assert records[("bank_index", node.key, BANK_ITEM)] == 1
     assert set(records.values()) == {1}  # nothing the killed run finished was computed again

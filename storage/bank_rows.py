@@ -1,0 +1,259 @@
+"""A built bank's value store in region-id order: row segments read by positioned reads of the asked rows only.
+
+A built bank's values are per-image ``bank_values`` items (packed 64 to a pack); reading a retrieval's K x R
+scattered rows from them costs a completion record and a checked item read per image hit (~470 ms per image at
+200k regions, docs/banks.md section 6). The ``bank_index`` item consolidates each value store (main and DMCE's
+auxiliary) once into **segments** in region-id order, as ``ovseg bank import`` writes one row file:
+
+Layout (in the ``bank_values`` output set's folder, so the rows live and die with the items they copy)::
+
+    rows/<bank>/<regions key>/<first id>-<end id>.rows   rows first .. end - 1: (end - first, D) float16, C order,
+                                                         then their CRC-32s ((end - first,) little-endian uint32)
+
+- **Append-only, like the registry**: region ids never change as the bank grows, so a segment once written is
+  right forever; a grown bank reuses its segments and writes one more for the new ids only.
+- **Atomic**: each segment is written whole to a temporary, fsynced and moved into place (uploaded whole on an
+  object store); a kill leaves a temporary (``cache gc`` removes it) and the rerun writes that segment again. A
+  segment in place with the expected size counts as written.
+- **Checked**: every row a reader returns is checked against its CRC-32; a damaged or missing segment un-marks
+  the ``bank_index`` item that lists it and is removed, so the next run writes it again. ``cache verify`` checks
+  every segment of every index item (``verify_segments``; ``--repair`` un-marks and removes likewise).
+
+Ids of registry images no longer in the bank (never indexed, never retrieved) are gaps between segments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from storage.fsio import is_temporary
+from storage.fstemp import StoreTemporary
+from storage.reading import DamagedOutputError
+from storage.row_files import ROWS, adjacent_runs, row_crcs
+from storage.store import Store
+
+SUFFIX = ".rows"
+_DTYPE = np.dtype("float16")
+_CRC = np.dtype("<u4")
+_VERIFY_ROWS = 65536  # rows per read when ``verify_segments`` checks a segment
+_READ_IMAGES = 256  # images read per request while a segment is written (one ranged read per pack)
+
+
+@dataclass(frozen=True)
+class RowSegments:
+    """Where one value store of a bank lies in region-id order (recorded in the ``bank_index`` item's attrs)."""
+
+    stage: str  # the value store's output set: "bank_values"
+    key: str  # its key
+    bank: str  # the bank (a registry: region ids)
+    regions_key: str  # the registry's region source (``sam_masks`` key)
+    dim: int  # D
+    segments: tuple[tuple[int, int], ...]  # (first id, end id) per segment, ascending, disjoint
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"stage": self.stage, "key": self.key, "bank": self.bank, "regions_key": self.regions_key,
+                "dim": self.dim, "segments": [list(s) for s in self.segments]}
+
+    @classmethod
+    def from_attrs(cls, a: Mapping[str, Any]) -> "RowSegments":
+        return cls(a["stage"], a["key"], a["bank"], a["regions_key"], int(a["dim"]),
+                   tuple((int(f), int(e)) for f, e in a["segments"]))
+
+    def folder(self, store: Store) -> str:
+        return f"{store.stage_dir(self.stage, self.key)}/{ROWS}/{self.bank}/{self.regions_key}"
+
+    def path(self, store: Store, seg: tuple[int, int]) -> str:
+        return f"{self.folder(store)}/{seg[0]:012d}-{seg[1]:012d}{SUFFIX}"
+
+    def nbytes(self, seg: tuple[int, int]) -> int:
+        """A complete segment's size: its rows and their CRCs."""
+        return (seg[1] - seg[0]) * (self.dim * _DTYPE.itemsize + _CRC.itemsize)
+
+
+def segment_folders(store: Store, stage: str, key: str) -> list[str]:
+    """The segment folders of an output set (where ``cache gc`` looks for temporaries of killed writers)."""
+    base = f"{store.stage_dir(stage, key)}/{ROWS}"
+    return [f"{base}/{b}/{r}" for b in store.backend.subfolders(base) for r in store.backend.subfolders(f"{base}/{b}")]
+
+
+def _present_runs(images: Sequence[str], first: Sequence[int], count: Sequence[int], present: set[str]
+                  ) -> list[tuple[int, int]]:
+    """``[(first id, end id)]``: the registry's id ranges of the images in ``present``, adjacent ones merged."""
+    runs: list[list[int]] = []
+    for iid, f, c in zip(images, first, count):
+        if iid not in present or c == 0:
+            continue
+        if runs and runs[-1][1] == f:
+            runs[-1][1] = f + c
+        else:
+            runs.append([f, f + c])
+    return [(a, b) for a, b in runs]
+
+
+def _existing(store: Store, rs: RowSegments) -> dict[int, list[tuple[int, int]]]:
+    """Complete segments in place: ``{first id: [(end id, size)]}``."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for e in store.backend.list_entries(rs.folder(store)):
+        if is_temporary(e.name) or not e.name.endswith(SUFFIX):
+            continue
+        a, _, b = e.name[: -len(SUFFIX)].partition("-")
+        if a.isdigit() and b.isdigit():
+            out.setdefault(int(a), []).append((int(b), e.size))
+    return out
+
+
+def _write_segment(store: Store, rs: RowSegments, seg: tuple[int, int], blocks: Iterable[np.ndarray]) -> None:
+    """Stream ``(n, D) float16`` blocks (rows ``seg``, in order) into the segment, atomically."""
+    path = rs.path(store, seg)
+    crcs, n = [], 0
+    with StoreTemporary(store.backend, path) as f:  # a full disk: StoreWriteError, no temporary left
+        for rows in blocks:
+            if rows.dtype != _DTYPE or rows.ndim != 2 or rows.shape[1] != rs.dim:
+                raise ValueError(f"{path}: rows must be (n, {rs.dim}) float16, got {rows.dtype} {rows.shape}")
+            f.write(np.ascontiguousarray(rows).tobytes())
+            crcs.append(row_crcs(rows))
+            n += rows.shape[0]
+        if n != seg[1] - seg[0]:
+            raise ValueError(f"{path}: {n} rows for ids {seg[0]}..{seg[1] - 1}")
+        f.write(np.concatenate(crcs).astype(_CRC).tobytes() if crcs else b"")
+        f.commit()
+
+
+def _image_rows(store: Store, stage: str, key: str, images: Sequence[str], array: str) -> Iterable[np.ndarray]:
+    """The ``array`` of each image's item, in order (``_READ_IMAGES`` items per request)."""
+    for i in range(0, len(images), _READ_IMAGES):
+        batch = images[i: i + _READ_IMAGES]
+        got = store.read_items(stage, key, batch, [array])
+        for iid in batch:
+            if isinstance(got[iid], Exception):
+                raise got[iid]
+            yield got[iid][array]
+
+
+def consolidate_values(store: Store, stage: str, key: str, bank: str, regions_key: str, images: Sequence[str],
+                       first: Sequence[int], count: Sequence[int], present: Iterable[str], array: str = "values"
+                       ) -> tuple[RowSegments, int]:
+    """The value store ``(stage, key)`` of the registry's ``present`` images in region-id order; ``(segments, rows
+    written)``. Segments already in place are reused; only the ids they lack are written (one new segment per run
+    of ids: a grown bank appends its new regions' rows)."""
+    present = set(present)
+    todo = [(i, f, c) for i, f, c in zip(images, first, count) if i in present and c > 0]
+    dim = int(next(_image_rows(store, stage, key, [todo[0][0]], array)).shape[1]) if todo else 0
+    rs = RowSegments(stage, key, bank, regions_key, dim, ())
+    existing = _existing(store, rs)
+    segments, written = [], 0
+    for lo, hi in _present_runs(images, first, count, present):
+        cur = lo
+        while cur < hi:
+            done = [end for end, size in existing.get(cur, []) if end <= hi and size == rs.nbytes((cur, end))]
+            end = max(done) if done else hi
+            if not done:
+                names = [i for i, f, _ in todo if cur <= f < end]
+                _write_segment(store, rs, (cur, end), _image_rows(store, stage, key, names, array))
+                written += end - cur
+            segments.append((cur, end))
+            cur = end
+    return RowSegments(stage, key, bank, regions_key, dim, tuple(segments)), written
+
+
+class SegmentRows:
+    """``RowReader`` over a bank's row segments: adjacent asked ids in one positioned read (``os.pread`` on a local
+    store, a ranged GET on an object store), each row checked against its CRC-32. Holds the CRCs (4 bytes a row)
+    and, on a local store, one open file descriptor per segment.
+
+    ``owner``: ``(stage, key, item)`` listing these segments (the ``bank_index`` item); a damaged segment un-marks it
+    and is removed, so the next run writes both again.
+    """
+
+    def __init__(self, store: Store, rs: RowSegments, owner: tuple[str, str, str] | None = None):
+        self.store, self.rs, self.owner = store, rs, owner
+        self.dim, self.dtype = rs.dim, _DTYPE
+        self.first = np.array([s[0] for s in rs.segments], np.int64)
+        self.end = np.array([s[1] for s in rs.segments], np.int64)
+        self.n_rows = int(self.end[-1]) if self.end.size else 0
+        self.paths = [rs.path(store, s) for s in rs.segments]
+        self._row_bytes = self.dim * _DTYPE.itemsize
+        self._fds: list[int | None] = []
+        self.crc = []
+        for seg, path in zip(rs.segments, self.paths):
+            n = seg[1] - seg[0]
+            try:
+                fd = os.open(path, os.O_RDONLY) if store.backend.is_local else None
+            except FileNotFoundError:
+                self._damaged(path, "missing")
+            self._fds.append(fd)
+            raw = self._get(len(self._fds) - 1, n * self._row_bytes, n * _CRC.itemsize)
+            if len(raw) != n * _CRC.itemsize:
+                self._damaged(path, f"{len(raw)} of {n * _CRC.itemsize} CRC bytes")
+            self.crc.append(np.frombuffer(raw, _CRC))
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", []):
+            if fd is not None:
+                os.close(fd)
+
+    def _get(self, s: int, lo: int, size: int) -> bytes:
+        fd = self._fds[s]
+        try:
+            return os.pread(fd, size, lo) if fd is not None else self.store.backend.get_range(self.paths[s], lo, lo + size)
+        except FileNotFoundError:
+            return b""
+
+    def _damaged(self, path: str, why: str) -> None:
+        if self.owner is not None:
+            self.store.drop_items(*self.owner[:2], [self.owner[2]], reason=f"damaged value rows: {path}: {why}")
+            self.store.backend.delete(path)
+        raise DamagedOutputError(f"{path} is damaged ({why}); " + (
+            "it was removed and its bank index un-marked: the next `ovseg run` writes both again"
+            if self.owner is not None else "`ovseg cache verify --repair` un-marks its bank index"))
+
+    def _read(self, s: int, first: int, count: int) -> np.ndarray:
+        """Rows ``first .. first + count - 1`` of segment ``s``, checked against their CRCs."""
+        off = first - int(self.first[s])
+        data = self._get(s, off * self._row_bytes, count * self._row_bytes)
+        rows = np.frombuffer(data[: len(data) - len(data) % self._row_bytes], _DTYPE).reshape(-1, self.dim)
+        bad = np.flatnonzero(row_crcs(rows) != self.crc[s][off: off + rows.shape[0]])
+        if len(data) != count * self._row_bytes or bad.size:
+            self._damaged(self.paths[s], f"rows {first}..{first + count - 1}: read {len(data)} bytes"
+                          if not bad.size else f"row {first + int(bad[0])} does not match its CRC-32")
+        return rows
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        seg = np.searchsorted(self.first, uniq, side="right") - 1
+        if ids.ndim != 1 or (uniq.size and ((seg < 0).any() or (uniq >= self.end[np.maximum(seg, 0)]).any())):
+            raise ValueError(f"row ids must be a 1-D array of the bank's ids ({len(self.paths)} segments up to "
+                             f"{self.n_rows - 1}; ids of images no longer in the bank are not stored)")
+        out = np.empty((uniq.size, self.dim), dtype=_DTYPE)
+        for a, b in adjacent_runs(uniq, seg):
+            out[a:b] = self._read(int(seg[a]), int(uniq[a]), b - a)
+        return out[inverse]
+
+
+def verify_segments(store: Store, attrs: Mapping[str, Any], remove: bool = False, checksums: bool = True) -> None:
+    """Check every segment of every value store an index item's attrs list (``value_rows``): its size, and with
+    ``checksums`` every row against its CRC-32 (``cache verify``); raises ``DamagedOutputError`` naming the segment,
+    which ``remove`` (``--repair``) deletes so that the run that rebuilds the un-marked item writes it again."""
+    for a in (attrs.get("value_rows") or {}).values():
+        rs = RowSegments.from_attrs(a)
+        for seg in rs.segments:
+            path = rs.path(store, seg)
+            try:
+                size = store.backend.size(path)
+                if not checksums and size != rs.nbytes(seg):
+                    raise DamagedOutputError(f"{path} is damaged ({size} bytes, a complete segment has "
+                                             f"{rs.nbytes(seg)})")
+                if checksums:
+                    reader = SegmentRows(store, RowSegments(rs.stage, rs.key, rs.bank, rs.regions_key, rs.dim, (seg,)))
+                    for lo in range(seg[0], seg[1], _VERIFY_ROWS):
+                        reader._read(0, lo, min(_VERIFY_ROWS, seg[1] - lo))
+            except DamagedOutputError:
+                if remove:
+                    store.backend.delete(path)
+                raise

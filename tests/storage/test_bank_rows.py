@@ -1,0 +1,169 @@
+"""A built bank's values in region-id order (``storage.bank_rows``): per-image items consolidated into append-only
+segments, read by id (local store and S3), grown by appending, damage found by the read and by ``cache verify``."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+
+from storage.bank_rows import RowSegments, SegmentRows, consolidate_values
+from storage.fserrors import StoreWriteError
+from storage.fsio import is_temporary
+from storage.keys import StageKey
+from storage.maintenance import gc, verify
+from storage.reading import DamagedOutputError
+from storage.store import Store
+from tests.conftest import fill_disk
+from tests.s3server import shared_server
+
+VALUES = StageKey("bank_values", {"clip": "test"})
+INDEX = StageKey("bank_index", {"bank": "b"})
+DIM = 12
+
+
+def _images(store: Store, start: int, counts: list[int], seed: int) -> dict[str, np.ndarray]:
+    """Per-image value items (two packs), as ``bank_values`` writes them; returns what was written."""
+    rng = np.random.default_rng(seed)
+    rows = {f"img-{start + i:03d}": rng.standard_normal((c, DIM)).astype(np.float16) for i, c in enumerate(counts)}
+    names = list(rows)
+    for part in (names[: len(names) // 2], names[len(names) // 2:]):
+        with store.open_pack(VALUES) as pack:
+            for n in part:
+                ids = np.arange(1, rows[n].shape[0] + 1)
+                pack.add(n, {"values": rows[n], "mask_ids": ids, "areas": ids}, {})
+    return rows
+
+
+def _registry(rows: dict[str, np.ndarray]) -> tuple[list[str], list[int], list[int]]:
+    names = list(rows)
+    count = [rows[n].shape[0] for n in names]
+    return names, list(np.cumsum([0] + count[:-1]).tolist()), count
+
+
+def _consolidate(store: Store, rows: dict[str, np.ndarray], present=None) -> tuple[RowSegments, int]:
+    names, first, count = _registry(rows)
+    return consolidate_values(store, VALUES.stage, VALUES.key, "b", "regions", names, first, count,
+                              names if present is None else present)
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path) -> str:
+    return str(tmp_path / "store") if request.param == "local" else f"s3://{shared_server().create_bucket()}/st"
+
+
+def test_rows_equal_the_written_items_and_a_grown_bank_appends_only_its_new_rows(location):
+    store = Store(location)
+    rows = _images(store, 0, [5, 0, 7, 3, 9, 1], seed=0)
+    rs, written = _consolidate(store, rows)
+    every = np.concatenate(list(rows.values()))
+    assert rs.segments == ((0, 25),) and written == 25 and rs.dim == DIM
+    reader = SegmentRows(Store(location), rs)  # another process's view
+    np.testing.assert_array_equal(reader.rows(np.arange(25)), every)
+    ids = np.array([24, 0, 5, 6, 7, 5, 11, 12, 3])  # unsorted, repeated, runs across images
+    np.testing.assert_array_equal(reader.rows(ids), every[ids])
+    assert reader.rows(np.empty(0, np.int64)).shape == (0, DIM)
+    first_segment = store.backend.get(rs.path(store, (0, 25)))
+    # the bank grows: three more images; the segment in place is kept, the new ids appended
+    rows.update(_images(store, 6, [4, 2, 6], seed=1))
+    grown, written = _consolidate(store, rows)
+    assert grown.segments == ((0, 25), (25, 37)) and written == 12
+    assert store.backend.get(rs.path(store, (0, 25))) == first_segment
+    every = np.concatenate(list(rows.values()))
+    ids = np.random.default_rng(2).integers(0, 37, 200)
+    np.testing.assert_array_equal(SegmentRows(Store(location), grown).rows(ids), every[ids])
+    assert _consolidate(store, rows) == (grown, 0)  # a rerun writes nothing
+    store.write_item(INDEX, "bank", {"x": np.zeros(1)}, {"value_rows": {"bank_values": grown.to_attrs()}})
+    assert all(r.ok for r in verify(store))
+    with pytest.raises(ValueError, match="ids of images no longer in the bank"):
+        reader.rows(np.array([25]))  # not in the first index's segments
+
+
+def test_images_no_longer_in_the_bank_are_gaps(tmp_path):
+    store = Store(tmp_path / "store")
+    rows = _images(store, 0, [5, 4, 6, 2], seed=0)
+    rs, written = _consolidate(store, rows, present=["img-000", "img-002", "img-003"])
+    assert rs.segments == ((0, 5), (9, 17)) and written == 13
+    every = np.concatenate(list(rows.values()))
+    reader = SegmentRows(store, rs)
+    np.testing.assert_array_equal(reader.rows(np.array([16, 0, 4, 9])), every[[16, 0, 4, 9]])
+    with pytest.raises(ValueError, match="1-D array of the bank's ids"):
+        reader.rows(np.array([6]))
+
+
+def _damaged_store(tmp_path, damage) -> tuple[Store, dict[str, np.ndarray], RowSegments, str]:
+    store = Store(tmp_path / "store")
+    rows = _images(store, 0, [5, 0, 7, 3, 9, 1], seed=0)
+    rs, _ = _consolidate(store, rows)
+    store.write_item(INDEX, "bank", {"x": np.zeros(1)}, {"value_rows": {"bank_values": rs.to_attrs()}})
+    path = rs.path(store, (0, 25))
+    data = bytearray(open(path, "rb").read())
+    with open(path, "wb") as f:
+        f.write(damage(data))
+    return store, rows, rs, path
+
+
+def _flip_row_7(data: bytearray) -> bytes:
+    data[7 * DIM * 2 + 1] ^= 0x01
+    return bytes(data)
+
+
+def test_a_damaged_row_is_never_returned_unmarks_its_index_and_is_written_again(tmp_path):
+    store, rows, rs, path = _damaged_store(tmp_path, _flip_row_7)
+    (rep,) = [r for r in verify(store) if r.stage == "bank_index"]
+    assert [i for i, _ in rep.damaged] == ["bank"] and "row 7 does not match its CRC-32" in rep.damaged[0][1]
+    assert os.path.exists(path) and store.complete_items(INDEX.stage, INDEX.key) == {"bank"}  # verify changes nothing
+    reader = SegmentRows(store, rs, (INDEX.stage, INDEX.key, "bank"))
+    every = np.concatenate(list(rows.values()))
+    np.testing.assert_array_equal(reader.rows(np.array([6, 8])), every[[6, 8]])  # other rows still read
+    with pytest.raises(DamagedOutputError, match="row 7 does not match its CRC-32.*the next `ovseg run` writes"):
+        reader.rows(np.array([3, 7]))
+    assert not os.path.exists(path) and "bank" not in Store(tmp_path / "store").complete_items(INDEX.stage, INDEX.key)
+    again, written = _consolidate(store, rows)  # what the rebuilt index item does
+    assert again == rs and written == 25
+    np.testing.assert_array_equal(SegmentRows(store, again).rows(np.arange(25)), every)
+
+
+def test_a_truncated_segment_is_found_by_verify_and_repair_removes_it(tmp_path):
+    store, rows, rs, path = _damaged_store(tmp_path, lambda d: bytes(d[: 20 * DIM * 2]))
+    (rep,) = [r for r in verify(store, checksums=False) if r.stage == "bank_index"]  # `cache verify --sizes-only`
+    assert not rep.ok and "a complete segment has" in rep.damaged[0][1]
+    (rep,) = [r for r in verify(store) if r.stage == "bank_index"]
+    assert not rep.ok and "CRC bytes" in rep.damaged[0][1]
+    (rep,) = [r for r in verify(store, repair=True) if r.stage == "bank_index"]
+    assert rep.repaired == 1 and not os.path.exists(path)
+    assert "bank" not in Store(tmp_path / "store").complete_items(INDEX.stage, INDEX.key)
+    assert _consolidate(store, rows)[1] == 25  # the short file is not taken for a written segment
+
+
+def test_a_killed_writer_leaves_a_temporary_that_is_not_a_segment_and_gc_removes(tmp_path):
+    store = Store(tmp_path / "store")
+    rows = _images(store, 0, [5, 7], seed=0)
+    rs, _ = _consolidate(store, rows)
+    folder = rs.folder(store)
+    os.replace(rs.path(store, (0, 12)), store.backend.tmp_path_for(rs.path(store, (0, 12))))  # as a kill leaves it
+    assert _consolidate(store, rows) == (rs, 12)
+    names = os.listdir(folder)
+    assert len(names) == 2
+    (tmp,) = [n for n in names if is_temporary(n)]
+    os.utime(f"{folder}/{tmp}", (0, 0))
+    assert gc(store, store.stage_sets(), stale_after=60).temporaries == 1
+    assert os.listdir(folder) == [os.path.basename(rs.path(store, (0, 12)))]
+
+
+
+@pytest.mark.parametrize("small_disk", ["4m"], indirect=True)
+def test_a_full_disk_is_a_store_write_error_naming_the_segment_and_leaves_no_temporary(small_disk):
+    store = Store(small_disk / "store")
+    rows = _images(store, 0, [50] * 12, seed=3)  # 600 rows: a 14 KB segment
+    fill_disk(small_disk, leave=4096)
+    with pytest.raises(StoreWriteError, match=r"cannot write .*\.rows: No space left on device") as got:
+        _consolidate(store, rows)
+    assert got.value.errno == errno.ENOSPC  # a raw OSError before: the CLI's exit 2, as for bad input
+    assert not [p for p in small_disk.rglob("*") if is_temporary(p.name) or p.name.endswith(".rows")]
+    (small_disk / "filler").unlink()
+    rs, written = _consolidate(store, rows)  # the space is free again: the segment is written
+    assert written == 600 and np.array_equal(SegmentRows(store, rs).rows(np.arange(600)),
+                                             np.concatenate(list(rows.values())))
