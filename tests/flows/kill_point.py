@@ -35,8 +35,8 @@ def arm(point: str) -> None:
         raise ValueError(f"kill point must be one of {POINTS}, got {point!r}")
     put_atomic, put_file, put_if_absent = Backend.put_atomic, Backend.put_file, Backend.put_if_absent
 
-    def after_registry(self: Backend, path: str, data: bytes) -> None:
-        put_atomic(self, path, data)
+    def after_registry(self: Backend, path: str, data: bytes, **kw: Any) -> None:
+        put_atomic(self, path, data, **kw)
         if "/banks/" in path and path.rsplit("/", 1)[-1].startswith("registry-"):
             _die()
 
@@ -45,10 +45,10 @@ def arm(point: str) -> None:
             _die()
         put_file(self, local_path, path)
 
-    def before_record(self: Backend, path: str, data: bytes) -> Any:
+    def before_record(self: Backend, path: str, data: bytes, **kw: Any) -> Any:
         if _INDEX_DIR in path and "/records/" in path:
             _die()
-        return put_if_absent(self, path, data)
+        return put_if_absent(self, path, data, **kw)
 
     wrappers: dict[str, tuple[str, Callable[..., Any]]] = {
         "registry": ("put_atomic", after_registry), "pack": ("put_file", before_move),
