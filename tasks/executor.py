@@ -39,8 +39,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from storage.leases import LeaseError
-from tasks import helpers
 from storage.store import MissingOutputError
+from tasks import helpers
 from tasks.runtime import (
     BackboneLoadError,
     BatchResult,
