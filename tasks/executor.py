@@ -69,7 +69,7 @@ class PendingBatch:
     def __init__(self, rows: Sequence[Mapping[str, Any]]):
         self.rows = list(rows)
         self.results: dict[str, ItemResult] = {}
-        self.writer: helpers.Job | None = None
+        self.writer: threading.Thread | None = None
         self.release: Callable[[], None] | None = None
         self._lock = threading.Lock()
 
@@ -228,8 +228,10 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
                 if ctx.memory is not None:
                     ctx.memory.drop(ctx.node.ident, iid)
 
-    loader = helpers.start(load_all, f"ovseg-load-{ctx.stage}")  # reused threads: tasks.helpers
-    writer = helpers.start(write_all, f"ovseg-write-{ctx.stage}")
+    loader = threading.Thread(target=load_all, name=f"ovseg-load-{ctx.stage}", daemon=True)
+    writer = threading.Thread(target=write_all, name=f"ovseg-write-{ctx.stage}", daemon=True)
+    loader.start()
+    writer.start()
     computed = False
     try:
         _compute_all(ctx, stage, models, loaded, to_write, results)
