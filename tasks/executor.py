@@ -40,7 +40,6 @@ from typing import Any
 
 from storage.leases import LeaseError
 from storage.store import MissingOutputError
-from tasks import helpers
 from tasks.runtime import (
     BackboneLoadError,
     BatchResult,
