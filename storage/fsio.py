@@ -103,20 +103,23 @@ class Backend:
     # ------------------------------------------------------------------ writes
     @store_write
     @remote_io
-    def put_atomic(self, path: str, data: bytes) -> None:
-        """Replace ``path`` with ``data`` so that readers see all or nothing."""
+    def put_atomic(self, path: str, data: bytes, durable: bool = True) -> None:
+        """Replace ``path`` with ``data`` so that readers see all or nothing (``durable``: see ``put_if_absent``)."""
         if self.is_local:
-            tmp = self._local_tmp(path, data)
+            tmp = self._local_tmp(path, data, durable)
             os.replace(tmp, path)
         else:
             self.fs.pipe_file(path, data)
 
     @store_write
     @remote_io
-    def put_if_absent(self, path: str, data: bytes) -> bool:
-        """Create ``path`` with ``data`` unless it exists; True if this call created it."""
+    def put_if_absent(self, path: str, data: bytes, durable: bool = True) -> bool:
+        """Create ``path`` with ``data`` unless it exists; True if this call created it.
+
+        ``durable=False`` (local stores) skips the fsync: for files whose meaning ends with the process that
+        wrote them (leases), which an OS crash makes worthless anyway; readers still see all or nothing."""
         if self.is_local:
-            tmp = self._local_tmp(path, data)
+            tmp = self._local_tmp(path, data, durable)
             try:
                 os.link(tmp, path)
                 return True
@@ -180,10 +183,10 @@ class Backend:
 
         return os.path.join(tempfile.gettempdir(), name)
 
-    def _local_tmp(self, path: str, data: bytes) -> str:
+    def _local_tmp(self, path: str, data: bytes, durable: bool = True) -> str:
         with StoreTemporary(self, path) as tmp:  # a full disk leaves no partial temporary file behind
             tmp.write(data)
-            tmp.close()
+            tmp.close(sync=durable)
         return tmp.tmp
 
     def overwrite_in_place(self, path: str, data: bytes) -> bool:

@@ -55,11 +55,13 @@ class StoreTemporary:
     def seekable(self) -> bool:
         return True
 
-    def close(self) -> None:
-        """Flush, sync and close the temporary file (it stays, for ``commit`` or ``Backend.put_if_absent``)."""
+    def close(self, sync: bool = True) -> None:
+        """Flush, sync (unless ``sync`` is False: lease files) and close the temporary file (it stays, for
+        ``commit`` or ``Backend.put_if_absent``)."""
         if not self._f.closed:
             self.flush()
-            self._call(os.fsync, self._f.fileno())
+            if sync:
+                self._call(os.fsync, self._f.fileno())
             self._call(self._f.close)
 
     def commit(self) -> int:

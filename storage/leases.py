@@ -19,6 +19,10 @@ writer's listing sees the earlier lease, and the earlier one waits for the later
 Duplicated work is harmless: both write whole packs, and the newest copy is the one read. A lease
 says nothing about completion: the executor reads completion again after a claim, so an item
 another run completed and released meanwhile is not computed twice (``tasks.executor``).
+
+Lease files are written without fsync (``durable=False``; every batch of every stage claims one,
+and an fsync costs milliseconds): a lease means something only while its owner's heartbeat runs,
+so after an OS crash it is dead anyway, and one that the crash left empty or torn reads as dead.
 """
 
 from __future__ import annotations
@@ -160,7 +164,7 @@ class LeaseManager:
         path = f"{self._folder(stage, key)}/{lease_id}.json"
         content = {"owner": owner_record(run_id), "items": mine, "created": time.time(), "heartbeat": time.time(),
                    "ttl": self.ttl}
-        self.backend.put_if_absent(path, json.dumps(content).encode())
+        self.backend.put_if_absent(path, json.dumps(content).encode(), durable=False)  # no fsync: see the module docstring
         with self._lock:
             self._held[lease_id] = (path, content)
         self._ensure_thread()
@@ -213,7 +217,7 @@ class LeaseManager:
             if items is not None:
                 content["items"] = list(items)
             self._held[lease_id] = (path, content)
-            self.backend.put_atomic(path, json.dumps(content).encode())
+            self.backend.put_atomic(path, json.dumps(content).encode(), durable=False)
 
     # ------------------------------------------------------------------ heartbeat
     def _ensure_thread(self) -> None:

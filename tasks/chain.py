@@ -13,6 +13,13 @@ failure handling), with one difference: the nodes share a ``tasks.memory.ChainMe
   from there (``StageContext.read_upstream``) instead of the store; a node's outputs are
   forgotten once no later node of the chain reads them.
 
+A node's pack and completion record are written while the next node computes
+(``tasks.executor.start_batch``: the writes' fsyncs are waits that would otherwise stall the
+chain); packs are committed in chain order, each after the previous one, and a node whose input
+(computed in this chain batch) then fails to be stored stores nothing: its items that read that
+input fail ``SkippedUpstream`` as they would had the input failed before they ran. The chain batch
+returns once every pack is in place and every lease released.
+
 Per node the rows are those the flow found missing for it (an incremental run computes only
 the missing stages). An item whose input the chain was to compute but did not is not attempted:
 ``SkippedUpstream`` when that input failed, ``busy`` when another live run holds it (the flow
@@ -26,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from tasks.executor import run_batch
+from tasks.executor import PendingBatch, start_batch
 from tasks.memory import ChainMemory
 from tasks.runtime import BatchResult, ItemResult, StageContext
 from tasks.stages import STAGES
@@ -45,26 +52,52 @@ def run_chain(ctxs: Sequence[StageContext], rows: Sequence[Sequence[Mapping[str,
     memory = memory if memory is not None else ChainMemory()
     outcome: dict[tuple[str, str], dict[str, ItemResult]] = {}  # node -> item -> result, for the nodes run so far
     last_reader = _last_readers(ctxs)
+    started: list[tuple[tuple[str, str], PendingBatch, dict[str, ItemResult], float]] = []
+    try:
+        for i, (ctx, node_rows) in enumerate(zip(ctxs, rows)):
+            t0 = time.perf_counter()
+            blocked: dict[str, ItemResult] = {}
+            runnable = []
+            for row in node_rows:
+                why = _blocked(ctx, row, outcome)
+                if why is None:
+                    runnable.append(row)
+                else:
+                    blocked[why.item] = why
+            gate = _gate(ctx, runnable, started)
+            pending = start_batch(replace(ctx, memory=memory), runnable, gate=gate)
+            outcome[ctx.node.ident] = pending.results | blocked  # as computed; final once its pack is stored
+            started.append((ctx.node.ident, pending, blocked, time.perf_counter() - t0))
+            for ident, last in last_reader.items():
+                if last == i:
+                    memory.forget(ident)
+    except BaseException:  # the packs computed so far are stored and the leases released before it propagates
+        for _, pending, _, _ in started:
+            pending.wait()
+        raise
     out = []
-    for i, (ctx, node_rows) in enumerate(zip(ctxs, rows)):
-        t0 = time.perf_counter()
-        blocked: dict[str, ItemResult] = {}
-        runnable = []
-        for row in node_rows:
-            why = _blocked(ctx, row, outcome)
-            if why is None:
-                runnable.append(row)
-            else:
-                blocked[why.item] = why
-        ran = run_batch(replace(ctx, memory=memory), runnable) if runnable else BatchResult([])
+    for (_, pending, blocked, seconds), node_rows in zip(started, rows):
+        t0 = time.perf_counter()  # what is left of writing its pack (the others' writes overlapped compute)
+        ran = pending.result()
         by_id = {r.item: r for r in ran.items} | blocked
-        outcome[ctx.node.ident] = by_id
         out.append(BatchResult([by_id[str(r["image_id"])] for r in node_rows], ran.fatal,
-                               time.perf_counter() - t0))
-        for ident, last in last_reader.items():
-            if last == i:
-                memory.forget(ident)
+                               seconds + time.perf_counter() - t0))
     return out
+
+
+def _gate(ctx: StageContext, rows: Sequence[Mapping[str, Any]],
+          started: Sequence[tuple[tuple[str, str], PendingBatch, dict[str, ItemResult], float]]):
+    """The node's commit gate (``start_batch``): waits for the packs of the nodes started before it (in order: each
+    waited for its predecessors), then names its items whose input, computed in this chain batch, was not stored."""
+    earlier = list(started)
+
+    def gate() -> dict[str, ItemResult]:
+        for _, pending, _, _ in earlier:
+            pending.wait()
+        final = {ident: pending.results | blocked for ident, pending, blocked, _ in earlier}
+        return {why.item: why for row in rows if (why := _blocked(ctx, row, final)) is not None}
+
+    return gate
 
 
 def _blocked(ctx: StageContext, row: Mapping[str, Any], outcome: Mapping[tuple[str, str], Mapping[str, ItemResult]]

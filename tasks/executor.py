@@ -16,6 +16,14 @@ For a batch of items of one stage output set (one Prefect task):
    the pack and then its completion record are written when the batch ends. A writer error
    fails the items it concerns, never the run.
 
+``run_batch`` returns once the pack and its record are in place and the lease is released.
+``start_batch`` returns as soon as every computed item has been handed to the pack (and, in a
+fused chain, kept in the chain's memory): the writer thread then writes the pack and its record
+(their fsyncs are waits, not compute) and releases the lease while the caller goes on with the
+next stage of the chain; ``PendingBatch.result()`` waits for that. A ``gate`` given to
+``start_batch`` runs in the writer before the pack is written and names items that must not be
+stored (a fused chain: items whose input's pack failed to be stored after they were computed).
+
 A backbone that cannot be loaded fails the whole batch with ``BatchResult.fatal`` set, so the
 flow stops submitting that stage instead of failing once per image.
 """
@@ -27,7 +35,7 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from storage.leases import LeaseError
@@ -50,27 +58,64 @@ class UpstreamMissingError(RuntimeError):
     """An input of the item is not (or no longer) complete; the item is retried by a later run."""
 
 
+Gate = Callable[[], Mapping[str, ItemResult]]  # -> items of the batch not to store, with their results
+
+
+class PendingBatch:
+    """A batch whose items are computed and handed to its writer; the pack, its record and the lease release may
+    still be under way (``result()`` waits for them)."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]]):
+        self.rows = list(rows)
+        self.results: dict[str, ItemResult] = {}
+        self.writer: threading.Thread | None = None
+        self.release: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        """Wait for the pack and its record, then release the lease (once; safe from any thread)."""
+        with self._lock:
+            if self.writer is not None:
+                self.writer.join()
+                self.writer = None
+            if self.release is not None:
+                release, self.release = self.release, None
+                release()
+
+    def result(self) -> BatchResult:
+        self.wait()
+        fatal = next((r.error for r in self.results.values() if r.error_type == BackboneLoadError.__name__), "")
+        return BatchResult([self.results[str(r["image_id"])] for r in self.rows], fatal)
+
+
 def run_batch(ctx: StageContext, rows: Sequence[Mapping[str, Any]], stage: Any = None) -> BatchResult:
     """Compute and store every item of ``rows`` that is not complete yet (see the module docstring).
 
     ``stage`` defaults to the stage table's entry for ``ctx.stage``.
     """
+    return start_batch(ctx, rows, stage).result()
+
+
+def start_batch(ctx: StageContext, rows: Sequence[Mapping[str, Any]], stage: Any = None, gate: Gate | None = None
+                ) -> PendingBatch:
+    """``run_batch`` up to the point where every computed item is in its writer's hands (see the module docstring)."""
     stage = stage or STAGES[ctx.stage]
-    results: dict[str, ItemResult] = {}
+    pending = PendingBatch(rows)
     if rows:  # the flow sends only items it found incomplete: no listing of the stage's records per batch
-        _run_claimed(ctx, stage, list(rows), results)
-    fatal = next((r.error for r in results.values() if r.error_type == BackboneLoadError.__name__), "")
-    return BatchResult([results[str(r["image_id"])] for r in rows], fatal)
+        _run_claimed(ctx, stage, pending, gate)
+    return pending
 
 
-def _run_claimed(ctx: StageContext, stage, rows: list[Mapping[str, Any]], results: dict[str, ItemResult]) -> None:
+def _run_claimed(ctx: StageContext, stage, pending: PendingBatch, gate: Gate | None) -> None:
     store = ctx.store()
+    rows, results = pending.rows, pending.results
     try:
         claim = store.leases.claim(ctx.stage, ctx.key, [str(r["image_id"]) for r in rows], ctx.settings.run_id)
     except (LeaseError, OSError) as e:
         for r in rows:
             results[str(r["image_id"])] = ItemResult(str(r["image_id"]), "failed", 0.0, "LeaseError", str(e))
         return
+    pending.release = lambda: store.leases.release(claim)
     try:
         for iid, info in claim.busy.items():
             results[iid] = ItemResult(iid, "busy", error=f"being computed by {info.describe()}")
@@ -91,9 +136,10 @@ def _run_claimed(ctx: StageContext, stage, rows: list[Mapping[str, Any]], result
                 results[str(r["image_id"])] = ItemResult(str(r["image_id"]), "failed", 0.0, BackboneLoadError.__name__,
                                                          str(err))
             return
-        _pipeline(ctx, stage, models, mine_rows, results)
+        _pipeline(ctx, stage, models, mine_rows, pending, gate)
     finally:
-        store.leases.release(claim)
+        if pending.writer is None:  # nothing left to write in the background: release the lease now
+            pending.wait()
 
 
 def _fail(results: dict[str, ItemResult], iid: str, e: BaseException, seconds: float = 0.0) -> None:
@@ -103,9 +149,12 @@ def _fail(results: dict[str, ItemResult], iid: str, e: BaseException, seconds: f
     log.debug("%s", "".join(traceback.format_exception(e)))
 
 
-def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any]],
-              results: dict[str, ItemResult]) -> None:
-    settings = ctx.settings
+def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any]], pending: PendingBatch,
+              gate: Gate | None) -> None:
+    """Load, compute and hand to the writer; on return the writer holds every item and may still be committing
+    (``pending.writer``), unless the compute raised (then the writer is joined before the error propagates)."""
+    settings, results = ctx.settings, pending.results
+    handed = threading.Event()  # the writer has added every item to the pack (and to the chain's memory)
     loaded: queue.Queue = queue.Queue(maxsize=max(1, settings.prefetch))
     to_write: queue.Queue = queue.Queue(maxsize=max(1, settings.write_queue))
     pin = ctx.device.startswith("cuda")  # the device this worker is bound to (``device: auto`` included)
@@ -125,6 +174,14 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
         loaded.put(_END)
 
     def write_all() -> None:
+        try:
+            session, added = add_all()
+        finally:
+            handed.set()  # even after an unexpected error: the compute thread waits for this
+        if session is not None:
+            commit(session, added)
+
+    def add_all() -> tuple[Any, list[str]]:
         session = None
         added: list[str] = []
         declared = stage.array_names(ctx.params)
@@ -152,14 +209,21 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
                 results[iid] = ItemResult(iid, "done", seconds)
             except Exception as e:  # noqa: BLE001 - a writer error fails that item, never the run
                 _fail(results, iid, e, seconds)
-        if session is None:
-            return
+        return session, added
+
+    def commit(session, added: list[str]) -> None:
         try:
+            held = dict(gate()) if gate is not None else {}
+            if any(iid in held for iid in added):  # an input of these items was not stored: none of the pack is
+                raise InputNotStoredError(held)
             session.commit()
         except Exception as e:  # noqa: BLE001 - the pack could not be stored: its items are not done
             session.abort()
             for iid in added:
-                _fail(results, iid, e, results[iid].seconds)
+                if isinstance(e, InputNotStoredError) and iid in e.held:
+                    results[iid] = e.held[iid]
+                else:
+                    _fail(results, iid, e, results[iid].seconds)
                 if ctx.memory is not None:
                     ctx.memory.drop(ctx.node.ident, iid)
 
@@ -167,12 +231,28 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
     writer = threading.Thread(target=write_all, name=f"ovseg-write-{ctx.stage}", daemon=True)
     loader.start()
     writer.start()
+    computed = False
     try:
         _compute_all(ctx, stage, models, loaded, to_write, results)
+        computed = True
     finally:
         to_write.put(_END)
-        writer.join()
         loader.join()
+        if computed:
+            handed.wait()
+            pending.writer = writer
+        else:
+            writer.join()
+
+
+class InputNotStoredError(UpstreamMissingError):
+    """A pack not stored because the gate held some of its items (``held``: their results): an input of theirs,
+    computed in the same chain batch, failed to be stored after they were computed."""
+
+    def __init__(self, held: Mapping[str, ItemResult]):
+        first = next(iter(held.values()))
+        super().__init__(f"not stored: items of its batch lost an input ({first.error})")
+        self.held = held
 
 
 class Grouper:

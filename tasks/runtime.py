@@ -56,11 +56,12 @@ class StageNode:
         return StageKey(self.stage, self.params, {role: n.key for role, n in self.upstream.items()},
                         self.code_version, self.weights)
 
-    @property
+    @cached_property
     def key(self) -> str:
+        """The stage key (a SHA-256 of the key payload: computed once per node, it is read per item and batch)."""
         return self.stage_key.key
 
-    @property
+    @cached_property
     def ident(self) -> tuple[str, str]:
         return self.stage, self.key
 

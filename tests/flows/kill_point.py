@@ -47,14 +47,9 @@ def arm(point: str) -> None:
     put_atomic, put_file, put_if_absent = Backend.put_atomic, Backend.put_file, Backend.put_if_absent
     write = StoreTemporary.write
 
-    def after_registry(self: Backend, path: str, data: bytes) -> None:
-        put_atomic(self, path, data)
+    def after_registry(self: Backend, path: str, data: bytes, **kw: Any) -> None:
+        put_atomic(self, path, data, **kw)
         if "/banks/" in path and path.rsplit("/", 1)[-1].startswith("registry-"):
-            _die()
-
-    def after_rows(self: Backend, local_path: str, path: str) -> None:
-        put_file(self, local_path, path)
-        if "/stages/bank_values/" in path and path.endswith(".rows"):
             _die()
 
     def before_move(self: Backend, local_path: str, path: str) -> None:
@@ -62,10 +57,10 @@ def arm(point: str) -> None:
             _die()
         put_file(self, local_path, path)
 
-    def before_record(self: Backend, path: str, data: bytes) -> Any:
+    def before_record(self: Backend, path: str, data: bytes, **kw: Any) -> Any:
         if _INDEX_DIR in path and "/records/" in path:
             _die()
-        return put_if_absent(self, path, data)
+        return put_if_absent(self, path, data, **kw)
 
     def half_rows(self: StoreTemporary, data: bytes) -> int:
         if self.path.endswith(_ROW_FILE):
@@ -79,8 +74,8 @@ def arm(point: str) -> None:
         if path.endswith(_ROW_FILE):
             _die()
 
-    def after_values_record(self: Backend, path: str, data: bytes) -> Any:
-        created = put_if_absent(self, path, data)
+    def after_values_record(self: Backend, path: str, data: bytes, **kw: Any) -> Any:
+        created = put_if_absent(self, path, data, **kw)
         if "/stages/bank_values/" in path and "/records/" in path:
             _die()
         return created

@@ -90,10 +90,10 @@ def test_a_release_during_a_heartbeat_leaves_no_lease_file(tmp_path: Path):
     assert len(list(folder.glob("*.json"))) == 1
     real_put, writing = m.backend.put_atomic, threading.Event()
 
-    def slow_put(path, data):
+    def slow_put(path, data, **kw):
         writing.set()
         time.sleep(0.3)  # the release comes while the heartbeat's write is under way
-        real_put(path, data)
+        real_put(path, data, **kw)
 
     m.backend.put_atomic = slow_put
     beat = threading.Thread(target=m.heartbeat)
