@@ -51,8 +51,8 @@ def _verbosity_options(parser: argparse.ArgumentParser, top: bool) -> None:
 
 
 def _store(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--store", default=None, help="store path or fsspec URL (default: the experiment's store, "
-                    "else $OVSEG_STORE or ./ovseg-store)")
+    sp.add_argument("--store", default=None, help="store path or fsspec URL (default: the experiment file's "
+                    "`store:` where the command takes one, else $OVSEG_STORE, else ./ovseg-store)")
 
 
 def _overrides(sp: argparse.ArgumentParser) -> None:
