@@ -26,7 +26,7 @@ import numpy as np
 
 from storage.fstemp import StoreTemporary
 from storage.keys import StageKey
-from storage.reading import DamagedOutputError
+from storage.reading import DamagedOutputError, MissingOutputError
 from storage.store import Store
 
 ROWS = "rows"  # the folder of the row file in its stage folder, and the item holding the CRCs
@@ -87,20 +87,48 @@ class FileRows:
 
     def __init__(self, store: Store, stage: str, key: str):
         self.store, self.stage, self.key = store, stage, key
-        attrs = store.item_attrs(stage, key, ROWS)
-        self.crc = store.read_item(stage, key, ROWS, ["crc"])["crc"]
-        self.n_rows, self.dim, self.dtype = int(attrs["rows"]), int(attrs["dim"]), np.dtype(attrs["dtype"])
         self.path = row_file_path(store, stage, key)
-        self._row_bytes = self.dim * self.dtype.itemsize
-        self._fd = os.open(self.path, os.O_RDONLY) if store.backend.is_local else None
+        self._fd: int | None = None
+        self._retired: list[int] = []  # descriptors of replaced files: closed with the reader (a thread may read one)
+        self._open()
 
     def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+        for fd in [getattr(self, "_fd", None)] + getattr(self, "_retired", []):
+            if fd is not None:
+                os.close(fd)
 
-    def _read(self, first: int, count: int, drop: bool = True) -> np.ndarray:
-        """Rows ``first .. first + count - 1``, checked; raises ``DamagedOutputError`` (the item un-marked when
-        ``drop``)."""
+    def _open(self) -> None:
+        """(Re)read the ``rows`` item (the CRCs, N, D) and (re)open the file (local stores)."""
+        attrs = self.store.item_attrs(self.stage, self.key, ROWS)
+        self.crc = self.store.read_item(self.stage, self.key, ROWS, ["crc"])["crc"]
+        self.n_rows, self.dim, self.dtype = int(attrs["rows"]), int(attrs["dim"]), np.dtype(attrs["dtype"])
+        self._row_bytes = self.dim * self.dtype.itemsize
+        fd = os.open(self.path, os.O_RDONLY) if self.store.backend.is_local else None
+        if self._fd is not None:
+            self._retired.append(self._fd)
+        self._fd = fd
+
+    def _replaced(self) -> bool:
+        """Whether the row file was written again since it was opened (``ovseg bank import`` after a damage):
+        then it and its ``rows`` item are read again. Local stores compare the open file with the path's (device,
+        inode); an object store's reads always get the current object, so only the item is read again."""
+        if self._fd is not None:
+            try:
+                now, held = os.stat(self.path), os.fstat(self._fd)
+            except FileNotFoundError:
+                return False
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return False
+        try:
+            self.store.state(self.stage, self.key)  # the item's new record: listed again
+            self._open()
+        except (FileNotFoundError, MissingOutputError):  # not imported again (yet); a damaged item included
+            return False
+        return True
+
+    def _read(self, first: int, count: int, drop: bool = True, retry: bool = True) -> np.ndarray:
+        """Rows ``first .. first + count - 1``, checked (read once more from the file now at its path when the
+        one held was replaced); raises ``DamagedOutputError`` (the item un-marked when ``drop``)."""
         lo, size = first * self._row_bytes, count * self._row_bytes
         try:
             data = os.pread(self._fd, size, lo) if self._fd is not None else self.store.backend.get_range(
@@ -110,6 +138,8 @@ class FileRows:
         rows = np.frombuffer(data[: len(data) - len(data) % self._row_bytes], dtype=self.dtype).reshape(-1, self.dim)
         bad = np.flatnonzero(row_crcs(rows) != self.crc[first : first + rows.shape[0]])
         if len(data) != size or bad.size:
+            if retry and self._replaced():
+                return self._read(first, count, drop, retry=False)
             why = (f"rows {first}..{first + count - 1}: read {len(data)} of {size} bytes" if len(data) != size
                    else f"row {first + int(bad[0])} does not match its CRC-32")
             if drop:
