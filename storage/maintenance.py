@@ -284,6 +284,25 @@ def _gc_segments(store: Store, keep: set[tuple[str, str]], age: float, rep: GcRe
                 remove(f"{folder}/{e.name}", e.size)
 
 
+def clear_dead_writes(store: Store, stage: str, key: str) -> int:
+    """What killed writers of an output set left, at once (``cache gc`` waits the lease TTL): the temporaries in
+    its ``packs``, ``records`` and ``rows`` folders (a row file's: up to a whole value store) and its packs without
+    a record. Only for a caller holding a lease on every item the set's writers write (``ovseg bank import``: the
+    set's one item), so no live writer is between a temporary and its record. Returns the bytes removed."""
+    base, backend = store.stage_dir(stage, key), store.backend
+    records = {n[: -len(".json")] for n in backend.listdir(f"{base}/{RECORDS}") if n.endswith(".json")}
+    known = store.state(stage, key).known_packs() | records
+    removed = 0
+    for folder in (f"{base}/{PACKS}", f"{base}/{RECORDS}", f"{base}/{ROWS}"):
+        for e in backend.list_entries(folder):
+            unrecorded = folder.endswith(PACKS) and e.name.endswith(".zip") and e.name[: -len(".zip")] not in known
+            if is_temporary(e.name) or unrecorded:
+                log.info("removing %s/%s (left by a killed writer)", folder, e.name)
+                backend.delete(f"{folder}/{e.name}")
+                removed += e.size
+    return removed
+
+
 def _temp_folders(store: Store) -> list[str]:
     b = store.backend
     if not b.is_local:  # object stores: packs are uploaded whole from a local temporary file, nothing is left
