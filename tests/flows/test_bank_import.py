@@ -118,6 +118,7 @@ def test_an_authors_bank_imports_streamed_and_checked_and_serves_their_neighbour
     assert Store(tmp_path / "store").complete_items("bank_values", values_key) == {ROWS}
     # a damaged row is found by cache verify and never returned (the read un-marks the store: imported again)
     path = tmp_path / "store" / "stages" / "bank_values" / values_key / ROW_FILE
+    held = FileRows(Store(tmp_path / "store"), "bank_values", values_key)  # a long-lived serving process's reader
     data = bytearray(path.read_bytes())
     data[777 * 2 * D_VALUE + 5] ^= 0xFF  # row 777
     path.write_bytes(bytes(data))
@@ -129,6 +130,10 @@ def test_an_authors_bank_imports_streamed_and_checked_and_serves_their_neighbour
     assert main(["cache", "verify", "--store", str(tmp_path / "store")]) == 0
     np.testing.assert_array_equal(FileRows(Store(tmp_path / "store"), "bank_values", values_key).rows(np.arange(N)),
                                   main_values)
+    # the reader held across the re-import reads the new file, not the damaged one it held open (which it used to
+    # report damaged, un-marking the re-imported store)
+    np.testing.assert_array_equal(held.rows(np.array([777, 3, 2000])), main_values[[777, 3, 2000]])
+    assert Store(tmp_path / "store").complete_items("bank_values", values_key) == {ROWS}
 
 
 @pytest.mark.slow
