@@ -14,10 +14,13 @@ Layout (in the ``bank_values`` output set's folder, so the rows live and die wit
   right forever; a grown bank reuses its segments and writes one more for the new ids only.
 - **Atomic**: each segment is written whole to a temporary, fsynced and moved into place (uploaded whole on an
   object store); a kill leaves a temporary (``cache gc`` removes it) and the rerun writes that segment again. A
-  segment in place with the expected size counts as written.
+  segment in place with the expected size counts as written. ``cache gc`` removes the segments no kept complete
+  index item lists (``storage.maintenance._gc_segments``: older than the lease TTL, none a live index may read).
 - **Checked**: every row a reader returns is checked against its CRC-32; a damaged or missing segment un-marks
   the ``bank_index`` item that lists it and is removed, so the next run writes it again. ``cache verify`` checks
-  every segment of every index item (``verify_segments``; ``--repair`` un-marks and removes likewise).
+  every segment of every index item (``verify_segments``; ``--repair`` un-marks and removes likewise). A reader
+  whose segment was replaced since it opened it (a repair, then a rebuild) reads the new file once more before it
+  calls a mismatch damage.
 
 Ids of registry images no longer in the bank (never indexed, never retrieved) are gaps between segments.
 """

@@ -8,7 +8,8 @@ Layout (in the output set's stage folder)::
 and one item ``rows`` of the output set: ``crc (N,) uint32``, the CRC-32 of every row, attrs ``rows``, ``dim``,
 ``dtype``, ``file``. The item is written after the file, so a complete item means a complete file; every row a
 reader returns is checked against its CRC (a damaged file un-marks the item: ``ovseg bank import`` writes it
-again), and ``cache verify`` checks the whole file (``verify_row_file``).
+again), and ``cache verify`` checks the whole file (``verify_row_file``); a reader whose file was written again
+since it opened it reads the new one (and its item's CRCs) once more before it calls a mismatch damage.
 
 Why not the store's packs (``ovseg bank import`` wrote 1,024-row items before): a pack's array is one compressed
 chunk, so one retrieved row costs its whole item (1.5 MB of 768-d rows read, CRC-checked and decompressed);
@@ -50,7 +51,7 @@ def write_row_file(store: Store, stage_key: StageKey, chunks: Iterable[np.ndarra
     """Stream ``(n, D) float16`` row chunks into the output set's row file, then its ``rows`` item; ``(N, D)``.
 
     Only one chunk is in memory at a time (and the CRCs, 4 bytes a row). A kill before the item leaves a
-    temporary file (removed by ``cache gc``) and no complete output.
+    temporary file and no complete output (``ovseg bank import`` removes it under its lease, as ``cache gc`` does).
     """
     path = row_file_path(store, stage_key.stage, stage_key.key)
     crcs, n, dim = [], 0, 0
