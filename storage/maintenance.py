@@ -251,7 +251,8 @@ def _gc_segments(store: Store, keep: set[tuple[str, str]], age: float, rep: GcRe
     reuses the segments in place before its item lists them); when an index item or a live index's
     ``stage.json`` cannot be read, none (what it lists is unknown)."""
     listed: set[str] = set()
-    for stage, key in keep:
+    kept = [s for s in store.stage_sets() if s in keep]
+    for stage, key in kept:
         if stage == "bank_index":
             for item in store.complete_items(stage, key):
                 try:
@@ -269,7 +270,7 @@ def _gc_segments(store: Store, keep: set[tuple[str, str]], age: float, rep: GcRe
                 log.info("cache gc: keeps every bank value row segment: bank_index/%s is being built", key)
                 return
             busy.update(upstream.values())
-    for stage, key in sorted(keep):
+    for stage, key in sorted(kept):
         if stage != "bank_values" or key in busy:
             continue
         found: dict[str, list[Entry]] = {}
