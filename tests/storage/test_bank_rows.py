@@ -240,3 +240,16 @@ def test_gc_keeps_every_segment_while_an_index_it_cannot_read_is_being_built(tmp
     assert gc(store, store.stage_sets(), stale_after=60).segments == 0 and os.path.exists(rs.path(store, (0, 12)))
     store.leases.release(claim)
     assert gc(store, store.stage_sets(), stale_after=60).segments == 1 and not os.path.exists(rs.path(store, (0, 12)))
+
+
+def test_gc_of_unlisted_segments_on_an_object_store():
+    store = Store(f"s3://{shared_server().create_bucket()}/st")
+    rows = _images(store, 0, [5, 7], seed=0)
+    names, first, count = _registry(rows)
+    old, _ = consolidate_values(store, VALUES.stage, VALUES.key, "b", "old-regions", names, first, count, names)
+    rs, _ = _consolidate(store, rows)
+    store.write_item(LISTING, "bank", {"x": np.zeros(1)}, {"value_rows": {"bank_values": rs.to_attrs()}})
+    rep = gc(store, store.stage_sets(), stale_after=-1)  # every file counts as old
+    assert rep.segments == 1 and rep.paths == [old.path(store, (0, 12))]
+    assert not store.backend.exists(old.path(store, (0, 12))) and store.backend.exists(rs.path(store, (0, 12)))
+    np.testing.assert_array_equal(SegmentRows(store, rs).rows(np.arange(12)), np.concatenate(list(rows.values())))
