@@ -14,10 +14,13 @@ Layout (in the ``bank_values`` output set's folder, so the rows live and die wit
   right forever; a grown bank reuses its segments and writes one more for the new ids only.
 - **Atomic**: each segment is written whole to a temporary, fsynced and moved into place (uploaded whole on an
   object store); a kill leaves a temporary (``cache gc`` removes it) and the rerun writes that segment again. A
-  segment in place with the expected size counts as written.
+  segment in place with the expected size counts as written. ``cache gc`` removes the segments no kept complete
+  index item lists (``storage.maintenance._gc_segments``: older than the lease TTL, none a live index may read).
 - **Checked**: every row a reader returns is checked against its CRC-32; a damaged or missing segment un-marks
   the ``bank_index`` item that lists it and is removed, so the next run writes it again. ``cache verify`` checks
-  every segment of every index item (``verify_segments``; ``--repair`` un-marks and removes likewise).
+  every segment of every index item (``verify_segments``; ``--repair`` un-marks and removes likewise). A reader
+  whose segment was replaced since it opened it (a repair, then a rebuild) reads the new file once more before it
+  calls a mismatch damage.
 
 Ids of registry images no longer in the bank (never indexed, never retrieved) are gaps between segments.
 """
@@ -31,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.fsio import is_temporary
+from storage.fsio import Entry, is_temporary
 from storage.fstemp import StoreTemporary
 from storage.reading import DamagedOutputError
 from storage.row_files import ROWS, adjacent_runs, row_crcs
@@ -79,6 +82,21 @@ def segment_folders(store: Store, stage: str, key: str) -> list[str]:
     """The segment folders of an output set (where ``cache gc`` looks for temporaries of killed writers)."""
     base = f"{store.stage_dir(stage, key)}/{ROWS}"
     return [f"{base}/{b}/{r}" for b in store.backend.subfolders(base) for r in store.backend.subfolders(f"{base}/{b}")]
+
+
+def segment_files(store: Store, stage: str, key: str) -> list[tuple[str, Entry]]:
+    """Every complete-looking segment file of an output set: ``(folder, entry)`` (``cache gc``)."""
+    return [(folder, e) for folder in segment_folders(store, stage, key) for e in store.backend.list_entries(folder)
+            if not is_temporary(e.name) and e.name.endswith(SUFFIX)]
+
+
+def listed_segments(store: Store, attrs: Mapping[str, Any]) -> set[str]:
+    """The paths of the segments an index item's attrs list (``value_rows``; none for an imported bank)."""
+    out = set()
+    for a in (attrs.get("value_rows") or {}).values():
+        rs = RowSegments.from_attrs(a)
+        out.update(rs.path(store, seg) for seg in rs.segments)
+    return out
 
 
 def _present_runs(images: Sequence[str], first: Sequence[int], count: Sequence[int], present: set[str]
@@ -178,24 +196,46 @@ class SegmentRows:
         self.n_rows = int(self.end[-1]) if self.end.size else 0
         self.paths = [rs.path(store, s) for s in rs.segments]
         self._row_bytes = self.dim * _DTYPE.itemsize
-        self._fds: list[int | None] = []
-        self.crc = []
-        for seg, path in zip(rs.segments, self.paths):
-            n = seg[1] - seg[0]
-            try:
-                fd = os.open(path, os.O_RDONLY) if store.backend.is_local else None
-            except FileNotFoundError:
-                self._damaged(path, "missing")
-            self._fds.append(fd)
-            raw = self._get(len(self._fds) - 1, n * self._row_bytes, n * _CRC.itemsize)
-            if len(raw) != n * _CRC.itemsize:
-                self._damaged(path, f"{len(raw)} of {n * _CRC.itemsize} CRC bytes")
-            self.crc.append(np.frombuffer(raw, _CRC))
+        self._fds: list[int | None] = [None] * len(self.paths)
+        self._retired: list[int] = []  # descriptors of replaced files: closed with the reader (a thread may read one)
+        self.crc: list[np.ndarray] = [np.empty(0, _CRC)] * len(self.paths)
+        for s in range(len(self.paths)):
+            self._open(s)
 
     def __del__(self) -> None:
-        for fd in getattr(self, "_fds", []):
+        for fd in getattr(self, "_fds", []) + getattr(self, "_retired", []):
             if fd is not None:
                 os.close(fd)
+
+    def _open(self, s: int) -> None:
+        """(Re)open segment ``s``: its file descriptor (local stores) and its CRCs."""
+        path, n = self.paths[s], int(self.end[s] - self.first[s])
+        try:
+            fd = os.open(path, os.O_RDONLY) if self.store.backend.is_local else None
+        except FileNotFoundError:
+            self._damaged(path, "missing")
+        if self._fds[s] is not None:
+            self._retired.append(self._fds[s])
+        self._fds[s] = fd
+        raw = self._get(s, n * self._row_bytes, n * _CRC.itemsize)
+        if len(raw) != n * _CRC.itemsize:
+            self._damaged(path, f"{len(raw)} of {n * _CRC.itemsize} CRC bytes")
+        self.crc[s] = np.frombuffer(raw, _CRC)
+
+    def _replaced(self, s: int) -> bool:
+        """Whether segment ``s`` was written again since it was opened (``cache verify --repair`` removed it and
+        a run wrote it again): then it is reopened. Local stores compare the open file with the path's (device,
+        inode); an object store's reads always get the current object, so only its CRCs are read again."""
+        fd = self._fds[s]
+        if fd is not None:
+            try:
+                now, held = os.stat(self.paths[s]), os.fstat(fd)
+            except FileNotFoundError:
+                return False
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return False
+        self._open(s)
+        return True
 
     def _get(self, s: int, lo: int, size: int) -> bytes:
         fd = self._fds[s]
@@ -212,13 +252,16 @@ class SegmentRows:
             "it was removed and its bank index un-marked: the next `ovseg run` writes both again"
             if self.owner is not None else "`ovseg cache verify --repair` un-marks its bank index"))
 
-    def _read(self, s: int, first: int, count: int) -> np.ndarray:
-        """Rows ``first .. first + count - 1`` of segment ``s``, checked against their CRCs."""
+    def _read(self, s: int, first: int, count: int, retry: bool = True) -> np.ndarray:
+        """Rows ``first .. first + count - 1`` of segment ``s``, checked against their CRCs; read once more from
+        the file now at its path when the one held was replaced (a repaired segment)."""
         off = first - int(self.first[s])
         data = self._get(s, off * self._row_bytes, count * self._row_bytes)
         rows = np.frombuffer(data[: len(data) - len(data) % self._row_bytes], _DTYPE).reshape(-1, self.dim)
         bad = np.flatnonzero(row_crcs(rows) != self.crc[s][off: off + rows.shape[0]])
         if len(data) != count * self._row_bytes or bad.size:
+            if retry and self._replaced(s):
+                return self._read(s, first, count, retry=False)
             self._damaged(self.paths[s], f"rows {first}..{first + count - 1}: read {len(data)} bytes"
                           if not bad.size else f"row {first + int(bad[0])} does not match its CRC-32")
         return rows

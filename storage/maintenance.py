@@ -15,7 +15,7 @@ from storage.leases import LEASES
 from storage.paths import TABLES
 from storage.reading import DamagedOutputError, MissingOutputError
 from storage.records import DROPS, INDEX, PACKS, RECORDS
-from storage.bank_rows import segment_folders, verify_segments
+from storage.bank_rows import listed_segments, segment_files, segment_folders, verify_segments
 from storage.row_files import ROWS, verify_row_file
 
 if TYPE_CHECKING:  # the store calls none of this module: a type only
@@ -124,6 +124,8 @@ class GcReport:
     items: int = 0
     temporaries: int = 0
     leases: int = 0
+    segments: int = 0  # bank value row segments no complete index lists (``storage.bank_rows``)
+    segment_folders: list[tuple[str, str, str, int, int]] = field(default_factory=list)  # (stage, key, folder, n, bytes)
     nbytes: int = 0
     paths: list[str] = field(default_factory=list)
     remaining: int = 0  # ``evict``: bytes of the stage outputs left (or that would be left)
@@ -132,7 +134,8 @@ class GcReport:
 def gc(store: Store, keep: Iterable[tuple[str, str]], dry_run: bool = False, stale_after: float | None = None
        ) -> GcReport:
     """Delete stage output sets not in ``keep``; in kept sets, packs no item uses any more and
-    packs whose writer died before recording them; temporary files and leases of dead writers.
+    packs whose writer died before recording them, and bank value row segments no kept complete
+    index lists (``_gc_segments``); temporary files and leases of dead writers.
 
     ``stale_after`` (default: the lease TTL) is how old a temporary file or an unrecorded pack
     must be before it counts as abandoned.
@@ -161,6 +164,7 @@ def gc(store: Store, keep: Iterable[tuple[str, str]], dry_run: bool = False, sta
                 store.backend.delete_tree(store.backend.path(LEASES, stage, key))
             continue
         _gc_set(store, stage, key, age, rep, remove, dry_run)
+    _gc_segments(store, keep_set, age, rep, remove)
     for folder in _temp_folders(store):
         for e in stale_temporaries(store.backend, folder, age):
             rep.temporaries += 1
@@ -238,6 +242,66 @@ def _gc_set(store: Store, stage: str, key: str, age: float, rep: GcReport, remov
             remove(f"{base}/{PACKS}/{e.name}", e.size)
     if not dry_run and st.uncovered_records() + len(store.backend.listdir(f"{base}/{DROPS}")) > 0:
         st.compact()
+
+
+def _gc_segments(store: Store, keep: set[tuple[str, str]], age: float, rep: GcReport, remove) -> None:
+    """Bank value row segments (``storage.bank_rows``) of the kept ``bank_values`` sets that no complete item of a
+    kept ``bank_index`` set lists (a bank rebuilt under another region source, an index gc'd or evicted), once
+    older than ``age``. Never those of a values set a live ``bank_index`` lease reads (an index being built
+    reuses the segments in place before its item lists them); when an index item or a live index's
+    ``stage.json`` cannot be read, none (what it lists is unknown)."""
+    listed: set[str] = set()
+    kept = [s for s in store.stage_sets() if s in keep]
+    for stage, key in kept:
+        if stage == "bank_index":
+            for item in store.complete_items(stage, key):
+                try:
+                    listed |= listed_segments(store, store.item_attrs(stage, key, item))
+                except (MissingOutputError, OSError, ValueError, KeyError, TypeError) as e:
+                    log.warning("cache gc: keeps every bank value row segment: %s/%s/%s is unreadable (%s)",
+                                stage, key, item, e)
+                    return
+    busy: set[str] = set()
+    now = time.time()
+    for key in store.backend.subfolders(store.backend.path(LEASES, "bank_index")):
+        if any(info.alive(now) for info in store.leases.leases("bank_index", key)):
+            upstream = store.stage_attrs("bank_index", key).get("stage_key", {}).get("upstream")
+            if not isinstance(upstream, dict):
+                log.info("cache gc: keeps every bank value row segment: bank_index/%s is being built", key)
+                return
+            busy.update(upstream.values())
+    for stage, key in sorted(kept):
+        if stage != "bank_values" or key in busy:
+            continue
+        found: dict[str, list[Entry]] = {}
+        for folder, e in segment_files(store, stage, key):
+            if f"{folder}/{e.name}" not in listed and now - e.mtime > age:
+                found.setdefault(folder, []).append(e)
+        base = store.stage_dir(stage, key)
+        for folder, entries in sorted(found.items()):
+            rep.segments += len(entries)
+            rep.segment_folders.append((stage, key, folder[len(base) + 1:], len(entries), sum(e.size for e in entries)))
+            for e in entries:
+                remove(f"{folder}/{e.name}", e.size)
+
+
+def clear_dead_writes(store: Store, stage: str, key: str) -> int:
+    """What killed writers of an output set left, at once (``cache gc`` waits the lease TTL): the temporaries in
+    its ``packs``, ``records`` and ``rows`` folders (a row file's: up to a whole value store) and its packs without
+    a record. Only for a caller holding a lease on every item the set's writers write (``ovseg bank import``: the
+    set's one item), so no live writer is between a temporary and its record. Returns the bytes removed."""
+    base, backend = store.stage_dir(stage, key), store.backend
+    records = {n[: -len(".json")] for n in backend.listdir(f"{base}/{RECORDS}") if n.endswith(".json")}
+    known = store.state(stage, key).known_packs() | records
+    removed = 0
+    for folder in (f"{base}/{PACKS}", f"{base}/{RECORDS}", f"{base}/{ROWS}"):
+        for e in backend.list_entries(folder):
+            unrecorded = folder.endswith(PACKS) and e.name.endswith(".zip") and e.name[: -len(".zip")] not in known
+            if is_temporary(e.name) or unrecorded:
+                log.info("removing %s/%s (left by a killed writer)", folder, e.name)
+                backend.delete(f"{folder}/{e.name}")
+                removed += e.size
+    return removed
 
 
 def _temp_folders(store: Store) -> list[str]:

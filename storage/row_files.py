@@ -8,7 +8,8 @@ Layout (in the output set's stage folder)::
 and one item ``rows`` of the output set: ``crc (N,) uint32``, the CRC-32 of every row, attrs ``rows``, ``dim``,
 ``dtype``, ``file``. The item is written after the file, so a complete item means a complete file; every row a
 reader returns is checked against its CRC (a damaged file un-marks the item: ``ovseg bank import`` writes it
-again), and ``cache verify`` checks the whole file (``verify_row_file``).
+again), and ``cache verify`` checks the whole file (``verify_row_file``); a reader whose file was written again
+since it opened it reads the new one (and its item's CRCs) once more before it calls a mismatch damage.
 
 Why not the store's packs (``ovseg bank import`` wrote 1,024-row items before): a pack's array is one compressed
 chunk, so one retrieved row costs its whole item (1.5 MB of 768-d rows read, CRC-checked and decompressed);
@@ -26,7 +27,7 @@ import numpy as np
 
 from storage.fstemp import StoreTemporary
 from storage.keys import StageKey
-from storage.reading import DamagedOutputError
+from storage.reading import DamagedOutputError, MissingOutputError
 from storage.store import Store
 
 ROWS = "rows"  # the folder of the row file in its stage folder, and the item holding the CRCs
@@ -50,7 +51,7 @@ def write_row_file(store: Store, stage_key: StageKey, chunks: Iterable[np.ndarra
     """Stream ``(n, D) float16`` row chunks into the output set's row file, then its ``rows`` item; ``(N, D)``.
 
     Only one chunk is in memory at a time (and the CRCs, 4 bytes a row). A kill before the item leaves a
-    temporary file (removed by ``cache gc``) and no complete output.
+    temporary file and no complete output (``ovseg bank import`` removes it under its lease, as ``cache gc`` does).
     """
     path = row_file_path(store, stage_key.stage, stage_key.key)
     crcs, n, dim = [], 0, 0
@@ -87,20 +88,48 @@ class FileRows:
 
     def __init__(self, store: Store, stage: str, key: str):
         self.store, self.stage, self.key = store, stage, key
-        attrs = store.item_attrs(stage, key, ROWS)
-        self.crc = store.read_item(stage, key, ROWS, ["crc"])["crc"]
-        self.n_rows, self.dim, self.dtype = int(attrs["rows"]), int(attrs["dim"]), np.dtype(attrs["dtype"])
         self.path = row_file_path(store, stage, key)
-        self._row_bytes = self.dim * self.dtype.itemsize
-        self._fd = os.open(self.path, os.O_RDONLY) if store.backend.is_local else None
+        self._fd: int | None = None
+        self._retired: list[int] = []  # descriptors of replaced files: closed with the reader (a thread may read one)
+        self._open()
 
     def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+        for fd in [getattr(self, "_fd", None)] + getattr(self, "_retired", []):
+            if fd is not None:
+                os.close(fd)
 
-    def _read(self, first: int, count: int, drop: bool = True) -> np.ndarray:
-        """Rows ``first .. first + count - 1``, checked; raises ``DamagedOutputError`` (the item un-marked when
-        ``drop``)."""
+    def _open(self) -> None:
+        """(Re)read the ``rows`` item (the CRCs, N, D) and (re)open the file (local stores)."""
+        attrs = self.store.item_attrs(self.stage, self.key, ROWS)
+        self.crc = self.store.read_item(self.stage, self.key, ROWS, ["crc"])["crc"]
+        self.n_rows, self.dim, self.dtype = int(attrs["rows"]), int(attrs["dim"]), np.dtype(attrs["dtype"])
+        self._row_bytes = self.dim * self.dtype.itemsize
+        fd = os.open(self.path, os.O_RDONLY) if self.store.backend.is_local else None
+        if self._fd is not None:
+            self._retired.append(self._fd)
+        self._fd = fd
+
+    def _replaced(self) -> bool:
+        """Whether the row file was written again since it was opened (``ovseg bank import`` after a damage):
+        then it and its ``rows`` item are read again. Local stores compare the open file with the path's (device,
+        inode); an object store's reads always get the current object, so only the item is read again."""
+        if self._fd is not None:
+            try:
+                now, held = os.stat(self.path), os.fstat(self._fd)
+            except FileNotFoundError:
+                return False
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return False
+        try:
+            self.store.state(self.stage, self.key)  # the item's new record: listed again
+            self._open()
+        except (FileNotFoundError, MissingOutputError):  # not imported again (yet); a damaged item included
+            return False
+        return True
+
+    def _read(self, first: int, count: int, drop: bool = True, retry: bool = True) -> np.ndarray:
+        """Rows ``first .. first + count - 1``, checked (read once more from the file now at its path when the
+        one held was replaced); raises ``DamagedOutputError`` (the item un-marked when ``drop``)."""
         lo, size = first * self._row_bytes, count * self._row_bytes
         try:
             data = os.pread(self._fd, size, lo) if self._fd is not None else self.store.backend.get_range(
@@ -110,6 +139,8 @@ class FileRows:
         rows = np.frombuffer(data[: len(data) - len(data) % self._row_bytes], dtype=self.dtype).reshape(-1, self.dim)
         bad = np.flatnonzero(row_crcs(rows) != self.crc[first : first + rows.shape[0]])
         if len(data) != size or bad.size:
+            if retry and self._replaced():
+                return self._read(first, count, drop, retry=False)
             why = (f"rows {first}..{first + count - 1}: read {len(data)} of {size} bytes" if len(data) != size
                    else f"row {first + int(bad[0])} does not match its CRC-32")
             if drop:

@@ -10,6 +10,7 @@ from flows.config import load_experiment
 from flows.summary import print_table
 from storage.fserrors import StoreWriteError
 from storage.keys import canonical_json
+from storage.leases import LeaseError
 from storage.store import Store
 from tasks.bank_params import BANK_ITEM
 from tasks.stages import Step
@@ -47,11 +48,11 @@ def cmd_bank_import(args: argparse.Namespace) -> int:
     if not banks:
         raise ValueError(f"{args.experiment}: no bank with imported: files{' named ' + args.bank if args.bank else ''}; "
                          "declare banks: [{name: ..., imported: {values: [...], index: ...}, clips: [...]}]")
-    store = Store(args.store or exp.store)
+    store = Store(args.store or exp.store, lease_ttl=exp.runner.lease_ttl)  # import holds leases (flows.bank_import)
     for b in banks:
         try:
             attrs = IMPORT_BANK(exp, b, store)
-        except StoreWriteError as e:  # a full disk, a quota, a read-only store: exit 4 (flows.cli)
+        except (StoreWriteError, LeaseError) as e:  # a full disk, a quota, a read-only store: exit 4 (flows.cli)
             raise StoreWriteError(f"the store {store.location} cannot be written ({e}); the import of bank {b.name} "
                                   "stopped, the value stores already imported are kept: free space (`ovseg cache "
                                   "gc`) or fix the store, then rerun the same command") from e

@@ -106,8 +106,11 @@ def cmd_cache_gc(args: argparse.Namespace) -> int:
     rep = gc(store, keep.keys, dry_run=args.dry_run)
     for stage, key, items, nbytes in rep.sets:
         print(f"{verb} {stage}/{key}: {_n(items, 'item')}, {human(nbytes)}")
+    for stage, key, folder, n, nbytes in rep.segment_folders:
+        print(f"{verb} {stage}/{key}/{folder}: {_n(n, 'bank value row segment')} no kept bank index lists, "
+              f"{human(nbytes)}")
     leftovers = (f"{_n(rep.packs, 'superseded or unrecorded pack')}, {_n(rep.temporaries, 'temporary file')} of dead "
-                 f"writers, {_n(rep.leases, 'dead lease')}")
+                 f"writers, {_n(rep.leases, 'dead lease')}, {_n(rep.segments, 'unlisted bank value row segment')}")
     if args.max_bytes is not None or args.older_than is not None:  # the budget line above counted the output sets
         print(f"also {verb} {leftovers}: {human(rep.nbytes)}")
     else:

@@ -16,6 +16,10 @@ after ``IMPORT_POINTS``' own (in order):
 - ``rows``: half of a row file's rows are in its temporary (``storage.fstemp.StoreTemporary``), not yet moved;
 - ``rows_moved``: the first row file is in place, its ``rows`` item (the CRCs) not yet written;
 - ``values``: the first value store is complete (its ``rows`` record written), the second not yet started.
+
+``HOLD_POINTS`` pause instead of dying (a live writer another process meets): ``rows_hold`` writes half of the first
+row file's rows into its temporary, creates ``$OVSEG_HOLD_DIR/held`` and waits for ``$OVSEG_HOLD_DIR/go`` (at most
+five minutes) before it goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +38,7 @@ from storage.fstemp import StoreTemporary
 
 POINTS = ("registry", "segment", "pack", "record")
 IMPORT_POINTS = ("rows", "rows_moved", "values", "pack", "record")
+HOLD_POINTS = ("rows_hold",)
 _INDEX_DIR = "/stages/bank_index/"
 _ROW_FILE = "/rows/values.f16"
 
@@ -42,8 +49,8 @@ def _die() -> None:
 
 def arm(point: str) -> None:
     """Wrap ``Backend``'s writes so that this process SIGKILLs itself at ``point`` (one of ``POINTS``)."""
-    if point not in POINTS + IMPORT_POINTS:
-        raise ValueError(f"kill point must be one of {POINTS + IMPORT_POINTS}, got {point!r}")
+    if point not in POINTS + IMPORT_POINTS + HOLD_POINTS:
+        raise ValueError(f"kill point must be one of {POINTS + IMPORT_POINTS + HOLD_POINTS}, got {point!r}")
     put_atomic, put_file, put_if_absent = Backend.put_atomic, Backend.put_file, Backend.put_if_absent
     write = StoreTemporary.write
 
@@ -69,6 +76,21 @@ def arm(point: str) -> None:
             _die()
         return write(self, data)
 
+    held = []
+
+    def hold_rows(self: StoreTemporary, data: bytes) -> int:
+        if not self.path.endswith(_ROW_FILE) or held:
+            return write(self, data)
+        held.append(self.path)
+        half = write(self, data[: len(data) // 2])
+        self.flush()
+        folder = Path(os.environ["OVSEG_HOLD_DIR"])
+        (folder / "held").write_text(self.tmp)
+        end = time.time() + 300
+        while not (folder / "go").exists() and time.time() < end:
+            time.sleep(0.05)
+        return half + write(self, data[len(data) // 2:])
+
     def after_row_file(self: Backend, local_path: str, path: str) -> None:
         put_file(self, local_path, path)
         if path.endswith(_ROW_FILE):
@@ -89,7 +111,8 @@ def arm(point: str) -> None:
         "registry": (Backend, "put_atomic", after_registry), "pack": (Backend, "put_file", before_move),
         "record": (Backend, "put_if_absent", before_record),
         "segment": (Backend, "put_file", after_segment), "rows": (StoreTemporary, "write", half_rows),
-        "rows_moved": (Backend, "put_file", after_row_file), "values": (Backend, "put_if_absent", after_values_record)}
+        "rows_moved": (Backend, "put_file", after_row_file), "values": (Backend, "put_if_absent", after_values_record),
+        "rows_hold": (StoreTemporary, "write", hold_rows)}
     cls, name, fn = wrappers[point]
     setattr(cls, name, fn)
 

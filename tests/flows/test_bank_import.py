@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -28,6 +31,8 @@ from tests.conftest import fill_disk
 from tests.flows.concurrent_runs import finish, records_per_item, spawn_cli
 from tests.flows.conftest import SAMPLE, assert_same_outputs, computed, store_snapshot
 from tests.flows.kill_point import IMPORT_POINTS
+from storage.fsio import is_temporary
+from storage.leases import LEASES
 from tests.ovseg_core.test_bank_authors_format import _authors_index, _authors_search
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -54,6 +59,7 @@ def _experiment(tmp, values, index):
     data = {"name": "imported", "store": str(tmp / "store"),
             "models": {"clip": CLIPS[0], "dino": "dino:tiny8@random:0", "vfm": "vfm:tiny_radiov3@random:0"},
             "regions": {"source": "slic"}, "text_templates": "single", "feature_dtype": "float32",
+            "runner": {"lease_ttl": 5},  # a killed import's lease is taken over 5 s after its last heartbeat
             "banks": [{"name": "synth", "imported": {"values": [str(v) for v in values], "index": str(index)},
                        "clips": CLIPS}],
             "datasets": [{"name": "voc", "spec": "VOC21", "layout": "voc", "root": str(SAMPLE / "voc2012-sample"),
@@ -112,6 +118,7 @@ def test_an_authors_bank_imports_streamed_and_checked_and_serves_their_neighbour
     assert Store(tmp_path / "store").complete_items("bank_values", values_key) == {ROWS}
     # a damaged row is found by cache verify and never returned (the read un-marks the store: imported again)
     path = tmp_path / "store" / "stages" / "bank_values" / values_key / ROW_FILE
+    held = FileRows(Store(tmp_path / "store"), "bank_values", values_key)  # a long-lived serving process's reader
     data = bytearray(path.read_bytes())
     data[777 * 2 * D_VALUE + 5] ^= 0xFF  # row 777
     path.write_bytes(bytes(data))
@@ -123,6 +130,10 @@ def test_an_authors_bank_imports_streamed_and_checked_and_serves_their_neighbour
     assert main(["cache", "verify", "--store", str(tmp_path / "store")]) == 0
     np.testing.assert_array_equal(FileRows(Store(tmp_path / "store"), "bank_values", values_key).rows(np.arange(N)),
                                   main_values)
+    # the reader held across the re-import reads the new file, not the damaged one it held open (which it used to
+    # report damaged, un-marking the re-imported store)
+    np.testing.assert_array_equal(held.rows(np.array([777, 3, 2000])), main_values[[777, 3, 2000]])
+    assert Store(tmp_path / "store").complete_items("bank_values", values_key) == {ROWS}
 
 
 @pytest.mark.slow
@@ -175,6 +186,17 @@ def imported_reference(tmp_path_factory):
     return exp_file, tmp / "store"
 
 
+def _leftovers(store: Path) -> list[str]:
+    """What writers left in the store: temporaries, packs without a record, lease files."""
+    st = Store(store)
+    out = [str(p) for p in store.rglob("*") if is_temporary(p.name)]
+    for stage, key in st.stage_sets():
+        known = st.state(stage, key).known_packs()
+        out += [str(p) for p in Path(st.stage_dir(stage, key), "packs").glob("*.zip")
+                if p.stem not in known and not is_temporary(p.name)]
+    return out + [str(p) for p in (store / LEASES).rglob("*.json")]
+
+
 def _row_files(store) -> dict[str, bytes]:
     return {p.parent.parent.name: p.read_bytes() for p in (store / "stages" / "bank_values").glob(f"*/{ROW_FILE}")}
 
@@ -206,6 +228,9 @@ def test_a_sigkill_during_an_import_then_a_rerun_gives_the_store_of_an_uninterru
         assert moved.stat().st_size == 2 * N * D_VALUE
         assert ROWS not in Store(store).complete_items("bank_values", moved.parent.parent.name)
     assert main(["cache", "verify", "--store", str(store)]) == 0  # nothing half-written is marked complete
+    left = _leftovers(store)  # what the killed import left: its lease, a temporary or a pack without its record
+    garbage = {"rows": 1, "rows_moved": 0, "values": 0, "pack": 1, "record": 1}[point]
+    assert len(left) == 1 + garbage and sum(f"/{LEASES}/" in p for p in left) == 1, left
     for stage, key, item in killed:  # what is complete reads back as the reference's
         np.testing.assert_array_equal(Store(store).read_item(stage, key, item)["crc"],
                                       Store(reference).read_item(stage, key, item)["crc"])
@@ -220,4 +245,42 @@ def test_a_sigkill_during_an_import_then_a_rerun_gives_the_store_of_an_uninterru
     records = records_per_item(store)
     assert set(records.values()) == {1}  # every item written once: the value stores the killed import completed
     assert {k: 1 for k in killed} == {k: records[k] for k in killed}  # were not copied again
+    assert main(["cache", "verify", "--store", str(store)]) == 0
+    assert _leftovers(store) == []  # the rerun removed the dead import's temporary (or pack) and its lease
+
+
+@pytest.mark.slow
+def test_two_imports_at_once_write_each_store_once_and_never_remove_each_others_temporary(
+        tmp_path, imported_reference, monkeypatch):
+    """The first import pauses with half a row file in its temporary; the second, started then, waits for its lease
+    (it neither removes that live temporary nor copies the store a second time); both end complete."""
+    ref_exp, reference = imported_reference
+    store, hold = tmp_path / "store", tmp_path / "hold"
+    hold.mkdir()
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(ref_exp.read_text().replace(str(reference), str(store)))
+    monkeypatch.setenv("OVSEG_HOLD_DIR", str(hold))
+    first = spawn_cli("bank", "import", str(exp_file), "-q", kill_point="rows_hold")
+    end = time.time() + 300
+    while not (hold / "held").exists() and first.poll() is None and time.time() < end:
+        time.sleep(0.05)
+    assert (hold / "held").exists(), finish(first)[1][-2000:]
+    temporary = Path((hold / "held").read_text())
+    second = spawn_cli("bank", "import", str(exp_file))  # not quiet: its log says when it waits
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(ln.decode() for ln in iter(second.stdout.readline, b"")))
+    reader.start()
+    while not any("waiting for it" in ln for ln in lines) and second.poll() is None and time.time() < end:
+        time.sleep(0.05)
+    waited = any("waiting for it" in ln for ln in lines)
+    still_there = temporary.exists()  # the second import met the first's live temporary and left it
+    (hold / "go").touch()
+    code, out = finish(first)
+    reader.join(timeout=600)
+    assert second.wait(timeout=600) == 0, "".join(lines)[-2000:]
+    assert code == 0, out[-2000:]
+    assert waited and still_there, "".join(lines)[-2000:]
+    assert set(records_per_item(store).values()) == {1}  # each store copied once, the index written once
+    assert_same_outputs(store_snapshot(store), store_snapshot(reference))
+    assert _row_files(store) == _row_files(reference) and _leftovers(store) == []
     assert main(["cache", "verify", "--store", str(store)]) == 0

@@ -5,6 +5,7 @@ CLIPs) of sample images, a flat index. Random weights: the numbers check the mac
 
 from __future__ import annotations
 
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from ovseg_core.bank.retrieval import ValueStore, fuse_support
 from ovseg_core.bank.rows import ArrayRows
 from storage.bank_rows import RowSegments, SegmentRows
 from storage.store import Store
-from tasks.bank_index import bank_serving, fuse_with_bank, image_names, retrieve_batch
+from tasks.bank_index import _SERVING, bank_serving, fuse_with_bank, image_names, retrieve_batch
 from tasks.bank_params import BANK_ITEM
 from tasks.runtime import RunSettings, StageContext
 from tests.s3server import shared_server
@@ -164,8 +165,11 @@ def test_a_grown_bank_appends_its_rows_and_a_damaged_segment_is_found_and_writte
         np.testing.assert_array_equal(SegmentRows(store, rs).rows(np.arange(n_new)), expected)
         # the new segment holds exactly the new image's rows and their CRC-32s
         assert files[f"{role}:{(n_old, n_new)}"].stat().st_size == (n_new - n_old) * (rs.dim * 2 + 4)
-    # damage: one byte of the new auxiliary segment
+    # damage: one byte of the new auxiliary segment, under a long-lived serving process's reader
     path = files[f"bank_aux_values:{(n_old, n_new)}"]
+    aux = RowSegments.from_attrs(attrs["value_rows"]["bank_aux_values"])
+    held = SegmentRows(Store(tmp / "store"), aux, ("bank_index", node.key, BANK_ITEM))
+    aux_rows = held.rows(np.arange(n_new))
     inodes = {k: p.stat().st_ino for k, p in files.items() if p != path}
     good = path.read_bytes()
     data = bytearray(good)
@@ -182,3 +186,51 @@ def test_a_grown_bank_appends_its_rows_and_a_damaged_segment_is_found_and_writte
     assert path.read_bytes() == good  # written again, identical
     assert {k: files[k].stat().st_ino for k in inodes} == inodes  # the undamaged segments were kept
     assert main(["cache", "verify", "--store", str(tmp / "store")]) == 0
+    # the reader held across the repair reads the new file (it held the damaged one open: it used to report it
+    # damaged, un-mark the rebuilt index and delete the new file)
+    np.testing.assert_array_equal(held.rows(np.arange(n_new)), aux_rows)
+    assert path.read_bytes() == good and BANK_ITEM in Store(tmp / "store").complete_items("bank_index", node.key)
+
+
+@pytest.mark.slow
+def test_gc_removes_the_segments_no_kept_index_lists_and_the_bank_still_serves(served, capsys):
+    """After the growth above, the bank shrinks back to its first two images: the index of those (still in the
+    store) is used again, and gc drops the grown index and exactly the segments only it listed (the new image's
+    rows); the first index's segment stays, in place, and serves."""
+    tmp, exp = served
+    store = Store(tmp / "store")
+    grown = store.item_attrs("bank_index", _index_node(exp).key, BANK_ITEM)
+    (tmp / "bank-images" / IMAGES[2]).unlink()
+    summary = run_experiment(exp, progress=False, orchestrate=False)
+    assert summary.failed == 0 and computed(summary) == {}  # the two-image index and its outputs are complete
+    node = _index_node(exp)
+    attrs = store.item_attrs("bank_index", node.key, BANK_ITEM)
+    kept, dropped = _segment_files(store, attrs), _segment_files(store, grown)
+    dropped = {k: p for k, p in dropped.items() if p not in kept.values()}
+    assert len(kept) == 2 and len(dropped) == 2  # per store: the first images' segment, the new image's segment
+    for p in [*kept.values(), *dropped.values()]:
+        os.utime(p, (0, 0))  # older than the lease TTL: no writer is about to list them
+    inodes = {k: p.stat().st_ino for k, p in kept.items()}
+    capsys.readouterr()
+    assert main(["cache", "gc", "--dry-run", "--store", str(tmp / "store")]) == 0
+    out = capsys.readouterr().out
+    listed = [ln for ln in out.splitlines() if "bank value row segment no kept bank index lists" in ln]
+    assert len(listed) == 2 and all(p.exists() for p in dropped.values()), out
+    assert "2 unlisted bank value row segments" in out.splitlines()[-1]
+    assert main(["cache", "gc", "--store", str(tmp / "store")]) == 0
+    assert "2 unlisted bank value row segments" in capsys.readouterr().out
+    assert not any(p.exists() for p in dropped.values())
+    assert {k: p.stat().st_ino for k, p in kept.items()} == inodes
+    store = Store(tmp / "store")
+    arrays = store.read_item("bank_index", node.key, BANK_ITEM)
+    for role in ROLES:
+        items = _zarr_values(tmp / "store", node.upstream[role].key)
+        expected = np.concatenate([items[n] for n in image_names(arrays)])
+        rs = RowSegments.from_attrs(attrs["value_rows"][role])
+        np.testing.assert_array_equal(SegmentRows(store, rs).rows(np.arange(expected.shape[0])), expected)
+    assert main(["cache", "verify", "--store", str(tmp / "store")]) == 0
+    rec = build_plan(exp)[1].methods[0].prediction.upstream["reconstruction"]
+    _SERVING.clear()  # as a new serving process: its readers open the segments in the store now
+    summary = run_experiment(exp, progress=False, orchestrate=False, force={"reconstruction"})
+    assert summary.failed == 0 and computed(summary).get("reconstruction") == 1
+    assert store.complete_items("reconstruction", rec.key)

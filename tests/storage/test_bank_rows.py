@@ -167,3 +167,89 @@ def test_a_full_disk_is_a_store_write_error_naming_the_segment_and_leaves_no_tem
     rs, written = _consolidate(store, rows)  # the space is free again: the segment is written
     assert written == 600 and np.array_equal(SegmentRows(store, rs).rows(np.arange(600)),
                                              np.concatenate(list(rows.values())))
+
+
+def test_a_reader_held_across_a_repair_reads_the_segment_written_again(tmp_path):
+    """A serving process's reader opened on the damaged segment: after ``cache verify --repair`` and the rebuild, it
+    reads the new file (it used to read the damaged one it held, un-mark the rebuilt index and delete the new file)."""
+    store, rows, rs, path = _damaged_store(tmp_path, _flip_row_7)
+    owner = (INDEX.stage, INDEX.key, "bank")
+    held = SegmentRows(Store(tmp_path / "store"), rs, owner)  # opened before the repair: holds the damaged file
+    (rep,) = [r for r in verify(store, repair=True) if r.stage == "bank_index"]
+    assert rep.repaired == 1 and not os.path.exists(path)
+    again, written = _consolidate(store, rows)  # the rebuilt index item writes the segment again, then itself
+    assert again == rs and written == 25
+    store.write_item(INDEX, "bank", {"x": np.zeros(1)}, {"value_rows": {"bank_values": rs.to_attrs()}})
+    every = np.concatenate(list(rows.values()))
+    np.testing.assert_array_equal(held.rows(np.array([7, 0, 24])), every[[7, 0, 24]])
+    np.testing.assert_array_equal(held.rows(np.arange(25)), every)
+    assert os.path.exists(path) and Store(tmp_path / "store").complete_items(*INDEX_SET) == {"bank"}
+    assert all(r.ok for r in verify(Store(tmp_path / "store")))
+
+
+INDEX_SET = (INDEX.stage, INDEX.key)
+LISTING = StageKey("bank_index", {"bank": "b", "n": 2}, upstream={"bank_values": VALUES.key})
+
+
+def _segment_names(store: Store) -> set[str]:
+    base = store.stage_dir(VALUES.stage, VALUES.key)
+    return {os.path.relpath(os.path.join(d, n), base) for d, _, ns in os.walk(f"{base}/rows") for n in ns}
+
+
+def test_gc_removes_exactly_the_segments_no_complete_index_lists_and_never_those_a_live_index_reads(tmp_path):
+    store = Store(tmp_path / "store")
+    rows = _images(store, 0, [5, 0, 7, 3, 9, 1], seed=0)
+    names, first, count = _registry(rows)
+    old, _ = consolidate_values(store, VALUES.stage, VALUES.key, "b", "old-regions", names, first, count, names)
+    part, _ = _consolidate(store, rows, present=names[:3])  # an index of the first images: ids 0..11
+    rs, _ = _consolidate(store, rows, present=names[3:])  # rebuilt without them: ids 12..24
+    store.write_item(LISTING, "bank", {"x": np.zeros(1)}, {"value_rows": {"bank_values": rs.to_attrs()}})
+    unlisted = {os.path.relpath(old.path(store, s), store.stage_dir(VALUES.stage, VALUES.key)) for s in old.segments}
+    unlisted.add(os.path.relpath(part.path(store, (0, 12)), store.stage_dir(VALUES.stage, VALUES.key)))
+    listed = _segment_names(store) - unlisted
+    assert len(unlisted) == 2 and len(listed) == 1
+    keep = store.stage_sets()
+    assert gc(store, keep, stale_after=60).segments == 0  # just written: a writer may be about to list them
+    base = store.stage_dir(VALUES.stage, VALUES.key)
+    for name in _segment_names(store):
+        os.utime(f"{base}/{name}", (0, 0))
+    claim = store.leases.claim(*INDEX_SET, ["bank"])  # an index being built on these values: nothing goes
+    assert claim.mine and gc(Store(tmp_path / "store"), keep, stale_after=60).segments == 0
+    store.leases.release(claim)
+    sizes = {n: os.path.getsize(f"{base}/{n}") for n in unlisted}
+    dry = gc(Store(tmp_path / "store"), keep, dry_run=True, stale_after=60)
+    assert dry.segments == 2 and sorted(dry.paths) == sorted(f"{base}/{n}" for n in unlisted)
+    assert dry.nbytes == sum(sizes.values()) and _segment_names(store) == listed | unlisted  # a dry run deletes nothing
+    assert sorted((f, n) for _, _, f, n, _ in dry.segment_folders) == [("rows/b/old-regions", 1), ("rows/b/regions", 1)]
+    rep = gc(Store(tmp_path / "store"), keep, stale_after=60)
+    assert rep.segments == 2 and rep.nbytes == sum(sizes.values()) and _segment_names(store) == listed
+    every = np.concatenate(list(rows.values()))
+    np.testing.assert_array_equal(SegmentRows(Store(tmp_path / "store"), rs).rows(np.arange(12, 25)), every[12:])
+    assert all(r.ok for r in verify(Store(tmp_path / "store")))
+    # the index gone from the kept sets: its segments are no longer listed by any kept index
+    rep = gc(Store(tmp_path / "store"), [(VALUES.stage, VALUES.key)], stale_after=60)
+    assert rep.segments == 1 and _segment_names(store) == set()
+
+
+def test_gc_keeps_every_segment_while_an_index_it_cannot_read_is_being_built(tmp_path):
+    store = Store(tmp_path / "store")
+    rows = _images(store, 0, [5, 7], seed=0)
+    rs, _ = _consolidate(store, rows)
+    os.utime(rs.path(store, (0, 12)), (0, 0))
+    claim = store.leases.claim("bank_index", "no-stage-json-yet", ["bank"])  # which values it reads is unknown
+    assert gc(store, store.stage_sets(), stale_after=60).segments == 0 and os.path.exists(rs.path(store, (0, 12)))
+    store.leases.release(claim)
+    assert gc(store, store.stage_sets(), stale_after=60).segments == 1 and not os.path.exists(rs.path(store, (0, 12)))
+
+
+def test_gc_of_unlisted_segments_on_an_object_store():
+    store = Store(f"s3://{shared_server().create_bucket()}/st")
+    rows = _images(store, 0, [5, 7], seed=0)
+    names, first, count = _registry(rows)
+    old, _ = consolidate_values(store, VALUES.stage, VALUES.key, "b", "old-regions", names, first, count, names)
+    rs, _ = _consolidate(store, rows)
+    store.write_item(LISTING, "bank", {"x": np.zeros(1)}, {"value_rows": {"bank_values": rs.to_attrs()}})
+    rep = gc(store, store.stage_sets(), stale_after=-1)  # every file counts as old
+    assert rep.segments == 1 and rep.paths == [old.path(store, (0, 12))]
+    assert not store.backend.exists(old.path(store, (0, 12))) and store.backend.exists(rs.path(store, (0, 12)))
+    np.testing.assert_array_equal(SegmentRows(store, rs).rows(np.arange(12)), np.concatenate(list(rows.values())))

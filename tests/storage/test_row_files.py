@@ -75,3 +75,23 @@ def test_a_full_disk_is_a_store_write_error_and_leaves_no_temporary(small_disk):
     assert ROWS not in store.complete_items(SK.stage, SK.key)
     assert write_row_file(store, SK, [rows[:200]]) == (200, 1024)  # the space is free again: the write completes
     assert verify(store, [(SK.stage, SK.key)])[0].ok
+
+
+def test_a_reader_held_across_a_repair_reads_the_file_written_again(tmp_path):
+    """A serving process's reader, opened before the damage, reads the re-imported file (not the damaged one it
+    held open) and neither un-marks the new item nor reports damage."""
+    store, rows = _written(tmp_path)
+    held = FileRows(Store(tmp_path / "store"), SK.stage, SK.key)  # a long-lived process's view
+    path = tmp_path / "store" / "stages" / SK.stage / SK.key / ROW_FILE
+    data = bytearray(path.read_bytes())
+    data[700 * 48 + 3] ^= 0x01  # row 700, in place: the held descriptor sees it
+    path.write_bytes(bytes(data))
+    (rep,) = verify(store, [(SK.stage, SK.key)], repair=True)
+    assert rep.repaired == 1 and ROWS not in Store(tmp_path / "store").complete_items(SK.stage, SK.key)
+    with pytest.raises(DamagedOutputError, match="row 700 does not match"):  # not imported again yet
+        held.rows(np.array([700]))
+    write_row_file(Store(tmp_path / "store"), SK, [rows])  # `ovseg bank import` again: a new file at the path
+    np.testing.assert_array_equal(held.rows(np.array([700, 3, 999])), rows[[700, 3, 999]])
+    np.testing.assert_array_equal(held.rows(np.arange(1000)), rows)
+    assert ROWS in Store(tmp_path / "store").complete_items(SK.stage, SK.key)  # the new item stays marked
+    assert verify(Store(tmp_path / "store"), [(SK.stage, SK.key)])[0].ok
