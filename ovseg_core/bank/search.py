@@ -252,6 +252,8 @@ def search_index(
     if cfg.rerank_with == "codes":
         return _rerank_with_codes(bank, queries, cfg)
     if key_rows is None:
-        raise ValueError("SearchConfig.rerank needs the bank's key store (key_rows) to re-score candidates")
+        raise ValueError("SearchConfig.rerank needs the bank's key store (key_rows) to re-score candidates; without one "
+                         "(the pipeline serves no key store) re-rank with in-RAM codes: rerank_with='codes' and an index "
+                         "built with IndexConfig.refine_m")
     candidates = _search_raw(bank, queries, max(cfg.rerank_candidates, cfg.k), cfg)
     return rerank(queries, candidates, key_rows, cfg.k)
