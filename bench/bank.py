@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -35,6 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import bank_standin as standin  # noqa: E402
+from bank_fast import fast_table, recall, refine_variant, timed_rows  # noqa: E402
 
 import ovseg_core.bank.search as bank_search  # noqa: E402
 from ovseg_core.bank.config import IndexConfig, SearchConfig  # noqa: E402
@@ -69,6 +69,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fastscan-m", type=int, default=64, help="sub-vectors of the 4-bit FastScan variant (IndexConfig.kind ivfpq_fastscan)")
     p.add_argument("--serve-fast", type=int, default=40, metavar="CANDIDATES",
                    help="also serve with the fast option: FastScan, bfloat16 coarse step, exact re-rank of this many (0: skip)")
+    p.add_argument("--options", choices=("all", "fast"), default="all",
+                   help="search-option table: all rows, or only the fast set-ups (FastScan, in-RAM re-ranking codes; "
+                        "skips the HNSW and L2-FastScan variants and their builds)")
+    p.add_argument("--fastscan-small-m", type=int, default=32, help="also a FastScan variant with this many sub-vectors (0: none)")
+    p.add_argument("--refine-m", type=int, nargs="*", default=[128],
+                   help="in-RAM re-ranking codes (SearchConfig.rerank_with codes) of these byte sizes (residuals to the lists' "
+                        "centroids, which the FastScan variants share)")
+    p.add_argument("--serve-codes", type=int, nargs=2, default=None, metavar=("REFINE_M", "CANDIDATES"),
+                   help="also serve with FastScan m --fastscan-m, bfloat16 coarse step, re-ranking CANDIDATES with in-RAM codes of REFINE_M bytes")
     p.add_argument("--classes", type=int, default=171, help="text queries Q (COCO-Stuff: 171)")
     p.add_argument("--size", type=int, nargs=2, default=(448, 448), help="network-input H W")
     p.add_argument("--dims", type=int, nargs=3, default=(1024, 768, 512), metavar=("KEY", "MAIN", "AUX"))
@@ -83,11 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.dims[0] % 32:
         p.error("the key dimension must be a multiple of pq_m = 32")
     return a
-
-
-def recall(found: np.ndarray, exact: np.ndarray) -> float:
-    """Mean fraction of the exact top-k found (-1 never matches)."""
-    return float(np.mean([len(set(f[f >= 0].tolist()) & set(e.tolist())) / e.shape[0] for f, e in zip(found, exact)]))
 
 
 def load_or_build(folder: Path, spec: standin.Spec, build: str) -> tuple[BankIndex, dict[str, Any]]:
@@ -180,7 +184,6 @@ def option_table(bank: BankIndex, hnsw: BankIndex, fast: BankIndex, fast_l2: Ban
     faiss.omp_set_num_threads(1)
     r = a.regions_per_image
     default = SearchConfig(k=a.k, nprobe_max=a.nprobe)
-    rows: list[dict] = []
     with open(folder / "keys.npy", "rb") as f:
         keys = PreadRows(f)
         s = SearchConfig
@@ -213,30 +216,18 @@ def option_table(bank: BankIndex, hnsw: BankIndex, fast: BankIndex, fast_l2: Ban
             (f"{fs}, bfloat16 coarse step + exact re-rank of 40, 8 images per call", fast, fast_cfg[40], 8, None, None),
             (f"{fs}, bfloat16 coarse step + exact re-rank of 100", fast, fast_cfg[100], 1, None, None),
         ]
-        search_index(bank, q[:r], default)  # the search tables, once
-        search_index(hnsw, q[:r], default)
-        search_index(fast, q[:r], default)
-        search_index(fast_l2, q[:r], default)
-        n_all = q.shape[0] // r
-        for name, index, cfg, batch, max_images, context in options:
-            n_img = n_all if max_images is None else min(max_images, n_all)
-            found, wall, cpu = [], [], []
-            for i in range(0, n_img, batch):
-                j = min(i + batch, n_img)
-                with context() if context else nullcontext():
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    found.append(search_index(index, q[i * r : j * r], cfg, keys))
-                    wall.append((time.perf_counter() - t0) / (j - i))
-                    cpu.append((time.process_time() - c0) / (j - i))
-            found = np.concatenate(found)
-            rows.append({"option": name, "images": n_img, "ms_per_image": 1000 * median(wall),
-                         "cpu_ms_per_image": 1000 * median(cpu), "recall": recall(found, exact[: n_img * r])})
-            if len(rows) == 1:
-                default_found = found
-            elif index is bank and cfg.nprobe_max == a.nprobe and not cfg.rerank:  # the same neighbours as the default?
-                rows[-1]["same_neighbours_as_default"] = bool((found == default_found[: n_img * r]).all())
-            log.info("%s: %.1f ms/image (CPU %.1f), recall@%d %.3f", name, rows[-1]["ms_per_image"],
-                     rows[-1]["cpu_ms_per_image"], a.k, rows[-1]["recall"])
+        if a.options == "fast":  # the default and the FastScan rows only
+            options = options[:1] + [o for o in options if o[1] is fast]
+        for index in {id(o[1]): o[1] for o in options}.values():
+            search_index(index, q[:r], default)  # the search tables, once
+        timed = [(name, lambda qq, index=index, cfg=cfg: search_index(index, qq, cfg, keys), batch, max_images, context)
+                 for name, index, cfg, batch, max_images, context in options]
+        rows = timed_rows(timed, q, exact, r, a.k)
+        default_found = rows[0]["found"]
+        for row, (_, index, cfg, *_rest) in zip(rows, options):
+            found = row.pop("found")
+            if row is not rows[0] and index is bank and cfg.nprobe_max == a.nprobe and not cfg.rerank:
+                row["same_neighbours_as_default"] = bool((found == default_found[: row["images"] * r]).all())
     return rows
 
 
@@ -328,13 +319,16 @@ def report(res: dict) -> str:
         lines.append(f"| recall after +10 % new domain, queries on new regions: added / retrained | measured | "
                      f"{new['added_without_retraining']['new_queries']:.3f} / {new['retrained_on_all']['new_queries']:.3f} |")
     lines += ["", "| search option | wall / CPU ms per image | recall@k |", "|---|---|---|"]
-    lines += [f"| {o['option']} | {o['ms_per_image']:.1f} / {o['cpu_ms_per_image']:.1f} | {o['recall']:.3f}"
+    lines += [f"| {o['option']} | {o['ms_per_image']:.1f} / {o['cpu_ms_per_image']:.1f} | "
+              + (f"{o['recall']:.3f}" if "recall" in o else "-")
               + ("" if "same_neighbours_as_default" not in o else
                  f" (same neighbours as the default on these images: {o['same_neighbours_as_default']})") + " |"
               for o in res["options"]]
     same = ", ".join(f"{k} {v:.3f}" for k, v in res["bf16_same_lists"].items())
     lines += ["", f"bfloat16 coarse step, fraction of queries probing the float32 step's lists (coarse_refine): {same}",
-              f"FastScan index: {res['fastscan_bytes'] / 2**20:.0f} MiB on disk", "", f"Machine: {res['machine']}"]
+              f"FastScan index: {res['fastscan_bytes'] / 2**20:.0f} MiB on disk; in-RAM re-ranking codes: "
+              + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in res.get("refine_bytes", {}).items()),
+              "", f"Machine: {res['machine']}"]
     return "\n".join(lines)
 
 
@@ -357,15 +351,24 @@ def main(argv: list[str] | None = None) -> dict:
     res: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                            "index": info, "index_nlist": bank.nlist,
                            "machine": f"{os.cpu_count()} logical CPUs, load {os.getloadavg()[0]:.1f} at start, faiss {faiss.__version__}"}
-    hnsw, hnsw_seconds = hnsw_variant(bank, folder / f"index-{build}-hnsw.faiss")
-    res["hnsw_build_seconds"] = hnsw_seconds
+    everything = a.options == "all"
+    hnsw, res["hnsw_build_seconds"] = hnsw_variant(bank, folder / f"index-{build}-hnsw.faiss") if everything else (None, 0.0)
     fast_path = folder / f"index-{build}-fastscan-ip-m{a.fastscan_m}.faiss"
     fast, res["fastscan_build_seconds"] = fastscan_variant(bank, folder, fast_path, a.fastscan_m, faiss.METRIC_INNER_PRODUCT)
-    fast_l2, _ = fastscan_variant(bank, folder, folder / f"index-{build}-fastscan-m{a.fastscan_m}.faiss", a.fastscan_m, faiss.METRIC_L2)
+    fast_l2 = (fastscan_variant(bank, folder, folder / f"index-{build}-fastscan-m{a.fastscan_m}.faiss", a.fastscan_m,
+                                faiss.METRIC_L2)[0] if everything else None)
+    variants = {a.fastscan_m: fast}
+    if a.fastscan_small_m:
+        variants[a.fastscan_small_m], _ = fastscan_variant(
+            bank, folder, folder / f"index-{build}-fastscan-ip-m{a.fastscan_small_m}.faiss", a.fastscan_small_m, faiss.METRIC_INNER_PRODUCT)
+    codes = {rm: refine_variant(fast, folder, folder / f"refine-{build}-r{rm}.npz", rm)[0] for rm in a.refine_m}
+    refine = {(fm, rm): c for fm in variants for rm, c in codes.items()}  # the variants share the lists: same codes
     res["fastscan_bytes"] = fast_path.stat().st_size
+    res["refine_bytes"] = {f"codes m {rm}": c.nbytes for rm, c in codes.items()}
     res["bf16_same_lists"] = same_lists(bank, q_recall, a)
     res["options"] = option_table(bank, hnsw, fast, fast_l2, folder, q_recall, exact, a)
-    del hnsw, fast, fast_l2
+    res["options"] += fast_table(variants, refine, folder, q_recall, exact, a)
+    del hnsw, fast, fast_l2, variants, refine, codes
     res["serving"] = {}
     store_bytes = (folder / "main.npy").stat().st_size + (folder / "aux.npy").stat().st_size
     for reader in a.readers:
@@ -374,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         log.info("serving %d images with the %s reader", a.images, reader)
         res["serving"][reader] = serve(folder, folder / f"index-{build}.faiss", serve_q, reader, a)
-    if a.serve_hnsw:
+    if a.serve_hnsw and everything:
         npb, ef = a.serve_hnsw
         log.info("serving %d images with the pread reader, HNSW coarse, nprobe %d, efSearch %d", a.images, npb, ef)
         res["serving"][f"pread, HNSW coarse nprobe {npb} ef {ef}"] = serve(
@@ -384,8 +387,16 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("serving %d images: %s", a.images, name)
         res["serving"][name] = serve(folder, fast_path, serve_q, "pread", a,
                                      extra=("--coarse-dtype", "bfloat16", "--coarse-refine", "0", "--rerank", str(a.serve_fast)))
+    if a.serve_codes:
+        rm, cand = a.serve_codes
+        name = f"pread, FastScan m {a.fastscan_m} IP, bfloat16 coarse, re-rank of {cand} with in-RAM codes m {rm}"
+        log.info("serving %d images: %s", a.images, name)
+        res["serving"][name] = serve(folder, fast_path, serve_q, "pread", a, extra=(
+            "--coarse-dtype", "bfloat16", "--coarse-refine", "0", "--rerank", str(cand), "--rerank-with", "codes",
+            "--refine", str(folder / f"refine-{build}-r{rm}.npz")))
     if a.extension == "yes" or (a.extension == "auto" and build == "train"):
         res["extension"] = extension_study(folder, spec, q_recall, exact, a, bank)
+    res["machine"] += f", load {os.getloadavg()[0]:.1f} at end"
     (a.out / f"bank-n{a.regions}.json").write_text(json.dumps(res, indent=1))
     text = report(res)
     (a.out / f"bank-n{a.regions}.md").write_text(text + "\n")

@@ -6,7 +6,8 @@ bank step of CorrCLIPv2 on N stand-in images, one CPU thread, and prints one JSO
 wall and CPU times per image (CPU time: this process's own, robust to a busy machine) and the
 process's memory (VmRSS, RssAnon, RssFile, VmHWM from /proc) at each
 phase. ``ram`` is the authors' loader: both value stores read whole into RAM. ``--rerank`` also opens
-the key store (``keys.npy``) with the same reader for exact re-ranking.
+the key store (``keys.npy``) with the same reader for exact re-ranking; ``--rerank-with codes --refine
+FILE.npz`` re-ranks with in-RAM residual codes instead (counted in the index's memory phase).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ovseg_core.bank.config import FusionConfig, SearchConfig  # noqa: E402
 from ovseg_core.bank.index import index_from_file  # noqa: E402
 from ovseg_core.bank.pooling import region_queries  # noqa: E402
+from ovseg_core.bank.refine import RefineCodes  # noqa: E402
 from ovseg_core.bank.retrieval import ValueStore, fuse, support_logits  # noqa: E402
 from ovseg_core.bank.rows import ArrayRows, NpyRows, PreadRows  # noqa: E402
 from ovseg_core.bank.search import search_index  # noqa: E402
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--coarse-refine", type=int, default=0, help="SearchConfig.coarse_refine (with --coarse-dtype bfloat16)")
     p.add_argument("--rerank", type=int, default=0, metavar="CANDIDATES",
                    help="exact re-ranking of this many candidates with the stored keys (keys.npy, same reader); 0 = off")
+    p.add_argument("--rerank-with", choices=("keys", "codes"), default="keys",
+                   help="SearchConfig.rerank_with: codes = in-RAM residual PQ codes (--refine), no key reads")
+    p.add_argument("--refine", type=Path, default=None, help=".npz of the index's re-ranking codes (ovseg_core.bank.refine)")
+    p.add_argument("--fastscan-implem", type=int, default=0, help="SearchConfig.fastscan_implem")
     p.add_argument("--classes", type=int, default=171)
     p.add_argument("--size", type=int, nargs=2, default=(448, 448))
     p.add_argument("--vfm-grid", type=int, nargs=2, default=(28, 28))
@@ -95,18 +101,22 @@ def main(argv: list[str] | None = None) -> None:
     mem = {"start": memory()}
     with open(a.index, "rb") as f:
         bank = index_from_file(f, reverse_map=False)  # serving needs no id -> position map
+    if a.refine is not None:
+        with np.load(a.refine) as z:
+            bank.refine = RefineCodes.from_arrays({k: z[k] for k in z.files})
     mem["index_loaded"] = memory()
     files: list = []
     main_rows = open_store(a.folder / "main.npy", a.reader, files)
     aux_rows = open_store(a.folder / "aux.npy", a.reader, files)
-    key_rows = open_store(a.folder / "keys.npy", a.reader, files) if a.rerank else None
+    key_rows = open_store(a.folder / "keys.npy", a.reader, files) if a.rerank and a.rerank_with == "keys" else None
     mem["stores_opened"] = memory()
     stores = [
         ValueStore(main_rows, torch.nn.functional.normalize(torch.randn(a.classes, main_rows.dim), dim=1)),
         ValueStore(aux_rows, torch.nn.functional.normalize(torch.randn(a.classes, aux_rows.dim), dim=1)),
     ]
     search_cfg = SearchConfig(k=a.k, nprobe_max=a.nprobe, coarse_ef_search=a.coarse_ef, coarse_dtype=a.coarse_dtype,
-                              coarse_refine=a.coarse_refine, rerank=a.rerank > 0, rerank_candidates=max(a.rerank, 1))
+                              coarse_refine=a.coarse_refine, rerank=a.rerank > 0, rerank_candidates=max(a.rerank, 1),
+                              rerank_with=a.rerank_with, fastscan_implem=a.fastscan_implem)
     fusion_cfg = FusionConfig()
     search_index(bank, qs[0], search_cfg, key_rows)  # builds the search table once (not timed)
     mem["first_search"] = memory()

@@ -35,7 +35,8 @@ BANK_WINDOW_PAD = 56  # CorrCLIP's window padding (the DINO /8 and CLIP /14 grid
 # method params of a bank user (``methods[].params``), with their defaults: SearchConfig / FusionConfig fields
 BANK_USE_PARAMS: Mapping[str, Any] = {"bank": None, "bank_k": 20, "bank_nprobe": 256, "bank_rerank": False,
                                       "bank_alpha": 0.5, "bank_aux_weight": 0.5, "bank_coarse_ef": None,
-                                      "bank_rerank_candidates": 100, "bank_coarse_dtype": "float32", "bank_coarse_refine": 0}
+                                      "bank_rerank_candidates": 100, "bank_coarse_dtype": "float32", "bank_coarse_refine": 0,
+                                      "bank_rerank_with": "keys", "bank_fastscan_implem": 0}
 
 
 def bank_dataset_name(bank: str) -> str:
@@ -64,6 +65,7 @@ def bank_use(m: MethodEntry, bank_params: Mapping[str, Any]) -> BP.BankUse | Non
                           SearchConfig(k=int(p["bank_k"]), nprobe_max=int(p["bank_nprobe"]),
                                        rerank=bool(p["bank_rerank"]), rerank_candidates=int(p["bank_rerank_candidates"]),
                                        coarse_dtype=str(p["bank_coarse_dtype"]), coarse_refine=int(p["bank_coarse_refine"]),
+                                       rerank_with=str(p["bank_rerank_with"]), fastscan_implem=int(p["bank_fastscan_implem"]),
                                        coarse_ef_search=None if p["bank_coarse_ef"] is None else int(p["bank_coarse_ef"])),
                           FusionConfig(alpha=float(p["bank_alpha"]), aux_weight=float(p["bank_aux_weight"])))
     except (TypeError, ValueError) as e:

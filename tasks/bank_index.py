@@ -42,6 +42,7 @@ import torch
 
 from ovseg_core.bank.index import add_keys, build_index, index_from_bytes, index_to_bytes, plan_extension
 from ovseg_core.bank.pooling import region_queries
+from ovseg_core.bank.refine import RefineCodes
 from ovseg_core.bank.retrieval import BankSupport, ValueStore, fuse_support, search_images
 from ovseg_core.features.regions import resize_regions_nearest
 from storage.bank import Registry, StoreRows, read_registry, write_registry
@@ -122,7 +123,8 @@ def index_compute(ctx: StageContext, _: None, inputs: Sequence[Mapping[str, Any]
     attrs["value_rows"] = _consolidate(ctx, store, reg, order)
     blob = np.frombuffer(index_to_bytes(bank), dtype=np.uint8)
     names = np.frombuffer("\n".join(reg.images).encode(), dtype=np.uint8)  # registry order (no string arrays)
-    return [({"index": blob, "region_ids": ids, "registry": reg.to_array(), "images": names}, attrs)]
+    refine = bank.refine.arrays() if bank.refine is not None else {}  # IndexConfig.refine_m: in-RAM re-ranking codes
+    return [({"index": blob, "region_ids": ids, "registry": reg.to_array(), "images": names, **refine}, attrs)]
 
 
 def _extend(ctx: StageContext, store: Any, keys: np.ndarray, ids: np.ndarray) -> tuple[Any, int, str]:
@@ -219,6 +221,8 @@ def bank_serving(ctx: StageContext, arrays: Mapping[str, np.ndarray]) -> BankSer
             store = open_store(ctx.settings.store_location, ctx.settings.lease_ttl)
             images = image_names(arrays)
             index = index_from_bytes(arrays["index"].tobytes(), reverse_map=False)
+            if "refine_codes" in arrays:  # IndexConfig.refine_m (SearchConfig.rerank_with "codes")
+                index.refine = RefineCodes.from_arrays(arrays)
             attrs = store.item_attrs("bank_index", key, BANK_ITEM)
             got = BankServing(index, _rows(ctx, store, "bank_values", images, arrays["registry"], attrs),
                               _rows(ctx, store, "bank_aux_values", images, arrays["registry"], attrs), threading.Lock())

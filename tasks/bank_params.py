@@ -63,6 +63,11 @@ class BankIndexParams:
     index: "IndexConfig"  # structure, training, growth (the authors': IVF-PQ, nlist 8 sqrt N, m 32, 8 bits)
     images: str  # digest of the bank's image set (relative path, size, mtime): a grown bank is a new index
 
+    def array_names(self) -> tuple[str, ...]:
+        """The index item's arrays; with ``IndexConfig.refine_m`` also the in-RAM re-ranking codes (``ovseg_core.bank.refine``)."""
+        refine = ("refine_codebook", "refine_codes", "refine_lists") if self.index.refine_m else ()
+        return ("index", "region_ids", "registry", "images", *refine)
+
 
 @dataclass(frozen=True)
 class BankUse:

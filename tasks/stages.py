@@ -214,7 +214,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                   Input("bank_aux_values", ("bank_values",), required=False, explicit=True)),
           params=BP.BankIndexParams, code_version="1",
           models=no_models, load=Step("tasks.bank_index:index_load"), compute=Step("tasks.bank_index:index_compute"),
-          arrays=("index", "region_ids", "registry", "images")),
+          arrays=BP.BankIndexParams.array_names),
     Stage("reconstruction", "a method's label map and winning probability", "image",
           inputs=(Input("text_embeddings"), Input("clip_layers"),
                   # CorrCLIP's inputs: wired for the methods whose graph holds them (Method.uses_regions;

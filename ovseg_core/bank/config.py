@@ -19,6 +19,7 @@ __all__ = [
     "EXTENSION_MODES",
     "INDEX_KINDS",
     "INDEX_METRICS",
+    "RERANK_SOURCES",
     "IVF_KINDS",
     "SEARCH_MODES",
     "IndexConfig",
@@ -44,6 +45,10 @@ IVF_KINDS: tuple[str, ...] = ("ivfpq", "ivfpq_fastscan")
 # multiplied by torch (AMX / AVX512-BF16 kernels where the CPU has them), optionally the best
 # ``coarse_refine * nprobe`` lists re-scored in float32 (not in the reference).
 COARSE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+# What SearchConfig.rerank re-scores candidates with: "keys" = exact cosine with the stored fp16 keys
+# (read through a RowReader); "codes" = the index's in-RAM residual PQ codes (ovseg_core.bank.refine;
+# approximate, no key reads; not in the reference).
+RERANK_SOURCES: tuple[str, ...] = ("keys", "codes")
 # Metric of the IVF-PQ: "reference" = the authors' construction without a metric argument, i.e. an
 # L2 IVF-PQ over an inner-product coarse quantizer (lists probed by inner product, codes ranked by
 # squared L2 on the residuals, plain k-means centroids); "inner_product" = both inner product
@@ -121,6 +126,9 @@ class IndexConfig:
     coarse_hnsw_m: int = later_option(32)
     # HNSW construction beam of the coarse quantizer (coarse "hnsw"). FAISS default: 40.
     coarse_hnsw_ef_construction: int = later_option(40)
+    # In-RAM re-ranking codes (ovseg_core.bank.refine): bytes (8-bit sub-quantizers) of a residual PQ code
+    # per key, built with the index for SearchConfig.rerank_with="codes"; 0 = none (the reference).
+    refine_m: int = later_option(0)
 
     def __post_init__(self) -> None:
         _check_choice("IndexConfig.kind", self.kind, INDEX_KINDS)
@@ -146,6 +154,10 @@ class IndexConfig:
             raise ValueError(f"IndexConfig.coarse={self.coarse!r} needs kind 'ivfpq' or 'ivfpq_fastscan' (an IVF index), got kind {self.kind!r}")
         if self.kind == "ivfpq_fastscan" and self.pq_nbits != 4:
             raise ValueError(f"IndexConfig.kind='ivfpq_fastscan' needs pq_nbits=4 (FastScan codes are 4-bit), got {self.pq_nbits}")
+        if self.refine_m < 0:
+            raise ValueError(f"IndexConfig.refine_m must be >= 0 (0 = no re-ranking codes), got {self.refine_m}")
+        if self.refine_m and self.kind not in IVF_KINDS:
+            raise ValueError(f"IndexConfig.refine_m needs an IVF index kind {IVF_KINDS}, got kind {self.kind!r}")
         if self.coarse_hnsw_m < 2:
             raise ValueError(f"IndexConfig.coarse_hnsw_m must be >= 2, got {self.coarse_hnsw_m}")
         if self.coarse_hnsw_ef_construction < 1:
@@ -190,6 +202,13 @@ class SearchConfig:
     # 2 probed the float32 step's lists for every stand-in query measured, docs/banks.md);
     # 0 = probe the bfloat16 top nprobe with their bfloat16 inner products (the fast choice).
     coarse_refine: int = later_option(0)
+    # What ``rerank`` re-scores with, see RERANK_SOURCES. "codes" needs an IVF index with re-ranking
+    # codes attached (IndexConfig.refine_m > 0).
+    rerank_with: str = later_option("keys")
+    # FAISS FastScan implementation of an "ivfpq_fastscan" search (IndexIVFFastScan.implem): 0 = FAISS's
+    # choice (12 or 13 for blocks of 32: queries grouped by inverted list); 10 / 11 = one query at a
+    # time (heap / reservoir). The neighbours do not depend on it up to ties.
+    fastscan_implem: int = later_option(0)
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -204,6 +223,9 @@ class SearchConfig:
         if self.coarse_ef_search is not None and self.coarse_ef_search < 1:
             raise ValueError(f"SearchConfig.coarse_ef_search must be None (= nprobe) or >= 1, got {self.coarse_ef_search}")
         _check_choice("SearchConfig.coarse_dtype", self.coarse_dtype, COARSE_DTYPES)
+        _check_choice("SearchConfig.rerank_with", self.rerank_with, RERANK_SOURCES)
+        if self.fastscan_implem not in (0, 1, 2, 10, 11, 12, 13, 14, 15):
+            raise ValueError(f"SearchConfig.fastscan_implem must be 0 (FAISS's choice) or a FAISS implem 1, 2, 10-15, got {self.fastscan_implem}")
         if self.coarse_refine < 0:
             raise ValueError(f"SearchConfig.coarse_refine must be >= 0 (0 = no float32 re-scoring), got {self.coarse_refine}")
 

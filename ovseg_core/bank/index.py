@@ -39,6 +39,7 @@ import numpy as np
 from ovseg_core.bank.config import IVF_KINDS, IndexConfig
 from ovseg_core.bank.faiss_import import faiss
 from ovseg_core.bank.index_object import BankIndex, normalize_keys
+from ovseg_core.bank.refine import build_refine_codes
 
 __all__ = [
     "BankIndex",
@@ -143,6 +144,8 @@ def add_keys(bank: BankIndex, keys: np.ndarray, ids: np.ndarray) -> int:
         raise ValueError(f"add_keys needs keys (n, {bank.dim}) and ids (n,), got {keys.shape} and {ids.shape}")
     if not bank.index.is_trained:
         raise ValueError("the index is not trained: call train_index first (see build_index)")
+    if bank.refine is not None:
+        raise ValueError("the index has re-ranking codes (IndexConfig.refine_m): rebuild it (build_index) to add keys")
     ids = ids.astype(np.int64)
     if ids.size and (ids.min() < 0 or np.unique(ids).size != ids.size):
         raise ValueError("region ids must be non-negative and distinct")
@@ -225,8 +228,12 @@ def build_index(keys: np.ndarray, ids: np.ndarray | None = None, cfg: IndexConfi
     if bank.kind in IVF_KINDS:
         train_index(bank, np.asarray(keys[training_ids(n, cfg)]))
     add_keys(bank, keys, ids)
+    if bank.kind in IVF_KINDS and cfg.refine_m and bank.ntotal:
+        bank.refine = build_refine_codes(bank, keys, ids, cfg.refine_m, seed=cfg.train_seed)
     if bank.kind in IVF_KINDS and cfg.coarse == "hnsw":
+        refine = bank.refine
         bank = use_hnsw_coarse(bank, cfg.coarse_hnsw_m, cfg.coarse_hnsw_ef_construction)
+        bank.refine = refine
     return bank
 
 
@@ -235,9 +242,10 @@ def plan_extension(bank: BankIndex, n_trained: int, n_total: int, cfg: IndexConf
 
     "rebuild" when ``cfg.extension == "retrain"`` and ``n_total > (1 + retrain_growth) * n_trained``,
     or when the index was built with another kind than the bank now needs (a tiny bank built
-    "flat" becomes an IVF-PQ once it reaches ``min_ivfpq_regions``).
+    "flat" becomes an IVF-PQ once it reaches ``min_ivfpq_regions``), or when the index has re-ranking
+    codes (``cfg.refine_m``: they are built over all keys; not in the reference).
     """
-    if bank.kind != built_kind(n_total, cfg):
+    if bank.kind != built_kind(n_total, cfg) or (cfg.refine_m and bank.kind in IVF_KINDS):
         return "rebuild"
     if cfg.extension == "retrain" and n_total > (1.0 + cfg.retrain_growth) * n_trained:
         return "rebuild"

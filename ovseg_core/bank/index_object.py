@@ -5,6 +5,8 @@ Split from :mod:`ovseg_core.bank.index` (build, extension, serialisation), which
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -60,6 +62,9 @@ class BankIndex:
         self._id_map: np.ndarray | None = None
         self._centroid_norms: np.ndarray | None = None
         self._centroids_bf16: torch.Tensor | None = None
+        # In-RAM re-ranking codes (``ovseg_core.bank.refine.RefineCodes``; ``SearchConfig.rerank_with="codes"``),
+        # attached by the caller: they are not part of the FAISS serialisation.
+        self.refine: Any = None
 
     @property
     def dim(self) -> int:

@@ -41,6 +41,7 @@ import torch
 from ovseg_core.bank.config import SearchConfig
 from ovseg_core.bank.faiss_import import faiss
 from ovseg_core.bank.index_object import KEY_EPS, BankIndex, normalize_keys
+from ovseg_core.bank.refine import rerank_positions
 from ovseg_core.bank.rows import RowReader
 
 __all__ = ["coarse_lists", "nprobe", "rerank", "search_index"]
@@ -134,10 +135,15 @@ def _search_preassigned(bank: BankIndex, queries: np.ndarray, k: int, probes: in
     coarse = _coarse_distances(bank, queries, sims, lists)
     inner.nprobe = probes  # the wrapper checks the assignment's width against it (the reference sets it too)
     inner.use_precomputed_table = int(inner.precomputed_table.size() > 0)
+    implem = inner.implem if bank.kind == "ivfpq_fastscan" else None
+    if implem is not None:
+        inner.implem = cfg.fastscan_implem
     try:
         _, positions = inner.search_preassigned(queries, k, lists, coarse)
     finally:
         inner.use_precomputed_table = 0
+        if implem is not None:
+            inner.implem = implem
     return positions
 
 
@@ -146,13 +152,18 @@ def _ids_from_positions(bank: BankIndex, positions: np.ndarray) -> np.ndarray:
     return np.where(positions >= 0, id_map[np.clip(positions, 0, max(id_map.shape[0] - 1, 0))], -1)
 
 
+def _preassigned(bank: BankIndex, cfg: SearchConfig) -> bool:
+    """Whether ``bank`` is searched through :func:`_search_preassigned` (the fast CPU path)."""
+    return bank.kind == "ivfpq_fastscan" or (
+        bank.kind == "ivfpq" and bank.metric == "reference" and bank.inner.by_residual and cfg.search == "precomputed"
+    )
+
+
 def _search_raw(bank: BankIndex, queries: np.ndarray, k: int, cfg: SearchConfig) -> np.ndarray:
     if bank.ntotal == 0:
         return np.full((queries.shape[0], k), -1, dtype=np.int64)
     probes = nprobe(bank, cfg)
-    if bank.kind == "ivfpq_fastscan" or (
-        bank.kind == "ivfpq" and bank.metric == "reference" and bank.inner.by_residual and cfg.search == "precomputed"
-    ):
+    if _preassigned(bank, cfg):
         if cfg.coarse_dtype != "float32" and bank.coarse != "flat":
             raise ValueError(f"SearchConfig.coarse_dtype={cfg.coarse_dtype!r} needs a flat coarse quantizer, got {bank.coarse!r}")
         return _ids_from_positions(bank, _search_preassigned(bank, queries, k, probes, cfg))
@@ -204,6 +215,20 @@ def rerank(queries: np.ndarray, candidates: np.ndarray, key_rows: RowReader, k: 
     return out
 
 
+def _rerank_with_codes(bank: BankIndex, queries: np.ndarray, cfg: SearchConfig) -> np.ndarray:
+    """``SearchConfig.rerank_with="codes"``: candidates from the index, re-scored with its in-RAM residual codes."""
+    if bank.refine is None or not _preassigned(bank, cfg) or bank.coarse != "flat":
+        raise ValueError(
+            "SearchConfig.rerank_with='codes' needs an IVF-PQ searched by the preassigned path (kind 'ivfpq_fastscan', or "
+            "'ivfpq' with metric 'reference' and search 'precomputed') with a flat coarse quantizer and re-ranking codes "
+            f"(IndexConfig.refine_m > 0); got kind {bank.kind!r}, coarse {bank.coarse!r}, codes {bank.refine is not None}"
+        )
+    if bank.ntotal == 0:
+        return np.full((queries.shape[0], cfg.k), -1, dtype=np.int64)
+    candidates = _search_preassigned(bank, queries, max(cfg.rerank_candidates, cfg.k), nprobe(bank, cfg), cfg)
+    return _ids_from_positions(bank, rerank_positions(bank.refine, bank.centroids(), queries, candidates, cfg.k))
+
+
 def search_index(
     bank: BankIndex, queries: np.ndarray, cfg: SearchConfig = SearchConfig(), key_rows: RowReader | None = None
 ) -> np.ndarray:
@@ -224,7 +249,11 @@ def search_index(
         raise ValueError(f"queries must be (R, {bank.dim}) float32, got shape {queries.shape}")
     if not cfg.rerank:
         return _search_raw(bank, queries, cfg.k, cfg)
+    if cfg.rerank_with == "codes":
+        return _rerank_with_codes(bank, queries, cfg)
     if key_rows is None:
-        raise ValueError("SearchConfig.rerank needs the bank's key store (key_rows) to re-score candidates")
+        raise ValueError("SearchConfig.rerank needs the bank's key store (key_rows) to re-score candidates; without one "
+                         "(the pipeline serves no key store) re-rank with in-RAM codes: rerank_with='codes' and an index "
+                         "built with IndexConfig.refine_m")
     candidates = _search_raw(bank, queries, max(cfg.rerank_candidates, cfg.k), cfg)
     return rerank(queries, candidates, key_rows, cfg.k)
