@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.config import BankEntry, DatasetEntry, Experiment, MethodEntry
+from flows.config import BANK_BATCH_SIZE, BankEntry, DatasetEntry, Experiment, MethodEntry
 from ovseg_core.backbones import num_blocks
 from ovseg_core.bank.config import FusionConfig, IndexConfig, SearchConfig
 from ovseg_core.datasets import FAMILY_MODELS
@@ -104,6 +104,12 @@ def images_digest(b: BankEntry, missing: list[str] | None = None) -> str:
         except OSError:
             h.update(f"{c.rel_path}\0unreadable\n".encode())
     return h.hexdigest()
+
+
+def bank_batch_size(exp: Experiment, b: BankEntry) -> int:
+    """Images per batch of the bank's stages: ``banks[].batch_size``, else the larger of ``BANK_BATCH_SIZE`` and
+    ``runner.batch_size`` (docs/banks.md, "Batch size of a bank")."""
+    return b.batch_size if b.batch_size is not None else max(BANK_BATCH_SIZE, exp.runner.batch_size)
 
 
 def bank_dataset(b: BankEntry) -> DatasetEntry:
