@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.config import BANK_BATCH_SIZE, BankEntry, DatasetEntry, Experiment, MethodEntry
+from flows.config import BankEntry, DatasetEntry, Experiment, MethodEntry
 from ovseg_core.backbones import num_blocks
 from ovseg_core.bank.config import FusionConfig, IndexConfig, SearchConfig
 from ovseg_core.datasets import FAMILY_MODELS
@@ -30,6 +30,7 @@ from tasks import params as P
 from tasks.runtime import StageNode
 from tasks.stages import STAGES
 
+BANK_BATCH_SIZE = 32  # a bank's default batch (banks[].batch_size): cheap per-image stages, per-batch costs weigh more
 BANK_DATASET_PREFIX = "bank-"  # a bank's dataset name in manifests, tables and the run summary
 BANK_WINDOW_PAD = 56  # CorrCLIP's window padding (the DINO /8 and CLIP /14 grids)
 # method params of a bank user (``methods[].params``), with their defaults: SearchConfig / FusionConfig fields

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.config import BANK_BATCH_SIZE, parse_experiment
+from flows.bank_graph import BANK_BATCH_SIZE
+from flows.config import BankEntry, parse_experiment
 from flows.graph import build_plan
 from flows.pipeline import run_experiment
 from storage.store import Store
@@ -31,6 +32,10 @@ def test_the_bank_batch_size_is_its_own_or_the_larger_of_32_and_the_runners(tmp_
     if runner is not None:
         data["runner"] = {"batch_size": runner}
     assert _bank_plan(data).batch_size == expected
+
+
+def test_the_documented_default_is_the_constant():
+    assert f"the larger of {BANK_BATCH_SIZE} " in BankEntry.model_fields["batch_size"].description
 
 
 def test_a_dataset_keeps_the_runner_batch_size(tmp_path):
