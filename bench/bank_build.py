@@ -5,10 +5,17 @@ The experiment holds one bank (``banks:``) and nothing else, over ``--images`` s
 images (``scale.make_images``), with the tiny random models of ``tests/flows/test_banks.py``
 (``clip:tiny``, ``dino:tiny8``, ``vfm:tiny_radiov3``), SLIC regions, 112-pixel windows and an
 ``--index`` of kind ``ivfpq`` (small PQ, as the test's IVF-PQ bank) or ``flat``. One cold build
-through ``run_experiment`` (Prefect unless ``--no-prefect``), then a no-op rerun. Per stage: wall
-(the stage's interval) and compute (the stage's own seconds, ``StageRun.seconds``); the ratio is
-cold-run wall (ingest, planning and every stage included) / the sum of the stages' compute.
-Writes ``<out>/bank-build.json`` and prints the same as a table.
+through ``run_experiment`` (Prefect unless ``--no-prefect``), then a no-op rerun, then (unless
+``--no-bare``) the bare build (``bank_bare.bare_build``: the same loaders and computes and the
+index build in a plain loop, no store, no Prefect, no leases). Two ratios:
+
+- **wall / bare** (the target's figure, docs/banks.md): cold-run wall / the bare build's wall, and
+  the same with process CPU time (Prefect's server process not counted);
+- wall / compute (the earlier figure): cold-run wall / the sum over stages of ``StageRun.seconds``,
+  which times ``Stage.compute`` only, so the loaders' decode and preprocessing count as overhead.
+
+Per stage: wall (the stage's interval) and compute (``StageRun.seconds``), and the bare loop's
+load + compute seconds. Writes ``<out>/bank-build.json`` and prints the same as a table.
 """
 
 from __future__ import annotations
@@ -39,37 +46,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1000, help="synthetic bank images (default 1000)")
     p.add_argument("--index", choices=sorted(INDEX), default="ivfpq", help="bank index kind (default ivfpq)")
-    p.add_argument("--batch-size", type=int, default=8, help="runner.batch_size (images per task and per pack)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="the bank's banks[].batch_size (images per task and per pack; default: the bank's default)")
     p.add_argument("--no-prefect", action="store_true", help="run in local threads without Prefect")
+    p.add_argument("--no-bare", action="store_true", help="skip the bare build (only wall / compute is printed)")
     p.add_argument("--out", default=str(REPO / "bench" / "out"))
     p.add_argument("--workdir", default=None, help="parent of the temporary images and store (deleted at the end)")
     args = p.parse_args(argv)
-    if args.images < 1 or args.batch_size < 1:
+    if args.images < 1 or (args.batch_size is not None and args.batch_size < 1):
         p.error("--images and --batch-size must be >= 1")
     return args
 
 
-def experiment(store: Path, img_dir: Path, index: str, batch_size: int):
+def experiment(store: Path, img_dir: Path, index: str, batch_size: int | None):
     from flows.config import parse_experiment
 
+    bank = {"name": "synth", "root": str(img_dir), "window": WINDOW, "index": INDEX[index]}
     return parse_experiment({
         "name": "bankbuild", "store": str(store), "models": MODELS,
         "regions": {"source": "slic", "params": {"n_segments": 40}},
-        "banks": [{"name": "synth", "root": str(img_dir), "window": WINDOW, "index": INDEX[index]}],
-        "runner": {"kind": "local", "workers": 1, "batch_size": batch_size},
+        "banks": [bank if batch_size is None else {**bank, "batch_size": batch_size}],
+        "runner": {"kind": "local", "workers": 1},
         "text_templates": "single", "feature_dtype": "float32",
     }, source="bench/bank_build.py")
 
 
-def build(n: int, work: Path, index: str, batch_size: int, orchestrate: bool) -> dict[str, Any]:
+def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: bool, bare: bool) -> dict[str, Any]:
+    from bank_bare import bank_nodes, bare_build
+
     from flows.pipeline import run_experiment
+    from storage.store import Store
+    from storage.tables import read_table
 
     log.info("%d images: generating", n)
     img_dir, _ = make_images(work / "data", n)
     store = work / "store"
     exp = experiment(store, img_dir, index, batch_size)
     log.info("%d images: cold build", n)
+    c0 = time.process_time()
     summary, cold_s = timed(lambda: run_experiment(exp, progress=False, orchestrate=orchestrate))
+    cold_cpu = time.process_time() - c0
     if summary.status != "complete":
         raise RuntimeError(f"the cold build ended {summary.status}: {[f for s in summary.stages for f in s.failures][:3]}")
     stages = []
@@ -84,21 +100,37 @@ def build(n: int, work: Path, index: str, batch_size: int, orchestrate: bool) ->
     if again.computed or again.status != "complete":
         raise RuntimeError(f"the no-op rerun computed {again.computed} outputs ({again.status})")
     compute = sum(s["compute_seconds"] for s in stages)
-    return {"images": n, "index": index, "prefect": orchestrate, "cold_seconds": cold_s, "compute_seconds": compute,
-            "wall_over_compute": cold_s / compute, "stage_wall_seconds": sum(s["wall_seconds"] for s in stages),
-            "noop_rerun_seconds": noop_s, "stages": stages}
+    out = {"images": n, "index": index, "prefect": orchestrate, "batch_size": batch_size, "cold_seconds": cold_s,
+           "cold_cpu_seconds": cold_cpu, "compute_seconds": compute, "wall_over_compute": cold_s / compute,
+           "stage_wall_seconds": sum(s["wall_seconds"] for s in stages), "noop_rerun_seconds": noop_s,
+           "stages": stages}
+    if bare:
+        log.info("%d images: bare build", n)
+        rows = read_table(Store(store), "manifests", [bank_nodes(exp)[0]]).to_pylist()  # untimed: ids and paths
+        b = bare_build(exp, [r for r in rows if r.get("status", "ok") == "ok"], batch_size or 8, work / "no-store")
+        out.update(bare=b, wall_over_bare=cold_s / b["wall_seconds"], cpu_over_bare=cold_cpu / b["cpu_seconds"])
+    return out
 
 
 def markdown(r: dict[str, Any]) -> str:
     lines = [f"Command: `{r['command']}`  ", f"Load average (1, 5, 15 min) at start {r['load_start']}, at end {r['load_end']}",
              "", f"Bank build, {r['images']} images, index {r['index']}, Prefect {'on' if r['prefect'] else 'off'}: "
              f"cold-run wall {r['cold_seconds']:.1f} s, bank stages' compute {r['compute_seconds']:.1f} s, "
-             f"wall / compute {r['wall_over_compute']:.3f}; no-op rerun {r['noop_rerun_seconds']:.1f} s", "",
-             "| stage | key | items | wall s | compute s | wall / compute | files | KiB |", "|---|---|---|---|---|---|---|---|"]
+             f"wall / compute {r['wall_over_compute']:.3f}; no-op rerun {r['noop_rerun_seconds']:.1f} s", ""]
+    if "bare" in r:
+        b = r["bare"]
+        lines[-1:] = [f"Bare build (same loaders, computes and index build in a plain loop; no store, Prefect, "
+                      f"leases): wall {b['wall_seconds']:.1f} s, CPU {b['cpu_seconds']:.1f} s. **Cold-run wall / bare "
+                      f"wall {r['wall_over_bare']:.3f}**; CPU / bare CPU {r['cpu_over_bare']:.3f} (cold-run CPU "
+                      f"{r['cold_cpu_seconds']:.1f} s, this process only)", ""]
+    bare = {(s["stage"], s["key"]): s for s in r.get("bare", {}).get("stages", [])}
+    lines += ["| stage | key | items | wall s | compute s | wall / compute | bare wall s | files | KiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for s in r["stages"]:
         ratio = s["wall_seconds"] / s["compute_seconds"] if s["compute_seconds"] > 0 else float("nan")
+        bw = bare.get((s["stage"], s["key"]), {}).get("wall_seconds", float("nan"))
         lines.append(f"| {s['stage']} | `{s['key'][:6]}` | {s['items']} | {s['wall_seconds']:.2f} | "
-                     f"{s['compute_seconds']:.2f} | {ratio:.3f} | {s['files']} | {s['bytes'] / 1024:.0f} |")
+                     f"{s['compute_seconds']:.2f} | {ratio:.3f} | {bw:.2f} | {s['files']} | {s['bytes'] / 1024:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             configure_prefect()
             prefect_startup_seconds()  # the server start-up, before anything is timed
-        result = build(args.images, work, args.index, args.batch_size, not args.no_prefect)
+        result = build(args.images, work, args.index, args.batch_size, not args.no_prefect, not args.no_bare)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.update(command=" ".join(["python", "bench/bank_build.py", *(sys.argv[1:] if argv is None else argv)]),

@@ -30,6 +30,7 @@ from tasks import params as P
 from tasks.runtime import StageNode
 from tasks.stages import STAGES
 
+BANK_BATCH_SIZE = 32  # a bank's default batch (banks[].batch_size): cheap per-image stages, per-batch costs weigh more
 BANK_DATASET_PREFIX = "bank-"  # a bank's dataset name in manifests, tables and the run summary
 BANK_WINDOW_PAD = 56  # CorrCLIP's window padding (the DINO /8 and CLIP /14 grids)
 # method params of a bank user (``methods[].params``), with their defaults: SearchConfig / FusionConfig fields
@@ -106,6 +107,12 @@ def images_digest(b: BankEntry, missing: list[str] | None = None) -> str:
         except OSError:
             h.update(f"{c.rel_path}\0unreadable\n".encode())
     return h.hexdigest()
+
+
+def bank_batch_size(exp: Experiment, b: BankEntry) -> int:
+    """Images per batch of the bank's stages: ``banks[].batch_size``, else the larger of ``BANK_BATCH_SIZE`` and
+    ``runner.batch_size`` (docs/banks.md, "Batch size of a bank")."""
+    return b.batch_size if b.batch_size is not None else max(BANK_BATCH_SIZE, exp.runner.batch_size)
 
 
 def bank_dataset(b: BankEntry) -> DatasetEntry:

@@ -1,12 +1,11 @@
 """The experiment file (``ovseg run EXPERIMENT.yaml``), validated with pydantic.
 
-Unknown keys and bad values are errors that name the key (with a did-you-mean). One file may
-list several datasets and several methods / parameter sets (a sweep); they share every
-upstream stage whose key matches. A file may ``extends:`` other files (mappings deep-merged,
-the extending file wins, lists replaced whole), and ``KEY=VALUE`` overrides
-(``methods.0.params.tau=3``) are applied on top before validation. Relative paths resolve
-against the file that wrote them (overrides: the current directory); ``~`` is expanded.
-Reference: docs/experiment-files.md.
+Unknown keys and bad values are errors that name the key (with a did-you-mean). One file may list several
+datasets and several methods / parameter sets (a sweep); they share every upstream stage whose key matches. A
+file may ``extends:`` other files (mappings deep-merged, the extending file wins, lists replaced whole), and
+``KEY=VALUE`` overrides (``methods.0.params.tau=3``) are applied on top before validation. Relative paths
+resolve against the file that wrote them (overrides: the current directory); ``~`` is expanded. Reference:
+docs/experiment-files.md.
 """
 
 from __future__ import annotations
@@ -201,6 +200,7 @@ class BankEntry(_Strict):
     window: WindowEntry = Field(default_factory=lambda: WindowEntry(short_side=448, crop=336, stride=112), description="the values' CorrCLIP windows (the authors' bank: 448 / 336 / 112)")
     index: dict[str, Any] = Field(default_factory=dict, description="ovseg_core.bank.config.IndexConfig fields (kind: ivfpq | flat | hnsw, nlist_factor, pq_m, ...; checked by flows.bank_graph)")
     empty_region: Literal["nan", "zero"] = Field(default="nan", description="an empty region's rows: NaN (reference) or zero")
+    batch_size: int | None = Field(default=None, ge=1, description="images per batch of the bank's stages; None: the larger of 32 (flows.bank_graph.BANK_BATCH_SIZE) and runner.batch_size (docs/banks.md, 'Batch size of a bank')")
 
     @model_validator(mode="after")
     def _root_or_imported(self) -> "BankEntry":

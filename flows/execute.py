@@ -174,6 +174,8 @@ def _ingest_all(store: Store, plans: Sequence[DatasetPlan], summary: RunSummary,
 def _run_dataset(exp: Experiment, store: Store, plan: DatasetPlan, manifest: Sequence[Mapping[str, Any]],
                  settings: RunSettings, force: Sequence[str], only: Sequence[str] | None, summary: RunSummary,
                  progress: bool, wait: bool, journal, submit: Submit, submit_chain: SubmitChain | None) -> None:
+    if plan.batch_size is not None and plan.batch_size != exp.runner.batch_size:  # a bank's own batch size
+        exp = exp.model_copy(update={"runner": exp.runner.model_copy(update={"batch_size": plan.batch_size})})
     ok_rows = [dict(r) for r in manifest if r.get("status", "ok") == "ok"]
     bad_rows = [r for r in manifest if r.get("status", "ok") != "ok"]
     if bad_rows:

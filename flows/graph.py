@@ -69,6 +69,7 @@ class DatasetPlan:
     nodes: dict[tuple[str, str], StageNode] = field(default_factory=dict)
     methods: list[MethodPlan] = field(default_factory=list)
     index: int = 0  # position in the experiment's datasets list (error messages name datasets[index])
+    batch_size: int | None = None  # images per batch of its stages; None: runner.batch_size (a bank: its own)
 
     def add(self, node: StageNode) -> StageNode:
         """Add a node; an identical key returns the node already there."""
@@ -249,7 +250,7 @@ def _bank_plan(exp: Experiment, b: BankEntry, index: int, missing: list[str] | N
     sam = _sam_spec(exp.model_copy(update={"regions": b.regions}) if b.regions else exp, wd, missing)
     specs = bank_graph.bank_node_specs(exp, b, sam, lambda name: weights_identity(name, wd, missing))
     ds = bank_graph.bank_dataset(b)
-    plan, chains = DatasetPlan(ds, dataset_spec(ds), index=index), {}
+    plan, chains = DatasetPlan(ds, dataset_spec(ds), index=index, batch_size=bank_graph.bank_batch_size(exp, b)), {}
     for name in STAGE_ORDER:  # table order: every input is made before its readers
         for chain_name, ns in specs.get(name, ()):
             chain = chains.setdefault(chain_name, {})

@@ -34,7 +34,7 @@ def test_a_bank_build_logs_progress_lines_with_an_eta_and_no_carriage_return(tmp
             "regions": {"source": "slic"}, "text_templates": "single", "feature_dtype": "float32",
             "runner": {"batch_size": 1, "progress_seconds": 0},  # a line after every batch but the last
             "banks": [{"name": "sample", "root": str(folder), "window": {"short_side": 224, "crop": 112, "stride": 112},
-                       "index": {"kind": "flat"}}]}
+                       "index": {"kind": "flat"}, "batch_size": 1}]}
     exp = tmp_path / "bank.yaml"
     exp.write_text(yaml.safe_dump(data))
     err = io.StringIO()  # not a terminal

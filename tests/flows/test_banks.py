@@ -260,6 +260,7 @@ def test_a_sigkill_during_the_value_stage_then_a_rerun_gives_the_bank_of_an_unin
     folder = _folder(tmp_path, BANK_IMAGES)
     data = _experiment(tmp_path, folder, index={"kind": "flat"})
     data["runner"] = {"kind": "local", "workers": 1, "batch_size": 1, "lease_ttl": 6.0}
+    data["banks"][0]["batch_size"] = 1  # one image per batch: the kill lands between images
     reference = tmp_path / "reference"
     exp = parse_experiment({**data, "store": str(reference)}, source="test")
     assert run_experiment(exp, progress=False, orchestrate=False).failed == 0
@@ -303,6 +304,7 @@ def ivfpq_reference(tmp_path_factory):
     # 4-bit codes and nlist = sqrt(N): a few hundred regions train an IVF-PQ (the default needs >= 256 keys)
     data = _experiment(tmp, folder, index={"kind": "ivfpq", "pq_m": 8, "pq_nbits": 4, "nlist_factor": 1.0})
     data["runner"] = {"kind": "local", "workers": 1, "batch_size": 1, "lease_ttl": 6.0}
+    data["banks"][0]["batch_size"] = 1  # one image per batch: the kill lands between images
     code, out = finish(spawn(_write(data, tmp / "reference.yaml")))
     assert code == 0, out[-2000:]
     return data, tmp / "store"
