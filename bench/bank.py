@@ -73,9 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="search-option table: all rows, or only the fast set-ups (FastScan, in-RAM re-ranking codes; "
                         "skips the HNSW and L2-FastScan variants and their builds)")
     p.add_argument("--fastscan-small-m", type=int, default=32, help="also a FastScan variant with this many sub-vectors (0: none)")
-    p.add_argument("--refine-m", type=int, nargs="*", default=[128],
+    p.add_argument("--refine-m", type=int, nargs="*", default=None,
                    help="in-RAM re-ranking codes (SearchConfig.rerank_with codes) of these byte sizes (residuals to the lists' "
-                        "centroids, which the FastScan variants share)")
+                        "centroids, which the FastScan variants share; each must divide the key dimension; default 128, "
+                        "or half the key dimension where 128 does not divide it)")
     p.add_argument("--serve-codes", type=int, nargs=2, default=None, metavar=("REFINE_M", "CANDIDATES"),
                    help="also serve with FastScan m --fastscan-m, bfloat16 coarse step, re-ranking CANDIDATES with in-RAM codes of REFINE_M bytes")
     p.add_argument("--classes", type=int, default=171, help="text queries Q (COCO-Stuff: 171)")
@@ -91,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("counts must be >= 1")
     if a.dims[0] % 32:
         p.error("the key dimension must be a multiple of pq_m = 32")
+    if a.refine_m is None:
+        a.refine_m = [128 if a.dims[0] % 128 == 0 else a.dims[0] // 2]
+    if any(m < 1 or a.dims[0] % m for m in a.refine_m):
+        p.error(f"--refine-m {a.refine_m}: each must divide the key dimension {a.dims[0]}")
     return a
 
 

@@ -84,6 +84,10 @@ def test_recall_counts_the_exact_neighbours_found(bench):
         bank.parse_args(["--regions", "0"])
     with pytest.raises(SystemExit):
         bank.parse_args(["--dims", "100", "8", "8"])
+    with pytest.raises(SystemExit):
+        bank.parse_args(["--dims", "64", "8", "8", "--refine-m", "48"])
+    assert bank.parse_args(["--dims", "64", "8", "8"]).refine_m == [32]
+    assert bank.parse_args([]).refine_m == [128]
 
 
 def test_tiny_benchmark_run_prints_the_table(bench, tmp_path, capsys):
@@ -102,7 +106,10 @@ def test_tiny_benchmark_run_prints_the_table(bench, tmp_path, capsys):
         assert out["index"] == {"kind": kind, "metric": metric, "coarse": coarse, "nlist": int(8 * np.sqrt(3000)),
                                 "ntotal": 3000}
         assert out["ms"]["total"] > 0 and out["cpu_ms"]["retrieval"] > 0 and out["memory"]["served"]["VmRSS"] > 0
-    assert all(0.0 <= o["recall"] <= 1.0 for o in res["options"])
+    timed_only = [o["option"] for o in res["options"] if "recall" not in o]  # rows that time a part of the search
+    assert timed_only and all(n.startswith("coarse step only:") for n in timed_only)
+    assert all(0.0 <= o["recall"] <= 1.0 for o in res["options"] if "recall" in o)
+    assert any("codes" in o["option"] and "recall" in o for o in res["options"])  # the in-RAM re-ranking rows
     assert any(o["option"].startswith("HNSW coarse") for o in res["options"])
     assert next(o for o in res["options"] if "(before)" in o["option"])["same_neighbours_as_default"] is True
     assert next(o for o in res["options"] if "float32 re-score" in o["option"])["same_neighbours_as_default"] is True
