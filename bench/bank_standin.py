@@ -30,6 +30,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from ovseg_core.bank.refine import list_of_positions
+
 A_COARSE, A_FINE, A_POINT = 0.6, 0.55, 0.6
 FINE_SIZES = (5, 36)  # fine-group sizes drawn from [5, 36)
 QUERY_NOISE = 0.6  # query = unit(unit(bank key) + QUERY_NOISE * random unit direction)
@@ -189,13 +191,9 @@ def fastscan_from(ivf: faiss.IndexIVFPQ, folder: Path, m: int, seed: int = 0, ch
     """
     keys = np.load(folder / "keys.npy", mmap_mode="r")
     n, d = keys.shape
-    list_of_row = np.full(n, -1, dtype=np.int64)
-    for lst in range(ivf.nlist):
-        size = ivf.invlists.list_size(lst)
-        if size:
-            list_of_row[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size)] = lst
-    if (list_of_row < 0).any():
-        raise ValueError(f"{int((list_of_row < 0).sum())} keys are in no list of the source index")
+    if ivf.ntotal != n:
+        raise ValueError(f"the source index holds {ivf.ntotal} keys, keys.npy {n}")
+    list_of_row = list_of_positions(ivf).astype(np.int64)  # the source index's ids are the rows of keys.npy
     quantizer = faiss.IndexFlatIP(d)
     quantizer.add(faiss.rev_swig_ptr(faiss.downcast_index(ivf.quantizer).get_xb(), ivf.nlist * d).reshape(ivf.nlist, d).copy())
     pq4 = faiss.IndexIVFPQ(quantizer, d, ivf.nlist, m, 4, ivf.metric_type if metric is None else metric)

@@ -60,14 +60,14 @@ class RefineCodes:
                    np.asarray(arrays["refine_lists"], np.int32))
 
 
-def list_of_positions(bank: BankIndex) -> np.ndarray:
-    """``(ntotal,) int32``: the inverted list holding each index position (from the lists' stored ids)."""
-    inner = bank.inner
-    out = np.full(bank.ntotal, -1, dtype=np.int32)
-    for lst in range(inner.nlist):
-        size = inner.invlists.list_size(lst)
+def list_of_positions(ivf: faiss.IndexIVF) -> np.ndarray:
+    """``(ntotal,) int32``: the inverted list holding each position of a FAISS IVF index whose stored ids are its
+    positions (``BankIndex.inner``, or any IVF index built with ids ``0..ntotal-1``)."""
+    out = np.full(ivf.ntotal, -1, dtype=np.int32)
+    for lst in range(ivf.nlist):
+        size = ivf.invlists.list_size(lst)
         if size:
-            out[faiss.rev_swig_ptr(inner.invlists.get_ids(lst), size)] = lst
+            out[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size)] = lst
     if (out < 0).any():
         raise ValueError(f"{int((out < 0).sum())} index positions are in no inverted list")
     return out
@@ -96,7 +96,7 @@ def build_refine_codes(bank: BankIndex, keys: np.ndarray, ids: np.ndarray, m: in
     if pos_ids.size and (at.max() >= ids.size or (ids[order][np.minimum(at, ids.size - 1)] != pos_ids).any()):
         raise ValueError("an indexed region id has no row in the keys given")
     row_of_pos = order[np.minimum(at, max(ids.size - 1, 0))]
-    lists = list_of_positions(bank)
+    lists = list_of_positions(bank.inner)
     centroids = bank.centroids()
 
     def residuals(pos: np.ndarray) -> np.ndarray:
