@@ -37,7 +37,7 @@ import numpy as np
 from storage.fsio import Entry, is_temporary
 from storage.fstemp import StoreTemporary
 from storage.reading import DamagedOutputError
-from storage.row_files import ROWS, adjacent_runs, row_crcs
+from storage.row_files import ROWS, adjacent_runs, not_replaced, row_crcs
 from storage.store import Store
 
 SUFFIX = ".rows"
@@ -226,14 +226,8 @@ class SegmentRows:
         """Whether segment ``s`` was written again since it was opened (``cache verify --repair`` removed it and
         a run wrote it again): then it is reopened. Local stores compare the open file with the path's (device,
         inode); an object store's reads always get the current object, so only its CRCs are read again."""
-        fd = self._fds[s]
-        if fd is not None:
-            try:
-                now, held = os.stat(self.paths[s]), os.fstat(fd)
-            except FileNotFoundError:
-                return False
-            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-                return False
+        if not_replaced(self._fds[s], self.paths[s]):
+            return False
         self._open(s)
         return True
 

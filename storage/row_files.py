@@ -81,6 +81,19 @@ def adjacent_runs(uniq: np.ndarray, breaks: np.ndarray | None = None) -> list[tu
     return list(zip(starts.tolist(), np.append(starts[1:], uniq.size).tolist()))
 
 
+def not_replaced(fd: int | None, path: str) -> bool:
+    """Whether a reader holding ``fd`` (opened from ``path`` on a local store) has nothing new to read there: the
+    path is gone, or still names the held file (same device and inode). ``fd`` None (an object store, whose reads
+    always get the current object): False."""
+    if fd is None:
+        return False
+    try:
+        now, held = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return True
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
 class FileRows:
     """``RowReader`` over a row file: adjacent asked ids in one positioned read (``os.pread`` on a local store, a
     ranged GET on an object store), each row checked against its CRC-32. Holds the CRCs (4 bytes a row) and, on
@@ -113,13 +126,8 @@ class FileRows:
         """Whether the row file was written again since it was opened (``ovseg bank import`` after a damage):
         then it and its ``rows`` item are read again. Local stores compare the open file with the path's (device,
         inode); an object store's reads always get the current object, so only the item is read again."""
-        if self._fd is not None:
-            try:
-                now, held = os.stat(self.path), os.fstat(self._fd)
-            except FileNotFoundError:
-                return False
-            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-                return False
+        if not_replaced(self._fd, self.path):
+            return False
         try:
             self.store.state(self.stage, self.key)  # the item's new record: listed again
             self._open()
