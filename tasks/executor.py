@@ -71,6 +71,7 @@ class PendingBatch:
         self.writer: threading.Thread | None = None
         self.release: Callable[[], None] | None = None
         self._lock = threading.Lock()
+        self._release_lock = threading.Lock()
 
     def wait(self) -> None:
         """Wait for the pack and its record, then release the lease (once; safe from any thread)."""
@@ -78,9 +79,15 @@ class PendingBatch:
             if self.writer is not None:
                 self.writer.join()
                 self.writer = None
-            if self.release is not None:
-                release, self.release = self.release, None
-                release()
+        self.release_lease()
+
+    def release_lease(self) -> None:
+        """Release the lease now, once (the writer does so as soon as the pack and its record are stored, so that a
+        fused chain does not hold a node's items, already complete, until its last node is written)."""
+        with self._release_lock:
+            release, self.release = self.release, None
+        if release is not None:
+            release()
 
     def result(self) -> BatchResult:
         self.wait()
@@ -180,6 +187,7 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
             handed.set()  # even after an unexpected error: the compute thread waits for this
         if session is not None:
             commit(session, added)
+        pending.release_lease()  # the record is written (or the pack aborted): other runs need not wait any longer
 
     def add_all() -> tuple[Any, list[str]]:
         session = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,31 @@ def test_the_next_node_computes_while_a_pack_is_written_and_the_outputs_are_stor
         assert st.complete_items(ctx.stage, ctx.key) == {f"i{k}" for k in range(5)}
     assert st.read_item("syn_down", ctxs[1].key, "i3")["y"].tolist() == [6] * 4
     assert not list((tmp_path / "st" / "leases").rglob("*.json"))  # every lease released when the chain returns
+
+
+def test_a_node_releases_its_lease_once_its_pack_is_stored_while_later_nodes_still_compute(tmp_path, monkeypatch):
+    """Another run waiting for ``syn_up``'s items must not wait for the whole chain: by the time ``syn_down``
+    computes (after ``syn_up``'s pack and record are stored), ``syn_up``'s lease is gone and ``syn_down``'s held."""
+    chain = Chain(monkeypatch)
+    ctxs = chain.contexts(tmp_path / "st")
+    seen = {}
+    real_down = chain.down
+
+    def down(ctx, models, inputs):
+        st = Store(tmp_path / "st")
+        deadline = time.monotonic() + 10  # syn_up's writer may still be committing when syn_down starts
+        while time.monotonic() < deadline and st.complete_items("syn_up", ctxs[0].key) != {"i0", "i1", "i2"}:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the release follows the record at once
+        seen["up complete"] = st.complete_items("syn_up", ctxs[0].key)
+        seen["leases"] = sorted(p.parent.parent.name for p in (tmp_path / "st" / "leases").rglob("*.json"))
+        return real_down(ctx, models, inputs)
+
+    monkeypatch.setitem(STAGES, "syn_down", dataclasses.replace(STAGES["syn_down"], compute=down))
+    results = run_chain(ctxs, [_rows(3), _rows(3)])
+    assert [[r.status for r in res.items] for res in results] == [["done"] * 3, ["done"] * 3]
+    assert seen == {"up complete": {"i0", "i1", "i2"}, "leases": ["syn_down"]}
+    assert not list((tmp_path / "st" / "leases").rglob("*.json"))
 
 
 def test_a_pack_that_fails_after_its_reader_computed_leaves_the_reader_unstored(tmp_path, monkeypatch):
