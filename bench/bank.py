@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import bank_standin as standin  # noqa: E402
 from bank_fast import fast_table, recall, refine_variant, timed_rows  # noqa: E402
+from bank_report import report  # noqa: E402
 
 import ovseg_core.bank.search as bank_search  # noqa: E402
 from ovseg_core.bank.config import IndexConfig, SearchConfig  # noqa: E402
@@ -248,7 +249,7 @@ def serve(folder: Path, index_path: Path, queries_path: Path, reader: str, a: ar
     out = json.loads(done.stdout.strip().splitlines()[-1])
     for kind in ("times", "cpu"):  # medians over images, in ms
         per_step = out.pop(kind)
-        totals = [sum(v[i] for v in per_step.values()) for i in range(a.images)]
+        totals = [sum(v[i] for step, v in per_step.items() if step != "logits_pass") for i in range(a.images)]
         retrieval = [per_step["search"][i] + per_step["values_and_logits"][i] for i in range(a.images)]
         out["ms" if kind == "times" else "cpu_ms"] = {
             **{s: 1000 * median(v) for s, v in per_step.items()},
@@ -293,48 +294,6 @@ def extension_study(folder: Path, spec: standin.Spec, q: np.ndarray, exact: np.n
         out.setdefault("new_domain", {})[name] = {"old_queries": recall(found[:half], exact_new[:half]),
                                                   "new_queries": recall(found[half:], exact_new[half:])}
     return out
-
-
-def report(res: dict) -> str:
-    a, s = res["args"], res["serving"]
-    lines = [f"# Memory-bank benchmark: {a['regions']:,} stand-in regions, R = {a['regions_per_image']}, K = {a['k']}, "
-             f"nprobe {a['nprobe']}, Q = {a['classes']} classes at {a['size'][0]}x{a['size'][1]}, 1 CPU thread",
-             f"index: {res['index']['build']} build, nlist {res['index_nlist']}, {res['index']['bytes'] / 2**20:.0f} MiB on disk",
-             "", "| figure | target | measured |", "|---|---|---|"]
-    for reader, out in s.items():
-        ms, cpu = out["ms"], out["cpu_ms"]
-        lines.append(f"| retrieval + fusion per image (reader: {reader}), wall / CPU ms | <= 5 ms | {ms['total']:.1f} / "
-                     f"{cpu['total']:.1f}: query pooling {ms['query_pooling']:.1f} / {cpu['query_pooling']:.1f}, search "
-                     f"{ms['search']:.1f} / {cpu['search']:.1f}, values + logits + DMCE {ms['values_and_logits']:.1f} / "
-                     f"{cpu['values_and_logits']:.1f}, fusion {ms['fusion']:.1f} / {cpu['fusion']:.1f} |")
-    for reader, out in s.items():
-        mem, start = out["memory"]["served"], out["memory"]["start"]
-        lines.append(f"| RSS serving, two value stores, reader: {reader}, after {out['images']} images | <= 1.5 GiB | "
-                     f"{mem['VmRSS'] / GIB:.2f} GiB, of which the bank {(mem['VmRSS'] - start['VmRSS']) / GIB:.2f} "
-                     f"(anon {(mem['RssAnon'] - start['RssAnon']) / GIB:.2f}, file {(mem['RssFile'] - start['RssFile']) / GIB:.2f}); "
-                     f"before the bank (imports, test inputs) {start['VmRSS'] / GIB:.2f} |")
-    default = res["options"][0]
-    lines.append(f"| recall@{a['k']} of the default index vs exact | printed | {default['recall']:.3f} "
-                 f"(search {default['ms_per_image']:.1f} ms wall, {default['cpu_ms_per_image']:.1f} ms CPU per image) |")
-    ext = res.get("extension")
-    if ext:
-        same, new = ext["same_distribution"], ext["new_domain"]
-        lines.append(f"| recall after +10 % (same distribution): added / retrained | measured | "
-                     f"{same['added_without_retraining']:.3f} / {same['retrained_on_all']:.3f} |")
-        lines.append(f"| recall after +10 % new domain, queries on new regions: added / retrained | measured | "
-                     f"{new['added_without_retraining']['new_queries']:.3f} / {new['retrained_on_all']['new_queries']:.3f} |")
-    lines += ["", "| search option | wall / CPU ms per image | recall@k |", "|---|---|---|"]
-    lines += [f"| {o['option']} | {o['ms_per_image']:.1f} / {o['cpu_ms_per_image']:.1f} | "
-              + (f"{o['recall']:.3f}" if "recall" in o else "-")
-              + ("" if "same_neighbours_as_default" not in o else
-                 f" (same neighbours as the default on these images: {o['same_neighbours_as_default']})") + " |"
-              for o in res["options"]]
-    same = ", ".join(f"{k} {v:.3f}" for k, v in res["bf16_same_lists"].items())
-    lines += ["", f"bfloat16 coarse step, fraction of queries probing the float32 step's lists (coarse_refine): {same}",
-              f"FastScan index: {res['fastscan_bytes'] / 2**20:.0f} MiB on disk; in-RAM re-ranking codes: "
-              + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in res.get("refine_bytes", {}).items()),
-              "", f"Machine: {res['machine']}"]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -106,6 +106,8 @@ def test_tiny_benchmark_run_prints_the_table(bench, tmp_path, capsys):
         assert out["index"] == {"kind": kind, "metric": metric, "coarse": coarse, "nlist": int(8 * np.sqrt(3000)),
                                 "ntotal": 3000}
         assert out["ms"]["total"] > 0 and out["cpu_ms"]["retrieval"] > 0 and out["memory"]["served"]["VmRSS"] > 0
+        assert out["ms"]["logits_pass"] > 0  # the fusion's floor: timed beside the steps, not one of them
+    assert "| floor of the fusion alone: one in-place pass over the 7 x 48 x 48 float32 logits" in text
     timed_only = [o["option"] for o in res["options"] if "recall" not in o]  # rows that time a part of the search
     assert timed_only and all(n.startswith("coarse step only:") for n in timed_only)
     assert all(0.0 <= o["recall"] <= 1.0 for o in res["options"] if "recall" in o)
