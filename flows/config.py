@@ -225,6 +225,11 @@ class RunnerEntry(_Strict):
                                     description="seconds between the progress lines (done / total, rate, elapsed, "
                                     "time left, ETA) of a stage or a fused chain when stderr is not a terminal (a log "
                                     "file); 0: after every batch")
+    io_threads: Literal["auto", "on", "off"] = Field(
+        default="auto", description="on: a batch decodes its items on a loader thread and adds computed items to "
+        "its pack on a writer thread, beside the compute; off: the compute thread does both itself (the pack's "
+        "commit and fsyncs still run on a thread); auto: on for a CUDA device (decoding overlaps the GPU), off on "
+        "a CPU (the two threads take cores from the compute's own threads); outputs are the same")
 
 
 class Provenance(_Strict):
