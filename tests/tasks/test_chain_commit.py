@@ -172,3 +172,18 @@ def _fresh_store_objects():
     open_store.cache_clear()
     yield
     open_store.cache_clear()
+
+
+def test_io_threads_on_and_off_store_the_same_items(tmp_path, monkeypatch):
+    """The same chain with and without the loader and writer threads: the same items complete, equal arrays."""
+    chain = Chain(monkeypatch)
+    stored = {}
+    for mode in ("on", "off"):
+        ctxs = chain.contexts(tmp_path / mode, mode)
+        results = run_chain(ctxs, [_rows(6), _rows(6)])
+        assert [[r.status for r in res.items] for res in results] == [["done"] * 6, ["done"] * 6]
+        st = Store(tmp_path / mode)
+        stored[mode] = {(c.stage, i): {k: v.tolist() for k, v in st.read_item(c.stage, c.key, i).items()}
+                        for c in ctxs for i in sorted(st.complete_items(c.stage, c.key))}
+    assert len(stored["on"]) == 12 and stored["on"] == stored["off"]
+    assert stored["off"][("syn_down", "i5")] == {"y": [10] * 4}  # y = 2 x, x = the id's number
