@@ -48,6 +48,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--index", choices=sorted(INDEX), default="ivfpq", help="bank index kind (default ivfpq)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="the bank's banks[].batch_size (images per task and per pack; default: the bank's default)")
+    p.add_argument("--io-threads", choices=["auto", "on", "off"], default=None,
+                   help="runner.io_threads (loader and writer threads beside the compute; default: the runner's, auto)")
     p.add_argument("--no-prefect", action="store_true", help="run in local threads without Prefect")
     p.add_argument("--no-bare", action="store_true", help="skip the bare build (only wall / compute is printed)")
     p.add_argument("--out", default=str(REPO / "bench" / "out"))
@@ -58,7 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def experiment(store: Path, img_dir: Path, index: str, batch_size: int | None):
+def experiment(store: Path, img_dir: Path, index: str, batch_size: int | None, io_threads: str | None = None):
     from flows.config import parse_experiment
 
     bank = {"name": "synth", "root": str(img_dir), "window": WINDOW, "index": INDEX[index]}
@@ -66,12 +68,13 @@ def experiment(store: Path, img_dir: Path, index: str, batch_size: int | None):
         "name": "bankbuild", "store": str(store), "models": MODELS,
         "regions": {"source": "slic", "params": {"n_segments": 40}},
         "banks": [bank if batch_size is None else {**bank, "batch_size": batch_size}],
-        "runner": {"kind": "local", "workers": 1},
+        "runner": {"kind": "local", "workers": 1, **({} if io_threads is None else {"io_threads": io_threads})},
         "text_templates": "single", "feature_dtype": "float32",
     }, source="bench/bank_build.py")
 
 
-def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: bool, bare: bool) -> dict[str, Any]:
+def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: bool, bare: bool,
+          io_threads: str | None = None) -> dict[str, Any]:
     from bank_bare import bank_nodes, bare_build
 
     from flows.pipeline import run_experiment
@@ -81,7 +84,7 @@ def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: b
     log.info("%d images: generating", n)
     img_dir, _ = make_images(work / "data", n)
     store = work / "store"
-    exp = experiment(store, img_dir, index, batch_size)
+    exp = experiment(store, img_dir, index, batch_size, io_threads)
     log.info("%d images: cold build", n)
     c0 = time.process_time()
     summary, cold_s = timed(lambda: run_experiment(exp, progress=False, orchestrate=orchestrate))
@@ -100,7 +103,8 @@ def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: b
     if again.computed or again.status != "complete":
         raise RuntimeError(f"the no-op rerun computed {again.computed} outputs ({again.status})")
     compute = sum(s["compute_seconds"] for s in stages)
-    out = {"images": n, "index": index, "prefect": orchestrate, "batch_size": batch_size, "cold_seconds": cold_s,
+    out = {"images": n, "index": index, "prefect": orchestrate, "batch_size": batch_size,
+           "io_threads": exp.runner.io_threads, "cold_seconds": cold_s,
            "cold_cpu_seconds": cold_cpu, "compute_seconds": compute, "wall_over_compute": cold_s / compute,
            "stage_wall_seconds": sum(s["wall_seconds"] for s in stages), "noop_rerun_seconds": noop_s,
            "stages": stages}
@@ -114,7 +118,8 @@ def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: b
 
 def markdown(r: dict[str, Any]) -> str:
     lines = [f"Command: `{r['command']}`  ", f"Load average (1, 5, 15 min) at start {r['load_start']}, at end {r['load_end']}",
-             "", f"Bank build, {r['images']} images, index {r['index']}, Prefect {'on' if r['prefect'] else 'off'}: "
+             "", f"Bank build, {r['images']} images, index {r['index']}, Prefect {'on' if r['prefect'] else 'off'}, "
+             f"io_threads {r['io_threads']}: "
              f"cold-run wall {r['cold_seconds']:.1f} s, bank stages' compute {r['compute_seconds']:.1f} s, "
              f"wall / compute {r['wall_over_compute']:.3f}; no-op rerun {r['noop_rerun_seconds']:.1f} s", ""]
     if "bare" in r:
@@ -148,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             configure_prefect()
             prefect_startup_seconds()  # the server start-up, before anything is timed
-        result = build(args.images, work, args.index, args.batch_size, not args.no_prefect, not args.no_bare)
+        result = build(args.images, work, args.index, args.batch_size, not args.no_prefect, not args.no_bare,
+                       args.io_threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.update(command=" ".join(["python", "bench/bank_build.py", *(sys.argv[1:] if argv is None else argv)]),

@@ -216,8 +216,7 @@ class RunnerEntry(_Strict):
     workers: int = Field(default=1, ge=1, description="parallel tasks (threads for local; Dask workers for a temporary cluster)")
     address: str | None = Field(default=None, description="tcp://scheduler:8786 of an existing Dask cluster (kind: dask)")
     batch_size: int = Field(default=8, ge=1, description="images per Prefect task (one task per batch, never per image)")
-    lease_ttl: float = Field(default=120.0, gt=0, le=3600, description="seconds without a heartbeat after which a "
-                             "dead run's claim on its items expires (reruns never wait longer)")
+    lease_ttl: float = Field(default=120.0, gt=0, le=3600, description="seconds without a heartbeat after which a dead run's claim on its items expires (reruns never wait longer)")
     fuse: bool = Field(default=True, description="run a dataset's per-image stages as one chain per batch of images "
                        "(each image decoded once, outputs passed in memory and stored as stage by stage); false: "
                        "stage by stage, one batch task per stage")
@@ -225,6 +224,7 @@ class RunnerEntry(_Strict):
                                     description="seconds between the progress lines (done / total, rate, elapsed, "
                                     "time left, ETA) of a stage or a fused chain when stderr is not a terminal (a log "
                                     "file); 0: after every batch")
+    io_threads: Literal["auto", "on", "off"] = Field(default="auto", description="on: loader and writer threads beside the compute; off: the compute thread loads and adds items itself (the writer thread only commits packs); auto: on for CUDA, off on a CPU (docs/experiment-files.md); outputs are the same")
 
 
 class Provenance(_Strict):

@@ -107,7 +107,8 @@ def execute(request: RunRequest, plans: Sequence[DatasetPlan], submit: Submit, s
                                      "store": store.location, "plan": plan_rows, "force": force, "only_stages": only,
                                      "random_weights": summary.random_weights}).start()
     settings = RunSettings(store.location, exp.device, exp.window_batch, exp.models.weights_dir, run_id,
-                           exp.runner.lease_ttl, progress_seconds=exp.runner.progress_seconds)
+                           exp.runner.lease_ttl, progress_seconds=exp.runner.progress_seconds,
+                           io_threads=exp.runner.io_threads)
     status, exit_code = "failed", None
     try:
         manifests = _ingest_all(store, plans, summary, request.progress)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -73,7 +74,10 @@ class _ShutdownNoise(logging.Filter):
 def parallelism(default: int) -> int:
     """Batches that can run at once now: inside a flow on a Dask cluster, its workers' threads at this
     moment (workers that joined count, dead ones do not), never less than ``default``
-    (``runner.workers``); ``default`` otherwise."""
+    (``runner.workers``); ``default`` otherwise. Without Prefect loaded (``--no-prefect``) there is no flow run, and
+    Prefect is not imported for the question (its import cost a cold ``--no-prefect`` bank build ~1 s of CPU)."""
+    if "prefect.context" not in sys.modules:
+        return default
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()

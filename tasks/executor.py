@@ -166,58 +166,59 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
     to_write: queue.Queue = queue.Queue(maxsize=max(1, settings.write_queue))
     pin = ctx.device.startswith("cuda")  # the device this worker is bound to (``device: auto`` included)
 
+    threads = io_threads(settings.io_threads, ctx.device)
+
+    def load_one(row: Mapping[str, Any]) -> tuple:
+        t0 = time.perf_counter()
+        try:
+            inp = stage.load(ctx, row)
+            return (row, _pin(inp) if pin else inp, None, time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - one unreadable input fails one item
+            log.debug("load of %s failed", row["image_id"])
+            return (row, None, e, time.perf_counter() - t0)
+
     def load_all() -> None:
         for row in rows:
-            iid = str(row["image_id"])
-            t0 = time.perf_counter()
-            try:
-                inp = stage.load(ctx, row)
-                if pin:
-                    inp = _pin(inp)
-                loaded.put((row, inp, None, time.perf_counter() - t0))
-            except Exception as e:  # noqa: BLE001 - one unreadable input fails one item
-                loaded.put((row, None, e, time.perf_counter() - t0))
-                log.debug("load of %s failed", iid)
+            loaded.put(load_one(row))
         loaded.put(_END)
+
+    pack: dict[str, Any] = {}  # session, open_error: the batch's pack, opened by whoever adds its first item
+    added: list[str] = []
+    declared = stage.array_names(ctx.params)
+
+    def add_one(got: tuple) -> None:
+        if not pack:
+            try:
+                pack["session"], pack["open_error"] = ctx.store().open_pack(ctx.node.stage_key, {
+                    "software": software_versions(), "random_weights": ctx.node.random_weights,
+                    "run_id": settings.run_id, "dataset": ctx.dataset}), None
+            except Exception as e:  # noqa: BLE001
+                pack["session"], pack["open_error"] = None, e
+        iid, arrays, attrs, seconds = got
+        if pack["open_error"] is not None:
+            _fail(results, iid, pack["open_error"], seconds)
+            return
+        try:
+            if sorted(arrays) != sorted(declared):
+                raise ValueError(f"stage {stage.name!r} computed the arrays {sorted(arrays)} for {iid} but declares "
+                                 f"{sorted(declared)} (Stage.arrays in tasks/stages.py); nothing of it is stored")
+            pack["session"].add(iid, arrays, {**attrs, "seconds": seconds, "random_weights": ctx.node.random_weights})
+            added.append(iid)
+            if ctx.memory is not None:  # a fused chain: the next stage reads what was stored from memory
+                ctx.memory.keep(ctx.node.ident, iid, arrays)
+            results[iid] = ItemResult(iid, "done", seconds)
+        except Exception as e:  # noqa: BLE001 - a writer error fails that item, never the run
+            _fail(results, iid, e, seconds)
 
     def write_all() -> None:
         try:
-            session, added = add_all()
+            while (got := to_write.get()) is not _END:
+                add_one(got)  # the compute thread's own adds (io_threads off) come here as _END only
         finally:
             handed.set()  # even after an unexpected error: the compute thread waits for this
-        if session is not None:
-            commit(session, added)
+        if pack.get("session") is not None:
+            commit(pack["session"], added)
         pending.release_lease()  # the record is written (or the pack aborted): other runs need not wait any longer
-
-    def add_all() -> tuple[Any, list[str]]:
-        session = None
-        added: list[str] = []
-        declared = stage.array_names(ctx.params)
-        try:
-            session = ctx.store().open_pack(ctx.node.stage_key, {
-                "software": software_versions(), "random_weights": ctx.node.random_weights,
-                "run_id": settings.run_id, "dataset": ctx.dataset})
-        except Exception as e:  # noqa: BLE001
-            open_error: BaseException | None = e
-        else:
-            open_error = None
-        while (got := to_write.get()) is not _END:
-            iid, arrays, attrs, seconds = got
-            if open_error is not None:
-                _fail(results, iid, open_error, seconds)
-                continue
-            try:
-                if sorted(arrays) != sorted(declared):
-                    raise ValueError(f"stage {stage.name!r} computed the arrays {sorted(arrays)} for {iid} but declares "
-                                     f"{sorted(declared)} (Stage.arrays in tasks/stages.py); nothing of it is stored")
-                session.add(iid, arrays, {**attrs, "seconds": seconds, "random_weights": ctx.node.random_weights})
-                added.append(iid)
-                if ctx.memory is not None:  # a fused chain: the next stage reads what was stored from memory
-                    ctx.memory.keep(ctx.node.ident, iid, arrays)
-                results[iid] = ItemResult(iid, "done", seconds)
-            except Exception as e:  # noqa: BLE001 - a writer error fails that item, never the run
-                _fail(results, iid, e, seconds)
-        return session, added
 
     def commit(session, added: list[str]) -> None:
         try:
@@ -235,22 +236,59 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
                 if ctx.memory is not None:
                     ctx.memory.drop(ctx.node.ident, iid)
 
-    loader = threading.Thread(target=load_all, name=f"ovseg-load-{ctx.stage}", daemon=True)
+    source: Any = loaded if threads else _Inline(load_one, rows)
+    sink: Any = to_write if threads else _Direct(add_one, to_write)
+    loader = threading.Thread(target=load_all, name=f"ovseg-load-{ctx.stage}", daemon=True) if threads else None
     writer = threading.Thread(target=write_all, name=f"ovseg-write-{ctx.stage}", daemon=True)
-    loader.start()
+    if loader is not None:
+        loader.start()
     writer.start()
     computed = False
     try:
-        _compute_all(ctx, stage, models, loaded, to_write, results)
+        _compute_all(ctx, stage, models, source, sink, results)
         computed = True
     finally:
         to_write.put(_END)
-        loader.join()
+        if loader is not None:
+            loader.join()
         if computed:
             handed.wait()
             pending.writer = writer
         else:
             writer.join()
+
+
+def io_threads(setting: str, device: str) -> bool:
+    """Whether a batch loads and adds its items on a loader and a writer thread beside the compute (``on``; ``auto``
+    on a CUDA device) or in the compute thread itself (``off``; ``auto`` elsewhere). See ``RunSettings.io_threads``."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"io_threads must be auto, on or off, got {setting!r}")
+    return setting == "on" or (setting == "auto" and device.startswith("cuda"))
+
+
+class _Inline:
+    """The loader's queue when items load in the compute thread: ``get`` loads the next item (then ``_END``)."""
+
+    def __init__(self, load_one: Callable[[Mapping[str, Any]], tuple], rows: Sequence[Mapping[str, Any]]):
+        self._load, self._rows = load_one, iter(rows)
+
+    def get(self) -> Any:
+        row = next(self._rows, None)
+        return _END if row is None else self._load(row)
+
+
+class _Direct:
+    """The writer's queue when items are added in the compute thread: ``put`` adds an item to the pack now; only
+    ``_END`` reaches the writer thread, which then commits the pack (its fsyncs still overlap the next compute)."""
+
+    def __init__(self, add_one: Callable[[tuple], None], writer_queue: queue.Queue):
+        self._add, self._queue = add_one, writer_queue
+
+    def put(self, got: Any) -> None:
+        if got is _END:
+            self._queue.put(_END)
+        else:
+            self._add(got)
 
 
 class InputNotStoredError(UpstreamMissingError):

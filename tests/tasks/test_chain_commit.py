@@ -48,10 +48,12 @@ class Chain:
         return [({"y": 2 * x}, {}) for x in inputs]
 
     @staticmethod
-    def contexts(store: Path) -> list[StageContext]:
+    def contexts(store: Path, io_threads: str = "on") -> list[StageContext]:
+        """``io_threads`` on (the default here): loader and writer threads, so a node's loads all precede the
+        previous node's commit in these tests; off: loads and adds in the compute thread (a CPU's default)."""
         up = StageNode("syn_up", Params(), "1")
         down = StageNode("syn_down", Params(), "1", upstream={"syn_up": up})
-        settings = RunSettings(str(store))
+        settings = RunSettings(str(store), io_threads=io_threads)
         return [StageContext(up, settings, "ds"), StageContext(down, settings, "ds")]
 
 
@@ -75,10 +77,11 @@ def _slow_up_commit(monkeypatch, chain: Chain, fail: bool) -> dict[str, bool]:
     return seen
 
 
-def test_the_next_node_computes_while_a_pack_is_written_and_the_outputs_are_stored(tmp_path, monkeypatch):
+@pytest.mark.parametrize("io_threads", ["on", "off"])
+def test_the_next_node_computes_while_a_pack_is_written_and_the_outputs_are_stored(tmp_path, monkeypatch, io_threads):
     chain = Chain(monkeypatch)
     seen = _slow_up_commit(monkeypatch, chain, fail=False)
-    ctxs = chain.contexts(tmp_path / "st")
+    ctxs = chain.contexts(tmp_path / "st", io_threads)
     results = run_chain(ctxs, [_rows(5), _rows(5)])
     assert seen["down computed before up's pack"]  # on a chain that waits for each pack this waits 10 s, then fails
     assert [[r.status for r in res.items] for res in results] == [["done"] * 5, ["done"] * 5]
@@ -130,6 +133,23 @@ def test_a_pack_that_fails_after_its_reader_computed_leaves_the_reader_unstored(
     assert not list((tmp_path / "st" / "leases").rglob("*.json"))
 
 
+def test_without_io_threads_a_pack_that_fails_after_its_reader_computed_leaves_the_reader_unstored(
+        tmp_path, monkeypatch):
+    """io_threads off: ``syn_down`` loads i1 and i2 after ``syn_up``'s pack failed (their input is then neither in
+    the chain's memory nor stored): they fail ``SkippedUpstream`` at load, i0 with its pack; nothing is stored."""
+    chain = Chain(monkeypatch)
+    seen = _slow_up_commit(monkeypatch, chain, fail=True)
+    ctxs = chain.contexts(tmp_path / "st", "off")
+    up, down = run_chain(ctxs, [_rows(3), _rows(3)])
+    assert seen["down computed before up's pack"]
+    assert {(r.status, r.error_type) for r in up.items} == {("failed", "OSError")}
+    assert {(r.status, r.error_type) for r in down.items} == {("failed", "SkippedUpstream")}
+    st = Store(tmp_path / "st")
+    assert st.complete_items("syn_up", ctxs[0].key) == set() and st.complete_items("syn_down", ctxs[1].key) == set()
+    assert not list((tmp_path / "st").rglob("*.zip")) and not list((tmp_path / "st").rglob(".tmp-*"))
+    assert not list((tmp_path / "st" / "leases").rglob("*.json"))
+
+
 def test_an_item_whose_input_was_stored_before_fails_with_its_pack_when_another_input_is_not_stored(
         tmp_path, monkeypatch):
     """``syn_down``'s pack holds i0 (input stored by an earlier run) and i1 (input computed now, then not stored):
@@ -152,3 +172,18 @@ def _fresh_store_objects():
     open_store.cache_clear()
     yield
     open_store.cache_clear()
+
+
+def test_io_threads_on_and_off_store_the_same_items(tmp_path, monkeypatch):
+    """The same chain with and without the loader and writer threads: the same items complete, equal arrays."""
+    chain = Chain(monkeypatch)
+    stored = {}
+    for mode in ("on", "off"):
+        ctxs = chain.contexts(tmp_path / mode, mode)
+        results = run_chain(ctxs, [_rows(6), _rows(6)])
+        assert [[r.status for r in res.items] for res in results] == [["done"] * 6, ["done"] * 6]
+        st = Store(tmp_path / mode)
+        stored[mode] = {(c.stage, i): {k: v.tolist() for k, v in st.read_item(c.stage, c.key, i).items()}
+                        for c in ctxs for i in sorted(st.complete_items(c.stage, c.key))}
+    assert len(stored["on"]) == 12 and stored["on"] == stored["off"]
+    assert stored["off"][("syn_down", "i5")] == {"y": [10] * 4}  # y = 2 x, x = the id's number
