@@ -224,7 +224,7 @@ class RunnerEntry(_Strict):
                                     description="seconds between the progress lines (done / total, rate, elapsed, "
                                     "time left, ETA) of a stage or a fused chain when stderr is not a terminal (a log "
                                     "file); 0: after every batch")
-    io_threads: Literal["auto", "on", "off"] = Field(default="auto", description="on: loader and writer threads beside the compute; off: the compute thread loads and adds items itself (the writer thread only commits packs); auto: on for CUDA, off on a CPU (docs/experiment-files.md); outputs are the same")
+    io_threads: Literal["auto", "on", "off"] = Field(default="auto", description="on: loader and writer threads beside the compute; off: the compute thread loads and adds items itself (the writer thread only commits packs); auto: on for CUDA or an object store, off on a CPU with a local store (docs/experiment-files.md); outputs are the same")
 
 
 class Provenance(_Strict):

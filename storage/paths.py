@@ -43,6 +43,11 @@ def resolve_location(location: str | os.PathLike | None = None) -> str:
     return str(Path(loc).expanduser().resolve())
 
 
+def is_remote(location: str) -> bool:
+    """Whether a resolved store location (``resolve_location``) is an object-store or other fsspec URL."""
+    return "://" in str(location)
+
+
 def check_name(kind: str, name: str) -> str:
     if not name or "/" in name or name.startswith(".") or name in ("zarr.json", "stage.json"):
         raise ValueError(f"invalid {kind} name {name!r}: must be non-empty, without '/', not starting with '.'")

@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from storage.leases import LeaseError
+from storage.paths import is_remote
 from storage.store import MissingOutputError
 from tasks.runtime import (
     BackboneLoadError,
@@ -166,7 +167,7 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
     to_write: queue.Queue = queue.Queue(maxsize=max(1, settings.write_queue))
     pin = ctx.device.startswith("cuda")  # the device this worker is bound to (``device: auto`` included)
 
-    threads = io_threads(settings.io_threads, ctx.device)
+    threads = io_threads(settings.io_threads, ctx.device, is_remote(settings.store_location))
 
     def load_one(row: Mapping[str, Any]) -> tuple:
         t0 = time.perf_counter()
@@ -258,12 +259,13 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
             writer.join()
 
 
-def io_threads(setting: str, device: str) -> bool:
+def io_threads(setting: str, device: str, remote_store: bool = False) -> bool:
     """Whether a batch loads and adds its items on a loader and a writer thread beside the compute (``on``; ``auto``
-    on a CUDA device) or in the compute thread itself (``off``; ``auto`` elsewhere). See ``RunSettings.io_threads``."""
+    on a CUDA device or with an object store, whose reads are network waits worth overlapping) or in the compute
+    thread itself (``off``; ``auto`` on a CPU with a local store). See ``RunSettings.io_threads``."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"io_threads must be auto, on or off, got {setting!r}")
-    return setting == "on" or (setting == "auto" and device.startswith("cuda"))
+    return setting == "on" or (setting == "auto" and (device.startswith("cuda") or remote_store))
 
 
 class _Inline:

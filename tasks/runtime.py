@@ -84,8 +84,9 @@ class RunSettings:
     prefetch: int = 4  # items decoded ahead of the computation
     write_queue: int = 4  # computed items waiting to be written
     # load and add items on a loader and a writer thread beside the compute ("on"), or in the compute thread
-    # ("off": only the pack's commit runs on a thread); "auto": on for a CUDA device, off on a CPU, where the two
-    # threads take cores from the compute's OpenMP threads (tasks.executor, runner.io_threads, docs/banks.md 5)
+    # ("off": only the pack's commit runs on a thread); "auto": on for a CUDA device or an object store, off on a
+    # CPU with a local store, where the two threads take cores from the compute's OpenMP threads (tasks.executor,
+    # runner.io_threads, docs/banks.md 5)
     io_threads: str = "auto"
     progress_seconds: float = PLAIN_PROGRESS_SECONDS  # between two progress lines of a long loop (tasks.progress)
 

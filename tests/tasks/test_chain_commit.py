@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from storage.paths import is_remote, resolve_location
 from storage.store import Store
 from storage.writing import PackSession
 from tasks.chain import run_chain
+from tasks.executor import io_threads
 from tasks.runtime import RunSettings, StageContext, StageNode, open_store
 from tasks.stages import STAGES, Input, Stage
 
@@ -187,3 +189,16 @@ def test_io_threads_on_and_off_store_the_same_items(tmp_path, monkeypatch):
                         for c in ctxs for i in sorted(st.complete_items(c.stage, c.key))}
     assert len(stored["on"]) == 12 and stored["on"] == stored["off"]
     assert stored["off"][("syn_down", "i5")] == {"y": [10] * 4}  # y = 2 x, x = the id's number
+
+
+def test_io_threads_auto_keeps_the_threads_for_cuda_and_object_stores_only():
+    """``auto``: threads where loads wait (a GPU computing, network reads of an object store), none on a CPU with a
+    local store; ``on`` / ``off`` force either; a resolved local path is not remote, an s3:// URL is."""
+    local, s3 = resolve_location("file:///tmp/st"), resolve_location("s3://bucket/store")
+    assert (is_remote(local), is_remote(s3)) == (False, True)
+    assert [io_threads("auto", dev, is_remote(loc)) for dev, loc in
+            [("cpu", local), ("cuda:0", local), ("cpu", s3), ("cuda", s3)]] == [False, True, True, True]
+    assert [io_threads(s, "cpu", False) for s in ("on", "off")] == [True, False]
+    assert io_threads("off", "cuda:0", True) is False
+    with pytest.raises(ValueError, match="auto, on or off"):
+        io_threads("yes", "cpu")
