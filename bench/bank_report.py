@@ -27,7 +27,7 @@ def report(res: dict) -> str:
     if floors:  # the same tensor in every serving process: the lowest median of them
         wall, cpu_floor = min(floors, key=lambda f: f[1])
         lines.append(f"| floor of the fusion alone: one in-place pass over the {a['classes']} x {a['size'][0]} x "
-                     f"{a['size'][1]} float32 logits ({4 * a["classes"] * a["size"][0] * a["size"][1] / 2**20:.0f} "
+                     f"{a['size'][1]} float32 logits ({4 * a['classes'] * a['size'][0] * a['size'][1] / 2**20:.0f} "
                      f"MiB, read and written), wall / CPU ms | | {wall:.1f} / {cpu_floor:.1f} |")
     for reader, out in s.items():
         mem, start = out["memory"]["served"], out["memory"]["start"]
