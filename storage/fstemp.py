@@ -18,21 +18,32 @@ if TYPE_CHECKING:
     from storage.fsio import Backend
 
 
+_BUFFER_BYTES = 4 << 20  # bytes kept in memory before a write to the temporary (a large write goes straight through)
+
+
 class StoreTemporary:
     """A file written for the store path ``path`` in a temporary file, then moved into place whole (``commit``).
 
     The temporary is ``Backend.tmp_path_for(path)``. Every failure to create, write, flush or sync it (a full
     disk, a quota, a read-only file system) raises ``StoreWriteError`` naming ``path``; as a context manager it
     is removed on any exception, and ``commit`` removes it when the move fails: none is left behind. File-like
-    for ``zipfile`` (``write``, ``tell``, ``seek``, ``flush``; no ``fileno``: ``commit`` syncs)."""
+    for ``zipfile`` (``write``, ``tell``, ``seek``, ``flush``; no ``fileno``: ``commit`` syncs).
+
+    Writes are gathered in memory (up to ``_BUFFER_BYTES``; a larger block is written at once) and seeks and
+    tells are answered there: a pack's members cost no system call each (zipfile seeks back to every member's
+    local header to write its CRC). ``flush`` writes what is gathered to the temporary (a kill then leaves it
+    there, as with any buffered file); the bytes of the file are the same as written straight through."""
 
     def __init__(self, backend: Backend, path: str):
         self.backend, self.path = backend, path
         try:
             self.tmp = backend.tmp_path_for(path)
-            self._f = open(self.tmp, "w+b")
+            self._f = open(self.tmp, "w+b", buffering=0)
         except OSError as e:
             raise write_error(e, path) from e
+        self._buf = bytearray()  # the file's bytes from offset _base on, not yet written to the temporary
+        self._base = 0  # the temporary holds the bytes before _base, and its position is _base
+        self._pos = 0  # the writer's position
 
     def _call(self, fn: Any, *args: Any) -> Any:
         try:
@@ -40,17 +51,59 @@ class StoreTemporary:
         except OSError as e:  # a buffered file writes on write, flush, seek and tell
             raise write_error(e, self.path) from e
 
-    def write(self, data: bytes) -> int:
-        return self._call(self._f.write, data)
+    def write(self, data: Any) -> int:
+        n = len(mv := memoryview(data).cast("B"))
+        at = self._pos - self._base
+        if at < 0:  # before the buffer (not done by zipfile, pyarrow or the row writers): written through
+            self._drain()
+            self._call(self._write_at, self._pos, mv)
+            self._pos += n
+            if self._pos > self._base:
+                self._base = self._call(self._f.seek, self._pos)
+            return n
+        if at == len(self._buf):
+            if not self._buf and n >= _BUFFER_BYTES:  # a large block goes straight to the file
+                self._call(self._write_at, self._base, mv)
+                self._base = self._pos = self._base + n
+                return n
+            self._buf += mv
+        else:  # zipfile's rewrite of a member's local header, once the member's CRC is known
+            if at > len(self._buf):
+                self._buf += bytes(at - len(self._buf))
+            self._buf[at : at + n] = mv
+        self._pos += n
+        if len(self._buf) >= _BUFFER_BYTES:
+            self._drain()
+        return n
+
+    def _write_at(self, offset: int, data: memoryview) -> None:
+        if offset != self._base:
+            self._f.seek(offset)
+        while data:
+            data = data[self._f.write(data):]
+        if offset != self._base:
+            self._f.seek(self._base)
+
+    def _drain(self) -> None:
+        """Write the buffered bytes to the temporary (its position then is the end of them)."""
+        if self._buf:
+            self._call(self._write_at, self._base, memoryview(self._buf))
+            self._base += len(self._buf)
+            self._buf = bytearray()
 
     def flush(self) -> None:
-        self._call(self._f.flush)
+        self._drain()
 
     def tell(self) -> int:
-        return self._call(self._f.tell)
+        return self._pos
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        return self._call(self._f.seek, offset, whence)
+        end = self._base + len(self._buf)
+        pos = offset if whence == os.SEEK_SET else offset + (self._pos if whence == os.SEEK_CUR else end)
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos} in {self.path}")
+        self._pos = pos
+        return pos
 
     def seekable(self) -> bool:
         return True

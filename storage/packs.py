@@ -20,6 +20,7 @@ wrote (members, offsets, sizes, CRC-32) goes into the pack's completion record
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -101,16 +102,23 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _array_metadata(a: np.ndarray) -> dict[str, Any]:
-    """The zarr v3 ``zarr.json`` of a single-chunk array with the pack codec."""
+@functools.lru_cache(maxsize=1024)
+def _array_metadata_json(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """``_json(_array_metadata(a))`` for an array of this shape and dtype (items of a stage repeat a few)."""
+    return _json(_array_metadata(np.empty((0,) * len(shape), dtype), shape))
+
+
+def _array_metadata(a: np.ndarray, shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The zarr v3 ``zarr.json`` of a single-chunk array with the pack codec (of ``shape`` if given)."""
     dtype = a.dtype
+    shape = a.shape if shape is None else shape
     codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}
                                     if dtype.itemsize > 1 else {"name": "bytes"}]
     codecs.append({"name": "blosc", "configuration": {"typesize": dtype.itemsize, "cname": "lz4", "clevel": 5,
                                                       "shuffle": "shuffle", "blocksize": 0}})
     fill: Any = False if dtype.kind == "b" else (0.0 if dtype.kind == "f" else 0)
-    return {"zarr_format": 3, "node_type": "array", "shape": list(a.shape), "data_type": dtype.name,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(int(s), 1) for s in a.shape]}},
+    return {"zarr_format": 3, "node_type": "array", "shape": list(shape), "data_type": dtype.name,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(int(s), 1) for s in shape]}},
             "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
             "fill_value": fill, "codecs": codecs, "attributes": {}, "storage_transformers": []}
 
@@ -157,7 +165,7 @@ class PackWriter:
                                                             "attributes": group_attrs}))]
         infos = {}
         for name, a in checked.items():
-            members.append(self._member(f"{item}/{name}/zarr.json", _json(_array_metadata(a))))
+            members.append(self._member(f"{item}/{name}/zarr.json", _array_metadata_json(a.shape, a.dtype)))
             chunk = None
             if a.size:
                 chunk = f"{item}/{name}/c/" + "/".join("0" * a.ndim)
