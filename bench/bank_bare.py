@@ -28,6 +28,7 @@ import numpy as np
 from flows.bank_graph import BANK_DATASET_PREFIX
 from flows.config import Experiment
 from flows.graph import build_plan
+from flows.ingest import ingest_dataset
 from ovseg_core.bank.index import build_index, index_to_bytes
 from tasks.executor import Grouper
 from tasks.memory import ChainMemory
@@ -41,6 +42,12 @@ def bank_nodes(exp: Experiment) -> tuple[str, list[StageNode], StageNode]:
     nodes = [n for n in plan.ordered() if n.persist]
     index = next(n for n in nodes if n.stage == "bank_index")
     return plan.dataset.name, [n for n in nodes if STAGES[n.stage].per == "image"], index
+
+
+def bank_rows(exp: Experiment) -> list[dict[str, Any]]:
+    """The bank's manifest rows, from its images alone (no store): ``flows.ingest.ingest_dataset`` unwritten."""
+    plan = next(p for p in build_plan(exp) if p.dataset.name.startswith(BANK_DATASET_PREFIX))
+    return [r for r in ingest_dataset(None, plan, progress=False, write=False) if r.get("status", "ok") == "ok"]
 
 
 def bare_build(exp: Experiment, rows: Sequence[Mapping[str, Any]], batch_size: int, nowhere: Path) -> dict[str, Any]:

@@ -6,8 +6,10 @@ images (``scale.make_images``), with the tiny random models of ``tests/flows/tes
 (``clip:tiny``, ``dino:tiny8``, ``vfm:tiny_radiov3``), SLIC regions, 112-pixel windows and an
 ``--index`` of kind ``ivfpq`` (small PQ, as the test's IVF-PQ bank) or ``flat``. One cold build
 through ``run_experiment`` (Prefect unless ``--no-prefect``), then a no-op rerun, then (unless
-``--no-bare``) the bare build (``bank_bare.bare_build``: the same loaders and computes and the
-index build in a plain loop, no store, no Prefect, no leases). Two ratios:
+``--no-bare``) the bare build (``bank_bare.bare_build``: the same loaders and computes, in the
+bank's batches, and the index build in a plain loop, no store, no Prefect, no leases); with
+``--bare-first`` the bare build runs before the cold build instead (the process is then warm for
+the pipeline, not for the bare loop). Two ratios:
 
 - **wall / bare** (the target's figure, docs/banks.md): cold-run wall / the bare build's wall, and
   the same with process CPU time (Prefect's server process not counted);
@@ -27,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +55,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="runner.io_threads (loader and writer threads beside the compute; default: the runner's, auto)")
     p.add_argument("--no-prefect", action="store_true", help="run in local threads without Prefect")
     p.add_argument("--no-bare", action="store_true", help="skip the bare build (only wall / compute is printed)")
+    p.add_argument("--bare-first", action="store_true",
+                   help="run the bare build before the cold build (default after it, when the process is warm)")
     p.add_argument("--out", default=str(REPO / "bench" / "out"))
     p.add_argument("--workdir", default=None, help="parent of the temporary images and store (deleted at the end)")
     args = p.parse_args(argv)
@@ -74,17 +79,25 @@ def experiment(store: Path, img_dir: Path, index: str, batch_size: int | None, i
 
 
 def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: bool, bare: bool,
-          io_threads: str | None = None) -> dict[str, Any]:
-    from bank_bare import bank_nodes, bare_build
+          io_threads: str | None = None, bare_first: bool = False) -> dict[str, Any]:
+    from bank_bare import bank_rows, bare_build
 
+    from flows.bank_graph import bank_batch_size
     from flows.pipeline import run_experiment
-    from storage.store import Store
-    from storage.tables import read_table
 
     log.info("%d images: generating", n)
     img_dir, _ = make_images(work / "data", n)
     store = work / "store"
     exp = experiment(store, img_dir, index, batch_size, io_threads)
+
+    def run_bare() -> dict[str, Any]:
+        """The bare build in a thread of its own, as the pipeline computes in one (``in_new_thread``)."""
+        log.info("%d images: bare build (threads alive: %s; OS threads: %d)", n,
+                 ", ".join(t.name for t in threading.enumerate()), len(os.listdir("/proc/self/task")))
+        rows = bank_rows(exp)  # untimed: ids and paths
+        return in_new_thread(lambda: bare_build(exp, rows, bank_batch_size(exp, exp.banks[0]), work / "no-store"))
+
+    b = run_bare() if bare and bare_first else None
     log.info("%d images: cold build", n)
     c0 = time.process_time()
     summary, cold_s = timed(lambda: run_experiment(exp, progress=False, orchestrate=orchestrate))
@@ -109,11 +122,36 @@ def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: b
            "stage_wall_seconds": sum(s["wall_seconds"] for s in stages), "noop_rerun_seconds": noop_s,
            "stages": stages}
     if bare:
-        log.info("%d images: bare build", n)
-        rows = read_table(Store(store), "manifests", [bank_nodes(exp)[0]]).to_pylist()  # untimed: ids and paths
-        b = bare_build(exp, [r for r in rows if r.get("status", "ok") == "ok"], batch_size or 8, work / "no-store")
-        out.update(bare=b, wall_over_bare=cold_s / b["wall_seconds"], cpu_over_bare=cold_cpu / b["cpu_seconds"])
+        b = b or run_bare()
+        out.update(bare=b, bare_first=bare_first, wall_over_bare=cold_s / b["wall_seconds"],
+                   cpu_over_bare=cold_cpu / b["cpu_seconds"])
     return out
+
+
+def in_new_thread(fn):
+    """``fn()`` run in a new thread, which ends with it.
+
+    GNU OpenMP keeps a pool of worker threads per thread that ran a parallel region, for as long as that
+    thread lives; while another thread's pool is alive, a thread's small torch operations run up to twice
+    as slow on this 2-core machine (docs/banks.md section 5: layer norm 0.07 -> 0.13 ms, a conv 0.7 -> 1.0
+    ms). Run in the main thread, the bare loop's pool would outlive it and slow down the cold build's
+    compute thread when the bare build runs first (``--bare-first``: 2.1x the cold wall); run in a thread
+    of its own, like the pipeline's compute, it leaves no pool behind in either order."""
+    out: list[Any] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001  # re-raised in the caller
+            errors.append(e)
+
+    t = threading.Thread(target=target, name="bare-build")
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    return out[0]
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -124,8 +162,8 @@ def markdown(r: dict[str, Any]) -> str:
              f"wall / compute {r['wall_over_compute']:.3f}; no-op rerun {r['noop_rerun_seconds']:.1f} s", ""]
     if "bare" in r:
         b = r["bare"]
-        lines[-1:] = [f"Bare build (same loaders, computes and index build in a plain loop; no store, Prefect, "
-                      f"leases): wall {b['wall_seconds']:.1f} s, CPU {b['cpu_seconds']:.1f} s. **Cold-run wall / bare "
+        lines[-1:] = [f"Bare build ({'before' if r.get('bare_first') else 'after'} the cold build; same loaders, "
+                      f"computes, batches and index build in a plain loop; no store, Prefect, leases): wall {b['wall_seconds']:.1f} s, CPU {b['cpu_seconds']:.1f} s. **Cold-run wall / bare "
                       f"wall {r['wall_over_bare']:.3f}**; CPU / bare CPU {r['cpu_over_bare']:.3f} (cold-run CPU "
                       f"{r['cold_cpu_seconds']:.1f} s, this process only)", ""]
     bare = {(s["stage"], s["key"]): s for s in r.get("bare", {}).get("stages", [])}
@@ -154,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_prefect()
             prefect_startup_seconds()  # the server start-up, before anything is timed
         result = build(args.images, work, args.index, args.batch_size, not args.no_prefect, not args.no_bare,
-                       args.io_threads)
+                       args.io_threads, args.bare_first)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.update(command=" ".join(["python", "bench/bank_build.py", *(sys.argv[1:] if argv is None else argv)]),

@@ -8,13 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_bank_build_bench_reports_consistent_wall_compute_and_a_noop_rerun(tmp_path):
+@pytest.mark.parametrize("order", [[], ["--bare-first"]])
+def test_bank_build_bench_reports_consistent_wall_compute_and_a_noop_rerun(tmp_path, order):
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "bank_build.py"), "--images", "3", "--no-prefect",
-                           "--out", str(tmp_path / "out"), "--workdir", str(tmp_path)],
+                           "--out", str(tmp_path / "out"), "--workdir", str(tmp_path), *order],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((tmp_path / "out" / "bank-build.json").read_text())
@@ -35,3 +38,11 @@ def test_bank_build_bench_reports_consistent_wall_compute_and_a_noop_rerun(tmp_p
     assert len(r["load_start"]) == 3 and len(r["load_end"]) == 3
     assert f"wall / compute {r['wall_over_compute']:.3f}" in proc.stdout
     assert all(f"| {s} |" in proc.stdout for s in stages)
+    # the bare build: every per-image stage and the index, over the same regions, before or after the cold build
+    b = r["bare"]
+    assert r["bare_first"] is bool(order)
+    assert {s["stage"] for s in b["stages"]} == set(stages)
+    assert b["regions"] > 0 and b["index_bytes"] > 0
+    assert sum(s["wall_seconds"] for s in b["stages"]) <= b["wall_seconds"] + 1e-3
+    assert abs(r["wall_over_bare"] - r["cold_seconds"] / b["wall_seconds"]) < 1e-9
+    assert ("before the cold build" if order else "after the cold build") in proc.stdout
