@@ -91,11 +91,17 @@ def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: b
     exp = experiment(store, img_dir, index, batch_size, io_threads)
 
     def run_bare() -> dict[str, Any]:
-        """The bare build in a thread of its own, as the pipeline computes in one (``in_new_thread``)."""
+        """The bare build in the kind of thread the pipeline computes in (``in_new_thread``): this one without
+        Prefect (one local worker: ``flows.pipeline.InlineExecutor``), a thread of its own with Prefect (its task
+        runner's thread)."""
         log.info("%d images: bare build (threads alive: %s; OS threads: %d)", n,
                  ", ".join(t.name for t in threading.enumerate()), len(os.listdir("/proc/self/task")))
         rows = bank_rows(exp)  # untimed: ids and paths
-        return in_new_thread(lambda: bare_build(exp, rows, bank_batch_size(exp, exp.banks[0]), work / "no-store"))
+
+        def bare_loop() -> dict[str, Any]:
+            return bare_build(exp, rows, bank_batch_size(exp, exp.banks[0]), work / "no-store")
+
+        return in_new_thread(bare_loop) if orchestrate else bare_loop()
 
     b = run_bare() if bare and bare_first else None
     log.info("%d images: cold build", n)
@@ -133,10 +139,10 @@ def in_new_thread(fn):
 
     GNU OpenMP keeps a pool of worker threads per thread that ran a parallel region, for as long as that
     thread lives; while another thread's pool is alive, a thread's small torch operations run up to twice
-    as slow on this 2-core machine (docs/banks.md section 5: layer norm 0.07 -> 0.13 ms, a conv 0.7 -> 1.0
-    ms). Run in the main thread, the bare loop's pool would outlive it and slow down the cold build's
-    compute thread when the bare build runs first (``--bare-first``: 2.1x the cold wall); run in a thread
-    of its own, like the pipeline's compute, it leaves no pool behind in either order."""
+    as slow on this 2-core machine (docs/design.md, "OpenMP on a shared machine"). So the bare loop runs
+    where the pipeline computes: in the main thread beside a run without Prefect (which computes there),
+    in a thread of its own beside a Prefect run (whose task thread ends with the run). Run in the main
+    thread before a Prefect run (``--bare-first``), its pool made the cold build 2.1x as long."""
     out: list[Any] = []
     errors: list[BaseException] = []
 
