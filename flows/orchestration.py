@@ -48,7 +48,9 @@ import logging
 import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +223,9 @@ def ovseg_run(experiment: str = "", experiment_file: str = "", store: str | None
     with forward_to_run_logs(), experiment_task_runner(exp):
         log.info("run %s of experiment %s (%s) on store %s", run_id, exp.name, experiment_file or "no file",
                  resolve_location(exp.store))
-        summary, manifests = execute(request, plans, _submit_task, _submit_chain_task)
+        inline = exp.runner.kind == "local" and exp.runner.workers == 1  # flows.pipeline.InlineExecutor's reason
+        summary, manifests = execute(request, plans, partial(_submit_task, inline=inline),
+                                     partial(_submit_chain_task, inline=inline))
         publish_artifacts(summary, manifests)
         state = final_state(summary, max_failed)
         (log.warning if state.is_failed() or state.name == "Partial" else log.info)(
@@ -266,21 +270,33 @@ def run_in_flow(request: RunRequest, max_failed: float = DEFAULT_MAX_FAILED) -> 
     return result
 
 
-def _submit_task(ctx, rows, name: str):
+def _submit_task(ctx, rows, name: str, inline: bool = False):
     """One batch as a Prefect task run named ``name``; returns its future.
 
     The task run carries no tags: the flow run's tags would be inherited, and Prefect then asks
     the server for tag concurrency slots at the start of every task run (one more round trip per
     batch, measured stalling a stage by 2-3 s while the server was busy).
+
+    ``inline`` (a local runner with one worker): the task run runs now, in the flow's thread, and
+    the future returned is done: no task-runner thread computes beside the flow's (one GNU OpenMP
+    pool; docs/design.md, "OpenMP on a shared machine").
     """
-    with TagsContext(current_tags=set()):
-        return stage_batch.with_options(task_run_name=name).submit(ctx, rows)
+    return _run_task(stage_batch.with_options(task_run_name=name), inline, ctx, rows)
 
 
-
-
-def _submit_chain_task(ctxs, rows, name: str):
+def _submit_chain_task(ctxs, rows, name: str, inline: bool = False):
     """One fused chain batch (``flows.fused``) as a Prefect task run named ``name``; returns its future (no tags,
-    as ``_submit_task``)."""
+    ``inline`` as ``_submit_task``)."""
+    return _run_task(chain_batch.with_options(task_run_name=name), inline, ctxs, rows)
+
+
+def _run_task(task, inline: bool, *args):
     with TagsContext(current_tags=set()):
-        return chain_batch.with_options(task_run_name=name).submit(ctxs, rows)
+        if not inline:
+            return task.submit(*args)
+        future: Future = Future()
+        try:
+            future.set_result(task(*args))
+        except Exception as e:  # noqa: BLE001 - the caller's future.result() raises it, as a submitted task's does
+            future.set_exception(e)
+        return future

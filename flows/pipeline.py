@@ -21,9 +21,10 @@ logs, artifacts, final state); with ``orchestrate=False`` they run without Prefe
 through the same executor (``tasks.executor.run_batch``) in a local thread pool, which costs
 no Prefect start-up (``ovseg segment`` without a configured Prefect server). With one worker
 (``runner.workers: 1``) there is no pool: the calling thread runs each batch itself
-(``InlineExecutor``), so that a program that ran torch in that thread before (a notebook)
-does not pay GNU OpenMP's throttling of a second thread pool (docs/design.md, "OpenMP on a
-shared machine": a 300-image bank build took 1.7x as long).
+(``InlineExecutor``; a Prefect flow calls its task runs in the flow's thread likewise), so that
+a program that ran torch in that thread before (a notebook) does not pay GNU OpenMP's
+throttling of a second thread pool (docs/design.md, "OpenMP on a shared machine": a 300-image
+bank build took 1.7x as long).
 """
 
 from __future__ import annotations

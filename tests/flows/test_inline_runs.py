@@ -1,6 +1,7 @@
-"""A local run with one worker computes in the thread that called ``run_experiment`` (``flows.pipeline.InlineExecutor``;
-docs/design.md, "OpenMP on a shared machine"): a second thread would make a second GNU OpenMP pool beside the caller's.
-Several workers still compute in their own threads. An interrupt (Ctrl-C) during an inline batch keeps what is stored,
+"""A local run with one worker computes in the thread that called ``run_experiment`` (``flows.pipeline.InlineExecutor``
+without Prefect; with Prefect, its task runs are called in the flow's thread; docs/design.md, "OpenMP on a shared
+machine"): a second thread would make a second GNU OpenMP pool beside the caller's. Several workers still compute in
+their own threads. An interrupt (Ctrl-C) during an inline batch keeps what is stored,
 leaves no lease and no temporary behind, and a rerun completes with the outputs of an uninterrupted run."""
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from tests.flows.concurrent_runs import experiment, finish, has_complete_item, s
 from tests.flows.conftest import store_snapshot, tiny_experiment
 
 
-def _compute_threads(exp) -> set[str]:
-    """Run ``exp`` without Prefect from a thread named ``caller``; the names of the threads that ran a stage's compute
-    (seen by a profile function: ``sys.setprofile`` in the caller, ``threading.setprofile`` for threads it starts)."""
+def _compute_threads(exp, orchestrate: bool = False) -> set[str]:
+    """Run ``exp`` from a thread named ``caller``; the names of the threads that ran a stage's compute (seen by a
+    profile function: ``sys.setprofile`` in the caller, ``threading.setprofile`` for threads it starts)."""
     seen: set[str] = set()
 
     def hook(frame, event, arg):
@@ -33,7 +34,7 @@ def _compute_threads(exp) -> set[str]:
         threading.setprofile(hook)  # threads started from now on (the pool's)
         sys.setprofile(hook)  # this thread
         try:
-            summary = run_experiment(exp, progress=False, orchestrate=False)
+            summary = run_experiment(exp, progress=False, orchestrate=orchestrate)
             assert summary.status == "complete", summary.status
         finally:
             sys.setprofile(None)
@@ -53,6 +54,19 @@ def test_one_local_worker_computes_in_the_calling_thread_more_in_their_own(tmp_p
         assert threads == {"caller"}
     else:
         assert threads and all(name.startswith("ovseg-batch") for name in threads), threads
+
+
+@pytest.mark.slow  # a Prefect server (the session's harness)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_prefect_run_with_one_local_worker_computes_in_the_flows_thread(tmp_path, workers):
+    """The flow runs in the calling thread; with one worker its task runs run there too (called, not submitted),
+    with two in the task runner's threads."""
+    exp = tiny_experiment(tmp_path / "store", runner={"kind": "local", "workers": workers, "batch_size": 1})
+    threads = _compute_threads(exp, orchestrate=True)
+    if workers == 1:
+        assert threads == {"caller"}
+    else:
+        assert threads and "caller" not in threads, threads
 
 
 @pytest.mark.slow
