@@ -6,7 +6,9 @@ leaves no lease and no temporary behind, and a rerun completes with the outputs 
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -17,7 +19,7 @@ import pytest
 
 from flows.pipeline import run_experiment
 from storage.store import Store
-from tests.flows.concurrent_runs import experiment, finish, has_complete_item, spawn, write_yaml
+from tests.flows.concurrent_runs import REPO, experiment, finish, has_complete_item, spawn, write_yaml
 from tests.flows.conftest import store_snapshot, tiny_experiment
 
 
@@ -72,9 +74,14 @@ def test_a_prefect_run_with_one_local_worker_computes_in_the_flows_thread(tmp_pa
 @pytest.mark.slow
 def test_an_interrupt_during_an_inline_batch_keeps_the_store_whole_and_a_rerun_completes(tmp_path):
     store = tmp_path / "store"
-    exp = experiment(store, images=6, batch_size=2, ttl=60.0)  # a lease left behind would hold a rerun 60 s
+    exp = experiment(store, images=8, batch_size=1, ttl=60.0)  # a lease left behind would hold a rerun 60 s
     exp_file = write_yaml(exp, tmp_path / "exp.yaml")
-    proc = spawn(exp_file)
+    # The child installs Python's KeyboardInterrupt handler itself: started from a shell's background job (a CI
+    # script run with `&`), this process and its children inherit SIGINT ignored, and Python then installs none
+    ovseg = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from flows.cli import main; "
+             f"sys.exit(main(['run', {str(exp_file)!r}, '-q', '--no-prefect']))")
+    proc = subprocess.Popen([sys.executable, "-c", ovseg], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     ready, end = has_complete_item(store, "clip_layers"), time.time() + 300
     while proc.poll() is None and time.time() < end:
         try:
@@ -98,7 +105,7 @@ def test_an_interrupt_during_an_inline_batch_keeps_the_store_whole_and_a_rerun_c
     assert time.time() - t0 < 55, "the rerun waited for a lease"  # generous: well under the 60 s TTL
 
     reference = tmp_path / "reference"
-    assert run_experiment(experiment(reference, images=6, batch_size=2), progress=False,
+    assert run_experiment(experiment(reference, images=8, batch_size=1), progress=False,
                           orchestrate=False).status == "complete"
     got, want = store_snapshot(store), store_snapshot(reference)
     assert set(got) == set(want)
