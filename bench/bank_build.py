@@ -91,17 +91,12 @@ def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: b
     exp = experiment(store, img_dir, index, batch_size, io_threads)
 
     def run_bare() -> dict[str, Any]:
-        """The bare build in the kind of thread the pipeline computes in (``in_new_thread``): this one without
-        Prefect (one local worker: ``flows.pipeline.InlineExecutor``), a thread of its own with Prefect (its task
-        runner's thread)."""
+        """The bare build in this thread, where the pipeline computes too (one local worker: the caller's thread,
+        with or without Prefect): one GNU OpenMP pool (docs/design.md, "OpenMP on a shared machine")."""
         log.info("%d images: bare build (threads alive: %s; OS threads: %d)", n,
                  ", ".join(t.name for t in threading.enumerate()), len(os.listdir("/proc/self/task")))
         rows = bank_rows(exp)  # untimed: ids and paths
-
-        def bare_loop() -> dict[str, Any]:
-            return bare_build(exp, rows, bank_batch_size(exp, exp.banks[0]), work / "no-store")
-
-        return in_new_thread(bare_loop) if orchestrate else bare_loop()
+        return bare_build(exp, rows, bank_batch_size(exp, exp.banks[0]), work / "no-store")
 
     b = run_bare() if bare and bare_first else None
     log.info("%d images: cold build", n)
@@ -132,32 +127,6 @@ def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: b
         out.update(bare=b, bare_first=bare_first, wall_over_bare=cold_s / b["wall_seconds"],
                    cpu_over_bare=cold_cpu / b["cpu_seconds"])
     return out
-
-
-def in_new_thread(fn):
-    """``fn()`` run in a new thread, which ends with it.
-
-    GNU OpenMP keeps a pool of worker threads per thread that ran a parallel region, for as long as that
-    thread lives; while another thread's pool is alive, a thread's small torch operations run up to twice
-    as slow on this 2-core machine (docs/design.md, "OpenMP on a shared machine"). So the bare loop runs
-    where the pipeline computes: in the main thread beside a run without Prefect (which computes there),
-    in a thread of its own beside a Prefect run (whose task thread ends with the run). Run in the main
-    thread before a Prefect run (``--bare-first``), its pool made the cold build 2.1x as long."""
-    out: list[Any] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            out.append(fn())
-        except BaseException as e:  # noqa: BLE001  # re-raised in the caller
-            errors.append(e)
-
-    t = threading.Thread(target=target, name="bare-build")
-    t.start()
-    t.join()
-    if errors:
-        raise errors[0]
-    return out[0]
 
 
 def markdown(r: dict[str, Any]) -> str:
