@@ -104,14 +104,13 @@ def _json(obj: Any) -> bytes:
 
 @functools.lru_cache(maxsize=1024)
 def _array_metadata_json(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
-    """``_json(_array_metadata(a))`` for an array of this shape and dtype (items of a stage repeat a few)."""
-    return _json(_array_metadata(np.empty((0,) * len(shape), dtype), shape))
+    """The zarr v3 ``zarr.json`` of a single-chunk array of this shape and dtype with the pack codec, as bytes
+    (cached: the items of a stage repeat a few shapes)."""
+    return _json(_array_metadata(shape, dtype))
 
 
-def _array_metadata(a: np.ndarray, shape: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """The zarr v3 ``zarr.json`` of a single-chunk array with the pack codec (of ``shape`` if given)."""
-    dtype = a.dtype
-    shape = a.shape if shape is None else shape
+def _array_metadata(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
+    """The zarr v3 ``zarr.json`` of a single-chunk array with the pack codec."""
     codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}
                                     if dtype.itemsize > 1 else {"name": "bytes"}]
     codecs.append({"name": "blosc", "configuration": {"typesize": dtype.itemsize, "cname": "lz4", "clevel": 5,
