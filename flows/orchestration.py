@@ -48,7 +48,6 @@ import logging
 import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -62,7 +61,7 @@ from prefect.states import Completed, Failed, State
 from flows.config import Experiment, load_experiment
 from flows.execute import RunRequest, execute, run_id_at, validate
 from flows.logs import forward_to_run_logs
-from flows.runners import make_task_runner
+from flows.runners import InlineExecutor, computes_inline, make_task_runner
 from flows.summary import DEFAULT_MAX_FAILED, RunSummary
 from storage.paths import resolve_location
 from tasks.prefect_tasks import chain_batch, stage_batch
@@ -223,7 +222,7 @@ def ovseg_run(experiment: str = "", experiment_file: str = "", store: str | None
     with forward_to_run_logs(), experiment_task_runner(exp):
         log.info("run %s of experiment %s (%s) on store %s", run_id, exp.name, experiment_file or "no file",
                  resolve_location(exp.store))
-        inline = exp.runner.kind == "local" and exp.runner.workers == 1  # flows.pipeline.InlineExecutor's reason
+        inline = computes_inline(exp)
         summary, manifests = execute(request, plans, partial(_submit_task, inline=inline),
                                      partial(_submit_chain_task, inline=inline))
         publish_artifacts(summary, manifests)
@@ -292,11 +291,4 @@ def _submit_chain_task(ctxs, rows, name: str, inline: bool = False):
 
 def _run_task(task, inline: bool, *args):
     with TagsContext(current_tags=set()):
-        if not inline:
-            return task.submit(*args)
-        future: Future = Future()
-        try:
-            future.set_result(task(*args))
-        except Exception as e:  # noqa: BLE001 - the caller's future.result() raises it, as a submitted task's does
-            future.set_exception(e)
-        return future
+        return InlineExecutor().submit(task, *args) if inline else task.submit(*args)

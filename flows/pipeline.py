@@ -21,8 +21,8 @@ logs, artifacts, final state); with ``orchestrate=False`` they run without Prefe
 through the same executor (``tasks.executor.run_batch``) in a local thread pool, which costs
 no Prefect start-up (``ovseg segment`` without a configured Prefect server). With one worker
 (``runner.workers: 1``) there is no pool: the calling thread runs each batch itself
-(``InlineExecutor``; a Prefect flow calls its task runs in the flow's thread likewise), so that
-a program that ran torch in that thread before (a notebook) does not pay GNU OpenMP's
+(``flows.runners.InlineExecutor``; a Prefect flow calls its task runs in the flow's thread
+likewise), so that a program that ran torch in that thread before (a notebook) does not pay GNU OpenMP's
 throttling of a second thread pool (docs/design.md, "OpenMP on a shared machine": a 300-image
 bank build took 1.7x as long).
 """
@@ -30,12 +30,13 @@ bank build took 1.7x as long).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 from flows.config import Experiment
 from flows.emptiness import EmptyDatasetError
 from flows.execute import RunRequest, execute, new_run_id, validate
 from flows.ingest import plan_status
+from flows.runners import InlineExecutor, computes_inline
 from flows.summary import (
     DEFAULT_MAX_FAILED,
     EXIT_FAILED,
@@ -84,32 +85,12 @@ def run_experiment(exp: Experiment, force: Iterable[str] = (), dry_run: bool = F
         from flows.orchestration import run_in_flow  # Prefect is imported only by runs that are flow runs
 
         return run_in_flow(request, max_failed)
-    workers = exp.runner.workers
-    with InlineExecutor() if workers == 1 else ThreadPoolExecutor(workers, thread_name_prefix="ovseg-batch") as pool:
+    with (InlineExecutor() if computes_inline(exp) else
+          ThreadPoolExecutor(exp.runner.workers, thread_name_prefix="ovseg-batch")) as pool:
         summary, _ = execute(request, plans, lambda ctx, rows, name: pool.submit(run_batch, ctx, rows),
                              lambda ctxs, rows, name: pool.submit(run_chain, ctxs, rows))
     return summary
 
 
-class InlineExecutor(Executor):
-    """Runs each submitted call at once in the submitting thread; its future is done when ``submit`` returns.
-
-    A local run with one worker computes in the thread that called ``run_experiment``: one thread
-    computes either way, and no second GNU OpenMP pool is made beside that thread's own (a pool
-    lives as long as its thread; while two live on this 2-core machine each parallel region's
-    workers sleep instead of spinning: small operations up to twice as slow). An exception of the
-    call is the future's, as in a pool; an interrupt (``KeyboardInterrupt``) propagates from
-    ``submit``: the batch's stored packs and released leases are the chain's own
-    (``tasks.chain.run_chain``), as when a pool's batch fails."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except Exception as e:  # noqa: BLE001 - handed to the caller with the future, as a pool does
-            future.set_exception(e)
-        return future
-
-
-__all__ = ["EXIT_FAILED", "EXIT_INCOMPLETE", "EXIT_OK", "EXIT_USAGE", "STAGE_ORDER", "EmptyDatasetError", "InlineExecutor", "RunSummary",
+__all__ = ["EXIT_FAILED", "EXIT_INCOMPLETE", "EXIT_OK", "EXIT_USAGE", "STAGE_ORDER", "EmptyDatasetError", "RunSummary",
            "StageReport", "run_experiment", "validate"]

@@ -36,6 +36,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from concurrent.futures import Executor, Future
 from typing import Any
 
 from flows.config import Experiment
@@ -69,6 +70,32 @@ class _ShutdownNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Worker process still alive after")
+
+
+def computes_inline(exp: Experiment) -> bool:
+    """Whether the run's batches run in the calling thread (``InlineExecutor``; with Prefect, task runs called in
+    the flow's thread): a local runner with one worker."""
+    return exp.runner.kind == "local" and exp.runner.workers == 1
+
+
+class InlineExecutor(Executor):
+    """Runs each submitted call at once in the submitting thread; its future is done when ``submit`` returns.
+
+    A local run with one worker (``computes_inline``) computes in the thread that called
+    ``run_experiment``: one thread computes either way, and no second GNU OpenMP pool is made beside that thread's own (a pool
+    lives as long as its thread; while two live on this 2-core machine each parallel region's
+    workers sleep instead of spinning: small operations up to twice as slow). An exception of the
+    call is the future's, as in a pool; an interrupt (``KeyboardInterrupt``) propagates from
+    ``submit``: the batch's stored packs and released leases are the chain's own
+    (``tasks.chain.run_chain``), as when a pool's batch fails."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - handed to the caller with the future, as a pool does
+            future.set_exception(e)
+        return future
 
 
 def parallelism(default: int) -> int:

@@ -1,4 +1,4 @@
-"""A local run with one worker computes in the thread that called ``run_experiment`` (``flows.pipeline.InlineExecutor``
+"""A local run with one worker computes in the thread that called ``run_experiment`` (``flows.runners.InlineExecutor``
 without Prefect; with Prefect, its task runs are called in the flow's thread; docs/design.md, "OpenMP on a shared
 machine"): a second thread would make a second GNU OpenMP pool beside the caller's. Several workers still compute in
 their own threads. An interrupt (Ctrl-C) during an inline batch keeps what is stored,
