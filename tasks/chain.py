@@ -11,7 +11,12 @@ failure handling), with one difference: the nodes share a ``tasks.memory.ChainMe
   once per plan (``row_region_windows``);
 - each item a node stores is kept in memory as stored, and the later nodes of the chain read it
   from there (``StageContext.read_upstream``) instead of the store; a node's outputs are
-  forgotten once no later node of the chain reads them.
+  forgotten once no later node of the chain reads them;
+- a per-image input that is not persisted (``persist: {stage: false}``; a bank's intermediate
+  stages by default) is computed once per chain batch, just before its first reader, for the
+  images its readers need and that have no stored copy (``compute_in_memory``: the stage's own
+  loader and compute groups, outputs kept in memory only; no lease, pack or record), instead of
+  once per reader and item on demand.
 
 A node's pack and completion record are written while the next node computes
 (``tasks.executor.start_batch``: the writes' fsyncs are waits that would otherwise stall the
@@ -28,15 +33,18 @@ then waits for it and runs the item stage by stage).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from tasks.executor import PendingBatch, start_batch
+from tasks.executor import PendingBatch, compute_rows, start_batch
 from tasks.memory import ChainMemory
-from tasks.runtime import BatchResult, ItemResult, StageContext
+from tasks.runtime import BatchResult, ItemResult, StageContext, StageNode
 from tasks.stages import STAGES
+
+log = logging.getLogger("ovseg.tasks")
 
 
 def run_chain(ctxs: Sequence[StageContext], rows: Sequence[Sequence[Mapping[str, Any]]],
@@ -64,6 +72,8 @@ def run_chain(ctxs: Sequence[StageContext], rows: Sequence[Sequence[Mapping[str,
                     runnable.append(row)
                 else:
                     blocked[why.item] = why
+            for up in _memory_inputs(ctx.node):  # its inputs that are not stored: computed once, in memory
+                compute_in_memory(StageContext(up, ctx.settings, ctx.dataset, memory), _needed(ctx, up, runnable, memory))
             gate = _gate(ctx, runnable, started)
             pending = start_batch(replace(ctx, memory=memory), runnable, gate=gate)
             outcome[ctx.node.ident] = pending.results | blocked  # as computed; final once its pack is stored
@@ -115,10 +125,80 @@ def _blocked(ctx: StageContext, row: Mapping[str, Any], outcome: Mapping[tuple[s
 
 
 def _last_readers(ctxs: Sequence[StageContext]) -> dict[tuple[str, str], int]:
-    """For each node of the chain, the index of the last node of the chain that reads it (itself when none)."""
+    """For each node of the chain and each input it computes in memory, the index of the last node of the chain
+    that reads it, directly or through such an input (a chain node no later node reads: itself)."""
     last = {ctx.node.ident: i for i, ctx in enumerate(ctxs)}
     for i, ctx in enumerate(ctxs):
-        for up in ctx.node.upstream.values():
-            if up.ident in last:
-                last[up.ident] = i
+        for node in (ctx.node, *_memory_inputs(ctx.node)):
+            for up in node.upstream.values():
+                if up.ident in last or not up.persist:
+                    last[up.ident] = i
     return last
+
+
+def _memory_inputs(node: StageNode) -> list[StageNode]:
+    """The per-image inputs of ``node`` that are not persisted, with theirs, in dependency order (inputs first)."""
+    out: dict[tuple[str, str], StageNode] = {}
+
+    def visit(n: StageNode) -> None:
+        for up in n.upstream.values():
+            if not up.persist and STAGES[up.stage].per == "image" and up.ident not in out:
+                visit(up)
+                out[up.ident] = up
+
+    visit(node)
+    return list(out.values())
+
+
+def _needed(reader: StageContext, up: StageNode, rows: Sequence[Mapping[str, Any]], memory: ChainMemory
+            ) -> list[Mapping[str, Any]]:
+    """The rows whose ``up`` item the reader's rows need and neither the chain's memory nor the store holds."""
+    state = reader.store().state(up.stage, up.key, refresh=False)
+    item_of, out, seen = STAGES[up.stage].item_of, [], set()
+    for row in rows:
+        iid = str(item_of(row))
+        if iid not in seen and not memory.has(up.ident, iid) and state.pack_of(iid) is None:
+            seen.add(iid)
+            out.append(row)
+    return out
+
+
+def compute_in_memory(ctx: StageContext, rows: Sequence[Mapping[str, Any]]) -> dict[str, ItemResult]:
+    """A node that is not persisted, computed for ``rows`` in a fused chain and kept in ``ctx.memory`` only.
+
+    The stored batch's loader, compute groups, group retry and ``Stage.arrays`` check, in the calling thread
+    (``tasks.executor.compute_rows``); no lease, pack or completion record: nothing is stored, so there is
+    nothing to claim. Returns each item's result. A failed item is not kept: its reader computes it on demand
+    (``StageContext.read_upstream``) and fails with that item's own error.
+    """
+    if ctx.memory is None:
+        raise ValueError(f"{ctx.stage}: computing in memory needs the chain's memory (StageContext.memory)")
+    stage, results = STAGES[ctx.stage], {}
+    if not rows:
+        return results
+    try:
+        models = stage.models(ctx)
+    except Exception as e:  # noqa: BLE001 - its readers load it on demand and fail with that error
+        log.warning("%s (not persisted): its models failed to load: %s: %s", ctx.stage, type(e).__name__, e)
+        return {str(r["image_id"]): ItemResult(str(r["image_id"]), "failed", 0.0, type(e).__name__, str(e))
+                for r in rows}
+    compute_rows(ctx, stage, models, rows, _Keep(ctx, sorted(stage.array_names(ctx.params)), results), results)
+    return results
+
+
+class _Keep:
+    """``compute_in_memory``'s sink: ``put`` keeps an item whose arrays are the declared ones (``Stage.arrays``)."""
+
+    def __init__(self, ctx: StageContext, declared: list[str], results: dict[str, ItemResult]):
+        self._ctx, self._declared, self._results = ctx, declared, results
+
+    def put(self, got: Any) -> None:
+        iid, arrays, _, seconds = got
+        if sorted(arrays) != self._declared:  # not kept: its reader computes it on demand and fails there
+            why = (f"stage {self._ctx.stage!r} computed the arrays {sorted(arrays)} for {iid} but declares "
+                   f"{self._declared} (Stage.arrays in tasks/stages.py)")
+            log.warning("%s", why)
+            self._results[iid] = ItemResult(iid, "failed", seconds, "ValueError", why)
+            return
+        self._ctx.memory.keep(self._ctx.node.ident, iid, arrays)
+        self._results[iid] = ItemResult(iid, "done", seconds)

@@ -170,13 +170,7 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
     threads = io_threads(settings.io_threads, ctx.device, is_remote(settings.store_location))
 
     def load_one(row: Mapping[str, Any]) -> tuple:
-        t0 = time.perf_counter()
-        try:
-            inp = stage.load(ctx, row)
-            return (row, _pin(inp) if pin else inp, None, time.perf_counter() - t0)
-        except Exception as e:  # noqa: BLE001 - one unreadable input fails one item
-            log.debug("load of %s failed", row["image_id"])
-            return (row, None, e, time.perf_counter() - t0)
+        return _load_one(ctx, stage, row, pin)
 
     def load_all() -> None:
         for row in rows:
@@ -257,6 +251,26 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
             pending.writer = writer
         else:
             writer.join()
+
+
+def _load_one(ctx: StageContext, stage, row: Mapping[str, Any], pin: bool = False) -> tuple:
+    """``(row, input, error, seconds)`` of one item: its stage's ``load`` (pinned for CUDA); an error fails one item."""
+    t0 = time.perf_counter()
+    try:
+        inp = stage.load(ctx, row)
+        return (row, _pin(inp) if pin else inp, None, time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - one unreadable input fails one item
+        log.debug("load of %s failed", row["image_id"])
+        return (row, None, e, time.perf_counter() - t0)
+
+
+def compute_rows(ctx: StageContext, stage, models: Any, rows: Sequence[Mapping[str, Any]], sink: Any,
+                 results: dict[str, ItemResult]) -> None:
+    """Load and compute ``rows`` in the calling thread, in compute groups, handing each computed item
+    ``(id, arrays, attrs, seconds)`` to ``sink.put``; a load or compute error fails its item in ``results``
+    (a group that fails is retried item by item). ``tasks.chain.compute_in_memory`` uses it."""
+    pin = ctx.device.startswith("cuda")
+    _compute_all(ctx, stage, models, _Inline(lambda row: _load_one(ctx, stage, row, pin), rows), sink, results)
 
 
 def io_threads(setting: str, device: str, remote_store: bool = False) -> bool:

@@ -62,6 +62,11 @@ class ChainMemory:
             return None
         return dict(got) if arrays is None else {k: got[k] for k in arrays}
 
+    def has(self, ident: tuple[str, str], item: str) -> bool:
+        """Whether node ``ident`` has kept ``item``."""
+        with self._lock:
+            return item in self._outputs.get(ident, {})
+
     def drop(self, ident: tuple[str, str], item: str) -> None:
         """Forget one kept item (its pack was not committed: it is not an output)."""
         with self._lock:
