@@ -28,7 +28,7 @@ from storage.layouts import list_layout
 from tasks import bank_params as BP
 from tasks import params as P
 from tasks.runtime import StageNode
-from tasks.stages import STAGES
+from tasks.stages import BANK_STORED, STAGES
 
 BANK_BATCH_SIZE = 32  # a bank's default batch (banks[].batch_size): cheap per-image stages, per-batch costs weigh more
 BANK_DATASET_PREFIX = "bank-"  # a bank's dataset name in manifests, tables and the run summary
@@ -165,6 +165,15 @@ def bank_node_specs(exp: Experiment, b: BankEntry, sam: Any, ident: Callable[[st
     out["vfm_features"] = [("keys", Spec(P.VfmParams(vfm, exp.models.vfm_max_side, fdt, dt), {"vfm": ident(vfm)}))]
     out["bank_keys"] = [("keys", Spec(BP.BankKeysParams(b.empty_region)))]
     return out
+
+
+def bank_persist(exp: Experiment, b: BankEntry) -> dict[str, bool]:
+    """Which of the bank's stages are stored: its regions, values, keys and index always; its intermediates (DINO,
+    CLIP blocks, VFM maps, clustering, class tokens: 50-130x the bank's own bytes with the authors' models) only
+    where ``persist`` (the experiment's, then the bank's) says ``true``. The others are computed in memory, once
+    per chain batch (``tasks.chain``)."""
+    default = {s: False for s, st in STAGES.items() if st.per == "image" and s not in BANK_STORED and s != "scoring"}
+    return {**default, **exp.persist, **b.persist}
 
 
 def index_upstream(exp: Experiment, b: BankEntry, chains: Mapping[str, Mapping[str, StageNode]]) -> dict[str, StageNode]:

@@ -34,7 +34,7 @@ from storage.images import DEFAULT_MAX_PIXELS
 from storage.layouts import LAYOUT_NAMES
 from tasks.params import COMPUTE_DTYPES, FEATURE_DTYPES
 from tasks.progress import PLAIN_PROGRESS_SECONDS
-from tasks.stages import STAGES, get_stage
+from tasks.stages import STAGES, check_persist, get_stage
 
 Layout = Literal[LAYOUT_NAMES]  # type: ignore[valid-type] - the names of storage.layouts.LAYOUTS
 class _Strict(BaseModel):
@@ -201,6 +201,8 @@ class BankEntry(_Strict):
     index: dict[str, Any] = Field(default_factory=dict, description="ovseg_core.bank.config.IndexConfig fields (kind: ivfpq | flat | hnsw, nlist_factor, pq_m, ...; checked by flows.bank_graph)")
     empty_region: Literal["nan", "zero"] = Field(default="nan", description="an empty region's rows: NaN (reference) or zero")
     batch_size: int | None = Field(default=None, ge=1, description="images per batch of the bank's stages; None: the larger of 32 (flows.bank_graph.BANK_BATCH_SIZE) and runner.batch_size (docs/banks.md, 'Batch size of a bank')")
+    persist: dict[str, bool] = Field(default_factory=dict, description="per intermediate stage of the bank (dino_features, clip_layers, vfm_features, mask_clustering, mask_class_tokens): true = store it; by default they are computed in memory and not stored, and the experiment's persist applies on top (docs/banks.md, 'What a bank stores'); regions, values, keys and index are always stored")
+    _persist_ok = field_validator("persist")(lambda v: check_persist(v, bank=True))
 
     @model_validator(mode="after")
     def _root_or_imported(self) -> "BankEntry":
@@ -254,16 +256,7 @@ class Experiment(_Strict):
         default="imagenet80", description="prompt templates: the papers' 80 ImageNet templates, or one (cheap CPU smoke runs only)")
     provenance: Provenance = Field(default_factory=Provenance, exclude=True, description="files read and overrides applied (set by load_experiment; left out of model_dump so a dump is a valid file; not part of any stage key)")
 
-    @field_validator("persist")
-    @classmethod
-    def _persist_ok(cls, v: dict[str, bool]) -> dict[str, bool]:
-        for name, keep in v.items():
-            stage = get_stage(name)
-            if not keep and (stage.per != "image" or stage.name == "scoring"):
-                raise ValueError(f"{name} must be persisted: scores and per-vocabulary outputs are always stored; "
-                                 f"stages that may be computed on demand: "
-                                 f"{', '.join(s for s, st in STAGES.items() if st.per == 'image' and s != 'scoring')}")
-        return v
+    _persist_ok = field_validator("persist")(check_persist)
 
     @model_validator(mode="before")
     @classmethod

@@ -251,13 +251,14 @@ def _bank_plan(exp: Experiment, b: BankEntry, index: int, missing: list[str] | N
     specs = bank_graph.bank_node_specs(exp, b, sam, lambda name: weights_identity(name, wd, missing))
     ds = bank_graph.bank_dataset(b)
     plan, chains = DatasetPlan(ds, dataset_spec(ds), index=index, batch_size=bank_graph.bank_batch_size(exp, b)), {}
+    persist = bank_graph.bank_persist(exp, b)
     for name in STAGE_ORDER:  # table order: every input is made before its readers
         for chain_name, ns in specs.get(name, ()):
             chain = chains.setdefault(chain_name, {})
-            node = make_node(name, ns.params, wire(STAGES[name], chain), ns.weights, exp.persist)
+            node = make_node(name, ns.params, wire(STAGES[name], chain), ns.weights, persist)
             chain[name] = plan.add(dataclasses.replace(node, inputs_dir=ns.inputs_dir))
     upstream = bank_graph.index_upstream(exp, b, chains)
-    return plan, plan.add(make_node("bank_index", bank_graph.index_params(b, missing), upstream, None, exp.persist))
+    return plan, plan.add(make_node("bank_index", bank_graph.index_params(b, missing), upstream, None, persist))
 
 
 def _method_specs(exp: Experiment, ds: DatasetEntry, spec: DatasetSpec, r: _Resolved, blocks: tuple[str, ...],
