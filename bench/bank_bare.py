@@ -37,9 +37,12 @@ from tasks.stages import STAGES
 
 
 def bank_nodes(exp: Experiment) -> tuple[str, list[StageNode], StageNode]:
-    """The bank dataset's name, its persisted per-image nodes in dependency order, and its ``bank_index`` node."""
+    """The bank dataset's name, its per-image nodes in dependency order, and its ``bank_index`` node.
+
+    Every per-image node, stored or not (a bank's intermediates are computed in memory by default): each is
+    computed once per batch, as the pipeline's chain does."""
     plan = next(p for p in build_plan(exp) if p.dataset.name.startswith(BANK_DATASET_PREFIX))
-    nodes = [n for n in plan.ordered() if n.persist]
+    nodes = plan.ordered()
     index = next(n for n in nodes if n.stage == "bank_index")
     return plan.dataset.name, [n for n in nodes if STAGES[n.stage].per == "image"], index
 
