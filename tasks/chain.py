@@ -13,10 +13,10 @@ failure handling), with one difference: the nodes share a ``tasks.memory.ChainMe
   from there (``StageContext.read_upstream``) instead of the store; a node's outputs are
   forgotten once no later node of the chain reads them;
 - a per-image input that is not persisted (``persist: {stage: false}``; a bank's intermediate
-  stages by default) is computed once per chain batch, just before its first reader, for the
-  images its readers need and that have no stored copy (``compute_in_memory``: the stage's own
-  loader and compute groups, outputs kept in memory only; no lease, pack or record), instead of
-  once per reader and item on demand.
+  stages by default) is computed once per chain batch, by its first reader once that reader holds
+  its lease, for the images the reader claimed and that have no stored copy (``compute_in_memory``:
+  the stage's own loader and compute groups, outputs kept in memory only; no lease, pack or record
+  of its own), instead of once per reader and item on demand.
 
 A node's pack and completion record are written while the next node computes
 (``tasks.executor.start_batch``: the writes' fsyncs are waits that would otherwise stall the
@@ -72,10 +72,9 @@ def run_chain(ctxs: Sequence[StageContext], rows: Sequence[Sequence[Mapping[str,
                     runnable.append(row)
                 else:
                     blocked[why.item] = why
-            for up in _memory_inputs(ctx.node):  # its inputs that are not stored: computed once, in memory
-                compute_in_memory(StageContext(up, ctx.settings, ctx.dataset, memory), _needed(ctx, up, runnable, memory))
             gate = _gate(ctx, runnable, started)
-            pending = start_batch(replace(ctx, memory=memory), runnable, gate=gate)
+            pending = start_batch(replace(ctx, memory=memory), runnable, gate=gate,
+                                  prepare=_prepare(ctx, memory) if _memory_inputs(ctx.node) else None)
             outcome[ctx.node.ident] = pending.results | blocked  # as computed; final once its pack is stored
             started.append((ctx.node.ident, pending, blocked, time.perf_counter() - t0))
             for ident, last in last_reader.items():
@@ -148,6 +147,16 @@ def _memory_inputs(node: StageNode) -> list[StageNode]:
 
     visit(node)
     return list(out.values())
+
+
+def _prepare(ctx: StageContext, memory: ChainMemory):
+    """``start_batch``'s ``prepare`` for a node with inputs that are not stored: computes them (and theirs) once,
+    in memory, for the rows the node claimed (so items another run holds, or has completed, cost nothing)."""
+    def prepare(rows: list[Mapping[str, Any]]) -> None:
+        for up in _memory_inputs(ctx.node):  # inputs first
+            compute_in_memory(StageContext(up, ctx.settings, ctx.dataset, memory), _needed(ctx, up, rows, memory))
+
+    return prepare
 
 
 def _needed(reader: StageContext, up: StageNode, rows: Sequence[Mapping[str, Any]], memory: ChainMemory

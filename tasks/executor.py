@@ -104,17 +104,21 @@ def run_batch(ctx: StageContext, rows: Sequence[Mapping[str, Any]], stage: Any =
     return start_batch(ctx, rows, stage).result()
 
 
-def start_batch(ctx: StageContext, rows: Sequence[Mapping[str, Any]], stage: Any = None, gate: Gate | None = None
-                ) -> PendingBatch:
-    """``run_batch`` up to the point where every computed item is in its writer's hands (see the module docstring)."""
+def start_batch(ctx: StageContext, rows: Sequence[Mapping[str, Any]], stage: Any = None, gate: Gate | None = None,
+                prepare: Callable[[list[Mapping[str, Any]]], None] | None = None) -> PendingBatch:
+    """``run_batch`` up to the point where every computed item is in its writer's hands (see the module docstring).
+
+    ``prepare(rows)``, when given, runs under the lease on the rows this batch computes (claimed, not complete),
+    before their models load: a fused chain computes there the inputs it does not store (``tasks.chain``)."""
     stage = stage or STAGES[ctx.stage]
     pending = PendingBatch(rows)
     if rows:  # the flow sends only items it found incomplete: no listing of the stage's records per batch
-        _run_claimed(ctx, stage, pending, gate)
+        _run_claimed(ctx, stage, pending, gate, prepare)
     return pending
 
 
-def _run_claimed(ctx: StageContext, stage, pending: PendingBatch, gate: Gate | None) -> None:
+def _run_claimed(ctx: StageContext, stage, pending: PendingBatch, gate: Gate | None,
+                 prepare: Callable[[list[Mapping[str, Any]]], None] | None = None) -> None:
     store = ctx.store()
     rows, results = pending.rows, pending.results
     try:
@@ -136,6 +140,8 @@ def _run_claimed(ctx: StageContext, stage, pending: PendingBatch, gate: Gate | N
         mine_rows = [r for r in rows if str(r["image_id"]) in mine]
         if not mine_rows:
             return
+        if prepare is not None:
+            prepare(mine_rows)
         try:
             models = stage.models(ctx)
         except Exception as e:  # noqa: BLE001 - a backbone or model that cannot be built fails the stage once
