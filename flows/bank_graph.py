@@ -171,9 +171,9 @@ def bank_persist(exp: Experiment, b: BankEntry) -> dict[str, bool]:
     """Which of the bank's stages are stored: its regions, values, keys and index always; its intermediates (DINO,
     CLIP blocks, VFM maps, clustering, class tokens: 50-130x the bank's own bytes with the authors' models) only
     where ``persist`` (the experiment's, then the bank's) says ``true``. The others are computed in memory, once
-    per chain batch (``tasks.chain``)."""
+    per chain batch (``tasks.chain``). The experiment's ``sam_masks: false`` is for its datasets only."""
     default = {s: False for s, st in STAGES.items() if st.per == "image" and s not in BANK_STORED and s != "scoring"}
-    return {**default, **exp.persist, **b.persist}
+    return {**default, **{k: v for k, v in exp.persist.items() if k not in BANK_STORED}, **b.persist}
 
 
 def index_upstream(exp: Experiment, b: BankEntry, chains: Mapping[str, Mapping[str, StageNode]]) -> dict[str, StageNode]:

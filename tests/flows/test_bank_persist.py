@@ -89,6 +89,12 @@ def test_the_experiment_persist_keeps_a_bank_intermediate_and_bank_outputs_canno
     both = parse_experiment({**data, "persist": {"vfm_features": True},
                              "banks": [{**data["banks"][0], "persist": {"vfm_features": False}}]}, source="test")
     assert not {n.stage: n for p in build_plan(both) for n in p.nodes.values()}["vfm_features"].persist  # the bank's wins
+    # the experiment's sam_masks: false is for its datasets; its bank still stores its regions
+    exp = parse_experiment({**data, "persist": {"sam_masks": False}}, source="test")
+    assert {n.stage: n for p in build_plan(exp) for n in p.nodes.values()}["sam_masks"].persist
+    for stage in ("bank_values", "bank_keys"):
+        with pytest.raises(ExperimentError, match=rf"persist: {stage} must be persisted: scores, per-vocabulary"):
+            parse_experiment({**data, "persist": {stage: False}}, source="test")
     for stage in ("bank_values", "bank_keys", "sam_masks", "bank_index"):
         with pytest.raises(ExperimentError, match=rf"banks\.0\.persist: {stage} must be persisted: a bank's regions"):
             parse_experiment({**data, "banks": [{**data["banks"][0], "persist": {stage: False}}]}, source="test")
