@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
 from flows.config import ExperimentError, parse_experiment
 from flows.graph import build_plan
@@ -100,3 +101,24 @@ def test_the_experiment_persist_keeps_a_bank_intermediate_and_bank_outputs_canno
             parse_experiment({**data, "banks": [{**data["banks"][0], "persist": {stage: False}}]}, source="test")
     with pytest.raises(ExperimentError, match=r"unknown stage 'dino_feature' \(did you mean 'dino_features'\?\)"):
         parse_experiment({**data, "banks": [{**data["banks"][0], "persist": {"dino_feature": True}}]}, source="test")
+
+
+@pytest.mark.slow  # Prefect and a temporary Dask cluster
+def test_a_bank_built_on_a_dask_worker_stores_what_a_one_thread_local_build_stores(tmp_path):
+    """The chain batches, and the intermediates they compute in memory, on a temporary Dask cluster's worker process
+    (one torch thread, docs/scaling-out.md): the regions, values, keys and index of a local build at one torch
+    thread, bit for bit, and no intermediate stored."""
+    folder = _folder(tmp_path, BANK_IMAGES[:2])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a local one-worker run computes in this thread
+    try:
+        _build(tmp_path / "local", folder)
+    finally:
+        torch.set_num_threads(threads)
+    data = _experiment(tmp_path / "dask", folder, index={"kind": "flat"})
+    data["runner"] = {"kind": "dask", "workers": 1}
+    summary = run_experiment(parse_experiment(data, source="test"), progress=False)  # Dask runs under Prefect
+    assert summary.failed == 0 and summary.status == "complete"
+    assert {s for s, _ in Store(tmp_path / "dask" / "store").stage_sets()} == {"sam_masks", "bank_values", "bank_keys",
+                                                                                "bank_index"}
+    assert_same_outputs(store_snapshot(tmp_path / "local" / "store"), store_snapshot(tmp_path / "dask" / "store"))
