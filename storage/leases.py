@@ -5,7 +5,11 @@ One lease file per claimed batch, ``leases/<stage>/<key>/<lease id>.json``, hold
 heartbeat thread rewrites the heartbeat every TTL/4 while it works; a lease whose heartbeat is
 older than its TTL is dead wherever its owner ran (another container, another PID namespace, a
 machine that lost power), and is taken over. Hosts must agree on the time to within the TTL
-(NTP does far better).
+(NTP does far better). A lease written on this OS instance and in this PID namespace (the same
+host name, Linux boot id and ``/proc/self/ns/pid``) whose process no longer exists (or is a
+zombie) is dead at once: a rerun after a SIGKILL on the same machine does not wait out the TTL.
+Where any of the three differs or cannot be read, only the heartbeat counts; a reused PID reads
+as alive, and the heartbeat decides.
 
 Claiming (``LeaseManager.claim``): list the live leases, take the items none of them holds,
 write the lease (atomic create), list again; where another live lease with a smaller id (an
@@ -62,7 +66,8 @@ class LeaseInfo:
     ttl: float
 
     def alive(self, now: float | None = None) -> bool:
-        return (now if now is not None else time.time()) - self.heartbeat <= self.ttl
+        """Its heartbeat is within its TTL, and its owner is not a process known to be gone (``owner_gone``)."""
+        return (now if now is not None else time.time()) - self.heartbeat <= self.ttl and not owner_gone(self.owner)
 
     def describe(self) -> str:
         o = self.owner
@@ -81,7 +86,35 @@ class Claim:
 
 
 def owner_record(run_id: str = "") -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id, **_os_instance()}
+
+
+def _os_instance() -> dict:
+    """This process's OS instance and PID namespace: ``boot`` (the Linux boot id) and ``pidns``; {} where unknown."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return {"boot": f.read().strip(), "pidns": os.readlink("/proc/self/ns/pid")}
+    except OSError:
+        return {}
+
+
+def owner_gone(owner: dict) -> bool:
+    """Whether a lease's owner ran in this OS instance and PID namespace and its process no longer exists (or is a
+    zombie, killed and not reaped yet). False whenever that cannot be told: another host, another boot or PID
+    namespace, an owner record without them (older leases, other systems), this process itself."""
+    here = _os_instance()
+    pid = owner.get("pid")
+    if (not here or owner.get("boot") != here["boot"] or owner.get("pidns") != here["pidns"]
+            or owner.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0 or pid == os.getpid()):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]  # the field after the command name, which may hold spaces
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):
+        return False
+    return state in (b"Z", b"X")
 
 
 class LeaseManager:

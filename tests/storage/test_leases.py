@@ -1,15 +1,20 @@
-"""Leases kept alive by heartbeat: exclusion, take-over of dead leases wherever their owner ran, claim races."""
+"""Leases kept alive by heartbeat: exclusion, take-over of dead leases wherever their owner ran (at once where its
+process is known to be gone), claim races."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from storage.fsio import Backend
-from storage.leases import LeaseError, LeaseManager
+from storage.leases import LeaseError, LeaseManager, owner_record
 from storage.store import Store
 from tests.storage.lease_race import assert_racing_claims_cover_every_item
 
@@ -102,3 +107,50 @@ def test_a_release_during_a_heartbeat_leaves_no_lease_file(tmp_path: Path):
     m.release(claim)
     beat.join()
     assert list(folder.glob("*.json")) == [] and m.busy_items("s", "k") == {}
+
+
+def _child_holding(store: Path, item: str):
+    """A real process that claims ``item`` (TTL 120 s, heartbeat on) and says so, then sleeps."""
+    code = ("import sys, time; from storage.store import Store; "
+            f"c = Store({str(store)!r}, lease_ttl=120).leases.claim('s', 'k', [{item!r}], run_id='child'); "
+            "print(c.mine, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert proc.stdout.readline().strip() == f"[{item!r}]"
+    return proc
+
+
+def test_a_lease_of_a_killed_process_on_this_machine_is_dead_at_once(tmp_path: Path):
+    """SIGKILL leaves the lease file with a fresh heartbeat; on the same OS instance and PID namespace its owner's
+    process is gone, so the next claim takes the item at once instead of after the TTL (120 s here)."""
+    store = tmp_path / "st"
+    proc = _child_holding(store, "x")
+    try:
+        mine = Store(store, lease_ttl=120)
+        os.kill(proc.pid, signal.SIGSTOP)  # stopped, not dead: still holds the item
+        claim = mine.leases.claim("s", "k", ["x"])
+        assert claim.mine == [] and "run child" in claim.busy["x"].describe()
+        proc.kill()
+        proc.wait()  # reaped: the process no longer exists
+        t0 = time.time()
+        claim = mine.leases.claim("s", "k", ["x"])
+        assert claim.mine == ["x"] and time.time() - t0 < 5
+        mine.leases.release(claim)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_only_a_lease_of_this_os_instance_and_pid_namespace_is_judged_by_its_process(tmp_path: Path):
+    s = Store(tmp_path / "st")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)  # a process that has exited (its PID not reused within this test, in all likelihood)
+    here = owner_record("r")
+    for i, (owner, busy) in enumerate([({**here, "pid": pid}, False),  # this machine, process gone: dead
+                                       ({**here, "pid": pid, "pidns": "pid:[1]"}, True),  # another PID namespace
+                                       ({**here, "pid": pid, "boot": "another-boot"}, True),  # another boot
+                                       ({"host": here["host"], "pid": pid, "run_id": "r"}, True),  # no boot id: older
+                                       ({**here, "pid": pid, "host": "other-host"}, True)]):
+        path = _fake_lease(tmp_path / "st", "s", "k", f"000000000000000{i}-l", [f"x{i}"], time.time())
+        path.write_text(json.dumps({**json.loads(path.read_text()), "owner": owner}))
+        assert (f"x{i}" in s.leases.busy_items("s", "k")) is busy, owner
