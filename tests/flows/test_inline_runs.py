@@ -27,6 +27,7 @@ def _compute_threads(exp, orchestrate: bool = False) -> set[str]:
     """Run ``exp`` from a thread named ``caller``; the names of the threads that ran a stage's compute (seen by a
     profile function: ``sys.setprofile`` in the caller, ``threading.setprofile`` for threads it starts)."""
     seen: set[str] = set()
+    got: dict = {}
 
     def hook(frame, event, arg):
         if event == "call" and frame.f_code.co_name == "_compute_group":
@@ -36,8 +37,9 @@ def _compute_threads(exp, orchestrate: bool = False) -> set[str]:
         threading.setprofile(hook)  # threads started from now on (the pool's)
         sys.setprofile(hook)  # this thread
         try:
-            summary = run_experiment(exp, progress=False, orchestrate=orchestrate)
-            assert summary.status == "complete", summary.status
+            got["summary"] = run_experiment(exp, progress=False, orchestrate=orchestrate)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread below
+            got["error"] = e
         finally:
             sys.setprofile(None)
             threading.setprofile(None)
@@ -45,6 +47,11 @@ def _compute_threads(exp, orchestrate: bool = False) -> set[str]:
     t = threading.Thread(target=caller, name="caller")
     t.start()
     t.join()
+    if "error" in got:  # an assertion in the caller thread would only be a warning
+        raise got["error"]
+    summary = got["summary"]
+    assert summary.status == "complete", (summary.status, [(s.stage, f) for s in summary.stages for f in s.failures],
+                                          summary.notes)
     return seen
 
 
