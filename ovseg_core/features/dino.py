@@ -25,6 +25,7 @@ CLIP-normalised crops (see ``ovseg_core.corrclip.config.CorrCLIPConfig.padding``
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -213,9 +214,13 @@ def dino_qk_features(model: nn.Module, crops: torch.Tensor, pos_interpolation: s
     crops = crops.to(next(model.parameters()).dtype)
 
     captured: list[torch.Tensor] = []
+    caller = threading.get_ident()
 
     def _capture(_module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        captured.append(output)
+        # a model shared by threads (several local workers of one process) runs every thread's forward through the
+        # hook: keep this call's own output only (hooks run in the thread that called the forward)
+        if threading.get_ident() == caller:
+            captured.append(output)
 
     handle = qkv_proj.register_forward_hook(_capture)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -187,3 +188,37 @@ def test_normalize_imagenet_known_values() -> None:
     assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         normalize_imagenet(torch.zeros(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("pos", ["dino", "timm"])
+def test_threads_sharing_one_model_each_get_their_own_features(pos: str) -> None:
+    """Several local workers of one process share a cached model: every thread's forward runs through every
+    registered hook, and each call keeps its own output (it used to see two and raise). Independent expectation:
+    the explicit q + k of each thread's own crops, computed alone."""
+    model = _vit()
+    crops = [torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    want = [_explicit(model, c).reshape(2, 8, 8, -1) for c in crops]
+    got: dict[int, list[torch.Tensor]] = {i: [] for i in range(4)}
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            with torch.no_grad():
+                for _ in range(25):
+                    got[i].append(dino_qk_features(model, crops[i], pos_interpolation=pos))
+        except BaseException as e:  # noqa: BLE001 - reported in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(4):
+        assert len(got[i]) == 25
+        for out in got[i]:
+            torch.testing.assert_close(out, want[i], rtol=1e-5, atol=1e-6)
+    assert len(model.blocks[-1].attn.qkv._forward_hooks) == 0
