@@ -31,6 +31,7 @@ so after an OS crash it is dead anyway, and one that the crash left empty or tor
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -90,7 +91,13 @@ def owner_record(run_id: str = "") -> dict:
 
 
 def _os_instance() -> dict:
-    """This process's OS instance and PID namespace: ``boot`` (the Linux boot id) and ``pidns``; {} where unknown."""
+    """This process's OS instance and PID namespace: ``boot`` (the Linux boot id) and ``pidns``; {} where unknown.
+    Read once per process (a forked child reads its own), not on every lease check."""
+    return _os_instance_of(os.getpid())
+
+
+@functools.lru_cache(maxsize=1)
+def _os_instance_of(pid: int) -> dict:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return {"boot": f.read().strip(), "pidns": os.readlink("/proc/self/ns/pid")}
