@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from tasks.executor import PendingBatch, compute_rows, start_batch
+from tasks.executor import PendingBatch, check_declared, compute_rows, start_batch
 from tasks.memory import ChainMemory
 from tasks.runtime import BatchResult, ItemResult, StageContext, StageNode
 from tasks.stages import STAGES
@@ -191,23 +191,24 @@ def compute_in_memory(ctx: StageContext, rows: Sequence[Mapping[str, Any]]) -> d
         log.warning("%s (not persisted): its models failed to load: %s: %s", ctx.stage, type(e).__name__, e)
         return {str(r["image_id"]): ItemResult(str(r["image_id"]), "failed", 0.0, type(e).__name__, str(e))
                 for r in rows}
-    compute_rows(ctx, stage, models, rows, _Keep(ctx, sorted(stage.array_names(ctx.params)), results), results)
+    compute_rows(ctx, stage, models, rows, _Keep(ctx, stage, results), results)
     return results
 
 
 class _Keep:
     """``compute_in_memory``'s sink: ``put`` keeps an item whose arrays are the declared ones (``Stage.arrays``)."""
 
-    def __init__(self, ctx: StageContext, declared: list[str], results: dict[str, ItemResult]):
-        self._ctx, self._declared, self._results = ctx, declared, results
+    def __init__(self, ctx: StageContext, stage, results: dict[str, ItemResult]):
+        self._ctx, self._stage, self._results = ctx, stage, results
+        self._declared = stage.array_names(ctx.params)
 
     def put(self, got: Any) -> None:
         iid, arrays, _, seconds = got
-        if sorted(arrays) != self._declared:  # not kept: its reader computes it on demand and fails there
-            why = (f"stage {self._ctx.stage!r} computed the arrays {sorted(arrays)} for {iid} but declares "
-                   f"{self._declared} (Stage.arrays in tasks/stages.py)")
-            log.warning("%s", why)
-            self._results[iid] = ItemResult(iid, "failed", seconds, "ValueError", why)
+        try:
+            check_declared(self._stage, iid, arrays, self._declared)
+        except ValueError as e:  # not kept: its reader computes it on demand and fails there
+            log.warning("%s", e)
+            self._results[iid] = ItemResult(iid, "failed", seconds, "ValueError", str(e))
             return
         self._ctx.memory.keep(self._ctx.node.ident, iid, arrays)
         self._results[iid] = ItemResult(iid, "done", seconds)

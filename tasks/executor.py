@@ -200,9 +200,7 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
             _fail(results, iid, pack["open_error"], seconds)
             return
         try:
-            if sorted(arrays) != sorted(declared):
-                raise ValueError(f"stage {stage.name!r} computed the arrays {sorted(arrays)} for {iid} but declares "
-                                 f"{sorted(declared)} (Stage.arrays in tasks/stages.py); nothing of it is stored")
+            check_declared(stage, iid, arrays, declared)
             pack["session"].add(iid, arrays, {**attrs, "seconds": seconds, "random_weights": ctx.node.random_weights})
             added.append(iid)
             if ctx.memory is not None:  # a fused chain: the next stage reads what was stored from memory
@@ -268,6 +266,13 @@ def _load_one(ctx: StageContext, stage, row: Mapping[str, Any], pin: bool = Fals
     except Exception as e:  # noqa: BLE001 - one unreadable input fails one item
         log.debug("load of %s failed", row["image_id"])
         return (row, None, e, time.perf_counter() - t0)
+
+
+def check_declared(stage, iid: str, arrays: Mapping[str, Any], declared: Sequence[str]) -> None:
+    """Raises ``ValueError`` when the arrays computed for ``iid`` are not the ones the stage declares."""
+    if sorted(arrays) != sorted(declared):
+        raise ValueError(f"stage {stage.name!r} computed the arrays {sorted(arrays)} for {iid} but declares "
+                         f"{sorted(declared)} (Stage.arrays in tasks/stages.py); nothing of it is stored")
 
 
 def compute_rows(ctx: StageContext, stage, models: Any, rows: Sequence[Mapping[str, Any]], sink: Any,

@@ -277,11 +277,11 @@ def check_persist(persist: dict[str, bool], bank: bool = False) -> dict[str, boo
     left unstored (``false``), never ``scoring``, nor a bank's regions, values and keys; unknown stages are errors."""
     never = ("scoring", *(BANK_STORED if bank else BANK_STORED[1:]))  # a bank's regions: optional for a dataset
     for name, keep in persist.items():
-        if not keep and (get_stage(name).per != "image" or name in never):
+        stage = get_stage(name)  # an unknown name is an error either way
+        if not keep and (stage.per != "image" or name in never):
             may = ", ".join(s for s, st in STAGES.items() if st.per == "image" and s not in never)
             what = ("a bank's regions, values, keys and index" if bank
                     else "scores, per-vocabulary outputs and a bank's values, keys and index")
             raise ValueError(f"{name} must be persisted: {what} are always stored; stages that may be computed on "
                              f"demand: {may}")
-        get_stage(name)
     return persist
