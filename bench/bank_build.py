@@ -85,7 +85,8 @@ def experiment(store: Path, img_dir: Path, index: str, batch_size: int | None, i
                keep: bool = False):
     from flows.config import parse_experiment
 
-    bank = {"name": "synth", "root": str(img_dir), "window": WINDOW, "index": INDEX[index], **({"persist": KEEP} if keep else {})}
+    bank = {"name": "synth", "root": str(img_dir), "window": WINDOW, "index": INDEX[index],
+            **({"persist": KEEP} if keep else {})}
     return parse_experiment({
         "name": "bankbuild", "store": str(store), "models": MODELS,
         "regions": {"source": "slic", "params": {"n_segments": 40}},
@@ -95,25 +96,27 @@ def experiment(store: Path, img_dir: Path, index: str, batch_size: int | None, i
     }, source="bench/bank_build.py")
 
 
-def warm_up(n: int, work: Path, index: str, batch_size: int | None) -> float:
-    """An untimed bare build of ``n`` other images (seed 1): imports, models and first calls, for both timed builds."""
+def bare_bank(exp, nowhere: Path) -> dict[str, Any]:
+    """``bank_bare.bare_build`` of the experiment's bank in its batches (its rows, ids and paths, made untimed)."""
     from bank_bare import bank_rows, bare_build
 
     from flows.bank_graph import bank_batch_size
 
+    rows = bank_rows(exp)
+    return bare_build(exp, rows, bank_batch_size(exp, exp.banks[0]), nowhere)
+
+
+def warm_up(n: int, work: Path, index: str, batch_size: int | None) -> float:
+    """An untimed bare build of ``n`` other images (seed 1): imports, models and first calls, for both timed builds."""
     img_dir, _ = make_images(work / "warmup-data", n, seed=1)
-    exp = experiment(work / "warmup-store", img_dir, index, batch_size)
     t0 = time.perf_counter()
-    bare_build(exp, bank_rows(exp), bank_batch_size(exp, exp.banks[0]), work / "warmup-no-store")
+    bare_bank(experiment(work / "warmup-store", img_dir, index, batch_size), work / "warmup-no-store")
     return time.perf_counter() - t0
 
 
 def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: bool, bare: bool,
           io_threads: str | None = None, bare_first: bool = False, warmup: int = 0, keep: bool = False
           ) -> dict[str, Any]:
-    from bank_bare import bank_rows, bare_build
-
-    from flows.bank_graph import bank_batch_size
     from flows.pipeline import run_experiment
 
     log.info("%d images: generating", n)
@@ -126,8 +129,7 @@ def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: b
         with or without Prefect): one GNU OpenMP pool (docs/design.md, "OpenMP on a shared machine")."""
         log.info("%d images: bare build (threads alive: %s; OS threads: %d)", n,
                  ", ".join(t.name for t in threading.enumerate()), len(os.listdir("/proc/self/task")))
-        rows = bank_rows(exp)  # untimed: ids and paths
-        return bare_build(exp, rows, bank_batch_size(exp, exp.banks[0]), work / "no-store")
+        return bare_bank(exp, work / "no-store")
 
     warm_s = warm_up(warmup, work, index, batch_size) if warmup else 0.0
     if warmup:
@@ -151,8 +153,8 @@ def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: b
     if again.computed or again.status != "complete":
         raise RuntimeError(f"the no-op rerun computed {again.computed} outputs ({again.status})")
     compute = sum(s["compute_seconds"] for s in stages)
-    out = {"images": n, "index": index, "prefect": orchestrate, "batch_size": batch_size, "warmup_images": warmup, "keep_intermediates": keep,
-           "warmup_seconds": warm_s,
+    out = {"images": n, "index": index, "prefect": orchestrate, "batch_size": batch_size, "warmup_images": warmup,
+           "warmup_seconds": warm_s, "keep_intermediates": keep,
            "io_threads": exp.runner.io_threads, "cold_seconds": cold_s,
            "cold_cpu_seconds": cold_cpu, "compute_seconds": compute, "wall_over_compute": cold_s / compute,
            "stage_wall_seconds": sum(s["wall_seconds"] for s in stages), "noop_rerun_seconds": noop_s,
