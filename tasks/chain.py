@@ -80,17 +80,17 @@ def run_chain(ctxs: Sequence[StageContext], rows: Sequence[Sequence[Mapping[str,
             for ident, last in last_reader.items():
                 if last == i:
                     memory.forget(ident)
-    except BaseException:  # the packs computed so far are stored and the leases released before it propagates
+        out = []
+        for (_, pending, blocked, seconds), node_rows in zip(started, rows):
+            t0 = time.perf_counter()  # what is left of writing its pack (the others' writes overlapped compute)
+            ran = pending.result()
+            by_id = {r.item: r for r in ran.items} | blocked
+            out.append(BatchResult([by_id[str(r["image_id"])] for r in node_rows], ran.fatal,
+                                   seconds + time.perf_counter() - t0))
+    except BaseException:  # an interrupt: the packs computed so far are stored, the leases released, then it goes on
         for _, pending, _, _ in started:
             pending.wait()
         raise
-    out = []
-    for (_, pending, blocked, seconds), node_rows in zip(started, rows):
-        t0 = time.perf_counter()  # what is left of writing its pack (the others' writes overlapped compute)
-        ran = pending.result()
-        by_id = {r.item: r for r in ran.items} | blocked
-        out.append(BatchResult([by_id[str(r["image_id"])] for r in node_rows], ran.fatal,
-                               seconds + time.perf_counter() - t0))
     return out
 
 

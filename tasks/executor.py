@@ -69,7 +69,7 @@ class PendingBatch:
     def __init__(self, rows: Sequence[Mapping[str, Any]]):
         self.rows = list(rows)
         self.results: dict[str, ItemResult] = {}
-        self.writer: threading.Thread | None = None
+        self.writer: threading.Event | None = None  # set when the batch's writer thread has ended
         self.release: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._release_lock = threading.Lock()
@@ -78,7 +78,7 @@ class PendingBatch:
         """Wait for the pack and its record, then release the lease (once; safe from any thread)."""
         with self._lock:
             if self.writer is not None:
-                self.writer.join()
+                wait_through_interrupt(self.writer)
                 self.writer = None
         self.release_lease()
 
@@ -178,8 +178,12 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
     def load_one(row: Mapping[str, Any]) -> tuple:
         return _load_one(ctx, stage, row, pin)
 
+    stop = threading.Event()  # the compute ended early (an interrupt): the loader loads no more
+
     def load_all() -> None:
         for row in rows:
+            if stop.is_set():
+                break
             loaded.put(load_one(row))
         loaded.put(_END)
 
@@ -211,13 +215,16 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
 
     def write_all() -> None:
         try:
-            while (got := to_write.get()) is not _END:
-                add_one(got)  # the compute thread's own adds (io_threads off) come here as _END only
+            try:
+                while (got := to_write.get()) is not _END:
+                    add_one(got)  # the compute thread's own adds (io_threads off) come here as _END only
+            finally:
+                handed.set()  # even after an unexpected error: the compute thread waits for this
+            if pack.get("session") is not None:
+                commit(pack["session"], added)
+            pending.release_lease()  # the record is written (or the pack aborted): other runs need not wait longer
         finally:
-            handed.set()  # even after an unexpected error: the compute thread waits for this
-        if pack.get("session") is not None:
-            commit(pack["session"], added)
-        pending.release_lease()  # the record is written (or the pack aborted): other runs need not wait any longer
+            finished.set()
 
     def commit(session, added: list[str]) -> None:
         try:
@@ -238,6 +245,7 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
     source: Any = loaded if threads else _Inline(load_one, rows)
     sink: Any = to_write if threads else _Direct(add_one, to_write)
     loader = threading.Thread(target=load_all, name=f"ovseg-load-{ctx.stage}", daemon=True) if threads else None
+    finished = threading.Event()  # the writer thread has ended (an Event: Python 3.11's interrupted join is unsafe)
     writer = threading.Thread(target=write_all, name=f"ovseg-write-{ctx.stage}", daemon=True)
     if loader is not None:
         loader.start()
@@ -249,12 +257,22 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
     finally:
         to_write.put(_END)
         if loader is not None:
+            stop.set()
+            while loader.is_alive():  # take what it loaded, so that a full queue does not block it
+                try:
+                    loaded.get(timeout=0.05)
+                except queue.Empty:
+                    pass
             loader.join()
-        if computed:
-            handed.wait()
-            pending.writer = writer
+        pending.writer = finished  # once every item is handed the caller waits for it (``PendingBatch.wait``)
+        if not computed:
+            pending.wait()  # the error propagates once the writer has stored what it was handed
         else:
-            writer.join()
+            try:
+                handed.wait()
+            except KeyboardInterrupt:
+                pending.wait()
+                raise
 
 
 def _load_one(ctx: StageContext, stage, row: Mapping[str, Any], pin: bool = False) -> tuple:
@@ -291,6 +309,28 @@ def io_threads(setting: str, device: str, remote_store: bool = False) -> bool:
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"io_threads must be auto, on or off, got {setting!r}")
     return setting == "on" or (setting == "auto" and (device.startswith("cuda") or remote_store))
+
+
+def wait_through_interrupt(ended: threading.Event) -> None:
+    """Wait for a batch's writer thread to end (``ended`` set); an interrupt (Ctrl-C) meanwhile is raised once it has.
+
+    The writer writes the pack and its record, then releases the lease; the process ending in the middle (the main
+    thread leaving the wait, the daemon writer stopped at exit) would leave a temporary file or a lease behind. A
+    second interrupt while waiting leaves at once. An Event, not ``Thread.join``: in Python 3.11 an interrupted join
+    marks a running thread as ended (its ``_wait_for_tstate_lock`` releases the lock the thread still holds)."""
+    interrupted: KeyboardInterrupt | None = None
+    while True:
+        try:
+            ended.wait()
+            break
+        except KeyboardInterrupt as e:
+            if interrupted is not None:
+                raise
+            interrupted = e
+            log.warning("interrupted: finishing the write of the batch under way (interrupt again to stop now, "
+                        "leaving its temporary files and lease for `ovseg cache gc` and the lease TTL)")
+    if interrupted is not None:
+        raise interrupted
 
 
 class _Inline:
