@@ -7,7 +7,7 @@ leases, no Prefect, no journal, no ingest check, no threads. Per batch of ``batc
 image is loaded with the stage's own ``load`` (decode, resize, normalise, window: the loaders'
 preprocessing; upstream outputs from a ``tasks.memory.ChainMemory``, exactly as a fused chain
 reads them) and computed with the stage's own ``compute``, in the compute groups the executor
-forms (``tasks.executor.Grouper``); then ``ovseg_core.bank.index.build_index`` over every key in
+forms (``tasks.streams.Grouper``); then ``ovseg_core.bank.index.build_index`` over every key in
 image-id order and the index serialised. Nothing is re-implemented here: the same functions run
 as in the pipeline, only the pipeline around them is missing.
 
@@ -30,7 +30,7 @@ from flows.config import Experiment
 from flows.graph import build_plan
 from flows.ingest import ingest_dataset
 from ovseg_core.bank.index import build_index, index_to_bytes
-from tasks.executor import Grouper
+from tasks.streams import Grouper
 from tasks.memory import ChainMemory
 from tasks.runtime import RunSettings, StageContext, StageNode
 from tasks.stages import STAGES

@@ -2,7 +2,7 @@
 
 For one stage node of a finished run, every image's inputs are loaded untimed with the stage's
 own ``load`` (image decode, windows, upstream outputs read from the store), grouped as the
-executor groups them (``tasks.executor.Grouper``: items whose windows fill ``window_batch``; each
+executor groups them (``tasks.streams.Grouper``: items whose windows fill ``window_batch``; each
 forward holds one image's windows), then only the stage's ``compute`` calls are timed, with the same cached model
 objects (``Stage.models`` -> ``tasks.runtime.get_backbone``). Nothing is re-implemented here.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tasks.executor import Grouper
+from tasks.streams import Grouper
 from tasks.runtime import StageContext
 from tasks.stages import STAGES
 

@@ -228,7 +228,7 @@ def bare_nodes(exp, clock: Clock, repeats: int) -> list[dict[str, Any]]:
     from flows.graph import build_plan, method_users
     from storage.store import Store
     from storage.tables import read_table
-    from tasks.executor import Grouper
+    from tasks.streams import Grouper
     from tasks.runtime import RunSettings, StageContext
     from tasks.stages import STAGES
 

@@ -49,10 +49,10 @@ from tasks.runtime import (
     software_versions,
 )
 from tasks.stages import STAGES
+from tasks.streams import END, Direct, Grouper, Inline, io_threads, wait_through_interrupt
 
 log = logging.getLogger("ovseg.tasks")
 
-_END = object()
 
 
 class UpstreamMissingError(RuntimeError):
@@ -185,7 +185,7 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
             if stop.is_set():
                 break
             loaded.put(load_one(row))
-        loaded.put(_END)
+        loaded.put(END)
 
     pack: dict[str, Any] = {}  # session, open_error: the batch's pack, opened by whoever adds its first item
     added: list[str] = []
@@ -216,8 +216,8 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
     def write_all() -> None:
         try:
             try:
-                while (got := to_write.get()) is not _END:
-                    add_one(got)  # the compute thread's own adds (io_threads off) come here as _END only
+                while (got := to_write.get()) is not END:
+                    add_one(got)  # the compute thread's own adds (io_threads off) come here as END only
             finally:
                 handed.set()  # even after an unexpected error: the compute thread waits for this
             if pack.get("session") is not None:
@@ -242,8 +242,8 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
                 if ctx.memory is not None:
                     ctx.memory.drop(ctx.node.ident, iid)
 
-    source: Any = loaded if threads else _Inline(load_one, rows)
-    sink: Any = to_write if threads else _Direct(add_one, to_write)
+    source: Any = loaded if threads else Inline(load_one, rows)
+    sink: Any = to_write if threads else Direct(add_one, to_write)
     loader = threading.Thread(target=load_all, name=f"ovseg-load-{ctx.stage}", daemon=True) if threads else None
     finished = threading.Event()  # the writer thread has ended (an Event: Python 3.11's interrupted join is unsafe)
     writer = threading.Thread(target=write_all, name=f"ovseg-write-{ctx.stage}", daemon=True)
@@ -255,7 +255,7 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
         _compute_all(ctx, stage, models, source, sink, results)
         computed = True
     finally:
-        to_write.put(_END)
+        to_write.put(END)
         if loader is not None:
             stop.set()
             while loader.is_alive():  # take what it loaded, so that a full queue does not block it
@@ -299,63 +299,7 @@ def compute_rows(ctx: StageContext, stage, models: Any, rows: Sequence[Mapping[s
     ``(id, arrays, attrs, seconds)`` to ``sink.put``; a load or compute error fails its item in ``results``
     (a group that fails is retried item by item). ``tasks.chain.compute_in_memory`` uses it."""
     pin = ctx.device.startswith("cuda")
-    _compute_all(ctx, stage, models, _Inline(lambda row: _load_one(ctx, stage, row, pin), rows), sink, results)
-
-
-def io_threads(setting: str, device: str, remote_store: bool = False) -> bool:
-    """Whether a batch loads and adds its items on a loader and a writer thread beside the compute (``on``; ``auto``
-    on a CUDA device or with an object store, whose reads are network waits worth overlapping) or in the compute
-    thread itself (``off``; ``auto`` on a CPU with a local store). See ``RunSettings.io_threads``."""
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"io_threads must be auto, on or off, got {setting!r}")
-    return setting == "on" or (setting == "auto" and (device.startswith("cuda") or remote_store))
-
-
-def wait_through_interrupt(ended: threading.Event) -> None:
-    """Wait for a batch's writer thread to end (``ended`` set); an interrupt (Ctrl-C) meanwhile is raised once it has.
-
-    The writer writes the pack and its record, then releases the lease; the process ending in the middle (the main
-    thread leaving the wait, the daemon writer stopped at exit) would leave a temporary file or a lease behind. A
-    second interrupt while waiting leaves at once. An Event, not ``Thread.join``: in Python 3.11 an interrupted join
-    marks a running thread as ended (its ``_wait_for_tstate_lock`` releases the lock the thread still holds)."""
-    interrupted: KeyboardInterrupt | None = None
-    while True:
-        try:
-            ended.wait()
-            break
-        except KeyboardInterrupt as e:
-            if interrupted is not None:
-                raise
-            interrupted = e
-            log.warning("interrupted: finishing the write of the batch under way (interrupt again to stop now, "
-                        "leaving its temporary files and lease for `ovseg cache gc` and the lease TTL)")
-    if interrupted is not None:
-        raise interrupted
-
-
-class _Inline:
-    """The loader's queue when items load in the compute thread: ``get`` loads the next item (then ``_END``)."""
-
-    def __init__(self, load_one: Callable[[Mapping[str, Any]], tuple], rows: Sequence[Mapping[str, Any]]):
-        self._load, self._rows = load_one, iter(rows)
-
-    def get(self) -> Any:
-        row = next(self._rows, None)
-        return _END if row is None else self._load(row)
-
-
-class _Direct:
-    """The writer's queue when items are added in the compute thread: ``put`` adds an item to the pack now; only
-    ``_END`` reaches the writer thread, which then commits the pack (its fsyncs still overlap the next compute)."""
-
-    def __init__(self, add_one: Callable[[tuple], None], writer_queue: queue.Queue):
-        self._add, self._queue = add_one, writer_queue
-
-    def put(self, got: Any) -> None:
-        if got is _END:
-            self._queue.put(_END)
-        else:
-            self._add(got)
+    _compute_all(ctx, stage, models, Inline(lambda row: _load_one(ctx, stage, row, pin), rows), sink, results)
 
 
 class InputNotStoredError(UpstreamMissingError):
@@ -368,35 +312,10 @@ class InputNotStoredError(UpstreamMissingError):
         self.held = held
 
 
-class Grouper:
-    """Forms compute groups: items accumulate until their windows reach ``window_batch``.
-
-    Stages without a window count (``Stage.windows`` None) compute one item at a time. A group
-    is one ``compute`` call; its forwards never mix images (``tasks.common.run_windows``). The
-    benchmark forms its groups with the same class, so it times exactly the pipeline's calls.
-    """
-
-    def __init__(self, stage, window_batch: int):
-        self.stage = stage
-        self.budget = max(1, int(window_batch))
-        self.pending: list[tuple[Mapping[str, Any], Any]] = []
-        self.windows = 0
-
-    def add(self, row: Mapping[str, Any], inp: Any) -> list[tuple[Mapping[str, Any], Any]] | None:
-        """Add one loaded item; returns a full group, or None."""
-        self.pending.append((row, inp))
-        self.windows += self.stage.windows(inp) if self.stage.windows else self.budget
-        return self.flush() if self.windows >= self.budget else None
-
-    def flush(self) -> list[tuple[Mapping[str, Any], Any]] | None:
-        group, self.pending, self.windows = self.pending, [], 0
-        return group or None
-
-
 def _compute_all(ctx: StageContext, stage, models: Any, loaded: queue.Queue, to_write: queue.Queue,
                  results: dict[str, ItemResult]) -> None:
     grouper = Grouper(stage, ctx.settings.window_batch)
-    while (got := loaded.get()) is not _END:
+    while (got := loaded.get()) is not END:
         row, inp, err, _ = got
         if err is not None:
             _fail(results, str(row["image_id"]), err)

@@ -17,7 +17,7 @@ from storage.paths import is_remote, resolve_location
 from storage.store import Store
 from storage.writing import PackSession
 from tasks.chain import run_chain
-from tasks.executor import io_threads
+from tasks.streams import io_threads
 from tasks.runtime import RunSettings, StageContext, StageNode, open_store
 from tasks.stages import STAGES, Input, Stage
 

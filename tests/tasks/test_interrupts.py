@@ -19,7 +19,8 @@ import pytest
 
 from storage.store import Store
 from storage.writing import PackSession
-from tasks.executor import wait_through_interrupt, run_batch
+from tasks.executor import run_batch
+from tasks.streams import wait_through_interrupt
 from tasks.runtime import RunSettings, StageContext, StageNode
 from tasks.stages import Stage
 
