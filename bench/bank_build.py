@@ -9,7 +9,9 @@ through ``run_experiment`` (Prefect unless ``--no-prefect``), then a no-op rerun
 ``--no-bare``) the bare build (``bank_bare.bare_build``: the same loaders and computes, in the
 bank's batches, and the index build in a plain loop, no store, no Prefect, no leases); with
 ``--bare-first`` the bare build runs before the cold build instead (the process is then warm for
-the pipeline, not for the bare loop). Before anything is timed, an untimed bare build of
+the pipeline, not for the bare loop); with ``--bare-around`` it runs both before and after, and
+the ratios are against the mean of the two (the shared machine's speed drifts by several percent
+between builds a minute apart; the mean cancels a linear drift). Before anything is timed, an untimed bare build of
 ``--warmup`` other images (default 8) makes the process warm for both builds: imports, model
 construction and first calls (SLIC's first call alone, ~0.3 s, had counted against whichever
 build ran first); ``--warmup 0`` gives the earlier set-up. Two ratios:
@@ -63,6 +65,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-bare", action="store_true", help="skip the bare build (only wall / compute is printed)")
     p.add_argument("--bare-first", action="store_true",
                    help="run the bare build before the cold build (default after it, when the process is warm)")
+    p.add_argument("--bare-around", action="store_true",
+                   help="run the bare build both before and after the cold build; the ratio is against the mean of the "
+                        "two (the machine's speed drifting between builds a minute apart cancels to first order)")
     p.add_argument("--keep-intermediates", action="store_true",
                    help="store the bank's intermediates too (banks[].persist true for each; the default stores "
                         "only regions, values, keys and index, docs/banks.md section 6)")
@@ -73,6 +78,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "bench" / "out"))
     p.add_argument("--workdir", default=None, help="parent of the temporary images and store (deleted at the end)")
     args = p.parse_args(argv)
+    if args.bare_first and args.bare_around:
+        p.error("--bare-first and --bare-around exclude each other")
     if args.images < 1 or (args.batch_size is not None and args.batch_size < 1) or args.warmup < 0:
         p.error("--images and --batch-size must be >= 1, --warmup >= 0")
     return args
@@ -115,8 +122,8 @@ def warm_up(n: int, work: Path, index: str, batch_size: int | None) -> float:
 
 
 def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: bool, bare: bool,
-          io_threads: str | None = None, bare_first: bool = False, warmup: int = 0, keep: bool = False
-          ) -> dict[str, Any]:
+          io_threads: str | None = None, bare_first: bool = False, warmup: int = 0, keep: bool = False,
+          bare_around: bool = False) -> dict[str, Any]:
     from flows.pipeline import run_experiment
 
     log.info("%d images: generating", n)
@@ -134,7 +141,7 @@ def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: b
     warm_s = warm_up(warmup, work, index, batch_size) if warmup else 0.0
     if warmup:
         log.info("%d images: warm-up bare build of %d other images took %.1f s (untimed)", n, warmup, warm_s)
-    b = run_bare() if bare and bare_first else None
+    b = run_bare() if bare and (bare_first or bare_around) else None
     log.info("%d images: cold build", n)
     c0 = time.process_time()
     summary, cold_s = timed(lambda: run_experiment(exp, progress=False, orchestrate=orchestrate))
@@ -160,8 +167,14 @@ def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: b
            "stage_wall_seconds": sum(s["wall_seconds"] for s in stages), "noop_rerun_seconds": noop_s,
            "stages": stages}
     if bare:
+        if bare_around:
+            before, after = b, run_bare()
+            b = {**after, "wall_seconds": (before["wall_seconds"] + after["wall_seconds"]) / 2,
+                 "cpu_seconds": (before["cpu_seconds"] + after["cpu_seconds"]) / 2,
+                 "before": {k: before[k] for k in ("wall_seconds", "cpu_seconds")},
+                 "after": {k: after[k] for k in ("wall_seconds", "cpu_seconds")}}
         b = b or run_bare()
-        out.update(bare=b, bare_first=bare_first, wall_over_bare=cold_s / b["wall_seconds"],
+        out.update(bare=b, bare_first=bare_first, bare_around=bare_around, wall_over_bare=cold_s / b["wall_seconds"],
                    cpu_over_bare=cold_cpu / b["cpu_seconds"])
     return out
 
@@ -175,7 +188,10 @@ def markdown(r: dict[str, Any]) -> str:
              f"wall / compute {r['wall_over_compute']:.3f}; no-op rerun {r['noop_rerun_seconds']:.1f} s", ""]
     if "bare" in r:
         b = r["bare"]
-        lines[-1:] = [f"Bare build ({'before' if r.get('bare_first') else 'after'} the cold build; same loaders, "
+        when = ("the mean of one before and one after the cold build (before: wall {:.1f} s, after: {:.1f} s)".format(
+            b["before"]["wall_seconds"], b["after"]["wall_seconds"]) if r.get("bare_around")
+            else f"{'before' if r.get('bare_first') else 'after'} the cold build")
+        lines[-1:] = [f"Bare build ({when}; same loaders, "
                       f"computes, batches and index build in a plain loop; no store, Prefect, leases): wall {b['wall_seconds']:.1f} s, CPU {b['cpu_seconds']:.1f} s. **Cold-run wall / bare "
                       f"wall {r['wall_over_bare']:.3f}**; CPU / bare CPU {r['cpu_over_bare']:.3f} (cold-run CPU "
                       f"{r['cold_cpu_seconds']:.1f} s, this process only)", ""]
@@ -209,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_prefect()
             prefect_startup_seconds()  # the server start-up, before anything is timed
         result = build(args.images, work, args.index, args.batch_size, not args.no_prefect, not args.no_bare,
-                       args.io_threads, args.bare_first, args.warmup, args.keep_intermediates)
+                       args.io_threads, args.bare_first, args.warmup, args.keep_intermediates, args.bare_around)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.update(command=" ".join(["python", "bench/bank_build.py", *(sys.argv[1:] if argv is None else argv)]),

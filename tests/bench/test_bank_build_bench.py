@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("order", [[], ["--bare-first"]])
+@pytest.mark.parametrize("order", [[], ["--bare-first"], ["--bare-around"]])
 def test_bank_build_bench_reports_consistent_wall_compute_and_a_noop_rerun(tmp_path, order):
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "bank_build.py"), "--images", "3", "--no-prefect",
@@ -40,11 +40,16 @@ def test_bank_build_bench_reports_consistent_wall_compute_and_a_noop_rerun(tmp_p
     assert all(f"| {s} |" in proc.stdout for s in stages)
     # the bare build: every per-image stage and the index, over the same regions, before or after the cold build
     b = r["bare"]
-    assert r["bare_first"] is bool(order)
+    assert r["bare_first"] is (order == ["--bare-first"]) and r["bare_around"] is (order == ["--bare-around"])
     assert {s["stage"] for s in b["stages"]} == set(stages) | {"dino_features", "clip_layers", "vfm_features",
                                                                "mask_clustering", "mask_class_tokens"}
     assert all(f"| {s['stage']} (in memory, not stored) |" in proc.stdout for s in b["stages"] if s["stage"] not in stages)
     assert b["regions"] > 0 and b["index_bytes"] > 0
     assert sum(s["wall_seconds"] for s in b["stages"]) <= b["wall_seconds"] + 1e-3
     assert abs(r["wall_over_bare"] - r["cold_seconds"] / b["wall_seconds"]) < 1e-9
-    assert ("before the cold build" if order else "after the cold build") in proc.stdout
+    if order == ["--bare-around"]:  # the reference is the mean of the bare builds before and after the cold one
+        assert abs(b["wall_seconds"] - (b["before"]["wall_seconds"] + b["after"]["wall_seconds"]) / 2) < 1e-9
+        assert abs(b["cpu_seconds"] - (b["before"]["cpu_seconds"] + b["after"]["cpu_seconds"]) / 2) < 1e-9
+        assert "the mean of one before and one after the cold build" in proc.stdout
+    else:
+        assert ("before the cold build" if order else "after the cold build") in proc.stdout
