@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from storage.bank_rows import RowSegments, SegmentRows, consolidate_values
+from storage.bank_rows import RowSegments, SegmentRows, consolidate_values, merge_plan
 from storage.fserrors import StoreWriteError
 from storage.fsio import is_temporary
 from storage.keys import StageKey
@@ -91,6 +91,74 @@ def test_images_no_longer_in_the_bank_are_gaps(tmp_path):
     np.testing.assert_array_equal(reader.rows(np.array([16, 0, 4, 9])), every[[16, 0, 4, 9]])
     with pytest.raises(ValueError, match="1-D array of the bank's ids"):
         reader.rows(np.array([6]))
+
+
+@pytest.mark.parametrize("sizes, want", [
+    ([100, 10], [[100], [10]]),
+    ([100, 10, 10], [[100], [10, 10]]),  # 10 <= 2 x 10: merged
+    ([100, 40], [[100], [40]]),
+    ([100, 50], [[100, 50]]),  # 100 <= 2 x 50
+    ([100, 20, 10], [[100], [20, 10]]),
+    ([100, 20, 10, 10], [[100], [20, 10], [10]]),  # 20 <= 2 x 10 merged; then 30 > 2 x 10
+    ([100, 99, 98], [[100, 99], [98]]),  # shrinking growth still merges: 199 > 2 x 98
+    ([10, 100], [[10, 100]]),
+    ([100, 40, 15, 10], [[100, 40, 15, 10]]),  # the carry runs up the whole run: 15 + 10, 40 + 25, 100 + 65
+])
+def test_a_segment_holding_at_most_twice_the_rows_of_the_next_is_merged_with_it(sizes, want):
+    pieces = [(int(a), int(b)) for a, b in zip(np.cumsum([0] + sizes[:-1]), np.cumsum(sizes))]
+    got = merge_plan(pieces)
+    assert [[b - a for a, b in group] for group in got] == want
+    assert [p for group in got for p in group] == pieces  # every piece once, in order
+
+
+def test_a_bank_grown_many_times_keeps_few_segments_and_every_row(tmp_path):
+    store = Store(tmp_path / "store")
+    rng = np.random.default_rng(5)
+    rows = _images(store, 0, list(rng.integers(1, 9, 40)), seed=0)
+    _consolidate(store, rows)
+    n, bound = 0, 0
+    for night in range(1, 13):  # twelve extensions of 2-6 images (5-15 %)
+        rows.update(_images(store, len(rows), list(rng.integers(1, 9, int(rng.integers(2, 7)))), seed=night))
+        before = {p.name: p.stat().st_ino for p in (tmp_path / "store").rglob("*.rows")}
+        rs, written = _consolidate(store, rows)
+        every = np.concatenate(list(rows.values()))
+        n = every.shape[0]
+        sizes = [b - a for a, b in rs.segments]
+        assert rs.segments[0][0] == 0 and rs.segments[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(rs.segments, rs.segments[1:]))  # adjacent, in order
+        assert all(x > 2 * y for x, y in zip(sizes, sizes[1:])), sizes  # more than twice the rows of the next
+        bound = max(bound, len(sizes))
+        # what was not rewritten is the same file; what was written is the new rows and the merged segments
+        kept = [s for s in rs.segments if rs.path(store, s).rsplit("/", 1)[1] in before]
+        for s in kept:
+            p = rs.path(store, s)
+            assert os.stat(p).st_ino == before[p.rsplit("/", 1)[1]]
+        assert written == n - sum(b - a for a, b in kept)
+        np.testing.assert_array_equal(SegmentRows(Store(tmp_path / "store"), rs).rows(np.arange(n)), every)
+        assert _consolidate(store, rows) == (rs, 0)  # a rerun writes nothing
+    assert 2 <= bound <= int(np.log2(n)) + 1  # what more than twice the rows of the next allows
+
+
+def test_a_damaged_segment_read_for_a_merge_is_written_again_from_the_items(tmp_path, caplog):
+    store = Store(tmp_path / "store")
+    rows = _images(store, 0, [3, 2], seed=0)
+    rs, _ = _consolidate(store, rows)
+    assert rs.segments == ((0, 5),)
+    path = rs.path(store, (0, 5))
+    data = bytearray(open(path, "rb").read())
+    with open(path, "wb") as f:
+        f.write(_flip_row_1(data))
+    rows.update(_images(store, 2, [4, 3], seed=1))  # 7 new rows: the 5-row segment merges with them
+    grown, written = _consolidate(store, rows)
+    assert grown.segments == ((0, 12),) and written == 12
+    assert "row 1 does not match its CRC-32" in caplog.text and "writing its rows again" in caplog.text
+    assert not os.path.exists(path)  # the damaged segment was removed
+    np.testing.assert_array_equal(SegmentRows(store, grown).rows(np.arange(12)), np.concatenate(list(rows.values())))
+
+
+def _flip_row_1(data: bytearray) -> bytes:
+    data[1 * DIM * 2 + 1] ^= 0x01
+    return bytes(data)
 
 
 def _damaged_store(tmp_path, damage) -> tuple[Store, dict[str, np.ndarray], RowSegments, str]:
