@@ -139,6 +139,20 @@ def test_a_bank_grown_many_times_keeps_few_segments_and_every_row(tmp_path):
     assert 2 <= bound <= int(np.log2(n)) + 1  # what more than twice the rows of the next allows
 
 
+def test_segments_merge_on_an_object_store_too():
+    location = f"s3://{shared_server().create_bucket()}/st"
+    store = Store(location)
+    rows = _images(store, 0, [6, 4], seed=0)
+    assert _consolidate(store, rows)[0].segments == ((0, 10),)
+    rows.update(_images(store, 2, [2, 2], seed=1))
+    assert _consolidate(store, rows)[0].segments == ((0, 10), (10, 14))  # 10 > 2 x 4: kept
+    rows.update(_images(store, 4, [4, 3], seed=2))  # 7 more: 4 <= 2 x 7, then 10 <= 2 x 11: one segment
+    merged, written = _consolidate(store, rows)
+    assert merged.segments == ((0, 21),) and written == 21
+    every = np.concatenate(list(rows.values()))
+    np.testing.assert_array_equal(SegmentRows(Store(location), merged).rows(np.arange(21)), every)
+
+
 def test_a_damaged_segment_read_for_a_merge_is_written_again_from_the_items(tmp_path, caplog):
     store = Store(tmp_path / "store")
     rows = _images(store, 0, [3, 2], seed=0)
