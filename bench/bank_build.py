@@ -20,9 +20,9 @@ build ran first); ``--warmup 0`` gives the earlier set-up. Two ratios:
   the same with process CPU time (Prefect's server process not counted);
 - wall / compute (the earlier figure): cold-run wall / the sum over stages of ``StageRun.seconds``,
   which times ``Stage.compute`` only, so the loaders' decode and preprocessing count as overhead;
-  and the stages a bank does not store (its intermediates, computed in memory inside their
-  readers: ``tasks.chain``) are not in that sum at all, so with the default ``persist`` this
-  ratio overstates the overhead (the bare build has a row for each, marked "in memory").
+  the stages a bank does not store (its intermediates, computed in memory inside their readers:
+  ``tasks.chain``) count with the seconds the run summary reports for them (``RunSummary.in_memory``;
+  a row each, marked "in memory").
 
 Per stage: wall (the stage's interval) and compute (``StageRun.seconds``), and the bare loop's
 load + compute seconds. Writes ``<out>/bank-build.json`` and prints the same as a table.
@@ -159,13 +159,15 @@ def build(n: int, work: Path, index: str, batch_size: int | None, orchestrate: b
     again, noop_s = timed(lambda: run_experiment(exp, progress=False, orchestrate=orchestrate))
     if again.computed or again.status != "complete":
         raise RuntimeError(f"the no-op rerun computed {again.computed} outputs ({again.status})")
-    compute = sum(s["compute_seconds"] for s in stages)
+    in_memory = [{"stage": s.stage, "key": s.key, "items": s.done, "compute_seconds": s.seconds}
+                 for s in summary.in_memory]
+    compute = sum(s["compute_seconds"] for s in stages) + sum(s["compute_seconds"] for s in in_memory)
     out = {"images": n, "index": index, "prefect": orchestrate, "batch_size": batch_size, "warmup_images": warmup,
            "warmup_seconds": warm_s, "keep_intermediates": keep,
            "io_threads": exp.runner.io_threads, "cold_seconds": cold_s,
            "cold_cpu_seconds": cold_cpu, "compute_seconds": compute, "wall_over_compute": cold_s / compute,
            "stage_wall_seconds": sum(s["wall_seconds"] for s in stages), "noop_rerun_seconds": noop_s,
-           "stages": stages}
+           "stages": stages, "in_memory": in_memory}
     if bare:
         if bare_around:
             before, after = b, run_bare()
@@ -204,9 +206,13 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {s['stage']} | `{s['key'][:6]}` | {s['items']} | {s['wall_seconds']:.2f} | "
                      f"{s['compute_seconds']:.2f} | {ratio:.3f} | {bw:.2f} | {s['files']} | {s['bytes'] / 1024:.0f} |")
     stored = {(s["stage"], s["key"]) for s in r["stages"]}
-    for (stage, key), s in bare.items():  # a bank's intermediates: computed in memory inside their readers' wall
-        if (stage, key) not in stored:
-            lines.append(f"| {stage} (in memory, not stored) | `{key[:6]}` | - | - | - | - | {s['wall_seconds']:.2f} | - | - |")
+    memory = {(s["stage"], s["key"]): s for s in r.get("in_memory", [])}  # the run summary's in-memory reports
+    for stage, key in dict.fromkeys([*memory, *bare]):  # a bank's intermediates: inside their readers' wall
+        if (stage, key) in stored:
+            continue
+        m, bw = memory.get((stage, key)), bare.get((stage, key), {}).get("wall_seconds", float("nan"))
+        items, compute = (m["items"], f"{m['compute_seconds']:.2f}") if m else ("-", "-")
+        lines.append(f"| {stage} (in memory, not stored) | `{key[:6]}` | {items} | - | {compute} | - | {bw:.2f} | - | - |")
     return "\n".join(lines) + "\n"
 
 

@@ -34,10 +34,13 @@ SubmitChain = Callable[[list[StageContext], list[list[dict[str, Any]]], str], An
 
 def run_chains(exp: Experiment, ctxs: Sequence[StageContext], todos: Sequence[Sequence[dict[str, Any]]],
                reps: Sequence[StageReport], failed_here: dict[tuple[str, str], set[str]], progress: bool,
-               submit_chain: SubmitChain, methods: str = "") -> list[dict[str, str]]:
+               submit_chain: SubmitChain, methods: str = "", in_memory: dict[tuple[str, str], StageReport] | None = None
+               ) -> list[dict[str, str]]:
     """Compute ``todos[i]`` of node ``ctxs[i]`` as chain batches; returns per node its busy items (id -> holder).
 
-    ``methods``: the methods whose results depend on the chain, for the task runs' names."""
+    ``methods``: the methods whose results depend on the chain, for the task runs' names. ``in_memory``: a report
+    per input node that is not persisted, counting what the chain computed of it in memory (``tasks.chain``);
+    added to as the batches come back (its reports need ``dataset``, ``stage`` and ``key`` set by the caller)."""
     order = list(dict.fromkeys(str(r["image_id"]) for todo in todos for r in todo))
     size = exp.runner.batch_size
     batches = deque(set(order[i : i + size]) for i in range(0, len(order), size))
@@ -70,6 +73,11 @@ def run_chains(exp: Experiment, ctxs: Sequence[StageContext], todos: Sequence[Se
                 reps[k].ended += result.seconds  # the node's share of the chain's wall time (see execute)
                 for r in result.items:
                     count_result(r, reps[k], failed_here.setdefault(ctx.node.ident, set()), busy[k])
+                for ident, (done, failed, seconds) in result.in_memory.items():
+                    if in_memory is not None:
+                        rep = in_memory.setdefault(ident, StageReport(ctx.dataset, *ident))
+                        rep.done, rep.failed, rep.seconds = rep.done + done, rep.failed + failed, rep.seconds + seconds
+                        rep.total = rep.done + rep.failed
             bar.update(len(ids))
     finally:
         bar.close()

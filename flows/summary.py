@@ -41,6 +41,9 @@ class RunSummary:
     experiment: str
     store: str
     stages: list[StageReport] = field(default_factory=list)
+    # inputs not persisted (``persist: false``) that fused chains computed in memory for their readers: what was
+    # computed and its seconds, never stored (not in ``stages``: they count neither as computed nor in the status)
+    in_memory: list[StageReport] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     plan_only: bool = False
@@ -86,9 +89,12 @@ def print_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None
 
 
 def print_summary(summary: RunSummary) -> None:
-    """The per-stage table of a run: dataset, stage, key, images, computed, cached, not done, failed, seconds."""
+    """The per-stage table of a run: dataset, stage, key, images, computed, cached, not done, failed, seconds; then
+    the inputs that fused chains computed in memory and did not store."""
     rows = [(s.dataset, s.stage, s.key, s.total, s.done, s.cached, s.skipped + s.busy, s.failed, f"{s.seconds:.1f}")
             for s in summary.stages]
+    rows += [(s.dataset, f"{s.stage} (in memory, not stored)", s.key, s.total, s.done, "-", "-", s.failed,
+              f"{s.seconds:.1f}") for s in summary.in_memory]
     print_table(rows, ["dataset", "stage", "key", "images", "computed", "cached", "not done", "failed", "seconds"])
 
 

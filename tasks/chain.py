@@ -61,6 +61,7 @@ def run_chain(ctxs: Sequence[StageContext], rows: Sequence[Sequence[Mapping[str,
     outcome: dict[tuple[str, str], dict[str, ItemResult]] = {}  # node -> item -> result, for the nodes run so far
     last_reader = _last_readers(ctxs)
     started: list[tuple[tuple[str, str], PendingBatch, dict[str, ItemResult], float]] = []
+    tallies: list[dict[tuple[str, str], tuple[int, int, float]]] = [{} for _ in ctxs]  # inputs computed in memory
     try:
         for i, (ctx, node_rows) in enumerate(zip(ctxs, rows)):
             t0 = time.perf_counter()
@@ -74,19 +75,19 @@ def run_chain(ctxs: Sequence[StageContext], rows: Sequence[Sequence[Mapping[str,
                     blocked[why.item] = why
             gate = _gate(ctx, runnable, started)
             pending = start_batch(replace(ctx, memory=memory), runnable, gate=gate,
-                                  prepare=_prepare(ctx, memory) if _memory_inputs(ctx.node) else None)
+                                  prepare=_prepare(ctx, memory, tallies[i]) if _memory_inputs(ctx.node) else None)
             outcome[ctx.node.ident] = pending.results | blocked  # as computed; final once its pack is stored
             started.append((ctx.node.ident, pending, blocked, time.perf_counter() - t0))
             for ident, last in last_reader.items():
                 if last == i:
                     memory.forget(ident)
         out = []
-        for (_, pending, blocked, seconds), node_rows in zip(started, rows):
+        for (_, pending, blocked, seconds), node_rows, tally in zip(started, rows, tallies):
             t0 = time.perf_counter()  # what is left of writing its pack (the others' writes overlapped compute)
             ran = pending.result()
             by_id = {r.item: r for r in ran.items} | blocked
             out.append(BatchResult([by_id[str(r["image_id"])] for r in node_rows], ran.fatal,
-                                   seconds + time.perf_counter() - t0))
+                                   seconds + time.perf_counter() - t0, tally))
     except BaseException:  # an interrupt: the packs computed so far are stored, the leases released, then it goes on
         for _, pending, _, _ in started:
             pending.wait()
@@ -149,12 +150,18 @@ def _memory_inputs(node: StageNode) -> list[StageNode]:
     return list(out.values())
 
 
-def _prepare(ctx: StageContext, memory: ChainMemory):
+def _prepare(ctx: StageContext, memory: ChainMemory, tally: dict[tuple[str, str], tuple[int, int, float]]):
     """``start_batch``'s ``prepare`` for a node with inputs that are not stored: computes them (and theirs) once,
-    in memory, for the rows the node claimed (so items another run holds, or has completed, cost nothing)."""
+    in memory, for the rows the node claimed (so items another run holds, or has completed, cost nothing);
+    ``tally``: per input node, the items computed and failed and their seconds (``BatchResult.in_memory``)."""
     def prepare(rows: list[Mapping[str, Any]]) -> None:
         for up in _memory_inputs(ctx.node):  # inputs first
-            compute_in_memory(StageContext(up, ctx.settings, ctx.dataset, memory), _needed(ctx, up, rows, memory))
+            got = compute_in_memory(StageContext(up, ctx.settings, ctx.dataset, memory),
+                                    _needed(ctx, up, rows, memory))
+            if got:
+                done, failed, seconds = tally.get(up.ident, (0, 0, 0.0))
+                ok = sum(r.status == "done" for r in got.values())
+                tally[up.ident] = (done + ok, failed + len(got) - ok, seconds + sum(r.seconds for r in got.values()))
 
     return prepare
 

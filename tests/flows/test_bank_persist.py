@@ -16,6 +16,7 @@ import torch
 from flows.config import ExperimentError, parse_experiment
 from flows.graph import build_plan
 from flows.pipeline import run_experiment
+from flows.summary import print_summary
 from storage.store import Store
 from tasks.stages import BANK_STORED, STAGES
 from tests.flows.conftest import assert_same_outputs, computed, store_snapshot
@@ -48,7 +49,7 @@ def _build(tmp, folder, **bank):
     return exp, summary
 
 
-def test_a_bank_stores_its_outputs_and_computes_each_intermediate_once_per_image(tmp_path, monkeypatch):
+def test_a_bank_stores_its_outputs_and_computes_each_intermediate_once_per_image(tmp_path, monkeypatch, capsys):
     folder = _folder(tmp_path, BANK_IMAGES)
     seen = _count_computes(monkeypatch, INTERMEDIATES)
     exp, summary = _build(tmp_path / "default", folder)
@@ -59,6 +60,16 @@ def test_a_bank_stores_its_outputs_and_computes_each_intermediate_once_per_image
     # computed once per image all the same (on demand, each reader would compute its own copy)
     assert seen == {s: len(BANK_IMAGES) for s in INTERMEDIATES}
     assert computed(summary) == {"sam_masks": 3, "bank_values": 3, "bank_keys": 3, "bank_index": 1}
+    # the run's summary says what was computed in memory and not stored: each intermediate once per image
+    assert {r.stage: (r.done, r.failed) for r in summary.in_memory} == {s: (3, 0) for s in INTERMEDIATES}
+    assert all(r.seconds > 0 for r in summary.in_memory), [(r.stage, r.seconds) for r in summary.in_memory]
+    bank_nodes = {(n.stage, n.key) for p in build_plan(exp) if p.dataset.name.startswith("bank-") for n in p.nodes.values()}
+    assert {(r.stage, r.key) for r in summary.in_memory} <= bank_nodes
+    print_summary(summary)
+    table = [line.split() for line in capsys.readouterr().out.splitlines()]
+    memory_rows = {r[1]: r for r in table if r[2:5] == ["(in", "memory,", "not"]}
+    assert set(memory_rows) == set(INTERMEDIATES)
+    assert all(r[7:10] == ["3", "3", "-"] for r in memory_rows.values())  # images, computed, cached
     stored = {s for s, _ in Store(tmp_path / "default" / "store").stage_sets()}
     assert stored == {"sam_masks", "bank_values", "bank_keys", "bank_index"}
 
@@ -66,7 +77,7 @@ def test_a_bank_stores_its_outputs_and_computes_each_intermediate_once_per_image
     seen.clear()
     _, kept = _build(tmp_path / "kept", folder, persist=dict.fromkeys(INTERMEDIATES, True))
     assert {s for s, _ in Store(tmp_path / "kept" / "store").stage_sets()} >= set(INTERMEDIATES)
-    assert all(computed(kept)[s] == 3 for s in INTERMEDIATES)
+    assert all(computed(kept)[s] == 3 for s in INTERMEDIATES) and kept.in_memory == []
     plain = _experiment(tmp_path / "plain", folder, index={"kind": "flat"})
     plain["runner"] = {"fuse": False}
     assert run_experiment(parse_experiment(plain, source="test"), progress=False, orchestrate=False).failed == 0
