@@ -212,7 +212,8 @@ def markdown(r: dict[str, Any]) -> str:
             continue
         m, bw = memory.get((stage, key)), bare.get((stage, key), {}).get("wall_seconds", float("nan"))
         items, compute = (m["items"], f"{m['compute_seconds']:.2f}") if m else ("-", "-")
-        lines.append(f"| {stage} (in memory, not stored) | `{key[:6]}` | {items} | - | {compute} | - | {bw:.2f} | - | - |")
+        lines.append(f"| {stage} (in memory, not stored) | `{key[:6]}` | {items} | - | {compute} | - | {bw:.2f} "
+                     "| - | - |")
     return "\n".join(lines) + "\n"
 
 

@@ -43,6 +43,7 @@ from tasks.executor import PendingBatch, check_declared, compute_rows, start_bat
 from tasks.memory import ChainMemory
 from tasks.runtime import BatchResult, ItemResult, StageContext, StageNode
 from tasks.stages import STAGES
+from tasks.streams import InterruptedAgain
 
 log = logging.getLogger("ovseg.tasks")
 
@@ -88,9 +89,11 @@ def run_chain(ctxs: Sequence[StageContext], rows: Sequence[Sequence[Mapping[str,
             by_id = {r.item: r for r in ran.items} | blocked
             out.append(BatchResult([by_id[str(r["image_id"])] for r in node_rows], ran.fatal,
                                    seconds + time.perf_counter() - t0, tally))
-    except BaseException:  # an interrupt: the packs computed so far are stored, the leases released, then it goes on
+    except InterruptedAgain:  # a second interrupt while the writes were being finished: they are left as they are
+        raise
+    except BaseException as e:  # an interrupt: the packs computed so far are stored and the leases released first
         for _, pending, _, _ in started:
-            pending.wait()
+            pending.wait(interrupted=isinstance(e, KeyboardInterrupt))
         raise
     return out
 

@@ -74,11 +74,12 @@ class PendingBatch:
         self._lock = threading.Lock()
         self._release_lock = threading.Lock()
 
-    def wait(self) -> None:
-        """Wait for the pack and its record, then release the lease (once; safe from any thread)."""
+    def wait(self, interrupted: bool = False) -> None:
+        """Wait for the pack and its record, then release the lease (once; safe from any thread). ``interrupted``:
+        the caller handles an interrupt already (``wait_through_interrupt``)."""
         with self._lock:
             if self.writer is not None:
-                wait_through_interrupt(self.writer)
+                wait_through_interrupt(self.writer, interrupted)
                 self.writer = None
         self.release_lease()
 
@@ -250,10 +251,13 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
     if loader is not None:
         loader.start()
     writer.start()
-    computed = False
+    computed, error = False, None
     try:
         _compute_all(ctx, stage, models, source, sink, results)
         computed = True
+    except BaseException as e:
+        error = e
+        raise
     finally:
         to_write.put(END)
         if loader is not None:
@@ -265,13 +269,13 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
                     pass
             loader.join()
         pending.writer = finished  # once every item is handed the caller waits for it (``PendingBatch.wait``)
-        if not computed:
-            pending.wait()  # the error propagates once the writer has stored what it was handed
+        if not computed:  # the error propagates once the writer has stored what it was handed
+            pending.wait(interrupted=isinstance(error, KeyboardInterrupt))
         else:
             try:
                 handed.wait()
             except KeyboardInterrupt:
-                pending.wait()
+                pending.wait(interrupted=True)
                 raise
 
 

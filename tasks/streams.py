@@ -24,26 +24,37 @@ def io_threads(setting: str, device: str, remote_store: bool = False) -> bool:
     return setting == "on" or (setting == "auto" and (device.startswith("cuda") or remote_store))
 
 
-def wait_through_interrupt(ended: threading.Event) -> None:
+class InterruptedAgain(KeyboardInterrupt):
+    """An interrupt while the writes under way were being finished after an earlier one: they are left as they are
+    (a temporary file for ``ovseg cache gc``, a lease for its TTL)."""
+
+
+_FINISHING = ("interrupted: finishing the write of the batch under way (interrupt again to stop now, leaving its "
+              "temporary files and lease for `ovseg cache gc` and the lease TTL)")
+
+
+def wait_through_interrupt(ended: threading.Event, interrupted: bool = False) -> None:
     """Wait for a batch's writer thread to end (``ended`` set); an interrupt (Ctrl-C) meanwhile is raised once it has.
 
     The writer writes the pack and its record, then releases the lease; the process ending in the middle (the main
     thread leaving the wait, the daemon writer stopped at exit) would leave a temporary file or a lease behind. A
-    second interrupt while waiting leaves at once. An Event, not ``Thread.join``: in Python 3.11 an interrupted join
-    marks a running thread as ended (its ``_wait_for_tstate_lock`` releases the lock the thread still holds)."""
-    interrupted: KeyboardInterrupt | None = None
+    second interrupt while waiting leaves at once (``InterruptedAgain``); ``interrupted``: the caller is handling one
+    already, so the next one leaves at once. An Event, not ``Thread.join``: in Python 3.11 an interrupted join marks
+    a running thread as ended (its ``_wait_for_tstate_lock`` releases the lock the thread still holds)."""
+    held: KeyboardInterrupt | None = None
+    if interrupted and not ended.is_set():
+        log.warning("%s", _FINISHING)
     while True:
         try:
             ended.wait()
             break
         except KeyboardInterrupt as e:
-            if interrupted is not None:
-                raise
-            interrupted = e
-            log.warning("interrupted: finishing the write of the batch under way (interrupt again to stop now, "
-                        "leaving its temporary files and lease for `ovseg cache gc` and the lease TTL)")
-    if interrupted is not None:
-        raise interrupted
+            if interrupted or held is not None:
+                raise InterruptedAgain("interrupted again: the batch's write under way was left unfinished") from e
+            held = e
+            log.warning("%s", _FINISHING)
+    if held is not None:
+        raise held
 
 
 class Inline:

@@ -20,7 +20,7 @@ import pytest
 from storage.store import Store
 from storage.writing import PackSession
 from tasks.executor import run_batch
-from tasks.streams import wait_through_interrupt
+from tasks.streams import InterruptedAgain, wait_through_interrupt
 from tasks.runtime import RunSettings, StageContext, StageNode
 from tasks.stages import Stage
 
@@ -114,10 +114,48 @@ def test_a_second_interrupt_while_waiting_for_a_writer_leaves_at_once(ctrl_c):
     ctrl_c(0.2)
     ctrl_c(0.6)
     t0 = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(InterruptedAgain):
         wait_through_interrupt(done)
     assert time.perf_counter() - t0 < 2.5 and not done.is_set()
     done.wait()
+
+
+def test_waiting_after_an_interrupt_the_next_one_leaves_at_once(ctrl_c, caplog):
+    """The chain's clean-up after a first Ctrl-C waits for its writers; a second one while it does leaves at once."""
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (time.sleep(3.0), done.set()), daemon=True)
+    writer.start()
+    ctrl_c(0.3)
+    t0 = time.perf_counter()
+    with pytest.raises(InterruptedAgain):
+        wait_through_interrupt(done, interrupted=True)
+    assert time.perf_counter() - t0 < 2.0 and not done.is_set()
+    assert "interrupt again to stop now" in caplog.text  # said before waiting
+    done.wait()
+    wait_through_interrupt(done, interrupted=True)  # an ended writer: nothing to wait for, nothing said
+
+
+def test_a_second_interrupt_while_a_batch_finishes_its_writes_leaves_them(tmp_path, monkeypatch, ctrl_c):
+    """Ctrl-C in the compute, then again while the batch waits for its writer's commit: the batch leaves at once
+    (``InterruptedAgain``, a ``KeyboardInterrupt``), the writer still at work."""
+    store = tmp_path / "st"
+    commit, committed = PackSession.commit, threading.Event()
+
+    def slow_commit(self):
+        time.sleep(2.0)
+        try:
+            return commit(self)
+        finally:
+            committed.set()
+
+    monkeypatch.setattr(PackSession, "commit", slow_commit)
+    ctrl_c(0.5)  # the batch is then waiting for the commit of what it computed before the first interrupt
+    t0 = time.perf_counter()
+    with pytest.raises(InterruptedAgain):
+        run_batch(_ctx(store, io_threads="off"), _rows(8), _stage("i3"))
+    assert time.perf_counter() - t0 < 1.8 and not committed.is_set()
+    committed.wait(10)  # the writer goes on (a daemon: a process ending now would stop it)
+    assert _stored(store) == {"i0", "i1", "i2"}
 
 
 def test_one_interrupt_while_waiting_for_a_writer_is_raised_once_it_has_ended(ctrl_c, caplog):
