@@ -18,6 +18,15 @@ Layout (in the ``bank_values`` output set's folder, so the rows live and die wit
   serving process), whatever the growth pattern. The price is copying: grown by 10 % a night a bank has 1-3
   segments and its merges write 2.4x its rows over 10 nights; by 1 % a night, 3 segments and ~5x over a year.
   The segments merged away stay until ``cache gc`` finds no kept index listing them.
+- **Atomic**: each segment is written whole to a temporary, fsynced and moved into place (uploaded whole on an
+  object store); a kill leaves a temporary (``cache gc`` removes it) and the rerun writes that segment again. A
+  segment in place with the expected size counts as written. ``cache gc`` removes the segments no kept complete
+  index item lists (``storage.maintenance._gc_segments``: older than the lease TTL, none a live index may read).
+- **Checked**: every row a reader returns is checked against its CRC-32; a damaged or missing segment un-marks
+  the ``bank_index`` item that lists it and is removed, so the next run writes it again. ``cache verify`` checks
+  every segment of every index item (``verify_segments``; ``--repair`` un-marks and removes likewise). A reader
+  whose segment was replaced since it opened it (a repair, then a rebuild) reads the new file once more before it
+  calls a mismatch damage.
 
 Ids of registry images no longer in the bank (never indexed, never retrieved) are gaps between segments.
 """
@@ -27,7 +36,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -179,7 +188,7 @@ class _MergeSourceDamaged(Exception):
 def _segment_blocks(store: Store, rs: RowSegments, seg: tuple[int, int]) -> Iterable[np.ndarray]:
     """The rows of a segment in place, in blocks, each row checked against its CRC-32 (a merge's source)."""
     try:
-        reader = SegmentRows(store, RowSegments(rs.stage, rs.key, rs.bank, rs.regions_key, rs.dim, (seg,)))
+        reader = SegmentRows(store, replace(rs, segments=(seg,)))
         for lo in range(seg[0], seg[1], _MERGE_ROWS):
             yield reader._read(0, lo, min(_MERGE_ROWS, seg[1] - lo))
     except DamagedOutputError as e:
@@ -201,7 +210,7 @@ def consolidate_values(store: Store, stage: str, key: str, bank: str, regions_ke
     for _ in range(3):
         try:
             segments, written = _consolidate_runs(store, rs, images, first, count, present, todo, array)
-            return RowSegments(stage, key, bank, regions_key, dim, tuple(segments)), written
+            return replace(rs, segments=tuple(segments)), written
         except _MergeSourceDamaged as e:
             log.warning("%s; writing its rows again from the bank's items", e)
     raise DamagedOutputError(f"{rs.folder(store)}: segments read for a merge were damaged three times in a row")
@@ -348,7 +357,7 @@ def verify_segments(store: Store, attrs: Mapping[str, Any], remove: bool = False
                     raise DamagedOutputError(f"{path} is damaged ({size} bytes, a complete segment has "
                                              f"{rs.nbytes(seg)})")
                 if checksums:
-                    reader = SegmentRows(store, RowSegments(rs.stage, rs.key, rs.bank, rs.regions_key, rs.dim, (seg,)))
+                    reader = SegmentRows(store, replace(rs, segments=(seg,)))
                     for lo in range(seg[0], seg[1], _VERIFY_ROWS):
                         reader._read(0, lo, min(_VERIFY_ROWS, seg[1] - lo))
             except DamagedOutputError:
