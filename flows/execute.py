@@ -245,8 +245,9 @@ def _run_chain(exp: Experiment, store: Store, plan: DatasetPlan, chain: Sequence
         held = run_chains(exp, [chain[i] for i in active], [todos[i] for i in active], [reps[i] for i in active],
                           failed_here, progress, submit_chain, methods, in_memory)
         for rep in in_memory.values():  # computed in memory for their readers, never stored (persist: false)
-            log.info("%s:%s (key %s, not persisted): %d computed in memory for their readers, %d failed, %.1f s of "
-                     "compute", rep.dataset, rep.stage, rep.key, rep.done, rep.failed, rep.seconds)
+            log.info("%s:%s (key %s, not persisted): %d computed in memory for their readers, %d failed, %d not done, "
+                     "%.1f s of compute", rep.dataset, rep.stage, rep.key, rep.done, rep.failed, rep.skipped + rep.busy,
+                     rep.seconds)
             summary.in_memory.append(rep)
         busy = {i: h for i, h in zip(active, held) if h}
     for i, (ctx, rep, label, todo, k) in enumerate(zip(chain, reps, labels, todos, positions)):

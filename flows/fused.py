@@ -73,11 +73,11 @@ def run_chains(exp: Experiment, ctxs: Sequence[StageContext], todos: Sequence[Se
                 reps[k].ended += result.seconds  # the node's share of the chain's wall time (see execute)
                 for r in result.items:
                     count_result(r, reps[k], failed_here.setdefault(ctx.node.ident, set()), busy[k])
-                for ident, (done, failed, seconds) in result.in_memory.items():
-                    if in_memory is not None:
-                        rep = in_memory.setdefault(ident, StageReport(ctx.dataset, *ident))
-                        rep.done, rep.failed, rep.seconds = rep.done + done, rep.failed + failed, rep.seconds + seconds
-                        rep.total = rep.done + rep.failed
+                for ident, computed in (result.in_memory.items() if in_memory is not None else ()):
+                    rep = in_memory.setdefault(ident, StageReport(ctx.dataset, *ident))
+                    rep.total += len(computed)
+                    for r in computed:
+                        count_result(r, rep, set(), {})  # nothing reads it as failed: its reader fails on its own
             bar.update(len(ids))
     finally:
         bar.close()

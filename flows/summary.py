@@ -93,8 +93,8 @@ def print_summary(summary: RunSummary) -> None:
     the inputs that fused chains computed in memory and did not store."""
     rows = [(s.dataset, s.stage, s.key, s.total, s.done, s.cached, s.skipped + s.busy, s.failed, f"{s.seconds:.1f}")
             for s in summary.stages]
-    rows += [(s.dataset, f"{s.stage} (in memory, not stored)", s.key, s.total, s.done, "-", "-", s.failed,
-              f"{s.seconds:.1f}") for s in summary.in_memory]
+    rows += [(s.dataset, f"{s.stage} (in memory, not stored)", s.key, s.total, s.done, "-", s.skipped + s.busy,
+              s.failed, f"{s.seconds:.1f}") for s in summary.in_memory]
     print_table(rows, ["dataset", "stage", "key", "images", "computed", "cached", "not done", "failed", "seconds"])
 
 

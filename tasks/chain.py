@@ -62,7 +62,7 @@ def run_chain(ctxs: Sequence[StageContext], rows: Sequence[Sequence[Mapping[str,
     outcome: dict[tuple[str, str], dict[str, ItemResult]] = {}  # node -> item -> result, for the nodes run so far
     last_reader = _last_readers(ctxs)
     started: list[tuple[tuple[str, str], PendingBatch, dict[str, ItemResult], float]] = []
-    tallies: list[dict[tuple[str, str], tuple[int, int, float]]] = [{} for _ in ctxs]  # inputs computed in memory
+    tallies: list[dict[tuple[str, str], list[ItemResult]]] = [{} for _ in ctxs]  # inputs computed in memory
     try:
         for i, (ctx, node_rows) in enumerate(zip(ctxs, rows)):
             t0 = time.perf_counter()
@@ -153,18 +153,16 @@ def _memory_inputs(node: StageNode) -> list[StageNode]:
     return list(out.values())
 
 
-def _prepare(ctx: StageContext, memory: ChainMemory, tally: dict[tuple[str, str], tuple[int, int, float]]):
+def _prepare(ctx: StageContext, memory: ChainMemory, tally: dict[tuple[str, str], list[ItemResult]]):
     """``start_batch``'s ``prepare`` for a node with inputs that are not stored: computes them (and theirs) once,
     in memory, for the rows the node claimed (so items another run holds, or has completed, cost nothing);
-    ``tally``: per input node, the items computed and failed and their seconds (``BatchResult.in_memory``)."""
+    ``tally``: per input node, the results of the items computed (``BatchResult.in_memory``)."""
     def prepare(rows: list[Mapping[str, Any]]) -> None:
         for up in _memory_inputs(ctx.node):  # inputs first
             got = compute_in_memory(StageContext(up, ctx.settings, ctx.dataset, memory),
                                     _needed(ctx, up, rows, memory))
             if got:
-                done, failed, seconds = tally.get(up.ident, (0, 0, 0.0))
-                ok = sum(r.status == "done" for r in got.values())
-                tally[up.ident] = (done + ok, failed + len(got) - ok, seconds + sum(r.seconds for r in got.values()))
+                tally.setdefault(up.ident, []).extend(got.values())
 
     return prepare
 

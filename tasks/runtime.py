@@ -188,8 +188,8 @@ class BatchResult:
     fatal: str = ""
     seconds: float = 0.0  # wall time of a fused chain node's part of its chain batch (0: not measured)
     # inputs not persisted that a fused chain computed in memory for this node's items (``tasks.chain``):
-    # node ident -> (items computed, items failed, seconds of compute)
-    in_memory: dict[tuple[str, str], tuple[int, int, float]] = field(default_factory=dict)
+    # node ident -> the results of the items computed
+    in_memory: dict[tuple[str, str], list[ItemResult]] = field(default_factory=dict)
 
 
 @lru_cache(maxsize=8)
