@@ -8,7 +8,6 @@ waited for forever."""
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import threading
 import time
@@ -21,13 +20,8 @@ from storage.store import Store
 from storage.writing import PackSession
 from tasks.executor import run_batch
 from tasks.streams import InterruptedAgain, wait_through_interrupt
-from tasks.runtime import RunSettings, StageContext, StageNode
 from tasks.stages import Stage
-
-
-@dataclasses.dataclass(frozen=True)
-class Params:
-    tag: str = "t"
+from tests.tasks.test_executor import Params, _ctx, _rows  # the executor tests' synthetic stage node and rows
 
 
 @pytest.fixture
@@ -49,14 +43,6 @@ def _stage(interrupt_at: str | None = None) -> Stage:
 
     return Stage("synthetic", "test", "image", inputs=(), params=Params, code_version="1",
                  models=lambda ctx: "model", load=lambda ctx, row: row["image_id"], compute=compute, arrays=("x",))
-
-
-def _ctx(store: Path, **settings) -> StageContext:
-    return StageContext(StageNode("synthetic", Params(), "1"), RunSettings(str(store), **settings), "ds")
-
-
-def _rows(n: int) -> list[dict]:
-    return [{"image_id": f"i{k}"} for k in range(n)]
 
 
 def _stored(store: Path) -> set[str]:
