@@ -167,7 +167,7 @@ def _fail(results: dict[str, ItemResult], iid: str, e: BaseException, seconds: f
 def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any]], pending: PendingBatch,
               gate: Gate | None) -> None:
     """Load, compute and hand to the writer; on return the writer holds every item and may still be committing
-    (``pending.writer``), unless the compute raised (then the writer is joined before the error propagates)."""
+    (``pending.writer``), unless the compute raised (then the writer is waited for before the error propagates)."""
     settings, results = ctx.settings, pending.results
     handed = threading.Event()  # the writer has added every item to the pack (and to the chain's memory)
     loaded: queue.Queue = queue.Queue(maxsize=max(1, settings.prefetch))
@@ -267,7 +267,6 @@ def _pipeline(ctx: StageContext, stage, models: Any, rows: list[Mapping[str, Any
                     loaded.get(timeout=0.05)
                 except queue.Empty:
                     pass
-            loader.join()
         pending.writer = finished  # once every item is handed the caller waits for it (``PendingBatch.wait``)
         if not computed:  # the error propagates once the writer has stored what it was handed
             pending.wait(interrupted=isinstance(error, KeyboardInterrupt))
