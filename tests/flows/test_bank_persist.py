@@ -63,7 +63,8 @@ def test_a_bank_stores_its_outputs_and_computes_each_intermediate_once_per_image
     # the run's summary says what was computed in memory and not stored: each intermediate once per image
     assert {r.stage: (r.done, r.failed) for r in summary.in_memory} == {s: (3, 0) for s in INTERMEDIATES}
     assert all(r.seconds > 0 for r in summary.in_memory), [(r.stage, r.seconds) for r in summary.in_memory]
-    bank_nodes = {(n.stage, n.key) for p in build_plan(exp) if p.dataset.name.startswith("bank-") for n in p.nodes.values()}
+    bank_nodes = {(n.stage, n.key) for p in build_plan(exp) if p.dataset.name.startswith("bank-")
+                  for n in p.nodes.values()}
     assert {(r.stage, r.key) for r in summary.in_memory} <= bank_nodes
     print_summary(summary)
     table = [line.split() for line in capsys.readouterr().out.splitlines()]

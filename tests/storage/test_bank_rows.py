@@ -159,9 +159,7 @@ def test_a_damaged_segment_read_for_a_merge_is_written_again_from_the_items(tmp_
     rs, _ = _consolidate(store, rows)
     assert rs.segments == ((0, 5),)
     path = rs.path(store, (0, 5))
-    data = bytearray(open(path, "rb").read())
-    with open(path, "wb") as f:
-        f.write(_flip_row_1(data))
+    _damage(path, lambda data: _flip_row(data, 1))
     rows.update(_images(store, 2, [4, 3], seed=1))  # 7 new rows: the 5-row segment merges with them
     grown, written = _consolidate(store, rows)
     assert grown.segments == ((0, 12),) and written == 12
@@ -170,30 +168,30 @@ def test_a_damaged_segment_read_for_a_merge_is_written_again_from_the_items(tmp_
     np.testing.assert_array_equal(SegmentRows(store, grown).rows(np.arange(12)), np.concatenate(list(rows.values())))
 
 
-def _flip_row_1(data: bytearray) -> bytes:
-    data[1 * DIM * 2 + 1] ^= 0x01
-    return bytes(data)
-
-
 def _damaged_store(tmp_path, damage) -> tuple[Store, dict[str, np.ndarray], RowSegments, str]:
     store = Store(tmp_path / "store")
     rows = _images(store, 0, [5, 0, 7, 3, 9, 1], seed=0)
     rs, _ = _consolidate(store, rows)
     store.write_item(INDEX, "bank", {"x": np.zeros(1)}, {"value_rows": {"bank_values": rs.to_attrs()}})
     path = rs.path(store, (0, 25))
-    data = bytearray(open(path, "rb").read())
-    with open(path, "wb") as f:
-        f.write(damage(data))
+    _damage(path, damage)
     return store, rows, rs, path
 
 
-def _flip_row_7(data: bytearray) -> bytes:
-    data[7 * DIM * 2 + 1] ^= 0x01
+def _damage(path: str, damage) -> None:
+    """Rewrite the file at ``path`` with ``damage(its bytes)``."""
+    data = bytearray(open(path, "rb").read())
+    with open(path, "wb") as f:
+        f.write(damage(data))
+
+
+def _flip_row(data: bytearray, row: int = 7) -> bytes:
+    data[row * DIM * 2 + 1] ^= 0x01
     return bytes(data)
 
 
 def test_a_damaged_row_is_never_returned_unmarks_its_index_and_is_written_again(tmp_path):
-    store, rows, rs, path = _damaged_store(tmp_path, _flip_row_7)
+    store, rows, rs, path = _damaged_store(tmp_path, _flip_row)
     (rep,) = [r for r in verify(store) if r.stage == "bank_index"]
     assert [i for i, _ in rep.damaged] == ["bank"] and "row 7 does not match its CRC-32" in rep.damaged[0][1]
     assert os.path.exists(path) and store.complete_items(INDEX.stage, INDEX.key) == {"bank"}  # verify changes nothing
@@ -254,7 +252,7 @@ def test_a_full_disk_is_a_store_write_error_naming_the_segment_and_leaves_no_tem
 def test_a_reader_held_across_a_repair_reads_the_segment_written_again(tmp_path):
     """A serving process's reader opened on the damaged segment: after ``cache verify --repair`` and the rebuild, it
     reads the new file (it used to read the damaged one it held, un-mark the rebuilt index and delete the new file)."""
-    store, rows, rs, path = _damaged_store(tmp_path, _flip_row_7)
+    store, rows, rs, path = _damaged_store(tmp_path, _flip_row)
     owner = (INDEX.stage, INDEX.key, "bank")
     held = SegmentRows(Store(tmp_path / "store"), rs, owner)  # opened before the repair: holds the damaged file
     (rep,) = [r for r in verify(store, repair=True) if r.stage == "bank_index"]
